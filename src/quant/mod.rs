@@ -1,0 +1,3 @@
+//! Quantization: the scheme table and the bit-exact quantize / pack / unpack code.
+
+pub mod scheme;

@@ -1,0 +1,3 @@
+//! The CPU backend: executes an execution plan with native kernels.
+
+pub mod kernels;
