@@ -10,4 +10,5 @@ pub mod error;
 pub mod formats;
 pub mod model;
 pub mod quant;
+pub mod recipe;
 pub mod runtime;

@@ -1,0 +1,44 @@
+//! Target presets: a table, one row per target a recipe can name.
+//!
+//! A preset fixes everything about the target that used to come from probing the build machine in
+//! MLC's build.py, so cross-compiling never needs the target device.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TargetPreset {
+    /// The name recipes and `--target` use.
+    pub name: &'static str,
+    /// The runtime backend that executes the library: "cpu", "cuda" or "wgpu".
+    pub backend: &'static str,
+    /// The kernel language the library carries ("native" = the CPU runtime's own Rust kernels).
+    pub kernel_language: &'static str,
+    /// MLC's library kind, kept in the library file name: `<model>-<quant>-<kind>.mlcblib`.
+    pub kind: &'static str,
+    /// Whether the target's kernels may use f16 arithmetic.
+    pub supports_f16: bool,
+    /// Default CUDA architecture for the cuda preset.
+    pub default_cuda_arch: Option<&'static str>,
+}
+
+pub const TARGETS: &[TargetPreset] = &[
+    TargetPreset { name: "cpu", backend: "cpu", kernel_language: "native", kind: "cpu", supports_f16: false, default_cuda_arch: None },
+    TargetPreset { name: "cuda", backend: "cuda", kernel_language: "ptx", kind: "cuda", supports_f16: true, default_cuda_arch: Some("sm_80") },
+    TargetPreset { name: "vulkan", backend: "wgpu", kernel_language: "spirv", kind: "vulkan", supports_f16: true, default_cuda_arch: None },
+    TargetPreset { name: "metal", backend: "wgpu", kernel_language: "msl", kind: "metal", supports_f16: true, default_cuda_arch: None },
+    TargetPreset { name: "metal_x86_64", backend: "wgpu", kernel_language: "msl", kind: "metal_x86_64", supports_f16: true, default_cuda_arch: None },
+    TargetPreset { name: "webgpu", backend: "wgpu", kernel_language: "wgsl", kind: "webgpu", supports_f16: true, default_cuda_arch: None },
+    TargetPreset { name: "iphone", backend: "wgpu", kernel_language: "msl", kind: "iphone", supports_f16: true, default_cuda_arch: None },
+    TargetPreset { name: "android", backend: "wgpu", kernel_language: "spirv", kind: "android", supports_f16: true, default_cuda_arch: None },
+];
+
+/// CUDA architectures the cuda preset accepts.
+pub const CUDA_ARCHS: &[&str] = &["sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90"];
+
+pub fn target(name: &str) -> Option<&'static TargetPreset> {
+    TARGETS.iter().find(|t| t.name == name)
+}
+
+pub fn target_names() -> Vec<&'static str> {
+    TARGETS.iter().map(|t| t.name).collect()
+}
