@@ -7,9 +7,13 @@
 //! `codegen` (kernel languages), `runtime` (backends; reads only the artifact), `cli`.
 
 pub mod cache;
+pub mod cli;
+pub mod codegen;
 pub mod error;
 pub mod formats;
+pub mod graph;
 pub mod model;
 pub mod quant;
 pub mod recipe;
 pub mod runtime;
+pub mod stages;

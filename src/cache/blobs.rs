@@ -112,6 +112,23 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Remove this process's leftover temporary files (outputs that were moved are gone already).
+    pub fn sweep_own_temp(&self) {
+        let prefix = format!("{}-", std::process::id());
+        if let Ok(rd) = std::fs::read_dir(&self.tmp) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let p = e.path();
+                    if p.is_dir() {
+                        std::fs::remove_dir_all(&p).ok();
+                    } else {
+                        std::fs::remove_file(&p).ok();
+                    }
+                }
+            }
+        }
+    }
+
     pub fn evict(&self, digest: &str) {
         let p = self.path(digest);
         tracing::warn!("cache blob {} is corrupt (digest mismatch): evicting it; the stage that made it will rerun", p.display());

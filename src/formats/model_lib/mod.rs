@@ -15,6 +15,7 @@
 //! range against the file size, so a truncated or hostile file is an error, never a crash.
 
 pub mod plan;
+pub mod render;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,274 @@
+//! `mlcb build`, `mlcb explain`, `mlcb clean`: recipes (or build.py's flags) → the DAG → `dist/`.
+
+use crate::cache::Cache;
+use crate::graph::{dag, scheduler};
+use crate::recipe::{self, ChatSettings, Recipe, Source, TargetSpec};
+use crate::stages::BuildContext;
+use anyhow::Result;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// The cache folder (default: $MLCB_CACHE_DIR, else ./cache).
+    #[arg(long, global = true)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    pub fn dir(&self) -> PathBuf {
+        self.cache_dir.clone().or_else(|| std::env::var_os("MLCB_CACHE_DIR").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("cache"))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BuildArgs {
+    /// Recipe files; all are built in one DAG.
+    pub recipes: Vec<PathBuf>,
+    /// build.py form: a model name (looked up in <artifact-path>/models/NAME), a folder or a .gguf file.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// build.py form: a Hugging Face repository ORG/NAME to fetch.
+    #[arg(long)]
+    pub hf_path: Option<String>,
+    /// build.py form: the target preset.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// build.py form: the quantization scheme (default q4f16_1).
+    #[arg(long)]
+    pub quantization: Option<String>,
+    /// build.py form: the context size (-1: the model's own).
+    #[arg(long, allow_hyphen_values = true)]
+    pub max_seq_len: Option<i64>,
+    /// build.py form: the CUDA architecture (default sm_80).
+    #[arg(long)]
+    pub cuda_arch: Option<String>,
+    /// build.py form: llvm-mingw for Windows cross builds (recorded in the target options).
+    #[arg(long)]
+    pub llvm_mingw: Option<PathBuf>,
+    /// Where `<model>-<quant>/` folders go.
+    #[arg(long, default_value = "dist")]
+    pub artifact_path: PathBuf,
+    /// 0: rebuild every stage and overwrite its cache entries.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub use_cache: u8,
+    /// Add `debug/` with the plan in readable form.
+    #[arg(long)]
+    pub debug_dump: bool,
+    /// Print the DAG with each stage's key and whether it would run; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print a machine-readable report on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// Run at most N stages at once.
+    #[arg(short = 'j', long, default_value_t = 2)]
+    pub jobs: usize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// The recipes a command names: files, or one recipe made from build.py's flags.
+pub fn recipes_from(args: &BuildArgs) -> Result<Vec<Recipe>> {
+    let flag_form = args.model.is_some() || args.hf_path.is_some();
+    if !args.recipes.is_empty() && flag_form {
+        crate::user_bail!("give recipe files or --model/--hf-path, not both");
+    }
+    if !flag_form {
+        if args.recipes.is_empty() {
+            crate::user_bail!("nothing to build: give recipe files (e.g. `mlcb build recipes/tiny-llama-cpu.toml`) or --model NAME");
+        }
+        if args.target.is_some() || args.quantization.is_some() || args.max_seq_len.is_some() {
+            crate::user_bail!("--target, --quantization and --max-seq-len go with --model; with recipe files, set them in the recipe");
+        }
+        return args.recipes.iter().map(|p| recipe::load(p)).collect();
+    }
+    Ok(vec![recipe_from_flags(args)?])
+}
+
+fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
+    let models = args.artifact_path.join("models");
+    let (name, source) = match (&args.hf_path, &args.model) {
+        (Some(hf), model) => {
+            let base = hf.rsplit('/').next().unwrap_or(hf).to_string();
+            if hf.split('/').count() != 2 {
+                crate::user_bail!("--hf-path {hf} must look like ORG/NAME");
+            }
+            if let Some(m) = model {
+                if m != &base {
+                    crate::user_bail!("--model {m} must equal the basename of --hf-path ({base}), as in build.py");
+                }
+            }
+            (base, Source::Hub { repo: hf.clone(), revision: "main".into() })
+        }
+        (None, Some(m)) => {
+            let p = Path::new(m);
+            let is_path = m.contains('/') || p.exists();
+            let path = if is_path { p.to_path_buf() } else { models.join(m) };
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
+            if m.ends_with(".gguf") {
+                (stem, Source::Gguf(path))
+            } else {
+                let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
+                (name, Source::Local(path))
+            }
+        }
+        (None, None) => unreachable!("flag form needs --model or --hf-path"),
+    };
+    let target_name = args.target.as_deref().unwrap_or("cpu");
+    let preset = recipe::targets::target(target_name).ok_or_else(|| {
+        crate::error::user(format!("unknown --target {target_name}; valid: {}", recipe::targets::target_names().join(", ")))
+    })?;
+    let qname = args.quantization.as_deref().unwrap_or("q4f16_1");
+    let quantization = crate::quant::scheme::scheme(qname).ok_or_else(|| {
+        crate::error::user(format!("unknown --quantization {qname}; valid: {}", crate::quant::scheme::scheme_names().join(", ")))
+    })?;
+    let max_seq_len = match args.max_seq_len {
+        None | Some(-1) => None,
+        Some(n) if n <= 0 || n as u64 > recipe::MAX_SEQ_LEN_LIMIT as u64 => {
+            crate::user_bail!("--max-seq-len {n} must be between 1 and {} (or -1 for the model's own)", recipe::MAX_SEQ_LEN_LIMIT)
+        }
+        Some(n) => Some(n as usize),
+    };
+    if let Some(a) = &args.cuda_arch {
+        if preset.name != "cuda" || !recipe::targets::CUDA_ARCHS.contains(&a.as_str()) {
+            crate::user_bail!("--cuda-arch {a} needs --target cuda and one of {}", recipe::targets::CUDA_ARCHS.join(", "));
+        }
+    }
+    Ok(Recipe {
+        origin: "command line".into(),
+        model_name: name,
+        source,
+        delta: None,
+        architecture: None,
+        target: TargetSpec {
+            preset,
+            cuda_arch: args.cuda_arch.clone().or_else(|| preset.default_cuda_arch.map(String::from)),
+            llvm_mingw: args.llvm_mingw.clone(),
+        },
+        quantization,
+        max_seq_len,
+        chat: ChatSettings::default(),
+        tuning_file: None,
+    })
+}
+
+fn context(args: &BuildArgs, probe: bool) -> Result<BuildContext> {
+    let progress = indicatif::MultiProgress::new();
+    if args.json || probe {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    Ok(BuildContext {
+        cache: Arc::new(Cache::open(&args.cache.dir())?),
+        dist_root: args.artifact_path.clone(),
+        use_cache: args.use_cache == 1,
+        debug_dump: args.debug_dump,
+        probe,
+        progress,
+    })
+}
+
+pub fn execute(args: BuildArgs) -> Result<()> {
+    let recipes = recipes_from(&args)?;
+    let probe = args.dry_run;
+    let ctx = Arc::new(context(&args, probe)?);
+    let start = std::time::Instant::now();
+    let graph = Arc::new(dag::build(recipes)?);
+    // A corrupt blob found while linking has been evicted: run again so its stage rebuilds.
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        match scheduler::run(ctx.clone(), graph.clone(), args.jobs) {
+            Err(e) if attempts < 3 && e.chain().any(|c| c.downcast_ref::<crate::cache::blobs::CorruptBlob>().is_some()) => {
+                tracing::warn!("{e:#}; rebuilding what it came from");
+                eprintln!("warning: {}", e.chain().find_map(|c| c.downcast_ref::<crate::cache::blobs::CorruptBlob>()).unwrap());
+            }
+            other => break other?,
+        }
+    };
+    ctx.cache.blobs.sweep_own_temp();
+    let total = start.elapsed().as_secs_f64();
+    let artifacts: Vec<String> = graph
+        .graph
+        .node_indices()
+        .filter(|n| matches!(graph.graph[*n].spec, dag::NodeSpec::Link { .. }))
+        .filter_map(|n| result.outputs.get(&n).and_then(|o| o.local.get("dist")).map(|p| p.display().to_string()))
+        .collect();
+    if args.json {
+        let report = serde_json::json!({ "stages": result.reports, "artifacts": artifacts, "seconds": total, "dry_run": probe });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print_summary(&result.reports, probe, false);
+    if !probe {
+        for a in &artifacts {
+            eprintln!("built {a} in {total:.2}s");
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(reports: &[scheduler::NodeReport], probe: bool, explain: bool) {
+    for r in reports {
+        let key = r.key.as_deref().map(|k| &k[..12]).unwrap_or("?");
+        if probe {
+            println!("{:<10} {:<12} {:<44} {}", r.status, key, r.label, if explain { r.changes.join("; ") } else { String::new() });
+        } else {
+            eprintln!("{:<8} {:>7.2}s  {}", r.status, r.seconds, r.label);
+        }
+    }
+}
+
+/// `mlcb explain`: for each stage that would run, which key input changed since the last build.
+pub fn explain(args: BuildArgs) -> Result<()> {
+    let recipes = recipes_from(&args)?;
+    let ctx = Arc::new(context(&args, true)?);
+    let graph = Arc::new(dag::build(recipes)?);
+    let result = scheduler::run(ctx, graph, args.jobs)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result.reports)?);
+        return Ok(());
+    }
+    for r in &result.reports {
+        match r.status.as_str() {
+            "cached" => println!("{:<40} up to date", r.label),
+            "would run" => println!("{:<40} would run: {}", r.label, r.changes.join("; ")),
+            _ => println!("{:<40} would run: {}", r.label, r.changes.join("; ")),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CleanArgs {
+    /// Recipes whose dist outputs to remove.
+    pub recipes: Vec<PathBuf>,
+    /// Empty the cache.
+    #[arg(long)]
+    pub cache: bool,
+    #[arg(long, default_value = "dist")]
+    pub artifact_path: PathBuf,
+    #[command(flatten)]
+    pub cache_dir: CacheArgs,
+}
+
+pub fn clean(args: CleanArgs) -> Result<()> {
+    if args.recipes.is_empty() && !args.cache {
+        crate::user_bail!("say what to clean: recipe files (their dist outputs) and/or --cache");
+    }
+    for p in &args.recipes {
+        let r = recipe::load(p)?;
+        let dir = crate::stages::link::dist_dir(&args.artifact_path, &r);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| crate::error::env(format!("cannot remove {}: {e}", dir.display())))?;
+            eprintln!("removed {}", dir.display());
+        }
+    }
+    if args.cache {
+        let dir = args.cache_dir.dir();
+        Cache::clear(&dir)?;
+        eprintln!("emptied the cache {}", dir.display());
+    }
+    Ok(())
+}

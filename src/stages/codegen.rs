@@ -1,0 +1,69 @@
+//! codegen: lower the architecture's forward pass (prefill and decode) into the execution plan and
+//! package it, with the target's kernels, into the model library
+//! `<model>-<quant>-<kind>.mlcblib` (see `formats::model_lib`).
+//!
+//! The CPU target executes the plan with native kernels, so its library holds no kernel blobs.
+//! GPU kernel generation (WGSL/SPIR-V/MSL, CUDA PTX) plugs in here per kernel language.
+
+use super::load::ModelDescription;
+use super::{cached_or_run, temp_output, BuildContext, StageOutput};
+use crate::cache::key::KeyInputs;
+use crate::formats::model_lib::plan::Plan;
+use crate::formats::model_lib::{LibraryHeader, ModelLibrary, TargetInfo};
+use crate::quant::scheme::QuantScheme;
+use crate::recipe::TargetSpec;
+use anyhow::Result;
+use std::collections::BTreeMap;
+
+pub const VERSION: u32 = 1;
+
+/// The context size a build uses: the recipe's, else the model's own.
+pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
+    requested.unwrap_or(desc.config.context_length)
+}
+
+/// Lower a described model into its plan.
+pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) -> Result<Plan> {
+    let arch = crate::model::by_name(&desc.config.arch)
+        .ok_or_else(|| anyhow::anyhow!("model.json names unknown architecture {}", desc.config.arch))?;
+    arch.lower(&desc.config, scheme, max_seq_len)
+}
+
+pub struct CodegenRequest<'a> {
+    pub model_name: &'a str,
+    pub scheme: &'static QuantScheme,
+    pub target: &'a TargetSpec,
+    pub plan: &'a Plan,
+}
+
+pub fn run(ctx: &BuildContext, req: &CodegenRequest, tune: &StageOutput, scope: &[String]) -> Result<StageOutput> {
+    let plan_json = serde_json::to_vec(req.plan)?;
+    let inputs = KeyInputs::new("codegen", VERSION)
+        .with("plan", blake3::hash(&plan_json).to_hex())
+        .with("model_name", req.model_name)
+        .with("target", req.target.preset.name)
+        .with("cuda_arch", req.target.cuda_arch.as_deref().unwrap_or("-"))
+        .with("tuning", tune.digest())
+        .with("library_format", crate::formats::model_lib::LIBRARY_FORMAT_VERSION)
+        .with("mlcb", env!("CARGO_PKG_VERSION"));
+    cached_or_run(ctx, inputs, scope, || {
+        let tuning: serde_json::Value = serde_json::from_slice(&ctx.cache.blobs.read_verified(&tune.output("tuning.json")?.digest)?)?;
+        let mut options = serde_json::Map::new();
+        if let Some(a) = &req.target.cuda_arch {
+            options.insert("cuda_arch".into(), a.clone().into());
+        }
+        let lib = ModelLibrary {
+            header: LibraryHeader {
+                model: req.model_name.to_string(),
+                quantization: req.scheme.name.to_string(),
+                target: TargetInfo { name: req.target.preset.name.to_string(), backend: req.target.preset.backend.to_string(), options },
+                plan: req.plan.clone(),
+                kernels: Vec::new(),
+                tuning,
+                generator: format!("mlcb {}", env!("CARGO_PKG_VERSION")),
+            },
+            blobs: Vec::new(),
+        };
+        Ok(BTreeMap::from([("library".to_string(), temp_output(ctx, "library", &lib.to_bytes()?)?)]))
+    })
+}

@@ -1,0 +1,349 @@
+//! link: materialise `dist/<model>-<quant>/` from cached blobs, atomically.
+//!
+//! The folder is assembled next to its destination and swapped in with one `renameat2(EXCHANGE)`
+//! (or a rename when there is none yet), so nobody ever sees a half-written artifact. Libraries
+//! of other targets already in the old folder are kept when the parameters are the same (MLC's
+//! layout lets several `<model>-<quant>-<kind>` libraries share one folder).
+
+use super::load::{TOKENIZER_CONFIG, TOKENIZER_FILES};
+use super::{BuildContext, StageOutput};
+use crate::cache::blobs::{hash_file, rand_nonce, write_synced};
+use crate::cache::key::KeyInputs;
+use crate::cache::OutputRef;
+use crate::recipe::Recipe;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const VERSION: u32 = 1;
+pub const MANIFEST: &str = "build-manifest.json";
+pub const CHAT_CONFIG: &str = "mlc-chat-config.json";
+
+/// What went into one library of the folder.
+pub struct LinkLibrary<'a> {
+    pub recipe: &'a Recipe,
+    pub codegen: &'a StageOutput,
+    pub tune: &'a StageOutput,
+}
+
+pub struct LinkRequest<'a> {
+    pub recipe: &'a Recipe,
+    pub libraries: Vec<LinkLibrary<'a>>,
+    pub quantize: &'a StageOutput,
+    /// The load or delta-merge output (tokenizer files, model.json).
+    pub model: &'a StageOutput,
+    pub sources: Vec<&'a StageOutput>,
+    /// Every stage of this recipe, for the manifest: (stage name, output).
+    pub stages: Vec<(String, &'a StageOutput)>,
+    pub max_seq_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub mlcb_version: String,
+    pub local_id: String,
+    pub link_key: String,
+    /// blake3 over every output's path and digest (this manifest excluded).
+    pub artifact_digest: String,
+    pub outputs: BTreeMap<String, OutputRef>,
+    /// Library file → target.
+    pub libraries: BTreeMap<String, String>,
+    pub recipe: serde_json::Value,
+    pub sources: Vec<serde_json::Value>,
+    pub stages: Vec<ManifestStage>,
+    pub tuned: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestStage {
+    pub stage: String,
+    pub key: String,
+    pub inputs: KeyInputs,
+    pub seconds: f64,
+}
+
+pub fn library_file_name(local_id: &str, kind: &str) -> String {
+    format!("{local_id}-{kind}.{}", crate::formats::model_lib::LIBRARY_EXTENSION)
+}
+
+/// The `mlc-chat-config.json` content (MLC's fields and defaults plus mlcb's own).
+pub fn chat_config(req: &LinkRequest, desc: &super::load::ModelDescription, tokenizer_names: &[String]) -> serde_json::Value {
+    let r = req.recipe;
+    let has_template = tokenizer_names.iter().any(|n| n == TOKENIZER_CONFIG);
+    let conv = r.chat.conv_template.clone().unwrap_or_else(|| default_conv_template(r, desc, has_template));
+    let listed: Vec<&String> = tokenizer_names.iter().filter(|n| TOKENIZER_FILES.contains(&n.as_str())).collect();
+    let stop: Vec<u32> = {
+        let plan_stop = desc.config.eos_token_ids.clone();
+        if plan_stop.is_empty() { vec![0] } else { plan_stop }
+    };
+    serde_json::json!({
+        "model_lib": r.local_id(),
+        "local_id": r.local_id(),
+        "conv_template": conv,
+        "temperature": r.chat.temperature.unwrap_or(0.7),
+        "repetition_penalty": r.chat.repetition_penalty.unwrap_or(1.0),
+        "top_p": r.chat.top_p.unwrap_or(0.95),
+        "mean_gen_len": r.chat.mean_gen_len.unwrap_or(128),
+        "max_gen_len": r.chat.max_gen_len.unwrap_or(512),
+        "shift_fill_factor": 0.3,
+        "tokenizer_files": listed,
+        "model_category": desc.config.arch,
+        "model_name": r.model_name,
+        "vocab_size": desc.config.vocab_size,
+        "max_window_size": req.max_seq_len,
+        "stop_token_ids": stop,
+        "bos_token_id": desc.config.bos_token_id,
+        "quantization": r.quantization.name,
+    })
+}
+
+/// MLC chose the template by name prefix; mlcb does too, then prefers the tokenizer's own chat
+/// template, then the architecture's default.
+fn default_conv_template(r: &Recipe, desc: &super::load::ModelDescription, has_tokenizer_config: bool) -> String {
+    let name = r.model_name.to_ascii_lowercase();
+    for (prefix, t) in [("vicuna", "vicuna_v1.1"), ("redpajama", "redpajama_chat"), ("rwkv", "rwkv"), ("llama-2", "llama-2")] {
+        if name.starts_with(prefix) {
+            return t.to_string();
+        }
+    }
+    if has_tokenizer_config {
+        return "auto".to_string();
+    }
+    crate::model::by_name(&desc.config.arch).map(|a| a.default_conv_template()).unwrap_or("LM").to_string()
+}
+
+pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
+    let local_id = req.recipe.local_id();
+    let desc = super::load::read_description(ctx, req.model)?;
+    let tokenizer: BTreeMap<String, &OutputRef> =
+        req.model.outputs.iter().filter_map(|(n, o)| n.strip_prefix("tokenizer/").map(|t| (t.to_string(), o))).collect();
+    let tokenizer_names: Vec<String> = tokenizer.keys().cloned().collect();
+    let chat = chat_config(req, &desc, &tokenizer_names);
+    let mut inputs = KeyInputs::new("link", VERSION)
+        .with("params", req.quantize.digest())
+        .with("model", req.model.digest())
+        .with("chat_config", serde_json::to_string(&chat)?)
+        .with("debug_dump", ctx.debug_dump);
+    for lib in &req.libraries {
+        inputs.add(&format!("library:{}", lib.recipe.target.preset.name), lib.codegen.digest());
+    }
+    let key = inputs.key();
+    let dest = ctx.dist_root.join(&local_id);
+    let start = std::time::Instant::now();
+    if ctx.use_cache && up_to_date(&dest, &key) {
+        return Ok(StageOutput { key, cached: true, seconds: 0.0, outputs: BTreeMap::new(), local: BTreeMap::from([("dist".into(), dest)]), inputs });
+    }
+    if ctx.probe {
+        return Err(anyhow::Error::new(super::WouldRun { key: Some(key), inputs: Some(inputs) }));
+    }
+    std::fs::create_dir_all(&ctx.dist_root)
+        .map_err(|e| crate::error::env(format!("cannot create the artifact folder {}: {e}", ctx.dist_root.display())))?;
+    let tmp = ctx.dist_root.join(format!(".{local_id}.tmp-{}-{:x}", std::process::id(), rand_nonce()));
+    let result = assemble(ctx, req, &desc, &tmp, &dest, &key, &chat, &tokenizer).and_then(|_| swap_into_place(&tmp, &dest));
+    if let Err(e) = result {
+        std::fs::remove_dir_all(&tmp).ok();
+        return Err(e);
+    }
+    Ok(StageOutput { key, cached: false, seconds: start.elapsed().as_secs_f64(), outputs: BTreeMap::new(), local: BTreeMap::from([("dist".into(), dest)]), inputs })
+}
+
+/// The folder already holds exactly this link's result.
+fn up_to_date(dest: &Path, key: &str) -> bool {
+    let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else { return false };
+    let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else { return false };
+    m.link_key == key
+        && m.outputs.iter().all(|(p, o)| std::fs::metadata(dest.join(p)).map(|md| md.len() == o.size).unwrap_or(false))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    ctx: &BuildContext,
+    req: &LinkRequest,
+    desc: &super::load::ModelDescription,
+    tmp: &Path,
+    dest: &Path,
+    key: &str,
+    chat: &serde_json::Value,
+    tokenizer: &BTreeMap<String, &OutputRef>,
+) -> Result<()> {
+    let params = tmp.join("params");
+    std::fs::create_dir_all(&params).map_err(|e| crate::error::env(format!("cannot create {}: {e}", params.display())))?;
+    let mut outputs: BTreeMap<String, OutputRef> = BTreeMap::new();
+    let mut put = |rel: String, o: &OutputRef| -> Result<()> {
+        ctx.cache.blobs.copy_verified(&o.digest, &tmp.join(&rel))?;
+        outputs.insert(rel, o.clone());
+        Ok(())
+    };
+    for (name, o) in &req.quantize.outputs {
+        put(name.clone(), o)?;
+    }
+    // Tokenizer files go into params/ before the chat config that lists them (MLC #668).
+    for (name, o) in tokenizer {
+        put(format!("params/{name}"), o)?;
+    }
+    let mut libraries = BTreeMap::new();
+    for lib in &req.libraries {
+        let file = library_file_name(&req.recipe.local_id(), lib.recipe.target.preset.kind);
+        put(file.clone(), lib.codegen.output("library")?)?;
+        libraries.insert(file, lib.recipe.target.preset.name.to_string());
+    }
+    let mut write = |rel: String, bytes: &[u8]| -> Result<()> {
+        let p = tmp.join(&rel);
+        write_synced(&p, bytes)?;
+        outputs.insert(rel, OutputRef { digest: blake3::hash(bytes).to_hex().to_string(), size: bytes.len() as u64 });
+        Ok(())
+    };
+    write(format!("params/{CHAT_CONFIG}"), &serde_json::to_vec_pretty(chat)?)?;
+    if ctx.debug_dump {
+        std::fs::create_dir_all(tmp.join("debug"))?;
+        for lib in &req.libraries {
+            let bytes = ctx.cache.blobs.read_verified(&lib.codegen.output("library")?.digest)?;
+            let l = crate::formats::model_lib::ModelLibrary::from_bytes(&bytes, "library")?;
+            let name = lib.recipe.target.preset.name;
+            write(format!("debug/plan-{name}.txt"), crate::formats::model_lib::render::render_plan(&l.header.plan).as_bytes())?;
+            write(format!("debug/plan-{name}.json"), &serde_json::to_vec_pretty(&l.header.plan)?)?;
+            write(format!("debug/tuning-{name}.json"), &serde_json::to_vec_pretty(&l.header.tuning)?)?;
+        }
+        write("debug/model.json".into(), &serde_json::to_vec_pretty(desc)?)?;
+    }
+    carry_over_libraries(dest, tmp, &req.quantize.digest(), &mut outputs, &mut libraries)?;
+    let artifact_digest = digest_outputs(&outputs);
+    let tuned = req.libraries.iter().all(|l| l.tune.inputs.inputs.get("tuning_file").map(|t| t != "-").unwrap_or(false));
+    let manifest = Manifest {
+        mlcb_version: env!("CARGO_PKG_VERSION").to_string(),
+        local_id: req.recipe.local_id(),
+        link_key: key.to_string(),
+        artifact_digest,
+        outputs,
+        libraries,
+        recipe: manifest_recipe(req.recipe),
+        sources: req
+            .sources
+            .iter()
+            .map(|s| {
+                let bytes = ctx.cache.blobs.read_verified(&s.outputs["files.json"].digest)?;
+                Ok(serde_json::from_slice(&bytes)?)
+            })
+            .collect::<Result<_>>()?,
+        stages: req
+            .stages
+            .iter()
+            .map(|(n, s)| ManifestStage { stage: n.clone(), key: s.key.clone(), inputs: s.inputs.clone(), seconds: s.seconds })
+            .collect(),
+        tuned,
+    };
+    write_synced(&tmp.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(())
+}
+
+/// The recipe as the manifest records it: what was asked, without machine-specific paths.
+fn manifest_recipe(r: &Recipe) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("origin");
+    }
+    v
+}
+
+pub fn digest_outputs(outputs: &BTreeMap<String, OutputRef>) -> String {
+    let mut h = blake3::Hasher::new();
+    for (p, o) in outputs {
+        h.update(p.as_bytes());
+        h.update(&[0]);
+        h.update(o.digest.as_bytes());
+        h.update(&[0]);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Keep other targets' libraries of the old folder when its parameters are the ones we link.
+fn carry_over_libraries(
+    dest: &Path,
+    tmp: &Path,
+    params_digest: &str,
+    outputs: &mut BTreeMap<String, OutputRef>,
+    libraries: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else { return Ok(()) };
+    let Ok(old) = serde_json::from_slice::<Manifest>(&bytes) else { return Ok(()) };
+    let old_params: BTreeMap<String, OutputRef> = old.outputs.iter().filter(|(p, _)| p.starts_with("params/params_shard") || p.as_str() == "params/ndarray-cache.json").map(|(p, o)| (p.clone(), o.clone())).collect();
+    let new_params: BTreeMap<String, OutputRef> = outputs.iter().filter(|(p, _)| p.starts_with("params/params_shard") || p.as_str() == "params/ndarray-cache.json").map(|(p, o)| (p.clone(), o.clone())).collect();
+    let _ = params_digest;
+    if old_params != new_params {
+        return Ok(());
+    }
+    for (file, target) in &old.libraries {
+        if libraries.contains_key(file) || libraries.values().any(|t| t == target) {
+            continue;
+        }
+        let Some(o) = old.outputs.get(file) else { continue };
+        let src = dest.join(file);
+        let (digest, size) = match hash_file(&src) {
+            Ok(x) => x,
+            Err(_) => continue,
+        };
+        if digest != o.digest {
+            tracing::warn!("{} changed since it was built; not carrying it over", src.display());
+            continue;
+        }
+        std::fs::copy(&src, tmp.join(file)).with_context(|| format!("copying {}", src.display()))?;
+        outputs.insert(file.clone(), OutputRef { digest, size });
+        libraries.insert(file.clone(), target.clone());
+    }
+    Ok(())
+}
+
+/// Put `tmp` at `dest` in one atomic step; the old folder (if any) is removed afterwards.
+fn swap_into_place(tmp: &Path, dest: &Path) -> Result<()> {
+    sync_dir(tmp);
+    for _ in 0..20 {
+        if !dest.exists() {
+            match std::fs::rename(tmp, dest) {
+                Ok(()) => {
+                    sync_dir(dest.parent().unwrap_or(Path::new(".")));
+                    return Ok(());
+                }
+                // Another process put a folder there first: exchange with it instead.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).with_context(|| format!("moving the artifact into {}", dest.display())),
+            }
+        }
+        if exchange(tmp, dest)? {
+            // `tmp` now holds the previous folder.
+            std::fs::remove_dir_all(tmp).with_context(|| format!("removing the previous artifact {}", tmp.display()))?;
+            sync_dir(dest.parent().unwrap_or(Path::new(".")));
+            return Ok(());
+        }
+    }
+    crate::env_bail!("could not move the artifact into {}: another process keeps replacing it", dest.display())
+}
+
+/// `renameat2(RENAME_EXCHANGE)`: true when swapped, false when `dest` vanished meanwhile.
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths; the call has no memory effects on our side.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(false);
+    }
+    Err(crate::error::env(format!("cannot swap {} into place: {err}", b.display())))
+}
+
+fn sync_dir(p: &Path) {
+    if let Ok(f) = std::fs::File::open(p) {
+        f.sync_all().ok();
+    }
+}
+
+/// Paths of dist folders for a list of recipes (for `mlcb clean`).
+pub fn dist_dir(dist_root: &Path, recipe: &Recipe) -> PathBuf {
+    dist_root.join(recipe.local_id())
+}
