@@ -2,6 +2,8 @@
 //! against the file before anything is allocated.
 
 pub mod dtype;
+pub mod lfs;
 pub mod model_lib;
 pub mod ndarray_cache;
+pub mod pytorch;
 pub mod tensor;
