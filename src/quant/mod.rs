@@ -1,3 +1,18 @@
 //! Quantization: the scheme table and the bit-exact quantize / pack / unpack code.
+//!
+//! `quantize_param` turns the source values of one parameter into the records the artifact
+//! stores; `dequantize_param` is its exact inverse mapping (used by tests and as the reference the
+//! runtime kernels are checked against).
 
+mod decode;
+mod encode;
+mod geometry;
+pub mod rounding;
+mod row_quant;
 pub mod scheme;
+
+pub use decode::dequantize_param;
+pub use encode::{quantize_param, EncodedRecord};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,184 @@
+//! `quantize_param`: the source values of one parameter → the records the artifact stores.
+
+use crate::formats::dtype::DType;
+use crate::quant::geometry::{transpose, Geometry};
+use crate::quant::rounding::{float_bytes, round_to};
+use crate::quant::row_quant::{quantize_row_asym, quantize_row_sym};
+use crate::quant::scheme::{Encoding, Layout, QuantScheme, TensorRole};
+use anyhow::Result;
+use rayon::prelude::*;
+
+/// One record of the artifact: name, dtype, shape and little-endian bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Encode parameter `param_name` (logical `shape`, row-major source `values` as exact f32) the way
+/// `scheme` stores a tensor of `role`. Record names are [`crate::model::record_names`]'s.
+///
+/// Raw roles, and every tensor of an unquantized scheme, give one record in the model dtype
+/// (`RawF32`: always float32), rounded to nearest even. Quantized roles take a `[N, K]` matrix and
+/// give `[q_weight, q_scale]` (Sym) or `[q_weight, q_scale_min]` (AsymBf16x2), see
+/// [`crate::quant::scheme::Encoding`]. The output is identical for any number of threads.
+pub fn quantize_param(
+    scheme: &QuantScheme,
+    role: TensorRole,
+    param_name: &str,
+    shape: &[usize],
+    values: &[f32],
+) -> Result<Vec<EncodedRecord>> {
+    let names = crate::model::record_names(param_name, role, scheme);
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            crate::error::user(format!("tensor {param_name}: shape {shape:?} is too large"))
+        })?;
+    if numel != values.len() {
+        crate::user_bail!(
+            "tensor {param_name}: shape {shape:?} has {numel} elements but {} values were given; \
+             check the model's config.json against its weight files",
+            values.len()
+        );
+    }
+    let Some(layout) = scheme.layout_for(role) else {
+        let dtype = if role == TensorRole::RawF32 {
+            DType::F32
+        } else {
+            scheme.model_dtype
+        };
+        return Ok(vec![EncodedRecord {
+            name: names[0].clone(),
+            dtype,
+            shape: shape.to_vec(),
+            bytes: float_bytes(dtype, values),
+        }]);
+    };
+    let &[n, k] = shape else {
+        crate::user_bail!(
+            "tensor {param_name}: a {role:?} weight must be a 2-D matrix [N, K] to be quantized \
+             with {}, but its shape is {shape:?}",
+            scheme.name
+        );
+    };
+    if n == 0 || k == 0 {
+        crate::user_bail!(
+            "tensor {param_name}: cannot quantize an empty matrix of shape {shape:?}"
+        );
+    }
+    let geo = Geometry::new(&scheme.encoding, layout, n, k);
+    match scheme.encoding {
+        Encoding::None => unreachable!("layout_for returns None for unquantized schemes"),
+        Encoding::Sym { storage, .. } => {
+            let dtype = scheme.model_dtype;
+            // The model-dtype values; anything that overflows it cannot be quantized.
+            let rounded: Vec<f32> = values.par_iter().map(|&v| round_to(dtype, v)).collect();
+            check_finite(param_name, shape, values, &rounded, dtype)?;
+            let mut words = vec![0u32; n * geo.words_per_row];
+            let mut scales = vec![0f32; n * geo.n_group];
+            words
+                .par_chunks_mut(geo.words_per_row)
+                .zip(scales.par_chunks_mut(geo.n_group))
+                .zip(rounded.par_chunks(k))
+                .for_each(|((w, s), row)| quantize_row_sym(&geo, dtype, row, w, s));
+            let (words, scales) = arrange(&geo, words, scales);
+            Ok(vec![
+                weight_record(&names[0], &geo, storage, &words),
+                EncodedRecord {
+                    name: names[1].clone(),
+                    dtype,
+                    shape: geo.scale_shape(),
+                    bytes: float_bytes(dtype, &scales),
+                },
+            ])
+        }
+        Encoding::AsymBf16x2 { storage, .. } => {
+            check_finite(param_name, shape, values, values, DType::F32)?;
+            let mut words = vec![0u32; n * geo.words_per_row];
+            let mut scale_min = vec![0u32; n * geo.n_group];
+            let results: Vec<Result<(), usize>> = words
+                .par_chunks_mut(geo.words_per_row)
+                .zip(scale_min.par_chunks_mut(geo.n_group))
+                .zip(values.par_chunks(k))
+                .map(|((w, s), row)| quantize_row_asym(&geo, row, w, s))
+                .collect();
+            if let Some((row, g)) = results
+                .iter()
+                .enumerate()
+                .find_map(|(r, res)| res.err().map(|g| (r, g)))
+            {
+                crate::user_bail!(
+                    "tensor {param_name} (shape {shape:?}): the range of row {row}, group {g} \
+                     overflows float32, so it cannot be quantized with {}",
+                    scheme.name
+                );
+            }
+            let (words, scale_min) = arrange(&geo, words, scale_min);
+            let bytes = scale_min.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok(vec![
+                weight_record(&names[0], &geo, storage, &words),
+                EncodedRecord {
+                    name: names[1].clone(),
+                    dtype: DType::U32,
+                    shape: geo.scale_shape(),
+                    bytes,
+                },
+            ])
+        }
+    }
+}
+
+/// Quantized inputs must be finite in the dtype the arithmetic runs in.
+fn check_finite(
+    name: &str,
+    shape: &[usize],
+    source: &[f32],
+    converted: &[f32],
+    dtype: DType,
+) -> Result<()> {
+    if let Some(i) = converted.iter().position(|v| !v.is_finite()) {
+        crate::user_bail!(
+            "tensor {name} (shape {shape:?}): element {i} is {} which is not a finite {dtype} \
+             value, so the tensor cannot be quantized; check the source weights or pick a \
+             scheme with a wider model dtype",
+            source[i]
+        );
+    }
+    Ok(())
+}
+
+/// Words and scales were computed row-major (NK); KN transposes both.
+fn arrange<S: Copy + Default>(
+    geo: &Geometry,
+    words: Vec<u32>,
+    scales: Vec<S>,
+) -> (Vec<u32>, Vec<S>) {
+    match geo.layout {
+        Layout::NK => (words, scales),
+        Layout::KN => (
+            transpose(&words, geo.n, geo.words_per_row),
+            transpose(&scales, geo.n, geo.n_group),
+        ),
+    }
+}
+
+fn weight_record(name: &str, geo: &Geometry, storage: DType, words: &[u32]) -> EncodedRecord {
+    let bytes = match storage {
+        DType::U16 => words
+            .iter()
+            .flat_map(|&w| (w as u16).to_le_bytes())
+            .collect(),
+        DType::U32 => words.iter().flat_map(|&w| w.to_le_bytes()).collect(),
+        other => unreachable!("storage dtype {other} is not a word type"),
+    };
+    EncodedRecord {
+        name: name.to_string(),
+        dtype: storage,
+        shape: geo.weight_shape(),
+        bytes,
+    }
+}
