@@ -39,7 +39,7 @@ pub fn execute(args: QuantizeArgs) -> Result<()> {
     let scheme = scheme(&args.quantization).ok_or_else(|| {
         crate::error::user(format!("unknown --quantization {}; valid: {}", args.quantization, scheme_names().join(", ")))
     })?;
-    let source = crate::formats::safetensors::SafetensorsSource::open(&args.input)?;
+    let source = crate::formats::safetensors::SafetensorsFile::open(&args.input)?;
     let mut keep: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for info in source.infos() {
         let role = role_by_name(info);

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+/// Bumped whenever the writer's output for the same records could change (quantize key).
+pub const FORMAT_VERSION: u32 = 1;
 pub const SHARD_CAP_BYTES: usize = 32 << 20;
 pub const RECORD_ALIGN: usize = 64;
 

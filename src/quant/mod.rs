@@ -16,3 +16,6 @@ pub use encode::{quantize_param, EncodedRecord};
 
 #[cfg(test)]
 mod tests;
+
+/// Bumped whenever the bits `quantize_param` writes could change (part of the quantize key).
+pub const CODE_VERSION: u32 = 1;

@@ -69,7 +69,7 @@ pub fn run(ctx: &BuildContext, source: &Source, scope: &[String]) -> Result<Stag
     };
     let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     for p in &paths {
-        crate::formats::lfs::check_not_pointer(p)?;
+        crate::formats::lfs::check_not_lfs_pointer(p)?;
     }
     let digests = ctx.cache.file_digests(&paths)?;
     let list = FileList {

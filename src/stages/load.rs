@@ -113,7 +113,7 @@ pub fn read_optional(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
     if !p.is_file() {
         return Ok(None);
     }
-    crate::formats::lfs::check_not_pointer(&p)?;
+    crate::formats::lfs::check_not_lfs_pointer(&p)?;
     Ok(Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?))
 }
 

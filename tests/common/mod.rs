@@ -1,0 +1,117 @@
+//! Helpers for integration tests: run the `mlcb` binary on fixture folders in temporary places.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// A scratch workspace: its own cache and dist folders.
+pub struct Work {
+    pub dir: tempfile::TempDir,
+}
+
+impl Work {
+    pub fn new() -> Work {
+        Work { dir: tempfile::tempdir().expect("tempdir") }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn cache(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+    pub fn dist(&self) -> PathBuf {
+        self.path().join("dist")
+    }
+    /// Write a recipe file into the workspace and return its path.
+    pub fn recipe(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.path().join(file);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    /// `mlcb ARGS` with this workspace's cache and dist (dist via --artifact-path where the command takes it).
+    pub fn mlcb(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mlcb"));
+        c.args(args).current_dir(self.path()).env("MLCB_CACHE_DIR", self.cache()).env_remove("RUST_LOG");
+        c.output().expect("run mlcb")
+    }
+    pub fn build(&self, recipes: &[&Path], extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec!["build".into()];
+        args.extend(recipes.iter().map(|p| p.display().to_string()));
+        args.extend(["--artifact-path".to_string(), self.dist().display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.mlcb(&refs)
+    }
+    /// Build with `--json` and return the report.
+    pub fn build_json(&self, recipes: &[&Path], extra: &[&str]) -> serde_json::Value {
+        let mut e = vec!["--json"];
+        e.extend_from_slice(extra);
+        let out = self.build(recipes, &e);
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).expect("json report")
+    }
+}
+
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "mlcb failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A recipe for a fixture folder.
+pub fn recipe_text(name: &str, source: &Path, quant: &str, target: &str) -> String {
+    format!(
+        "quantization = \"{quant}\"\n[model]\nname = \"{name}\"\nsource = \"{}\"\n[target]\npreset = \"{target}\"\n",
+        source.display()
+    )
+}
+
+/// status of each stage in a `--json` report, by stage name (first match per stage).
+pub fn statuses(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+pub fn status_of(report: &serde_json::Value, stage: &str) -> String {
+    statuses(report).into_iter().find(|(s, _)| s == stage).map(|(_, st)| st).unwrap_or_default()
+}
+
+/// Every file under `dir` with its bytes' blake3, sorted (for bit-identity checks).
+pub fn tree_digest(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, d: &Path, out: &mut Vec<(String, String)>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                out.push((rel, blake3::hash(&std::fs::read(&p).unwrap()).to_hex().to_string()));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
