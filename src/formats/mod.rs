@@ -2,6 +2,7 @@
 //! against the file before anything is allocated.
 
 pub mod dtype;
+pub mod gguf;
 pub mod lfs;
 pub mod model_lib;
 pub mod ndarray_cache;

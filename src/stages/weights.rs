@@ -55,14 +55,14 @@ impl ModelSource {
                 let bytes = std::fs::read(&p).map_err(|e| crate::error::user(format!("cannot read {}: {e}", p.display())))?;
                 serde_json::from_slice(&bytes).map_err(|e| crate::error::user(format!("{} is not valid JSON: {e}", p.display())))
             }
-            ModelSource::Gguf(f) => gguf_pending(f),
+            ModelSource::Gguf(f) => Ok(crate::formats::gguf::GgufModel::open(f)?.hf_config()),
         }
     }
 
     pub fn open_weights(&self) -> Result<Box<dyn TensorSource>> {
         match self {
             ModelSource::Folder(d) => crate::formats::open_model_weights(d),
-            ModelSource::Gguf(f) => gguf_pending(f),
+            ModelSource::Gguf(f) => Ok(Box::new(crate::formats::gguf::GgufModel::open(f)?)),
             ModelSource::Merged { weights, .. } => Ok(Box::new(crate::formats::safetensors::SafetensorsFile::open(weights)?)),
         }
     }
@@ -79,13 +79,12 @@ impl ModelSource {
                 }
             }
             ModelSource::Gguf(f) => {
-                return gguf_pending(f);
+                let g = crate::formats::gguf::GgufModel::open(f)?;
+                out.push(("tokenizer.json".into(), serde_json::to_vec(&g.tokenizer_json()?)?));
+                out.push((super::load::TOKENIZER_CONFIG.into(), serde_json::to_vec_pretty(&g.tokenizer_config_json()?)?));
             }
         }
         Ok(out)
     }
 }
 
-fn gguf_pending<T>(f: &std::path::Path) -> Result<T> {
-    crate::user_bail!("{}: GGUF sources are not wired in yet", f.display())
-}
