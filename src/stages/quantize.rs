@@ -59,8 +59,11 @@ pub fn write_params(
     let mut writer = NdArrayCacheWriter::new(dir)?;
     for p in params {
         let values = crate::model::build_param(p, source)?;
+        let logical = p.shape.iter().product::<usize>() as u64;
         for rec in crate::quant::quantize_param(scheme, p.role, &p.name, &p.shape, &values)? {
-            writer.add(&rec.name, rec.dtype, &rec.shape, &rec.bytes)?;
+            // BitsPerParam counts each weight once: on its data record, not on its scales.
+            let is_scale = rec.name.ends_with(".q_scale") || rec.name.ends_with(".q_scale_min");
+            writer.add_with_logical_elems(&rec.name, rec.dtype, &rec.shape, &rec.bytes, if is_scale { 0 } else { logical })?;
         }
         bar.inc(values.len() as u64 * 4);
     }

@@ -1,6 +1,8 @@
 //! Helpers for integration tests: run the `mlcb` binary on fixture folders in temporary places.
 #![allow(dead_code)]
 
+pub mod hub_server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
