@@ -6,6 +6,7 @@
 //! `formats` (file formats), `model` (architectures → execution plan), `quant` (schemes),
 //! `codegen` (kernel languages), `runtime` (backends; reads only the artifact), `cli`.
 
+pub mod cli;
 pub mod error;
 pub mod formats;
 pub mod model;

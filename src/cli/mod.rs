@@ -1,0 +1,4 @@
+pub mod bench;
+pub mod chat;
+pub mod logits;
+pub mod run;
