@@ -1,7 +1,11 @@
 //! The command line (clap): one file per command.
 
+pub mod bench;
 pub mod build;
+pub mod chat;
+pub mod logits;
 pub mod quantize;
+pub mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +29,14 @@ pub enum Command {
     Clean(build::CleanArgs),
     /// The quantize stage as a standalone tool: safetensors in, quantized safetensors out.
     Quantize(quantize::QuantizeArgs),
+    /// Generate text from a built artifact.
+    Run(run::RunArgs),
+    /// Chat with a built artifact (multi-turn; /reset, /stats, /exit).
+    Chat(chat::ChatArgs),
+    /// Measure prefill and decode tokens/s and peak memory of a built artifact.
+    Bench(bench::BenchArgs),
+    /// Write float32 logits for every position of a token sequence (the evaluation interface).
+    Logits(logits::LogitsArgs),
 }
 
 /// Run the parsed command.
@@ -34,5 +46,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Explain(a) => build::explain(a),
         Command::Clean(a) => build::clean(a),
         Command::Quantize(a) => quantize::execute(a),
+        Command::Run(a) => run::execute(a),
+        Command::Chat(a) => chat::execute(a),
+        Command::Bench(a) => bench::execute(a),
+        Command::Logits(a) => logits::execute(a),
     }
 }

@@ -1,4 +1,31 @@
 //! Runtime: loads a built artifact (`dist/<model>-<quant>/`) and executes its plan. Reads only the
 //! artifact: nothing here imports the build side (stages, graph, cache, recipe, model).
+//!
+//! Pieces: [`artifact`] (open a dist folder, map the shards, hand out weights), [`tokenizer`]
+//! (text ↔ ids, streaming detokenisation), [`sampling`] (next-token choice), [`conversation`]
+//! (chat templates), [`generate`] (the prefill/decode loop), [`backend`] (device choice, session
+//! construction) and the backends themselves ([`cpu`]).
 
+pub mod artifact;
+pub mod backend;
+pub mod chat_config;
+pub mod conversation;
 pub mod cpu;
+pub mod generate;
+pub mod sampling;
+pub mod tokenizer;
+
+/// One running instance of a model: its persistent state (KV cache or recurrent state) and the
+/// number of tokens processed so far. Every backend implements it; generation code uses only this,
+/// so it is object-safe.
+pub trait Session {
+    /// Processes `tokens` (at positions `position() .. position() + tokens.len()`) and returns
+    /// logits `[rows, vocab]` row-major: `rows = tokens.len()` if `all_logits`, else 1 (the last).
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> anyhow::Result<Vec<f32>>;
+    /// Forgets every processed token: position back to 0, state cleared.
+    fn reset(&mut self);
+    /// Number of tokens processed since creation or the last reset.
+    fn position(&self) -> usize;
+    /// Capacity in tokens: `position()` can never exceed it.
+    fn max_seq_len(&self) -> usize;
+}
