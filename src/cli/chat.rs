@@ -38,7 +38,7 @@ pub struct ChatArgs {
 pub fn execute(args: ChatArgs) -> Result<()> {
     let artifact = Artifact::open(&args.dist_dir)?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
-    let tokenizer = TextTokenizer::from_dir(&artifact.dir)?;
+    let tokenizer = TextTokenizer::from_dir(&artifact.config_dir)?;
     let template = ChatTemplate::select(&artifact.config.conv_template, &tokenizer.config)?;
     let mut conv = Conversation::new(template);
     if let Some(system) = &args.system {

@@ -96,7 +96,7 @@ pub fn check_fits(artifact: &Artifact, n: usize) -> Result<()> {
 pub fn execute(args: RunArgs) -> Result<()> {
     let artifact = Artifact::open(&args.dist_dir)?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
-    let tokenizer = TextTokenizer::from_dir(&artifact.dir)?;
+    let tokenizer = TextTokenizer::from_dir(&artifact.config_dir)?;
     let params = args.sampling.params(&artifact.config)?;
     let seed = args.sampling.seed();
     let prompt_ids = tokenizer.encode(&args.prompt, true)?;

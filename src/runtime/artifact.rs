@@ -25,6 +25,8 @@ pub const NDARRAY_CACHE_FILE: &str = "ndarray-cache.json";
 /// An opened artifact. Cheap to query; the shards stay mapped while it lives.
 pub struct Artifact {
     pub dir: PathBuf,
+    /// Where the chat config and tokenizer files are: `params/` (MLC's layout), else `dir`.
+    pub config_dir: PathBuf,
     pub config: ChatConfig,
     pub library: ModelLibrary,
     pub library_path: PathBuf,
@@ -64,7 +66,8 @@ impl Artifact {
                 dir.display()
             );
         }
-        let config_path = dir.join(CHAT_CONFIG_FILE);
+        let config_dir = if dir.join(PARAMS_DIR).join(CHAT_CONFIG_FILE).is_file() { dir.join(PARAMS_DIR) } else { dir.to_path_buf() };
+        let config_path = config_dir.join(CHAT_CONFIG_FILE);
         if !config_path.is_file() {
             user_bail!(
                 "{} is not an mlcb artifact: no {CHAT_CONFIG_FILE}; build it with `mlcb build <recipe>`",
@@ -162,6 +165,7 @@ impl Artifact {
 
         let artifact = Artifact {
             dir: dir.to_path_buf(),
+            config_dir,
             config,
             library,
             library_path,

@@ -95,6 +95,7 @@ pub fn chat_config(req: &LinkRequest, desc: &super::load::ModelDescription, toke
         "stop_token_ids": stop,
         "bos_token_id": desc.config.bos_token_id,
         "quantization": r.quantization.name,
+        "target": r.target.preset.kind,
     })
 }
 
