@@ -15,6 +15,8 @@ pub mod tokenizer;
 pub mod value;
 
 #[cfg(test)]
+mod smollm2_tests;
+#[cfg(test)]
 pub(crate) mod test_writer;
 
 pub use ggml_type::GgmlType;
