@@ -84,12 +84,26 @@ pub fn with_session<R>(
     }
 }
 
-/// The CPU executor (`runtime::cpu::CpuModel`) is written on another branch; until it is merged
-/// this reports that it is missing.
-fn cpu_session<R>(
-    artifact: &Artifact,
-    _f: impl FnOnce(&mut dyn Session) -> Result<R>,
-) -> Result<R> {
-    let _ = artifact.weight_records()?;
-    anyhow::bail!("this mlcb build has no CPU plan executor yet (runtime::cpu::CpuModel)")
+/// Runs the plan with the native CPU kernels over the memory-mapped records.
+fn cpu_session<R>(artifact: &Artifact, f: impl FnOnce(&mut dyn Session) -> Result<R>) -> Result<R> {
+    let records = artifact.weight_records()?;
+    let views = artifact.weight_views(&records);
+    let model = crate::runtime::cpu::CpuModel::new(artifact.plan(), views)?;
+    let mut session = model.session();
+    f(&mut session)
+}
+
+impl Session for crate::runtime::cpu::CpuSession<'_> {
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        crate::runtime::cpu::CpuSession::forward(self, tokens, all_logits)
+    }
+    fn reset(&mut self) {
+        crate::runtime::cpu::CpuSession::reset(self)
+    }
+    fn position(&self) -> usize {
+        crate::runtime::cpu::CpuSession::position(self)
+    }
+    fn max_seq_len(&self) -> usize {
+        crate::runtime::cpu::CpuSession::max_seq_len(self)
+    }
 }

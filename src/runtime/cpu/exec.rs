@@ -85,6 +85,11 @@ impl CpuSession<'_> {
         self.pos
     }
 
+    /// Capacity in tokens (the plan's KV-cache size).
+    pub fn max_seq_len(&self) -> usize {
+        self.model.plan.max_seq_len
+    }
+
     /// Forget everything: position 0, empty KV cache, initial RWKV state.
     pub fn reset(&mut self) {
         self.pos = 0;
