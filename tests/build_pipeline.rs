@@ -124,7 +124,12 @@ fn cache_hits_target_change_chat_change_and_use_cache_0() {
     // --use-cache=0 reruns every stage, with the same result.
     let r0 = w.build_json(&[&r], &["--use-cache=0"]);
     assert!(statuses(&r0).iter().all(|(_, s)| s == "ran"), "{r0}");
-    assert_eq!(tree_digest(&w.dist().join("tiny-llama-q4f16_1")).len(), digest.len());
+    // Every file of the first build is rebuilt bit-identical (the manifest differs: timings, and the
+    // vulkan library kept alongside).
+    let now = tree_digest(&w.dist().join("tiny-llama-q4f16_1"));
+    for entry in digest.iter().filter(|(p, _)| p != "build-manifest.json") {
+        assert!(now.contains(entry), "{entry:?} changed after --use-cache=0");
+    }
 }
 
 #[test]

@@ -99,8 +99,9 @@ pub fn describe(config_json: &serde_json::Value, architecture: Option<&str>, ori
 fn check_params_present(params: &[ParamSpec], tensors: &dyn crate::formats::tensor::TensorSource, origin: &str) -> Result<()> {
     for p in params {
         for s in &p.sources {
-            if tensors.info(s).is_none() {
-                crate::user_bail!("{origin}: tensor `{s}` (needed for {}) is missing from the weights", p.name);
+            // `a|b` names alternatives (e.g. GPT-NeoX `embed_out.weight` or `lm_head.weight`).
+            if !s.split('|').any(|n| tensors.info(n).is_some()) {
+                crate::user_bail!("{origin}: tensor `{}` (needed for {}) is missing from the weights", s.replace('|', "` or `"), p.name);
             }
         }
     }
