@@ -188,18 +188,27 @@ impl QMatrix<'_> {
         }
     }
 
-    /// Group `g` of `row` (`out.len()` = its valid positions).
+    /// Group `g` of `row` (`out.len()` = its valid positions), one storage word at a time.
     pub fn decode_group(&self, row: usize, g: usize, out: &mut [f32]) {
         let mask = (1u32 << self.bits) - 1;
         let (s, mn) = self.group_params(row, g);
-        for (i, o) in out.iter_mut().enumerate() {
-            let word =
-                self.word(self.word_index(row, g * self.words_per_group + i / self.per_word));
-            let q = ((word >> ((i % self.per_word) as u32 * self.bits)) & mask) as f32;
-            *o = match self.codec {
-                Codec::Sym { maxq, .. } => (q - maxq) * s,
-                Codec::AsymBf16x2 => q * s + mn,
-            };
+        let base = g * self.words_per_group;
+        for (wi, chunk) in out.chunks_mut(self.per_word).enumerate() {
+            let mut word = self.word(self.word_index(row, base + wi));
+            match self.codec {
+                Codec::Sym { maxq, .. } => {
+                    for o in chunk {
+                        *o = ((word & mask) as f32 - maxq) * s;
+                        word >>= self.bits;
+                    }
+                }
+                Codec::AsymBf16x2 => {
+                    for o in chunk {
+                        *o = (word & mask) as f32 * s + mn;
+                        word >>= self.bits;
+                    }
+                }
+            }
         }
     }
 

@@ -9,7 +9,10 @@
 //! Work is split over output rows with rayon in fixed chunks; every output element is computed by
 //! one thread with a summation order that does not depend on the number of threads.
 
+#[cfg(test)]
+mod bench;
 mod f16_raw;
+mod int8_act;
 mod matrix;
 mod q4_kn;
 mod q4_nk;
@@ -59,6 +62,9 @@ pub fn matmul(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
     let (n, k) = (w.shape[0], w.shape[1]);
     assert_eq!(x.len(), rows * k);
     assert_eq!(out.len(), rows * n);
+    if rows == 0 || n == 0 {
+        return;
+    }
     let kernel = Kernel::select(m);
     if rows == 1 {
         out.par_chunks_mut(CHUNK)
@@ -77,6 +83,25 @@ pub fn matmul(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
             }
         }
     }
+}
+
+/// Like [`matmul`], but for one activation row and `q4f16_1`-style weights (4-bit sym, group 32,
+/// f16 scales, NK, `K % 32 == 0`) it first quantizes `x` to int8 per block of 32 and sums exact
+/// integer products. Faster, but adds an error of up to `Σ_k |W[n,k]|·d(k)/2` where `d` is the
+/// block's `absmax(x)/127`. Other weights and `rows > 1` go to [`matmul`]. Experimental: not
+/// used by default.
+pub fn matmul_int8_activations(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
+    let m = matrix(w);
+    let q = match m {
+        Matrix::Quant(q) if rows == 1 && q4_nk::applies(&q) && q.k % 32 == 0 => q,
+        _ => return matmul(w, x, rows, out),
+    };
+    assert_eq!(x.len(), q.k);
+    assert_eq!(out.len(), q.n);
+    let qx = int8_act::QuantizedX::new(x);
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, o)| int8_act::gemv_rows(&q, c * CHUNK, &qx, o));
 }
 
 /// Row `row` of a matrix weight as stored, decoded to f32 (`out.len() == K`): for quantized
@@ -166,16 +191,8 @@ impl<'a> Kernel<'a> {
                     *o = f16_raw::row_dot(bytes, *k, n0 + j, x);
                 }
             }
-            Kernel::Q4Nk(q) => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = q4_nk::row_dot(q, n0 + j, x);
-                }
-            }
-            Kernel::Q8Nk(q) => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = q8_nk::row_dot(q, n0 + j, x);
-                }
-            }
+            Kernel::Q4Nk(q) => q4_nk::gemv_rows(q, n0, x, out),
+            Kernel::Q8Nk(q) => q8_nk::gemv_rows(q, n0, x, out),
             Kernel::Q4Kn(q) => q4_kn::gemv_block(q, n0, x, out, &mut scratch),
             Kernel::Generic(m) => {
                 scratch.resize(x.len(), 0.0);

@@ -29,22 +29,26 @@ fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
     )
 }
 
-/// `Σ_k x[k]·w[row, k]`.
-pub(super) fn row_dot(m: &QMatrix, row: usize, x: &[f32]) -> f32 {
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
+pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), m.k);
-    let (data, scales) = row_bytes(m, row);
     let full = m.k / 32;
     #[cfg(target_arch = "x86_64")]
-    let body = if super::simd::has_avx2() {
-        // SAFETY: AVX2/FMA/F16C present; `data` has 16 bytes, `scales` 2 bytes and `x` 32
-        // values per full group (checked when the matrix view was built and above).
-        unsafe { avx2::row_dot(data, scales, x, full) }
-    } else {
-        portable_row_dot(data, scales, x, full)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let body = portable_row_dot(data, scales, x, full);
-    body + m.ragged_tail_dot(row, x)
+    let simd = super::simd::has_avx2();
+    for (j, o) in out.iter_mut().enumerate() {
+        let (data, scales) = row_bytes(m, n0 + j);
+        #[cfg(target_arch = "x86_64")]
+        let body = if simd {
+            // SAFETY: AVX2/FMA/F16C present; `data` has 16 bytes, `scales` 2 bytes and `x` 32
+            // values per full group (record sizes were checked when the view was built).
+            unsafe { avx2::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let body = portable_row_dot(data, scales, x, full);
+        *o = body + m.ragged_tail_dot(n0 + j, x);
+    }
 }
 
 /// Row `row` decoded to f32 (`out.len() == K`).
@@ -116,10 +120,15 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn scales8(scales: &[u8], g: usize, groups: usize) -> [f32; 8] {
-        let mut buf = [0u8; 16];
-        let nb = (groups - g).min(8);
-        buf[..2 * nb].copy_from_slice(&scales[2 * g..2 * (g + nb)]);
-        let v = _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i));
+        let v = if g + 8 <= groups {
+            _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * g) as *const __m128i))
+        } else {
+            let mut buf = [0u8; 16];
+            for (i, b) in buf.iter_mut().enumerate().take(2 * (groups - g)) {
+                *b = scales[2 * g + i];
+            }
+            _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+        };
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), v);
         out

@@ -30,21 +30,26 @@ fn scale(scales: &[u8], g: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
 }
 
-/// `Σ_k x[k]·w[row, k]`.
-pub(super) fn row_dot(m: &QMatrix, row: usize, x: &[f32]) -> f32 {
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
+pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), m.k);
-    let (data, scales) = row_bytes(m, row);
     let full = m.k / 32;
     #[cfg(target_arch = "x86_64")]
-    let body = if super::simd::has_avx2() {
-        // SAFETY: AVX2/FMA present; 32 code bytes, 2 scale bytes and 32 x values per full group.
-        unsafe { avx2::row_dot(data, scales, x, full) }
-    } else {
-        portable_row_dot(data, scales, x, full)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let body = portable_row_dot(data, scales, x, full);
-    body + m.ragged_tail_dot(row, x)
+    let simd = super::simd::has_avx2();
+    for (j, o) in out.iter_mut().enumerate() {
+        let (data, scales) = row_bytes(m, n0 + j);
+        #[cfg(target_arch = "x86_64")]
+        let body = if simd {
+            // SAFETY: AVX2/FMA present; 32 code bytes, 2 scale bytes and 32 x values per full
+            // group (record sizes were checked when the view was built).
+            unsafe { avx2::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let body = portable_row_dot(data, scales, x, full);
+        *o = body + m.ragged_tail_dot(n0 + j, x);
+    }
 }
 
 /// Row `row` decoded to f32.

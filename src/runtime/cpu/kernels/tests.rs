@@ -2,7 +2,7 @@
 //! multiple of the chunk or lane width, one and several activation rows, SIMD and portable paths.
 
 use super::simd::FORCE_PORTABLE;
-use super::{gather_row, matmul, vector, WeightView};
+use super::{gather_row, matmul, matmul_int8_activations, vector, WeightView};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
 use crate::quant::scheme::{scheme, TensorRole};
@@ -23,17 +23,17 @@ impl Rng {
 }
 
 /// A weight encoded by `quantize_param`, with what a view needs.
-struct Encoded {
-    storage: WeightStorage,
-    shape: Vec<usize>,
-    bytes: Vec<Vec<u8>>,
-    model_dtype: DType,
+pub(super) struct Encoded {
+    pub storage: WeightStorage,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<Vec<u8>>,
+    pub model_dtype: DType,
     /// `dequantize_param`'s values (the reference).
     reference: Vec<f32>,
 }
 
 impl Encoded {
-    fn new(name: &str, role: TensorRole, n: usize, k: usize, values: &[f32]) -> Encoded {
+    pub fn new(name: &str, role: TensorRole, n: usize, k: usize, values: &[f32]) -> Encoded {
         let s = scheme(name).unwrap();
         let recs = quantize_param(s, role, "w.weight", &[n, k], values).unwrap();
         let bytes: Vec<Vec<u8>> = recs.iter().map(|r| r.bytes.clone()).collect();
@@ -221,4 +221,60 @@ fn misdeclared_records_are_rejected() {
     };
     let w = WeightView { storage: &bad, ..w };
     assert!(super::validate_matrix(&w).unwrap_err().contains("q5f16_9"));
+}
+
+/// The int8-activation GEMV is within the bound of rounding `x` to its block grid (plus the
+/// unrounded-weight term), on SIMD and portable paths; other weights fall back to `matmul`.
+#[test]
+fn int8_activation_gemv_error_is_bounded() {
+    let mut rng = Rng(4242);
+    let (mut worst, mut sum_rel, mut count) = (0f64, 0f64, 0usize);
+    for portable in [false, true] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            FORCE_PORTABLE.with(|f| f.set(portable));
+            for (n, k) in [(37, 64), (19, 320), (8, 32)] {
+                let e = Encoded::new("q4f16_1", TensorRole::Linear, n, k, &rng.vec(n * k));
+                let x = rng.vec(k);
+                let mut out = vec![0f32; n];
+                e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut out));
+                for (j, (got, w)) in out.iter().zip(e.reference.chunks(k)).enumerate() {
+                    let (mut want, mut mag, mut bound) = (0f64, 0f64, 0f64);
+                    for (b, xs) in x.chunks(32).enumerate() {
+                        let d = xs.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 127.0;
+                        for (i, xv) in xs.iter().enumerate() {
+                            let wv = w[b * 32 + i] as f64;
+                            want += *xv as f64 * wv;
+                            mag += (*xv as f64 * wv).abs();
+                            bound += wv.abs() * d / 2.0;
+                        }
+                    }
+                    let err = (*got as f64 - want).abs();
+                    assert!(
+                        err <= bound * 1.001 + (2f64.powi(-11) + 1e-5) * mag,
+                        "[{n},{k}] row {j}: {got} vs {want}, bound {bound}"
+                    );
+                    worst = worst.max(err / mag);
+                    sum_rel += err / mag;
+                    count += 1;
+                }
+            }
+            FORCE_PORTABLE.with(|f| f.set(false));
+        });
+    }
+    println!(
+        "int8 activations: error / Σ|x·w| mean {:.2e}, worst {:.2e}",
+        sum_rel / count as f64,
+        worst
+    );
+    // Unsupported weights fall back to the exact path.
+    let e = Encoded::new("q8f16_1", TensorRole::Linear, 5, 64, &rng.vec(320));
+    let x = rng.vec(64);
+    let (mut a, mut b) = (vec![0f32; 5], vec![0f32; 5]);
+    e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut a));
+    e.with_view(|w| matmul(w, &x, 1, &mut b));
+    assert_eq!(a, b);
 }
