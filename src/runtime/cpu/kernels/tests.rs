@@ -223,8 +223,69 @@ fn misdeclared_records_are_rejected() {
     assert!(super::validate_matrix(&w).unwrap_err().contains("q5f16_9"));
 }
 
-/// The int8-activation GEMV is within the bound of rounding `x` to its block grid (plus the
-/// unrounded-weight term), on SIMD and portable paths; other weights fall back to `matmul`.
+/// Weights on an exact grid: each group of `group` is integers in [-maxq, maxq] (the first one
+/// maxq) times a power of two, so `(q - maxq)·s` is exact in f16 and the reference has no
+/// rounding of its own.
+fn grid_weights(rng: &mut Rng, n: usize, k: usize, maxq: f32, group: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n * k);
+    for _ in 0..n {
+        for p in 0..k {
+            let scale = 2f32.powi(((p / group) % 5) as i32 - 3);
+            let q = if p % group == 0 {
+                maxq
+            } else {
+                (rng.next() * maxq).round()
+            };
+            v.push(q * scale);
+        }
+    }
+    v
+}
+
+/// On grid weights every kernel must agree with the reference up to f32 summation order.
+#[test]
+fn fast_paths_are_exact_on_grid_weights() {
+    let mut rng = Rng(31337);
+    for (name, maxq, group) in [
+        ("q4f16_1", 7.0, 32),
+        ("q4f16_0", 7.0, 32),
+        ("q8f16_1", 127.0, 32),
+        ("q8f16_0", 127.0, 32),
+        ("q3f16_1", 3.0, 40),
+        ("q3f16_0", 3.0, 40),
+    ] {
+        for (n, k) in [(37, 96), (70, 80), (9, 45)] {
+            let w = grid_weights(&mut rng, n, k, maxq, group);
+            let e = Encoded::new(name, TensorRole::Linear, n, k, &w);
+            assert_eq!(
+                e.reference, w,
+                "{name}: grid weights must round-trip exactly"
+            );
+            for rows in [1, 5] {
+                let x = rng.vec(rows * k);
+                let mut out = vec![0f32; rows * n];
+                e.with_view(|v| matmul(v, &x, rows, &mut out));
+                for t in 0..rows {
+                    let xs = &x[t * k..(t + 1) * k];
+                    for (j, wr) in w.chunks(k).enumerate() {
+                        let prods = xs.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64);
+                        let want: f64 = prods.clone().sum();
+                        let mag: f64 = prods.map(f64::abs).sum();
+                        let got = out[t * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * mag,
+                            "{name} [{n},{k}] rows={rows} out[{t},{j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The int8-activation GEMV equals the product with `x` rounded to its int8 block grid (up to f32
+/// summation), and so stays within `Σ|w|·d/2` of the exact product, on SIMD and portable paths;
+/// other weights fall back to `matmul`.
 #[test]
 fn int8_activation_gemv_error_is_bounded() {
     let mut rng = Rng(4242);
@@ -237,25 +298,38 @@ fn int8_activation_gemv_error_is_bounded() {
         pool.install(|| {
             FORCE_PORTABLE.with(|f| f.set(portable));
             for (n, k) in [(37, 64), (19, 320), (8, 32)] {
-                let e = Encoded::new("q4f16_1", TensorRole::Linear, n, k, &rng.vec(n * k));
+                let e = Encoded::new(
+                    "q4f16_1",
+                    TensorRole::Linear,
+                    n,
+                    k,
+                    &grid_weights(&mut rng, n, k, 7.0, 32),
+                );
                 let x = rng.vec(k);
                 let mut out = vec![0f32; n];
                 e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut out));
                 for (j, (got, w)) in out.iter().zip(e.reference.chunks(k)).enumerate() {
-                    let (mut want, mut mag, mut bound) = (0f64, 0f64, 0f64);
+                    let (mut exact, mut grid, mut mag, mut bound) = (0f64, 0f64, 0f64, 0f64);
                     for (b, xs) in x.chunks(32).enumerate() {
-                        let d = xs.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 127.0;
+                        let d = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
                         for (i, xv) in xs.iter().enumerate() {
                             let wv = w[b * 32 + i] as f64;
-                            want += *xv as f64 * wv;
-                            mag += (*xv as f64 * wv).abs();
-                            bound += wv.abs() * d / 2.0;
+                            let xg = (xv / d).round_ties_even() as f64 * d as f64;
+                            exact += *xv as f64 * wv;
+                            grid += xg * wv;
+                            mag += (xg * wv).abs();
+                            bound += wv.abs() * d as f64 / 2.0;
                         }
                     }
-                    let err = (*got as f64 - want).abs();
+                    let got = *got as f64;
                     assert!(
-                        err <= bound * 1.001 + (2f64.powi(-11) + 1e-5) * mag,
-                        "[{n},{k}] row {j}: {got} vs {want}, bound {bound}"
+                        (got - grid).abs() <= 1e-5 * mag,
+                        "[{n},{k}] row {j}: {got} vs {grid} on the int8 grid"
+                    );
+                    let err = (got - exact).abs();
+                    assert!(
+                        err <= bound * 1.001 + 1e-5 * mag,
+                        "[{n},{k}] row {j}: {got} vs {exact}"
                     );
                     worst = worst.max(err / mag);
                     sum_rel += err / mag;
