@@ -45,7 +45,15 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
         } else {
             portable_row_dot(data, scales, x, full)
         };
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        let body = if super::simd::has_neon() {
+            // SAFETY: NEON present; `data` has 16 bytes, `scales` 2 bytes and `x` 32 values per
+            // full group (record sizes were checked when the view was built).
+            unsafe { neon::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let body = portable_row_dot(data, scales, x, full);
         *o = body + m.ragged_tail_dot(n0 + j, x);
     }
@@ -206,5 +214,46 @@ mod avx2 {
             }
             g += nb;
         }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// NEON must be available; `data.len() >= 16·groups`, `scales.len() >= 2·groups`,
+    /// `x.len() >= 32·groups`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
+        let mask = vdupq_n_u8(0x0F);
+        let off = vdupq_n_s8(7);
+        let mut total = [vdupq_n_f32(0.0); 2];
+        for g in 0..groups {
+            let b = vld1q_u8(data.as_ptr().add(16 * g));
+            let lo = vandq_u8(b, mask);
+            let hi = vshrq_n_u8::<4>(b);
+            // Byte i holds positions 2i (low nibble) and 2i+1 (high): interleave to position order.
+            let v0 = vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off);
+            let v1 = vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off);
+            let h = [
+                vmovl_s8(vget_low_s8(v0)),
+                vmovl_high_s8(v0),
+                vmovl_s8(vget_low_s8(v1)),
+                vmovl_high_s8(v1),
+            ];
+            let xp = x.as_ptr().add(32 * g);
+            let mut acc = [vdupq_n_f32(0.0); 2];
+            for (c, hc) in h.iter().enumerate() {
+                let q0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(*hc)));
+                let q1 = vcvtq_f32_s32(vmovl_high_s16(*hc));
+                acc[0] = vfmaq_f32(acc[0], q0, vld1q_f32(xp.add(8 * c)));
+                acc[1] = vfmaq_f32(acc[1], q1, vld1q_f32(xp.add(8 * c + 4)));
+            }
+            let s = vdupq_n_f32(super::scale(scales, g));
+            total[g & 1] = vfmaq_f32(total[g & 1], vaddq_f32(acc[0], acc[1]), s);
+        }
+        vaddvq_f32(vaddq_f32(total[0], total[1]))
     }
 }

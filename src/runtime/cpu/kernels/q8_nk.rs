@@ -46,7 +46,14 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
         } else {
             portable_row_dot(data, scales, x, full)
         };
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        let body = if super::simd::has_neon() {
+            // SAFETY: NEON present; 32 code bytes, 2 scale bytes and 32 x values per full group.
+            unsafe { neon::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let body = portable_row_dot(data, scales, x, full);
         *o = body + m.ragged_tail_dot(n0 + j, x);
     }
@@ -126,5 +133,43 @@ mod avx2 {
             total[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(s), total[g & 1]);
         }
         hsum(_mm256_add_ps(total[0], total[1]))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// NEON must be available; `data.len() >= 32·groups`, `scales.len() >= 2·groups`,
+    /// `x.len() >= 32·groups`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
+        let off = vdupq_n_u8(127);
+        let mut total = [vdupq_n_f32(0.0); 2];
+        for g in 0..groups {
+            let p = data.as_ptr().add(32 * g);
+            // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
+            let v = [
+                vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off)),
+                vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off)),
+            ];
+            let xp = x.as_ptr().add(32 * g);
+            let mut acc = [vdupq_n_f32(0.0); 2];
+            for (half, vh) in v.iter().enumerate() {
+                let h = [vmovl_s8(vget_low_s8(*vh)), vmovl_high_s8(*vh)];
+                for (c, hc) in h.iter().enumerate() {
+                    let o = 16 * half + 8 * c;
+                    let q0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(*hc)));
+                    let q1 = vcvtq_f32_s32(vmovl_high_s16(*hc));
+                    acc[0] = vfmaq_f32(acc[0], q0, vld1q_f32(xp.add(o)));
+                    acc[1] = vfmaq_f32(acc[1], q1, vld1q_f32(xp.add(o + 4)));
+                }
+            }
+            let s = vdupq_n_f32(super::scale(scales, g));
+            total[g & 1] = vfmaq_f32(total[g & 1], vaddq_f32(acc[0], acc[1]), s);
+        }
+        vaddvq_f32(vaddq_f32(total[0], total[1]))
     }
 }

@@ -1,6 +1,6 @@
-//! CPU feature detection and f32 dot products (AVX2+FMA on x86-64, portable elsewhere; on
-//! aarch64 the portable loops are written with independent lanes so LLVM vectorises them with
-//! NEON, which is always present there).
+//! CPU feature detection and f32 dot products (AVX2+FMA on x86-64, portable elsewhere; the
+//! portable loops use independent lanes so LLVM vectorises them with NEON on aarch64). The q4/q8
+//! row kernels have hand-written NEON versions in their own modules.
 
 /// Whether the AVX2 + FMA + F16C kernels can run on this CPU (detected once; cheap to call).
 #[inline]
@@ -30,6 +30,17 @@ pub(super) fn has_avx2() -> bool {
 thread_local! {
     /// Tests set this on a one-thread pool to exercise the portable kernels on an AVX2 machine.
     pub(super) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the NEON kernels can run (always on aarch64 Linux/macOS; detected to be safe).
+#[cfg(target_arch = "aarch64")]
+#[inline]
+pub(super) fn has_neon() -> bool {
+    #[cfg(test)]
+    if FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    std::arch::is_aarch64_feature_detected!("neon")
 }
 
 /// `Σ a[i]·b[i]`.
