@@ -3,6 +3,7 @@
 //! row kernels have hand-written NEON versions in their own modules.
 
 /// Whether the AVX2 + FMA + F16C kernels can run on this CPU (detected once; cheap to call).
+/// Setting `MLCB_NO_SIMD` in the environment forces the portable kernels (for debugging).
 #[inline]
 pub(super) fn has_avx2() -> bool {
     #[cfg(test)]
