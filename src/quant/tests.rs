@@ -89,10 +89,10 @@ fn q4f16_1_ragged_k_and_1e4_floor() {
     );
     assert_eq!(recs[1].shape, vec![1, 2]);
     assert_eq!(u16s(&recs[1].bytes), vec![0x00F0, 0x3492]);
-    // (10-7)·s = 0.85693359375 exactly; 7·s = 1.99951171875 is a tie in f16 → 2.0.
+    // (10-7)·s = 3510/4096 exactly (s = 1170/4096); 7·s = 1.99951171875 is a tie in f16 → 2.0.
     let back = dequant("q4f16_1", TensorRole::Linear, &[1, 36], &recs);
     assert_eq!(&back[..32], &[0.0; 32][..]);
-    assert_eq!(&back[32..], &[0.85693359375, -2.0, 0.28564453125, 2.0]);
+    assert_eq!(&back[32..], &[3510.0 / 4096.0, -2.0, 1170.0 / 4096.0, 2.0]);
 }
 
 #[test]
@@ -254,8 +254,8 @@ fn q4f32_asym_words_scale_min_and_ties() {
     let back = dequant("q4f32_1", TensorRole::Linear, &[4, 32], &recs);
     assert_eq!(&back[..32], &r0[..]);
     assert_eq!(&back[32..37], &[0.0, 15.0, 2.0, 2.0, 4.0]);
-    // Decoding uses the bf16 scale 0x3D890000 = 0.06689453125.
-    assert_eq!(&back[64..67], &[0.0, 1.00341796875, 0.46826171875]);
+    // Decoding uses the bf16 scale 0x3D890000 = 274/4096: 15·s = 4110/4096, 7·s = 1918/4096.
+    assert_eq!(&back[64..67], &[0.0, 4110.0 / 4096.0, 1918.0 / 4096.0]);
     assert_eq!(&back[96..], &[2.0; 32][..]);
 
     // KN: data [4 words, 4 rows] and scale_min [1, 4] transposed.

@@ -1,8 +1,30 @@
 //! Native CPU kernels over weights as stored in the artifact (raw f16/f32 or quantized per scheme),
 //! read in place from the memory-mapped shards: no dequantized copy of a matrix is ever made.
+//!
+//! Quantized weights are multiplied with their decoded values `(q - maxq)·s` (sym) or `q·s + min`
+//! (asym) computed in f32 — the exact products, not rounded to the model dtype, so `matmul` can
+//! differ from a product with [`crate::quant::dequantize_param`]'s f16-rounded values by at most
+//! 2^-11 relative per weight. `gather_row` returns exactly the artifact's values.
+//!
+//! Work is split over output rows with rayon in fixed chunks; every output element is computed by
+//! one thread with a summation order that does not depend on the number of threads.
+
+#[cfg(test)]
+mod bench;
+mod f16_raw;
+mod int8_act;
+mod matrix;
+mod q4_kn;
+mod q4_nk;
+mod q8_nk;
+mod simd;
+#[cfg(test)]
+mod tests;
 
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
+use matrix::{read_float, read_floats, Matrix, QMatrix};
+use rayon::prelude::*;
 
 /// A weight as the runtime sees it: its plan declaration plus the bytes of its records.
 #[derive(Debug, Clone, Copy)]
@@ -16,34 +38,88 @@ pub struct WeightView<'a> {
     pub model_dtype: DType,
 }
 
+/// Output rows per parallel work item (a multiple of 8, the SIMD lane blocks of the KN kernel).
+const CHUNK: usize = 32;
+
+/// Check that a matrix weight's records match its declaration (scheme known, byte sizes right),
+/// so the kernels cannot index out of bounds. `Err` says what is wrong.
+pub fn validate_matrix(w: &WeightView) -> Result<(), String> {
+    Matrix::new(w).map(|_| ())
+}
+
+fn matrix<'a>(w: &WeightView<'a>) -> Matrix<'a> {
+    Matrix::new(w).unwrap_or_else(|e| {
+        panic!(
+            "weight {:?} does not match its declaration: {e} (validate_matrix first)",
+            w.shape
+        )
+    })
+}
+
 /// `out[t, n] = Σ_k x[t, k] · W[n, k]` for `t < rows`, with `x` `[rows, K]` and `out` `[rows, N]`.
 pub fn matmul(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
+    let m = matrix(w);
     let (n, k) = (w.shape[0], w.shape[1]);
     assert_eq!(x.len(), rows * k);
     assert_eq!(out.len(), rows * n);
-    let mut row = vec![0f32; k];
-    for j in 0..n {
-        gather_row(w, j, &mut row);
-        for t in 0..rows {
-            let xr = &x[t * k..(t + 1) * k];
-            out[t * n + j] = xr.iter().zip(&row).map(|(a, b)| a * b).sum();
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let kernel = Kernel::select(m);
+    if rows == 1 {
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, o)| kernel.gemv_block(c * CHUNK, x, o));
+    } else {
+        // Each work item owns output rows n0..n0+CHUNK for every t: `[N, rows]`, transposed after.
+        let mut out_t = vec![0f32; n * rows];
+        out_t
+            .par_chunks_mut(CHUNK * rows)
+            .enumerate()
+            .for_each(|(c, o)| kernel.gemm_block(c * CHUNK, x, rows, o));
+        for (j, col) in out_t.chunks_exact(rows).enumerate() {
+            for (t, v) in col.iter().enumerate() {
+                out[t * n + j] = *v;
+            }
         }
     }
 }
 
-/// Row `row` of a matrix weight, dequantized to f32 (`out.len() == K`).
+/// Like [`matmul`], but for one activation row and `q4f16_1`-style weights (4-bit sym, group 32,
+/// f16 scales, NK, `K % 32 == 0`) it first quantizes `x` to int8 per block of 32 and sums exact
+/// integer products. Faster, but adds an error of up to `Σ_k |W[n,k]|·d(k)/2` where `d` is the
+/// block's `absmax(x)/127`. Other weights and `rows > 1` go to [`matmul`]. Experimental: not
+/// used by default.
+pub fn matmul_int8_activations(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
+    let m = matrix(w);
+    let q = match m {
+        Matrix::Quant(q) if rows == 1 && q4_nk::applies(&q) && q.k % 32 == 0 => q,
+        _ => return matmul(w, x, rows, out),
+    };
+    assert_eq!(x.len(), q.k);
+    assert_eq!(out.len(), q.n);
+    let qx = int8_act::QuantizedX::new(x);
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, o)| int8_act::gemv_rows(&q, c * CHUNK, &qx, o));
+}
+
+/// Row `row` of a matrix weight as stored, decoded to f32 (`out.len() == K`): for quantized
+/// weights exactly the values of [`crate::quant::dequantize_param`].
 pub fn gather_row(w: &WeightView, row: usize, out: &mut [f32]) {
     let k = w.shape[1];
-    match w.storage {
-        WeightStorage::Raw { dtype } => {
-            let bytes = w.records[0];
+    assert_eq!(out.len(), k);
+    match matrix(w) {
+        Matrix::Raw { dtype, bytes, .. } => {
             let es = dtype.size();
-            let start = row * k * es;
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = read_scalar(*dtype, &bytes[start + i * es..]);
+            read_floats(dtype, &bytes[row * k * es..(row + 1) * k * es], out);
+        }
+        Matrix::Quant(q) => {
+            q.decode_row_generic(row, out);
+            for v in out.iter_mut() {
+                *v = q.round_to_model(*v);
             }
         }
-        WeightStorage::Quantized { .. } => unimplemented!("quantized kernels are being written"),
     }
 }
 
@@ -51,21 +127,121 @@ pub fn gather_row(w: &WeightView, row: usize, out: &mut [f32]) {
 pub fn vector(w: &WeightView) -> Vec<f32> {
     match w.storage {
         WeightStorage::Raw { dtype } => {
+            assert!(
+                dtype.is_float(),
+                "raw weight of dtype {dtype} is not floating point"
+            );
             let es = dtype.size();
-            w.records[0]
-                .chunks_exact(es)
-                .map(|c| read_scalar(*dtype, c))
+            (0..w.records[0].len() / es)
+                .map(|i| read_float(*dtype, w.records[0], i))
                 .collect()
         }
         WeightStorage::Quantized { .. } => panic!("vector weights are never quantized"),
     }
 }
 
-fn read_scalar(dtype: DType, b: &[u8]) -> f32 {
-    match dtype {
-        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        DType::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-        DType::BF16 => half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-        other => panic!("raw weight of dtype {other} is not floating point"),
+/// Which kernel multiplies a matrix.
+enum Kernel<'a> {
+    F16Raw {
+        bytes: &'a [u8],
+        k: usize,
+    },
+    Q4Nk(QMatrix<'a>),
+    Q8Nk(QMatrix<'a>),
+    Q4Kn(QMatrix<'a>),
+    /// Any other storage: decode a row (one code at a time), then an f32 dot.
+    Generic(Matrix<'a>),
+}
+
+impl<'a> Kernel<'a> {
+    fn select(m: Matrix<'a>) -> Kernel<'a> {
+        match m {
+            Matrix::Raw {
+                dtype: DType::F16,
+                k,
+                bytes,
+                ..
+            } => Kernel::F16Raw { bytes, k },
+            Matrix::Quant(q) if q4_nk::applies(&q) => Kernel::Q4Nk(q),
+            Matrix::Quant(q) if q8_nk::applies(&q) => Kernel::Q8Nk(q),
+            Matrix::Quant(q) if q4_kn::applies(&q) => Kernel::Q4Kn(q),
+            other => Kernel::Generic(other),
+        }
+    }
+
+    /// Row `row` decoded to f32 for the prefill tiles.
+    fn decode_row(&self, row: usize, out: &mut [f32]) {
+        match self {
+            Kernel::F16Raw { bytes, k } => {
+                read_floats(DType::F16, &bytes[row * k * 2..(row + 1) * k * 2], out)
+            }
+            Kernel::Q4Nk(q) => q4_nk::decode_row(q, row, out),
+            Kernel::Q8Nk(q) => q8_nk::decode_row(q, row, out),
+            Kernel::Q4Kn(q) => q.decode_row_generic(row, out),
+            Kernel::Generic(m) => m.decode_row(row, out),
+        }
+    }
+
+    /// `out[j] = Σ_k x[k]·W[n0 + j, k]` (one activation row).
+    fn gemv_block(&self, n0: usize, x: &[f32], out: &mut [f32]) {
+        let mut scratch = Vec::new();
+        match self {
+            Kernel::F16Raw { bytes, k } => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = f16_raw::row_dot(bytes, *k, n0 + j, x);
+                }
+            }
+            Kernel::Q4Nk(q) => q4_nk::gemv_rows(q, n0, x, out),
+            Kernel::Q8Nk(q) => q8_nk::gemv_rows(q, n0, x, out),
+            Kernel::Q4Kn(q) => q4_kn::gemv_block(q, n0, x, out, &mut scratch),
+            Kernel::Generic(m) => {
+                scratch.resize(x.len(), 0.0);
+                for (j, o) in out.iter_mut().enumerate() {
+                    m.decode_row(n0 + j, &mut scratch);
+                    *o = simd::dot(&scratch, x);
+                }
+            }
+        }
+    }
+
+    /// `out_t[j·rows + t] = Σ_k x[t, k]·W[n0 + j, k]`: each weight row is decoded once and used
+    /// for every activation row, four weight rows at a time.
+    fn gemm_block(&self, n0: usize, x: &[f32], rows: usize, out_t: &mut [f32]) {
+        let k = x.len() / rows;
+        let len = out_t.len() / rows;
+        if let Kernel::Q4Kn(q) = self {
+            // The KN kernel is vectorised across output rows; the block's words stay in cache
+            // across the activation rows.
+            let (mut tmp, mut scratch) = (vec![0f32; len], Vec::new());
+            for t in 0..rows {
+                q4_kn::gemv_block(q, n0, &x[t * k..(t + 1) * k], &mut tmp, &mut scratch);
+                for (j, v) in tmp.iter().enumerate() {
+                    out_t[j * rows + t] = *v;
+                }
+            }
+            return;
+        }
+        let mut tile = vec![0f32; 4 * k];
+        let mut j = 0;
+        while j + 4 <= len {
+            for (r, dst) in tile.chunks_exact_mut(k).enumerate() {
+                self.decode_row(n0 + j + r, dst);
+            }
+            let w: Vec<&[f32]> = tile.chunks_exact(k).collect();
+            for t in 0..rows {
+                let d = simd::dot4([w[0], w[1], w[2], w[3]], &x[t * k..(t + 1) * k]);
+                for (r, v) in d.iter().enumerate() {
+                    out_t[(j + r) * rows + t] = *v;
+                }
+            }
+            j += 4;
+        }
+        for j in j..len {
+            let dst = &mut tile[..k];
+            self.decode_row(n0 + j, dst);
+            for t in 0..rows {
+                out_t[j * rows + t] = simd::dot(dst, &x[t * k..(t + 1) * k]);
+            }
+        }
     }
 }

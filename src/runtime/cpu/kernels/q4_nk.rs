@@ -1,0 +1,259 @@
+//! Fast path for symmetric 4-bit, group 32, uint32 words, f16 scales, row-major (NK) storage —
+//! `q4f16_1` linear weights and every `q4f16_*` embedding. A group is 16 bytes: byte `i` holds
+//! position `2i` in its low nibble and `2i + 1` in its high nibble (LSB-first words, little
+//! endian). Decoded values are `(q - 7)·s` in f32.
+
+use super::matrix::{Codec, QMatrix};
+use crate::formats::dtype::DType;
+use crate::quant::scheme::Layout;
+
+/// Whether `m` is stored the way this module reads.
+pub(super) fn applies(m: &QMatrix) -> bool {
+    m.layout == Layout::NK
+        && m.bits == 4
+        && m.group == 32
+        && m.word_bytes == 4
+        && m.codec
+            == Codec::Sym {
+                maxq: 7.0,
+                scale_dtype: DType::F16,
+            }
+}
+
+/// The bytes of one row's codes and scales.
+fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
+    let wb = m.words_per_row * 4;
+    (
+        &m.data[row * wb..(row + 1) * wb],
+        &m.scales[row * m.n_group * 2..(row + 1) * m.n_group * 2],
+    )
+}
+
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
+pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), m.k);
+    let full = m.k / 32;
+    #[cfg(target_arch = "x86_64")]
+    let simd = super::simd::has_avx2();
+    for (j, o) in out.iter_mut().enumerate() {
+        let (data, scales) = row_bytes(m, n0 + j);
+        #[cfg(target_arch = "x86_64")]
+        let body = if simd {
+            // SAFETY: AVX2/FMA/F16C present; `data` has 16 bytes, `scales` 2 bytes and `x` 32
+            // values per full group (record sizes were checked when the view was built).
+            unsafe { avx2::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(target_arch = "aarch64")]
+        let body = if super::simd::has_neon() {
+            // SAFETY: NEON present; `data` has 16 bytes, `scales` 2 bytes and `x` 32 values per
+            // full group (record sizes were checked when the view was built).
+            unsafe { neon::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let body = portable_row_dot(data, scales, x, full);
+        *o = body + m.ragged_tail_dot(n0 + j, x);
+    }
+}
+
+/// Row `row` decoded to f32 (`out.len() == K`).
+pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), m.k);
+    let (data, scales) = row_bytes(m, row);
+    let full = m.k / 32;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        // SAFETY: as in `row_dot`; `out` has 32 values per full group.
+        unsafe { avx2::decode_row(data, scales, out, full) };
+    } else {
+        portable_decode_row(data, scales, out, full);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    portable_decode_row(data, scales, out, full);
+    if full < m.n_group {
+        m.decode_group(row, full, &mut out[full * 32..]);
+    }
+}
+
+fn scale(scales: &[u8], g: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
+}
+
+/// The 32 codes of a group minus 7, in position order.
+#[inline]
+fn unpack_group(bytes: &[u8]) -> [f32; 32] {
+    let mut v = [0f32; 32];
+    for (i, b) in bytes[..16].iter().enumerate() {
+        v[2 * i] = (b & 0x0F) as f32 - 7.0;
+        v[2 * i + 1] = (b >> 4) as f32 - 7.0;
+    }
+    v
+}
+
+fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+    let mut total = [0f32; 2];
+    for g in 0..groups {
+        let q = unpack_group(&data[g * 16..]);
+        let xs = &x[g * 32..g * 32 + 32];
+        let mut acc = [0f32; 8];
+        for c in 0..4 {
+            for l in 0..8 {
+                acc[l] = q[8 * c + l].mul_add(xs[8 * c + l], acc[l]);
+            }
+        }
+        total[g & 1] = super::simd::hsum8(&acc).mul_add(scale(scales, g), total[g & 1]);
+    }
+    total[0] + total[1]
+}
+
+fn portable_decode_row(data: &[u8], scales: &[u8], out: &mut [f32], groups: usize) {
+    for g in 0..groups {
+        let s = scale(scales, g);
+        let q = unpack_group(&data[g * 16..]);
+        for (o, q) in out[g * 32..g * 32 + 32].iter_mut().zip(q) {
+            *o = q * s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::simd::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// Eight f16 scales starting at group `g` (fewer at the end of the row, zero-padded).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales8(scales: &[u8], g: usize, groups: usize) -> [f32; 8] {
+        let v = if g + 8 <= groups {
+            _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * g) as *const __m128i))
+        } else {
+            let mut buf = [0u8; 16];
+            for (i, b) in buf.iter_mut().enumerate().take(2 * (groups - g)) {
+                *b = scales[2 * g + i];
+            }
+            _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+        };
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), v);
+        out
+    }
+
+    /// The 32 codes of the group at `p` minus 7 as four vectors of 8 f32 (positions 0-7, …).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(p: *const u8) -> [__m256; 4] {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(b, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        let off = _mm_set1_epi8(7);
+        let v0 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), off);
+        let v1 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), off);
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))),
+        ]
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `data.len() >= 16·groups`,
+    /// `scales.len() >= 2·groups`, `x.len() >= 32·groups`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
+        let mut total = [_mm256_setzero_ps(); 2];
+        let mut g = 0;
+        while g < groups {
+            let s = scales8(scales, g, groups);
+            let nb = (groups - g).min(8);
+            for (i, &si) in s.iter().enumerate().take(nb) {
+                let q = unpack(data.as_ptr().add((g + i) * 16));
+                let xp = x.as_ptr().add((g + i) * 32);
+                let a = _mm256_fmadd_ps(
+                    q[1],
+                    _mm256_loadu_ps(xp.add(8)),
+                    _mm256_mul_ps(q[0], _mm256_loadu_ps(xp)),
+                );
+                let b = _mm256_fmadd_ps(
+                    q[3],
+                    _mm256_loadu_ps(xp.add(24)),
+                    _mm256_mul_ps(q[2], _mm256_loadu_ps(xp.add(16))),
+                );
+                total[i & 1] =
+                    _mm256_fmadd_ps(_mm256_add_ps(a, b), _mm256_set1_ps(si), total[i & 1]);
+            }
+            g += nb;
+        }
+        hsum(_mm256_add_ps(total[0], total[1]))
+    }
+
+    /// # Safety
+    /// As [`row_dot`], with `out.len() >= 32·groups`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn decode_row(data: &[u8], scales: &[u8], out: &mut [f32], groups: usize) {
+        assert!(
+            data.len() >= 16 * groups && scales.len() >= 2 * groups && out.len() >= 32 * groups
+        );
+        let mut g = 0;
+        while g < groups {
+            let s = scales8(scales, g, groups);
+            let nb = (groups - g).min(8);
+            for (i, &si) in s.iter().enumerate().take(nb) {
+                let q = unpack(data.as_ptr().add((g + i) * 16));
+                let op = out.as_mut_ptr().add((g + i) * 32);
+                let sv = _mm256_set1_ps(si);
+                for (j, v) in q.iter().enumerate() {
+                    _mm256_storeu_ps(op.add(8 * j), _mm256_mul_ps(*v, sv));
+                }
+            }
+            g += nb;
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// NEON must be available; `data.len() >= 16·groups`, `scales.len() >= 2·groups`,
+    /// `x.len() >= 32·groups`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
+        let mask = vdupq_n_u8(0x0F);
+        let off = vdupq_n_s8(7);
+        let mut total = [vdupq_n_f32(0.0); 2];
+        for g in 0..groups {
+            let b = vld1q_u8(data.as_ptr().add(16 * g));
+            let lo = vandq_u8(b, mask);
+            let hi = vshrq_n_u8::<4>(b);
+            // Byte i holds positions 2i (low nibble) and 2i+1 (high): interleave to position order.
+            let v0 = vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off);
+            let v1 = vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off);
+            let h = [
+                vmovl_s8(vget_low_s8(v0)),
+                vmovl_high_s8(v0),
+                vmovl_s8(vget_low_s8(v1)),
+                vmovl_high_s8(v1),
+            ];
+            let xp = x.as_ptr().add(32 * g);
+            let mut acc = [vdupq_n_f32(0.0); 2];
+            for (c, hc) in h.iter().enumerate() {
+                let q0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(*hc)));
+                let q1 = vcvtq_f32_s32(vmovl_high_s16(*hc));
+                acc[0] = vfmaq_f32(acc[0], q0, vld1q_f32(xp.add(8 * c)));
+                acc[1] = vfmaq_f32(acc[1], q1, vld1q_f32(xp.add(8 * c + 4)));
+            }
+            let s = vdupq_n_f32(super::scale(scales, g));
+            total[g & 1] = vfmaq_f32(total[g & 1], vaddq_f32(acc[0], acc[1]), s);
+        }
+        vaddvq_f32(vaddq_f32(total[0], total[1]))
+    }
+}

@@ -1,0 +1,175 @@
+//! Fast path for symmetric 8-bit, group 32, uint32 words, f16 scales, row-major (NK) storage —
+//! `q8f16_1` linear weights and `q8f16_*` embeddings. With four codes per little-endian word,
+//! LSB first, the bytes of a group are its codes in position order. Decoded: `(q - 127)·s`.
+
+use super::matrix::{Codec, QMatrix};
+use crate::formats::dtype::DType;
+use crate::quant::scheme::Layout;
+
+pub(super) fn applies(m: &QMatrix) -> bool {
+    m.layout == Layout::NK
+        && m.bits == 8
+        && m.group == 32
+        && m.word_bytes == 4
+        && m.codec
+            == Codec::Sym {
+                maxq: 127.0,
+                scale_dtype: DType::F16,
+            }
+}
+
+fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
+    let wb = m.words_per_row * 4;
+    (
+        &m.data[row * wb..(row + 1) * wb],
+        &m.scales[row * m.n_group * 2..(row + 1) * m.n_group * 2],
+    )
+}
+
+fn scale(scales: &[u8], g: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
+}
+
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
+pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), m.k);
+    let full = m.k / 32;
+    #[cfg(target_arch = "x86_64")]
+    let simd = super::simd::has_avx2();
+    for (j, o) in out.iter_mut().enumerate() {
+        let (data, scales) = row_bytes(m, n0 + j);
+        #[cfg(target_arch = "x86_64")]
+        let body = if simd {
+            // SAFETY: AVX2/FMA present; 32 code bytes, 2 scale bytes and 32 x values per full
+            // group (record sizes were checked when the view was built).
+            unsafe { avx2::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(target_arch = "aarch64")]
+        let body = if super::simd::has_neon() {
+            // SAFETY: NEON present; 32 code bytes, 2 scale bytes and 32 x values per full group.
+            unsafe { neon::row_dot(data, scales, x, full) }
+        } else {
+            portable_row_dot(data, scales, x, full)
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let body = portable_row_dot(data, scales, x, full);
+        *o = body + m.ragged_tail_dot(n0 + j, x);
+    }
+}
+
+/// Row `row` decoded to f32.
+pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), m.k);
+    let (data, scales) = row_bytes(m, row);
+    let full = m.k / 32;
+    for g in 0..full {
+        let s = scale(scales, g);
+        for (o, &q) in out[g * 32..g * 32 + 32]
+            .iter_mut()
+            .zip(&data[g * 32..g * 32 + 32])
+        {
+            *o = (q as f32 - 127.0) * s;
+        }
+    }
+    if full < m.n_group {
+        m.decode_group(row, full, &mut out[full * 32..]);
+    }
+}
+
+fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+    let mut total = [0f32; 2];
+    for g in 0..groups {
+        let q = &data[g * 32..g * 32 + 32];
+        let xs = &x[g * 32..g * 32 + 32];
+        let mut acc = [0f32; 8];
+        for c in 0..4 {
+            for l in 0..8 {
+                acc[l] = (q[8 * c + l] as f32 - 127.0).mul_add(xs[8 * c + l], acc[l]);
+            }
+        }
+        total[g & 1] = super::simd::hsum8(&acc).mul_add(scale(scales, g), total[g & 1]);
+    }
+    total[0] + total[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::simd::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `data.len() >= 32·groups`, `scales.len() >= 2·groups`,
+    /// `x.len() >= 32·groups`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
+        let off = _mm_set1_epi8(127);
+        let mut total = [_mm256_setzero_ps(); 2];
+        for g in 0..groups {
+            let p = data.as_ptr().add(g * 32);
+            // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
+            let a = _mm_sub_epi8(_mm_loadu_si128(p as *const __m128i), off);
+            let b = _mm_sub_epi8(_mm_loadu_si128(p.add(16) as *const __m128i), off);
+            let q = [
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
+            ];
+            let xp = x.as_ptr().add(g * 32);
+            let s0 = _mm256_fmadd_ps(
+                q[1],
+                _mm256_loadu_ps(xp.add(8)),
+                _mm256_mul_ps(q[0], _mm256_loadu_ps(xp)),
+            );
+            let s1 = _mm256_fmadd_ps(
+                q[3],
+                _mm256_loadu_ps(xp.add(24)),
+                _mm256_mul_ps(q[2], _mm256_loadu_ps(xp.add(16))),
+            );
+            let s = super::scale(scales, g);
+            total[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(s), total[g & 1]);
+        }
+        hsum(_mm256_add_ps(total[0], total[1]))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// NEON must be available; `data.len() >= 32·groups`, `scales.len() >= 2·groups`,
+    /// `x.len() >= 32·groups`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
+        let off = vdupq_n_u8(127);
+        let mut total = [vdupq_n_f32(0.0); 2];
+        for g in 0..groups {
+            let p = data.as_ptr().add(32 * g);
+            // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
+            let v = [
+                vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off)),
+                vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off)),
+            ];
+            let xp = x.as_ptr().add(32 * g);
+            let mut acc = [vdupq_n_f32(0.0); 2];
+            for (half, vh) in v.iter().enumerate() {
+                let h = [vmovl_s8(vget_low_s8(*vh)), vmovl_high_s8(*vh)];
+                for (c, hc) in h.iter().enumerate() {
+                    let o = 16 * half + 8 * c;
+                    let q0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(*hc)));
+                    let q1 = vcvtq_f32_s32(vmovl_high_s16(*hc));
+                    acc[0] = vfmaq_f32(acc[0], q0, vld1q_f32(xp.add(o)));
+                    acc[1] = vfmaq_f32(acc[1], q1, vld1q_f32(xp.add(o + 4)));
+                }
+            }
+            let s = vdupq_n_f32(super::scale(scales, g));
+            total[g & 1] = vfmaq_f32(total[g & 1], vaddq_f32(acc[0], acc[1]), s);
+        }
+        vaddvq_f32(vaddq_f32(total[0], total[1]))
+    }
+}

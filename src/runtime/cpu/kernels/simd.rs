@@ -1,0 +1,175 @@
+//! CPU feature detection and f32 dot products (AVX2+FMA on x86-64, portable elsewhere; the
+//! portable loops use independent lanes so LLVM vectorises them with NEON on aarch64). The q4/q8
+//! row kernels have hand-written NEON versions in their own modules.
+
+/// Whether the AVX2 + FMA + F16C kernels can run on this CPU (detected once; cheap to call).
+/// Setting `MLCB_NO_SIMD` in the environment forces the portable kernels (for debugging).
+#[inline]
+pub(super) fn has_avx2() -> bool {
+    #[cfg(test)]
+    if FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("MLCB_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this on a one-thread pool to exercise the portable kernels on an AVX2 machine.
+    pub(super) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the NEON kernels can run (always on aarch64 Linux/macOS; detected to be safe).
+#[cfg(target_arch = "aarch64")]
+#[inline]
+pub(super) fn has_neon() -> bool {
+    #[cfg(test)]
+    if FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    std::arch::is_aarch64_feature_detected!("neon")
+}
+
+/// `Σ a[i]·b[i]`.
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); lengths are equal.
+        return unsafe { avx2::dot(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// `[Σ w0·x, Σ w1·x, Σ w2·x, Σ w3·x]`: four weight rows against one activation row, so each
+/// load of `x` is used four times.
+pub(super) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    for r in &w {
+        assert_eq!(r.len(), x.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; all lengths are equal.
+        return unsafe { avx2::dot4(w, x) };
+    }
+    [
+        dot_portable(w[0], x),
+        dot_portable(w[1], x),
+        dot_portable(w[2], x),
+        dot_portable(w[3], x),
+    ]
+}
+
+/// Eight independent partial sums, combined pairwise: vectorisable, and a reassociation of the
+/// SIMD kernels' order.
+pub(super) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut s = hsum8(&acc);
+    for (x, y) in ta.iter().zip(tb) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+/// Sum of 8 lanes in the same order as the AVX2 horizontal sum.
+#[inline]
+pub(super) fn hsum8(a: &[f32; 8]) -> f32 {
+    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let d = [q[0] + q[2], q[1] + q[3]];
+    d[0] + d[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum of 8 lanes: (lo + hi) halves, then pairs, then the last two.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let s = _mm_add_ss(d, _mm_shuffle_ps(d, d, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `a.len() == b.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum(v);
+        while i < n {
+            s = a[i].mul_add(b[i], s);
+            i += 1;
+        }
+        s
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; every `w[r].len() == x.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let n = x.len();
+        let px = x.as_ptr();
+        let pw = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(px.add(i));
+            for r in 0..4 {
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pw[r].add(i)), xv, acc[r]);
+            }
+            i += 8;
+        }
+        let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+        while i < n {
+            for r in 0..4 {
+                out[r] = w[r][i].mul_add(x[i], out[r]);
+            }
+            i += 1;
+        }
+        out
+    }
+}
