@@ -418,6 +418,19 @@ pub(crate) mod tests {
 
     /// A tiny plan: embedding → RMSNorm → logits with a separate head, raw f32 weights.
     pub fn tiny_plan() -> Plan {
+        let ops = vec![
+            Op::Embedding { weight: 0, out: 0 },
+            Op::RmsNorm {
+                input: 0,
+                weight: 1,
+                eps: 1e-5,
+                out: 1,
+            },
+            Op::Logits {
+                input: 1,
+                weight: 2,
+            },
+        ];
         let raw = WeightStorage::Raw { dtype: DType::F32 };
         Plan {
             format_version: PLAN_FORMAT_VERSION,
@@ -463,20 +476,8 @@ pub(crate) mod tests {
                 },
             ],
             states: vec![],
-            prefill: vec![
-                Op::Embedding { weight: 0, out: 0 },
-                Op::RmsNorm {
-                    input: 0,
-                    weight: 1,
-                    eps: 1e-5,
-                    out: 1,
-                },
-                Op::Logits {
-                    input: 1,
-                    weight: 2,
-                },
-            ],
-            decode: vec![],
+            prefill: ops.clone(),
+            decode: ops,
             logits: 2,
         }
     }
