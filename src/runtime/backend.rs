@@ -93,3 +93,29 @@ fn cpu_session<R>(
     let _ = artifact.weight_records()?;
     anyhow::bail!("this mlcb build has no CPU plan executor yet (runtime::cpu::CpuModel)")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{class_of, ErrorClass};
+    use crate::runtime::artifact::tests::write_tiny_artifact;
+
+    #[test]
+    fn device_defaults_to_the_target_and_refuses_what_it_cannot_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tiny_artifact(tmp.path());
+        let mut a = Artifact::open(tmp.path()).unwrap();
+        assert_eq!(resolve_device(&a, None).unwrap(), Device::Cpu);
+        assert_eq!(resolve_device(&a, Some("CPU")).unwrap(), Device::Cpu);
+        for bad in ["cuda", "tpu"] {
+            let e = resolve_device(&a, Some(bad)).unwrap_err();
+            assert_eq!(class_of(&e), ErrorClass::User);
+            assert!(e.to_string().contains("runs: cpu"), "{e}");
+        }
+        a.library.header.target.backend = "wgpu".into();
+        let e = resolve_device(&a, None).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+        assert!(e.to_string().contains("--device cpu"), "{e}");
+        assert_eq!(resolve_device(&a, Some("cpu")).unwrap(), Device::Cpu);
+    }
+}
