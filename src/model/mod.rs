@@ -3,9 +3,16 @@
 //! forward pass into an execution plan. A new architecture is one entry in [`ARCHITECTURES`] plus
 //! its folder.
 
+mod config_fields;
 pub mod gpt_neox;
 pub mod llama;
+mod param_build;
+pub(crate) mod plan_builder;
 pub mod rwkv;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use param_build::build_param;
 
 use crate::formats::model_lib::plan::Plan;
 use crate::quant::scheme::{QuantScheme, TensorRole};
@@ -54,7 +61,8 @@ pub struct ParamSpec {
     pub role: TensorRole,
     /// Logical shape: `[N, K]` for matrices, `[n]` for vectors.
     pub shape: Vec<usize>,
-    /// Source tensor names (Hugging Face names) read to build it.
+    /// Source tensor names (Hugging Face names) read to build it. One entry may list alternative
+    /// names separated by `|` (checkpoints that spell a tensor two ways); the first present is read.
     pub sources: Vec<String>,
     pub transform: Transform,
 }

@@ -1,9 +1,19 @@
-//! (being written)
+//! GPT-NeoX (RedPajama-INCITE, Pythia, Dolly v2): LayerNorm, fused qkv with partial RoPE, GELU MLP,
+//! parallel or sequential residual.
+
+pub mod config;
+mod lower;
+pub mod params;
+
+#[cfg(test)]
+mod tests;
 
 use crate::formats::model_lib::plan::Plan;
+use crate::model::plan_builder::arch_params;
 use crate::model::{Architecture, ModelConfig, ParamSpec};
 use crate::quant::scheme::QuantScheme;
 use anyhow::Result;
+use config::NeoxParams;
 
 pub struct GptNeox;
 
@@ -14,19 +24,22 @@ impl Architecture for GptNeox {
     fn model_types(&self) -> &'static [&'static str] {
         &["gpt_neox"]
     }
-    fn parse_config(&self, _config: &serde_json::Value) -> Result<ModelConfig> {
-        anyhow::bail!("gpt_neox is not implemented yet")
+    fn parse_config(&self, config: &serde_json::Value) -> Result<ModelConfig> {
+        config::parse(config, self.model_types())
     }
-    fn params(&self, _config: &ModelConfig) -> Result<Vec<ParamSpec>> {
-        anyhow::bail!("gpt_neox is not implemented yet")
+    fn params(&self, config: &ModelConfig) -> Result<Vec<ParamSpec>> {
+        let p: NeoxParams = arch_params(config, self.name())?;
+        Ok(params::params(config, &p))
     }
     fn lower(
         &self,
-        _config: &ModelConfig,
-        _scheme: &QuantScheme,
-        _max_seq_len: usize,
+        config: &ModelConfig,
+        scheme: &QuantScheme,
+        max_seq_len: usize,
     ) -> Result<Plan> {
-        anyhow::bail!("gpt_neox is not implemented yet")
+        let p: NeoxParams = arch_params(config, self.name())?;
+        let params = params::params(config, &p);
+        lower::lower(config, &p, &params, scheme, max_seq_len)
     }
     fn default_conv_template(&self) -> &'static str {
         "LM"

@@ -1,9 +1,18 @@
-//! (being written)
+//! RWKV-4 (rwkv-raven): a recurrent model; time mix with the WKV recurrence, channel mix.
+
+pub mod config;
+mod lower;
+pub mod params;
+
+#[cfg(test)]
+mod tests;
 
 use crate::formats::model_lib::plan::Plan;
+use crate::model::plan_builder::arch_params;
 use crate::model::{Architecture, ModelConfig, ParamSpec};
 use crate::quant::scheme::QuantScheme;
 use anyhow::Result;
+use config::RwkvParams;
 
 pub struct Rwkv;
 
@@ -14,19 +23,22 @@ impl Architecture for Rwkv {
     fn model_types(&self) -> &'static [&'static str] {
         &["rwkv"]
     }
-    fn parse_config(&self, _config: &serde_json::Value) -> Result<ModelConfig> {
-        anyhow::bail!("rwkv is not implemented yet")
+    fn parse_config(&self, config: &serde_json::Value) -> Result<ModelConfig> {
+        config::parse(config, self.model_types())
     }
-    fn params(&self, _config: &ModelConfig) -> Result<Vec<ParamSpec>> {
-        anyhow::bail!("rwkv is not implemented yet")
+    fn params(&self, config: &ModelConfig) -> Result<Vec<ParamSpec>> {
+        let p: RwkvParams = arch_params(config, self.name())?;
+        Ok(params::params(config, &p))
     }
     fn lower(
         &self,
-        _config: &ModelConfig,
-        _scheme: &QuantScheme,
-        _max_seq_len: usize,
+        config: &ModelConfig,
+        scheme: &QuantScheme,
+        max_seq_len: usize,
     ) -> Result<Plan> {
-        anyhow::bail!("rwkv is not implemented yet")
+        let p: RwkvParams = arch_params(config, self.name())?;
+        let params = params::params(config, &p);
+        lower::lower(config, &p, &params, scheme, max_seq_len)
     }
     fn default_conv_template(&self) -> &'static str {
         "LM"

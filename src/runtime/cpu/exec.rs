@@ -1,0 +1,320 @@
+//! Binding a plan to weights, and running it.
+
+use super::kernels::{self, WeightView};
+use super::ops::attention::{attention, KvCache};
+use super::ops::elementwise::{self, map_in_place, zip_in_place};
+use super::ops::rwkv::{token_shift, wkv, RwkvState};
+use super::ops::{norm, rotary};
+use super::validate::{validate_plan, validate_weights};
+use crate::error::user;
+use crate::formats::model_lib::plan::{BufId, Op, Plan, ShiftSlot, StateDecl, WeightId};
+use anyhow::Result;
+use rayon::prelude::*;
+
+/// A plan bound to its weights. Vector weights (norms, biases, RWKV mixes) are decoded to f32 once;
+/// matrices are read in place through the kernels.
+pub struct CpuModel<'a> {
+    plan: &'a Plan,
+    weights: Vec<WeightView<'a>>,
+    vectors: Vec<Option<Vec<f32>>>,
+}
+
+impl<'a> CpuModel<'a> {
+    /// Validates the plan and that every weight view matches its declaration (shape, storage,
+    /// record sizes).
+    pub fn new(plan: &'a Plan, weights: Vec<WeightView<'a>>) -> Result<Self> {
+        validate_plan(plan)?;
+        validate_weights(plan, &weights)?;
+        let vectors = weights
+            .iter()
+            .map(|w| (w.shape.len() == 1).then(|| kernels::vector(w)))
+            .collect();
+        Ok(CpuModel {
+            plan,
+            weights,
+            vectors,
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        self.plan
+    }
+
+    /// A fresh session at position 0.
+    pub fn session(&self) -> CpuSession<'_> {
+        let states = self
+            .plan
+            .states
+            .iter()
+            .map(|s| match *s {
+                StateDecl::KvCache { .. } => State::Kv(KvCache::default()),
+                StateDecl::Rwkv { hidden, .. } => State::Rwkv(RwkvState::new(hidden)),
+            })
+            .collect();
+        CpuSession {
+            model: self,
+            pos: 0,
+            states,
+            buffers: vec![Vec::new(); self.plan.buffers.len()],
+        }
+    }
+
+    fn vector(&self, id: WeightId) -> &[f32] {
+        self.vectors[id]
+            .as_deref()
+            .expect("validated: vector ops name 1-D weights")
+    }
+}
+
+enum State {
+    Kv(KvCache),
+    Rwkv(RwkvState),
+}
+
+/// One conversation: position, persistent state and scratch buffers.
+pub struct CpuSession<'m> {
+    model: &'m CpuModel<'m>,
+    pos: usize,
+    states: Vec<State>,
+    buffers: Vec<Vec<f32>>,
+}
+
+impl CpuSession<'_> {
+    /// Tokens processed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Forget everything: position 0, empty KV cache, initial RWKV state.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        for s in &mut self.states {
+            match s {
+                State::Kv(kv) => {
+                    kv.k.clear();
+                    kv.v.clear();
+                }
+                State::Rwkv(r) => *r = RwkvState::new(r.num.len()),
+            }
+        }
+    }
+
+    /// Processes `tokens` at positions `pos..pos+T` (prefill when `T > 1`, decode when `T = 1`) and
+    /// returns logits `[rows, vocab]` row-major: every position when `all_logits`, else the last.
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let plan = self.model.plan;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(user("forward needs at least one token"));
+        }
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= plan.vocab_size) {
+            return Err(user(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                plan.vocab_size
+            )));
+        }
+        if self.pos + t > plan.max_seq_len {
+            return Err(user(format!(
+                "context is full: {} tokens processed + {t} new exceed max_seq_len {}; \
+                 reset the session or build with a larger max_seq_len",
+                self.pos, plan.max_seq_len
+            )));
+        }
+        let rows = if all_logits { t } else { 1 };
+        for (i, decl) in plan.buffers.iter().enumerate() {
+            let len = if i == plan.logits { rows } else { t } * decl.cols;
+            self.buffers[i].resize(len, 0.0);
+        }
+        let ops = if t > 1 { &plan.prefill } else { &plan.decode };
+        for op in ops {
+            self.run(op, tokens, all_logits);
+        }
+        self.pos += t;
+        Ok(self.buffers[plan.logits].clone())
+    }
+
+    /// Runs one op. Ids, widths and aliasing were validated by `CpuModel::new`.
+    fn run(&mut self, op: &Op, tokens: &[u32], all_logits: bool) {
+        let model = self.model;
+        let t = tokens.len();
+        let pos = self.pos;
+        match *op {
+            Op::Embedding { weight, out } => {
+                let w = &model.weights[weight];
+                let cols = w.shape[1];
+                self.buffers[out]
+                    .par_chunks_mut(cols)
+                    .zip(tokens)
+                    .for_each(|(row, &tok)| kernels::gather_row(w, tok as usize, row));
+            }
+            Op::RmsNorm {
+                input,
+                weight,
+                eps,
+                out,
+            } => {
+                let (x, o) = self.in_out(input, out);
+                norm::rms_norm(x, model.vector(weight), eps, o);
+            }
+            Op::LayerNorm {
+                input,
+                weight,
+                bias,
+                eps,
+                out,
+            } => {
+                let (x, o) = self.in_out(input, out);
+                norm::layer_norm(x, model.vector(weight), model.vector(bias), eps, o);
+            }
+            Op::Matmul {
+                input,
+                weight,
+                bias,
+                out,
+            } => {
+                let (x, o) = self.in_out(input, out);
+                kernels::matmul(&model.weights[weight], x, t, o);
+                if let Some(b) = bias {
+                    let b = model.vector(b);
+                    o.chunks_mut(b.len())
+                        .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+                }
+            }
+            Op::Rotary {
+                qkv,
+                n_q_heads,
+                n_kv_heads,
+                head_dim,
+                rotary_dim,
+                theta,
+            } => rotary::rotary(
+                &mut self.buffers[qkv],
+                pos,
+                n_q_heads,
+                n_kv_heads,
+                head_dim,
+                rotary_dim,
+                theta,
+            ),
+            Op::Attention {
+                qkv,
+                state,
+                n_q_heads,
+                n_kv_heads,
+                head_dim,
+                out,
+            } => {
+                let State::Kv(cache) = &mut self.states[state] else {
+                    unreachable!("validated: attention names a KV cache")
+                };
+                let (x, o) = in_out(&mut self.buffers, qkv, out);
+                attention(x, pos, n_q_heads, n_kv_heads, head_dim, cache, o);
+            }
+            Op::SiluMul { input, out } => {
+                let cols = model.plan.buffers[out].cols;
+                let (x, o) = self.in_out(input, out);
+                elementwise::silu_mul(x, o, cols);
+            }
+            Op::Gelu { buf } => map_in_place(&mut self.buffers[buf], elementwise::gelu),
+            Op::ReluSquare { buf } => {
+                map_in_place(&mut self.buffers[buf], elementwise::relu_square)
+            }
+            Op::Sigmoid { buf } => map_in_place(&mut self.buffers[buf], elementwise::sigmoid),
+            Op::Scale { buf, factor } => map_in_place(&mut self.buffers[buf], |x| x * factor),
+            Op::Add { a, b, out } => self.binary(a, b, out, |x, y| x + y),
+            Op::Mul { a, b, out } => self.binary(a, b, out, |x, y| x * y),
+            Op::RwkvTokenShift {
+                input,
+                state,
+                slot,
+                ref mixes,
+                ref outs,
+            } => {
+                let State::Rwkv(s) = &mut self.states[state] else {
+                    unreachable!("validated: token shift names an RWKV state")
+                };
+                let shift = match slot {
+                    ShiftSlot::Attention => &mut s.att_shift,
+                    ShiftSlot::FeedForward => &mut s.ffn_shift,
+                };
+                let mix: Vec<Vec<f32>> = mixes.iter().map(|&m| model.vector(m).to_vec()).collect();
+                let mut taken: Vec<Vec<f32>> = outs
+                    .iter()
+                    .map(|&o| std::mem::take(&mut self.buffers[o]))
+                    .collect();
+                token_shift(&self.buffers[input], shift, &mix, &mut taken);
+                for (&o, buf) in outs.iter().zip(taken) {
+                    self.buffers[o] = buf;
+                }
+            }
+            Op::RwkvWkv {
+                k,
+                v,
+                state,
+                time_decay,
+                time_first,
+                out,
+            } => {
+                let State::Rwkv(s) = &mut self.states[state] else {
+                    unreachable!("validated: wkv names an RWKV state")
+                };
+                let mut o = std::mem::take(&mut self.buffers[out]);
+                wkv(
+                    &self.buffers[k],
+                    &self.buffers[v],
+                    model.vector(time_decay),
+                    model.vector(time_first),
+                    s,
+                    &mut o,
+                );
+                self.buffers[out] = o;
+            }
+            Op::Logits { input, weight } => {
+                let logits = model.plan.logits;
+                let cols = model.plan.buffers[input].cols;
+                let (x, o) = self.in_out(input, logits);
+                let (x, rows) = if all_logits {
+                    (x, t)
+                } else {
+                    (&x[(t - 1) * cols..], 1)
+                };
+                kernels::matmul(&model.weights[weight], x, rows, o);
+            }
+        }
+    }
+
+    fn in_out(&mut self, input: BufId, out: BufId) -> (&[f32], &mut [f32]) {
+        in_out(&mut self.buffers, input, out)
+    }
+
+    /// `out = f(a, b)` elementwise, where `out` may be `a` or `b` (or both).
+    fn binary(&mut self, a: BufId, b: BufId, out: BufId, f: impl Fn(f32, f32) -> f32 + Sync) {
+        let bufs = &mut self.buffers;
+        if a == out && b == out {
+            map_in_place(&mut bufs[out], |x| f(x, x));
+        } else if a == out {
+            let (y, o) = in_out(bufs, b, out);
+            zip_in_place(o, y, f);
+        } else if b == out {
+            let (x, o) = in_out(bufs, a, out);
+            zip_in_place(o, x, |o, x| f(x, o));
+        } else {
+            let mut o = std::mem::take(&mut bufs[out]);
+            o.copy_from_slice(&bufs[a]);
+            zip_in_place(&mut o, &bufs[b], f);
+            bufs[out] = o;
+        }
+    }
+}
+
+/// A shared view of buffer `input` and a mutable one of a different buffer `out`.
+fn in_out(bufs: &mut [Vec<f32>], input: BufId, out: BufId) -> (&[f32], &mut [f32]) {
+    assert_ne!(input, out, "validated: input and output differ");
+    if input < out {
+        let (lo, hi) = bufs.split_at_mut(out);
+        (&lo[input], &mut hi[0])
+    } else {
+        let (lo, hi) = bufs.split_at_mut(input);
+        (&hi[0], &mut lo[out])
+    }
+}
