@@ -167,4 +167,26 @@ mod tests {
         assert_eq!(class_of(&e), ErrorClass::User);
         assert!(s.calls.is_empty());
     }
+
+    #[test]
+    fn execute_writes_the_synthetic_artifacts_logits() {
+        use crate::runtime::artifact::tests::{write_tiny_artifact, VOCAB};
+        let tmp = tempfile::tempdir().unwrap();
+        write_tiny_artifact(tmp.path());
+        let out = tmp.path().join("out.safetensors");
+        let args = |ids: &str| LogitsArgs {
+            dist_dir: tmp.path().to_path_buf(),
+            input_ids: ids.into(),
+            out: out.clone(),
+            device: None,
+        };
+        execute(args("3,1")).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("logits").unwrap().shape(), &[2, VOCAB]);
+        for bad in ["1,6", "1,1,1,1,1,1,1,1,1", "a"] {
+            let e = execute(args(bad)).unwrap_err();
+            assert_eq!(class_of(&e), ErrorClass::User, "{bad}: {e}");
+        }
+    }
 }

@@ -159,3 +159,50 @@ pub fn execute(args: RunArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{class_of, ErrorClass};
+    use crate::runtime::artifact::tests::{write_tiny_artifact, write_tiny_tokenizer};
+
+    fn args(dir: &std::path::Path, prompt: &str) -> RunArgs {
+        RunArgs {
+            dist_dir: dir.to_path_buf(),
+            prompt: prompt.into(),
+            max_tokens: Some(3),
+            sampling: SamplingArgs {
+                greedy: true,
+                ..Default::default()
+            },
+            json: true,
+            device: None,
+        }
+    }
+
+    #[test]
+    fn runs_the_synthetic_artifact_end_to_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tiny_artifact(tmp.path());
+        write_tiny_tokenizer(tmp.path());
+        execute(args(tmp.path(), "abc")).unwrap();
+    }
+
+    #[test]
+    fn bad_inputs_are_user_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tiny_artifact(tmp.path());
+        write_tiny_tokenizer(tmp.path());
+        // 9 tokens do not fit the context of 8 (max_window_size).
+        let e = execute(args(tmp.path(), "abcdeabcd")).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User, "{e}");
+        let mut a = args(tmp.path(), "abc");
+        a.sampling.top_p = Some(1.5);
+        assert_eq!(class_of(&execute(a).unwrap_err()), ErrorClass::User);
+        let mut a = args(tmp.path(), "abc");
+        a.device = Some("cuda".into());
+        assert_eq!(class_of(&execute(a).unwrap_err()), ErrorClass::User);
+        let e = execute(args(&tmp.path().join("nope"), "abc")).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+    }
+}

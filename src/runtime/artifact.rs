@@ -422,6 +422,19 @@ pub(crate) mod tests {
 
     /// A tiny plan: embedding → RMSNorm → logits with a separate head, raw f32 weights.
     pub fn tiny_plan() -> Plan {
+        let ops = vec![
+            Op::Embedding { weight: 0, out: 0 },
+            Op::RmsNorm {
+                input: 0,
+                weight: 1,
+                eps: 1e-5,
+                out: 1,
+            },
+            Op::Logits {
+                input: 1,
+                weight: 2,
+            },
+        ];
         let raw = WeightStorage::Raw { dtype: DType::F32 };
         Plan {
             format_version: PLAN_FORMAT_VERSION,
@@ -467,20 +480,8 @@ pub(crate) mod tests {
                 },
             ],
             states: vec![],
-            prefill: vec![
-                Op::Embedding { weight: 0, out: 0 },
-                Op::RmsNorm {
-                    input: 0,
-                    weight: 1,
-                    eps: 1e-5,
-                    out: 1,
-                },
-                Op::Logits {
-                    input: 1,
-                    weight: 2,
-                },
-            ],
-            decode: vec![],
+            prefill: ops.clone(),
+            decode: ops,
             logits: 2,
         }
     }
@@ -572,6 +573,33 @@ pub(crate) mod tests {
         )
         .unwrap();
         tensors.into_iter().map(|(n, d, _)| (n, d)).collect()
+    }
+
+    /// A tokenizer.json for the synthetic artifact: byte-level BPE over "a".."e" (ids 1..=5), no
+    /// merges, id 0 the special end-of-text token.
+    pub fn write_tiny_tokenizer(dir: &Path) {
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false,
+                "vocab": {"<|endoftext|>": 0, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5},
+                "merges": []},
+        });
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}"#,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! library's target only sets the default.
 
 use crate::runtime::artifact::Artifact;
+use crate::runtime::cpu::{CpuModel, CpuSession};
 use crate::runtime::Session;
 use crate::user_bail;
 use anyhow::Result;
@@ -84,26 +85,99 @@ pub fn with_session<R>(
     }
 }
 
-/// Runs the plan with the native CPU kernels over the memory-mapped records.
+/// Binds the plan to the mapped weights and runs `f` on a fresh CPU session.
 fn cpu_session<R>(artifact: &Artifact, f: impl FnOnce(&mut dyn Session) -> Result<R>) -> Result<R> {
     let records = artifact.weight_records()?;
     let views = artifact.weight_views(&records);
-    let model = crate::runtime::cpu::CpuModel::new(artifact.plan(), views)?;
-    let mut session = model.session();
+    let model = CpuModel::new(artifact.plan(), views)?;
+    let mut session = CpuAdapter {
+        inner: model.session(),
+        max_seq_len: artifact.plan().max_seq_len,
+    };
     f(&mut session)
 }
 
-impl Session for crate::runtime::cpu::CpuSession<'_> {
+/// [`Session`] over the CPU executor's session.
+struct CpuAdapter<'m> {
+    inner: CpuSession<'m>,
+    max_seq_len: usize,
+}
+
+impl Session for CpuAdapter<'_> {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        crate::runtime::cpu::CpuSession::forward(self, tokens, all_logits)
+        self.inner.forward(tokens, all_logits)
     }
     fn reset(&mut self) {
-        crate::runtime::cpu::CpuSession::reset(self)
+        self.inner.reset()
     }
     fn position(&self) -> usize {
-        crate::runtime::cpu::CpuSession::position(self)
+        self.inner.position()
     }
     fn max_seq_len(&self) -> usize {
-        crate::runtime::cpu::CpuSession::max_seq_len(self)
+        self.max_seq_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{class_of, ErrorClass};
+    use crate::runtime::artifact::tests::write_tiny_artifact;
+
+    #[test]
+    fn device_defaults_to_the_target_and_refuses_what_it_cannot_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tiny_artifact(tmp.path());
+        let mut a = Artifact::open(tmp.path()).unwrap();
+        assert_eq!(resolve_device(&a, None).unwrap(), Device::Cpu);
+        assert_eq!(resolve_device(&a, Some("CPU")).unwrap(), Device::Cpu);
+        for bad in ["cuda", "tpu"] {
+            let e = resolve_device(&a, Some(bad)).unwrap_err();
+            assert_eq!(class_of(&e), ErrorClass::User);
+            assert!(e.to_string().contains("runs: cpu"), "{e}");
+        }
+        a.library.header.target.backend = "wgpu".into();
+        let e = resolve_device(&a, None).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+        assert!(e.to_string().contains("--device cpu"), "{e}");
+        assert_eq!(resolve_device(&a, Some("cpu")).unwrap(), Device::Cpu);
+    }
+
+    /// Logits of the tiny plan computed by hand: RMSNorm of the embedding row, times the head.
+    fn expected_logits(weights: &[(String, Vec<f32>)], token: u32) -> Vec<f32> {
+        use crate::runtime::artifact::tests::{HIDDEN, VOCAB};
+        let (embed, norm, head) = (&weights[0].1, &weights[1].1, &weights[2].1);
+        let x = &embed[token as usize * HIDDEN..(token as usize + 1) * HIDDEN];
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / HIDDEN as f32;
+        let inv = 1.0 / (ms + 1e-5).sqrt();
+        let y: Vec<f32> = x.iter().zip(norm).map(|(a, w)| a * inv * w).collect();
+        (0..VOCAB)
+            .map(|v| (0..HIDDEN).map(|k| y[k] * head[v * HIDDEN + k]).sum())
+            .collect()
+    }
+
+    #[test]
+    fn cpu_session_runs_the_synthetic_artifact() {
+        use crate::runtime::artifact::tests::VOCAB;
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = write_tiny_artifact(tmp.path());
+        let a = Artifact::open(tmp.path()).unwrap();
+        let ids = [1u32, 4, 2];
+        let (all, last, pos, cap) = with_session(&a, Device::Cpu, |s| {
+            let all = crate::cli::logits::all_logits(s, &ids, VOCAB)?;
+            s.reset();
+            let last = s.forward(&ids, false)?;
+            Ok((all, last, s.position(), s.max_seq_len()))
+        })
+        .unwrap();
+        assert_eq!((pos, cap), (3, 16));
+        assert_eq!(all.len(), ids.len() * VOCAB);
+        for (t, &id) in ids.iter().enumerate() {
+            let want = expected_logits(&weights, id);
+            for (g, w) in all[t * VOCAB..(t + 1) * VOCAB].iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "position {t}: {g} vs {w}");
+            }
+        }
+        assert_eq!(last, all[2 * VOCAB..]);
     }
 }
