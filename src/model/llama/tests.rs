@@ -143,3 +143,21 @@ fn tiny_vicuna_delta_merge_matches_transformers() {
         &[base.as_ref(), delta.as_ref()],
     );
 }
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let w = open_weights("tiny-llama");
+    let c = Llama.parse_config(&read_config("tiny-llama")).unwrap();
+    let built = crate::model::testing::build(&Llama, &c, &[w.as_ref()], "q0f32", 64);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 512) as u32).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            crate::model::testing::with_model(&built, |m| m.session().forward(&ids, true).unwrap())
+        })
+    };
+    assert_eq!(run(1), run(4));
+}

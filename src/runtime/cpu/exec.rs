@@ -242,7 +242,7 @@ impl CpuSession<'_> {
                     ShiftSlot::Attention => &mut s.att_shift,
                     ShiftSlot::FeedForward => &mut s.ffn_shift,
                 };
-                let mix: Vec<Vec<f32>> = mixes.iter().map(|&m| model.vector(m).to_vec()).collect();
+                let mix: Vec<&[f32]> = mixes.iter().map(|&m| model.vector(m)).collect();
                 let mut taken: Vec<Vec<f32>> = outs
                     .iter()
                     .map(|&o| std::mem::take(&mut self.buffers[o]))

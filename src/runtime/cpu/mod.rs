@@ -10,3 +10,6 @@ mod validate;
 
 pub use exec::{CpuModel, CpuSession};
 pub use validate::{validate_plan, validate_weights};
+
+#[cfg(test)]
+mod tests;

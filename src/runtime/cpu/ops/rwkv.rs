@@ -24,7 +24,7 @@ impl RwkvState {
 
 /// `outs[i][t] = x[t] * mixes[i] + prev[t] * (1 - mixes[i])` with `prev[t] = x[t-1]` (`shift` for
 /// t = 0); then `shift` ← the last row of `x`.
-pub fn token_shift(x: &[f32], shift: &mut [f32], mixes: &[Vec<f32>], outs: &mut [Vec<f32>]) {
+pub fn token_shift(x: &[f32], shift: &mut [f32], mixes: &[&[f32]], outs: &mut [Vec<f32>]) {
     let hidden = shift.len();
     for (t, row) in x.chunks_exact(hidden).enumerate() {
         let prev = if t == 0 {
@@ -77,7 +77,7 @@ mod tests {
     #[test]
     fn token_shift_uses_state_then_previous_row() {
         let mut shift = vec![10.0, 20.0];
-        let mixes = vec![vec![0.25, 1.0]];
+        let mixes: Vec<&[f32]> = vec![&[0.25, 1.0]];
         let mut outs = vec![vec![0f32; 4]];
         token_shift(&[1.0, 2.0, 3.0, 4.0], &mut shift, &mixes, &mut outs);
         assert_eq!(outs[0], vec![0.25 + 7.5, 2.0, 0.75 + 0.75, 4.0]);
