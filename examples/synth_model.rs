@@ -42,10 +42,16 @@ impl safetensors::View for Random {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let out = PathBuf::from(args.next().expect("usage: synth_model OUT_DIR [--hidden N] …"));
+    let out = PathBuf::from(
+        args.next()
+            .expect("usage: synth_model OUT_DIR [--hidden N] …"),
+    );
     let mut get = std::collections::HashMap::new();
     while let (Some(k), Some(v)) = (args.next(), args.next()) {
-        get.insert(k.trim_start_matches("--").to_string(), v.parse::<usize>().expect("numeric option"));
+        get.insert(
+            k.trim_start_matches("--").to_string(),
+            v.parse::<usize>().expect("numeric option"),
+        );
     }
     let h = *get.get("hidden").unwrap_or(&2048);
     let inter = *get.get("intermediate").unwrap_or(&5632);
@@ -66,17 +72,36 @@ fn main() {
         let p = format!("model.layers.{l}");
         add(format!("{p}.input_layernorm.weight"), vec![h], 1.0);
         add(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0);
-        add(format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, h], 0.02);
-        add(format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, h], 0.02);
-        add(format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, h], 0.02);
-        add(format!("{p}.self_attn.o_proj.weight"), vec![h, heads * hd], 0.02);
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![heads * hd, h],
+            0.02,
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv * hd, h],
+            0.02,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv * hd, h],
+            0.02,
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, heads * hd],
+            0.02,
+        );
         add(format!("{p}.mlp.gate_proj.weight"), vec![inter, h], 0.02);
         add(format!("{p}.mlp.up_proj.weight"), vec![inter, h], 0.02);
         add(format!("{p}.mlp.down_proj.weight"), vec![h, inter], 0.02);
     }
     add("model.norm.weight".into(), vec![h], 1.0);
     add("lm_head.weight".into(), vec![vocab, h], 0.02);
-    let params: usize = tensors.iter().map(|(_, t)| t.shape.iter().product::<usize>()).sum();
+    let params: usize = tensors
+        .iter()
+        .map(|(_, t)| t.shape.iter().product::<usize>())
+        .sum();
     safetensors::serialize_to_file(tensors, None, &out.join("model.safetensors")).unwrap();
     let config = serde_json::json!({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": inter,
@@ -84,6 +109,10 @@ fn main() {
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": false,
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"
     });
-    std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
     eprintln!("wrote {} ({params} parameters)", out.display());
 }

@@ -19,14 +19,25 @@ fn copy_fixture(w: &Work, name: &str) -> PathBuf {
 fn expect_user_error(w: &Work, recipe: &Path, needles: &[&str]) {
     let out = w.build(&[recipe], &[]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "expected exit 2, got {:?}:\n{err}", out.status.code());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}:\n{err}",
+        out.status.code()
+    );
     assert!(!err.contains("panicked"), "{err}");
     for n in needles {
         assert!(err.contains(n), "`{n}` not in:\n{err}");
     }
     if w.dist().exists() {
-        let left: Vec<_> = std::fs::read_dir(w.dist()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert!(left.iter().all(|n| n == "models"), "partial output left: {left:?}");
+        let left: Vec<_> = std::fs::read_dir(w.dist())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            left.iter().all(|n| n == "models"),
+            "partial output left: {left:?}"
+        );
     }
 }
 
@@ -52,20 +63,41 @@ fn unknown_key_target_and_quantization() {
 #[test]
 fn nonsense_max_seq_len() {
     let w = Work::new();
-    let r = w.recipe("m.toml", &format!("max_seq_len = 0\n{}", recipe_text("m", &fixture("tiny-llama"), "q4f16_1", "cpu")));
+    let r = w.recipe(
+        "m.toml",
+        &format!(
+            "max_seq_len = 0\n{}",
+            recipe_text("m", &fixture("tiny-llama"), "q4f16_1", "cpu")
+        ),
+    );
     expect_user_error(&w, &r, &["m.toml:1:15", "max_seq_len"]);
-    let out = w.build(&[], &["--model", fixture("tiny-llama").to_str().unwrap(), "--max-seq-len", "-7"]);
+    let out = w.build(
+        &[],
+        &[
+            "--model",
+            fixture("tiny-llama").to_str().unwrap(),
+            "--max-seq-len",
+            "-7",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
 #[test]
 fn missing_model_folder() {
     let w = Work::new();
-    let r = w.recipe("r.toml", &recipe_text("m", &w.path().join("nowhere"), "q4f16_1", "cpu"));
+    let r = w.recipe(
+        "r.toml",
+        &recipe_text("m", &w.path().join("nowhere"), "q4f16_1", "cpu"),
+    );
     expect_user_error(&w, &r, &["nowhere", "not found"]);
     let out = w.build(&[], &["--model", "no-such-model"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("models/no-such-model"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("models/no-such-model"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -110,7 +142,10 @@ fn truncated_safetensors_and_pickle() {
 }
 
 /// Rewrite a safetensors file through `edit` (which may drop or reshape tensors).
-fn rewrite_safetensors(path: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(Vec<usize>, Vec<u8>)>) {
+fn rewrite_safetensors(
+    path: &Path,
+    edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(Vec<usize>, Vec<u8>)>,
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut kept = Vec::new();
@@ -119,8 +154,15 @@ fn rewrite_safetensors(path: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> 
             kept.push((name, t.dtype(), shape, data));
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        kept.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
@@ -128,7 +170,9 @@ fn rewrite_safetensors(path: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> 
 fn missing_tensor_is_named() {
     let w = Work::new();
     let d = copy_fixture(&w, "tiny-llama");
-    rewrite_safetensors(&d.join("model.safetensors"), |n, s, b| (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b)));
+    rewrite_safetensors(&d.join("model.safetensors"), |n, s, b| {
+        (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b))
+    });
     let r = w.recipe("r.toml", &recipe_text("m", &d, "q4f16_1", "cpu"));
     expect_user_error(&w, &r, &["model.layers.1.mlp.up_proj.weight", "missing"]);
 }
@@ -152,5 +196,13 @@ fn delta_shape_mismatch_names_both_shapes() {
             d.display()
         ),
     );
-    expect_user_error(&w, &r, &["model.layers.0.self_attn.o_proj.weight", "[256, 256]", "[128, 256]"]);
+    expect_user_error(
+        &w,
+        &r,
+        &[
+            "model.layers.0.self_attn.o_proj.weight",
+            "[256, 256]",
+            "[128, 256]",
+        ],
+    );
 }

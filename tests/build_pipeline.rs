@@ -4,28 +4,52 @@ mod common;
 use common::*;
 use std::path::Path;
 
-const SCHEMES: &[&str] = &["q0f16", "q0f32", "q3f16_0", "q3f16_1", "q4f16_0", "q4f16_1", "q4f32_0", "q4f32_1", "q8f16_0", "q8f16_1"];
+const SCHEMES: &[&str] = &[
+    "q0f16", "q0f32", "q3f16_0", "q3f16_1", "q4f16_0", "q4f16_1", "q4f32_0", "q4f32_1", "q8f16_0",
+    "q8f16_1",
+];
 
 /// The artifact is complete and its manifest matches every file.
 fn check_artifact(dist: &Path, local_id: &str, target_kind: &str) -> serde_json::Value {
     let dir = dist.join(local_id);
-    for f in ["params/ndarray-cache.json", "params/mlc-chat-config.json", "params/tokenizer.json", "params/tokenizer_config.json", "build-manifest.json"] {
+    for f in [
+        "params/ndarray-cache.json",
+        "params/mlc-chat-config.json",
+        "params/tokenizer.json",
+        "params/tokenizer_config.json",
+        "build-manifest.json",
+    ] {
         assert!(dir.join(f).is_file(), "{} missing", dir.join(f).display());
     }
-    assert!(dir.join(format!("{local_id}-{target_kind}.mlcblib")).is_file());
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("build-manifest.json")).unwrap()).unwrap();
+    assert!(dir
+        .join(format!("{local_id}-{target_kind}.mlcblib"))
+        .is_file());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("build-manifest.json")).unwrap()).unwrap();
     for (path, o) in manifest["outputs"].as_object().unwrap() {
         let bytes = std::fs::read(dir.join(path)).unwrap();
-        assert_eq!(blake3::hash(&bytes).to_hex().as_str(), o["digest"].as_str().unwrap(), "{path}");
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            o["digest"].as_str().unwrap(),
+            "{path}"
+        );
     }
-    let cache: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("params/ndarray-cache.json")).unwrap()).unwrap();
+    let cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("params/ndarray-cache.json")).unwrap())
+            .unwrap();
     for shard in cache["records"].as_array().unwrap() {
-        let bytes = std::fs::read(dir.join("params").join(shard["dataPath"].as_str().unwrap())).unwrap();
+        let bytes =
+            std::fs::read(dir.join("params").join(shard["dataPath"].as_str().unwrap())).unwrap();
         assert_eq!(bytes.len() as u64, shard["nbytes"].as_u64().unwrap());
     }
-    let chat: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("params/mlc-chat-config.json")).unwrap()).unwrap();
+    let chat: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("params/mlc-chat-config.json")).unwrap())
+            .unwrap();
     assert_eq!(chat["local_id"], local_id);
-    assert_eq!(chat["tokenizer_files"], serde_json::json!(["tokenizer.json"]));
+    assert_eq!(
+        chat["tokenizer_files"],
+        serde_json::json!(["tokenizer.json"])
+    );
     manifest
 }
 
@@ -35,13 +59,19 @@ fn every_architecture_and_scheme_builds() {
     let mut recipes = Vec::new();
     for fx in ["tiny-llama", "tiny-neox", "tiny-rwkv"] {
         for q in SCHEMES {
-            recipes.push(w.recipe(&format!("{fx}-{q}.toml"), &recipe_text(fx, &fixture(fx), q, "cpu")));
+            recipes.push(w.recipe(
+                &format!("{fx}-{q}.toml"),
+                &recipe_text(fx, &fixture(fx), q, "cpu"),
+            ));
         }
     }
     let refs: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
     let report = w.build_json(&refs, &["-j", "2"]);
     // One fetch and one load per model, shared by its ten recipes.
-    let fetches = statuses(&report).iter().filter(|(s, _)| s == "fetch").count();
+    let fetches = statuses(&report)
+        .iter()
+        .filter(|(s, _)| s == "fetch")
+        .count();
     assert_eq!(fetches, 3, "the fetch of each model must be shared");
     for fx in ["tiny-llama", "tiny-neox", "tiny-rwkv"] {
         for q in SCHEMES {
@@ -71,20 +101,66 @@ fn vicuna_delta_pair_builds_and_merges() {
 fn build_py_flag_form() {
     let w = Work::new();
     // --model PATH
-    let out = w.build(&[], &["--model", fixture("tiny-llama").to_str().unwrap(), "--target", "cpu", "--quantization", "q4f16_1"]);
+    let out = w.build(
+        &[],
+        &[
+            "--model",
+            fixture("tiny-llama").to_str().unwrap(),
+            "--target",
+            "cpu",
+            "--quantization",
+            "q4f16_1",
+        ],
+    );
     assert_success(&out);
     check_artifact(&w.dist(), "tiny-llama-q4f16_1", "cpu");
     // --model NAME looks in <artifact-path>/models/NAME (a symlink is followed).
     std::fs::create_dir_all(w.dist().join("models")).unwrap();
     std::os::unix::fs::symlink(fixture("tiny-neox"), w.dist().join("models/tiny-neox")).unwrap();
-    let out = w.build(&[], &["--model", "tiny-neox", "--target", "cpu", "--quantization", "q8f16_1", "--max-seq-len", "128", "--debug-dump"]);
+    let out = w.build(
+        &[],
+        &[
+            "--model",
+            "tiny-neox",
+            "--target",
+            "cpu",
+            "--quantization",
+            "q8f16_1",
+            "--max-seq-len",
+            "128",
+            "--debug-dump",
+        ],
+    );
     assert_success(&out);
     check_artifact(&w.dist(), "tiny-neox-q8f16_1", "cpu");
-    assert!(w.dist().join("tiny-neox-q8f16_1/debug/plan-cpu.txt").is_file());
-    let chat: serde_json::Value = serde_json::from_slice(&std::fs::read(w.dist().join("tiny-neox-q8f16_1/params/mlc-chat-config.json")).unwrap()).unwrap();
+    assert!(w
+        .dist()
+        .join("tiny-neox-q8f16_1/debug/plan-cpu.txt")
+        .is_file());
+    let chat: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            w.dist()
+                .join("tiny-neox-q8f16_1/params/mlc-chat-config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert_eq!(chat["max_window_size"], 128);
     // --use-cache=0 parses as build.py's int flag.
-    let out = w.build(&[], &["--model", "tiny-neox", "--target", "cpu", "--quantization", "q8f16_1", "--use-cache=0", "--max-seq-len", "128"]);
+    let out = w.build(
+        &[],
+        &[
+            "--model",
+            "tiny-neox",
+            "--target",
+            "cpu",
+            "--quantization",
+            "q8f16_1",
+            "--use-cache=0",
+            "--max-seq-len",
+            "128",
+        ],
+    );
     assert_success(&out);
 }
 
@@ -97,7 +173,10 @@ fn cache_hits_target_change_chat_change_and_use_cache_0() {
     assert!(statuses(&first).iter().all(|(_, s)| s == "ran"), "{first}");
     // No-op rebuild: everything cached.
     let again = w.build_json(&[&r], &[]);
-    assert!(statuses(&again).iter().all(|(_, s)| s == "cached"), "{again}");
+    assert!(
+        statuses(&again).iter().all(|(_, s)| s == "cached"),
+        "{again}"
+    );
     let digest = tree_digest(&w.dist().join("tiny-llama-q4f16_1"));
     // Changing only the target: no refetch, no requantize.
     let rv = w.recipe("rv.toml", &base.replace("\"cpu\"", "\"vulkan\""));
@@ -109,18 +188,32 @@ fn cache_hits_target_change_chat_change_and_use_cache_0() {
         assert_eq!(status_of(&t, s), "ran", "{s} after a target change: {t}");
     }
     // Both libraries now live side by side.
-    assert!(w.dist().join("tiny-llama-q4f16_1/tiny-llama-q4f16_1-vulkan.mlcblib").is_file());
-    assert!(w.dist().join("tiny-llama-q4f16_1/tiny-llama-q4f16_1-cpu.mlcblib").is_file());
+    assert!(w
+        .dist()
+        .join("tiny-llama-q4f16_1/tiny-llama-q4f16_1-vulkan.mlcblib")
+        .is_file());
+    assert!(w
+        .dist()
+        .join("tiny-llama-q4f16_1/tiny-llama-q4f16_1-cpu.mlcblib")
+        .is_file());
     // Changing only chat settings: only link reruns.
     let rc = w.recipe("rc.toml", &format!("{base}[chat]\ntemperature = 0.2\n"));
     let c = w.build_json(&[&rc], &[]);
     for (s, st) in statuses(&c) {
         assert_eq!(st, if s == "link" { "ran" } else { "cached" }, "{s}: {c}");
     }
-    let explain = w.mlcb(&["explain", r.to_str().unwrap(), "--artifact-path", w.dist().to_str().unwrap()]);
+    let explain = w.mlcb(&[
+        "explain",
+        r.to_str().unwrap(),
+        "--artifact-path",
+        w.dist().to_str().unwrap(),
+    ]);
     assert_success(&explain);
     let text = String::from_utf8_lossy(&explain.stdout);
-    assert!(text.contains("chat_config"), "explain must name the changed input:\n{text}");
+    assert!(
+        text.contains("chat_config"),
+        "explain must name the changed input:\n{text}"
+    );
     // --use-cache=0 reruns every stage, with the same result.
     let r0 = w.build_json(&[&r], &["--use-cache=0"]);
     assert!(statuses(&r0).iter().all(|(_, s)| s == "ran"), "{r0}");
@@ -135,12 +228,20 @@ fn cache_hits_target_change_chat_change_and_use_cache_0() {
 #[test]
 fn corrupted_blob_is_detected_evicted_and_rebuilt() {
     let w = Work::new();
-    let r = w.recipe("r.toml", &recipe_text("tiny-rwkv", &fixture("tiny-rwkv"), "q4f16_1", "cpu"));
+    let r = w.recipe(
+        "r.toml",
+        &recipe_text("tiny-rwkv", &fixture("tiny-rwkv"), "q4f16_1", "cpu"),
+    );
     let first = w.build_json(&[&r], &[]);
     let dist = w.dist().join("tiny-rwkv-q4f16_1");
     let before = std::fs::read(dist.join("params/params_shard_0.bin")).unwrap();
     // Corrupt the cached shard blob, and remove the dist so link must read it.
-    let q = first["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "quantize").unwrap();
+    let q = first["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "quantize")
+        .unwrap();
     let digest = q["outputs"]["params/params_shard_0.bin"].as_str().unwrap();
     let blob = w.cache().join("blobs").join(&digest[..2]).join(digest);
     let mut bytes = std::fs::read(&blob).unwrap();
@@ -149,18 +250,36 @@ fn corrupted_blob_is_detected_evicted_and_rebuilt() {
     std::fs::remove_dir_all(&dist).unwrap();
     let out = w.build(&[&r], &[]);
     assert_success(&out);
-    assert!(stderr(&out).contains("does not match its digest"), "{}", stderr(&out));
-    assert_eq!(std::fs::read(dist.join("params/params_shard_0.bin")).unwrap(), before);
+    assert!(
+        stderr(&out).contains("does not match its digest"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(dist.join("params/params_shard_0.bin")).unwrap(),
+        before
+    );
 }
 
 #[test]
 fn two_concurrent_builds_share_one_cache() {
     let w = Work::new();
-    let a = w.recipe("a.toml", &recipe_text("tiny-neox", &fixture("tiny-neox"), "q4f16_1", "cpu"));
-    let b = w.recipe("b.toml", &recipe_text("tiny-neox", &fixture("tiny-neox"), "q4f16_1", "vulkan"));
+    let a = w.recipe(
+        "a.toml",
+        &recipe_text("tiny-neox", &fixture("tiny-neox"), "q4f16_1", "cpu"),
+    );
+    let b = w.recipe(
+        "b.toml",
+        &recipe_text("tiny-neox", &fixture("tiny-neox"), "q4f16_1", "vulkan"),
+    );
     let spawn = |r: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"))
-            .args(["build", r.to_str().unwrap(), "--artifact-path", w.dist().to_str().unwrap()])
+            .args([
+                "build",
+                r.to_str().unwrap(),
+                "--artifact-path",
+                w.dist().to_str().unwrap(),
+            ])
             .env("MLCB_CACHE_DIR", w.cache())
             .output()
     };
@@ -172,13 +291,19 @@ fn two_concurrent_builds_share_one_cache() {
     assert_success(&oa);
     assert_success(&ob);
     let again = w.build_json(&[&a], &[]);
-    assert!(statuses(&again).iter().all(|(_, s)| s == "cached"), "{again}");
+    assert!(
+        statuses(&again).iter().all(|(_, s)| s == "cached"),
+        "{again}"
+    );
 }
 
 #[test]
 fn dry_run_prints_keys_and_runs_nothing() {
     let w = Work::new();
-    let r = w.recipe("r.toml", &recipe_text("tiny-llama", &fixture("tiny-llama"), "q8f16_1", "cpu"));
+    let r = w.recipe(
+        "r.toml",
+        &recipe_text("tiny-llama", &fixture("tiny-llama"), "q8f16_1", "cpu"),
+    );
     let out = w.build(&[&r], &["--dry-run"]);
     assert_success(&out);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -186,15 +311,29 @@ fn dry_run_prints_keys_and_runs_nothing() {
     assert!(!w.dist().join("tiny-llama-q8f16_1").exists());
     w.build_json(&[&r], &[]);
     let out = w.build(&[&r], &["--dry-run"]);
-    assert!(String::from_utf8_lossy(&out.stdout).lines().all(|l| l.starts_with("cached")), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .all(|l| l.starts_with("cached")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
 fn clean_removes_dist_and_cache() {
     let w = Work::new();
-    let r = w.recipe("r.toml", &recipe_text("tiny-llama", &fixture("tiny-llama"), "q0f16", "cpu"));
+    let r = w.recipe(
+        "r.toml",
+        &recipe_text("tiny-llama", &fixture("tiny-llama"), "q0f16", "cpu"),
+    );
     w.build_json(&[&r], &[]);
-    assert_success(&w.mlcb(&["clean", r.to_str().unwrap(), "--artifact-path", w.dist().to_str().unwrap()]));
+    assert_success(&w.mlcb(&[
+        "clean",
+        r.to_str().unwrap(),
+        "--artifact-path",
+        w.dist().to_str().unwrap(),
+    ]));
     assert!(!w.dist().join("tiny-llama-q0f16").exists());
     assert_success(&w.mlcb(&["clean", "--cache"]));
     assert!(!w.cache().exists());
@@ -204,7 +343,13 @@ fn clean_removes_dist_and_cache() {
 fn standalone_quantize_matches_the_artifact_encoding() {
     let w = Work::new();
     let out_file = w.path().join("q.safetensors");
-    let out = w.mlcb(&["quantize", "--quantization", "q4f16_1", fixture("tiny-llama/model.safetensors").to_str().unwrap(), out_file.to_str().unwrap()]);
+    let out = w.mlcb(&[
+        "quantize",
+        "--quantization",
+        "q4f16_1",
+        fixture("tiny-llama/model.safetensors").to_str().unwrap(),
+        out_file.to_str().unwrap(),
+    ]);
     assert_success(&out);
     let bytes = std::fs::read(&out_file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -212,7 +357,10 @@ fn standalone_quantize_matches_the_artifact_encoding() {
     assert_eq!(qw.dtype(), safetensors::Dtype::U32);
     assert_eq!(qw.shape(), &[256, 704 / 8]);
     let qs = st.tensor("model.layers.0.mlp.down_proj.q_scale").unwrap();
-    assert_eq!((qs.dtype(), qs.shape()), (safetensors::Dtype::F16, &[256usize, 22][..]));
+    assert_eq!(
+        (qs.dtype(), qs.shape()),
+        (safetensors::Dtype::F16, &[256usize, 22][..])
+    );
     let norm = st.tensor("model.layers.0.input_layernorm.weight").unwrap();
     assert_eq!(norm.dtype(), safetensors::Dtype::F16);
     assert!(st.tensor("model.embed_tokens.q_weight").is_ok());

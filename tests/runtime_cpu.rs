@@ -14,23 +14,36 @@ struct Reference {
 }
 
 fn ints(t: &safetensors::tensor::TensorView) -> Vec<u32> {
-    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+    t.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
 }
 
 fn floats(t: &safetensors::tensor::TensorView) -> Vec<f32> {
-    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn reference(folder: &str) -> Reference {
     let bytes = std::fs::read(fixture(folder).join("reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut r = Reference { input_ids: vec![], logits: vec![], greedy: vec![] };
+    let mut r = Reference {
+        input_ids: vec![],
+        logits: vec![],
+        greedy: vec![],
+    };
     for i in 0.. {
-        let Ok(ids) = st.tensor(&format!("input_ids_{i}")) else { break };
+        let Ok(ids) = st.tensor(&format!("input_ids_{i}")) else {
+            break;
+        };
         r.input_ids.push(ints(&ids));
         let l = st.tensor(&format!("logits_{i}")).unwrap();
         r.logits.push((l.shape().to_vec(), floats(&l)));
-        r.greedy.push(ints(&st.tensor(&format!("greedy_{i}")).unwrap()));
+        r.greedy
+            .push(ints(&st.tensor(&format!("greedy_{i}")).unwrap()));
     }
     assert!(!r.input_ids.is_empty());
     r
@@ -40,10 +53,21 @@ fn reference(folder: &str) -> Reference {
 fn compare(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
     let (mut worst, mut agree, mut rows) = (0f64, 0usize, 0usize);
     for (a, b) in ours.chunks(vocab).zip(theirs.chunks(vocab)) {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum::<f64>().sqrt();
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| ((*x - *y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
         worst = worst.max(num / den);
-        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .unwrap()
+                .0
+        };
         agree += (argmax(a) == argmax(b)) as usize;
         rows += 1;
     }
@@ -51,9 +75,23 @@ fn compare(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
 }
 
 fn logits_of(w: &Work, dist: &Path, ids: &[u32]) -> Vec<f32> {
-    let out_file = w.path().join(format!("logits-{}.safetensors", blake3::hash(format!("{dist:?}{ids:?}").as_bytes()).to_hex()));
-    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-    let out = w.mlcb(&["logits", dist.to_str().unwrap(), "--input-ids", &ids_arg, "--out", out_file.to_str().unwrap()]);
+    let out_file = w.path().join(format!(
+        "logits-{}.safetensors",
+        blake3::hash(format!("{dist:?}{ids:?}").as_bytes()).to_hex()
+    ));
+    let ids_arg = ids
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = w.mlcb(&[
+        "logits",
+        dist.to_str().unwrap(),
+        "--input-ids",
+        &ids_arg,
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
     assert_success(&out);
     let bytes = std::fs::read(&out_file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -62,10 +100,25 @@ fn logits_of(w: &Work, dist: &Path, ids: &[u32]) -> Vec<f32> {
 
 /// Greedy generation through `mlcb run`, as token ids.
 fn greedy_of(w: &Work, dist: &Path, prompt: &str, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let out = w.mlcb(&["run", dist.to_str().unwrap(), "--prompt", prompt, "--greedy", "--max-tokens", &n.to_string(), "--json"]);
+    let out = w.mlcb(&[
+        "run",
+        dist.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--greedy",
+        "--max-tokens",
+        &n.to_string(),
+        "--json",
+    ]);
     assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let ids = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
     (ids("prompt_ids"), ids("generated_ids"))
 }
 
@@ -86,16 +139,26 @@ fn bound(scheme: &str) -> f64 {
     }
 }
 
-const SCHEMES: &[&str] = &["q0f32", "q0f16", "q8f16_0", "q8f16_1", "q4f16_0", "q4f16_1", "q4f32_0", "q4f32_1", "q3f16_0", "q3f16_1"];
+const SCHEMES: &[&str] = &[
+    "q0f32", "q0f16", "q8f16_0", "q8f16_1", "q4f16_0", "q4f16_1", "q4f32_0", "q4f32_1", "q3f16_0",
+    "q3f16_1",
+];
 
 fn check_fixture(name: &str, recipe_for: impl Fn(&str) -> String, reference_folder: &str) {
     let w = Work::new();
     let refs = reference(reference_folder);
-    let recipes: Vec<PathBuf> = SCHEMES.iter().map(|q| w.recipe(&format!("{q}.toml"), &recipe_for(q))).collect();
+    let recipes: Vec<PathBuf> = SCHEMES
+        .iter()
+        .map(|q| w.recipe(&format!("{q}.toml"), &recipe_for(q)))
+        .collect();
     let paths: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
     w.build_json(&paths, &[]);
-    let text = serde_json::from_slice::<serde_json::Value>(&std::fs::read(fixture(reference_folder).join("reference.json")).unwrap()).unwrap();
-    let mut computed: std::collections::HashMap<(&str, usize), Vec<f32>> = std::collections::HashMap::new();
+    let text = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(fixture(reference_folder).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let mut computed: std::collections::HashMap<(&str, usize), Vec<f32>> =
+        std::collections::HashMap::new();
     for q in SCHEMES {
         let dist = w.dist().join(format!("{name}-{q}"));
         let mut report = Vec::new();
@@ -103,10 +166,21 @@ fn check_fixture(name: &str, recipe_for: impl Fn(&str) -> String, reference_fold
             let (shape, theirs) = &refs.logits[i];
             let ours = logits_of(&w, &dist, ids);
             computed.insert((q, i), ours.clone());
-            assert_eq!(ours.len(), theirs.len(), "{name} {q}: logits shape, want {shape:?}");
+            assert_eq!(
+                ours.len(),
+                theirs.len(),
+                "{name} {q}: logits shape, want {shape:?}"
+            );
             let (err, top1) = compare(&ours, theirs, shape[1]);
-            report.push(format!("prompt {i}: max rel err {err:.2e}, top-1 {:.0}%", top1 * 100.0));
-            assert!(err <= bound(q), "{name} {q} prompt {i}: relative error {err:.3e} > {:.0e}", bound(q));
+            report.push(format!(
+                "prompt {i}: max rel err {err:.2e}, top-1 {:.0}%",
+                top1 * 100.0
+            ));
+            assert!(
+                err <= bound(q),
+                "{name} {q} prompt {i}: relative error {err:.3e} > {:.0e}",
+                bound(q)
+            );
         }
         eprintln!("{name} {q}: {}", report.join("; "));
         // `_0` (KN) and `_1` (NK) store the same values in another layout: same logits, up to
@@ -114,18 +188,33 @@ fn check_fixture(name: &str, recipe_for: impl Fn(&str) -> String, reference_fold
         if let Some(twin) = q.strip_suffix("_1").map(|s| format!("{s}_0")) {
             let twin: &str = SCHEMES.iter().find(|s| **s == twin).unwrap();
             for i in 0..refs.input_ids.len() {
-                let (err, _) = compare(&computed[&(*q, i)], &computed[&(twin, i)], refs.logits[i].0[1]);
-                assert!(err < 1e-4, "{name}: {q} and {twin} differ by {err:.2e} on prompt {i}");
+                let (err, _) = compare(
+                    &computed[&(*q, i)],
+                    &computed[&(twin, i)],
+                    refs.logits[i].0[1],
+                );
+                assert!(
+                    err < 1e-4,
+                    "{name}: {q} and {twin} differ by {err:.2e} on prompt {i}"
+                );
             }
         }
         if *q == "q0f32" || *q == "q0f16" {
             for (i, p) in text["prompts"].as_array().unwrap().iter().enumerate() {
-                let (prompt_ids, generated) = greedy_of(&w, &dist, p["text"].as_str().unwrap(), refs.greedy[i].len());
-                assert_eq!(prompt_ids, refs.input_ids[i], "{name}: tokenization of prompt {i}");
+                let (prompt_ids, generated) =
+                    greedy_of(&w, &dist, p["text"].as_str().unwrap(), refs.greedy[i].len());
+                assert_eq!(
+                    prompt_ids, refs.input_ids[i],
+                    "{name}: tokenization of prompt {i}"
+                );
                 if *q == "q0f32" {
                     // Generation may stop early at a stop token; what it produced must match.
                     assert!(!generated.is_empty());
-                    assert_eq!(generated[..], refs.greedy[i][..generated.len()], "{name} q0f32: greedy continuation of prompt {i}");
+                    assert_eq!(
+                        generated[..],
+                        refs.greedy[i][..generated.len()],
+                        "{name} q0f32: greedy continuation of prompt {i}"
+                    );
                 }
             }
         }
@@ -166,29 +255,72 @@ fn merged_vicuna_matches_transformers() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let w = Work::new();
-    let r = w.recipe("r.toml", &recipe_text("tiny-llama", &fixture("tiny-llama"), "q4f16_1", "cpu"));
+    let r = w.recipe(
+        "r.toml",
+        &recipe_text("tiny-llama", &fixture("tiny-llama"), "q4f16_1", "cpu"),
+    );
     w.build_json(&[&r], &[]);
     let dist = w.dist().join("tiny-llama-q4f16_1");
     let sample = |seed: &str| {
-        let out = w.mlcb(&["run", dist.to_str().unwrap(), "--prompt", "Once upon a time", "--temperature", "1.0", "--top-p", "0.9", "--seed", seed, "--max-tokens", "16", "--json"]);
+        let out = w.mlcb(&[
+            "run",
+            dist.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "16",
+            "--json",
+        ]);
         assert_success(&out);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generated_ids"].clone()
     };
     assert_eq!(sample("7"), sample("7"));
-    assert_ne!(sample("7"), sample("8"), "different seeds should (almost surely) differ on a random model");
+    assert_ne!(
+        sample("7"),
+        sample("8"),
+        "different seeds should (almost surely) differ on a random model"
+    );
 }
 
 #[test]
 fn runtime_errors_are_clean() {
     let w = Work::new();
-    let out = w.mlcb(&["run", w.path().join("missing").to_str().unwrap(), "--prompt", "x"]);
+    let out = w.mlcb(&[
+        "run",
+        w.path().join("missing").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let r = w.recipe("r.toml", &recipe_text("tiny-llama", &fixture("tiny-llama"), "q0f16", "cpu"));
+    let r = w.recipe(
+        "r.toml",
+        &recipe_text("tiny-llama", &fixture("tiny-llama"), "q0f16", "cpu"),
+    );
     w.build_json(&[&r], &[]);
     let dist = w.dist().join("tiny-llama-q0f16");
-    let out = w.mlcb(&["logits", dist.to_str().unwrap(), "--input-ids", "1,99999", "--out", w.path().join("x.safetensors").to_str().unwrap()]);
+    let out = w.mlcb(&[
+        "logits",
+        dist.to_str().unwrap(),
+        "--input-ids",
+        "1,99999",
+        "--out",
+        w.path().join("x.safetensors").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"));
-    let out = w.mlcb(&["run", dist.to_str().unwrap(), "--prompt", "x", "--device", "cuda"]);
+    let out = w.mlcb(&[
+        "run",
+        dist.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--device",
+        "cuda",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }

@@ -8,9 +8,12 @@ use common::*;
 use std::path::PathBuf;
 
 fn gguf() -> Option<PathBuf> {
-    let p = std::env::var_os("MLCB_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let p = std::env::var_os("MLCB_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     p.is_file().then_some(p)
 }
 
@@ -38,11 +41,23 @@ fn smollm2_says_paris() {
     w.build_json(&refs, &[]);
     for q in schemes {
         let dist = w.dist().join(format!("smollm2-{q}"));
-        let out = w.mlcb(&["run", dist.to_str().unwrap(), "--prompt", "The capital of France is", "--greedy", "--max-tokens", "4", "--json"]);
+        let out = w.mlcb(&[
+            "run",
+            dist.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--greedy",
+            "--max-tokens",
+            "4",
+            "--json",
+        ]);
         assert_success(&out);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let text = v["text"].as_str().unwrap();
-        eprintln!("{q}: {text:?} ({:.1} tok/s decode)", v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0));
+        eprintln!(
+            "{q}: {text:?} ({:.1} tok/s decode)",
+            v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0)
+        );
         if q == "q4f16_1" {
             // Requantizing Q4_1 weights to the symmetric int4 grid costs ~10% relative weight error
             // (q4f32_1, asymmetric like Q4_1, costs 0.4%); at that noise this 135M model's greedy
@@ -51,19 +66,33 @@ fn smollm2_says_paris() {
             assert!(!text.is_empty(), "{q}: no text generated");
             continue;
         }
-        assert!(text.starts_with(" Paris"), "{q}: greedy continuation was {text:?}");
+        assert!(
+            text.starts_with(" Paris"),
+            "{q}: greedy continuation was {text:?}"
+        );
     }
     // The chat template embedded in the GGUF (ChatML), through `mlcb chat` with piped stdin.
     let dist = w.dist().join("smollm2-q8f16_1");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"))
-        .args(["chat", dist.to_str().unwrap(), "--greedy", "--max-tokens", "40"])
+        .args([
+            "chat",
+            dist.to_str().unwrap(),
+            "--greedy",
+            "--max-tokens",
+            "40",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\n/exit\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n/exit\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_success(&out);
     let reply = String::from_utf8_lossy(&out.stdout);

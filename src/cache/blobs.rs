@@ -21,7 +21,12 @@ pub struct CorruptBlob {
 
 impl std::fmt::Display for CorruptBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cache blob {} does not match its digest {}; evicted", self.path.display(), self.digest)
+        write!(
+            f,
+            "cache blob {} does not match its digest {}; evicted",
+            self.path.display(),
+            self.digest
+        )
     }
 }
 impl std::error::Error for CorruptBlob {}
@@ -30,7 +35,10 @@ const BUF: usize = 1 << 20;
 
 impl BlobStore {
     pub fn new(cache_root: &Path) -> BlobStore {
-        BlobStore { root: cache_root.join("blobs"), tmp: cache_root.join("tmp") }
+        BlobStore {
+            root: cache_root.join("blobs"),
+            tmp: cache_root.join("tmp"),
+        }
     }
 
     pub fn path(&self, digest: &str) -> PathBuf {
@@ -43,9 +51,14 @@ impl BlobStore {
 
     /// A fresh temporary path in the cache's own filesystem (so rename is atomic).
     pub fn temp_path(&self, hint: &str) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.tmp).with_context(|| format!("creating {}", self.tmp.display()))?;
+        std::fs::create_dir_all(&self.tmp)
+            .with_context(|| format!("creating {}", self.tmp.display()))?;
         let nonce: u64 = rand_nonce();
-        Ok(self.tmp.join(format!("{}-{}-{nonce:016x}.tmp", std::process::id(), sanitize(hint))))
+        Ok(self.tmp.join(format!(
+            "{}-{}-{nonce:016x}.tmp",
+            std::process::id(),
+            sanitize(hint)
+        )))
     }
 
     /// Move a finished file into the store (consumes it). Returns its digest and size.
@@ -56,8 +69,10 @@ impl BlobStore {
             std::fs::remove_file(file).ok();
             return Ok((digest, size));
         }
-        std::fs::create_dir_all(dest.parent().unwrap()).with_context(|| format!("creating {}", dest.display()))?;
-        std::fs::rename(file, &dest).with_context(|| format!("moving {} into the cache", file.display()))?;
+        std::fs::create_dir_all(dest.parent().unwrap())
+            .with_context(|| format!("creating {}", dest.display()))?;
+        std::fs::rename(file, &dest)
+            .with_context(|| format!("moving {} into the cache", file.display()))?;
         Ok((digest, size))
     }
 
@@ -70,18 +85,24 @@ impl BlobStore {
         }
         let tmp = self.temp_path("bytes")?;
         write_synced(&tmp, bytes)?;
-        std::fs::create_dir_all(dest.parent().unwrap()).with_context(|| format!("creating {}", dest.display()))?;
-        std::fs::rename(&tmp, &dest).with_context(|| format!("moving a blob into {}", dest.display()))?;
+        std::fs::create_dir_all(dest.parent().unwrap())
+            .with_context(|| format!("creating {}", dest.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("moving a blob into {}", dest.display()))?;
         Ok(digest)
     }
 
     /// Read a small blob fully, checking its digest.
     pub fn read_verified(&self, digest: &str) -> Result<Vec<u8>> {
         let path = self.path(digest);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading cache blob {}", path.display()))?;
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("reading cache blob {}", path.display()))?;
         if blake3::hash(&bytes).to_hex().as_str() != digest {
             self.evict(digest);
-            return Err(anyhow::Error::new(CorruptBlob { digest: digest.into(), path }));
+            return Err(anyhow::Error::new(CorruptBlob {
+                digest: digest.into(),
+                path,
+            }));
         }
         Ok(bytes)
     }
@@ -90,24 +111,32 @@ impl BlobStore {
     /// [`CorruptBlob`] (and removes the partial copy).
     pub fn copy_verified(&self, digest: &str, dest: &Path) -> Result<()> {
         let path = self.path(digest);
-        let mut src = File::open(&path).with_context(|| format!("opening cache blob {}", path.display()))?;
+        let mut src =
+            File::open(&path).with_context(|| format!("opening cache blob {}", path.display()))?;
         let mut out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; BUF];
         loop {
-            let n = src.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+            let n = src
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", path.display()))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+            out.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", dest.display()))?;
         }
-        out.sync_all().with_context(|| format!("syncing {}", dest.display()))?;
+        out.sync_all()
+            .with_context(|| format!("syncing {}", dest.display()))?;
         if hasher.finalize().to_hex().as_str() != digest {
             drop(out);
             std::fs::remove_file(dest).ok();
             self.evict(digest);
-            return Err(anyhow::Error::new(CorruptBlob { digest: digest.into(), path }));
+            return Err(anyhow::Error::new(CorruptBlob {
+                digest: digest.into(),
+                path,
+            }));
         }
         Ok(())
     }
@@ -143,7 +172,9 @@ pub fn hash_file(path: &Path) -> Result<(String, u64)> {
     let mut buf = vec![0u8; BUF];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -156,19 +187,35 @@ pub fn hash_file(path: &Path) -> Result<(String, u64)> {
 /// Write and fsync a file.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     Ok(())
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(40).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect()
 }
 
 /// A per-call unique number for temporary names (time and a counter; not for security).
 pub fn rand_nonce() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }

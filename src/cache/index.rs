@@ -24,7 +24,10 @@ const WAIT_NOTICE_AFTER: Duration = Duration::from_secs(2);
 
 impl Index {
     pub fn new(path: &Path) -> Index {
-        Index { path: path.to_path_buf(), lock: Mutex::new(()) }
+        Index {
+            path: path.to_path_buf(),
+            lock: Mutex::new(()),
+        }
     }
 
     /// Open the database, run `f`, flush, close.
@@ -32,7 +35,8 @@ impl Index {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let db = self.open()?;
         let out = f(&db)?;
-        db.flush().with_context(|| format!("flushing cache index {}", self.path.display()))?;
+        db.flush()
+            .with_context(|| format!("flushing cache index {}", self.path.display()))?;
         Ok(out)
     }
 
@@ -70,7 +74,9 @@ impl Index {
 }
 
 fn is_lock_error(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(11) || e.to_string().contains("could not acquire lock")
+    e.kind() == std::io::ErrorKind::WouldBlock
+        || e.raw_os_error() == Some(11)
+        || e.to_string().contains("could not acquire lock")
 }
 
 /// Read a JSON value stored under `key`.

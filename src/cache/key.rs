@@ -16,7 +16,11 @@ pub struct KeyInputs {
 
 impl KeyInputs {
     pub fn new(stage: &str, version: u32) -> KeyInputs {
-        KeyInputs { stage: stage.to_string(), version, inputs: BTreeMap::new() }
+        KeyInputs {
+            stage: stage.to_string(),
+            version,
+            inputs: BTreeMap::new(),
+        }
     }
 
     pub fn with(mut self, name: &str, value: impl ToString) -> KeyInputs {
@@ -58,7 +62,10 @@ impl KeyInputs {
 
 fn short(v: &str) -> String {
     if v.len() > 48 {
-        format!("{}…", &v[..v.char_indices().nth(16).map(|(i, _)| i).unwrap_or(v.len())])
+        format!(
+            "{}…",
+            &v[..v.char_indices().nth(16).map(|(i, _)| i).unwrap_or(v.len())]
+        )
     } else {
         v.to_string()
     }
@@ -70,19 +77,43 @@ mod tests {
 
     #[test]
     fn key_depends_on_every_input_and_version() {
-        let a = KeyInputs::new("quantize", 1).with("weights", "abc").with("scheme", "q4f16_1");
-        let b = KeyInputs::new("quantize", 1).with("scheme", "q4f16_1").with("weights", "abc");
+        let a = KeyInputs::new("quantize", 1)
+            .with("weights", "abc")
+            .with("scheme", "q4f16_1");
+        let b = KeyInputs::new("quantize", 1)
+            .with("scheme", "q4f16_1")
+            .with("weights", "abc");
         assert_eq!(a.key(), b.key(), "order of insertion must not matter");
         assert_ne!(a.key(), a.clone().with("scheme", "q4f16_0").key());
-        assert_ne!(a.key(), KeyInputs { version: 2, ..a.clone() }.key());
-        assert_ne!(a.key(), KeyInputs { stage: "tune".into(), ..a.clone() }.key());
+        assert_ne!(
+            a.key(),
+            KeyInputs {
+                version: 2,
+                ..a.clone()
+            }
+            .key()
+        );
+        assert_ne!(
+            a.key(),
+            KeyInputs {
+                stage: "tune".into(),
+                ..a.clone()
+            }
+            .key()
+        );
     }
 
     #[test]
     fn changes_are_named() {
         let a = KeyInputs::new("link", 1).with("chat", "x").with("lib", "1");
-        let b = KeyInputs::new("link", 1).with("chat", "y").with("lib", "1").with("new", "z");
+        let b = KeyInputs::new("link", 1)
+            .with("chat", "y")
+            .with("lib", "1")
+            .with("new", "z");
         let c = b.changes_from(&a);
-        assert_eq!(c, vec!["chat: x → y".to_string(), "new (new input)".to_string()]);
+        assert_eq!(
+            c,
+            vec!["chat: x → y".to_string(), "new (new input)".to_string()]
+        );
     }
 }

@@ -52,14 +52,27 @@ pub struct Cache {
 
 impl Cache {
     pub fn open(root: &Path) -> Result<Cache> {
-        std::fs::create_dir_all(root).map_err(|e| crate::error::env(format!("cannot create the cache folder {}: {e}", root.display())))?;
-        let root = root.canonicalize().with_context(|| format!("resolving {}", root.display()))?;
-        Ok(Cache { blobs: BlobStore::new(&root), index: Index::new(&root.join("index.sled")), root })
+        std::fs::create_dir_all(root).map_err(|e| {
+            crate::error::env(format!(
+                "cannot create the cache folder {}: {e}",
+                root.display()
+            ))
+        })?;
+        let root = root
+            .canonicalize()
+            .with_context(|| format!("resolving {}", root.display()))?;
+        Ok(Cache {
+            blobs: BlobStore::new(&root),
+            index: Index::new(&root.join("index.sled")),
+            root,
+        })
     }
 
     /// The record for `key`, if every output blob is still present.
     pub fn lookup(&self, key: &str) -> Result<Option<StageRecord>> {
-        let rec: Option<StageRecord> = self.index.with(|db| get_json(db, &format!("stage/{key}")))?;
+        let rec: Option<StageRecord> = self
+            .index
+            .with(|db| get_json(db, &format!("stage/{key}")))?;
         Ok(rec.filter(|r| r.outputs.values().all(|o| self.blobs.contains(&o.digest))))
     }
 
@@ -83,28 +96,57 @@ impl Cache {
         let metas: Vec<(String, std::fs::Metadata)> = paths
             .iter()
             .map(|p| {
-                let abs = p.canonicalize().with_context(|| format!("resolving {}", p.display()))?;
-                let m = std::fs::metadata(&abs).with_context(|| format!("reading {}", abs.display()))?;
+                let abs = p
+                    .canonicalize()
+                    .with_context(|| format!("resolving {}", p.display()))?;
+                let m = std::fs::metadata(&abs)
+                    .with_context(|| format!("reading {}", abs.display()))?;
                 Ok((abs.display().to_string(), m))
             })
             .collect::<Result<_>>()?;
-        let memos: Vec<Option<FileMemo>> =
-            self.index.with(|db| metas.iter().map(|(p, _)| get_json(db, &format!("file/{p}"))).collect())?;
+        let memos: Vec<Option<FileMemo>> = self.index.with(|db| {
+            metas
+                .iter()
+                .map(|(p, _)| get_json(db, &format!("file/{p}")))
+                .collect()
+        })?;
         let mut out = Vec::with_capacity(paths.len());
         let mut fresh = Vec::new();
         for ((path, m), memo) in metas.iter().zip(memos) {
-            let now = FileMemo { size: m.size(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, inode: m.ino(), digest: String::new() };
+            let now = FileMemo {
+                size: m.size(),
+                mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+                inode: m.ino(),
+                digest: String::new(),
+            };
             match memo {
-                Some(old) if FileMemo { digest: String::new(), ..old.clone() } == now => out.push((old.digest, now.size)),
+                Some(old)
+                    if FileMemo {
+                        digest: String::new(),
+                        ..old.clone()
+                    } == now =>
+                {
+                    out.push((old.digest, now.size))
+                }
                 _ => {
                     let (digest, size) = blobs::hash_file(Path::new(path))?;
-                    fresh.push((path.clone(), FileMemo { digest: digest.clone(), ..now }));
+                    fresh.push((
+                        path.clone(),
+                        FileMemo {
+                            digest: digest.clone(),
+                            ..now
+                        },
+                    ));
                     out.push((digest, size));
                 }
             }
         }
         if !fresh.is_empty() {
-            self.index.with(|db| fresh.iter().try_for_each(|(p, m)| put_json(db, &format!("file/{p}"), m)))?;
+            self.index.with(|db| {
+                fresh
+                    .iter()
+                    .try_for_each(|(p, m)| put_json(db, &format!("file/{p}"), m))
+            })?;
         }
         Ok(out)
     }
@@ -112,7 +154,8 @@ impl Cache {
     /// Remove everything in the cache.
     pub fn clear(root: &Path) -> Result<()> {
         if root.exists() {
-            std::fs::remove_dir_all(root).with_context(|| format!("removing the cache {}", root.display()))?;
+            std::fs::remove_dir_all(root)
+                .with_context(|| format!("removing the cache {}", root.display()))?;
         }
         Ok(())
     }
@@ -131,7 +174,14 @@ mod tests {
         let rec = StageRecord {
             key: inputs.key(),
             inputs: inputs.clone(),
-            outputs: [("out".to_string(), OutputRef { digest: d.clone(), size: 5 })].into(),
+            outputs: [(
+                "out".to_string(),
+                OutputRef {
+                    digest: d.clone(),
+                    size: 5,
+                },
+            )]
+            .into(),
             seconds: 0.1,
         };
         cache.store(&rec, Some("r/s")).unwrap();
@@ -147,7 +197,10 @@ mod tests {
         let cache = Cache::open(dir.path()).unwrap();
         let d = cache.blobs.put_bytes(b"payload").unwrap();
         std::fs::write(cache.blobs.path(&d), b"tampered").unwrap();
-        let err = cache.blobs.copy_verified(&d, &dir.path().join("out")).unwrap_err();
+        let err = cache
+            .blobs
+            .copy_verified(&d, &dir.path().join("out"))
+            .unwrap_err();
         assert!(err.downcast_ref::<blobs::CorruptBlob>().is_some());
         assert!(!cache.blobs.contains(&d));
         assert!(!dir.path().join("out").exists());

@@ -18,7 +18,10 @@ pub struct CacheArgs {
 
 impl CacheArgs {
     pub fn dir(&self) -> PathBuf {
-        self.cache_dir.clone().or_else(|| std::env::var_os("MLCB_CACHE_DIR").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("cache"))
+        self.cache_dir
+            .clone()
+            .or_else(|| std::env::var_os("MLCB_CACHE_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("cache"))
     }
 }
 
@@ -97,20 +100,38 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
             }
             if let Some(m) = model {
                 if m != &base {
-                    crate::user_bail!("--model {m} must equal the basename of --hf-path ({base}), as in build.py");
+                    crate::user_bail!(
+                        "--model {m} must equal the basename of --hf-path ({base}), as in build.py"
+                    );
                 }
             }
-            (base, Source::Hub { repo: hf.clone(), revision: "main".into() })
+            (
+                base,
+                Source::Hub {
+                    repo: hf.clone(),
+                    revision: "main".into(),
+                },
+            )
         }
         (None, Some(m)) => {
             let p = Path::new(m);
             let is_path = m.contains('/') || p.exists();
-            let path = if is_path { p.to_path_buf() } else { models.join(m) };
-            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
+            let path = if is_path {
+                p.to_path_buf()
+            } else {
+                models.join(m)
+            };
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| m.clone());
             if m.ends_with(".gguf") {
                 (stem, Source::Gguf(path))
             } else {
-                let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
+                let name = path
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| m.clone());
                 (name, Source::Local(path))
             }
         }
@@ -118,22 +139,34 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
     };
     let target_name = args.target.as_deref().unwrap_or("cpu");
     let preset = recipe::targets::target(target_name).ok_or_else(|| {
-        crate::error::user(format!("unknown --target {target_name}; valid: {}", recipe::targets::target_names().join(", ")))
+        crate::error::user(format!(
+            "unknown --target {target_name}; valid: {}",
+            recipe::targets::target_names().join(", ")
+        ))
     })?;
     let qname = args.quantization.as_deref().unwrap_or("q4f16_1");
     let quantization = crate::quant::scheme::scheme(qname).ok_or_else(|| {
-        crate::error::user(format!("unknown --quantization {qname}; valid: {}", crate::quant::scheme::scheme_names().join(", ")))
+        crate::error::user(format!(
+            "unknown --quantization {qname}; valid: {}",
+            crate::quant::scheme::scheme_names().join(", ")
+        ))
     })?;
     let max_seq_len = match args.max_seq_len {
         None | Some(-1) => None,
         Some(n) if n <= 0 || n as u64 > recipe::MAX_SEQ_LEN_LIMIT as u64 => {
-            crate::user_bail!("--max-seq-len {n} must be between 1 and {} (or -1 for the model's own)", recipe::MAX_SEQ_LEN_LIMIT)
+            crate::user_bail!(
+                "--max-seq-len {n} must be between 1 and {} (or -1 for the model's own)",
+                recipe::MAX_SEQ_LEN_LIMIT
+            )
         }
         Some(n) => Some(n as usize),
     };
     if let Some(a) = &args.cuda_arch {
         if preset.name != "cuda" || !recipe::targets::CUDA_ARCHS.contains(&a.as_str()) {
-            crate::user_bail!("--cuda-arch {a} needs --target cuda and one of {}", recipe::targets::CUDA_ARCHS.join(", "));
+            crate::user_bail!(
+                "--cuda-arch {a} needs --target cuda and one of {}",
+                recipe::targets::CUDA_ARCHS.join(", ")
+            );
         }
     }
     Ok(Recipe {
@@ -144,7 +177,10 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
         architecture: None,
         target: TargetSpec {
             preset,
-            cuda_arch: args.cuda_arch.clone().or_else(|| preset.default_cuda_arch.map(String::from)),
+            cuda_arch: args
+                .cuda_arch
+                .clone()
+                .or_else(|| preset.default_cuda_arch.map(String::from)),
             llvm_mingw: args.llvm_mingw.clone(),
         },
         quantization,
@@ -180,9 +216,20 @@ pub fn execute(args: BuildArgs) -> Result<()> {
     let result = loop {
         attempts += 1;
         match scheduler::run(ctx.clone(), graph.clone(), args.jobs) {
-            Err(e) if attempts < 3 && e.chain().any(|c| c.downcast_ref::<crate::cache::blobs::CorruptBlob>().is_some()) => {
+            Err(e)
+                if attempts < 3
+                    && e.chain().any(|c| {
+                        c.downcast_ref::<crate::cache::blobs::CorruptBlob>()
+                            .is_some()
+                    }) =>
+            {
                 tracing::warn!("{e:#}; rebuilding what it came from");
-                eprintln!("warning: {}", e.chain().find_map(|c| c.downcast_ref::<crate::cache::blobs::CorruptBlob>()).unwrap());
+                eprintln!(
+                    "warning: {}",
+                    e.chain()
+                        .find_map(|c| c.downcast_ref::<crate::cache::blobs::CorruptBlob>())
+                        .unwrap()
+                );
             }
             other => break other?,
         }
@@ -193,7 +240,13 @@ pub fn execute(args: BuildArgs) -> Result<()> {
         .graph
         .node_indices()
         .filter(|n| matches!(graph.graph[*n].spec, dag::NodeSpec::Link { .. }))
-        .filter_map(|n| result.outputs.get(&n).and_then(|o| o.local.get("dist")).map(|p| p.display().to_string()))
+        .filter_map(|n| {
+            result
+                .outputs
+                .get(&n)
+                .and_then(|o| o.local.get("dist"))
+                .map(|p| p.display().to_string())
+        })
         .collect();
     if args.json {
         let report = serde_json::json!({ "stages": result.reports, "artifacts": artifacts, "seconds": total, "dry_run": probe });
@@ -213,7 +266,17 @@ fn print_summary(reports: &[scheduler::NodeReport], probe: bool, explain: bool) 
     for r in reports {
         let key = r.key.as_deref().map(|k| &k[..12]).unwrap_or("?");
         if probe {
-            println!("{:<10} {:<12} {:<44} {}", r.status, key, r.label, if explain { r.changes.join("; ") } else { String::new() });
+            println!(
+                "{:<10} {:<12} {:<44} {}",
+                r.status,
+                key,
+                r.label,
+                if explain {
+                    r.changes.join("; ")
+                } else {
+                    String::new()
+                }
+            );
         } else {
             eprintln!("{:<8} {:>7.2}s  {}", r.status, r.seconds, r.label);
         }
@@ -261,7 +324,8 @@ pub fn clean(args: CleanArgs) -> Result<()> {
         let r = recipe::load(p)?;
         let dir = crate::stages::link::dist_dir(&args.artifact_path, &r);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| crate::error::env(format!("cannot remove {}: {e}", dir.display())))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| crate::error::env(format!("cannot remove {}: {e}", dir.display())))?;
             eprintln!("removed {}", dir.display());
         }
     }

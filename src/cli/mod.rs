@@ -10,7 +10,11 @@ pub mod run;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "mlcb", version, about = "Compile LLMs for deployment, and run what was built")]
+#[command(
+    name = "mlcb",
+    version,
+    about = "Compile LLMs for deployment, and run what was built"
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

@@ -22,13 +22,22 @@ pub struct QuantizeArgs {
 pub fn role_by_name(info: &TensorInfo) -> TensorRole {
     let n = info.name.as_str();
     let float2d = info.shape.len() == 2 && info.dtype.is_float();
-    let is_norm = n.contains("norm") || n.contains(".ln") || n.starts_with("ln") || n.contains("layernorm");
+    let is_norm =
+        n.contains("norm") || n.contains(".ln") || n.starts_with("ln") || n.contains("layernorm");
     if !float2d || !n.ends_with(".weight") || is_norm {
         return TensorRole::Raw;
     }
-    if n.contains("embed_tokens") || n.contains("embed_in") || n.contains("embeddings") || n.contains("wte") {
+    if n.contains("embed_tokens")
+        || n.contains("embed_in")
+        || n.contains("embeddings")
+        || n.contains("wte")
+    {
         TensorRole::Embedding
-    } else if n == "lm_head.weight" || n.ends_with("embed_out.weight") || n == "head.weight" || n.ends_with(".head.weight") {
+    } else if n == "lm_head.weight"
+        || n.ends_with("embed_out.weight")
+        || n == "head.weight"
+        || n.ends_with(".head.weight")
+    {
         TensorRole::LmHead
     } else {
         TensorRole::Linear
@@ -37,7 +46,11 @@ pub fn role_by_name(info: &TensorInfo) -> TensorRole {
 
 pub fn execute(args: QuantizeArgs) -> Result<()> {
     let scheme = scheme(&args.quantization).ok_or_else(|| {
-        crate::error::user(format!("unknown --quantization {}; valid: {}", args.quantization, scheme_names().join(", ")))
+        crate::error::user(format!(
+            "unknown --quantization {}; valid: {}",
+            args.quantization,
+            scheme_names().join(", ")
+        ))
     })?;
     let source = crate::formats::safetensors::SafetensorsFile::open(&args.input)?;
     let mut keep: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -45,7 +58,12 @@ pub fn execute(args: QuantizeArgs) -> Result<()> {
         let role = role_by_name(info);
         let t = source.read(&info.name)?;
         if !info.dtype.is_float() {
-            keep.push((info.name.clone(), st_dtype(info.dtype)?, info.shape.clone(), t.data.into_owned()));
+            keep.push((
+                info.name.clone(),
+                st_dtype(info.dtype)?,
+                info.shape.clone(),
+                t.data.into_owned(),
+            ));
             continue;
         }
         let values = t.to_f32()?;
@@ -55,13 +73,25 @@ pub fn execute(args: QuantizeArgs) -> Result<()> {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = keep
         .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).map_err(|e| anyhow::anyhow!("{n}: {e}"))?)))
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                    .map_err(|e| anyhow::anyhow!("{n}: {e}"))?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let tmp = args.output.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(views, None, &tmp)
         .map_err(|e| crate::error::env(format!("writing {}: {e}", args.output.display())))?;
-    std::fs::rename(&tmp, &args.output).map_err(|e| crate::error::env(format!("writing {}: {e}", args.output.display())))?;
-    eprintln!("wrote {} ({} tensors, {})", args.output.display(), keep.len(), scheme.name);
+    std::fs::rename(&tmp, &args.output)
+        .map_err(|e| crate::error::env(format!("writing {}: {e}", args.output.display())))?;
+    eprintln!(
+        "wrote {} ({} tensors, {})",
+        args.output.display(),
+        keep.len(),
+        scheme.name
+    );
     Ok(())
 }
 

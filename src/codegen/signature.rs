@@ -6,7 +6,12 @@ use std::collections::BTreeSet;
 
 fn weight_desc(plan: &Plan, w: usize) -> String {
     let d = &plan.weights[w];
-    let dims = d.shape.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("x");
+    let dims = d
+        .shape
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join("x");
     match &d.storage {
         WeightStorage::Raw { dtype } => format!("{dtype}:{dims}"),
         WeightStorage::Quantized { scheme, layout } => format!("{scheme}:{layout:?}:{dims}"),
@@ -20,9 +25,24 @@ pub fn op_signature(plan: &Plan, op: &Op) -> String {
         Op::Embedding { weight, .. } => format!("embedding[{}]", weight_desc(plan, *weight)),
         Op::RmsNorm { input, .. } => format!("rms_norm[{}]", cols(*input)),
         Op::LayerNorm { input, .. } => format!("layer_norm[{}]", cols(*input)),
-        Op::Matmul { weight, bias, .. } => format!("matmul[{}{}]", weight_desc(plan, *weight), if bias.is_some() { "+bias" } else { "" }),
-        Op::Rotary { n_q_heads, n_kv_heads, head_dim, rotary_dim, .. } => format!("rotary[{n_q_heads},{n_kv_heads},{head_dim},{rotary_dim}]"),
-        Op::Attention { n_q_heads, n_kv_heads, head_dim, .. } => format!("attention[{n_q_heads},{n_kv_heads},{head_dim}]"),
+        Op::Matmul { weight, bias, .. } => format!(
+            "matmul[{}{}]",
+            weight_desc(plan, *weight),
+            if bias.is_some() { "+bias" } else { "" }
+        ),
+        Op::Rotary {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            rotary_dim,
+            ..
+        } => format!("rotary[{n_q_heads},{n_kv_heads},{head_dim},{rotary_dim}]"),
+        Op::Attention {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            ..
+        } => format!("attention[{n_q_heads},{n_kv_heads},{head_dim}]"),
         Op::SiluMul { out, .. } => format!("silu_mul[{}]", cols(*out)),
         Op::Gelu { buf } => format!("gelu[{}]", cols(*buf)),
         Op::ReluSquare { buf } => format!("relu_square[{}]", cols(*buf)),
@@ -30,7 +50,9 @@ pub fn op_signature(plan: &Plan, op: &Op) -> String {
         Op::Add { out, .. } => format!("add[{}]", cols(*out)),
         Op::Mul { out, .. } => format!("mul[{}]", cols(*out)),
         Op::Scale { buf, .. } => format!("scale[{}]", cols(*buf)),
-        Op::RwkvTokenShift { input, mixes, .. } => format!("rwkv_token_shift[{}x{}]", cols(*input), mixes.len()),
+        Op::RwkvTokenShift { input, mixes, .. } => {
+            format!("rwkv_token_shift[{}x{}]", cols(*input), mixes.len())
+        }
         Op::RwkvWkv { out, .. } => format!("rwkv_wkv[{}]", cols(*out)),
         Op::Logits { weight, .. } => format!("logits[{}]", weight_desc(plan, *weight)),
     }

@@ -38,20 +38,31 @@ pub fn scopes(g: &BuildGraph, node: NodeIndex) -> Vec<String> {
         .iter()
         .map(|&r| {
             let rec = &g.recipes[r];
-            let stage = g.recipe_nodes[r].iter().find(|(_, x)| *x == node).map(|(s, _)| s.as_str()).unwrap_or(n.spec.stage_name());
+            let stage = g.recipe_nodes[r]
+                .iter()
+                .find(|(_, x)| *x == node)
+                .map(|(s, _)| s.as_str())
+                .unwrap_or(n.spec.stage_name());
             format!("{}@{}/{stage}", rec.local_id(), rec.target.preset.name)
         })
         .collect()
 }
 
 /// Run one node, given its upstream outputs.
-fn execute(ctx: &BuildContext, g: &BuildGraph, node: NodeIndex, up: &HashMap<NodeIndex, StageOutput>) -> Result<StageOutput> {
+fn execute(
+    ctx: &BuildContext,
+    g: &BuildGraph,
+    node: NodeIndex,
+    up: &HashMap<NodeIndex, StageOutput>,
+) -> Result<StageOutput> {
     let n = &g.graph[node];
     let dep = |i: usize| -> &StageOutput { &up[&n.deps[i]] };
     let scope = scopes(g, node);
     match &n.spec {
         NodeSpec::Fetch { source } => stages::fetch::run(ctx, source, &scope),
-        NodeSpec::Load { architecture } => stages::load::run(ctx, dep(0), architecture.as_deref(), &scope),
+        NodeSpec::Load { architecture } => {
+            stages::load::run(ctx, dep(0), architecture.as_deref(), &scope)
+        }
         NodeSpec::DeltaMerge => stages::delta_merge::run(ctx, dep(0), dep(1), &scope),
         NodeSpec::Quantize { scheme } => {
             let desc = stages::load::read_description(ctx, dep(0))?;
@@ -65,14 +76,26 @@ fn execute(ctx: &BuildContext, g: &BuildGraph, node: NodeIndex, up: &HashMap<Nod
         NodeSpec::Codegen { recipe } => {
             let r = &g.recipes[*recipe];
             let plan = plan_for(ctx, g, *recipe, dep(0))?;
-            let req = stages::codegen::CodegenRequest { model_name: &r.model_name, scheme: r.quantization, target: &r.target, plan: &plan };
+            let req = stages::codegen::CodegenRequest {
+                model_name: &r.model_name,
+                scheme: r.quantization,
+                target: &r.target,
+                plan: &plan,
+            };
             stages::codegen::run(ctx, &req, dep(1), &scope)
         }
         NodeSpec::Link { recipes } => {
             let first = recipes[0];
             let r = &g.recipes[first];
-            let node_of = |ri: usize, stage: &str| g.recipe_nodes[ri].iter().find(|(s, _)| s == stage).map(|(_, x)| *x);
-            let weights = node_of(first, "delta-merge").or_else(|| node_of(first, "load")).unwrap();
+            let node_of = |ri: usize, stage: &str| {
+                g.recipe_nodes[ri]
+                    .iter()
+                    .find(|(s, _)| s == stage)
+                    .map(|(_, x)| *x)
+            };
+            let weights = node_of(first, "delta-merge")
+                .or_else(|| node_of(first, "load"))
+                .unwrap();
             let desc = stages::load::read_description(ctx, &up[&weights])?;
             let libraries = recipes
                 .iter()
@@ -82,7 +105,11 @@ fn execute(ctx: &BuildContext, g: &BuildGraph, node: NodeIndex, up: &HashMap<Nod
                     tune: &up[&node_of(ri, "tune").unwrap()],
                 })
                 .collect();
-            let sources = ["fetch", "fetch-delta"].iter().filter_map(|s| node_of(first, s)).map(|x| &up[&x]).collect();
+            let sources = ["fetch", "fetch-delta"]
+                .iter()
+                .filter_map(|s| node_of(first, s))
+                .map(|x| &up[&x])
+                .collect();
             let stages_list = g.recipe_nodes[first]
                 .iter()
                 .filter(|(s, _)| s != "link")
@@ -99,22 +126,37 @@ fn execute(ctx: &BuildContext, g: &BuildGraph, node: NodeIndex, up: &HashMap<Nod
             };
             let out = stages::link::run(ctx, &req)?;
             for s in &scope {
-                ctx.cache.index.with(|db| crate::cache::index::put_json(db, &format!("last/{s}"), &out.inputs))?;
+                ctx.cache.index.with(|db| {
+                    crate::cache::index::put_json(db, &format!("last/{s}"), &out.inputs)
+                })?;
             }
             Ok(out)
         }
     }
 }
 
-fn plan_for(ctx: &BuildContext, g: &BuildGraph, recipe: usize, weights: &StageOutput) -> Result<crate::formats::model_lib::plan::Plan> {
+fn plan_for(
+    ctx: &BuildContext,
+    g: &BuildGraph,
+    recipe: usize,
+    weights: &StageOutput,
+) -> Result<crate::formats::model_lib::plan::Plan> {
     let r = &g.recipes[recipe];
     let desc = stages::load::read_description(ctx, weights)?;
-    stages::codegen::lower(&desc, r.quantization, stages::codegen::max_seq_len(&desc, r.max_seq_len))
+    stages::codegen::lower(
+        &desc,
+        r.quantization,
+        stages::codegen::max_seq_len(&desc, r.max_seq_len),
+    )
 }
 
 /// Run (or, with `ctx.probe`, inspect) the whole graph.
 pub fn run(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> Result<RunResult> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(jobs.max(1) + 2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(jobs.max(1) + 2)
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(ctx, g, jobs.max(1)))
 }
 
@@ -126,11 +168,17 @@ enum Done {
 
 async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> Result<RunResult> {
     let graph = &g.graph;
-    let mut remaining: HashMap<NodeIndex, usize> =
-        graph.node_indices().map(|n| (n, graph.neighbors_directed(n, Direction::Incoming).count())).collect();
+    let mut remaining: HashMap<NodeIndex, usize> = graph
+        .node_indices()
+        .map(|n| (n, graph.neighbors_directed(n, Direction::Incoming).count()))
+        .collect();
     let outputs: Arc<Mutex<HashMap<NodeIndex, StageOutput>>> = Arc::new(Mutex::new(HashMap::new()));
     let mut reports: HashMap<NodeIndex, NodeReport> = HashMap::new();
-    let mut ready: Vec<NodeIndex> = remaining.iter().filter(|(_, &c)| c == 0).map(|(&n, _)| n).collect();
+    let mut ready: Vec<NodeIndex> = remaining
+        .iter()
+        .filter(|(_, &c)| c == 0)
+        .map(|(&n, _)| n)
+        .collect();
     ready.sort();
     let mut tasks = tokio::task::JoinSet::new();
     let mut running = 0usize;
@@ -154,7 +202,9 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
                 (node, result)
             });
         }
-        let Some(joined) = tasks.join_next().await else { break };
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
         running -= 1;
         let (node, done) = joined.map_err(|e| anyhow::anyhow!("a build task failed: {e}"))?;
         let n = &graph[node];
@@ -176,11 +226,18 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
                 report.cached = o.cached;
                 report.status = if o.cached { "cached" } else { "ran" }.to_string();
                 report.seconds = o.seconds;
-                report.outputs = o.outputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect();
+                report.outputs = o
+                    .outputs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.digest.clone()))
+                    .collect();
                 if !o.cached {
                     tracing::info!("{} done in {:.2}s", n.label, o.seconds);
                 }
-                outputs.lock().unwrap_or_else(|p| p.into_inner()).insert(node, o);
+                outputs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node, o);
                 release_children = true;
             }
             Done::WouldRun(w) => {
@@ -195,7 +252,9 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
                     }
                     report.changes.dedup();
                 } else {
-                    report.changes.push("remote source: resolved when the build runs".into());
+                    report
+                        .changes
+                        .push("remote source: resolved when the build runs".into());
                 }
                 blocked.extend(graph.neighbors_directed(node, Direction::Outgoing));
             }
@@ -240,7 +299,14 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
         });
     }
     let _ = blocked;
-    let order = petgraph::algo::toposort(graph, None).map_err(|_| anyhow::anyhow!("the build graph has a cycle"))?;
+    let order = petgraph::algo::toposort(graph, None)
+        .map_err(|_| anyhow::anyhow!("the build graph has a cycle"))?;
     let outputs = std::mem::take(&mut *outputs.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(RunResult { reports: order.into_iter().map(|n| reports.remove(&n).unwrap()).collect(), outputs })
+    Ok(RunResult {
+        reports: order
+            .into_iter()
+            .map(|n| reports.remove(&n).unwrap())
+            .collect(),
+        outputs,
+    })
 }

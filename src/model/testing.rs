@@ -200,9 +200,11 @@ pub fn check_against_reference(
                 );
                 m.max_incremental_err = m.max_incremental_err.max(e);
             }
-            // Last-row-only logits equal the last row of all-position logits.
+            // Last-row-only logits equal the last row of all-position logits (up to the kernels'
+            // summation order, which differs between one-row and multi-row matmuls).
             let last = model.session().forward(&r.ids, false).unwrap();
-            assert_eq!(last, logits[(r.ids.len() - 1) * vocab..]);
+            let e = rel_err(&last, &logits[(r.ids.len() - 1) * vocab..]);
+            assert!(e <= 1e-6, "prompt {pi}: last-row logits differ from all-row logits by {e:.3e}");
         }
     });
     m

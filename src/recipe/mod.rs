@@ -31,7 +31,15 @@ use targets::TargetPreset;
 use toml::Spanned;
 
 /// Conversation templates the runtime knows; `auto` takes the chat template of the tokenizer files.
-pub const CONV_TEMPLATES: &[&str] = &["vicuna_v1.1", "redpajama_chat", "rwkv", "llama-2", "chatml", "LM", "auto"];
+pub const CONV_TEMPLATES: &[&str] = &[
+    "vicuna_v1.1",
+    "redpajama_chat",
+    "rwkv",
+    "llama-2",
+    "chatml",
+    "LM",
+    "auto",
+];
 
 /// Where model files come from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -52,7 +60,10 @@ impl Source {
         match self {
             Source::Local(p) => p.display().to_string(),
             Source::Hub { repo, revision } => format!("hf://{repo}@{revision}"),
-            Source::Git { url, rev } => format!("{url}{}", rev.as_ref().map(|r| format!("@{r}")).unwrap_or_default()),
+            Source::Git { url, rev } => format!(
+                "{url}{}",
+                rev.as_ref().map(|r| format!("@{r}")).unwrap_or_default()
+            ),
             Source::Gguf(p) => p.display().to_string(),
         }
     }
@@ -93,7 +104,10 @@ pub struct Recipe {
     pub tuning_file: Option<PathBuf>,
 }
 
-fn serialize_scheme<S: serde::Serializer>(s: &&'static QuantScheme, ser: S) -> Result<S::Ok, S::Error> {
+fn serialize_scheme<S: serde::Serializer>(
+    s: &&'static QuantScheme,
+    ser: S,
+) -> Result<S::Ok, S::Error> {
     ser.serialize_str(s.name)
 }
 
@@ -111,40 +125,75 @@ pub const MAX_SEQ_LEN_LIMIT: usize = 1 << 20;
 pub fn load(path: &Path) -> Result<Recipe> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| user(format!("cannot read recipe {}: {e}", path.display())))?;
-    parse(&text, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")))
+    parse(
+        &text,
+        &path.display().to_string(),
+        path.parent().unwrap_or(Path::new(".")),
+    )
 }
 
 /// Validate recipe text. `origin` names it in errors; relative paths resolve against `base`.
 pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
     let file: schema::RecipeFile = toml::from_str(text).map_err(|e| {
-        let at = e.span().map(|s| location(origin, text, &s)).unwrap_or_else(|| origin.to_string());
+        let at = e
+            .span()
+            .map(|s| location(origin, text, &s))
+            .unwrap_or_else(|| origin.to_string());
         user(format!("{at}: {}", e.message().trim()))
     })?;
-    let err = |span: std::ops::Range<usize>, msg: String| user(format!("{}: {msg}", location(origin, text, &span)));
+    let err = |span: std::ops::Range<usize>, msg: String| {
+        user(format!("{}: {msg}", location(origin, text, &span)))
+    };
 
     let quantization = scheme(file.quantization.get_ref()).ok_or_else(|| {
         err(
             file.quantization.span(),
-            format!("unknown quantization `{}`; valid: {}", file.quantization.get_ref(), scheme_names().join(", ")),
+            format!(
+                "unknown quantization `{}`; valid: {}",
+                file.quantization.get_ref(),
+                scheme_names().join(", ")
+            ),
         )
     })?;
 
     let target = parse_target(&file.target, base, &err)?;
     let target = TargetSpec {
-        cuda_arch: target.cuda_arch.or_else(|| target.preset.default_cuda_arch.map(String::from)),
+        cuda_arch: target
+            .cuda_arch
+            .or_else(|| target.preset.default_cuda_arch.map(String::from)),
         ..target
     };
 
     let name = file.model.name.get_ref();
     if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
-        return Err(err(file.model.name.span(), format!("model name `{name}` must be a plain folder name (no `/`, not starting with `.`)")));
+        return Err(err(
+            file.model.name.span(),
+            format!(
+                "model name `{name}` must be a plain folder name (no `/`, not starting with `.`)"
+            ),
+        ));
     }
     let source = parse_source(&file.model.source, base, &err)?;
-    let delta = file.model.delta.as_ref().map(|d| parse_source(d, base, &err)).transpose()?;
+    let delta = file
+        .model
+        .delta
+        .as_ref()
+        .map(|d| parse_source(d, base, &err))
+        .transpose()?;
     if let Some(a) = &file.model.architecture {
         if crate::model::by_name(a.get_ref()).is_none() {
-            let names: Vec<_> = crate::model::ARCHITECTURES.iter().map(|a| a.name()).collect();
-            return Err(err(a.span(), format!("unknown architecture `{}`; valid: {}", a.get_ref(), names.join(", "))));
+            let names: Vec<_> = crate::model::ARCHITECTURES
+                .iter()
+                .map(|a| a.name())
+                .collect();
+            return Err(err(
+                a.span(),
+                format!(
+                    "unknown architecture `{}`; valid: {}",
+                    a.get_ref(),
+                    names.join(", ")
+                ),
+            ));
         }
     }
 
@@ -175,16 +224,38 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
 
 type SpanErr<'a> = dyn Fn(std::ops::Range<usize>, String) -> anyhow::Error + 'a;
 
-fn lookup_target(name: &str, span: std::ops::Range<usize>, err: &SpanErr) -> Result<&'static TargetPreset> {
-    targets::target(name)
-        .ok_or_else(|| err(span, format!("unknown target `{name}`; valid: {}", targets::target_names().join(", "))))
+fn lookup_target(
+    name: &str,
+    span: std::ops::Range<usize>,
+    err: &SpanErr,
+) -> Result<&'static TargetPreset> {
+    targets::target(name).ok_or_else(|| {
+        err(
+            span,
+            format!(
+                "unknown target `{name}`; valid: {}",
+                targets::target_names().join(", ")
+            ),
+        )
+    })
 }
 
 fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<TargetSpec> {
     let t = match v.get_ref() {
-        toml::Value::String(n) => return Ok(TargetSpec { preset: lookup_target(n, v.span(), err)?, cuda_arch: None, llvm_mingw: None }),
+        toml::Value::String(n) => {
+            return Ok(TargetSpec {
+                preset: lookup_target(n, v.span(), err)?,
+                cuda_arch: None,
+                llvm_mingw: None,
+            })
+        }
         toml::Value::Table(t) => t,
-        _ => return Err(err(v.span(), "target must be a preset name or a table with `preset`".into())),
+        _ => {
+            return Err(err(
+                v.span(),
+                "target must be a preset name or a table with `preset`".into(),
+            ))
+        }
     };
     let string = |k: &str| -> Result<Option<String>> {
         match t.get(k) {
@@ -193,21 +264,43 @@ fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
             Some(_) => Err(err(v.span(), format!("target.{k} must be a string"))),
         }
     };
-    if let Some(k) = t.keys().find(|k| !["preset", "cuda_arch", "llvm_mingw"].contains(&k.as_str())) {
-        return Err(err(v.span(), format!("unknown key `{k}` in [target]; valid: preset, cuda_arch, llvm_mingw")));
+    if let Some(k) = t
+        .keys()
+        .find(|k| !["preset", "cuda_arch", "llvm_mingw"].contains(&k.as_str()))
+    {
+        return Err(err(
+            v.span(),
+            format!("unknown key `{k}` in [target]; valid: preset, cuda_arch, llvm_mingw"),
+        ));
     }
     let name = string("preset")?.ok_or_else(|| err(v.span(), "[target] needs `preset`".into()))?;
     let preset = lookup_target(&name, v.span(), err)?;
     let cuda_arch = string("cuda_arch")?;
     if let Some(a) = &cuda_arch {
         if preset.name != "cuda" {
-            return Err(err(v.span(), format!("cuda_arch applies only to the cuda target, not {}", preset.name)));
+            return Err(err(
+                v.span(),
+                format!(
+                    "cuda_arch applies only to the cuda target, not {}",
+                    preset.name
+                ),
+            ));
         }
         if !targets::CUDA_ARCHS.contains(&a.as_str()) {
-            return Err(err(v.span(), format!("unknown cuda_arch `{a}`; valid: {}", targets::CUDA_ARCHS.join(", "))));
+            return Err(err(
+                v.span(),
+                format!(
+                    "unknown cuda_arch `{a}`; valid: {}",
+                    targets::CUDA_ARCHS.join(", ")
+                ),
+            ));
         }
     }
-    Ok(TargetSpec { preset, cuda_arch, llvm_mingw: string("llvm_mingw")?.map(|p| base.join(p)) })
+    Ok(TargetSpec {
+        preset,
+        cuda_arch,
+        llvm_mingw: string("llvm_mingw")?.map(|p| base.join(p)),
+    })
 }
 
 fn parse_source(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<Source> {
@@ -230,7 +323,10 @@ fn parse_source(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
                 }
             };
             let keys: Vec<&str> = t.keys().map(String::as_str).collect();
-            let allowed: &[&str] = match keys.iter().find(|k| ["path", "hf", "git", "gguf"].contains(k)) {
+            let allowed: &[&str] = match keys
+                .iter()
+                .find(|k| ["path", "hf", "git", "gguf"].contains(k))
+            {
                 Some(&"hf") => &["hf", "revision"],
                 Some(&"git") => &["git", "rev"],
                 Some(&"path") => &["path"],
@@ -238,7 +334,10 @@ fn parse_source(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
                 _ => return Err(bad("source table needs one of `path`, `hf`, `git`, `gguf`")),
             };
             if let Some(k) = keys.iter().find(|k| !allowed.contains(k)) {
-                return Err(bad(&format!("unknown key `{k}` in source (valid here: {})", allowed.join(", "))));
+                return Err(bad(&format!(
+                    "unknown key `{k}` in source (valid here: {})",
+                    allowed.join(", ")
+                )));
             }
             if let Some(p) = get("path")? {
                 return Ok(Source::Local(base.join(p)));
@@ -248,12 +347,20 @@ fn parse_source(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
             }
             if let Some(repo) = get("hf")? {
                 if repo.split('/').count() != 2 || repo.contains("..") {
-                    return Err(bad(&format!("hub repository `{repo}` must look like `org/name`")));
+                    return Err(bad(&format!(
+                        "hub repository `{repo}` must look like `org/name`"
+                    )));
                 }
-                return Ok(Source::Hub { repo, revision: get("revision")?.unwrap_or_else(|| "main".into()) });
+                return Ok(Source::Hub {
+                    repo,
+                    revision: get("revision")?.unwrap_or_else(|| "main".into()),
+                });
             }
             let url = get("git")?.ok_or_else(|| bad("`git` must be a URL"))?;
-            Ok(Source::Git { url, rev: get("rev")? })
+            Ok(Source::Git {
+                url,
+                rev: get("rev")?,
+            })
         }
         _ => Err(bad("source has the wrong type")),
     }
@@ -262,21 +369,33 @@ fn parse_source(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
 fn parse_chat(c: &schema::ChatSection, err: &SpanErr) -> Result<ChatSettings> {
     if let Some(t) = &c.conv_template {
         if !CONV_TEMPLATES.contains(&t.get_ref().as_str()) {
-            return Err(err(t.span(), format!("unknown conv_template `{}`; valid: {}", t.get_ref(), CONV_TEMPLATES.join(", "))));
+            return Err(err(
+                t.span(),
+                format!(
+                    "unknown conv_template `{}`; valid: {}",
+                    t.get_ref(),
+                    CONV_TEMPLATES.join(", ")
+                ),
+            ));
         }
     }
-    let in_range = |v: &Option<Spanned<f64>>, name: &str, lo: f64, hi: f64| -> Result<Option<f64>> {
-        match v {
-            Some(x) if !(lo..=hi).contains(x.get_ref()) => {
-                Err(err(x.span(), format!("{name} = {} is outside {lo}..={hi}", x.get_ref())))
+    let in_range =
+        |v: &Option<Spanned<f64>>, name: &str, lo: f64, hi: f64| -> Result<Option<f64>> {
+            match v {
+                Some(x) if !(lo..=hi).contains(x.get_ref()) => Err(err(
+                    x.span(),
+                    format!("{name} = {} is outside {lo}..={hi}", x.get_ref()),
+                )),
+                Some(x) => Ok(Some(*x.get_ref())),
+                None => Ok(None),
             }
-            Some(x) => Ok(Some(*x.get_ref())),
-            None => Ok(None),
-        }
-    };
+        };
     let positive = |v: &Option<Spanned<i64>>, name: &str| -> Result<Option<u64>> {
         match v {
-            Some(x) if *x.get_ref() <= 0 => Err(err(x.span(), format!("{name} must be positive, got {}", x.get_ref()))),
+            Some(x) if *x.get_ref() <= 0 => Err(err(
+                x.span(),
+                format!("{name} must be positive, got {}", x.get_ref()),
+            )),
             Some(x) => Ok(Some(*x.get_ref() as u64)),
             None => Ok(None),
         }
@@ -319,7 +438,10 @@ mod tests {
         assert!(msg.contains("r.toml:8:1"), "{msg}");
         assert!(msg.contains("bogus"), "{msg}");
         let msg = p(&format!("{OK}bogus = 1\n")).unwrap_err().to_string();
-        assert!(msg.contains("r.toml:5:1") && msg.contains("unknown key `bogus` in [target]"), "{msg}");
+        assert!(
+            msg.contains("r.toml:5:1") && msg.contains("unknown key `bogus` in [target]"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -331,48 +453,81 @@ mod tests {
 
     #[test]
     fn unknown_target_lists_choices() {
-        let e = p(&OK.replace("\"cuda\"", "\"tpu\"")).unwrap_err().to_string();
+        let e = p(&OK.replace("\"cuda\"", "\"tpu\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("r.toml:5:1") && e.contains("vulkan"), "{e}");
     }
 
     #[test]
     fn wrong_type_is_reported() {
-        let e = p(&format!("max_seq_len = \"long\"\n{OK}")).unwrap_err().to_string();
+        let e = p(&format!("max_seq_len = \"long\"\n{OK}"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("r.toml:1:15"), "{e}");
     }
 
     #[test]
     fn nonsense_max_seq_len() {
         for v in ["0", "-5", "999999999999"] {
-            let e = p(&format!("max_seq_len = {v}\n{OK}")).unwrap_err().to_string();
+            let e = p(&format!("max_seq_len = {v}\n{OK}"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("max_seq_len"), "{e}");
         }
-        assert_eq!(p(&format!("max_seq_len = -1\n{OK}")).unwrap().max_seq_len, None);
+        assert_eq!(
+            p(&format!("max_seq_len = -1\n{OK}")).unwrap().max_seq_len,
+            None
+        );
     }
 
     #[test]
     fn source_forms() {
         let r = p(&OK.replace("\"models/m\"", "{ hf = \"org/m\" }")).unwrap();
-        assert_eq!(r.source, Source::Hub { repo: "org/m".into(), revision: "main".into() });
-        let r = p(&OK.replace("\"models/m\"", "{ git = \"https://x/y.git\", rev = \"abc\" }")).unwrap();
-        assert_eq!(r.source, Source::Git { url: "https://x/y.git".into(), rev: Some("abc".into()) });
+        assert_eq!(
+            r.source,
+            Source::Hub {
+                repo: "org/m".into(),
+                revision: "main".into()
+            }
+        );
+        let r = p(&OK.replace(
+            "\"models/m\"",
+            "{ git = \"https://x/y.git\", rev = \"abc\" }",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.source,
+            Source::Git {
+                url: "https://x/y.git".into(),
+                rev: Some("abc".into())
+            }
+        );
         let r = p(&OK.replace("\"models/m\"", "\"m.gguf\"")).unwrap();
         assert_eq!(r.source, Source::Gguf(PathBuf::from("/base/m.gguf")));
-        let e = p(&OK.replace("\"models/m\"", "{ hf = \"org/m\", branch = \"x\" }")).unwrap_err().to_string();
+        let e = p(&OK.replace("\"models/m\"", "{ hf = \"org/m\", branch = \"x\" }"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("branch"), "{e}");
     }
 
     #[test]
     fn chat_values_are_checked() {
-        let e = p(&format!("{OK}[chat]\ntop_p = 3.0\n")).unwrap_err().to_string();
+        let e = p(&format!("{OK}[chat]\ntop_p = 3.0\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("r.toml:8:9") && e.contains("top_p"), "{e}");
-        let e = p(&format!("{OK}[chat]\nconv_template = \"nope\"\n")).unwrap_err().to_string();
+        let e = p(&format!("{OK}[chat]\nconv_template = \"nope\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vicuna_v1.1"), "{e}");
     }
 
     #[test]
     fn bad_model_name() {
-        let e = p(&OK.replace("name = \"m\"", "name = \"../x\"")).unwrap_err().to_string();
+        let e = p(&OK.replace("name = \"m\"", "name = \"../x\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("plain folder name"), "{e}");
     }
 }

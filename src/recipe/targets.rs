@@ -22,14 +22,70 @@ pub struct TargetPreset {
 }
 
 pub const TARGETS: &[TargetPreset] = &[
-    TargetPreset { name: "cpu", backend: "cpu", kernel_language: "native", kind: "cpu", supports_f16: false, default_cuda_arch: None },
-    TargetPreset { name: "cuda", backend: "cuda", kernel_language: "ptx", kind: "cuda", supports_f16: true, default_cuda_arch: Some("sm_80") },
-    TargetPreset { name: "vulkan", backend: "wgpu", kernel_language: "spirv", kind: "vulkan", supports_f16: true, default_cuda_arch: None },
-    TargetPreset { name: "metal", backend: "wgpu", kernel_language: "msl", kind: "metal", supports_f16: true, default_cuda_arch: None },
-    TargetPreset { name: "metal_x86_64", backend: "wgpu", kernel_language: "msl", kind: "metal_x86_64", supports_f16: true, default_cuda_arch: None },
-    TargetPreset { name: "webgpu", backend: "wgpu", kernel_language: "wgsl", kind: "webgpu", supports_f16: true, default_cuda_arch: None },
-    TargetPreset { name: "iphone", backend: "wgpu", kernel_language: "msl", kind: "iphone", supports_f16: true, default_cuda_arch: None },
-    TargetPreset { name: "android", backend: "wgpu", kernel_language: "spirv", kind: "android", supports_f16: true, default_cuda_arch: None },
+    TargetPreset {
+        name: "cpu",
+        backend: "cpu",
+        kernel_language: "native",
+        kind: "cpu",
+        supports_f16: false,
+        default_cuda_arch: None,
+    },
+    TargetPreset {
+        name: "cuda",
+        backend: "cuda",
+        kernel_language: "ptx",
+        kind: "cuda",
+        supports_f16: true,
+        default_cuda_arch: Some("sm_80"),
+    },
+    TargetPreset {
+        name: "vulkan",
+        backend: "wgpu",
+        kernel_language: "spirv",
+        kind: "vulkan",
+        supports_f16: true,
+        default_cuda_arch: None,
+    },
+    TargetPreset {
+        name: "metal",
+        backend: "wgpu",
+        kernel_language: "msl",
+        kind: "metal",
+        supports_f16: true,
+        default_cuda_arch: None,
+    },
+    TargetPreset {
+        name: "metal_x86_64",
+        backend: "wgpu",
+        kernel_language: "msl",
+        kind: "metal_x86_64",
+        supports_f16: true,
+        default_cuda_arch: None,
+    },
+    TargetPreset {
+        name: "webgpu",
+        backend: "wgpu",
+        kernel_language: "wgsl",
+        kind: "webgpu",
+        supports_f16: true,
+        default_cuda_arch: None,
+    },
+    TargetPreset {
+        name: "iphone",
+        backend: "wgpu",
+        kernel_language: "msl",
+        kind: "iphone",
+        supports_f16: true,
+        default_cuda_arch: None,
+    },
+    TargetPreset {
+        name: "android",
+        backend: "wgpu",
+        kernel_language: "spirv",
+        kind: "android",
+        supports_f16: true,
+        default_cuda_arch: None,
+    },
 ];
 
 /// CUDA architectures the cuda preset accepts.

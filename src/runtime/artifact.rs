@@ -66,7 +66,11 @@ impl Artifact {
                 dir.display()
             );
         }
-        let config_dir = if dir.join(PARAMS_DIR).join(CHAT_CONFIG_FILE).is_file() { dir.join(PARAMS_DIR) } else { dir.to_path_buf() };
+        let config_dir = if dir.join(PARAMS_DIR).join(CHAT_CONFIG_FILE).is_file() {
+            dir.join(PARAMS_DIR)
+        } else {
+            dir.to_path_buf()
+        };
         let config_path = config_dir.join(CHAT_CONFIG_FILE);
         if !config_path.is_file() {
             user_bail!(

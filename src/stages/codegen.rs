@@ -24,8 +24,9 @@ pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
 
 /// Lower a described model into its plan.
 pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) -> Result<Plan> {
-    let arch = crate::model::by_name(&desc.config.arch)
-        .ok_or_else(|| anyhow::anyhow!("model.json names unknown architecture {}", desc.config.arch))?;
+    let arch = crate::model::by_name(&desc.config.arch).ok_or_else(|| {
+        anyhow::anyhow!("model.json names unknown architecture {}", desc.config.arch)
+    })?;
     arch.lower(&desc.config, scheme, max_seq_len)
 }
 
@@ -36,7 +37,12 @@ pub struct CodegenRequest<'a> {
     pub plan: &'a Plan,
 }
 
-pub fn run(ctx: &BuildContext, req: &CodegenRequest, tune: &StageOutput, scope: &[String]) -> Result<StageOutput> {
+pub fn run(
+    ctx: &BuildContext,
+    req: &CodegenRequest,
+    tune: &StageOutput,
+    scope: &[String],
+) -> Result<StageOutput> {
     let plan_json = serde_json::to_vec(req.plan)?;
     let inputs = KeyInputs::new("codegen", VERSION)
         .with("plan", blake3::hash(&plan_json).to_hex())
@@ -44,10 +50,17 @@ pub fn run(ctx: &BuildContext, req: &CodegenRequest, tune: &StageOutput, scope: 
         .with("target", req.target.preset.name)
         .with("cuda_arch", req.target.cuda_arch.as_deref().unwrap_or("-"))
         .with("tuning", tune.digest())
-        .with("library_format", crate::formats::model_lib::LIBRARY_FORMAT_VERSION)
+        .with(
+            "library_format",
+            crate::formats::model_lib::LIBRARY_FORMAT_VERSION,
+        )
         .with("mlcb", env!("CARGO_PKG_VERSION"));
     cached_or_run(ctx, inputs, scope, || {
-        let tuning: serde_json::Value = serde_json::from_slice(&ctx.cache.blobs.read_verified(&tune.output("tuning.json")?.digest)?)?;
+        let tuning: serde_json::Value = serde_json::from_slice(
+            &ctx.cache
+                .blobs
+                .read_verified(&tune.output("tuning.json")?.digest)?,
+        )?;
         let mut options = serde_json::Map::new();
         if let Some(a) = &req.target.cuda_arch {
             options.insert("cuda_arch".into(), a.clone().into());
@@ -56,7 +69,11 @@ pub fn run(ctx: &BuildContext, req: &CodegenRequest, tune: &StageOutput, scope: 
             header: LibraryHeader {
                 model: req.model_name.to_string(),
                 quantization: req.scheme.name.to_string(),
-                target: TargetInfo { name: req.target.preset.name.to_string(), backend: req.target.preset.backend.to_string(), options },
+                target: TargetInfo {
+                    name: req.target.preset.name.to_string(),
+                    backend: req.target.preset.backend.to_string(),
+                    options,
+                },
                 plan: req.plan.clone(),
                 kernels: Vec::new(),
                 tuning,
@@ -64,6 +81,9 @@ pub fn run(ctx: &BuildContext, req: &CodegenRequest, tune: &StageOutput, scope: 
             },
             blobs: Vec::new(),
         };
-        Ok(BTreeMap::from([("library".to_string(), temp_output(ctx, "library", &lib.to_bytes()?)?)]))
+        Ok(BTreeMap::from([(
+            "library".to_string(),
+            temp_output(ctx, "library", &lib.to_bytes()?)?,
+        )]))
     })
 }

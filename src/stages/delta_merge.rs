@@ -17,8 +17,15 @@ use std::sync::Mutex;
 
 pub const VERSION: u32 = 1;
 
-pub fn run(ctx: &BuildContext, base: &StageOutput, delta: &StageOutput, scope: &[String]) -> Result<StageOutput> {
-    let inputs = KeyInputs::new("delta-merge", VERSION).with("base", base.digest()).with("delta", delta.digest());
+pub fn run(
+    ctx: &BuildContext,
+    base: &StageOutput,
+    delta: &StageOutput,
+    scope: &[String],
+) -> Result<StageOutput> {
+    let inputs = KeyInputs::new("delta-merge", VERSION)
+        .with("base", base.digest())
+        .with("delta", delta.digest());
     let delta_source = ModelSource::from_local(&delta.local)?;
     let mut out = cached_or_run(ctx, inputs, scope, || {
         let base_w = ModelSource::from_local(&base.local)?.open_weights()?;
@@ -30,7 +37,10 @@ pub fn run(ctx: &BuildContext, base: &StageOutput, delta: &StageOutput, scope: &
         desc.weights_format = "merged".into();
         let mut files = BTreeMap::new();
         files.insert("merged.safetensors".to_string(), merged);
-        files.insert("model.json".to_string(), temp_output(ctx, "model", &serde_json::to_vec_pretty(&desc)?)?);
+        files.insert(
+            "model.json".to_string(),
+            temp_output(ctx, "model", &serde_json::to_vec_pretty(&desc)?)?,
+        );
         for (name, o) in &delta.outputs {
             if name.starts_with("tokenizer/") {
                 let bytes = ctx.cache.blobs.read_verified(&o.digest)?;
@@ -39,13 +49,24 @@ pub fn run(ctx: &BuildContext, base: &StageOutput, delta: &StageOutput, scope: &
         }
         Ok(files)
     })?;
-    out.local.insert("merged".into(), ctx.cache.blobs.path(&out.output("merged.safetensors")?.digest));
-    out.local.insert("source_dir".into(), delta.local.get("source_dir").cloned().unwrap_or_default());
+    out.local.insert(
+        "merged".into(),
+        ctx.cache
+            .blobs
+            .path(&out.output("merged.safetensors")?.digest),
+    );
+    out.local.insert(
+        "source_dir".into(),
+        delta.local.get("source_dir").cloned().unwrap_or_default(),
+    );
     Ok(out)
 }
 
 /// (name, shape of the result) for every base tensor, validated against the delta.
-fn merge_plan(base: &dyn TensorSource, delta: &dyn TensorSource) -> Result<Vec<(String, Vec<usize>)>> {
+fn merge_plan(
+    base: &dyn TensorSource,
+    delta: &dyn TensorSource,
+) -> Result<Vec<(String, Vec<usize>)>> {
     let mut plan = Vec::new();
     for b in base.infos() {
         let Some(d) = delta.info(&b.name) else {
@@ -54,9 +75,17 @@ fn merge_plan(base: &dyn TensorSource, delta: &dyn TensorSource) -> Result<Vec<(
         if !b.dtype.is_float() || !d.dtype.is_float() {
             crate::user_bail!("tensor `{}` is {} in the base and {} in the delta: only floating tensors can be merged", b.name, b.dtype, d.dtype);
         }
-        let extra_rows = b.shape.len() == 2 && d.shape.len() == 2 && d.shape[1] == b.shape[1] && d.shape[0] > b.shape[0];
+        let extra_rows = b.shape.len() == 2
+            && d.shape.len() == 2
+            && d.shape[1] == b.shape[1]
+            && d.shape[0] > b.shape[0];
         if d.shape != b.shape && !extra_rows {
-            crate::user_bail!("tensor `{}` has shape {:?} in the base but {:?} in the delta", b.name, b.shape, d.shape);
+            crate::user_bail!(
+                "tensor `{}` has shape {:?} in the base but {:?} in the delta",
+                b.name,
+                b.shape,
+                d.shape
+            );
         }
         plan.push((b.name.clone(), d.shape.clone()));
     }
@@ -96,7 +125,10 @@ impl safetensors::View for LazySum<'_> {
             Ok(v) => Cow::Owned(v),
             Err(e) => {
                 // The View API cannot fail: remember the error, write zeros, fail after writing.
-                self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                self.error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
                 Cow::Owned(vec![0u8; self.data_len()])
             }
         }
@@ -106,14 +138,31 @@ impl safetensors::View for LazySum<'_> {
     }
 }
 
-fn write_merged(base: &dyn TensorSource, delta: &dyn TensorSource, plan: &[(String, Vec<usize>)], dest: &std::path::Path) -> Result<()> {
+fn write_merged(
+    base: &dyn TensorSource,
+    delta: &dyn TensorSource,
+    plan: &[(String, Vec<usize>)],
+    dest: &std::path::Path,
+) -> Result<()> {
     let error = Mutex::new(None);
     let views: Vec<(String, LazySum)> = plan
         .iter()
-        .map(|(name, shape)| (name.clone(), LazySum { name, shape, base, delta, error: &error }))
+        .map(|(name, shape)| {
+            (
+                name.clone(),
+                LazySum {
+                    name,
+                    shape,
+                    base,
+                    delta,
+                    error: &error,
+                },
+            )
+        })
         .collect();
-    safetensors::serialize_to_file(views, None, dest)
-        .map_err(|e| crate::error::env(format!("writing merged weights to {}: {e}", dest.display())))?;
+    safetensors::serialize_to_file(views, None, dest).map_err(|e| {
+        crate::error::env(format!("writing merged weights to {}: {e}", dest.display()))
+    })?;
     if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         std::fs::remove_file(dest).ok();
         return Err(e.context("merging base and delta weights"));

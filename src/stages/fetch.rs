@@ -48,11 +48,16 @@ pub fn run(ctx: &BuildContext, source: &Source, scope: &[String]) -> Result<Stag
     let (kind, dir, revision, single) = match source {
         Source::Local(p) => ("folder", resolve_local(p)?, None, None),
         Source::Gguf(p) => {
-            let f = p.canonicalize().map_err(|_| crate::error::user(format!("GGUF file {} not found", p.display())))?;
+            let f = p
+                .canonicalize()
+                .map_err(|_| crate::error::user(format!("GGUF file {} not found", p.display())))?;
             ("gguf", f.parent().unwrap().to_path_buf(), None, Some(f))
         }
         Source::Hub { .. } | Source::Git { .. } if ctx.probe => {
-            return Err(anyhow::Error::new(super::WouldRun { key: None, inputs: None }))
+            return Err(anyhow::Error::new(super::WouldRun {
+                key: None,
+                inputs: None,
+            }))
         }
         Source::Hub { repo, revision } => {
             let (dir, commit) = super::fetch_remote::hub(ctx, repo, revision)?;
@@ -75,13 +80,26 @@ pub fn run(ctx: &BuildContext, source: &Source, scope: &[String]) -> Result<Stag
     let list = FileList {
         kind: kind.to_string(),
         revision: revision.clone(),
-        files: names.iter().zip(digests).map(|(n, (digest, size))| FileEntry { path: n.clone(), digest, size }).collect(),
+        files: names
+            .iter()
+            .zip(digests)
+            .map(|(n, (digest, size))| FileEntry {
+                path: n.clone(),
+                digest,
+                size,
+            })
+            .collect(),
     };
     let json = serde_json::to_vec_pretty(&list)?;
     let inputs = KeyInputs::new("fetch", VERSION)
         .with("source", source.describe())
         .with("files", blake3::hash(&json).to_hex());
-    let mut out = cached_or_run(ctx, inputs, scope, || Ok(BTreeMap::from([("files.json".to_string(), temp_output(ctx, "files", &json)?)])))?;
+    let mut out = cached_or_run(ctx, inputs, scope, || {
+        Ok(BTreeMap::from([(
+            "files.json".to_string(),
+            temp_output(ctx, "files", &json)?,
+        )]))
+    })?;
     out.local.insert("source_dir".into(), dir);
     if let Some(f) = single {
         out.local.insert("gguf".into(), f);
@@ -112,7 +130,10 @@ pub fn list_model_files(dir: &Path) -> Result<Vec<String>> {
             continue;
         }
         // Follow symlinks: only regular files (or links to them) count.
-        if std::fs::metadata(entry.path()).map(|m| m.is_file()).unwrap_or(false) {
+        if std::fs::metadata(entry.path())
+            .map(|m| m.is_file())
+            .unwrap_or(false)
+        {
             names.push(name);
         }
     }
@@ -121,7 +142,11 @@ pub fn list_model_files(dir: &Path) -> Result<Vec<String>> {
         crate::user_bail!(
             "{} has no config.json: it is not a Hugging Face model folder (found: {})",
             dir.display(),
-            if names.is_empty() { "no model files".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "no model files".to_string()
+            } else {
+                names.join(", ")
+            }
         );
     }
     Ok(names)

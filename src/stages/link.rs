@@ -64,18 +64,36 @@ pub struct ManifestStage {
 }
 
 pub fn library_file_name(local_id: &str, kind: &str) -> String {
-    format!("{local_id}-{kind}.{}", crate::formats::model_lib::LIBRARY_EXTENSION)
+    format!(
+        "{local_id}-{kind}.{}",
+        crate::formats::model_lib::LIBRARY_EXTENSION
+    )
 }
 
 /// The `mlc-chat-config.json` content (MLC's fields and defaults plus mlcb's own).
-pub fn chat_config(req: &LinkRequest, desc: &super::load::ModelDescription, tokenizer_names: &[String]) -> serde_json::Value {
+pub fn chat_config(
+    req: &LinkRequest,
+    desc: &super::load::ModelDescription,
+    tokenizer_names: &[String],
+) -> serde_json::Value {
     let r = req.recipe;
     let has_template = tokenizer_names.iter().any(|n| n == TOKENIZER_CONFIG);
-    let conv = r.chat.conv_template.clone().unwrap_or_else(|| default_conv_template(r, desc, has_template));
-    let listed: Vec<&String> = tokenizer_names.iter().filter(|n| TOKENIZER_FILES.contains(&n.as_str())).collect();
+    let conv = r
+        .chat
+        .conv_template
+        .clone()
+        .unwrap_or_else(|| default_conv_template(r, desc, has_template));
+    let listed: Vec<&String> = tokenizer_names
+        .iter()
+        .filter(|n| TOKENIZER_FILES.contains(&n.as_str()))
+        .collect();
     let stop: Vec<u32> = {
         let plan_stop = desc.config.eos_token_ids.clone();
-        if plan_stop.is_empty() { vec![0] } else { plan_stop }
+        if plan_stop.is_empty() {
+            vec![0]
+        } else {
+            plan_stop
+        }
     };
     serde_json::json!({
         "model_lib": r.local_id(),
@@ -101,9 +119,18 @@ pub fn chat_config(req: &LinkRequest, desc: &super::load::ModelDescription, toke
 
 /// MLC chose the template by name prefix; mlcb does too, then prefers the tokenizer's own chat
 /// template, then the architecture's default.
-fn default_conv_template(r: &Recipe, desc: &super::load::ModelDescription, has_tokenizer_config: bool) -> String {
+fn default_conv_template(
+    r: &Recipe,
+    desc: &super::load::ModelDescription,
+    has_tokenizer_config: bool,
+) -> String {
     let name = r.model_name.to_ascii_lowercase();
-    for (prefix, t) in [("vicuna", "vicuna_v1.1"), ("redpajama", "redpajama_chat"), ("rwkv", "rwkv"), ("llama-2", "llama-2")] {
+    for (prefix, t) in [
+        ("vicuna", "vicuna_v1.1"),
+        ("redpajama", "redpajama_chat"),
+        ("rwkv", "rwkv"),
+        ("llama-2", "llama-2"),
+    ] {
         if name.starts_with(prefix) {
             return t.to_string();
         }
@@ -111,14 +138,21 @@ fn default_conv_template(r: &Recipe, desc: &super::load::ModelDescription, has_t
     if has_tokenizer_config {
         return "auto".to_string();
     }
-    crate::model::by_name(&desc.config.arch).map(|a| a.default_conv_template()).unwrap_or("LM").to_string()
+    crate::model::by_name(&desc.config.arch)
+        .map(|a| a.default_conv_template())
+        .unwrap_or("LM")
+        .to_string()
 }
 
 pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
     let local_id = req.recipe.local_id();
     let desc = super::load::read_description(ctx, req.model)?;
-    let tokenizer: BTreeMap<String, &OutputRef> =
-        req.model.outputs.iter().filter_map(|(n, o)| n.strip_prefix("tokenizer/").map(|t| (t.to_string(), o))).collect();
+    let tokenizer: BTreeMap<String, &OutputRef> = req
+        .model
+        .outputs
+        .iter()
+        .filter_map(|(n, o)| n.strip_prefix("tokenizer/").map(|t| (t.to_string(), o)))
+        .collect();
     let tokenizer_names: Vec<String> = tokenizer.keys().cloned().collect();
     let chat = chat_config(req, &desc, &tokenizer_names);
     let mut inputs = KeyInputs::new("link", VERSION)
@@ -127,34 +161,71 @@ pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
         .with("chat_config", serde_json::to_string(&chat)?)
         .with("debug_dump", ctx.debug_dump);
     for lib in &req.libraries {
-        inputs.add(&format!("library:{}", lib.recipe.target.preset.name), lib.codegen.digest());
+        inputs.add(
+            &format!("library:{}", lib.recipe.target.preset.name),
+            lib.codegen.digest(),
+        );
     }
     let key = inputs.key();
     let dest = ctx.dist_root.join(&local_id);
     let start = std::time::Instant::now();
     if ctx.use_cache && up_to_date(&dest, &key) {
-        return Ok(StageOutput { key, cached: true, seconds: 0.0, outputs: BTreeMap::new(), local: BTreeMap::from([("dist".into(), dest)]), inputs });
+        return Ok(StageOutput {
+            key,
+            cached: true,
+            seconds: 0.0,
+            outputs: BTreeMap::new(),
+            local: BTreeMap::from([("dist".into(), dest)]),
+            inputs,
+        });
     }
     if ctx.probe {
-        return Err(anyhow::Error::new(super::WouldRun { key: Some(key), inputs: Some(inputs) }));
+        return Err(anyhow::Error::new(super::WouldRun {
+            key: Some(key),
+            inputs: Some(inputs),
+        }));
     }
-    std::fs::create_dir_all(&ctx.dist_root)
-        .map_err(|e| crate::error::env(format!("cannot create the artifact folder {}: {e}", ctx.dist_root.display())))?;
-    let tmp = ctx.dist_root.join(format!(".{local_id}.tmp-{}-{:x}", std::process::id(), rand_nonce()));
-    let result = assemble(ctx, req, &desc, &tmp, &dest, &key, &chat, &tokenizer).and_then(|_| swap_into_place(&tmp, &dest));
+    std::fs::create_dir_all(&ctx.dist_root).map_err(|e| {
+        crate::error::env(format!(
+            "cannot create the artifact folder {}: {e}",
+            ctx.dist_root.display()
+        ))
+    })?;
+    let tmp = ctx.dist_root.join(format!(
+        ".{local_id}.tmp-{}-{:x}",
+        std::process::id(),
+        rand_nonce()
+    ));
+    let result = assemble(ctx, req, &desc, &tmp, &dest, &key, &chat, &tokenizer)
+        .and_then(|_| swap_into_place(&tmp, &dest));
     if let Err(e) = result {
         std::fs::remove_dir_all(&tmp).ok();
         return Err(e);
     }
-    Ok(StageOutput { key, cached: false, seconds: start.elapsed().as_secs_f64(), outputs: BTreeMap::new(), local: BTreeMap::from([("dist".into(), dest)]), inputs })
+    Ok(StageOutput {
+        key,
+        cached: false,
+        seconds: start.elapsed().as_secs_f64(),
+        outputs: BTreeMap::new(),
+        local: BTreeMap::from([("dist".into(), dest)]),
+        inputs,
+    })
 }
 
 /// The folder already holds exactly this link's result.
 fn up_to_date(dest: &Path, key: &str) -> bool {
-    let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else { return false };
-    let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else { return false };
+    let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else {
+        return false;
+    };
+    let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return false;
+    };
     m.link_key == key
-        && m.outputs.iter().all(|(p, o)| std::fs::metadata(dest.join(p)).map(|md| md.len() == o.size).unwrap_or(false))
+        && m.outputs.iter().all(|(p, o)| {
+            std::fs::metadata(dest.join(p))
+                .map(|md| md.len() == o.size)
+                .unwrap_or(false)
+        })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -169,7 +240,8 @@ fn assemble(
     tokenizer: &BTreeMap<String, &OutputRef>,
 ) -> Result<()> {
     let params = tmp.join("params");
-    std::fs::create_dir_all(&params).map_err(|e| crate::error::env(format!("cannot create {}: {e}", params.display())))?;
+    std::fs::create_dir_all(&params)
+        .map_err(|e| crate::error::env(format!("cannot create {}: {e}", params.display())))?;
     let mut outputs: BTreeMap<String, OutputRef> = BTreeMap::new();
     let mut put = |rel: String, o: &OutputRef| -> Result<()> {
         ctx.cache.blobs.copy_verified(&o.digest, &tmp.join(&rel))?;
@@ -192,25 +264,59 @@ fn assemble(
     let mut write = |rel: String, bytes: &[u8]| -> Result<()> {
         let p = tmp.join(&rel);
         write_synced(&p, bytes)?;
-        outputs.insert(rel, OutputRef { digest: blake3::hash(bytes).to_hex().to_string(), size: bytes.len() as u64 });
+        outputs.insert(
+            rel,
+            OutputRef {
+                digest: blake3::hash(bytes).to_hex().to_string(),
+                size: bytes.len() as u64,
+            },
+        );
         Ok(())
     };
-    write(format!("params/{CHAT_CONFIG}"), &serde_json::to_vec_pretty(chat)?)?;
+    write(
+        format!("params/{CHAT_CONFIG}"),
+        &serde_json::to_vec_pretty(chat)?,
+    )?;
     if ctx.debug_dump {
         std::fs::create_dir_all(tmp.join("debug"))?;
         for lib in &req.libraries {
-            let bytes = ctx.cache.blobs.read_verified(&lib.codegen.output("library")?.digest)?;
+            let bytes = ctx
+                .cache
+                .blobs
+                .read_verified(&lib.codegen.output("library")?.digest)?;
             let l = crate::formats::model_lib::ModelLibrary::from_bytes(&bytes, "library")?;
             let name = lib.recipe.target.preset.name;
-            write(format!("debug/plan-{name}.txt"), crate::formats::model_lib::render::render_plan(&l.header.plan).as_bytes())?;
-            write(format!("debug/plan-{name}.json"), &serde_json::to_vec_pretty(&l.header.plan)?)?;
-            write(format!("debug/tuning-{name}.json"), &serde_json::to_vec_pretty(&l.header.tuning)?)?;
+            write(
+                format!("debug/plan-{name}.txt"),
+                crate::formats::model_lib::render::render_plan(&l.header.plan).as_bytes(),
+            )?;
+            write(
+                format!("debug/plan-{name}.json"),
+                &serde_json::to_vec_pretty(&l.header.plan)?,
+            )?;
+            write(
+                format!("debug/tuning-{name}.json"),
+                &serde_json::to_vec_pretty(&l.header.tuning)?,
+            )?;
         }
         write("debug/model.json".into(), &serde_json::to_vec_pretty(desc)?)?;
     }
-    carry_over_libraries(dest, tmp, &req.quantize.digest(), &mut outputs, &mut libraries)?;
+    carry_over_libraries(
+        dest,
+        tmp,
+        &req.quantize.digest(),
+        &mut outputs,
+        &mut libraries,
+    )?;
     let artifact_digest = digest_outputs(&outputs);
-    let tuned = req.libraries.iter().all(|l| l.tune.inputs.inputs.get("tuning_file").map(|t| t != "-").unwrap_or(false));
+    let tuned = req.libraries.iter().all(|l| {
+        l.tune
+            .inputs
+            .inputs
+            .get("tuning_file")
+            .map(|t| t != "-")
+            .unwrap_or(false)
+    });
     let manifest = Manifest {
         mlcb_version: env!("CARGO_PKG_VERSION").to_string(),
         local_id: req.recipe.local_id(),
@@ -223,14 +329,22 @@ fn assemble(
             .sources
             .iter()
             .map(|s| {
-                let bytes = ctx.cache.blobs.read_verified(&s.outputs["files.json"].digest)?;
+                let bytes = ctx
+                    .cache
+                    .blobs
+                    .read_verified(&s.outputs["files.json"].digest)?;
                 Ok(serde_json::from_slice(&bytes)?)
             })
             .collect::<Result<_>>()?,
         stages: req
             .stages
             .iter()
-            .map(|(n, s)| ManifestStage { stage: n.clone(), key: s.key.clone(), inputs: s.inputs.clone(), seconds: s.seconds })
+            .map(|(n, s)| ManifestStage {
+                stage: n.clone(),
+                key: s.key.clone(),
+                inputs: s.inputs.clone(),
+                seconds: s.seconds,
+            })
             .collect(),
         tuned,
     };
@@ -266,10 +380,27 @@ fn carry_over_libraries(
     outputs: &mut BTreeMap<String, OutputRef>,
     libraries: &mut BTreeMap<String, String>,
 ) -> Result<()> {
-    let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else { return Ok(()) };
-    let Ok(old) = serde_json::from_slice::<Manifest>(&bytes) else { return Ok(()) };
-    let old_params: BTreeMap<String, OutputRef> = old.outputs.iter().filter(|(p, _)| p.starts_with("params/params_shard") || p.as_str() == "params/ndarray-cache.json").map(|(p, o)| (p.clone(), o.clone())).collect();
-    let new_params: BTreeMap<String, OutputRef> = outputs.iter().filter(|(p, _)| p.starts_with("params/params_shard") || p.as_str() == "params/ndarray-cache.json").map(|(p, o)| (p.clone(), o.clone())).collect();
+    let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else {
+        return Ok(());
+    };
+    let Ok(old) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return Ok(());
+    };
+    let old_params: BTreeMap<String, OutputRef> = old
+        .outputs
+        .iter()
+        .filter(|(p, _)| {
+            p.starts_with("params/params_shard") || p.as_str() == "params/ndarray-cache.json"
+        })
+        .map(|(p, o)| (p.clone(), o.clone()))
+        .collect();
+    let new_params: BTreeMap<String, OutputRef> = outputs
+        .iter()
+        .filter(|(p, _)| {
+            p.starts_with("params/params_shard") || p.as_str() == "params/ndarray-cache.json"
+        })
+        .map(|(p, o)| (p.clone(), o.clone()))
+        .collect();
     let _ = params_digest;
     if old_params != new_params {
         return Ok(());
@@ -278,17 +409,23 @@ fn carry_over_libraries(
         if libraries.contains_key(file) || libraries.values().any(|t| t == target) {
             continue;
         }
-        let Some(o) = old.outputs.get(file) else { continue };
+        let Some(o) = old.outputs.get(file) else {
+            continue;
+        };
         let src = dest.join(file);
         let (digest, size) = match hash_file(&src) {
             Ok(x) => x,
             Err(_) => continue,
         };
         if digest != o.digest {
-            tracing::warn!("{} changed since it was built; not carrying it over", src.display());
+            tracing::warn!(
+                "{} changed since it was built; not carrying it over",
+                src.display()
+            );
             continue;
         }
-        std::fs::copy(&src, tmp.join(file)).with_context(|| format!("copying {}", src.display()))?;
+        std::fs::copy(&src, tmp.join(file))
+            .with_context(|| format!("copying {}", src.display()))?;
         outputs.insert(file.clone(), OutputRef { digest, size });
         libraries.insert(file.clone(), target.clone());
     }
@@ -306,18 +443,27 @@ fn swap_into_place(tmp: &Path, dest: &Path) -> Result<()> {
                     return Ok(());
                 }
                 // Another process put a folder there first: exchange with it instead.
-                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e).with_context(|| format!("moving the artifact into {}", dest.display())),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOTEMPTY)
+                        || e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("moving the artifact into {}", dest.display()))
+                }
             }
         }
         if exchange(tmp, dest)? {
             // `tmp` now holds the previous folder.
-            std::fs::remove_dir_all(tmp).with_context(|| format!("removing the previous artifact {}", tmp.display()))?;
+            std::fs::remove_dir_all(tmp)
+                .with_context(|| format!("removing the previous artifact {}", tmp.display()))?;
             sync_dir(dest.parent().unwrap_or(Path::new(".")));
             return Ok(());
         }
     }
-    crate::env_bail!("could not move the artifact into {}: another process keeps replacing it", dest.display())
+    crate::env_bail!(
+        "could not move the artifact into {}: another process keeps replacing it",
+        dest.display()
+    )
 }
 
 /// `renameat2(RENAME_EXCHANGE)`: true when swapped, false when `dest` vanished meanwhile.
@@ -327,7 +473,15 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
     let ca = CString::new(a.as_os_str().as_bytes())?;
     let cb = CString::new(b.as_os_str().as_bytes())?;
     // SAFETY: both are valid NUL-terminated paths; the call has no memory effects on our side.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     if rc == 0 {
         return Ok(true);
     }
@@ -335,7 +489,10 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
     if err.raw_os_error() == Some(libc::ENOENT) {
         return Ok(false);
     }
-    Err(crate::error::env(format!("cannot swap {} into place: {err}", b.display())))
+    Err(crate::error::env(format!(
+        "cannot swap {} into place: {err}",
+        b.display()
+    )))
 }
 
 fn sync_dir(p: &Path) {

@@ -14,7 +14,13 @@ use std::path::Path;
 pub const VERSION: u32 = 1;
 
 /// Tokenizer files copied into the artifact and listed in `tokenizer_files` (MLC's set).
-pub const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"];
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
 /// Copied too, but not listed (as MLC does).
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
@@ -37,16 +43,29 @@ pub struct TensorInfoRecord {
 
 impl From<&TensorInfo> for TensorInfoRecord {
     fn from(i: &TensorInfo) -> Self {
-        TensorInfoRecord { name: i.name.clone(), dtype: i.dtype.name().to_string(), shape: i.shape.clone() }
+        TensorInfoRecord {
+            name: i.name.clone(),
+            dtype: i.dtype.name().to_string(),
+            shape: i.shape.clone(),
+        }
     }
 }
 
 /// Versions of every architecture: a change to any lowering or weight mapping reloads.
 pub fn architecture_versions() -> String {
-    crate::model::ARCHITECTURES.iter().map(|a| format!("{}={}", a.name(), a.version())).collect::<Vec<_>>().join(",")
+    crate::model::ARCHITECTURES
+        .iter()
+        .map(|a| format!("{}={}", a.name(), a.version()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-pub fn run(ctx: &BuildContext, fetch: &StageOutput, architecture: Option<&str>, scope: &[String]) -> Result<StageOutput> {
+pub fn run(
+    ctx: &BuildContext,
+    fetch: &StageOutput,
+    architecture: Option<&str>,
+    scope: &[String],
+) -> Result<StageOutput> {
     let inputs = KeyInputs::new("load", VERSION)
         .with("source", fetch.digest())
         .with("architecture_override", architecture.unwrap_or("-"))
@@ -64,9 +83,15 @@ pub fn run(ctx: &BuildContext, fetch: &StageOutput, architecture: Option<&str>, 
             tensors: tensors.infos().iter().map(TensorInfoRecord::from).collect(),
         };
         let mut files = BTreeMap::new();
-        files.insert("model.json".to_string(), temp_output(ctx, "model", &serde_json::to_vec_pretty(&desc)?)?);
+        files.insert(
+            "model.json".to_string(),
+            temp_output(ctx, "model", &serde_json::to_vec_pretty(&desc)?)?,
+        );
         for (name, bytes) in source.tokenizer_files()? {
-            files.insert(format!("tokenizer/{name}"), temp_output(ctx, &name, &bytes)?);
+            files.insert(
+                format!("tokenizer/{name}"),
+                temp_output(ctx, &name, &bytes)?,
+            );
         }
         Ok(files)
     })?;
@@ -75,9 +100,14 @@ pub fn run(ctx: &BuildContext, fetch: &StageOutput, architecture: Option<&str>, 
 }
 
 /// Parse `config.json`, choose the architecture, list the artifact's parameters.
-pub fn describe(config_json: &serde_json::Value, architecture: Option<&str>, origin: &str) -> Result<(ModelConfig, Vec<ParamSpec>)> {
+pub fn describe(
+    config_json: &serde_json::Value,
+    architecture: Option<&str>,
+    origin: &str,
+) -> Result<(ModelConfig, Vec<ParamSpec>)> {
     let arch = match architecture {
-        Some(a) => crate::model::by_name(a).ok_or_else(|| crate::error::user(format!("unknown architecture `{a}`")))?,
+        Some(a) => crate::model::by_name(a)
+            .ok_or_else(|| crate::error::user(format!("unknown architecture `{a}`")))?,
         None => {
             let mt = config_json.get("model_type").and_then(|v| v.as_str()).ok_or_else(|| {
                 crate::error::user(format!("{origin}: config.json has no `model_type`; set `architecture` in the recipe"))
@@ -90,18 +120,28 @@ pub fn describe(config_json: &serde_json::Value, architecture: Option<&str>, ori
             })?
         }
     };
-    let config = arch.parse_config(config_json).with_context(|| format!("reading {origin}/config.json"))?;
+    let config = arch
+        .parse_config(config_json)
+        .with_context(|| format!("reading {origin}/config.json"))?;
     let params = arch.params(&config)?;
     Ok((config, params))
 }
 
 /// Every source tensor a parameter reads must exist.
-fn check_params_present(params: &[ParamSpec], tensors: &dyn crate::formats::tensor::TensorSource, origin: &str) -> Result<()> {
+fn check_params_present(
+    params: &[ParamSpec],
+    tensors: &dyn crate::formats::tensor::TensorSource,
+    origin: &str,
+) -> Result<()> {
     for p in params {
         for s in &p.sources {
             // `a|b` names alternatives (e.g. GPT-NeoX `embed_out.weight` or `lm_head.weight`).
             if !s.split('|').any(|n| tensors.info(n).is_some()) {
-                crate::user_bail!("{origin}: tensor `{}` (needed for {}) is missing from the weights", s.replace('|', "` or `"), p.name);
+                crate::user_bail!(
+                    "{origin}: tensor `{}` (needed for {}) is missing from the weights",
+                    s.replace('|', "` or `"),
+                    p.name
+                );
             }
         }
     }
@@ -115,11 +155,16 @@ pub fn read_optional(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
         return Ok(None);
     }
     crate::formats::lfs::check_not_lfs_pointer(&p)?;
-    Ok(Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?))
+    Ok(Some(
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+    ))
 }
 
 /// Read `model.json` back from a load (or delta-merge) output.
 pub fn read_description(ctx: &BuildContext, out: &StageOutput) -> Result<ModelDescription> {
-    let bytes = ctx.cache.blobs.read_verified(&out.output("model.json")?.digest)?;
+    let bytes = ctx
+        .cache
+        .blobs
+        .read_verified(&out.output("model.json")?.digest)?;
     Ok(serde_json::from_slice(&bytes)?)
 }

@@ -80,11 +80,18 @@ impl StageOutput {
     }
 
     pub fn output(&self, name: &str) -> Result<&OutputRef> {
-        self.outputs.get(name).ok_or_else(|| anyhow::anyhow!("stage output `{name}` missing (cache key {})", self.key))
+        self.outputs.get(name).ok_or_else(|| {
+            anyhow::anyhow!("stage output `{name}` missing (cache key {})", self.key)
+        })
     }
 
     pub fn record(&self) -> StageRecord {
-        StageRecord { key: self.key.clone(), inputs: self.inputs.clone(), outputs: self.outputs.clone(), seconds: self.seconds }
+        StageRecord {
+            key: self.key.clone(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            seconds: self.seconds,
+        }
     }
 }
 
@@ -102,11 +109,21 @@ pub fn cached_or_run(
             for s in scope {
                 ctx.cache.store(&rec, Some(s))?;
             }
-            return Ok(StageOutput { key, cached: true, seconds: rec.seconds, outputs: rec.outputs, local: BTreeMap::new(), inputs });
+            return Ok(StageOutput {
+                key,
+                cached: true,
+                seconds: rec.seconds,
+                outputs: rec.outputs,
+                local: BTreeMap::new(),
+                inputs,
+            });
         }
     }
     if ctx.probe {
-        return Err(anyhow::Error::new(WouldRun { key: Some(key), inputs: Some(inputs) }));
+        return Err(anyhow::Error::new(WouldRun {
+            key: Some(key),
+            inputs: Some(inputs),
+        }));
     }
     let start = std::time::Instant::now();
     let files = compute()?;
@@ -115,7 +132,14 @@ pub fn cached_or_run(
         let (digest, size) = ctx.cache.blobs.put_file(&path)?;
         outputs.insert(name, OutputRef { digest, size });
     }
-    let out = StageOutput { key, cached: false, seconds: start.elapsed().as_secs_f64(), outputs, local: BTreeMap::new(), inputs };
+    let out = StageOutput {
+        key,
+        cached: false,
+        seconds: start.elapsed().as_secs_f64(),
+        outputs,
+        local: BTreeMap::new(),
+        inputs,
+    };
     let rec = out.record();
     ctx.cache.store(&rec, None)?;
     for s in scope {

@@ -19,14 +19,23 @@ use std::path::{Path, PathBuf};
 
 pub const VERSION: u32 = 1;
 
-pub fn run(ctx: &BuildContext, weights: &StageOutput, desc: &ModelDescription, scheme: &'static QuantScheme, scope: &[String]) -> Result<StageOutput> {
+pub fn run(
+    ctx: &BuildContext,
+    weights: &StageOutput,
+    desc: &ModelDescription,
+    scheme: &'static QuantScheme,
+    scope: &[String],
+) -> Result<StageOutput> {
     let params_json = serde_json::to_vec(&desc.params)?;
     let inputs = KeyInputs::new("quantize", VERSION)
         .with("weights", weights.digest())
         .with("params", blake3::hash(&params_json).to_hex())
         .with("scheme", scheme.name)
         .with("quantizer", crate::quant::CODE_VERSION)
-        .with("ndarray_cache_format", crate::formats::ndarray_cache::FORMAT_VERSION);
+        .with(
+            "ndarray_cache_format",
+            crate::formats::ndarray_cache::FORMAT_VERSION,
+        );
     let label = format!("quantize {}", scheme.name);
     cached_or_run(ctx, inputs, scope, || {
         let source = ModelSource::from_local(&weights.local)?.open_weights()?;
@@ -49,11 +58,16 @@ pub fn write_params(
     dir: &Path,
     label: &str,
 ) -> Result<BTreeMap<String, PathBuf>> {
-    let total: u64 = params.iter().map(|p| p.shape.iter().product::<usize>() as u64 * 4).sum();
+    let total: u64 = params
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>() as u64 * 4)
+        .sum();
     let bar = ctx.progress.add(indicatif::ProgressBar::new(total));
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_prefix(label.to_string());
     let mut writer = NdArrayCacheWriter::new(dir)?;
@@ -63,16 +77,28 @@ pub fn write_params(
         for rec in crate::quant::quantize_param(scheme, p.role, &p.name, &p.shape, &values)? {
             // BitsPerParam counts each weight once: on its data record, not on its scales.
             let is_scale = rec.name.ends_with(".q_scale") || rec.name.ends_with(".q_scale_min");
-            writer.add_with_logical_elems(&rec.name, rec.dtype, &rec.shape, &rec.bytes, if is_scale { 0 } else { logical })?;
+            writer.add_with_logical_elems(
+                &rec.name,
+                rec.dtype,
+                &rec.shape,
+                &rec.bytes,
+                if is_scale { 0 } else { logical },
+            )?;
         }
         bar.inc(values.len() as u64 * 4);
     }
     let cache = writer.finish()?;
     bar.finish_and_clear();
     let mut files = BTreeMap::new();
-    files.insert("params/ndarray-cache.json".to_string(), dir.join("ndarray-cache.json"));
+    files.insert(
+        "params/ndarray-cache.json".to_string(),
+        dir.join("ndarray-cache.json"),
+    );
     for shard in &cache.records {
-        files.insert(format!("params/{}", shard.data_path), dir.join(&shard.data_path));
+        files.insert(
+            format!("params/{}", shard.data_path),
+            dir.join(&shard.data_path),
+        );
     }
     Ok(files)
 }

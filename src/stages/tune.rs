@@ -29,19 +29,34 @@ fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
     match target.preset.backend {
         // The CPU kernels split matrix rows into tasks for the thread pool.
         "cpu" => serde_json::json!({ "rows_per_task": 64 }),
-        "cuda" => serde_json::json!({ "threads_per_block": 256, "rows_per_block": if signature.contains("matmul") { 4 } else { 1 } }),
-        _ => serde_json::json!({ "workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4 }),
+        "cuda" => {
+            serde_json::json!({ "threads_per_block": 256, "rows_per_block": if signature.contains("matmul") { 4 } else { 1 } })
+        }
+        _ => {
+            serde_json::json!({ "workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4 })
+        }
     }
 }
 
-pub fn run(ctx: &BuildContext, plan: &Plan, target: &TargetSpec, tuning_file: Option<&Path>, scope: &[String]) -> Result<StageOutput> {
+pub fn run(
+    ctx: &BuildContext,
+    plan: &Plan,
+    target: &TargetSpec,
+    tuning_file: Option<&Path>,
+    scope: &[String],
+) -> Result<StageOutput> {
     let signatures = crate::codegen::signature::plan_signatures(plan);
-    let sig_digest = blake3::hash(serde_json::to_string(&signatures)?.as_bytes()).to_hex().to_string();
+    let sig_digest = blake3::hash(serde_json::to_string(&signatures)?.as_bytes())
+        .to_hex()
+        .to_string();
     let pinned = match tuning_file {
         Some(p) => {
-            let bytes = std::fs::read(p).map_err(|e| crate::error::user(format!("cannot read the tuning file {}: {e}", p.display())))?;
-            let recs: TuningRecords = serde_json::from_slice(&bytes)
-                .map_err(|e| crate::error::user(format!("{} is not a tuning-records file: {e}", p.display())))?;
+            let bytes = std::fs::read(p).map_err(|e| {
+                crate::error::user(format!("cannot read the tuning file {}: {e}", p.display()))
+            })?;
+            let recs: TuningRecords = serde_json::from_slice(&bytes).map_err(|e| {
+                crate::error::user(format!("{} is not a tuning-records file: {e}", p.display()))
+            })?;
             Some((blake3::hash(&bytes).to_hex().to_string(), recs))
         }
         None => None,
@@ -50,7 +65,10 @@ pub fn run(ctx: &BuildContext, plan: &Plan, target: &TargetSpec, tuning_file: Op
         .with("signatures", &sig_digest)
         .with("target", target.preset.name)
         .with("cuda_arch", target.cuda_arch.as_deref().unwrap_or("-"))
-        .with("tuning_file", pinned.as_ref().map(|(d, _)| d.as_str()).unwrap_or("-"));
+        .with(
+            "tuning_file",
+            pinned.as_ref().map(|(d, _)| d.as_str()).unwrap_or("-"),
+        );
     cached_or_run(ctx, inputs, scope, || {
         let mut records = BTreeMap::new();
         for s in &signatures {
@@ -67,7 +85,14 @@ pub fn run(ctx: &BuildContext, plan: &Plan, target: &TargetSpec, tuning_file: Op
             }
             None => (format!("preset-defaults:{}", target.preset.name), false),
         };
-        let recs = TuningRecords { device, tuned, records };
-        Ok(BTreeMap::from([("tuning.json".to_string(), temp_output(ctx, "tuning", &serde_json::to_vec_pretty(&recs)?)?)]))
+        let recs = TuningRecords {
+            device,
+            tuned,
+            records,
+        };
+        Ok(BTreeMap::from([(
+            "tuning.json".to_string(),
+            temp_output(ctx, "tuning", &serde_json::to_vec_pretty(&recs)?)?,
+        )]))
     })
 }

@@ -11,25 +11,39 @@ pub enum ModelSource {
     Folder(PathBuf),
     Gguf(PathBuf),
     /// A merged safetensors file plus the folder whose config and tokenizer apply.
-    Merged { weights: PathBuf, folder: PathBuf },
+    Merged {
+        weights: PathBuf,
+        folder: PathBuf,
+    },
 }
 
 impl ModelSource {
     pub fn from_local(local: &BTreeMap<String, PathBuf>) -> Result<ModelSource> {
         if let Some(w) = local.get("merged") {
-            let folder = local.get("source_dir").cloned().context("merged weights without a source folder")?;
-            return Ok(ModelSource::Merged { weights: w.clone(), folder });
+            let folder = local
+                .get("source_dir")
+                .cloned()
+                .context("merged weights without a source folder")?;
+            return Ok(ModelSource::Merged {
+                weights: w.clone(),
+                folder,
+            });
         }
         if let Some(g) = local.get("gguf") {
             return Ok(ModelSource::Gguf(g.clone()));
         }
-        let dir = local.get("source_dir").cloned().context("no source folder from fetch")?;
+        let dir = local
+            .get("source_dir")
+            .cloned()
+            .context("no source folder from fetch")?;
         Ok(ModelSource::Folder(dir))
     }
 
     pub fn origin(&self) -> String {
         match self {
-            ModelSource::Folder(d) | ModelSource::Merged { folder: d, .. } => d.display().to_string(),
+            ModelSource::Folder(d) | ModelSource::Merged { folder: d, .. } => {
+                d.display().to_string()
+            }
             ModelSource::Gguf(f) => f.display().to_string(),
         }
     }
@@ -37,7 +51,9 @@ impl ModelSource {
     pub fn format_name(&self) -> &'static str {
         match self {
             ModelSource::Folder(d) => {
-                if d.join("model.safetensors").is_file() || d.join("model.safetensors.index.json").is_file() {
+                if d.join("model.safetensors").is_file()
+                    || d.join("model.safetensors.index.json").is_file()
+                {
                     "safetensors"
                 } else {
                     "pytorch"
@@ -52,8 +68,11 @@ impl ModelSource {
         match self {
             ModelSource::Folder(d) | ModelSource::Merged { folder: d, .. } => {
                 let p = d.join("config.json");
-                let bytes = std::fs::read(&p).map_err(|e| crate::error::user(format!("cannot read {}: {e}", p.display())))?;
-                serde_json::from_slice(&bytes).map_err(|e| crate::error::user(format!("{} is not valid JSON: {e}", p.display())))
+                let bytes = std::fs::read(&p)
+                    .map_err(|e| crate::error::user(format!("cannot read {}: {e}", p.display())))?;
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    crate::error::user(format!("{} is not valid JSON: {e}", p.display()))
+                })
             }
             ModelSource::Gguf(f) => Ok(crate::formats::gguf::GgufModel::open(f)?.hf_config()),
         }
@@ -63,7 +82,9 @@ impl ModelSource {
         match self {
             ModelSource::Folder(d) => crate::formats::open_model_weights(d),
             ModelSource::Gguf(f) => Ok(Box::new(crate::formats::gguf::GgufModel::open(f)?)),
-            ModelSource::Merged { weights, .. } => Ok(Box::new(crate::formats::safetensors::SafetensorsFile::open(weights)?)),
+            ModelSource::Merged { weights, .. } => Ok(Box::new(
+                crate::formats::safetensors::SafetensorsFile::open(weights)?,
+            )),
         }
     }
 
@@ -72,7 +93,10 @@ impl ModelSource {
         let mut out = Vec::new();
         match self {
             ModelSource::Folder(d) | ModelSource::Merged { folder: d, .. } => {
-                for name in super::load::TOKENIZER_FILES.iter().chain([&super::load::TOKENIZER_CONFIG]) {
+                for name in super::load::TOKENIZER_FILES
+                    .iter()
+                    .chain([&super::load::TOKENIZER_CONFIG])
+                {
                     if let Some(b) = super::load::read_optional(d, name)? {
                         out.push((name.to_string(), b));
                     }
@@ -80,11 +104,16 @@ impl ModelSource {
             }
             ModelSource::Gguf(f) => {
                 let g = crate::formats::gguf::GgufModel::open(f)?;
-                out.push(("tokenizer.json".into(), serde_json::to_vec(&g.tokenizer_json()?)?));
-                out.push((super::load::TOKENIZER_CONFIG.into(), serde_json::to_vec_pretty(&g.tokenizer_config_json()?)?));
+                out.push((
+                    "tokenizer.json".into(),
+                    serde_json::to_vec(&g.tokenizer_json()?)?,
+                ));
+                out.push((
+                    super::load::TOKENIZER_CONFIG.into(),
+                    serde_json::to_vec_pretty(&g.tokenizer_config_json()?)?,
+                ));
             }
         }
         Ok(out)
     }
 }
-

@@ -29,10 +29,18 @@ pub fn start(repo: &str, folder: PathBuf) -> HubServer {
             });
         }
     });
-    HubServer { endpoint, downloads }
+    HubServer {
+        endpoint,
+        downloads,
+    }
 }
 
-fn serve(mut stream: TcpStream, repo: &str, folder: &std::path::Path, downloads: &AtomicUsize) -> std::io::Result<()> {
+fn serve(
+    mut stream: TcpStream,
+    repo: &str,
+    folder: &std::path::Path,
+    downloads: &AtomicUsize,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -53,10 +61,19 @@ fn serve(mut stream: TcpStream, repo: &str, folder: &std::path::Path, downloads:
     let api = format!("/api/models/{repo}/revision/");
     let resolve = format!("/{repo}/resolve/");
     if let Some(_rev) = path.strip_prefix(&api) {
-        let mut names: Vec<String> = std::fs::read_dir(folder)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(folder)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
-        let siblings: Vec<String> = names.iter().map(|n| format!("{{\"rfilename\":\"{n}\"}}")).collect();
-        let body = format!("{{\"sha\":\"{COMMIT}\",\"siblings\":[{}]}}", siblings.join(","));
+        let siblings: Vec<String> = names
+            .iter()
+            .map(|n| format!("{{\"rfilename\":\"{n}\"}}"))
+            .collect();
+        let body = format!(
+            "{{\"sha\":\"{COMMIT}\",\"siblings\":[{}]}}",
+            siblings.join(",")
+        );
         return write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     }
     if let Some(rest) = path.strip_prefix(&resolve) {
@@ -64,7 +81,9 @@ fn serve(mut stream: TcpStream, repo: &str, folder: &std::path::Path, downloads:
         if let Ok(bytes) = std::fs::read(folder.join(file)) {
             let total = bytes.len() as u64;
             let (a, b) = range.unwrap_or((0, None));
-            let b = b.unwrap_or(total.saturating_sub(1)).min(total.saturating_sub(1));
+            let b = b
+                .unwrap_or(total.saturating_sub(1))
+                .min(total.saturating_sub(1));
             let body = &bytes[a as usize..=b as usize];
             if !(a == 0 && b == 0) {
                 downloads.fetch_add(1, Ordering::SeqCst);
@@ -78,5 +97,8 @@ fn serve(mut stream: TcpStream, repo: &str, folder: &std::path::Path, downloads:
             return stream.write_all(body);
         }
     }
-    write!(stream, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    write!(
+        stream,
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
 }

@@ -21,7 +21,9 @@ pub struct Work {
 
 impl Work {
     pub fn new() -> Work {
-        Work { dir: tempfile::tempdir().expect("tempdir") }
+        Work {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -41,13 +43,19 @@ impl Work {
     /// `mlcb ARGS` with this workspace's cache and dist (dist via --artifact-path where the command takes it).
     pub fn mlcb(&self, args: &[&str]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mlcb"));
-        c.args(args).current_dir(self.path()).env("MLCB_CACHE_DIR", self.cache()).env_remove("RUST_LOG");
+        c.args(args)
+            .current_dir(self.path())
+            .env("MLCB_CACHE_DIR", self.cache())
+            .env_remove("RUST_LOG");
         c.output().expect("run mlcb")
     }
     pub fn build(&self, recipes: &[&Path], extra: &[&str]) -> Output {
         let mut args: Vec<String> = vec!["build".into()];
         args.extend(recipes.iter().map(|p| p.display().to_string()));
-        args.extend(["--artifact-path".to_string(), self.dist().display().to_string()]);
+        args.extend([
+            "--artifact-path".to_string(),
+            self.dist().display().to_string(),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.mlcb(&refs)
@@ -90,12 +98,21 @@ pub fn statuses(report: &serde_json::Value) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string()))
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 
 pub fn status_of(report: &serde_json::Value, stage: &str) -> String {
-    statuses(report).into_iter().find(|(s, _)| s == stage).map(|(_, st)| st).unwrap_or_default()
+    statuses(report)
+        .into_iter()
+        .find(|(s, _)| s == stage)
+        .map(|(_, st)| st)
+        .unwrap_or_default()
 }
 
 /// Every file under `dir` with its bytes' blake3, sorted (for bit-identity checks).
@@ -109,7 +126,12 @@ pub fn tree_digest(dir: &Path) -> Vec<(String, String)> {
                 walk(base, &p, out);
             } else {
                 let rel = p.strip_prefix(base).unwrap().display().to_string();
-                out.push((rel, blake3::hash(&std::fs::read(&p).unwrap()).to_hex().to_string()));
+                out.push((
+                    rel,
+                    blake3::hash(&std::fs::read(&p).unwrap())
+                        .to_hex()
+                        .to_string(),
+                ));
             }
         }
     }

@@ -5,10 +5,26 @@ use std::fmt::Write;
 
 pub fn render_plan(plan: &Plan) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# plan v{} · {} · {} · vocab {} · hidden {} · max_seq_len {}", plan.format_version, plan.arch, plan.quantization, plan.vocab_size, plan.hidden_size, plan.max_seq_len);
+    let _ = writeln!(
+        s,
+        "# plan v{} · {} · {} · vocab {} · hidden {} · max_seq_len {}",
+        plan.format_version,
+        plan.arch,
+        plan.quantization,
+        plan.vocab_size,
+        plan.hidden_size,
+        plan.max_seq_len
+    );
     let _ = writeln!(s, "\n## weights");
     for (i, w) in plan.weights.iter().enumerate() {
-        let _ = writeln!(s, "w{i:<4} {:<56} {:?} {:?} → {}", w.name, w.shape, w.storage, w.records.join(", "));
+        let _ = writeln!(
+            s,
+            "w{i:<4} {:<56} {:?} {:?} → {}",
+            w.name,
+            w.shape,
+            w.storage,
+            w.records.join(", ")
+        );
     }
     let _ = writeln!(s, "\n## buffers ([T, cols] f32)");
     for (i, b) in plan.buffers.iter().enumerate() {
@@ -17,7 +33,11 @@ pub fn render_plan(plan: &Plan) -> String {
     let _ = writeln!(s, "\n## states");
     for (i, st) in plan.states.iter().enumerate() {
         let d = match st {
-            StateDecl::KvCache { layer, n_kv_heads, head_dim } => format!("kv cache layer {layer}: {n_kv_heads} heads × {head_dim}"),
+            StateDecl::KvCache {
+                layer,
+                n_kv_heads,
+                head_dim,
+            } => format!("kv cache layer {layer}: {n_kv_heads} heads × {head_dim}"),
             StateDecl::Rwkv { layer, hidden } => format!("rwkv state layer {layer}: 5 × {hidden}"),
         };
         let _ = writeln!(s, "s{i:<4} {d}");
@@ -36,10 +56,45 @@ fn render_op(plan: &Plan, op: &Op) -> String {
     let w = |i: &usize| format!("@{}", plan.weights[*i].name);
     match op {
         Op::Embedding { weight, out } => format!("{} = embedding({})", b(out), w(weight)),
-        Op::RmsNorm { input, weight, eps, out } => format!("{} = rms_norm({}, {}, eps={eps})", b(out), b(input), w(weight)),
-        Op::LayerNorm { input, weight, bias, eps, out } => format!("{} = layer_norm({}, {}, {}, eps={eps})", b(out), b(input), w(weight), w(bias)),
-        Op::Matmul { input, weight, bias, out } => {
-            format!("{} = matmul({}, {}{})", b(out), b(input), w(weight), bias.as_ref().map(|x| format!(", bias={}", w(x))).unwrap_or_default())
+        Op::RmsNorm {
+            input,
+            weight,
+            eps,
+            out,
+        } => format!(
+            "{} = rms_norm({}, {}, eps={eps})",
+            b(out),
+            b(input),
+            w(weight)
+        ),
+        Op::LayerNorm {
+            input,
+            weight,
+            bias,
+            eps,
+            out,
+        } => format!(
+            "{} = layer_norm({}, {}, {}, eps={eps})",
+            b(out),
+            b(input),
+            w(weight),
+            w(bias)
+        ),
+        Op::Matmul {
+            input,
+            weight,
+            bias,
+            out,
+        } => {
+            format!(
+                "{} = matmul({}, {}{})",
+                b(out),
+                b(input),
+                w(weight),
+                bias.as_ref()
+                    .map(|x| format!(", bias={}", w(x)))
+                    .unwrap_or_default()
+            )
         }
         Op::Logits { input, weight } => format!("logits = matmul({}, {})", b(input), w(weight)),
         other => format!("{other:?}"),
