@@ -1,10 +1,11 @@
 //! The cache index: a sled database of stage records, file-digest memos and the key inputs of each
 //! recipe's last build (for `mlcb explain`).
 //!
-//! sled allows one process at a time on a database, so the index is opened only for the moment
-//! of each batch of lookups or writes and closed again: concurrent `mlcb` processes take turns in
-//! milliseconds instead of one waiting for the other's whole build. An open that finds the lock
-//! taken retries, and says so when the wait gets long.
+//! sled allows one process at a time on a database, so the index stays open only while a build is
+//! looking things up or recording them, and is released before any stage computes (and at the
+//! end): concurrent `mlcb` processes take turns in milliseconds instead of one waiting for the
+//! other's whole build, while a no-op rebuild opens it once. An open that finds the lock taken
+//! retries, and says so when the wait gets long.
 
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
@@ -14,8 +15,9 @@ use std::time::{Duration, Instant};
 
 pub struct Index {
     path: PathBuf,
-    /// sled refuses a second open in the same process too: serialise our own threads.
-    lock: Mutex<()>,
+    /// The open database, if any. sled refuses a second open in the same process too, so our own
+    /// threads share this one under the mutex.
+    open: Mutex<Option<sled::Db>>,
 }
 
 /// How long to wait for another process before giving up.
@@ -26,18 +28,36 @@ impl Index {
     pub fn new(path: &Path) -> Index {
         Index {
             path: path.to_path_buf(),
-            lock: Mutex::new(()),
+            open: Mutex::new(None),
         }
     }
 
     /// Open the database, run `f`, flush, close.
-    pub fn with<R>(&self, f: impl FnOnce(&sled::Db) -> Result<R>) -> Result<R> {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let db = self.open()?;
-        let out = f(&db)?;
-        db.flush()
-            .with_context(|| format!("flushing cache index {}", self.path.display()))?;
+    pub fn with<R>(&self, f: impl FnOnce(&IndexSession) -> Result<R>) -> Result<R> {
+        let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.open()?);
+        }
+        let session = IndexSession {
+            db: guard.as_ref().expect("opened above").clone(),
+            dirty: std::cell::Cell::new(false),
+        };
+        let out = f(&session)?;
+        if session.dirty.get() {
+            session
+                .db
+                .flush()
+                .with_context(|| format!("flushing cache index {}", self.path.display()))?;
+        }
         Ok(out)
+    }
+
+    /// Close the database so other processes can use it (before long work, and at the end).
+    pub fn release(&self) {
+        let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = guard.take() {
+            db.flush().ok();
+        }
     }
 
     fn open(&self) -> Result<sled::Db> {
@@ -79,16 +99,23 @@ fn is_lock_error(e: &std::io::Error) -> bool {
         || e.to_string().contains("could not acquire lock")
 }
 
+/// One open of the index: JSON values by key; remembers whether anything was written.
+pub struct IndexSession {
+    db: sled::Db,
+    dirty: std::cell::Cell<bool>,
+}
+
 /// Read a JSON value stored under `key`.
-pub fn get_json<T: DeserializeOwned>(db: &sled::Db, key: &str) -> Result<Option<T>> {
-    match db.get(key)? {
+pub fn get_json<T: DeserializeOwned>(s: &IndexSession, key: &str) -> Result<Option<T>> {
+    match s.db.get(key)? {
         None => Ok(None),
         // An entry this version cannot read is treated as absent (it will be rewritten).
         Some(v) => Ok(serde_json::from_slice(&v).ok()),
     }
 }
 
-pub fn put_json<T: Serialize>(db: &sled::Db, key: &str, value: &T) -> Result<()> {
-    db.insert(key, serde_json::to_vec(value)?)?;
+pub fn put_json<T: Serialize>(s: &IndexSession, key: &str, value: &T) -> Result<()> {
+    s.db.insert(key, serde_json::to_vec(value)?)?;
+    s.dirty.set(true);
     Ok(())
 }

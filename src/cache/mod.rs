@@ -76,6 +76,42 @@ impl Cache {
         Ok(rec.filter(|r| r.outputs.values().all(|o| self.blobs.contains(&o.digest))))
     }
 
+    /// The record for `key` (if every output blob is present), and in the same index session note
+    /// `inputs` as the last key inputs of each scope that recorded something else.
+    pub fn lookup_for(
+        &self,
+        key: &str,
+        inputs: &KeyInputs,
+        scopes: &[String],
+    ) -> Result<Option<StageRecord>> {
+        self.index.with(|db| {
+            let rec: Option<StageRecord> = get_json(db, &format!("stage/{key}"))?;
+            let rec = rec.filter(|r| r.outputs.values().all(|o| self.blobs.contains(&o.digest)));
+            if rec.is_some() {
+                for s in scopes {
+                    let last = format!("last/{s}");
+                    if get_json::<KeyInputs>(db, &last)?.as_ref() != Some(inputs) {
+                        put_json(db, &last, inputs)?;
+                    }
+                }
+            }
+            Ok(rec)
+        })
+    }
+
+    /// Note `inputs` as the last key inputs of each scope (one index session; writes only changes).
+    pub fn mark_scopes(&self, inputs: &KeyInputs, scopes: &[String]) -> Result<()> {
+        self.index.with(|db| {
+            for s in scopes {
+                let last = format!("last/{s}");
+                if get_json::<KeyInputs>(db, &last)?.as_ref() != Some(inputs) {
+                    put_json(db, &last, inputs)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     pub fn store(&self, rec: &StageRecord, scope: Option<&str>) -> Result<()> {
         self.index.with(|db| {
             put_json(db, &format!("stage/{}", rec.key), rec)?;

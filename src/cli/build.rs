@@ -234,6 +234,7 @@ pub fn execute(args: BuildArgs) -> Result<()> {
             other => break other?,
         }
     };
+    ctx.cache.index.release();
     ctx.cache.blobs.sweep_own_temp();
     let total = start.elapsed().as_secs_f64();
     let artifacts: Vec<String> = graph
@@ -288,7 +289,8 @@ pub fn explain(args: BuildArgs) -> Result<()> {
     let recipes = recipes_from(&args)?;
     let ctx = Arc::new(context(&args, true)?);
     let graph = Arc::new(dag::build(recipes)?);
-    let result = scheduler::run(ctx, graph, args.jobs)?;
+    let result = scheduler::run(ctx.clone(), graph, args.jobs)?;
+    ctx.cache.index.release();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result.reports)?);
         return Ok(());

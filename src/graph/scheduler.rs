@@ -125,11 +125,7 @@ fn execute(
                 max_seq_len: stages::codegen::max_seq_len(&desc, r.max_seq_len),
             };
             let out = stages::link::run(ctx, &req)?;
-            for s in &scope {
-                ctx.cache.index.with(|db| {
-                    crate::cache::index::put_json(db, &format!("last/{s}"), &out.inputs)
-                })?;
-            }
+            ctx.cache.mark_scopes(&out.inputs, &scope)?;
             Ok(out)
         }
     }

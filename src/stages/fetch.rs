@@ -60,10 +60,12 @@ pub fn run(ctx: &BuildContext, source: &Source, scope: &[String]) -> Result<Stag
             }))
         }
         Source::Hub { repo, revision } => {
+            ctx.cache.index.release();
             let (dir, commit) = super::fetch_remote::hub(ctx, repo, revision)?;
             ("hub", dir, Some(commit), None)
         }
         Source::Git { url, rev } => {
+            ctx.cache.index.release();
             let (dir, commit) = super::fetch_remote::git(ctx, url, rev.as_deref())?;
             ("git", dir, Some(commit), None)
         }

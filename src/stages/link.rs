@@ -44,6 +44,10 @@ pub struct Manifest {
     pub mlcb_version: String,
     pub local_id: String,
     pub link_key: String,
+    /// Target -> the link key that produced its library here (libraries of other targets kept
+    /// from an earlier build keep theirs), so rebuilding any of them finds the folder current.
+    #[serde(default)]
+    pub library_links: BTreeMap<String, String>,
     /// blake3 over every output's path and digest (this manifest excluded).
     pub artifact_digest: String,
     pub outputs: BTreeMap<String, OutputRef>,
@@ -191,6 +195,7 @@ pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
             ctx.dist_root.display()
         ))
     })?;
+    ctx.cache.index.release();
     let tmp = ctx.dist_root.join(format!(
         ".{local_id}.tmp-{}-{:x}",
         std::process::id(),
@@ -220,7 +225,7 @@ fn up_to_date(dest: &Path, key: &str) -> bool {
     let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
         return false;
     };
-    m.link_key == key
+    (m.link_key == key || m.library_links.values().any(|k| k == key))
         && m.outputs.iter().all(|(p, o)| {
             std::fs::metadata(dest.join(p))
                 .map(|md| md.len() == o.size)
@@ -301,13 +306,12 @@ fn assemble(
         }
         write("debug/model.json".into(), &serde_json::to_vec_pretty(desc)?)?;
     }
-    carry_over_libraries(
-        dest,
-        tmp,
-        &req.quantize.digest(),
-        &mut outputs,
-        &mut libraries,
-    )?;
+    let mut library_links: BTreeMap<String, String> = req
+        .libraries
+        .iter()
+        .map(|l| (l.recipe.target.preset.name.to_string(), key.to_string()))
+        .collect();
+    carry_over_libraries(dest, tmp, &mut outputs, &mut libraries, &mut library_links)?;
     let artifact_digest = digest_outputs(&outputs);
     let tuned = req.libraries.iter().all(|l| {
         l.tune
@@ -321,6 +325,7 @@ fn assemble(
         mlcb_version: env!("CARGO_PKG_VERSION").to_string(),
         local_id: req.recipe.local_id(),
         link_key: key.to_string(),
+        library_links,
         artifact_digest,
         outputs,
         libraries,
@@ -376,9 +381,9 @@ pub fn digest_outputs(outputs: &BTreeMap<String, OutputRef>) -> String {
 fn carry_over_libraries(
     dest: &Path,
     tmp: &Path,
-    params_digest: &str,
     outputs: &mut BTreeMap<String, OutputRef>,
     libraries: &mut BTreeMap<String, String>,
+    library_links: &mut BTreeMap<String, String>,
 ) -> Result<()> {
     let Ok(bytes) = std::fs::read(dest.join(MANIFEST)) else {
         return Ok(());
@@ -401,7 +406,6 @@ fn carry_over_libraries(
         })
         .map(|(p, o)| (p.clone(), o.clone()))
         .collect();
-    let _ = params_digest;
     if old_params != new_params {
         return Ok(());
     }
@@ -428,6 +432,9 @@ fn carry_over_libraries(
             .with_context(|| format!("copying {}", src.display()))?;
         outputs.insert(file.clone(), OutputRef { digest, size });
         libraries.insert(file.clone(), target.clone());
+        if let Some(k) = old.library_links.get(target) {
+            library_links.insert(target.clone(), k.clone());
+        }
     }
     Ok(())
 }

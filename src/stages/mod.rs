@@ -105,10 +105,7 @@ pub fn cached_or_run(
 ) -> Result<StageOutput> {
     let key = inputs.key();
     if ctx.use_cache {
-        if let Some(rec) = ctx.cache.lookup(&key)? {
-            for s in scope {
-                ctx.cache.store(&rec, Some(s))?;
-            }
+        if let Some(rec) = ctx.cache.lookup_for(&key, &inputs, scope)? {
             return Ok(StageOutput {
                 key,
                 cached: true,
@@ -125,6 +122,8 @@ pub fn cached_or_run(
             inputs: Some(inputs),
         }));
     }
+    // Let other mlcb processes use the index while this stage computes.
+    ctx.cache.index.release();
     let start = std::time::Instant::now();
     let files = compute()?;
     let mut outputs = BTreeMap::new();
@@ -140,11 +139,8 @@ pub fn cached_or_run(
         local: BTreeMap::new(),
         inputs,
     };
-    let rec = out.record();
-    ctx.cache.store(&rec, None)?;
-    for s in scope {
-        ctx.cache.store(&rec, Some(s))?;
-    }
+    ctx.cache.store(&out.record(), None)?;
+    ctx.cache.mark_scopes(&out.inputs, scope)?;
     Ok(out)
 }
 
