@@ -18,6 +18,7 @@
 #   SINGLE_THREAD [1]   0 skips the 1-thread pass
 #   LLAMA_CPP [1]       0 skips llama.cpp (and its install)
 #   LLAMA_CPP_PYTHON_SPEC [llama-cpp-python]  pip requirement to install
+#   OMP_WAIT_POLICY [passive]  for llama.cpp's OpenMP threads (active spinning collapses on busy cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -122,10 +123,14 @@ if [ "$LLAMA_CPP" = 1 ]; then
     fi
 fi
 
-# The runner: one fresh process per run, like `mlcb bench`. Same synthetic prompt formula as
-# mlcb's (src/cli/bench.rs), greedy argmax decode, one eval call per generated token.
+# The runner: one fresh process per run, like `mlcb bench`. It uses llama.cpp's C API through
+# llama_cpp's ctypes bindings (the high-level Llama.eval no longer keeps logits): one llama_decode
+# of the prompt, then one per greedy token (argmax of the last row), timed with perf_counter. The
+# prompt is mlcb's synthetic formula (src/cli/bench.rs). argv[5] = use_extra_bufts (1/0): llama.cpp's
+# extra CPU weight buffers (AMX, repacking); on VMs that advertise AMX without letting a process use
+# it, AMX matmul segfaults, so the script probes once and turns them off if needed.
 cat > "$work/llama_cpp_runner.py" <<'PY'
-import json, sys, time
+import ctypes, json, sys, time
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -134,45 +139,89 @@ def rss(field):
     return None
 
 import numpy as np
-from llama_cpp import Llama
+import llama_cpp as L
 
 model, prompt_len, gen_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+extra_bufts = sys.argv[5] == "1"
 baseline = rss("VmRSS")  # the Python interpreter + numpy + llama_cpp, before the model loads
-n_ctx = ((prompt_len + gen_len + 1 + 255) // 256) * 256
-llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-            n_batch=max(512, prompt_len), n_ubatch=max(512, prompt_len), verbose=False)
-vocab = llm.n_vocab()
-stops = {llm.token_eos(), llm.token_bos()}
+quiet = L.llama_log_callback(lambda level, text, user: None)  # kept alive: C holds the pointer
+L.llama_log_set(quiet, ctypes.c_void_p())
+L.llama_backend_init()
+mp = L.llama_model_default_params()
+mp.n_gpu_layers = 0
+mp.use_extra_bufts = extra_bufts
+m = L.llama_model_load_from_file(model.encode(), mp)
+if not m:
+    sys.exit(f"llama.cpp could not load {model}")
+cp = L.llama_context_default_params()
+cp.n_ctx = ((prompt_len + gen_len + 1 + 255) // 256) * 256
+cp.n_batch = cp.n_ubatch = max(512, prompt_len)  # the prompt is one decode call, as in mlcb
+cp.n_threads = cp.n_threads_batch = threads
+ctx = L.llama_init_from_model(m, cp)
+if not ctx:
+    sys.exit("llama.cpp could not create a context")
+vocab_p = L.llama_model_get_vocab(m)
+vocab = L.llama_vocab_n_tokens(vocab_p)
+stops = {L.llama_vocab_eos(vocab_p), L.llama_vocab_bos(vocab_p)}
 prompt = []
 for i in range(prompt_len):
     tok = (i * 7919 + 13) % vocab
     while tok in stops:
         tok = (tok + 1) % vocab
     prompt.append(tok)
-llm.reset()
+
+def decode(tokens):
+    arr = (L.llama_token * len(tokens))(*tokens)
+    rc = L.llama_decode(ctx, L.llama_batch_get_one(arr, len(tokens)))
+    if rc != 0:
+        sys.exit(f"llama_decode returned {rc}")
+    return np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+
 t = time.perf_counter()
-llm.eval(prompt)
+logits = decode(prompt)
 prefill_s = time.perf_counter() - t
 t = time.perf_counter()
 for _ in range(gen_len):
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    llm.eval([nxt])
+    logits = decode([int(np.argmax(logits))])
 decode_s = time.perf_counter() - t
 print(json.dumps({
     "threads": threads, "prompt_len": prompt_len, "gen_len": gen_len,
     "prefill_s": prefill_s, "decode_s": decode_s,
     "prefill_tok_s": prompt_len / prefill_s, "decode_tok_s": gen_len / decode_s,
     "peak_rss_bytes": rss("VmHWM"), "baseline_rss_bytes": baseline,
+    "extra_bufts": extra_bufts,
 }))
+L.llama_free(ctx)
+L.llama_model_free(m)
 PY
 
+# llama.cpp's OpenMP workers spin-wait by default; on a 2-core machine shared with other jobs that
+# makes 2 threads ~10x slower than 1. Passive waiting (what rayon does after a short spin) unless
+# the caller chose otherwise.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 if [ "$llama_ok" = 1 ]; then
     llama_ver="$("$venv/bin/python" -c "import llama_cpp; print(llama_cpp.__version__)")"
+    extra=1
+    if ! "$venv/bin/python" "$work/llama_cpp_runner.py" "$MODEL" "$PROMPT_LEN" 2 "$THREADS" 1 \
+        > /dev/null 2> "$work/llama-probe.log"; then
+        if "$venv/bin/python" "$work/llama_cpp_runner.py" "$MODEL" "$PROMPT_LEN" 2 "$THREADS" 0 \
+            > /dev/null 2>> "$work/llama-probe.log"; then
+            extra=0
+            echo "llama.cpp: crashed with its extra CPU buffer types (AMX/repack; see" \
+                "$work/llama-probe.log); measuring with use_extra_bufts=false" >&2
+        else
+            echo "llama.cpp: the runner fails even without extra buffer types; left out" \
+                "(log: $work/llama-probe.log)" >&2
+            llama_ok=0
+        fi
+    fi
+fi
+if [ "$llama_ok" = 1 ]; then
     for t in $threads_list; do
         for i in $(seq 1 "$RUNS"); do
-            say "llama.cpp (llama-cpp-python $llama_ver) threads=$t run $i/$RUNS"
+            say "llama.cpp (llama-cpp-python $llama_ver, extra_bufts=$extra) threads=$t run $i/$RUNS"
             /usr/bin/time -v -o "$work/time.txt" "$venv/bin/python" "$work/llama_cpp_runner.py" \
-                "$MODEL" "$PROMPT_LEN" "$GEN_LEN" "$t" > "$work/run.json" \
+                "$MODEL" "$PROMPT_LEN" "$GEN_LEN" "$t" "$extra" > "$work/run.json" \
                 || die "the llama.cpp runner failed ($work/llama_cpp_runner.py)"
             record "$work/run.json" "$work/time.txt" llama.cpp "gguf Q4_1"
         done
@@ -265,8 +314,9 @@ def ratio(a, b):
     return "-" if a is None or not b else f"{a / b:.2f}"
 
 print()
+import os
 print(f"SmolLM2-135M-Instruct, prompt {P} tokens (one prefill call), {G} greedy decode steps, "
-      f"median of {runs} runs")
+      f"median of {runs} runs; llama.cpp OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 for t in [int(x) for x in threads_list.split()]:
     keys = [k for k in groups if k[2] == t]
     if not keys:
