@@ -56,11 +56,12 @@ fn command(set: &Set, cache: &Path, dist: &Path) -> Command {
     c
 }
 
-fn build_ok(set: &Set, cache: &Path, dist: &Path) -> Duration {
+/// Build and return its duration and whether it found the cache index damaged (and recovered).
+fn build_ok(set: &Set, cache: &Path, dist: &Path) -> (Duration, bool) {
     let t = Instant::now();
     let out = command(set, cache, dist).output().unwrap();
     assert_success(&out);
-    t.elapsed()
+    (t.elapsed(), stderr(&out).contains("is damaged"))
 }
 
 /// `dir` is absent, or complete: its manifest lists files that all exist with the right sizes.
@@ -162,7 +163,7 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
     // Reference builds (clean cache, clean dist); their durations scale the kill delays.
     let mut durations = Vec::new();
     for (i, s) in sets.iter().enumerate() {
-        let d = build_ok(
+        let (d, _) = build_ok(
             s,
             &w.path().join(format!("ref-cache-{i}")),
             &w.path().join(format!("ref-dist-{i}")),
@@ -175,6 +176,7 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
         .unwrap_or(20261128);
     let mut rng = Rng(seed);
     let (mut killed_mid_build, mut finished_first, mut polls, mut leftovers) = (0, 0, 0u64, 0);
+    let mut index_recoveries = 0;
     for trial in 0..TRIALS {
         let si = trial % sets.len();
         let set = &sets[si];
@@ -234,7 +236,9 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
                 .filter(|n| n.starts_with('.') && n.contains(".tmp-"))
                 .count();
         // The next build succeeds, sweeps the dead build's temporaries and matches the reference.
-        build_ok(set, &cache, &dist);
+        if build_ok(set, &cache, &dist).1 {
+            index_recoveries += 1;
+        }
         for id in &set.ids {
             let got = dist.join(id);
             let reference = w.path().join(format!("ref-dist-{si}")).join(id);
@@ -265,7 +269,7 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
         std::fs::remove_dir_all(&dist).ok();
     }
     eprintln!(
-        "kill trials: {TRIALS} run, {killed_mid_build} killed mid-build, {finished_first} finished before the kill, all recovered; {leftovers} temporaries left by killed builds and swept; {polls} dist polls; reference builds {durations:?}; {:.1}s in all",
+        "kill trials: {TRIALS} run, {killed_mid_build} killed mid-build, {finished_first} finished before the kill, all recovered; {leftovers} temporaries left by killed builds and swept; {index_recoveries} damaged cache indexes rebuilt; {polls} dist polls; reference builds {durations:?}; {:.1}s in all",
         test_start.elapsed().as_secs_f64()
     );
     assert!(

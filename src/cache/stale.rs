@@ -19,6 +19,15 @@ pub fn dist_temp_owner(name: &str) -> Option<i32> {
     rest.split('-').next()?.parse().ok()
 }
 
+/// The owner pid of a damaged index moved aside by [`crate::cache::index`]: `index.corrupt-<pid>-<nonce>`.
+pub fn corrupt_index_owner(name: &str) -> Option<i32> {
+    name.strip_prefix("index.corrupt-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Whether a process with this pid exists (ours counts as alive). Permission errors mean it
 /// exists but belongs to someone else: alive.
 pub fn pid_alive(pid: i32) -> bool {
@@ -66,7 +75,9 @@ pub fn sweep_dead(dir: &Path, owner: impl Fn(&str) -> Option<i32>) -> usize {
 
 /// Sweep both places a build leaves temporaries in.
 pub fn sweep_build_leftovers(cache_root: &Path, dist_root: &Path) -> usize {
-    sweep_dead(&cache_root.join("tmp"), cache_temp_owner) + sweep_dead(dist_root, dist_temp_owner)
+    sweep_dead(&cache_root.join("tmp"), cache_temp_owner)
+        + sweep_dead(cache_root, corrupt_index_owner)
+        + sweep_dead(dist_root, dist_temp_owner)
 }
 
 #[cfg(test)]
@@ -83,6 +94,8 @@ mod tests {
         );
         assert_eq!(dist_temp_owner("tiny-llama-q4f16_1"), None);
         assert_eq!(dist_temp_owner(".hidden"), None);
+        assert_eq!(corrupt_index_owner("index.corrupt-77-abc"), Some(77));
+        assert_eq!(corrupt_index_owner("index.sled"), None);
     }
 
     #[test]
