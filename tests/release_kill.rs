@@ -170,6 +170,19 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
         );
         durations.push(d);
     }
+    // A warm build (every stage cached, fresh dist: link only) scales the shared-cache trials.
+    let warm: Vec<Duration> = sets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            build_ok(
+                s,
+                &w.path().join(format!("ref-cache-{i}")),
+                &w.path().join(format!("warm-dist-{i}")),
+            )
+            .0
+        })
+        .collect();
     let seed: u64 = std::env::var("MLCB_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -187,8 +200,9 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
             w.path().join(format!("cache-{trial}"))
         };
         let dist = w.path().join(format!("dist-{trial}"));
-        // Spread over the whole (cold) build, and a little past its end.
-        let delay = durations[si].mul_f64(1.1 * rng.unit());
+        // Spread over the whole build (cold, or warm for the shared cache), and a little past its end.
+        let scale = if shared { warm[si] } else { durations[si] };
+        let delay = scale.mul_f64(1.1 * rng.unit());
         let ctx = format!(
             "trial {trial} (seed {seed}, set {si}, shared cache {shared}, kill after {delay:?})"
         );
@@ -269,7 +283,7 @@ fn killed_builds_never_leave_half_artifacts_and_recover_bit_identical() {
         std::fs::remove_dir_all(&dist).ok();
     }
     eprintln!(
-        "kill trials: {TRIALS} run, {killed_mid_build} killed mid-build, {finished_first} finished before the kill, all recovered; {leftovers} temporaries left by killed builds and swept; {index_recoveries} damaged cache indexes rebuilt; {polls} dist polls; reference builds {durations:?}; {:.1}s in all",
+        "kill trials: {TRIALS} run, {killed_mid_build} killed mid-build, {finished_first} finished before the kill, all recovered; {leftovers} temporaries left by killed builds and swept; {index_recoveries} damaged cache indexes rebuilt; {polls} dist polls; cold builds {durations:?}, warm {warm:?}; {:.1}s in all",
         test_start.elapsed().as_secs_f64()
     );
     assert!(
