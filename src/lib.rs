@@ -16,4 +16,5 @@ pub mod model;
 pub mod quant;
 pub mod recipe;
 pub mod runtime;
+pub mod safe_path;
 pub mod stages;

@@ -165,6 +165,13 @@ impl BlobStore {
     }
 }
 
+/// A blake3 hex digest (64 lowercase hex digits): safe to use as a blob path.
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// blake3 and size of a file, streamed.
 pub fn hash_file(path: &Path) -> Result<(String, u64)> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;

@@ -64,6 +64,7 @@ impl Index {
         let start = Instant::now();
         let mut noticed = false;
         let mut delay = Duration::from_millis(2);
+        let mut recoveries = 0;
         loop {
             match sled::Config::new().path(&self.path).flush_every_ms(None).open() {
                 Ok(db) => return Ok(db),
@@ -82,6 +83,18 @@ impl Index {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_millis(50));
                 }
+                // sled 0.34 can leave a torn snapshot or log when a process is killed mid-write
+                // (spacejam/sled#1509, #1527). The index holds only derived data (records of
+                // content-addressed blobs, digest memos), so start a new one: stages whose
+                // records are lost run again and find their blobs already stored.
+                Err(e @ sled::Error::Corruption { .. }) if recoveries < 3 => {
+                    recoveries += 1;
+                    tracing::warn!(
+                        "the cache index {} is damaged ({e}), probably by a build that was killed; starting a new index (stages will be checked again)",
+                        self.path.display()
+                    );
+                    self.quarantine();
+                }
                 Err(e) => {
                     return Err(crate::error::env(format!(
                         "cannot open the cache index {}: {e}; if it is corrupt, run `mlcb clean --cache`",
@@ -89,6 +102,21 @@ impl Index {
                     )))
                 }
             }
+        }
+    }
+}
+
+impl Index {
+    /// Move a damaged database out of the way (atomically, so a concurrent process either sees
+    /// the old one or none) and delete it.
+    fn quarantine(&self) {
+        let aside = self.path.with_extension(format!(
+            "corrupt-{}-{:x}",
+            std::process::id(),
+            crate::cache::blobs::rand_nonce()
+        ));
+        if std::fs::rename(&self.path, &aside).is_ok() {
+            std::fs::remove_dir_all(&aside).ok();
         }
     }
 }

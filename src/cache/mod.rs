@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod index;
 pub mod key;
+pub mod stale;
 
 use anyhow::{Context, Result};
 use blobs::BlobStore;
@@ -73,7 +74,12 @@ impl Cache {
         let rec: Option<StageRecord> = self
             .index
             .with(|db| get_json(db, &format!("stage/{key}")))?;
-        Ok(rec.filter(|r| r.outputs.values().all(|o| self.blobs.contains(&o.digest))))
+        // A digest names a blob path: only well-formed ones count (a damaged index is a miss).
+        Ok(rec.filter(|r| {
+            r.outputs
+                .values()
+                .all(|o| blobs::is_digest(&o.digest) && self.blobs.contains(&o.digest))
+        }))
     }
 
     /// The record for `key` (if every output blob is present), and in the same index session note

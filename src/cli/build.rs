@@ -65,6 +65,10 @@ pub struct BuildArgs {
     /// Print a machine-readable report on stdout at the end.
     #[arg(long)]
     pub json: bool,
+    /// Refuse to build unless every source resolves exactly as recorded in mlcb.lock (next to
+    /// the first recipe); without it, a build writes or updates mlcb.lock.
+    #[arg(long)]
+    pub locked: bool,
     /// Run at most N stages at once.
     #[arg(short = 'j', long, default_value_t = 2)]
     pub jobs: usize,
@@ -137,6 +141,12 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
         }
         (None, None) => unreachable!("flag form needs --model or --hf-path"),
     };
+    // Same rule as recipes: the name becomes the dist folder name.
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) {
+        crate::user_bail!(
+            "model name {name:?} must be a plain folder name (no `/`, not starting with `.`)"
+        );
+    }
     let target_name = args.target.as_deref().unwrap_or("cpu");
     let preset = recipe::targets::target(target_name).ok_or_else(|| {
         crate::error::user(format!(
@@ -211,6 +221,13 @@ pub fn execute(args: BuildArgs) -> Result<()> {
     let ctx = Arc::new(context(&args, probe)?);
     let start = std::time::Instant::now();
     let graph = Arc::new(dag::build(recipes)?);
+    let lock_path = super::lock::lock_path(&args.recipes);
+    if !probe {
+        crate::cache::stale::sweep_build_leftovers(&ctx.cache.root, &ctx.dist_root);
+        if args.locked {
+            super::lock::check_locked(&ctx, &graph, &lock_path)?;
+        }
+    }
     // A corrupt blob found while linking has been evicted: run again so its stage rebuilds.
     let mut attempts = 0;
     let result = loop {
@@ -236,6 +253,9 @@ pub fn execute(args: BuildArgs) -> Result<()> {
     };
     ctx.cache.index.release();
     ctx.cache.blobs.sweep_own_temp();
+    if !probe && !args.locked {
+        super::lock::update(&ctx, &graph, &result.outputs, &lock_path)?;
+    }
     let total = start.elapsed().as_secs_f64();
     let artifacts: Vec<String> = graph
         .graph

@@ -3,9 +3,11 @@
 pub mod bench;
 pub mod build;
 pub mod chat;
+pub mod lock;
 pub mod logits;
 pub mod quantize;
 pub mod run;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +43,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Write float32 logits for every position of a token sequence (the evaluation interface).
     Logits(logits::LogitsArgs),
+    /// Check a built artifact folder against its build-manifest.json (exit 2 when it differs).
+    Verify(verify::VerifyArgs),
 }
 
 /// Run the parsed command.
@@ -54,5 +58,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(a) => chat::execute(a),
         Command::Bench(a) => bench::execute(a),
         Command::Logits(a) => logits::execute(a),
+        Command::Verify(a) => verify::execute(a),
     }
 }

@@ -370,6 +370,7 @@ fn shard_path(dir: &Path, cache_path: &Path, data_path: &str) -> Result<PathBuf>
 /// only `*.mlcblib` in the folder.
 fn find_library(dir: &Path, config: &ChatConfig) -> Result<PathBuf> {
     if let Some(name) = &config.model_lib_file {
+        crate::safe_path::check_file_name(name, "model_lib_file")?;
         let p = dir.join(name);
         if !p.is_file() {
             user_bail!(
@@ -381,6 +382,8 @@ fn find_library(dir: &Path, config: &ChatConfig) -> Result<PathBuf> {
         return Ok(p);
     }
     if let Some(target) = &config.target {
+        let name = format!("{}-{target}.{LIBRARY_EXTENSION}", config.model_lib);
+        crate::safe_path::check_file_name(&name, "model_lib/target of the chat config")?;
         let p = dir.join(format!("{}-{target}.{LIBRARY_EXTENSION}", config.model_lib));
         if p.is_file() {
             return Ok(p);

@@ -28,6 +28,8 @@ pub fn hub(ctx: &BuildContext, repo: &str, revision: &str) -> Result<(PathBuf, S
     let info = handle.info().map_err(|e| {
         crate::error::env(format!("cannot reach {repo}@{revision} on the hub at {endpoint}: {e}; check the name, HF_ENDPOINT and the network"))
     })?;
+    // The commit names the snapshot folder: it must be a plain name.
+    crate::safe_path::check_file_name(&info.sha, "hub commit id")?;
     let mut names: Vec<String> = info
         .siblings
         .iter()

@@ -150,6 +150,8 @@ fn default_conv_template(
 
 pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
     let local_id = req.recipe.local_id();
+    // The folder name comes from the model name: it must stay one folder inside the dist root.
+    crate::safe_path::check_file_name(&local_id, "artifact folder name (model name)")?;
     let desc = super::load::read_description(ctx, req.model)?;
     let tokenizer: BTreeMap<String, &OutputRef> = req
         .model
@@ -227,9 +229,10 @@ fn up_to_date(dest: &Path, key: &str) -> bool {
     };
     (m.link_key == key || m.library_links.values().any(|k| k == key))
         && m.outputs.iter().all(|(p, o)| {
-            std::fs::metadata(dest.join(p))
-                .map(|md| md.len() == o.size)
-                .unwrap_or(false)
+            crate::safe_path::check_relative(p, "").is_ok()
+                && std::fs::metadata(dest.join(p))
+                    .map(|md| md.len() == o.size)
+                    .unwrap_or(false)
         })
 }
 
@@ -249,6 +252,8 @@ fn assemble(
         .map_err(|e| crate::error::env(format!("cannot create {}: {e}", params.display())))?;
     let mut outputs: BTreeMap<String, OutputRef> = BTreeMap::new();
     let mut put = |rel: String, o: &OutputRef| -> Result<()> {
+        // Output names come from cache records; never let one write outside the new folder.
+        crate::safe_path::check_relative(&rel, "artifact output path")?;
         ctx.cache.blobs.copy_verified(&o.digest, &tmp.join(&rel))?;
         outputs.insert(rel, o.clone());
         Ok(())
@@ -258,6 +263,7 @@ fn assemble(
     }
     // Tokenizer files go into params/ before the chat config that lists them (MLC #668).
     for (name, o) in tokenizer {
+        crate::safe_path::check_file_name(name, "tokenizer file name")?;
         put(format!("params/{name}"), o)?;
     }
     let mut libraries = BTreeMap::new();
@@ -410,6 +416,13 @@ fn carry_over_libraries(
         return Ok(());
     }
     for (file, target) in &old.libraries {
+        crate::safe_path::check_file_name(file, "model library name").map_err(|e| {
+            crate::error::user(format!(
+                "{} lists a library that would lie outside the folder: {e:#}; remove {} and build again",
+                dest.join(MANIFEST).display(),
+                dest.display()
+            ))
+        })?;
         if libraries.contains_key(file) || libraries.values().any(|t| t == target) {
             continue;
         }
