@@ -1,25 +1,41 @@
-//! Experimental: GEMV for q4 NK weights (`q4f16_1`) with the activation vector quantized to int8
-//! per block of 32 (`d = absmax/127`, `xq = round_half_even(x/d)`), so a group's dot product is
-//! an exact integer sum (`maddubs` on AVX2). Not the default: it adds an error of up to
-//! `Σ|w|·d/2` from rounding `x`, see `super::matmul_int8_activations`.
+//! GEMV for 4- and 8-bit symmetric NK weights (`q4f16_1`, `q8f16_1`) with the activation vector
+//! quantized to int8 per block of 32 (`d = absmax/127`, `xq = round_half_even(x/d)`), so a
+//! group's dot product is an exact integer sum (`maddubs` on AVX2) — the scheme llama.cpp uses for
+//! its quantized dot products. It adds an error of up to `Σ|w|·d/2` from rounding `x`, see
+//! `super::matmul_int8_activations`; the decode step uses it.
 //!
-//! `Σ (q-7)·x ≈ s·d·Σ q·xq - 7·s·d·Σ xq`: the second term is precomputed per block of `x`.
+//! q4: `Σ (q-7)·x ≈ s·d·Σ q·xq - 7·s·d·Σ xq`, the second term precomputed per block of `x`.
+//! q8: `Σ (q-127)·x ≈ s·d·Σ (q-127)·xq` with `q - 127` in i8.
 
 use super::matrix::QMatrix;
 
-/// `x` quantized per block of 32, codes reordered to the byte layout of a q4 group: the 16
-/// low-nibble positions `0, 2, …, 30` first, then the high-nibble positions `1, 3, …, 31`.
+/// Which weight codes a [`QuantizedX`] is laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CodeOrder {
+    /// The byte layout of a q4 group: the 16 low-nibble positions `0, 2, …, 30` first, then the
+    /// high-nibble positions `1, 3, …, 31`.
+    Nibbles,
+    /// Position order (q8 groups store one code per byte).
+    Positions,
+}
+
+/// `x` quantized per block of 32.
 pub(super) struct QuantizedX {
     q: Vec<i8>,
     /// Block scales, zero-padded to a multiple of 8 blocks.
     d: Vec<f32>,
-    /// `-7·d·Σ xq` per block (the offset term), zero-padded like `d`.
+    /// `-7·d·Σ xq` per block (the q4 offset term), zero-padded like `d`.
     bias: Vec<f32>,
+    order: CodeOrder,
 }
+
+/// `1.5·2^23`: adding and subtracting it rounds an f32 of magnitude below 2^22 to the nearest
+/// integer, ties to even (the default rounding mode), without a libm call and vectorisably.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 impl QuantizedX {
     /// `x.len()` must be a multiple of 32.
-    pub fn new(x: &[f32]) -> QuantizedX {
+    pub fn new(x: &[f32], order: CodeOrder) -> QuantizedX {
         assert_eq!(x.len() % 32, 0);
         let blocks = x.len() / 32;
         let padded = blocks.div_ceil(8) * 8;
@@ -28,20 +44,56 @@ impl QuantizedX {
             let xs = &x[b * 32..b * 32 + 32];
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let db = amax / 127.0;
-            let mut sum = 0i32;
+            let mut codes = [0f32; 32];
             if db > 0.0 {
-                for (i, v) in xs.iter().enumerate() {
-                    let c = (v / db).round_ties_even().clamp(-127.0, 127.0) as i8;
-                    sum += c as i32;
+                // |v / db| <= 127 (up to rounding), far below 2^22.
+                for (c, v) in codes.iter_mut().zip(xs) {
+                    *c = ((v / db + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0);
+                }
+            }
+            let mut sum = 0i32;
+            let dst = &mut q[b * 32..b * 32 + 32];
+            for (i, &c) in codes.iter().enumerate() {
+                let c = c as i8;
+                sum += c as i32;
+                match order {
                     // Position i is nibble i % 2 of byte i / 2.
-                    q[b * 32 + (i % 2) * 16 + i / 2] = c;
+                    CodeOrder::Nibbles => dst[(i % 2) * 16 + i / 2] = c,
+                    CodeOrder::Positions => dst[i] = c,
                 }
             }
             d[b] = db;
             bias[b] = -7.0 * db * sum as f32;
         }
-        QuantizedX { q, d, bias }
+        QuantizedX { q, d, bias, order }
     }
+}
+
+/// Bytes ahead of the row being multiplied that the kernels ask the CPU to fetch: the rows are
+/// streamed once per token, and the hardware prefetcher alone leaves the loads stalling.
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Hints the CPU to fetch `bytes[start..start + len]` (clipped to `bytes`) into cache.
+#[inline]
+fn prefetch(bytes: &[u8], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = (start + len).min(bytes.len());
+        let mut p = start;
+        while p < end {
+            // SAFETY: `p` indexes `bytes`; a prefetch never faults and reads nothing back.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(p) as *const i8) };
+            p += 64;
+        }
+        if start < end {
+            // The last line, in case the range does not start on a line boundary.
+            // SAFETY: as above, `end - 1` indexes `bytes`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(end - 1) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, start, len);
 }
 
 fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
@@ -52,32 +104,61 @@ fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
     )
 }
 
-/// `out[j] ≈ Σ_k x[k]·w[n0 + j, k]` for a matrix accepted by `super::q4_nk::applies` with
-/// `K % 32 == 0`.
+/// Which kernel a row goes through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bits {
+    Four,
+    Eight,
+}
+
+/// `out[j] ≈ Σ_k x[k]·w[n0 + j, k]` for a matrix accepted by `super::q4_nk::applies` (with `x`
+/// in nibble order) or `super::q8_nk::applies` (position order), with `K % 32 == 0`.
 pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32]) {
     assert_eq!(m.k % 32, 0);
     assert_eq!(x.q.len(), m.k);
+    let bits = match (m.bits, x.order) {
+        (4, CodeOrder::Nibbles) => Bits::Four,
+        (8, CodeOrder::Positions) => Bits::Eight,
+        other => panic!("int8-activation GEMV for {other:?}"),
+    };
     let groups = m.k / 32;
+    let (wb, sb) = (m.words_per_row * 4, m.n_group * 2);
+    let rows_ahead = (PREFETCH_AHEAD / wb).max(1);
     #[cfg(target_arch = "x86_64")]
     let simd = super::simd::has_avx2();
     for (j, o) in out.iter_mut().enumerate() {
-        let (data, scales) = row_bytes(m, n0 + j);
+        let row = n0 + j;
+        prefetch(m.data, (row + rows_ahead) * wb, wb);
+        prefetch(m.scales, (row + rows_ahead) * sb, sb);
+        let (data, scales) = row_bytes(m, row);
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: AVX2/FMA/F16C present; `data` has 16 bytes, `scales` 2 bytes and `x.q` 32
-            // codes per group; `x.d` and `x.bias` are padded to whole blocks of 8 groups.
-            *o = unsafe { avx2::row_dot(data, scales, x, groups) };
+            // SAFETY: AVX2/FMA/F16C present; `data` has 16 (q4) or 32 (q8) bytes, `scales` 2
+            // bytes and `x.q` 32 codes per group; `x.d` and `x.bias` are padded to whole blocks
+            // of 8 groups.
+            *o = unsafe {
+                match bits {
+                    Bits::Four => avx2::row_dot_q4(data, scales, x, groups),
+                    Bits::Eight => avx2::row_dot_q8(data, scales, x, groups),
+                }
+            };
             continue;
         }
-        *o = portable_row_dot(data, scales, x, groups);
+        *o = match bits {
+            Bits::Four => portable_row_dot_q4(data, scales, x, groups),
+            Bits::Eight => portable_row_dot_q8(data, scales, x, groups),
+        };
     }
 }
 
-fn portable_row_dot(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
+fn scale(scales: &[u8], g: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
+}
+
+fn portable_row_dot_q4(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
     let (mut total, mut offset) = (0f32, 0f32);
     for g in 0..groups {
-        let s =
-            half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32();
+        let s = scale(scales, g);
         let xq = &x.q[g * 32..g * 32 + 32];
         let mut isum = 0i32;
         for (i, b) in data[g * 16..g * 16 + 16].iter().enumerate() {
@@ -89,17 +170,56 @@ fn portable_row_dot(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -
     total + offset
 }
 
+fn portable_row_dot_q8(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
+    let mut total = 0f32;
+    for g in 0..groups {
+        let s = scale(scales, g);
+        let xq = &x.q[g * 32..g * 32 + 32];
+        let isum: i32 = data[g * 32..g * 32 + 32]
+            .iter()
+            .zip(xq)
+            .map(|(&q, &v)| (q as i32 - 127) * v as i32)
+            .sum();
+        total = (isum as f32).mul_add(s * x.d[g], total);
+    }
+    total
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::simd::avx2::hsum;
     use super::QuantizedX;
     use std::arch::x86_64::*;
 
+    /// `s·d` for the (up to) 8 groups from `g`, and the scales themselves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_scales(
+        scales: &[u8],
+        x: &QuantizedX,
+        g: usize,
+        nb: usize,
+    ) -> (__m256, [f32; 8]) {
+        let sv = if nb == 8 {
+            _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * g) as *const __m128i))
+        } else {
+            let mut buf = [0u8; 16];
+            buf[..2 * nb].copy_from_slice(&scales[2 * g..2 * g + 2 * nb]);
+            _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+        };
+        let mut comb = [0f32; 8];
+        _mm256_storeu_ps(
+            comb.as_mut_ptr(),
+            _mm256_mul_ps(sv, _mm256_loadu_ps(x.d.as_ptr().add(g))),
+        );
+        (sv, comb)
+    }
+
     /// # Safety
     /// AVX2, FMA and F16C must be available; `data.len() >= 16·groups`,
     /// `scales.len() >= 2·groups`, `x.q.len() >= 32·groups`, `x.d`/`x.bias` padded to 8 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
+    pub unsafe fn row_dot_q4(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
         assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups);
         assert!(x.q.len() >= 32 * groups && x.d.len() >= groups.div_ceil(8) * 8);
         assert!(x.bias.len() == x.d.len());
@@ -110,21 +230,8 @@ mod avx2 {
         let mut g = 0;
         while g < groups {
             let nb = (groups - g).min(8);
-            let sv = if nb == 8 {
-                _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * g) as *const __m128i))
-            } else {
-                let mut buf = [0u8; 16];
-                for (i, b) in buf.iter_mut().enumerate().take(2 * nb) {
-                    *b = scales[2 * g + i];
-                }
-                _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
-            };
+            let (sv, comb) = block_scales(scales, x, g, nb);
             offset = _mm256_fmadd_ps(sv, _mm256_loadu_ps(x.bias.as_ptr().add(g)), offset);
-            let mut comb = [0f32; 8];
-            _mm256_storeu_ps(
-                comb.as_mut_ptr(),
-                _mm256_mul_ps(sv, _mm256_loadu_ps(x.d.as_ptr().add(g))),
-            );
             for (i, &c) in comb.iter().enumerate().take(nb) {
                 let b = _mm_loadu_si128(data.as_ptr().add(16 * (g + i)) as *const __m128i);
                 let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), mask);
@@ -136,5 +243,37 @@ mod avx2 {
             g += nb;
         }
         hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(offset)
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `data.len() >= 32·groups`,
+    /// `scales.len() >= 2·groups`, `x.q.len() >= 32·groups`, `x.d` padded to 8 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_dot_q8(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
+        assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups);
+        assert!(x.q.len() >= 32 * groups && x.d.len() >= groups.div_ceil(8) * 8);
+        let off = _mm256_set1_epi8(127);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut g = 0;
+        while g < groups {
+            let nb = (groups - g).min(8);
+            let (_, comb) = block_scales(scales, x, g, nb);
+            for (i, &c) in comb.iter().enumerate().take(nb) {
+                // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
+                let w = _mm256_sub_epi8(
+                    _mm256_loadu_si256(data.as_ptr().add(32 * (g + i)) as *const __m256i),
+                    off,
+                );
+                let xv = _mm256_loadu_si256(x.q.as_ptr().add(32 * (g + i)) as *const __m256i);
+                // |w| (u8, at most 127) × (x with w's sign): pairs at most 2·127·127, no i16
+                // saturation.
+                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+                let p = _mm256_madd_epi16(p, ones);
+                acc[i & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(c), acc[i & 1]);
+            }
+            g += nb;
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 }

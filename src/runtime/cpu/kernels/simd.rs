@@ -74,6 +74,22 @@ pub(super) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     ]
 }
 
+/// `out[c][r] = Σ w[r]·x[c]`: four weight rows against three activation rows (twelve
+/// accumulators, so each load feeds three or four FMAs). Every value is computed exactly as
+/// [`dot4`] computes it, so callers may mix the two freely.
+pub(super) fn dot4x3(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 4]; 3] {
+    let n = x[0].len();
+    for r in w.iter().chain(&x) {
+        assert_eq!(r.len(), n);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; all lengths are equal.
+        return unsafe { avx2::dot4x3(w, x) };
+    }
+    [dot4(w, x[0]), dot4(w, x[1]), dot4(w, x[2])]
+}
+
 /// Eight independent partial sums, combined pairwise: vectorisable, and a reassociation of the
 /// SIMD kernels' order.
 pub(super) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
@@ -169,6 +185,42 @@ pub(super) mod avx2 {
                 out[r] = w[r][i].mul_add(x[i], out[r]);
             }
             i += 1;
+        }
+        out
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; every `w[r]` and `x[c]` has the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4x3(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 4]; 3] {
+        let n = x[0].len();
+        let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr()];
+        let pw = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = [
+                _mm256_loadu_ps(px[0].add(i)),
+                _mm256_loadu_ps(px[1].add(i)),
+                _mm256_loadu_ps(px[2].add(i)),
+            ];
+            for r in 0..4 {
+                let wv = _mm256_loadu_ps(pw[r].add(i));
+                for c in 0..3 {
+                    acc[c][r] = _mm256_fmadd_ps(wv, xv[c], acc[c][r]);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0f32; 4]; 3];
+        for c in 0..3 {
+            for r in 0..4 {
+                let mut s = hsum(acc[c][r]);
+                for p in i..n {
+                    s = w[r][p].mul_add(x[c][p], s);
+                }
+                out[c][r] = s;
+            }
         }
         out
     }

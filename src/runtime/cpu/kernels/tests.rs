@@ -160,18 +160,28 @@ fn results_do_not_depend_on_thread_count() {
         let e = Encoded::new(name, TensorRole::Linear, n, k, &rng.vec(n * k));
         for rows in [1, 3] {
             let x = rng.vec(rows * k);
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut out = vec![0f32; rows * n];
-                pool.install(|| e.with_view(|w| matmul(w, &x, rows, &mut out)));
-                out
-            };
-            let one = run(1);
-            assert_eq!(one, run(2), "{name} rows={rows}");
-            assert_eq!(one, run(5), "{name} rows={rows}");
+            for int8 in [false, true] {
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![0f32; rows * n];
+                    pool.install(|| {
+                        e.with_view(|w| {
+                            if int8 {
+                                matmul_int8_activations(w, &x, rows, &mut out)
+                            } else {
+                                matmul(w, &x, rows, &mut out)
+                            }
+                        })
+                    });
+                    out
+                };
+                let one = run(1);
+                assert_eq!(one, run(2), "{name} rows={rows} int8={int8}");
+                assert_eq!(one, run(5), "{name} rows={rows} int8={int8}");
+            }
         }
     }
 }
@@ -297,13 +307,20 @@ fn int8_activation_gemv_error_is_bounded() {
             .unwrap();
         pool.install(|| {
             FORCE_PORTABLE.with(|f| f.set(portable));
-            for (n, k) in [(37, 64), (19, 320), (8, 32)] {
+            for (name, maxq, n, k) in [
+                ("q4f16_1", 7.0, 37, 64),
+                ("q4f16_1", 7.0, 19, 320),
+                ("q4f16_1", 7.0, 8, 32),
+                ("q8f16_1", 127.0, 37, 64),
+                ("q8f16_1", 127.0, 19, 320),
+                ("q8f16_1", 127.0, 8, 32),
+            ] {
                 let e = Encoded::new(
-                    "q4f16_1",
+                    name,
                     TensorRole::Linear,
                     n,
                     k,
-                    &grid_weights(&mut rng, n, k, 7.0, 32),
+                    &grid_weights(&mut rng, n, k, maxq, 32),
                 );
                 let x = rng.vec(k);
                 let mut out = vec![0f32; n];
@@ -324,12 +341,12 @@ fn int8_activation_gemv_error_is_bounded() {
                     let got = *got as f64;
                     assert!(
                         (got - grid).abs() <= 1e-5 * mag,
-                        "[{n},{k}] row {j}: {got} vs {grid} on the int8 grid"
+                        "{name} [{n},{k}] row {j}: {got} vs {grid} on the int8 grid"
                     );
                     let err = (got - exact).abs();
                     assert!(
                         err <= bound * 1.001 + 1e-5 * mag,
-                        "[{n},{k}] row {j}: {got} vs {exact}"
+                        "{name} [{n},{k}] row {j}: {got} vs {exact}"
                     );
                     worst = worst.max(err / mag);
                     sum_rel += err / mag;
@@ -345,10 +362,37 @@ fn int8_activation_gemv_error_is_bounded() {
         worst
     );
     // Unsupported weights fall back to the exact path.
-    let e = Encoded::new("q8f16_1", TensorRole::Linear, 5, 64, &rng.vec(320));
+    let e = Encoded::new("q4f16_0", TensorRole::Linear, 5, 64, &rng.vec(320));
     let x = rng.vec(64);
     let (mut a, mut b) = (vec![0f32; 5], vec![0f32; 5]);
     e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut a));
     e.with_view(|w| matmul(w, &x, 1, &mut b));
     assert_eq!(a, b);
+}
+
+/// The 4×3 prefill tile gives bit-identical values to `dot4` (its callers mix the two), and both
+/// match an f64 reference, for lengths with and without a SIMD tail.
+#[test]
+fn dot4x3_equals_dot4() {
+    let mut rng = Rng(99);
+    for n in [1, 7, 8, 29, 64, 576] {
+        let w: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(n)).collect();
+        let x: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
+        let wr = [&w[0][..], &w[1][..], &w[2][..], &w[3][..]];
+        let got = super::simd::dot4x3(wr, [&x[0], &x[1], &x[2]]);
+        for c in 0..3 {
+            assert_eq!(got[c], super::simd::dot4(wr, &x[c]), "n={n} c={c}");
+            for r in 0..4 {
+                let want: f64 = w[r]
+                    .iter()
+                    .zip(&x[c])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!(
+                    (got[c][r] as f64 - want).abs() < 1e-4 * (n as f64).sqrt(),
+                    "n={n}"
+                );
+            }
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Causal multi-head attention over a growing KV cache (`Op::Attention`).
 
+use crate::runtime::cpu::kernels;
 use rayon::prelude::*;
 
 /// Keys and values of one layer for the positions processed so far, `[len, n_kv_heads·head_dim]`
@@ -45,7 +46,7 @@ pub fn attention(
             let mut scores: Vec<f32> = (0..n_ctx)
                 .map(|j| {
                     let k = &keys[j * kv_cols + kv_off..j * kv_cols + kv_off + head_dim];
-                    q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    kernels::dot(q, k) * scale
                 })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
