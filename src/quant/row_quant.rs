@@ -79,7 +79,10 @@ mod f16_simd {
         let t = to_f16_and_back(_mm256_div_ps(x, _mm256_set1_ps(s)));
         let u = to_f16_and_back(_mm256_add_ps(t, _mm256_set1_ps(maxq)));
         let q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(u);
-        let q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(2.0 * maxq));
+        let q = _mm256_min_ps(
+            _mm256_max_ps(q, _mm256_setzero_ps()),
+            _mm256_set1_ps(2.0 * maxq),
+        );
         let qi = _mm256_cvttps_epi32(q);
         _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, qi);
     }
@@ -124,17 +127,27 @@ mod simd_tests {
     /// The vectorised f16 path gives exactly the scalar formula's codes, ties and all.
     #[test]
     fn f16_codes_match_the_scalar_formula() {
-        let enc = Encoding::Sym { bits: 4, group: 32, storage: DType::U32 };
+        let enc = Encoding::Sym {
+            bits: 4,
+            group: 32,
+            storage: DType::U32,
+        };
         let k = 96;
         let geo = Geometry::new(&enc, Layout::NK, 1, k);
         let mut seed = 12345u64;
         for round in 0..200 {
             let row: Vec<f32> = (0..k)
                 .map(|i| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let r = ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
                     // Some rounds use coarse values so that exact ties occur.
-                    let v = if round % 2 == 0 { (r * 16.0).round() / 8.0 } else { r * 0.1 };
+                    let v = if round % 2 == 0 {
+                        (r * 16.0).round() / 8.0
+                    } else {
+                        r * 0.1
+                    };
                     round_to(DType::F16, if i == 5 { 0.0 } else { v })
                 })
                 .collect();
