@@ -138,6 +138,24 @@ impl TensorSource for SafetensorsFile {
             data: Cow::Borrowed(&self.map[s..e]),
         })
     }
+
+    fn release(&self, name: &str) {
+        if let Some(&i) = self.by_name.get(name) {
+            let (s, e) = self.ranges[i];
+            release_pages(&self.map, s, e);
+        }
+    }
+}
+
+/// Drop the whole pages inside `start..end` of a read-only file mapping from the resident set.
+pub(crate) fn release_pages(map: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let (a, b) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+    if b > a {
+        // SAFETY: the mapping is a read-only shared file mapping; MADV_DONTNEED only drops pages,
+        // which the kernel reads back from the file on the next access, so contents never change.
+        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) }.ok();
+    }
 }
 
 #[cfg(test)]

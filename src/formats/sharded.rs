@@ -65,6 +65,12 @@ impl TensorSource for MultiSource {
         &self.infos
     }
 
+    fn release(&self, name: &str) {
+        if let Some(&i) = self.owner.get(name) {
+            self.parts[i].1.release(name);
+        }
+    }
+
     fn read(&self, name: &str) -> Result<Tensor<'_>> {
         match self.owner.get(name) {
             Some(&i) => self.parts[i].1.read(name),

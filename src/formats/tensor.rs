@@ -94,6 +94,11 @@ pub trait TensorSource: Send + Sync {
     /// Read one tensor's data. Borrowed from a memory map where the format allows.
     fn read(&self, name: &str) -> Result<Tensor<'_>>;
 
+    /// A hint that `name` will not be read again soon: memory-mapped sources drop its pages from
+    /// this process's resident set (the file stays in the page cache), so streaming a model
+    /// tensor by tensor keeps the peak at a few tensors.
+    fn release(&self, _name: &str) {}
+
     fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.infos().iter().find(|i| i.name == name)
     }

@@ -73,6 +73,9 @@ pub fn write_params(
     let mut writer = NdArrayCacheWriter::new(dir)?;
     for p in params {
         let values = crate::model::build_param(p, source)?;
+        for name in p.sources.iter().flat_map(|s| s.split('|')) {
+            source.release(name);
+        }
         let logical = p.shape.iter().product::<usize>() as u64;
         for rec in crate::quant::quantize_param(scheme, p.role, &p.name, &p.shape, &values)? {
             // BitsPerParam counts each weight once: on its data record, not on its scales.
