@@ -204,7 +204,10 @@ pub fn check_against_reference(
             // summation order, which differs between one-row and multi-row matmuls).
             let last = model.session().forward(&r.ids, false).unwrap();
             let e = rel_err(&last, &logits[(r.ids.len() - 1) * vocab..]);
-            assert!(e <= 1e-6, "prompt {pi}: last-row logits differ from all-row logits by {e:.3e}");
+            assert!(
+                e <= 1e-6,
+                "prompt {pi}: last-row logits differ from all-row logits by {e:.3e}"
+            );
         }
     });
     m
