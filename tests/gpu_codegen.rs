@@ -214,3 +214,60 @@ fn codegen_is_keyed_by_target_and_stable_across_builds() {
         assert_eq!(s2, "cached", "{l2}");
     }
 }
+
+#[test]
+fn pinned_tuning_records_shape_the_kernels_and_bad_ones_are_user_errors() {
+    let w = Work::new();
+    let fx = "tiny-llama";
+    let sig = "decode:rms_norm[256]";
+    let tuning = |wg: u32| {
+        serde_json::json!({
+            "device": "test", "tuned": true,
+            "records": { sig: {"workgroup_size": wg, "rows_per_workgroup": 1, "vector_width": 4} }
+        })
+        .to_string()
+    };
+    // tuning_file is a top-level recipe key (relative to the recipe).
+    let recipe = |file: &str| {
+        recipe_text(fx, &fixture(fx), "q4f16_1", "webgpu").replacen(
+            "[model]",
+            &format!("tuning_file = \"{file}\"\n[model]"),
+            1,
+        )
+    };
+    std::fs::write(w.path().join("good.json"), tuning(128)).unwrap();
+    std::fs::write(w.path().join("bad.json"), tuning(48)).unwrap();
+    let good = w.recipe("good.toml", &recipe("good.json"));
+    w.build_json(&[&good], &[]);
+    let id = "tiny-llama-q4f16_1";
+    let lib = ModelLibrary::read(&w.dist().join(id).join(format!("{id}-webgpu.mlcblib"))).unwrap();
+    let k = lib
+        .header
+        .kernels
+        .iter()
+        .find(|k| k.signature == sig)
+        .unwrap();
+    assert_eq!(k.launch["workgroup_size"][0], 128);
+    let src = std::str::from_utf8(lib.kernel_bytes(k)).unwrap();
+    assert!(src.contains("const WG: u32 = 128u;"), "{src}");
+    let other = lib
+        .header
+        .kernels
+        .iter()
+        .find(|k| k.signature == "prefill:rms_norm[256]")
+        .unwrap();
+    assert_eq!(other.launch["workgroup_size"][0], 64, "preset default");
+
+    let bad = w.recipe("bad.toml", &recipe("bad.json"));
+    let out = w.build(&[&bad], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad tuning record is a user error"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(sig) && err.contains("workgroup_size 48"),
+        "{err}"
+    );
+}
