@@ -3,7 +3,8 @@
 //! `<model>-<quant>-<kind>.mlcblib` (see `formats::model_lib`).
 //!
 //! The CPU target executes the plan with native kernels, so its library holds no kernel blobs.
-//! GPU kernel generation (WGSL/SPIR-V/MSL, CUDA PTX) plugs in here per kernel language.
+//! The wgpu targets get one kernel per distinct signature, generated as WGSL, validated with naga
+//! and compiled to the preset's language (`codegen::gpu`). CUDA PTX plugs in here later.
 
 use super::load::ModelDescription;
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
@@ -15,7 +16,8 @@ use crate::recipe::TargetSpec;
 use anyhow::Result;
 use std::collections::BTreeMap;
 
-pub const VERSION: u32 = 1;
+/// 2: wgpu targets carry WGSL/SPIR-V/MSL kernels.
+pub const VERSION: u32 = 2;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
@@ -29,6 +31,10 @@ pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) 
     })?;
     arch.lower(&desc.config, scheme, max_seq_len)
 }
+
+/// The naga release the kernels are compiled with (part of the cache key: another naga may emit
+/// other bytes).
+pub const NAGA_VERSION: &str = "30.0.2";
 
 pub struct CodegenRequest<'a> {
     pub model_name: &'a str,
@@ -54,7 +60,8 @@ pub fn run(
             "library_format",
             crate::formats::model_lib::LIBRARY_FORMAT_VERSION,
         )
-        .with("mlcb", env!("CARGO_PKG_VERSION"));
+        .with("mlcb", env!("CARGO_PKG_VERSION"))
+        .with("naga", NAGA_VERSION);
     cached_or_run(ctx, inputs, scope, || {
         let tuning: serde_json::Value = serde_json::from_slice(
             &ctx.cache
@@ -65,6 +72,24 @@ pub fn run(
         if let Some(a) = &req.target.cuda_arch {
             options.insert("cuda_arch".into(), a.clone().into());
         }
+        let (kernels, blobs) = match req.target.preset.backend {
+            "wgpu" => {
+                let language = req.target.preset.kernel_language;
+                let version = match language {
+                    "spirv" => Some(crate::codegen::gpu::SPIRV_VERSION),
+                    "msl" => Some(crate::codegen::gpu::MSL_VERSION),
+                    _ => None,
+                };
+                if let Some((major, minor)) = version {
+                    options.insert(
+                        format!("{language}_version"),
+                        format!("{major}.{minor}").into(),
+                    );
+                }
+                crate::codegen::gpu::build_kernels(req.plan, language, &tuning)?
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
         let lib = ModelLibrary {
             header: LibraryHeader {
                 model: req.model_name.to_string(),
@@ -75,11 +100,11 @@ pub fn run(
                     options,
                 },
                 plan: req.plan.clone(),
-                kernels: Vec::new(),
+                kernels,
                 tuning,
                 generator: format!("mlcb {}", env!("CARGO_PKG_VERSION")),
             },
-            blobs: Vec::new(),
+            blobs,
         };
         Ok(BTreeMap::from([(
             "library".to_string(),

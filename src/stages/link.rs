@@ -309,6 +309,12 @@ fn assemble(
                 format!("debug/tuning-{name}.json"),
                 &serde_json::to_vec_pretty(&l.header.tuning)?,
             )?;
+            for (rel, bytes) in kernel_dump_files(&l, name)? {
+                if let Some(dir) = tmp.join(&rel).parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                write(rel, &bytes)?;
+            }
         }
         write("debug/model.json".into(), &serde_json::to_vec_pretty(desc)?)?;
     }
@@ -524,4 +530,42 @@ fn sync_dir(p: &Path) {
 /// Paths of dist folders for a list of recipes (for `mlcb clean`).
 pub fn dist_dir(dist_root: &Path, recipe: &Recipe) -> PathBuf {
     dist_root.join(recipe.local_id())
+}
+
+/// `debug/kernels/<target>/<n>-<op>.<ext>`: each kernel as the library holds it (`.spv`, `.metal`
+/// or `.wgsl`) plus, for SPIR-V and MSL, the WGSL it was compiled from (regenerated from the
+/// library's plan and tuning records, which determine it).
+fn kernel_dump_files(
+    lib: &crate::formats::model_lib::ModelLibrary,
+    target: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    use crate::codegen::wgsl::spec::op_name;
+    let mut out = Vec::new();
+    if lib.header.kernels.is_empty() {
+        return Ok(out);
+    }
+    let wgsl: BTreeMap<String, String> = if lib.header.target.backend == "wgpu" {
+        let records = crate::codegen::gpu::tuning_records(&lib.header.tuning)?;
+        crate::codegen::wgsl::generate_plan(&lib.header.plan, &records)?
+            .into_iter()
+            .map(|k| (k.signature, k.source))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    for (n, k) in lib.header.kernels.iter().enumerate() {
+        let stem = format!("debug/kernels/{target}/{n}-{}", op_name(&k.signature));
+        let ext = match k.language.as_str() {
+            "spirv" => "spv",
+            "msl" => "metal",
+            other => other,
+        };
+        out.push((format!("{stem}.{ext}"), lib.kernel_bytes(k).to_vec()));
+        if k.language != "wgsl" {
+            if let Some(src) = wgsl.get(&k.signature) {
+                out.push((format!("{stem}.wgsl"), src.clone().into_bytes()));
+            }
+        }
+    }
+    Ok(out)
 }

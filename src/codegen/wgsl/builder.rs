@@ -1,0 +1,237 @@
+//! Assembles one WGSL module: constants, binding declarations (recorded for the launch JSON in
+//! the same order), helper functions and the entry point.
+
+use super::launch::{Binding, GridDim, Launch, ParamsUse, Tuning, PARAMS_FIELDS, PARAMS_WGSL};
+use crate::formats::dtype::DType;
+use std::fmt::Write;
+
+/// A WGSL f32 literal that parses back to exactly `x` (Rust's shortest round-trip form).
+pub fn f32_lit(x: f32) -> String {
+    assert!(x.is_finite(), "non-finite constant {x} in a kernel");
+    format!("{x:?}f")
+}
+
+/// How a binding's array is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    U32,
+    /// f16 pairs read as u32.
+    F16x2,
+    /// bf16 pairs read as u32.
+    Bf16x2,
+    /// uint16 pairs read as u32.
+    U16x2,
+}
+
+impl Elem {
+    /// The array element type a float weight record of `dtype` is declared with.
+    pub fn float(dtype: DType) -> Elem {
+        match dtype {
+            DType::F16 => Elem::F16x2,
+            DType::BF16 => Elem::Bf16x2,
+            _ => Elem::F32,
+        }
+    }
+}
+
+pub struct KernelBuilder {
+    pub entry_point: String,
+    pub tuning: Tuning,
+    consts: String,
+    decls: String,
+    helpers: String,
+    bindings: Vec<Binding>,
+    scalar: Option<String>,
+    index: Option<String>,
+}
+
+impl KernelBuilder {
+    pub fn new(entry_point: &str, tuning: Tuning) -> KernelBuilder {
+        let mut b = KernelBuilder {
+            entry_point: entry_point.to_string(),
+            tuning,
+            consts: String::new(),
+            decls: String::new(),
+            helpers: String::new(),
+            bindings: Vec::new(),
+            scalar: None,
+            index: None,
+        };
+        b.const_u32("WG", tuning.workgroup_size as usize);
+        b
+    }
+
+    pub fn const_u32(&mut self, name: &str, v: usize) {
+        let v = u32::try_from(v).expect("kernel dimension fits u32 (checked by the caller)");
+        writeln!(self.consts, "const {name}: u32 = {v}u;").unwrap();
+    }
+
+    pub fn const_f32(&mut self, name: &str, v: f32) {
+        writeln!(self.consts, "const {name}: f32 = {};", f32_lit(v)).unwrap();
+    }
+
+    pub fn helper(&mut self, code: &str) {
+        self.helpers.push_str(code);
+        self.helpers.push('\n');
+    }
+
+    /// Declare a storage buffer; returns nothing, the WGSL name is `name`.
+    #[allow(clippy::too_many_arguments)]
+    fn storage(
+        &mut self,
+        role: &str,
+        op_field: &str,
+        record: Option<usize>,
+        part: Option<&str>,
+        write: bool,
+        elem: Elem,
+        name: &str,
+    ) {
+        let i = self.bindings.len() as u32;
+        let (ty, packs) = match elem {
+            Elem::F32 => ("f32", None),
+            Elem::U32 => ("u32", None),
+            Elem::F16x2 => ("u32", Some("f16x2")),
+            Elem::Bf16x2 => ("u32", Some("bf16x2")),
+            Elem::U16x2 => ("u32", Some("u16x2")),
+        };
+        let access = if write { "read_write" } else { "read" };
+        writeln!(
+            self.decls,
+            "@group(0) @binding({i}) var<storage, {access}> {name}: array<{ty}>;"
+        )
+        .unwrap();
+        self.bindings.push(Binding {
+            binding: i,
+            role: role.into(),
+            op_field: op_field.into(),
+            record,
+            part: part.map(Into::into),
+            access: access.into(),
+            elem: ty.into(),
+            packs: packs.map(Into::into),
+            name: name.into(),
+        });
+    }
+
+    /// An f32 activation buffer `[T, cols]` (read, or read_write when the kernel writes it).
+    pub fn activation(&mut self, op_field: &str, write: bool, name: &str) {
+        self.storage("activation", op_field, None, None, write, Elem::F32, name);
+    }
+
+    /// The token ids of this call (`T` u32).
+    pub fn tokens(&mut self, name: &str) {
+        self.storage("tokens", "tokens", None, None, false, Elem::U32, name);
+    }
+
+    /// The plan's logits buffer.
+    pub fn logits(&mut self, name: &str) {
+        self.storage("logits", "logits", None, None, true, Elem::F32, name);
+    }
+
+    pub fn weight(&mut self, op_field: &str, record: usize, elem: Elem, name: &str) {
+        self.storage("weight", op_field, Some(record), None, false, elem, name);
+    }
+
+    pub fn state(&mut self, part: &str, name: &str) {
+        self.storage("state", "state", None, Some(part), true, Elem::F32, name);
+    }
+
+    /// What the runtime writes into `params.scalar` / `params.index`.
+    pub fn params_scalar(&mut self, op_field: &str) {
+        self.scalar = Some(op_field.into());
+    }
+    pub fn params_index(&mut self, what: &str) {
+        self.index = Some(what.into());
+    }
+
+    /// The finished module and its launch description.
+    pub fn finish(mut self, body: &str, grid: [GridDim; 3]) -> (String, Launch) {
+        let pb = self.bindings.len() as u32;
+        writeln!(
+            self.decls,
+            "@group(0) @binding({pb}) var<uniform> params: Params;"
+        )
+        .unwrap();
+        let src = format!(
+            "// mlcb kernel `{}` (generated; bindings: see the launch JSON)\n{}\n{PARAMS_WGSL}\n{}\n{}\n{}",
+            self.entry_point, self.consts, self.decls, self.helpers, body
+        );
+        let launch = Launch {
+            workgroup_size: [self.tuning.workgroup_size, 1, 1],
+            grid,
+            bindings: self.bindings,
+            params: ParamsUse {
+                binding: pb,
+                fields: PARAMS_FIELDS.iter().map(|s| s.to_string()).collect(),
+                scalar: self.scalar,
+                index: self.index,
+            },
+            msl: None,
+            tuning: self.tuning,
+        };
+        (src, launch)
+    }
+}
+
+/// WGSL `fn NAME(i: u32) -> f32` reading element `i` of a float array declared with `elem`.
+pub fn float_reader(fn_name: &str, buf: &str, elem: Elem) -> String {
+    let body = match elem {
+        Elem::F32 => format!("return {buf}[i];"),
+        Elem::F16x2 => format!("return unpack2x16float({buf}[i >> 1u])[i & 1u];"),
+        Elem::Bf16x2 => {
+            format!("return bitcast<f32>((({buf}[i >> 1u] >> ((i & 1u) * 16u)) & 0xFFFFu) << 16u);")
+        }
+        Elem::U32 | Elem::U16x2 => unreachable!("float reader over an integer array"),
+    };
+    format!("fn {fn_name}(i: u32) -> f32 {{ {body} }}\n")
+}
+
+/// A workgroup tree reduction of `var_in` (each invocation's value) into `let out` (uniform),
+/// with `op` "+" or "max". Needs `var<workgroup> red: array<f32, WG>;` and `lid`.
+pub fn reduce(var_in: &str, out: &str, op: &str) -> String {
+    let combine = if op == "max" {
+        "red[lid] = max(red[lid], red[lid + s]);"
+    } else {
+        "red[lid] = red[lid] + red[lid + s];"
+    };
+    format!(
+        "    red[lid] = {var_in};
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {{
+        if (lid < s) {{ {combine} }}
+        workgroupBarrier();
+    }}
+    let {out} = red[0];
+    workgroupBarrier();
+"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_literals_round_trip() {
+        for x in [
+            1e-5f32,
+            1e-6,
+            0.125,
+            1.0,
+            10000.0,
+            0.70710677,
+            3.4028235e38,
+            -2.5,
+        ] {
+            let s = f32_lit(x);
+            let parsed: f32 = s.trim_end_matches('f').parse().unwrap();
+            assert_eq!(parsed.to_bits(), x.to_bits(), "{s}");
+            assert!(
+                s.contains('.') || s.contains('e'),
+                "{s} must be a float literal"
+            );
+        }
+    }
+}

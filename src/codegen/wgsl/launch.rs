@@ -1,0 +1,229 @@
+//! The launch description stored in `KernelEntry::launch` of every WGSL-derived kernel, and the
+//! tuning configuration a kernel is specialised for. The wgpu runtime reads the launch JSON to bind
+//! buffers and size the dispatch, so its shape is a contract:
+//!
+//! ```json
+//! { "workgroup_size": [64, 1, 1],
+//!   "grid": [ {"extent": 2048, "times": "1", "per_workgroup": 4},
+//!             {"extent": 1, "times": "T", "per_workgroup": 1},
+//!             {"extent": 1, "times": "1", "per_workgroup": 1} ],
+//!   "bindings": [ {"binding": 0, "role": "activation", "op_field": "input", "access": "read", "elem": "f32"}, … ],
+//!   "params": {"binding": 5, "scalar": "eps", "index": null},
+//!   "msl": {"sizes_buffer": 6},
+//!   "tuning": {"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4} }
+//! ```
+//!
+//! - Workgroups along each axis: `ceil(extent · times / per_workgroup)` where `times` is `"1"`,
+//!   `"T"` (tokens of this call) or `"rows"` (the activation rows the op computes: `T` for matmul,
+//!   `T` or 1 for logits).
+//! - All bindings are in bind group 0, numbered in list order: activation inputs (and the token
+//!   ids), weight records, state buffers, outputs, then the params uniform.
+//! - `elem: "u32"` bindings of `packs: "f16x2"` / `"u16x2"` hold 16-bit data read as u32 pairs:
+//!   the runtime binds the record's bytes padded with zeros to a multiple of 4.
+//! - The params uniform is [`PARAMS_WGSL`]: 8 × 4 bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// The params uniform every kernel declares (std140-compatible: 32 bytes).
+pub const PARAMS_WGSL: &str = "struct Params {
+    // tokens of this call (T)
+    t: u32,
+    // absolute position of the first token (tokens the session already processed)
+    pos: u32,
+    // activation rows to compute (matmul: T; logits: T or 1)
+    rows: u32,
+    // first input row (logits of the last position only: T - 1)
+    row0: u32,
+    // the op's f32 parameter (eps, theta, factor), see launch.params.scalar
+    scalar: f32,
+    // the op's integer parameter (RWKV state slot), see launch.params.index
+    index: u32,
+    pad0: u32,
+    pad1: u32,
+}
+";
+
+/// Field names of [`PARAMS_WGSL`] in order, for the launch JSON.
+pub const PARAMS_FIELDS: [&str; 8] = [
+    "t", "pos", "rows", "row0", "scalar", "index", "pad0", "pad1",
+];
+
+/// One axis of the dispatch grid: `ceil(extent · times / per_workgroup)` workgroups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridDim {
+    pub extent: u64,
+    /// "1", "T" or "rows".
+    pub times: String,
+    pub per_workgroup: u64,
+}
+
+impl GridDim {
+    pub fn fixed(extent: u64, per_workgroup: u64) -> GridDim {
+        GridDim {
+            extent,
+            times: "1".into(),
+            per_workgroup,
+        }
+    }
+    pub fn tokens(per_workgroup: u64) -> GridDim {
+        GridDim {
+            extent: 1,
+            times: "T".into(),
+            per_workgroup,
+        }
+    }
+    pub fn rows(per_workgroup: u64) -> GridDim {
+        GridDim {
+            extent: 1,
+            times: "rows".into(),
+            per_workgroup,
+        }
+    }
+    pub fn one() -> GridDim {
+        GridDim::fixed(1, 1)
+    }
+    /// Workgroups for a call with `t` tokens computing `rows` rows.
+    pub fn workgroups(&self, t: u64, rows: u64) -> u64 {
+        let times = match self.times.as_str() {
+            "T" => t,
+            "rows" => rows,
+            _ => 1,
+        };
+        (self.extent * times).div_ceil(self.per_workgroup)
+    }
+}
+
+/// One buffer binding of a kernel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Binding {
+    pub binding: u32,
+    /// "activation", "tokens", "weight", "state", "logits" or "params".
+    pub role: String,
+    /// The op field it binds: `input`, `out`, `weight`, `bias`, `mixes[1]`, `state`, … (`params`
+    /// and `logits` for those roles).
+    pub op_field: String,
+    /// For weights: which record of `WeightDecl::records`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub record: Option<usize>,
+    /// For states: "k" / "v" (KV cache: `[max_seq_len, n_kv_heads, head_dim]` f32 each) or
+    /// "rwkv" (five vectors of `hidden` f32: att_shift, num, den, max, ffn_shift).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub part: Option<String>,
+    /// "read", "read_write" or "uniform".
+    pub access: String,
+    /// "f32" or "u32" (element type of the WGSL array).
+    pub elem: String,
+    /// "f16x2" or "u16x2" when 16-bit data are read as u32 pairs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub packs: Option<String>,
+    /// The WGSL variable name.
+    pub name: String,
+}
+
+/// What the params uniform carries besides `t`, `pos`, `rows`, `row0`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamsUse {
+    pub binding: u32,
+    pub fields: Vec<String>,
+    /// The op field the runtime writes into `scalar` (eps, theta, factor), if any.
+    pub scalar: Option<String>,
+    /// What the runtime writes into `index`, if any.
+    pub index: Option<String>,
+}
+
+/// The tuning record a kernel is specialised for (from the tune stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tuning {
+    pub workgroup_size: u32,
+    pub rows_per_workgroup: u32,
+    pub vector_width: u32,
+}
+
+impl Tuning {
+    /// Read and check a tune-stage record; `Err` names what is wrong.
+    pub fn from_record(v: &serde_json::Value) -> Result<Tuning, String> {
+        let field = |name: &str| -> Result<u32, String> {
+            v.get(name)
+                .and_then(|x| x.as_u64())
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
+        };
+        let t = Tuning {
+            workgroup_size: field("workgroup_size")?,
+            rows_per_workgroup: field("rows_per_workgroup")?,
+            vector_width: field("vector_width")?,
+        };
+        if !t.workgroup_size.is_power_of_two() || !(32..=256).contains(&t.workgroup_size) {
+            return Err(format!(
+                "workgroup_size {} must be a power of two from 32 to 256 (WebGPU's default limit)",
+                t.workgroup_size
+            ));
+        }
+        if !(1..=64).contains(&t.rows_per_workgroup) {
+            return Err(format!(
+                "rows_per_workgroup {} must be from 1 to 64",
+                t.rows_per_workgroup
+            ));
+        }
+        if ![1, 2, 4].contains(&t.vector_width) {
+            return Err(format!("vector_width {} must be 1, 2 or 4", t.vector_width));
+        }
+        Ok(t)
+    }
+}
+
+/// The machine-readable launch description (`KernelEntry::launch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    pub workgroup_size: [u32; 3],
+    pub grid: [GridDim; 3],
+    pub bindings: Vec<Binding>,
+    pub params: ParamsUse,
+    /// MSL only: the buffer index of naga's array-sizes buffer (one u32 per bound buffer holding
+    /// a runtime-sized array, in binding order).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub msl: Option<MslLaunch>,
+    pub tuning: Tuning,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MslLaunch {
+    pub sizes_buffer: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_counts_round_up() {
+        assert_eq!(GridDim::fixed(2048, 4).workgroups(7, 7), 512);
+        assert_eq!(GridDim::fixed(10, 4).workgroups(7, 7), 3);
+        assert_eq!(GridDim::tokens(8).workgroups(17, 1), 3);
+        assert_eq!(GridDim::rows(8).workgroups(17, 1), 1);
+    }
+
+    #[test]
+    fn tuning_records_are_checked() {
+        let ok =
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 2, "vector_width": 4});
+        assert_eq!(
+            Tuning::from_record(&ok).unwrap(),
+            Tuning {
+                workgroup_size: 64,
+                rows_per_workgroup: 2,
+                vector_width: 4
+            }
+        );
+        for bad in [
+            serde_json::json!({"workgroup_size": 48, "rows_per_workgroup": 1, "vector_width": 4}),
+            serde_json::json!({"workgroup_size": 512, "rows_per_workgroup": 1, "vector_width": 4}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 0, "vector_width": 4}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 3}),
+            serde_json::json!({"workgroup_size": 64, "vector_width": 4}),
+            serde_json::json!({"workgroup_size": -1, "rows_per_workgroup": 1, "vector_width": 4}),
+        ] {
+            assert!(Tuning::from_record(&bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! WGSL kernels for every op of an execution plan, specialised at build time for the static shapes
+//! of each kernel signature, the quantization scheme and the tuning record. One kernel per distinct
+//! phase-prefixed signature (`prefill:…` / `decode:…`, as `signature::plan_signatures` spells
+//! them); [`crate::codegen::gpu`] validates and cross-compiles them with naga.
+//!
+//! | op | entry point | dispatch |
+//! |---|---|---|
+//! | embedding | `mlcb_embedding` | `[ceil(K/WG), T, 1]` |
+//! | rms_norm, layer_norm | `mlcb_rms_norm`, `mlcb_layer_norm` | `[1, T, 1]` |
+//! | matmul, logits (decode, NK) | `mlcb_matmul_gemv_nk`, `mlcb_logits_gemv_nk` | `[ceil(N/rows_per_workgroup), 1, 1]` |
+//! | matmul, logits (decode, KN) | `…_gemv_kn` | `[ceil(N/WG), 1, 1]` |
+//! | matmul, logits (prefill) | `…_gemm` | `[ceil(N/(WG/8)), ceil(rows/8), 1]` |
+//! | rotary | `mlcb_rotary` | `[ceil((nq+nkv)·rd/2 / WG), T, 1]` |
+//! | attention | `mlcb_attention` | `[n_q_heads, T, 1]` |
+//! | silu_mul, gelu, relu_square, sigmoid, scale, add, mul | `mlcb_<op>` | `[ceil(cols/(WG·VW)), T, 1]` |
+//! | rwkv_token_shift, rwkv_wkv | `mlcb_rwkv_token_shift`, `mlcb_rwkv_wkv` | `[ceil(hidden/WG), 1, 1]` |
+//!
+//! Bindings (group 0, in this order): activation inputs / token ids, weight records, state
+//! buffers, outputs, then the params uniform ([`launch::PARAMS_WGSL`]). The exact list, with the
+//! op field each binding takes, is in the kernel's launch JSON ([`launch::Launch`]).
+//! Arithmetic is f32 throughout; f16 data are read as packed u32 and unpacked, so no kernel needs
+//! `enable f16` (portable to WebGPU implementations without shader-f16).
+
+mod attention;
+mod builder;
+mod elementwise;
+pub mod erf;
+pub mod launch;
+mod matmul;
+mod norm;
+mod rwkv;
+pub mod spec;
+mod weights;
+
+use crate::formats::model_lib::plan::Plan;
+use anyhow::{bail, Result};
+use builder::KernelBuilder;
+use launch::{Launch, Tuning};
+use spec::{KernelSpec, Phase};
+use std::collections::BTreeMap;
+
+/// One generated kernel.
+#[derive(Debug, Clone)]
+pub struct WgslKernel {
+    /// Phase-prefixed signature (`decode:matmul[…]`).
+    pub signature: String,
+    pub entry_point: String,
+    pub source: String,
+    pub launch: Launch,
+}
+
+/// The WGSL entry point name of a spec.
+pub fn entry_point(spec: &KernelSpec) -> String {
+    use spec::MatrixStorage;
+    let name = match spec {
+        KernelSpec::Embedding { .. } => "embedding",
+        KernelSpec::RmsNorm { .. } => "rms_norm",
+        KernelSpec::LayerNorm { .. } => "layer_norm",
+        KernelSpec::Matmul {
+            m, phase, logits, ..
+        } => {
+            let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == crate::quant::scheme::Layout::KN);
+            match (logits, phase, kn) {
+                (false, Phase::Prefill, _) => "matmul_gemm",
+                (false, Phase::Decode, false) => "matmul_gemv_nk",
+                (false, Phase::Decode, true) => "matmul_gemv_kn",
+                (true, Phase::Prefill, _) => "logits_gemm",
+                (true, Phase::Decode, false) => "logits_gemv_nk",
+                (true, Phase::Decode, true) => "logits_gemv_kn",
+            }
+        }
+        KernelSpec::Rotary { .. } => "rotary",
+        KernelSpec::Attention { .. } => "attention",
+        KernelSpec::SiluMul { .. } => "silu_mul",
+        KernelSpec::Unary { op, .. } => match op {
+            spec::Unary::Gelu => "gelu",
+            spec::Unary::ReluSquare => "relu_square",
+            spec::Unary::Sigmoid => "sigmoid",
+            spec::Unary::Scale => "scale",
+        },
+        KernelSpec::Binary { op, .. } => match op {
+            spec::Binary::Add => "add",
+            spec::Binary::Mul => "mul",
+        },
+        KernelSpec::TokenShift { .. } => "rwkv_token_shift",
+        KernelSpec::Wkv { .. } => "rwkv_wkv",
+    };
+    format!("mlcb_{name}")
+}
+
+/// Dimensions index with u32 in WGSL; refuse what would overflow it.
+fn check_dims(signature: &str, spec: &KernelSpec) -> Result<()> {
+    let biggest: u64 = match spec {
+        KernelSpec::Embedding { m } | KernelSpec::Matmul { m, .. } => {
+            let words = match m.storage {
+                spec::MatrixStorage::Raw(_) => m.k as u64,
+                spec::MatrixStorage::Quant(q) => (q.words_per_row * q.per_word) as u64,
+            };
+            m.n as u64 * words
+        }
+        _ => 0,
+    };
+    if biggest >= u32::MAX as u64 / 2 {
+        bail!("kernel {signature}: a weight of {biggest} elements is too large for 32-bit indexing in WGSL");
+    }
+    Ok(())
+}
+
+/// Generate the WGSL of one spec.
+pub fn generate(signature: &str, spec: &KernelSpec, tuning: Tuning) -> Result<WgslKernel> {
+    check_dims(signature, spec)?;
+    let ep = entry_point(spec);
+    let b = KernelBuilder::new(&ep, tuning);
+    let (source, launch) = match spec {
+        KernelSpec::Embedding { m } => matmul::embedding(b, m),
+        KernelSpec::Matmul {
+            m,
+            bias,
+            phase,
+            logits,
+        } => matmul::matmul(b, m, *bias, *phase, *logits),
+        KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),
+        KernelSpec::LayerNorm { cols, weight, bias } => norm::layer_norm(b, *cols, *weight, *bias),
+        KernelSpec::Rotary {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            rotary_dim,
+        } => attention::rotary(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim),
+        KernelSpec::Attention {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+        } => attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim),
+        KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
+        KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),
+        KernelSpec::Binary { op, cols } => elementwise::binary(b, *op, *cols),
+        KernelSpec::TokenShift { hidden, mixes } => rwkv::token_shift(b, *hidden, mixes),
+        KernelSpec::Wkv {
+            hidden,
+            time_decay,
+            time_first,
+        } => rwkv::wkv(b, *hidden, *time_decay, *time_first),
+    };
+    Ok(WgslKernel {
+        signature: signature.to_string(),
+        entry_point: ep,
+        source,
+        launch,
+    })
+}
+
+/// Every kernel of a plan, in signature order, each specialised for its tuning record
+/// (`records`: the tune stage's signature → configuration map).
+pub fn generate_plan(
+    plan: &Plan,
+    records: &BTreeMap<String, serde_json::Value>,
+) -> Result<Vec<WgslKernel>> {
+    let specs = spec::specs_by_signature(plan)?;
+    let mut out = Vec::with_capacity(specs.len());
+    for (sig, spec) in &specs {
+        let rec = records.get(sig).ok_or_else(|| {
+            crate::error::user(format!(
+                "the tuning records have no entry for kernel {sig}; rebuild without the pinned tuning file or add the signature to it"
+            ))
+        })?;
+        let tuning = Tuning::from_record(rec)
+            .map_err(|e| crate::error::user(format!("tuning record for kernel {sig}: {e}")))?;
+        out.push(generate(sig, spec, tuning)?);
+    }
+    Ok(out)
+}
