@@ -46,9 +46,9 @@ done
 median=$(printf '%s\n' "${noop[@]}" | sort -n | sed -n 6p)
 
 floor=$(echo "$read_s + $write_s" | bc -l)
-printf 'input            %.2f GB fp16 (%s)\n' "$(echo "$in_bytes/1e9" | bc -l)" "$model"
-printf 'output params    %.2f GB q4f16_1\n' "$(echo "$out_bytes/1e9" | bc -l)"
-printf 'quantize stage   %.2f s  (%.0f MB/s of input)\n' "$quant_s" "$(echo "$in_bytes/1e6/$quant_s" | bc -l)"
+printf 'input            %.2f GB fp16 (%s)\n' "$(echo "$in_bytes/1000000000" | bc -l)" "$model"
+printf 'output params    %.2f GB q4f16_1\n' "$(echo "$out_bytes/1000000000" | bc -l)"
+printf 'quantize stage   %.2f s  (%.0f MB/s of input)\n' "$quant_s" "$(echo "$in_bytes/1000000/$quant_s" | bc -l)"
 printf 'whole build      %.2f s\n' "$total_s"
 printf 'I/O floor        %.2f s  (read %.2f s + write %.2f s)\n' "$floor" "$read_s" "$write_s"
 printf 'quantize / floor %.2fx\n' "$(echo "$quant_s / $floor" | bc -l)"
