@@ -82,6 +82,35 @@ impl PlanBuilder {
         self.ops.push(op);
     }
 
+    /// `out = LayerNorm(input)` with the weights `{prefix}.weight` and `{prefix}.bias`.
+    pub fn layer_norm(&mut self, prefix: &str, input: BufId, eps: f32, out: BufId) -> Result<()> {
+        let weight = self.w(&format!("{prefix}.weight"))?;
+        let bias = self.w(&format!("{prefix}.bias"))?;
+        self.op(Op::LayerNorm {
+            input,
+            weight,
+            bias,
+            eps,
+            out,
+        });
+        Ok(())
+    }
+
+    /// The final `Logits` op: through the output head `head`, or the embedding when tied.
+    pub fn logits(
+        &mut self,
+        input: BufId,
+        tied_embedding: Option<WeightId>,
+        head: &str,
+    ) -> Result<()> {
+        let weight = match tied_embedding {
+            Some(embed) => embed,
+            None => self.w(head)?,
+        };
+        self.op(Op::Logits { input, weight });
+        Ok(())
+    }
+
     /// The plan. Decode runs the same ops as prefill (every op handles any `T`).
     pub fn finish(
         self,

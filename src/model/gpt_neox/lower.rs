@@ -133,26 +133,8 @@ pub fn lower(
             out: h,
         });
     }
-    let (fw, fb) = (
-        b.w(&format!("{FINAL_NORM}.weight"))?,
-        b.w(&format!("{FINAL_NORM}.bias"))?,
-    );
-    b.op(Op::LayerNorm {
-        input: h,
-        weight: fw,
-        bias: fb,
-        eps,
-        out: x,
-    });
-    let head = if p.tie_word_embeddings {
-        embed
-    } else {
-        b.w(LM_HEAD)?
-    };
-    b.op(Op::Logits {
-        input: x,
-        weight: head,
-    });
+    b.layer_norm(FINAL_NORM, h, eps, x)?;
+    b.logits(x, p.tie_word_embeddings.then_some(embed), LM_HEAD)?;
     let stop = if c.eos_token_ids.is_empty() {
         vec![0]
     } else {

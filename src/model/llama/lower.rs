@@ -122,14 +122,6 @@ pub fn lower(
         eps,
         out: x,
     });
-    let head = if p.tie_word_embeddings {
-        embed
-    } else {
-        b.w(LM_HEAD)?
-    };
-    b.op(Op::Logits {
-        input: x,
-        weight: head,
-    });
+    b.logits(x, p.tie_word_embeddings.then_some(embed), LM_HEAD)?;
     Ok(b.finish(c, scheme, max_seq_len, c.eos_token_ids.clone(), logits))
 }

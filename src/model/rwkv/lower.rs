@@ -174,26 +174,8 @@ pub fn lower(
             });
         }
     }
-    let (ow, ob) = (
-        b.w(&format!("{LN_OUT}.weight"))?,
-        b.w(&format!("{LN_OUT}.bias"))?,
-    );
-    b.op(Op::LayerNorm {
-        input: h,
-        weight: ow,
-        bias: ob,
-        eps,
-        out: x,
-    });
-    let head = if p.tie_word_embeddings {
-        embed
-    } else {
-        b.w(HEAD)?
-    };
-    b.op(Op::Logits {
-        input: x,
-        weight: head,
-    });
+    b.layer_norm(LN_OUT, h, eps, x)?;
+    b.logits(x, p.tie_word_embeddings.then_some(embed), HEAD)?;
     let stop = if c.eos_token_ids.is_empty() {
         vec![0]
     } else {
