@@ -31,7 +31,11 @@ pub fn run(
         let base_w = ModelSource::from_local(&base.local)?.open_weights()?;
         let delta_w = delta_source.open_weights()?;
         let plan = merge_plan(base_w.as_ref(), delta_w.as_ref())?;
-        let merged = ctx.cache.blobs.temp_path("merged")?;
+        // The safetensors writer puts its own `.tmpXXXXXX` sibling next to the file: keep both
+        // in a folder named after this process, so a killed build's leftovers are swept.
+        let dir = ctx.cache.blobs.temp_path("merge")?;
+        std::fs::create_dir_all(&dir)?;
+        let merged = dir.join("merged.safetensors");
         write_merged(base_w.as_ref(), delta_w.as_ref(), &plan, &merged)?;
         let mut desc = load::read_description(ctx, delta)?;
         desc.weights_format = "merged".into();
