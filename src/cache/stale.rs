@@ -52,7 +52,8 @@ pub fn sweep_dead(dir: &Path, owner: impl Fn(&str) -> Option<i32>) -> usize {
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = owner(&name) else { continue };
-        if pid_alive(pid) {
+        let modified = e.metadata().and_then(|m| m.modified()).ok();
+        if pid_alive(pid) && !pid_reused_since(pid, modified) {
             continue;
         }
         let p = e.path();
@@ -73,6 +74,60 @@ pub fn sweep_dead(dir: &Path, owner: impl Fn(&str) -> Option<i32>) -> usize {
     removed
 }
 
+/// Whether `pid` now names something other than the process that last touched an entry at
+/// `modified`: a thread of another process (`kill(tid, 0)` succeeds for threads too), or a
+/// process started after that moment. pids are reused quickly under load (pid_max is often
+/// 32768 and every thread takes one), so a plain liveness check would keep a dead build's
+/// leftovers. Without /proc the answer is "not reused" (the plain check stands).
+fn pid_reused_since(pid: i32, modified: Option<std::time::SystemTime>) -> bool {
+    if pid as u32 == std::process::id() {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let tgid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok());
+    if tgid.is_some_and(|t| t != pid) {
+        return true;
+    }
+    let (Some(modified), Some(started)) = (modified, process_start(pid)) else {
+        return false;
+    };
+    // One second of slack for clock-tick rounding of the start time.
+    started > modified + std::time::Duration::from_secs(1)
+}
+
+/// When process `pid` started, from /proc (boot time + start ticks).
+fn process_start(pid: i32) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; starttime is field 22, i.e. the 20th here.
+    let ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(btime)
+            + std::time::Duration::from_millis(ticks * 1000 / hz),
+    )
+}
+
 /// Sweep both places a build leaves temporaries in.
 pub fn sweep_build_leftovers(cache_root: &Path, dist_root: &Path) -> usize {
     sweep_dead(&cache_root.join("tmp"), cache_temp_owner)
@@ -83,6 +138,26 @@ pub fn sweep_build_leftovers(cache_root: &Path, dist_root: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_or_a_younger_process_is_not_the_owner() {
+        let now = std::time::SystemTime::now();
+        let me = std::process::id() as i32;
+        assert!(!pid_reused_since(me, Some(now)));
+        // A thread of this process: its tid passes kill(tid, 0) but is not a process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        assert!(pid_alive(tid));
+        assert!(pid_reused_since(tid, Some(now)));
+        h.join().unwrap();
+        // A process started after the entry was written is not its owner.
+        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1);
+        assert!(pid_reused_since(1, Some(long_ago)) || std::fs::metadata("/proc/1/stat").is_err());
+    }
 
     #[test]
     fn parses_owner_pids() {
