@@ -4,6 +4,7 @@
 //! its folder.
 
 mod config_fields;
+mod definition;
 pub mod gpt_neox;
 pub mod llama;
 mod param_build;

@@ -9,42 +9,33 @@ pub mod params;
 mod tests;
 
 use crate::formats::model_lib::plan::Plan;
-use crate::model::plan_builder::arch_params;
-use crate::model::{Architecture, ModelConfig, ParamSpec};
+use crate::model::definition::ArchDefinition;
+use crate::model::{ModelConfig, ParamSpec};
 use crate::quant::scheme::QuantScheme;
 use anyhow::Result;
 use config::NeoxParams;
 
 pub struct GptNeox;
 
-impl Architecture for GptNeox {
-    fn name(&self) -> &'static str {
-        "gpt_neox"
+impl ArchDefinition for GptNeox {
+    type Params = NeoxParams;
+    const NAME: &'static str = "gpt_neox";
+    const MODEL_TYPES: &'static [&'static str] = &["gpt_neox"];
+    const VERSION: u32 = 1;
+
+    fn parse_config(config: &serde_json::Value) -> Result<ModelConfig> {
+        config::parse(config, Self::MODEL_TYPES)
     }
-    fn model_types(&self) -> &'static [&'static str] {
-        &["gpt_neox"]
-    }
-    fn parse_config(&self, config: &serde_json::Value) -> Result<ModelConfig> {
-        config::parse(config, self.model_types())
-    }
-    fn params(&self, config: &ModelConfig) -> Result<Vec<ParamSpec>> {
-        let p: NeoxParams = arch_params(config, self.name())?;
-        Ok(params::params(config, &p))
+    fn params(config: &ModelConfig, p: &NeoxParams) -> Vec<ParamSpec> {
+        params::params(config, p)
     }
     fn lower(
-        &self,
         config: &ModelConfig,
+        p: &NeoxParams,
+        params: &[ParamSpec],
         scheme: &QuantScheme,
         max_seq_len: usize,
     ) -> Result<Plan> {
-        let p: NeoxParams = arch_params(config, self.name())?;
-        let params = params::params(config, &p);
-        lower::lower(config, &p, &params, scheme, max_seq_len)
-    }
-    fn default_conv_template(&self) -> &'static str {
-        "LM"
-    }
-    fn version(&self) -> u32 {
-        1
+        lower::lower(config, p, params, scheme, max_seq_len)
     }
 }
