@@ -96,14 +96,6 @@ fn prefetch(bytes: &[u8], start: usize, len: usize) {
     let _ = (bytes, start, len);
 }
 
-fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
-    let wb = m.words_per_row * 4;
-    (
-        &m.data[row * wb..(row + 1) * wb],
-        &m.scales[row * m.n_group * 2..(row + 1) * m.n_group * 2],
-    )
-}
-
 /// Which kernel a row goes through.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Bits {
@@ -130,7 +122,7 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
         let row = n0 + j;
         prefetch(m.data, (row + rows_ahead) * wb, wb);
         prefetch(m.scales, (row + rows_ahead) * sb, sb);
-        let (data, scales) = row_bytes(m, row);
+        let (data, scales) = m.nk_row_bytes(row);
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2/FMA/F16C present; `data` has 16 (q4) or 32 (q8) bytes, `scales` 2

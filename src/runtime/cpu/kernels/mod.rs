@@ -17,6 +17,7 @@ mod matrix;
 mod q4_kn;
 mod q4_nk;
 mod q8_nk;
+mod row_dot;
 mod simd;
 #[cfg(test)]
 mod tests;

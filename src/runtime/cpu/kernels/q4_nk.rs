@@ -4,6 +4,7 @@
 //! endian). Decoded values are `(q - 7)·s` in f32.
 
 use super::matrix::{Codec, QMatrix};
+use super::row_dot::RowDotFns;
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -20,49 +21,24 @@ pub(super) fn applies(m: &QMatrix) -> bool {
             }
 }
 
-/// The bytes of one row's codes and scales.
-fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
-    let wb = m.words_per_row * 4;
-    (
-        &m.data[row * wb..(row + 1) * wb],
-        &m.scales[row * m.n_group * 2..(row + 1) * m.n_group * 2],
-    )
-}
+/// The row kernels of this format.
+const ROW_DOT: RowDotFns = RowDotFns {
+    #[cfg(target_arch = "x86_64")]
+    avx2: avx2::row_dot,
+    #[cfg(target_arch = "aarch64")]
+    neon: neon::row_dot,
+    portable: portable_row_dot,
+};
 
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
 pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), m.k);
-    let full = m.k / 32;
-    #[cfg(target_arch = "x86_64")]
-    let simd = super::simd::has_avx2();
-    for (j, o) in out.iter_mut().enumerate() {
-        let (data, scales) = row_bytes(m, n0 + j);
-        #[cfg(target_arch = "x86_64")]
-        let body = if simd {
-            // SAFETY: AVX2/FMA/F16C present; `data` has 16 bytes, `scales` 2 bytes and `x` 32
-            // values per full group (record sizes were checked when the view was built).
-            unsafe { avx2::row_dot(data, scales, x, full) }
-        } else {
-            portable_row_dot(data, scales, x, full)
-        };
-        #[cfg(target_arch = "aarch64")]
-        let body = if super::simd::has_neon() {
-            // SAFETY: NEON present; `data` has 16 bytes, `scales` 2 bytes and `x` 32 values per
-            // full group (record sizes were checked when the view was built).
-            unsafe { neon::row_dot(data, scales, x, full) }
-        } else {
-            portable_row_dot(data, scales, x, full)
-        };
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        let body = portable_row_dot(data, scales, x, full);
-        *o = body + m.ragged_tail_dot(n0 + j, x);
-    }
+    super::row_dot::gemv_rows(m, &ROW_DOT, n0, x, out)
 }
 
 /// Row `row` decoded to f32 (`out.len() == K`).
 pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
     assert_eq!(out.len(), m.k);
-    let (data, scales) = row_bytes(m, row);
+    let (data, scales) = m.nk_row_bytes(row);
     let full = m.k / 32;
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2() {

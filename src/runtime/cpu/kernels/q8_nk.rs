@@ -3,6 +3,7 @@
 //! LSB first, the bytes of a group are its codes in position order. Decoded: `(q - 127)·s`.
 
 use super::matrix::{Codec, QMatrix};
+use super::row_dot::RowDotFns;
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -18,51 +19,28 @@ pub(super) fn applies(m: &QMatrix) -> bool {
             }
 }
 
-fn row_bytes<'a>(m: &QMatrix<'a>, row: usize) -> (&'a [u8], &'a [u8]) {
-    let wb = m.words_per_row * 4;
-    (
-        &m.data[row * wb..(row + 1) * wb],
-        &m.scales[row * m.n_group * 2..(row + 1) * m.n_group * 2],
-    )
-}
-
 fn scale(scales: &[u8], g: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
 }
 
+/// The row kernels of this format.
+const ROW_DOT: RowDotFns = RowDotFns {
+    #[cfg(target_arch = "x86_64")]
+    avx2: avx2::row_dot,
+    #[cfg(target_arch = "aarch64")]
+    neon: neon::row_dot,
+    portable: portable_row_dot,
+};
+
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
 pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), m.k);
-    let full = m.k / 32;
-    #[cfg(target_arch = "x86_64")]
-    let simd = super::simd::has_avx2();
-    for (j, o) in out.iter_mut().enumerate() {
-        let (data, scales) = row_bytes(m, n0 + j);
-        #[cfg(target_arch = "x86_64")]
-        let body = if simd {
-            // SAFETY: AVX2/FMA present; 32 code bytes, 2 scale bytes and 32 x values per full
-            // group (record sizes were checked when the view was built).
-            unsafe { avx2::row_dot(data, scales, x, full) }
-        } else {
-            portable_row_dot(data, scales, x, full)
-        };
-        #[cfg(target_arch = "aarch64")]
-        let body = if super::simd::has_neon() {
-            // SAFETY: NEON present; 32 code bytes, 2 scale bytes and 32 x values per full group.
-            unsafe { neon::row_dot(data, scales, x, full) }
-        } else {
-            portable_row_dot(data, scales, x, full)
-        };
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        let body = portable_row_dot(data, scales, x, full);
-        *o = body + m.ragged_tail_dot(n0 + j, x);
-    }
+    super::row_dot::gemv_rows(m, &ROW_DOT, n0, x, out)
 }
 
 /// Row `row` decoded to f32.
 pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
     assert_eq!(out.len(), m.k);
-    let (data, scales) = row_bytes(m, row);
+    let (data, scales) = m.nk_row_bytes(row);
     let full = m.k / 32;
     for g in 0..full {
         let s = scale(scales, g);
