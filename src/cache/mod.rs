@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod index;
 pub mod key;
 pub mod stale;
+pub mod tuning_db;
 
 use anyhow::{Context, Result};
 use blobs::BlobStore;

@@ -69,6 +69,10 @@ pub struct BuildArgs {
     /// the first recipe); without it, a build writes or updates mlcb.lock.
     #[arg(long)]
     pub locked: bool,
+    /// Kernel tuning: `off` (preset defaults, identical on every machine), `cached` (records
+    /// measured earlier on this machine's matching device), `on` (also measure what is missing).
+    #[arg(long, value_enum, default_value_t = crate::stages::tune::TuneMode::Off)]
+    pub tune: crate::stages::tune::TuneMode,
     /// Run at most N stages at once.
     #[arg(short = 'j', long, default_value_t = 2)]
     pub jobs: usize,
@@ -212,6 +216,8 @@ fn context(args: &BuildArgs, probe: bool) -> Result<BuildContext> {
         debug_dump: args.debug_dump,
         probe,
         progress,
+        tune_mode: args.tune,
+        timer_factory: crate::stages::tune::no_timer,
     })
 }
 

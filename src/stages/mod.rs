@@ -35,6 +35,10 @@ pub struct BuildContext {
     /// `--dry-run` / `explain`: compute keys and look them up, never run a stage.
     pub probe: bool,
     pub progress: MultiProgress,
+    /// `--tune`: may the tune stage use or take measurements on a local device.
+    pub tune_mode: tune::TuneMode,
+    /// Opens a timer on a local device matching a target (the wgpu runtime's, or a test's).
+    pub timer_factory: tune::TimerFactory,
 }
 
 /// In probe mode: this stage would run. `key` is None when it cannot be known without running

@@ -1,11 +1,23 @@
 //! tune: the kernel configuration records codegen uses, keyed by kernel signature and device.
 //!
-//! Here: each target preset's defaults, or a tuning file the recipe pins (records there override
-//! the defaults for the signatures they name). Measured tuning on a matching device comes with the
-//! GPU targets; until then the records say `"tuned": false`, and so does the manifest.
+//! Where each record comes from, in order:
+//! 1. a tuning file the recipe pins (`tuning_file`): its records, for the signatures it names;
+//! 2. with `--tune=cached|on` and a local device that matches the target (a [`KernelTimer`] from
+//!    the context's factory): the tuning database of that device (`cache/tuning/`); with
+//!    `--tune=on`, signatures it lacks are measured now — every candidate configuration of
+//!    `codegen::wgsl::tune_space` is generated, validated and timed, the fastest kept and stored;
+//! 3. the target preset's defaults.
+//!
+//! `tuned` is true only when every signature's record was measured on the device (now or by an
+//! earlier build), and the manifest repeats it. `--tune=off` (the default) gives the same records
+//! on every machine, as a reproducible release build needs; measured records depend on the device
+//! by design, and the stage key includes them, so a build on another device rebuilds codegen.
+//! Tuning never changes what a kernel computes beyond floating-point reassociation.
 
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
 use crate::cache::key::KeyInputs;
+use crate::cache::tuning_db::{TunedRecord, TuningDb};
+use crate::codegen::wgsl::{launch::Tuning, spec::KernelSpec, WgslKernel};
 use crate::formats::model_lib::plan::Plan;
 use crate::recipe::TargetSpec;
 use anyhow::Result;
@@ -17,12 +29,39 @@ pub const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningRecords {
-    /// "preset-defaults:<target>" or the device the records were measured on.
+    /// "preset-defaults:<target>", a pinned file's device, or the device measured on.
     pub device: String,
     pub tuned: bool,
     /// Signature → configuration.
     pub records: BTreeMap<String, serde_json::Value>,
 }
+
+/// `--tune`: whether the build may use or take measurements on a local device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TuneMode {
+    /// Preset defaults (or a pinned file): the same records on every machine.
+    #[default]
+    Off,
+    /// Records already in the device's tuning database; measure nothing.
+    Cached,
+    /// Like `cached`, and measure the signatures the database lacks.
+    On,
+}
+
+/// Times kernels on one local device.
+pub trait KernelTimer: Send {
+    /// Vendor, device, driver and API of the device: the tuning database key.
+    fn device_id(&self) -> String;
+    /// Seconds per dispatch of `kernel` (a typical call: one token for decode kernels, a prompt
+    /// block for prefill kernels), robust to noise (e.g. the median of several runs).
+    fn time(&mut self, kernel: &WgslKernel, spec: &KernelSpec) -> Result<f64>;
+}
+
+/// Opens a timer on a local device that runs `target`'s kernels, or `None` when there is none.
+pub type TimerFactory = fn(&TargetSpec) -> Result<Option<Box<dyn KernelTimer>>>;
+
+/// One device's measurements at a time: timing two kernels at once would disturb both.
+static MEASURE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The preset's default configuration for a signature.
 fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
@@ -32,10 +71,88 @@ fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
         "cuda" => {
             serde_json::json!({ "threads_per_block": 256, "rows_per_block": if signature.contains("matmul") { 4 } else { 1 } })
         }
-        _ => {
-            serde_json::json!({ "workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4 })
+        _ => serde_json::to_value(crate::codegen::wgsl::tune_space::DEFAULT)
+            .expect("a tuning serialises"),
+    }
+}
+
+/// Times every candidate of `spec` and returns the fastest.
+fn measure(timer: &mut dyn KernelTimer, signature: &str, spec: &KernelSpec) -> Result<TunedRecord> {
+    let candidates = crate::codegen::wgsl::tune_space::candidates(spec);
+    let mut best: Option<(f64, Tuning)> = None;
+    for t in &candidates {
+        let kernel = crate::codegen::wgsl::generate(signature, spec, *t)?;
+        crate::codegen::gpu::validate(&kernel)?;
+        let s = timer.time(&kernel, spec)?;
+        if !s.is_finite() || s < 0.0 {
+            anyhow::bail!("timing kernel {signature} with {t:?} gave {s} s");
+        }
+        // Strictly faster only: ties keep the earlier (default-first) candidate.
+        if best.is_none_or(|(b, _)| s < b) {
+            best = Some((s, *t));
         }
     }
+    let (seconds, t) = best.expect("the default is always a candidate");
+    Ok(TunedRecord {
+        config: serde_json::to_value(t)?,
+        seconds,
+        candidates: candidates.len(),
+    })
+}
+
+/// Records from the device's database, measuring what it lacks when `mode` is `On`. `None` when
+/// no local device matches the target.
+fn device_records(
+    ctx: &BuildContext,
+    plan: &Plan,
+    target: &TargetSpec,
+    signatures: &[String],
+) -> Result<Option<(String, BTreeMap<String, TunedRecord>)>> {
+    if ctx.tune_mode == TuneMode::Off || target.preset.backend != "wgpu" {
+        return Ok(None);
+    }
+    let _guard = MEASURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut timer) = (ctx.timer_factory)(target)? else {
+        tracing::info!(
+            "tune: no local device runs {} kernels; using the preset defaults (untuned)",
+            target.preset.name
+        );
+        return Ok(None);
+    };
+    let device = timer.device_id();
+    let db = TuningDb::open(&ctx.cache.root, &device);
+    let mut known = db.load()?;
+    let missing: Vec<&String> = signatures
+        .iter()
+        .filter(|s| !known.contains_key(*s))
+        .collect();
+    if ctx.tune_mode == TuneMode::On && !missing.is_empty() && !ctx.probe {
+        let specs = crate::codegen::wgsl::spec::specs_by_signature(plan)?;
+        let started = std::time::Instant::now();
+        let mut measured = BTreeMap::new();
+        for sig in &missing {
+            let spec = specs.get(*sig).ok_or_else(|| {
+                anyhow::anyhow!("kernel signature {sig} has no spec (an mlcb bug)")
+            })?;
+            measured.insert((*sig).clone(), measure(timer.as_mut(), sig, spec)?);
+        }
+        db.insert(&measured)?;
+        eprintln!(
+            "tune: measured {} kernel signatures on {device} in {:.1} s (stored in {})",
+            measured.len(),
+            started.elapsed().as_secs_f64(),
+            db.path().display()
+        );
+        known.extend(measured);
+    } else {
+        eprintln!(
+            "tune: {} of {} kernel signatures from the tuning database of {device}",
+            signatures.len() - missing.len(),
+            signatures.len()
+        );
+    }
+    known.retain(|s, _| signatures.contains(s));
+    Ok(Some((device, known)))
 }
 
 pub fn run(
@@ -45,7 +162,9 @@ pub fn run(
     tuning_file: Option<&Path>,
     scope: &[String],
 ) -> Result<StageOutput> {
-    let signatures = crate::codegen::signature::plan_signatures(plan);
+    let signatures: Vec<String> = crate::codegen::signature::plan_signatures(plan)
+        .into_iter()
+        .collect();
     let sig_digest = blake3::hash(serde_json::to_string(&signatures)?.as_bytes())
         .to_hex()
         .to_string();
@@ -61,7 +180,11 @@ pub fn run(
         }
         None => None,
     };
-    let inputs = KeyInputs::new("tune", VERSION)
+    let measured = match pinned {
+        Some(_) => None,
+        None => device_records(ctx, plan, target, &signatures)?,
+    };
+    let mut inputs = KeyInputs::new("tune", VERSION)
         .with("signatures", &sig_digest)
         .with("target", target.preset.name)
         .with("cuda_arch", target.cuda_arch.as_deref().unwrap_or("-"))
@@ -69,13 +192,21 @@ pub fn run(
             "tuning_file",
             pinned.as_ref().map(|(d, _)| d.as_str()).unwrap_or("-"),
         );
+    if let Some((device, recs)) = &measured {
+        let configs: BTreeMap<&String, &serde_json::Value> =
+            recs.iter().map(|(s, r)| (s, &r.config)).collect();
+        inputs = inputs.with("device", device).with(
+            "device_records",
+            blake3::hash(&serde_json::to_vec(&configs)?).to_hex(),
+        );
+    }
     cached_or_run(ctx, inputs, scope, || {
         let mut records = BTreeMap::new();
         for s in &signatures {
             records.insert(s.clone(), default_config(target, s));
         }
-        let (device, tuned) = match &pinned {
-            Some((_, p)) => {
+        let (device, tuned) = match (&pinned, &measured) {
+            (Some((_, p)), _) => {
                 for (s, v) in &p.records {
                     if records.contains_key(s) {
                         records.insert(s.clone(), v.clone());
@@ -83,7 +214,13 @@ pub fn run(
                 }
                 (p.device.clone(), p.tuned)
             }
-            None => (format!("preset-defaults:{}", target.preset.name), false),
+            (None, Some((device, recs))) => {
+                for (s, r) in recs {
+                    records.insert(s.clone(), r.config.clone());
+                }
+                (device.clone(), recs.len() == signatures.len())
+            }
+            (None, None) => (format!("preset-defaults:{}", target.preset.name), false),
         };
         let recs = TuningRecords {
             device,
@@ -95,4 +232,145 @@ pub fn run(
             temp_output(ctx, "tuning", &serde_json::to_vec_pretty(&recs)?)?,
         )]))
     })
+}
+
+/// The factory of a build without a GPU runtime to time kernels on: no device ever matches.
+pub fn no_timer(_: &TargetSpec) -> Result<Option<Box<dyn KernelTimer>>> {
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    static TIMED: AtomicUsize = AtomicUsize::new(0);
+
+    /// A device on which bigger workgroups are faster, except that 256 is slower than 128: the
+    /// fastest of every family must be 128.
+    struct FakeTimer;
+    impl KernelTimer for FakeTimer {
+        fn device_id(&self) -> String {
+            "test:fake-gpu:driver 1".into()
+        }
+        fn time(&mut self, kernel: &WgslKernel, _: &KernelSpec) -> Result<f64> {
+            TIMED.fetch_add(1, Ordering::SeqCst);
+            let t = kernel.launch.tuning;
+            let wg = if t.workgroup_size == 256 {
+                16
+            } else {
+                t.workgroup_size
+            };
+            Ok(1.0 / wg as f64 + t.rows_per_workgroup as f64 * 1e-3 + t.vector_width as f64 * 1e-4)
+        }
+    }
+    /// The fake device runs Vulkan kernels only.
+    fn fake(target: &TargetSpec) -> Result<Option<Box<dyn KernelTimer>>> {
+        Ok((target.preset.name == "vulkan").then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
+    }
+
+    fn ctx(root: &Path, mode: TuneMode) -> BuildContext {
+        BuildContext {
+            cache: Arc::new(Cache::open(&root.join("cache")).unwrap()),
+            dist_root: root.join("dist"),
+            use_cache: true,
+            debug_dump: false,
+            probe: false,
+            progress: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::hidden(),
+            ),
+            tune_mode: mode,
+            timer_factory: fake,
+        }
+    }
+
+    fn plan() -> Plan {
+        let arch = crate::model::by_name("llama").unwrap();
+        let config = arch
+            .parse_config(&crate::model::testing::read_config("tiny-llama"))
+            .unwrap();
+        let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
+        arch.lower(&config, scheme, 32).unwrap()
+    }
+
+    fn target(name: &str) -> TargetSpec {
+        TargetSpec {
+            preset: crate::recipe::targets::TARGETS
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap(),
+            cuda_arch: None,
+            llvm_mingw: None,
+        }
+    }
+
+    fn records(ctx: &BuildContext, out: &StageOutput) -> TuningRecords {
+        let bytes = ctx
+            .cache
+            .blobs
+            .read_verified(&out.output("tuning.json").unwrap().digest)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn measured_records_are_stored_then_reused_without_measuring() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let n_sig = crate::codegen::signature::plan_signatures(&plan).len();
+        let vulkan = target("vulkan");
+
+        let step = |mode: TuneMode, target: &TargetSpec| {
+            let c = ctx(tmp.path(), mode);
+            let out = run(&c, &plan, target, None, &[]).unwrap();
+            let recs = records(&c, &out);
+            (out, recs)
+        };
+        let timed = || TIMED.load(Ordering::SeqCst);
+        let before = timed();
+
+        // Off: preset defaults, nothing timed.
+        let (off, r) = step(TuneMode::Off, &vulkan);
+        assert_eq!(timed(), before);
+        assert!(!r.tuned);
+        assert_eq!(r.device, "preset-defaults:vulkan");
+
+        // Cached with an empty database: untuned, nothing timed.
+        let (_, r) = step(TuneMode::Cached, &vulkan);
+        assert_eq!(timed(), before);
+        assert!(!r.tuned);
+
+        // On: every signature measured, the fastest configuration (workgroup 128) kept.
+        let (first, r) = step(TuneMode::On, &vulkan);
+        let measured = timed() - before;
+        assert!(
+            measured >= n_sig * 4,
+            "{measured} timings for {n_sig} signatures"
+        );
+        assert!(r.tuned);
+        assert_eq!(r.device, "test:fake-gpu:driver 1");
+        assert_eq!(r.records.len(), n_sig);
+        for (sig, v) in &r.records {
+            assert_eq!(v["workgroup_size"], 128, "{sig}");
+            assert_eq!(v["rows_per_workgroup"], 1, "{sig}");
+        }
+        assert_ne!(first.key, off.key, "measured records change the key");
+        let db = TuningDb::open(&tmp.path().join("cache"), "test:fake-gpu:driver 1");
+        assert_eq!(db.load().unwrap().len(), n_sig);
+
+        // Later builds, on or cached: the database answers, nothing is re-measured.
+        for mode in [TuneMode::On, TuneMode::Cached] {
+            let (again, r) = step(mode, &vulkan);
+            assert_eq!(timed() - before, measured, "{mode:?} measured again");
+            assert_eq!(again.key, first.key);
+            assert!(again.cached && r.tuned);
+        }
+
+        // A target no local device runs stays on the preset defaults.
+        let (_, r) = step(TuneMode::On, &target("android"));
+        assert!(!r.tuned);
+        assert_eq!(timed() - before, measured);
+    }
 }

@@ -30,6 +30,7 @@ mod matmul;
 mod norm;
 mod rwkv;
 pub mod spec;
+pub mod tune_space;
 mod weights;
 
 use crate::formats::model_lib::plan::Plan;
