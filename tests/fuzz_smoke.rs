@@ -14,7 +14,7 @@ mod entries;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-const DEFAULT_ITERS: usize = 3000;
+const DEFAULT_ITERS: usize = 5000;
 
 /// Size values a hostile header would claim.
 const HUGE: &[u64] = &[
@@ -311,4 +311,11 @@ fn model_library() {
     lib.extend_from_slice(&le64(1_000_000_000_000_000));
     lib.extend_from_slice(b"{}");
     smoke("model_lib", false, &[("header length 10^15", lib)]);
+}
+
+#[test]
+fn every_target_has_a_corpus() {
+    for t in entries::TARGETS {
+        assert!(!corpus(t).is_empty(), "fuzz/corpus/{t} is empty");
+    }
 }

@@ -157,13 +157,16 @@ pub fn ndarray_cache(data: &[u8]) -> bool {
     mlcb::formats::ndarray_cache::NdArrayCache::from_json(data, "fuzz/ndarray-cache.json").is_ok()
 }
 
-/// A model-library file (`.mlcblib`): header, execution plan, kernel table.
+/// A model-library file (`.mlcblib`): header, execution plan, kernel table, then the runtime's
+/// plan validation and the readable rendering (neither may panic on any plan).
 pub fn model_lib(data: &[u8]) -> bool {
     match mlcb::formats::model_lib::ModelLibrary::from_bytes(data, "fuzz.mlcblib") {
         Ok(lib) => {
             for k in &lib.header.kernels {
                 let _ = lib.kernel_bytes(k);
             }
+            // What `mlcb run` does with a library before executing it, and `--debug-dump`'s view.
+            let _ = mlcb::runtime::cpu::validate_plan(&lib.header.plan);
             let _ = mlcb::formats::model_lib::render::render_plan(&lib.header.plan);
             true
         }

@@ -549,8 +549,17 @@ fn tensor_nbytes(name: &str, ne: &[u64], ty: GgmlType, path: &Path) -> Result<u6
             path.display()
         )));
     }
-    // numel/block * type_size cannot overflow: numel ≤ i64::MAX and type_size ≤ block * 8.
-    Ok(numel / block as u64 * type_size as u64)
+    // numel ≤ i64::MAX does not keep numel/block * type_size in range (F32: 4 bytes per
+    // element), so the product is checked too.
+    (numel / block as u64)
+        .checked_mul(type_size as u64)
+        .ok_or_else(|| {
+            user(format!(
+                "GGUF file {} is corrupt: tensor `{name}` has an impossible shape {ne:?} \
+                 (more than 2^64 bytes of {ty})",
+                path.display()
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -761,6 +770,17 @@ mod tests {
             vec![],
         ));
         assert!(user_err(&w.to_bytes()).contains("impossible shape"));
+
+        // An element count within i64 whose byte size is not (2^62 F32 elements = 2^64 bytes):
+        // found by tests/fuzz_smoke.rs, it overflowed the multiplication.
+        let mut w = GgufWriter::new(3);
+        w.tensor(TensorSpec::raw(
+            "huge",
+            &[1 << 31, 1 << 31],
+            GgmlType::F32,
+            vec![],
+        ));
+        assert!(user_err(&w.to_bytes()).contains("more than 2^64 bytes of F32"));
 
         // A bool byte that is neither 0 nor 1.
         let mut w = GgufWriter::new(3);
