@@ -75,6 +75,57 @@ pub fn class_of(err: &anyhow::Error) -> ErrorClass {
     ErrorClass::Internal
 }
 
+/// Whether an error chain comes from a full disk (`ENOSPC`) or an exhausted quota (`EDQUOT`).
+/// Libraries that format the I/O error into their own message (sled, safetensors) are recognised
+/// by the OS error text, since their chain no longer holds the `std::io::Error`.
+pub fn is_no_space(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+                || io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::QuotaExceeded
+            {
+                return true;
+            }
+        }
+        let text = cause.to_string();
+        text.contains("No space left on device")
+            || text.contains(&format!("os error {}", libc::ENOSPC))
+            || text.contains("Disk quota exceeded")
+    })
+}
+
+/// A full-disk failure as an environment error a user can act on: it names the folder whose disk
+/// is full (`place`, described by `what`, e.g. "the cache folder"), says what to do, and keeps
+/// the original failure (with the file being written) as detail. Other errors pass unchanged.
+pub fn explain_no_space(
+    err: anyhow::Error,
+    what: &str,
+    place: &std::path::Path,
+    flag: &str,
+) -> anyhow::Error {
+    if !is_no_space(&err) || already_explained(&err) {
+        return err;
+    }
+    env(format!(
+        "{NO_SPACE} {what} {}: free some space there (or use {flag} to \
+         put it on a disk with more room) and run the build again; work already finished is kept \
+         (detail: {err:#})",
+        place.display()
+    ))
+}
+
+/// An inner layer (the cache index) already named the full disk: keep its message.
+fn already_explained(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<ClassifiedError>()
+            .is_some_and(|c| c.message.starts_with(NO_SPACE))
+    })
+}
+
+const NO_SPACE: &str = "no space left on the disk holding";
+
 /// `bail!` for user errors.
 #[macro_export]
 macro_rules! user_bail {
@@ -98,6 +149,49 @@ mod tests {
         let e = e.context("while reading recipe").unwrap_err();
         assert_eq!(class_of(&e), ErrorClass::User);
         assert_eq!(class_of(&e).exit_code(), 2);
+    }
+
+    #[test]
+    fn full_disk_is_explained_with_the_folder() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = anyhow::Error::new(full).context("writing /c/tmp/1-x.tmp");
+        assert!(is_no_space(&e));
+        let e = explain_no_space(
+            e,
+            "the cache folder",
+            std::path::Path::new("/c"),
+            "--cache-dir",
+        );
+        assert_eq!(class_of(&e), ErrorClass::Environment);
+        let msg = format!("{e:#}");
+        assert!(
+            msg.starts_with("no space left on the disk holding the cache folder /c: free"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("--cache-dir") && msg.contains("/c/tmp/1-x.tmp"),
+            "{msg}"
+        );
+        // A library that formatted the I/O error into its own text is recognised too.
+        let sled_like = anyhow::anyhow!("IO error: No space left on device (os error 28)");
+        assert!(is_no_space(&sled_like));
+        // Anything else passes through unchanged.
+        let other = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(!is_no_space(&other));
+        let other = explain_no_space(other, "x", std::path::Path::new("/"), "--y");
+        assert!(!format!("{other:#}").contains("no space"));
+        // Explained once only, by the innermost layer that knows the folder.
+        let full = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let inner = explain_no_space(full, "the cache index", std::path::Path::new("/c/i"), "--c");
+        let outer = explain_no_space(
+            inner.context("x"),
+            "the cache folder",
+            std::path::Path::new("/c"),
+            "--c",
+        );
+        let msg = format!("{outer:#}");
+        assert_eq!(msg.matches("no space left on the disk").count(), 1, "{msg}");
+        assert!(msg.contains("the cache index /c/i"), "{msg}");
     }
 
     #[test]

@@ -32,8 +32,15 @@ impl Index {
         }
     }
 
-    /// Open the database, run `f`, flush, close.
+    /// Open the database, run `f`, flush, close. A full disk is an environment error naming the
+    /// index (sled writes its log on open, insert and flush).
     pub fn with<R>(&self, f: impl FnOnce(&IndexSession) -> Result<R>) -> Result<R> {
+        self.with_inner(f).map_err(|e| {
+            crate::error::explain_no_space(e, "the cache index", &self.path, "--cache-dir")
+        })
+    }
+
+    fn with_inner<R>(&self, f: impl FnOnce(&IndexSession) -> Result<R>) -> Result<R> {
         let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             *guard = Some(self.open()?);
@@ -95,6 +102,13 @@ impl Index {
                     );
                     self.quarantine();
                 }
+                // A full disk is not corruption: `with` explains it (no `mlcb clean` advice).
+                Err(sled::Error::Io(e))
+                    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
+                {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("cannot open the cache index {}", self.path.display())))
+                }
                 Err(e) => {
                     return Err(crate::error::env(format!(
                         "cannot open the cache index {}: {e}; if it is corrupt, run `mlcb clean --cache`",
@@ -135,7 +149,7 @@ pub struct IndexSession {
 
 /// Read a JSON value stored under `key`.
 pub fn get_json<T: DeserializeOwned>(s: &IndexSession, key: &str) -> Result<Option<T>> {
-    match s.db.get(key)? {
+    match s.db.get(key).map_err(sled_error)? {
         None => Ok(None),
         // An entry this version cannot read is treated as absent (it will be rewritten).
         Some(v) => Ok(serde_json::from_slice(&v).ok()),
@@ -143,7 +157,16 @@ pub fn get_json<T: DeserializeOwned>(s: &IndexSession, key: &str) -> Result<Opti
 }
 
 pub fn put_json<T: Serialize>(s: &IndexSession, key: &str, value: &T) -> Result<()> {
-    s.db.insert(key, serde_json::to_vec(value)?)?;
+    s.db.insert(key, serde_json::to_vec(value)?)
+        .map_err(sled_error)?;
     s.dirty.set(true);
     Ok(())
+}
+
+/// sled's I/O failures (disk full, permissions) are the machine's, not mlcb's: environment errors.
+fn sled_error(e: sled::Error) -> anyhow::Error {
+    match e {
+        sled::Error::Io(io) => crate::error::env(format!("cache index I/O error: {io}")),
+        other => anyhow::Error::new(other),
+    }
 }

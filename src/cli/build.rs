@@ -254,11 +254,13 @@ pub fn execute(args: BuildArgs) -> Result<()> {
                         .unwrap()
                 );
             }
-            other => break other?,
+            other => break other,
         }
     };
+    // Also after a failure (a full disk, a bad input): no temporary files of ours stay behind.
     ctx.cache.index.release();
     ctx.cache.blobs.sweep_own_temp();
+    let result = result?;
     if !probe && !args.locked {
         super::lock::update(&ctx, &graph, &result.outputs, &lock_path)?;
     }

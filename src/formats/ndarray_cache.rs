@@ -55,6 +55,53 @@ pub struct ParamRecord {
     pub byte_offset: u64,
 }
 
+impl NdArrayCache {
+    /// Parse `ndarray-cache.json` and check what a reader relies on before it touches a shard:
+    /// each record's `nbytes` equals its shape × dtype size (no overflow) and its bytes lie inside
+    /// its shard's declared `nbytes`. `origin` names the file in errors, which are user errors.
+    pub fn from_json(bytes: &[u8], origin: &str) -> Result<NdArrayCache> {
+        let cache: NdArrayCache = serde_json::from_slice(bytes)
+            .map_err(|e| crate::error::user(format!("{origin}: invalid parameter index: {e}")))?;
+        for shard in &cache.records {
+            for rec in &shard.records {
+                rec.check_within(shard.nbytes).map_err(|why| {
+                    crate::error::user(format!(
+                        "{origin}: record {} in {}: {why}; the artifact is corrupt, rebuild it",
+                        rec.name, shard.data_path
+                    ))
+                })?;
+            }
+        }
+        Ok(cache)
+    }
+}
+
+impl ParamRecord {
+    /// The record's byte range in a shard of `shard_len` bytes, checked: `nbytes` must equal
+    /// shape × dtype size (quantized records carry their packed shape and dtype) and the range
+    /// must end inside the shard.
+    pub fn check_within(&self, shard_len: u64) -> std::result::Result<(u64, u64), String> {
+        let expected = self
+            .shape
+            .iter()
+            .try_fold(self.dtype.size() as u64, |a, &d| a.checked_mul(d as u64));
+        if expected != Some(self.nbytes) {
+            return Err(format!(
+                "nbytes {} does not match shape {:?} of {}",
+                self.nbytes, self.shape, self.dtype
+            ));
+        }
+        match self.byte_offset.checked_add(self.nbytes) {
+            Some(end) if end <= shard_len => Ok((self.byte_offset, end)),
+            _ => Err(format!(
+                "bytes {}..{} lie beyond the end of the shard ({shard_len} bytes)",
+                self.byte_offset,
+                self.byte_offset.saturating_add(self.nbytes)
+            )),
+        }
+    }
+}
+
 /// Name of the JSON index in the params folder.
 pub const NDARRAY_CACHE_JSON: &str = "ndarray-cache.json";
 
@@ -413,5 +460,43 @@ mod writer_tests {
         assert!(cache.records.is_empty());
         assert_eq!(cache.metadata.bits_per_param, 0.0);
         assert!(!dir.path().join("params_shard_0.bin").exists());
+    }
+
+    #[test]
+    fn from_json_reads_the_writer_output_and_refuses_bad_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = NdArrayCacheWriter::with_shard_cap(dir.path(), 256).unwrap();
+        w.add("a", DType::F32, &[4], &[1; 16]).unwrap();
+        w.add("b", DType::U32, &[2, 3], &[2; 24]).unwrap();
+        let written = w.finish().unwrap();
+        let bytes = std::fs::read(dir.path().join(NDARRAY_CACHE_JSON)).unwrap();
+        assert_eq!(NdArrayCache::from_json(&bytes, "c.json").unwrap(), written);
+        // b is at byte 64 (RECORD_ALIGN) of shard 0, 24 bytes long.
+        assert_eq!(written.records[0].records[1].check_within(88), Ok((64, 88)));
+        assert!(written.records[0].records[1].check_within(87).is_err());
+
+        let with = |edit: &dyn Fn(&mut NdArrayCache)| {
+            let mut c = written.clone();
+            edit(&mut c);
+            let err =
+                NdArrayCache::from_json(&serde_json::to_vec(&c).unwrap(), "c.json").unwrap_err();
+            assert_eq!(crate::error::class_of(&err), crate::error::ErrorClass::User);
+            err.to_string()
+        };
+        // A shape whose element count overflows u64 is an error, not an allocation.
+        let msg = with(&|c| c.records[0].records[0].shape = vec![usize::MAX, usize::MAX]);
+        assert!(
+            msg.contains("record a") && msg.contains("does not match shape"),
+            "{msg}"
+        );
+        // An offset near u64::MAX does not wrap around.
+        let msg = with(&|c| c.records[0].records[1].byte_offset = u64::MAX - 8);
+        assert!(msg.contains("beyond the end of the shard"), "{msg}");
+        let msg = with(&|c| c.records[0].nbytes = 80);
+        assert!(msg.contains("record b in params_shard_0.bin"), "{msg}");
+        let err = NdArrayCache::from_json(b"{\"metadata\": 1}", "c.json").unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("c.json: invalid parameter index"));
     }
 }

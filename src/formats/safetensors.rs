@@ -56,6 +56,55 @@ fn dtype_of(d: StDtype) -> Option<DType> {
     })
 }
 
+/// The tensor table of a `.safetensors` file, as [`parse_header`] validated it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetensorsHeader {
+    /// Readable tensors in file order.
+    pub infos: Vec<TensorInfo>,
+    /// Absolute byte range of each readable tensor in the file (same order as `infos`).
+    pub ranges: Vec<(usize, usize)>,
+    /// Tensors of a dtype mlcb does not read: (name, safetensors dtype).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Parse and validate the header of a whole `.safetensors` file held in `bytes` (offsets
+/// contiguous, sizes equal to shape × dtype, data length equal to what the header claims).
+/// `origin` names the file in errors. Nothing is allocated from a size field before it is
+/// checked against `bytes`.
+pub fn parse_header(bytes: &[u8], origin: &Path) -> Result<SafetensorsHeader> {
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        user(format!(
+            "{}: not a valid safetensors file ({e}); the file may be truncated or corrupt — \
+             download it again",
+            origin.display()
+        ))
+    })?;
+    let data_start = 8 + header_len;
+    let mut infos = Vec::new();
+    let mut ranges = Vec::new();
+    let mut skipped = Vec::new();
+    // offset_keys: names in file order.
+    for name in meta.offset_keys() {
+        let info = meta.info(&name).expect("name from the same metadata");
+        let Some(dtype) = dtype_of(info.dtype) else {
+            skipped.push((name, format!("{:?}", info.dtype)));
+            continue;
+        };
+        let (s, e) = info.data_offsets;
+        ranges.push((data_start + s, data_start + e));
+        infos.push(TensorInfo {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+        });
+    }
+    Ok(SafetensorsHeader {
+        infos,
+        ranges,
+        skipped,
+    })
+}
+
 impl SafetensorsFile {
     /// Open and validate a file. Bad or truncated files are user errors naming the file.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
@@ -65,32 +114,11 @@ impl SafetensorsFile {
         // SAFETY: read-only map of a file mlcb does not modify while reading it.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            user(format!(
-                "{}: not a valid safetensors file ({e}); the file may be truncated or corrupt — \
-                 download it again",
-                path.display()
-            ))
-        })?;
-        let data_start = 8 + header_len;
-        let mut infos = Vec::new();
-        let mut ranges = Vec::new();
-        let mut skipped = Vec::new();
-        // offset_keys: names in file order.
-        for name in meta.offset_keys() {
-            let info = meta.info(&name).expect("name from the same metadata");
-            let Some(dtype) = dtype_of(info.dtype) else {
-                skipped.push((name, format!("{:?}", info.dtype)));
-                continue;
-            };
-            let (s, e) = info.data_offsets;
-            ranges.push((data_start + s, data_start + e));
-            infos.push(TensorInfo {
-                name,
-                dtype,
-                shape: info.shape.clone(),
-            });
-        }
+        let SafetensorsHeader {
+            infos,
+            ranges,
+            skipped,
+        } = parse_header(&map, path)?;
         let by_name = infos
             .iter()
             .enumerate()
@@ -203,6 +231,25 @@ mod tests {
         let e = f.read("m").unwrap_err();
         assert!(e.to_string().contains("F64"), "{e}");
         assert_eq!(class_of(&f.read("zz").unwrap_err()), ErrorClass::User);
+    }
+
+    #[test]
+    fn parse_header_gives_ranges_and_refuses_huge_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(hand_written(dir.path())).unwrap();
+        let h = parse_header(&bytes, Path::new("x.safetensors")).unwrap();
+        let data = bytes.len() - 24;
+        assert_eq!(h.ranges, vec![(data, data + 12), (data + 12, data + 16)]);
+        assert_eq!(h.skipped, vec![("m".to_string(), "F64".to_string())]);
+        // A header length of 10^15 bytes is an error naming the file, not an allocation.
+        let mut huge = 1_000_000_000_000_000u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}      ");
+        let e = parse_header(&huge, Path::new("x.safetensors")).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+        assert!(
+            e.to_string().starts_with("x.safetensors: not a valid"),
+            "{e}"
+        );
     }
 
     #[test]

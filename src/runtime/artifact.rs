@@ -100,12 +100,7 @@ impl Artifact {
         }
         let text = std::fs::read_to_string(&cache_path)
             .with_context(|| format!("reading {}", cache_path.display()))?;
-        let cache: NdArrayCache = serde_json::from_str(&text).map_err(|e| {
-            crate::error::user(format!(
-                "{}: invalid parameter index: {e}",
-                cache_path.display()
-            ))
-        })?;
+        let cache = NdArrayCache::from_json(text.as_bytes(), &cache_path.display().to_string())?;
 
         let mut shards = Vec::with_capacity(cache.records.len());
         let mut index = HashMap::new();

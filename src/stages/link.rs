@@ -192,10 +192,15 @@ pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
         }));
     }
     std::fs::create_dir_all(&ctx.dist_root).map_err(|e| {
-        crate::error::env(format!(
-            "cannot create the artifact folder {}: {e}",
-            ctx.dist_root.display()
-        ))
+        crate::error::explain_no_space(
+            crate::error::env(format!(
+                "cannot create the artifact folder {}: {e}",
+                ctx.dist_root.display()
+            )),
+            "the artifact folder",
+            &ctx.dist_root,
+            "--artifact-path",
+        )
     })?;
     ctx.cache.index.release();
     let tmp = ctx.dist_root.join(format!(
@@ -206,8 +211,14 @@ pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
     let result = assemble(ctx, req, &desc, &tmp, &dest, &key, &chat, &tokenizer)
         .and_then(|_| swap_into_place(&tmp, &dest));
     if let Err(e) = result {
+        // The half-assembled folder goes; `dest` is untouched (old artifact or none).
         std::fs::remove_dir_all(&tmp).ok();
-        return Err(e);
+        return Err(crate::error::explain_no_space(
+            e,
+            "the artifact folder",
+            &ctx.dist_root,
+            "--artifact-path",
+        ));
     }
     Ok(StageOutput {
         key,

@@ -129,23 +129,30 @@ pub fn cached_or_run(
     // Let other mlcb processes use the index while this stage computes.
     ctx.cache.index.release();
     let start = std::time::Instant::now();
-    let files = compute()?;
-    let mut outputs = BTreeMap::new();
-    for (name, path) in files {
-        let (digest, size) = ctx.cache.blobs.put_file(&path)?;
-        outputs.insert(name, OutputRef { digest, size });
-    }
-    let out = StageOutput {
-        key,
-        cached: false,
-        seconds: start.elapsed().as_secs_f64(),
-        outputs,
-        local: BTreeMap::new(),
-        inputs,
-    };
-    ctx.cache.store(&out.record(), None)?;
-    ctx.cache.mark_scopes(&out.inputs, scope)?;
-    Ok(out)
+    // Stages write their outputs into the cache's tmp/ before they become blobs: a full disk
+    // there is the cache folder's, whatever writer (shards, safetensors, JSON) hit it.
+    let stored = (|| {
+        let files = compute()?;
+        let mut outputs = BTreeMap::new();
+        for (name, path) in files {
+            let (digest, size) = ctx.cache.blobs.put_file(&path)?;
+            outputs.insert(name, OutputRef { digest, size });
+        }
+        let out = StageOutput {
+            key,
+            cached: false,
+            seconds: start.elapsed().as_secs_f64(),
+            outputs,
+            local: BTreeMap::new(),
+            inputs,
+        };
+        ctx.cache.store(&out.record(), None)?;
+        ctx.cache.mark_scopes(&out.inputs, scope)?;
+        Ok(out)
+    })();
+    stored.map_err(|e| {
+        crate::error::explain_no_space(e, "the cache folder", &ctx.cache.root, "--cache-dir")
+    })
 }
 
 /// Write bytes to a fresh temporary file in the cache (for a stage output).

@@ -90,7 +90,7 @@ impl GgufFile {
                 path.display()
             ))
         })?;
-        let header = parse(&mmap, path)?;
+        let header = parse_header(&mmap, path)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             mmap,
@@ -206,12 +206,18 @@ impl GgufFile {
     }
 }
 
-struct Header {
-    version: u32,
-    metadata: Vec<(String, GgufValue)>,
-    tensors: Vec<GgufTensorInfo>,
-    alignment: u64,
-    data_offset: u64,
+/// The parsed header of a GGUF file: everything but the tensor data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufHeader {
+    pub version: u32,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, GgufValue)>,
+    /// Tensor infos in file order; each extent was checked to lie inside the data section.
+    pub tensors: Vec<GgufTensorInfo>,
+    /// `general.alignment`, or 32 when absent.
+    pub alignment: u64,
+    /// Absolute file offset of the data section.
+    pub data_offset: u64,
 }
 
 /// A read position over the file with bounds-checked primitives.
@@ -400,7 +406,10 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn parse(buf: &[u8], path: &Path) -> Result<Header> {
+/// Parse the header of a whole GGUF file held in `buf`; `path` names it in errors. Every count and
+/// length is checked against the bytes left before anything is allocated, so a corrupt or hostile
+/// file is a user error, never a huge allocation or a panic.
+pub fn parse_header(buf: &[u8], path: &Path) -> Result<GgufHeader> {
     let mut c = Cursor { buf, pos: 0, path };
     if buf.len() < 4 || &buf[..4] != MAGIC {
         return Err(user(format!(
@@ -499,7 +508,7 @@ fn parse(buf: &[u8], path: &Path) -> Result<Header> {
             nbytes,
         });
     }
-    Ok(Header {
+    Ok(GgufHeader {
         version,
         metadata,
         tensors,
@@ -540,8 +549,17 @@ fn tensor_nbytes(name: &str, ne: &[u64], ty: GgmlType, path: &Path) -> Result<u6
             path.display()
         )));
     }
-    // numel/block * type_size cannot overflow: numel ≤ i64::MAX and type_size ≤ block * 8.
-    Ok(numel / block as u64 * type_size as u64)
+    // numel ≤ i64::MAX does not keep numel/block * type_size in range (F32: 4 bytes per
+    // element), so the product is checked too.
+    (numel / block as u64)
+        .checked_mul(type_size as u64)
+        .ok_or_else(|| {
+            user(format!(
+                "GGUF file {} is corrupt: tensor `{name}` has an impossible shape {ne:?} \
+                 (more than 2^64 bytes of {ty})",
+                path.display()
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -752,6 +770,17 @@ mod tests {
             vec![],
         ));
         assert!(user_err(&w.to_bytes()).contains("impossible shape"));
+
+        // An element count within i64 whose byte size is not (2^62 F32 elements = 2^64 bytes):
+        // found by tests/fuzz_smoke.rs, it overflowed the multiplication.
+        let mut w = GgufWriter::new(3);
+        w.tensor(TensorSpec::raw(
+            "huge",
+            &[1 << 31, 1 << 31],
+            GgmlType::F32,
+            vec![],
+        ));
+        assert!(user_err(&w.to_bytes()).contains("more than 2^64 bytes of F32"));
 
         // A bool byte that is neither 0 nor 1.
         let mut w = GgufWriter::new(3);

@@ -52,8 +52,16 @@ pub fn render_plan(plan: &Plan) -> String {
 }
 
 fn render_op(plan: &Plan, op: &Op) -> String {
-    let b = |i: &usize| format!("%{}", plan.buffers[*i].name);
-    let w = |i: &usize| format!("@{}", plan.weights[*i].name);
+    // The plan may not have been validated (a library from elsewhere): ids out of range are
+    // shown as such, never indexed.
+    let b = |i: &usize| match plan.buffers.get(*i) {
+        Some(x) => format!("%{}", x.name),
+        None => format!("%<no buffer {i}>"),
+    };
+    let w = |i: &usize| match plan.weights.get(*i) {
+        Some(x) => format!("@{}", x.name),
+        None => format!("@<no weight {i}>"),
+    };
     match op {
         Op::Embedding { weight, out } => format!("{} = embedding({})", b(out), w(weight)),
         Op::RmsNorm {
@@ -98,5 +106,34 @@ fn render_op(plan: &Plan, op: &Op) -> String {
         }
         Op::Logits { input, weight } => format!("logits = matmul({}, {})", b(input), w(weight)),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_out_of_range_are_shown_not_indexed() {
+        // An unvalidated plan whose embedding names a weight and a buffer it does not have:
+        // found by tests/fuzz_smoke.rs (render_plan indexed them and panicked).
+        let mut plan = crate::runtime::artifact::tests::tiny_plan();
+        plan.prefill = vec![Op::Embedding { weight: 9, out: 38 }];
+        let text = render_plan(&plan);
+        assert!(
+            text.contains("%<no buffer 38> = embedding(@<no weight 9>)"),
+            "{text}"
+        );
+        // A valid plan renders its names.
+        let plan = crate::runtime::artifact::tests::tiny_plan();
+        let text = render_plan(&plan);
+        let Op::Embedding { weight, out } = &plan.prefill[0] else {
+            panic!("tiny plan starts with an embedding")
+        };
+        let line = format!(
+            "%{} = embedding(@{})",
+            plan.buffers[*out].name, plan.weights[*weight].name
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }

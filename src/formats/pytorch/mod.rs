@@ -65,43 +65,7 @@ impl PyTorchFile {
         // truncated by another process while mapped is outside what we can defend against.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        if !map.starts_with(b"PK\x03\x04") {
-            if map[0] == 0x80 {
-                return Err(bad(
-                    "this is a legacy (pre-zip) torch.save file, which mlcb does not \
-                     read; re-save it with a newer torch (≥ 1.6): \
-                     torch.save(torch.load(path), path)"
-                        .into(),
-                ));
-            }
-            return Err(bad(
-                "not a PyTorch checkpoint (no zip signature); expected the file torch.save writes"
-                    .into(),
-            ));
-        }
-        let zip_entries = archive::read_entries(&map).map_err(bad)?;
-        let pkl_name = find_data_pkl(&zip_entries).map_err(bad)?;
-        let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
-        if let Some(order) = zip_entries.get(&format!("{prefix}byteorder")) {
-            let order = order.bytes(&map);
-            if order != b"little" {
-                return Err(bad(format!(
-                    "tensors are stored {} endian; mlcb reads only little-endian checkpoints",
-                    String::from_utf8_lossy(order)
-                )));
-            }
-        }
-        let pkl = &zip_entries[&pkl_name];
-        if !pkl.stored {
-            return Err(bad(format!(
-                "{pkl_name} is compressed; mlcb reads only the uncompressed entries torch.save \
-                 writes"
-            )));
-        }
-        let root = pickle::load(pkl.bytes(&map)).map_err(|e| bad(format!("{pkl_name}: {e}")))?;
-        let (entries, skipped) =
-            state_dict::collect(&root, &zip_entries, &prefix, len).map_err(bad)?;
-        drop(root);
+        let (entries, skipped) = parse_checkpoint(&map, path)?;
         let infos: Vec<TensorInfo> = entries
             .iter()
             .map(|e| TensorInfo {
@@ -136,6 +100,56 @@ impl PyTorchFile {
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }
+}
+
+/// Parse a whole `torch.save` checkpoint held in `bytes` (zip directory, `data.pkl` run by mlcb's
+/// own pickle machine, state dict checked against the storages) without reading tensor data.
+/// `origin` names the file in errors, which are user errors.
+pub fn parse_checkpoint(bytes: &[u8], origin: &Path) -> Result<(Vec<TensorEntry>, Vec<Skipped>)> {
+    let path = origin;
+    let len = bytes.len() as u64;
+    let bad = |msg: String| user(format!("{}: {msg}", path.display()));
+    if bytes.len() < 4 {
+        return Err(bad(format!(
+            "file is {len} bytes long, not a PyTorch checkpoint (truncated download?)"
+        )));
+    }
+    if !bytes.starts_with(b"PK\x03\x04") {
+        if bytes[0] == 0x80 {
+            return Err(bad(
+                "this is a legacy (pre-zip) torch.save file, which mlcb does not \
+                 read; re-save it with a newer torch (≥ 1.6): \
+                 torch.save(torch.load(path), path)"
+                    .into(),
+            ));
+        }
+        return Err(bad(
+            "not a PyTorch checkpoint (no zip signature); expected the file torch.save writes"
+                .into(),
+        ));
+    }
+    let zip_entries = archive::read_entries(bytes).map_err(bad)?;
+    let pkl_name = find_data_pkl(&zip_entries).map_err(bad)?;
+    let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
+    if let Some(order) = zip_entries.get(&format!("{prefix}byteorder")) {
+        let order = order.bytes(bytes);
+        if order != b"little" {
+            return Err(bad(format!(
+                "tensors are stored {} endian; mlcb reads only little-endian checkpoints",
+                String::from_utf8_lossy(order)
+            )));
+        }
+    }
+    let pkl = &zip_entries[&pkl_name];
+    if !pkl.stored {
+        return Err(bad(format!(
+            "{pkl_name} is compressed; mlcb reads only the uncompressed entries torch.save \
+             writes"
+        )));
+    }
+    let root = pickle::load(pkl.bytes(bytes)).map_err(|e| bad(format!("{pkl_name}: {e}")))?;
+    let (entries, skipped) = state_dict::collect(&root, &zip_entries, &prefix, len).map_err(bad)?;
+    Ok((entries, skipped))
 }
 
 /// The one `<archive>/data.pkl` entry.

@@ -353,8 +353,16 @@ impl<'a> Machine<'a> {
                     }
                 }
                 0x95 => {
-                    // FRAME: a length hint only.
-                    self.u64()?;
+                    // FRAME: a length hint only (nothing is allocated from it), but a frame that
+                    // claims more bytes than the pickle holds means a truncated file, as Python
+                    // reports it ("pickle exhausted before end of frame").
+                    let len = self.u64()?;
+                    let left = (self.data.len() - self.pos) as u64;
+                    if len > left {
+                        return self.err(format!(
+                            "a frame of {len} bytes, but only {left} bytes remain (truncated?)"
+                        ));
+                    }
                 }
                 b'.' => {
                     // STOP
@@ -725,6 +733,24 @@ mod tests {
         assert_eq!(long_from_bytes(&[0x80, 0x00]), Some(128));
         assert_eq!(long_from_bytes(&[0; 9]), Some(0));
         assert_eq!(long_from_bytes(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn frame_longer_than_the_pickle_is_an_error() {
+        // PROTO 4, FRAME claiming 10^15 bytes, NONE, STOP: found by tests/fuzz_smoke.rs.
+        let mut p = vec![0x80, 4, 0x95];
+        p.extend(1_000_000_000_000_000u64.to_le_bytes());
+        p.extend([b'N', b'.']);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("a frame of 1000000000000000 bytes, but only 2 bytes remain"),
+            "{e}"
+        );
+        // An honest frame is accepted.
+        let mut p = vec![0x80, 4, 0x95];
+        p.extend(2u64.to_le_bytes());
+        p.extend([b'N', b'.']);
+        assert!(matches!(load(&p), Ok(Value::None)));
     }
 
     #[test]

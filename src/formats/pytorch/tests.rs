@@ -396,3 +396,22 @@ fn views_outside_their_storage_are_refused() {
     let e = PyTorchFile::open(&path).unwrap_err();
     assert!(e.to_string().contains("larger than the whole file"), "{e}");
 }
+
+#[test]
+fn parse_checkpoint_from_bytes_matches_open() {
+    let path = fixture("tiny-rwkv").join(PYTORCH_WEIGHTS);
+    let bytes = std::fs::read(&path).unwrap();
+    let (entries, skipped) = parse_checkpoint(&bytes, &path).unwrap();
+    let f = PyTorchFile::open(&path).unwrap();
+    let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let opened: Vec<&str> = f.infos().iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, opened);
+    assert_eq!(skipped.len(), f.skipped().len());
+    // Three bytes are not a checkpoint: a user error naming the origin.
+    let e = parse_checkpoint(b"PK\x03", Path::new("w.bin")).unwrap_err();
+    assert_eq!(class_of(&e), ErrorClass::User);
+    assert!(
+        e.to_string().starts_with("w.bin: file is 3 bytes long"),
+        "{e}"
+    );
+}
