@@ -2,6 +2,9 @@ use clap::Parser;
 use mlcb::error::class_of;
 
 fn main() {
+    // reqwest (under object_store) is built without a crypto provider of its own, so TLS to a
+    // remote cache uses ring: install it before any client is made. Err = already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = mlcb::cli::Cli::parse();
     let default = match cli.verbose {
         0 => "warn",

@@ -76,6 +76,24 @@ impl BlobStore {
         Ok((digest, size))
     }
 
+    /// Move a temporary file whose blake3 the caller has just computed as `digest` (a verified
+    /// download) into the store, without hashing it again.
+    pub fn adopt_verified(&self, file: &Path, digest: &str) -> Result<()> {
+        if !is_digest(digest) {
+            anyhow::bail!("not a blob digest: {digest:?}");
+        }
+        let dest = self.path(digest);
+        if dest.is_file() {
+            std::fs::remove_file(file).ok();
+            return Ok(());
+        }
+        std::fs::create_dir_all(dest.parent().unwrap())
+            .with_context(|| format!("creating {}", dest.display()))?;
+        std::fs::rename(file, &dest)
+            .with_context(|| format!("moving {} into the cache", file.display()))?;
+        Ok(())
+    }
+
     /// Store bytes. Returns their digest.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         let digest = blake3::hash(bytes).to_hex().to_string();

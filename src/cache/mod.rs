@@ -4,10 +4,15 @@
 //! Layout under the cache folder (default `./cache`, `MLCB_CACHE_DIR`, `--cache-dir`):
 //! `index.sled/` (the sled index), `blobs/xx/<digest>`, `tmp/` (temporary files, same filesystem),
 //! `sources/` (hub and git downloads).
+//!
+//! A shared remote cache ([`remote`], configured by [`remote_config`]) sits behind the local one:
+//! stages are looked up locally, then remotely, then computed and uploaded.
 
 pub mod blobs;
 pub mod index;
 pub mod key;
+pub mod remote;
+pub mod remote_config;
 pub mod stale;
 pub mod tuning_db;
 

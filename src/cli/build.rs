@@ -1,5 +1,7 @@
 //! `mlcb build`, `mlcb explain`, `mlcb clean`: recipes (or build.py's flags) → the DAG → `dist/`.
 
+use crate::cache::remote::Remote;
+use crate::cache::remote_config::{self, RemoteMode};
 use crate::cache::Cache;
 use crate::graph::{dag, scheduler};
 use crate::recipe::{self, ChatSettings, Recipe, Source, TargetSpec};
@@ -22,6 +24,38 @@ impl CacheArgs {
             .clone()
             .or_else(|| std::env::var_os("MLCB_CACHE_DIR").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("cache"))
+    }
+}
+
+/// The shared remote cache (see README "The remote cache"). Each setting: flag, else environment,
+/// else the `[cache]` table of `$MLCB_CONFIG` or `./mlcb.toml`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RemoteArgs {
+    /// Remote cache URL: s3://bucket/prefix, gs://…, az://…, file:///shared/folder, or `none`
+    /// (default: $MLCB_REMOTE_CACHE, else `remote` in the config file).
+    #[arg(long, value_name = "URL")]
+    pub remote_cache: Option<String>,
+    /// read-write: download hits and upload what was computed; read-only: never upload (untrusted
+    /// builds). Default: $MLCB_REMOTE_CACHE_MODE, else the config file, else read-write.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub remote_cache_mode: Option<RemoteMode>,
+    /// Fail (exit 3) when the remote cache cannot be reached, instead of warning and computing.
+    #[arg(long)]
+    pub remote_cache_required: bool,
+}
+
+impl RemoteArgs {
+    /// Resolve and open the remote cache, if one is configured (no network yet).
+    pub fn open(&self) -> Result<Option<Arc<Remote>>> {
+        let flags = remote_config::RemoteFlags {
+            url: self.remote_cache.clone(),
+            mode: self.remote_cache_mode,
+            required: self.remote_cache_required,
+        };
+        match remote_config::from_process(&flags)? {
+            Some(settings) => Ok(Some(Arc::new(Remote::open(&settings)?))),
+            None => Ok(None),
+        }
     }
 }
 
@@ -78,6 +112,8 @@ pub struct BuildArgs {
     pub jobs: usize,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// The recipes a command names: files, or one recipe made from build.py's flags.
@@ -218,6 +254,7 @@ fn context(args: &BuildArgs, probe: bool) -> Result<BuildContext> {
         progress,
         tune_mode: args.tune,
         timer_factory: crate::stages::tune::no_timer,
+        remote: args.remote.open()?,
     })
 }
 
@@ -277,12 +314,30 @@ pub fn execute(args: BuildArgs) -> Result<()> {
                 .map(|p| p.display().to_string())
         })
         .collect();
+    let remote = ctx.remote.as_ref().filter(|_| !probe).map(|r| r.report());
     if args.json {
-        let report = serde_json::json!({ "stages": result.reports, "artifacts": artifacts, "seconds": total, "dry_run": probe });
+        let report = serde_json::json!({ "stages": result.reports, "artifacts": artifacts, "seconds": total, "dry_run": probe, "remote_cache": remote });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     print_summary(&result.reports, probe, false);
+    if let Some(r) = &remote {
+        eprintln!(
+            "remote cache {} ({}): {} stage(s) downloaded ({:.1} MiB), {} missing, {} uploaded ({:.1} MiB){}",
+            r.url,
+            r.mode,
+            r.stats.hits,
+            r.stats.bytes_downloaded as f64 / (1u64 << 20) as f64,
+            r.stats.misses,
+            r.stats.uploads,
+            r.stats.bytes_uploaded as f64 / (1u64 << 20) as f64,
+            if r.stats.unavailable.is_some() {
+                "; unavailable, skipped"
+            } else {
+                ""
+            }
+        );
+    }
     if !probe {
         for a in &artifacts {
             eprintln!("built {a} in {total:.2}s");

@@ -17,10 +17,16 @@ pub struct NodeReport {
     pub label: String,
     pub recipes: Vec<String>,
     pub key: Option<String>,
-    /// "cached", "ran", "would run", "blocked" (upstream would run), "failed", "skipped".
+    /// "cached" (local cache), "remote" (downloaded from the remote cache), "ran", "would run",
+    /// "blocked" (upstream would run), "failed", "skipped".
     pub status: String,
+    /// Not computed by this build: "cached" or "remote".
     pub cached: bool,
+    /// Seconds the stage took when it was computed (here, or where its cache entry came from).
     pub seconds: f64,
+    /// For "remote": seconds this build spent looking it up and downloading it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_seconds: Option<f64>,
     pub outputs: BTreeMap<String, String>,
     /// For `explain`: which key inputs changed since the last build of this recipe.
     pub changes: Vec<String>,
@@ -212,6 +218,7 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
             status: String::new(),
             cached: false,
             seconds: 0.0,
+            download_seconds: None,
             outputs: BTreeMap::new(),
             changes: Vec::new(),
         };
@@ -220,14 +227,22 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
             Done::Ok(o) => {
                 report.key = Some(o.key.clone());
                 report.cached = o.cached;
-                report.status = if o.cached { "cached" } else { "ran" }.to_string();
+                report.status = match (o.cached, o.remote_seconds) {
+                    (true, Some(_)) => "remote",
+                    (true, None) => "cached",
+                    (false, _) => "ran",
+                }
+                .to_string();
                 report.seconds = o.seconds;
+                report.download_seconds = o.remote_seconds;
                 report.outputs = o
                     .outputs
                     .iter()
                     .map(|(k, v)| (k.clone(), v.digest.clone()))
                     .collect();
-                if !o.cached {
+                if let Some(d) = o.remote_seconds {
+                    tracing::info!("{} downloaded from the remote cache in {d:.2}s", n.label);
+                } else if !o.cached {
                     tracing::info!("{} done in {:.2}s", n.label, o.seconds);
                 }
                 outputs
@@ -289,6 +304,7 @@ async fn run_async(ctx: Arc<BuildContext>, g: Arc<BuildGraph>, jobs: usize) -> R
                 status: "blocked".into(),
                 cached: false,
                 seconds: 0.0,
+                download_seconds: None,
                 outputs: BTreeMap::new(),
                 changes: vec!["an upstream stage would run".into()],
             }

@@ -179,6 +179,7 @@ pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
         return Ok(StageOutput {
             key,
             cached: true,
+            remote_seconds: None,
             seconds: 0.0,
             outputs: BTreeMap::new(),
             local: BTreeMap::from([("dist".into(), dest)]),
@@ -223,6 +224,7 @@ pub fn run(ctx: &BuildContext, req: &LinkRequest) -> Result<StageOutput> {
     Ok(StageOutput {
         key,
         cached: false,
+        remote_seconds: None,
         seconds: start.elapsed().as_secs_f64(),
         outputs: BTreeMap::new(),
         local: BTreeMap::from([("dist".into(), dest)]),

@@ -16,6 +16,7 @@ pub mod tune;
 pub mod weights;
 
 use crate::cache::key::KeyInputs;
+use crate::cache::remote::Remote;
 use crate::cache::{Cache, OutputRef, StageRecord};
 use anyhow::Result;
 use indicatif::MultiProgress;
@@ -39,6 +40,9 @@ pub struct BuildContext {
     pub tune_mode: tune::TuneMode,
     /// Opens a timer on a local device matching a target (the wgpu runtime's, or a test's).
     pub timer_factory: tune::TimerFactory,
+    /// The shared remote cache, if one is configured: looked up after the local cache, and what
+    /// this build computes is uploaded to it (read-write mode). Never consulted in probe mode.
+    pub remote: Option<Arc<Remote>>,
 }
 
 /// In probe mode: this stage would run. `key` is None when it cannot be known without running
@@ -61,6 +65,9 @@ impl std::error::Error for WouldRun {}
 pub struct StageOutput {
     pub key: String,
     pub cached: bool,
+    /// Some(wall seconds of the lookup and download) when the outputs came from the remote cache
+    /// (then `cached` is true too and `seconds` is the time the stage took where it ran).
+    pub remote_seconds: Option<f64>,
     pub seconds: f64,
     pub outputs: BTreeMap<String, OutputRef>,
     /// Paths valid for this process only (a source folder, a blob path); never part of a key.
@@ -99,8 +106,10 @@ impl StageOutput {
     }
 }
 
-/// Run `compute` unless the cache holds a record for `inputs` (and `--use-cache=0` is off).
-/// `compute` returns output name → finished file to move into the blob store.
+/// Run `compute` unless the cache holds a record for `inputs` (and `--use-cache=0` is off):
+/// the local cache first, then the remote one (whose blobs are downloaded and verified into the
+/// local cache). `compute` returns output name → finished file to move into the blob store; what
+/// it computed is uploaded to the remote in read-write mode (as is a local hit the remote lacks).
 pub fn cached_or_run(
     ctx: &BuildContext,
     inputs: KeyInputs,
@@ -108,16 +117,39 @@ pub fn cached_or_run(
     compute: impl FnOnce() -> Result<BTreeMap<String, PathBuf>>,
 ) -> Result<StageOutput> {
     let key = inputs.key();
+    let remote = ctx.remote.as_deref().filter(|_| !ctx.probe);
     if ctx.use_cache {
         if let Some(rec) = ctx.cache.lookup_for(&key, &inputs, scope)? {
+            if let Some(r) = remote {
+                ctx.cache.index.release();
+                r.publish_if_missing(&ctx.cache.blobs, &rec)?;
+            }
             return Ok(StageOutput {
                 key,
                 cached: true,
+                remote_seconds: None,
                 seconds: rec.seconds,
                 outputs: rec.outputs,
                 local: BTreeMap::new(),
                 inputs,
             });
+        }
+        if let Some(r) = remote {
+            // Downloads can take long: let other mlcb processes use the index meanwhile.
+            ctx.cache.index.release();
+            if let Some(hit) = r.fetch(&ctx.cache.blobs, &key, &inputs)? {
+                ctx.cache.store(&hit.record, None)?;
+                ctx.cache.mark_scopes(&inputs, scope)?;
+                return Ok(StageOutput {
+                    key,
+                    cached: true,
+                    remote_seconds: Some(hit.seconds),
+                    seconds: hit.record.seconds,
+                    outputs: hit.record.outputs,
+                    local: BTreeMap::new(),
+                    inputs,
+                });
+            }
         }
     }
     if ctx.probe {
@@ -141,6 +173,7 @@ pub fn cached_or_run(
         let out = StageOutput {
             key,
             cached: false,
+            remote_seconds: None,
             seconds: start.elapsed().as_secs_f64(),
             outputs,
             local: BTreeMap::new(),
@@ -150,9 +183,14 @@ pub fn cached_or_run(
         ctx.cache.mark_scopes(&out.inputs, scope)?;
         Ok(out)
     })();
-    stored.map_err(|e| {
+    let out = stored.map_err(|e| {
         crate::error::explain_no_space(e, "the cache folder", &ctx.cache.root, "--cache-dir")
-    })
+    })?;
+    if let Some(r) = remote {
+        ctx.cache.index.release();
+        r.publish(&ctx.cache.blobs, &out.record())?;
+    }
+    Ok(out)
 }
 
 /// Write bytes to a fresh temporary file in the cache (for a stage output).

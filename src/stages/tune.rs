@@ -283,6 +283,7 @@ mod tests {
             ),
             tune_mode: mode,
             timer_factory: fake,
+            remote: None,
         }
     }
 

@@ -46,7 +46,10 @@ impl Work {
         c.args(args)
             .current_dir(self.path())
             .env("MLCB_CACHE_DIR", self.cache())
-            .env_remove("RUST_LOG");
+            .env_remove("RUST_LOG")
+            // No remote cache from the test runner's environment.
+            .env_remove("MLCB_REMOTE_CACHE")
+            .env_remove("MLCB_CONFIG");
         c.output().expect("run mlcb")
     }
     pub fn build(&self, recipes: &[&Path], extra: &[&str]) -> Output {
