@@ -478,6 +478,17 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<GgufHeader> {
     }
 
     let data_offset = align_up(c.pos as u64, alignment);
+    // Even an empty tensor's bytes are a slice at data_offset + offset: the data section must
+    // start inside the file when there are tensors (found by fuzzing: a zero-size tensor after a
+    // header whose padding was cut off).
+    if !raw.is_empty() && data_offset > buf.len() as u64 {
+        return Err(user(format!(
+            "GGUF file {} is truncated: its data section starts at byte {data_offset} but the file \
+             has {} bytes; re-download the file",
+            path.display(),
+            buf.len()
+        )));
+    }
     let data_len = (buf.len() as u64).saturating_sub(data_offset);
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, ne, ggml_type, offset) in raw {
@@ -781,6 +792,15 @@ mod tests {
             vec![],
         ));
         assert!(user_err(&w.to_bytes()).contains("more than 2^64 bytes of F32"));
+
+        // Found by cargo fuzz (gguf): one tensor of zero bytes, and the header's padding up to
+        // the data section cut off, so a slice at the data offset would start past the end.
+        let fuzz_crash: &[u8] = &[
+            71, 71, 85, 70, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 22,
+        ];
+        assert!(user_err(fuzz_crash).contains("data section starts at byte"));
 
         // A bool byte that is neither 0 nor 1.
         let mut w = GgufWriter::new(3);
