@@ -5,6 +5,14 @@ use super::launch::{Binding, GridDim, Launch, ParamsUse, Tuning, PARAMS_FIELDS, 
 use crate::formats::dtype::DType;
 use std::fmt::Write;
 
+/// The parameter list and opening of every entry point. It defines `wid`, the logical workgroup
+/// id, and `lid`. Grids are logically `[x, y, 1]`; when `x` exceeds the device's workgroups per
+/// dimension (65,535 on most), the runtime folds it into `[ceil(x / z), y, z]` and `wid.x`
+/// recovers the linear index. Workgroups past the logical `x` then exist, so every kernel bounds-
+/// checks `wid.x` ([`Launch::folds_x_into_z`]).
+pub const ENTRY_HEAD: &str = "(@builtin(workgroup_id) wg_id: vec3<u32>, @builtin(num_workgroups) wg_n: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let wid = vec3<u32>(wg_id.x + wg_id.z * wg_n.x, wg_id.y, 0u);";
+
 /// A WGSL f32 literal that parses back to exactly `x` (Rust's shortest round-trip form).
 pub fn f32_lit(x: f32) -> String {
     assert!(x.is_finite(), "non-finite constant {x} in a kernel");
@@ -169,6 +177,7 @@ impl KernelBuilder {
                 index: self.index,
             },
             msl: None,
+            folds_x_into_z: true,
             tuning: self.tuning,
         };
         (src, launch)

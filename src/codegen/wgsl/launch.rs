@@ -183,7 +183,28 @@ pub struct Launch {
     /// a runtime-sized array, in binding order).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub msl: Option<MslLaunch>,
+    /// The kernel reads its logical workgroup x as `workgroup_id.x + workgroup_id.z ·
+    /// num_workgroups.x` and bounds-checks it, so a runtime may fold an x larger than the device's
+    /// per-dimension limit into z (see [`fold_grid`]). Libraries of codegen version < 3 lack it.
+    #[serde(default)]
+    pub folds_x_into_z: bool,
     pub tuning: Tuning,
+}
+
+/// The dispatch `[x, y, z]` for logical workgroups `[x, y]` under a per-dimension limit `max`:
+/// `[x, y, 1]` when `x ≤ max`, else `x` folded into `z` (`nx · nz ≥ x`, the surplus workgroups
+/// are bounds-checked by the kernel). `None` when even folding cannot fit (`y > max` or
+/// `x > max²`).
+pub fn fold_grid(x: u64, y: u64, max: u64) -> Option<[u32; 3]> {
+    if y > max || max == 0 {
+        return None;
+    }
+    if x <= max {
+        return Some([x as u32, y as u32, 1]);
+    }
+    let nz = x.div_ceil(max);
+    let nx = x.div_ceil(nz);
+    (nz <= max).then_some([nx as u32, y as u32, nz as u32])
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +222,18 @@ mod tests {
         assert_eq!(GridDim::fixed(10, 4).workgroups(7, 7), 3);
         assert_eq!(GridDim::tokens(8).workgroups(17, 1), 3);
         assert_eq!(GridDim::rows(8).workgroups(17, 1), 1);
+    }
+
+    #[test]
+    fn big_grids_fold_into_z() {
+        assert_eq!(fold_grid(10, 3, 65535), Some([10, 3, 1]));
+        assert_eq!(fold_grid(65535, 1, 65535), Some([65535, 1, 1]));
+        // 128,256 vocab rows, one per workgroup: 2 × 64,128 ≥ 128,256.
+        assert_eq!(fold_grid(128_256, 1, 65535), Some([64_128, 1, 2]));
+        let [nx, _, nz] = fold_grid(1_000_003, 1, 65535).unwrap();
+        assert!(nx as u64 * nz as u64 >= 1_000_003 && nx <= 65535);
+        assert_eq!(fold_grid(1, 70_000, 65535), None);
+        assert_eq!(fold_grid(65535 * 65535 + 1, 1, 65535), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! recurrence and the state update need no synchronisation. Grid `[ceil(hidden / WG), 1, 1]`.
 
 use super::builder::KernelBuilder;
+use super::builder::ENTRY_HEAD;
 use super::launch::{GridDim, Launch};
 use super::weights::declare_vector;
 use crate::formats::dtype::DType;
@@ -40,8 +41,8 @@ pub fn token_shift(mut b: KernelBuilder, hidden: usize, mixes: &[DType]) -> (Str
         .collect();
     let body = format!(
         "@compute @workgroup_size(WG)
-fn {}(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let c = gid.x;
+fn {}{ENTRY_HEAD}
+    let c = wid.x * WG + lid;
     if (c >= H) {{ return; }}
     let slot = params.index * H + c;
 {loads}    var prev = state[slot];
@@ -74,8 +75,8 @@ pub fn wkv(
     b.activation("out", true, "y");
     let body = format!(
         "@compute @workgroup_size(WG)
-fn {}(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let c = gid.x;
+fn {}{ENTRY_HEAD}
+    let c = wid.x * WG + lid;
     if (c >= H) {{ return; }}
     let w = decay_at(c);
     let u = first_at(c);
