@@ -9,6 +9,10 @@ use crate::error::{env, user};
 use anyhow::Result;
 use std::sync::{Arc, Mutex};
 
+/// Environment variable lowering the workgroups per dispatch dimension the runtime plans with
+/// (never above the device's), so tests can exercise grid folding on tiny models.
+pub const MAX_WORKGROUPS_ENV: &str = "MLCB_WGPU_MAX_WORKGROUPS";
+
 /// An open device with what the runtime needs to know about it.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -143,6 +147,16 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
     let adapter = &adapters[choose(&infos, preferred, wanted)?];
     let info = adapter.get_info();
     let limits = adapter.limits();
+    // The device gets the adapter's limits; the runtime may plan within lower ones (for tests of
+    // the folded-grid path on small models).
+    let mut planned = limits.clone();
+    if let Some(n) = std::env::var(MAX_WORKGROUPS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        planned.max_compute_workgroups_per_dimension =
+            planned.max_compute_workgroups_per_dimension.min(n.max(1));
+    }
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("mlcb"),
         required_features: wgpu::Features::empty(),
@@ -166,7 +180,7 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
         device,
         queue,
         info,
-        limits,
+        limits: planned,
         uncaptured,
     })
 }
