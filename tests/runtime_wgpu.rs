@@ -403,3 +403,82 @@ fn webgpu_folded_grids_adapters_and_refusals() {
         );
     }
 }
+
+fn smollm2_gguf() -> Option<PathBuf> {
+    let p = std::env::var_os("MLCB_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    p.is_file().then_some(p)
+}
+
+/// SmolLM2-135M through Vulkan: q4f32_1 answers " Paris" greedily; q4f16_1 (which cannot, even on
+/// the CPU: see tests/smollm2.rs) gives the CPU's tokens. Ignored by default: on lavapipe each
+/// run takes ~30 s (≈20 s prefill, ≈0.3 tok/s decode on a loaded 2-core machine), ~90 s in all.
+/// Run with `cargo test --test runtime_wgpu -- --ignored`.
+#[test]
+#[ignore]
+fn smollm2_on_wgpu_says_paris() {
+    let Some(model) = smollm2_gguf() else {
+        eprintln!("SKIPPED: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh (CI does)");
+        return;
+    };
+    let w = Work::new();
+    let schemes = ["q4f32_1", "q4f16_1"];
+    let recipes: Vec<PathBuf> = schemes
+        .iter()
+        .map(|q| {
+            w.recipe(
+                &format!("{q}.toml"),
+                &format!(
+                    "quantization = \"{q}\"\n[model]\nname = \"smollm2\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"vulkan\"\n",
+                    model.display()
+                ),
+            )
+        })
+        .collect();
+    let refs: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
+    w.build_json(&refs, &[]);
+    let prompt = "The capital of France is";
+    for q in schemes {
+        let dist = w.dist().join(format!("smollm2-{q}"));
+        let run = |device: &str| {
+            let out = mlcb_env(
+                &w,
+                &[
+                    "run",
+                    dist.to_str().unwrap(),
+                    "--prompt",
+                    prompt,
+                    "--greedy",
+                    "--max-tokens",
+                    "4",
+                    "--json",
+                    "--device",
+                    device,
+                ],
+            );
+            if !out.status.success() && !has_adapter(&out, "smollm2_on_wgpu_says_paris") {
+                return None;
+            }
+            assert_success(&out);
+            Some(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+        };
+        let Some(gpu) = run("wgpu") else { return };
+        let cpu = run("cpu").unwrap();
+        eprintln!(
+            "{q} on wgpu: {:?} (prefill {:.1} s, decode {:.2} tok/s)",
+            gpu["text"], gpu["timings"]["prefill_s"], gpu["timings"]["decode_tok_s"]
+        );
+        assert_eq!(
+            gpu["generated_ids"], cpu["generated_ids"],
+            "{q}: wgpu vs cpu tokens"
+        );
+        if q == "q4f32_1" {
+            let text = gpu["text"].as_str().unwrap();
+            assert!(text.starts_with(" Paris"), "{q}: {text:?}");
+        }
+    }
+}

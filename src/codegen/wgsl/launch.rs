@@ -10,12 +10,15 @@
 //!   "bindings": [ {"binding": 0, "role": "activation", "op_field": "input", "access": "read", "elem": "f32"}, … ],
 //!   "params": {"binding": 5, "scalar": "eps", "index": null},
 //!   "msl": {"sizes_buffer": 6},
+//!   "folds_x_into_z": true,
 //!   "tuning": {"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4} }
 //! ```
 //!
 //! - Workgroups along each axis: `ceil(extent · times / per_workgroup)` where `times` is `"1"`,
 //!   `"T"` (tokens of this call) or `"rows"` (the activation rows the op computes: `T` for matmul,
 //!   `T` or 1 for logits).
+//! - When the x count exceeds the device's workgroups per dimension, a runtime may dispatch
+//!   [`fold_grid`]`(x, y, max)` instead: the kernels (`folds_x_into_z`) rebuild the linear x.
 //! - All bindings are in bind group 0, numbered in list order: activation inputs (and the token
 //!   ids), weight records, state buffers, outputs, then the params uniform.
 //! - `elem: "u32"` bindings of `packs: "f16x2"` / `"u16x2"` hold 16-bit data read as u32 pairs:

@@ -107,7 +107,7 @@ impl GpuSession {
             })
             .collect();
         validate_weights(&plan, &views)?;
-        let max_binding = ctx.limits.max_storage_buffer_binding_size as u64;
+        let max_binding = ctx.limits.max_storage_buffer_binding_size;
         let max_buffer = ctx.limits.max_buffer_size;
         let kernels = kernels::load(&ctx, lib)?;
 
@@ -278,7 +278,7 @@ impl GpuSession {
         let rows = grow(rows, old.as_ref().map_or(1, |s| s.rows));
         let logit_rows = grow(logit_rows, old.as_ref().map_or(1, |s| s.logit_rows));
         let readback_bytes = readback_bytes.max(old.as_ref().map_or(0, |s| s.readback_bytes));
-        let max_binding = self.ctx.limits.max_storage_buffer_binding_size as u64;
+        let max_binding = self.ctx.limits.max_storage_buffer_binding_size;
         let device = &self.ctx.device;
         let mut acts = Vec::with_capacity(self.plan.buffers.len());
         for (i, b) in self.plan.buffers.iter().enumerate() {
