@@ -112,6 +112,10 @@ pub struct Binding {
     /// "rwkv" (five vectors of `hidden` f32: att_shift, num, den, max, ffn_shift).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub part: Option<String>,
+    /// For weights bound in several parts: `[byte offset, byte length]` of the record this
+    /// binding covers (offsets are multiples of `tuning.max_binding_bytes`). None: the whole record.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub range: Option<[u64; 2]>,
     /// "read", "read_write" or "uniform".
     pub access: String,
     /// "f32" or "u32" (element type of the WGSL array).
@@ -140,6 +144,18 @@ pub struct Tuning {
     pub workgroup_size: u32,
     pub rows_per_workgroup: u32,
     pub vector_width: u32,
+    /// Largest storage binding the kernel may assume, in bytes (a power of two, at least 256):
+    /// a weight record above it is bound as several consecutive ranges of this size. Default
+    /// [`DEFAULT_MAX_BINDING_BYTES`], WebGPU's guaranteed minimum.
+    #[serde(default = "default_max_binding_bytes")]
+    pub max_binding_bytes: u64,
+}
+
+/// WebGPU's default `maxStorageBufferBindingSize` (128 MiB), which every adapter offers.
+pub const DEFAULT_MAX_BINDING_BYTES: u64 = 128 << 20;
+
+fn default_max_binding_bytes() -> u64 {
+    DEFAULT_MAX_BINDING_BYTES
 }
 
 impl Tuning {
@@ -151,11 +167,23 @@ impl Tuning {
                 .and_then(|x| u32::try_from(x).ok())
                 .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
         };
+        let max_binding_bytes = match v.get("max_binding_bytes") {
+            None => DEFAULT_MAX_BINDING_BYTES,
+            Some(x) => x
+                .as_u64()
+                .ok_or("`max_binding_bytes` is not a non-negative integer")?,
+        };
         let t = Tuning {
             workgroup_size: field("workgroup_size")?,
             rows_per_workgroup: field("rows_per_workgroup")?,
             vector_width: field("vector_width")?,
+            max_binding_bytes,
         };
+        if !max_binding_bytes.is_power_of_two() || !(256..=1 << 31).contains(&max_binding_bytes) {
+            return Err(format!(
+                "max_binding_bytes {max_binding_bytes} must be a power of two from 256 to 2^31"
+            ));
+        }
         if !t.workgroup_size.is_power_of_two() || !(32..=256).contains(&t.workgroup_size) {
             return Err(format!(
                 "workgroup_size {} must be a power of two from 32 to 256 (WebGPU's default limit)",
@@ -248,7 +276,8 @@ mod tests {
             Tuning {
                 workgroup_size: 64,
                 rows_per_workgroup: 2,
-                vector_width: 4
+                vector_width: 4,
+                max_binding_bytes: DEFAULT_MAX_BINDING_BYTES,
             }
         );
         for bad in [
@@ -258,6 +287,8 @@ mod tests {
             serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 3}),
             serde_json::json!({"workgroup_size": 64, "vector_width": 4}),
             serde_json::json!({"workgroup_size": -1, "rows_per_workgroup": 1, "vector_width": 4}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4, "max_binding_bytes": 1000}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4, "max_binding_bytes": 128}),
         ] {
             assert!(Tuning::from_record(&bad).is_err(), "{bad}");
         }

@@ -63,7 +63,7 @@ pub fn matmul(
     b.activation("input", false, "x");
     declare_matrix(&mut b, "weight", m);
     if let Some(d) = bias {
-        declare_vector(&mut b, "bias", d, "bias");
+        declare_vector(&mut b, "bias", d, "bias", m.n);
     }
     if logits {
         b.logits("y");

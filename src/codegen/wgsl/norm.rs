@@ -15,7 +15,7 @@ fn grid() -> [GridDim; 3] {
 pub fn rms_norm(mut b: KernelBuilder, cols: usize, weight: DType) -> (String, Launch) {
     b.const_u32("COLS", cols);
     b.activation("input", false, "x");
-    declare_vector(&mut b, "weight", weight, "gamma");
+    declare_vector(&mut b, "weight", weight, "gamma", cols);
     b.activation("out", true, "y");
     b.params_scalar("eps");
     let body = format!(
@@ -51,8 +51,8 @@ pub fn layer_norm(
 ) -> (String, Launch) {
     b.const_u32("COLS", cols);
     b.activation("input", false, "x");
-    declare_vector(&mut b, "weight", weight, "gamma");
-    declare_vector(&mut b, "bias", bias, "beta");
+    declare_vector(&mut b, "weight", weight, "gamma", cols);
+    declare_vector(&mut b, "bias", bias, "beta", cols);
     b.activation("out", true, "y");
     b.params_scalar("eps");
     let body = format!(

@@ -23,7 +23,13 @@ pub fn token_shift(mut b: KernelBuilder, hidden: usize, mixes: &[DType]) -> (Str
     b.const_u32("H", hidden);
     b.activation("input", false, "x");
     for (i, d) in mixes.iter().enumerate() {
-        declare_vector(&mut b, &format!("mixes[{i}]"), *d, &format!("mix{i}"));
+        declare_vector(
+            &mut b,
+            &format!("mixes[{i}]"),
+            *d,
+            &format!("mix{i}"),
+            hidden,
+        );
     }
     b.state("rwkv", "state");
     for i in 0..mixes.len() {
@@ -69,8 +75,8 @@ pub fn wkv(
     b.const_u32("H", hidden);
     b.activation("k", false, "kk");
     b.activation("v", false, "vv");
-    declare_vector(&mut b, "time_decay", time_decay, "decay");
-    declare_vector(&mut b, "time_first", time_first, "first");
+    declare_vector(&mut b, "time_decay", time_decay, "decay", hidden);
+    declare_vector(&mut b, "time_first", time_first, "first", hidden);
     b.state("rwkv", "state");
     b.activation("out", true, "y");
     let body = format!(

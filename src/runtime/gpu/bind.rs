@@ -182,6 +182,7 @@ mod tests {
             op_field: field.into(),
             record: (role == "weight").then_some(1),
             part: (role == "state").then(|| "v".to_string()),
+            range: None,
             access: "read".into(),
             elem: "f32".into(),
             packs: None,

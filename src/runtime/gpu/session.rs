@@ -43,6 +43,8 @@ struct Step {
     op: usize,
     kernel: String,
     resources: Vec<Resource>,
+    /// Byte range of the resource each binding covers (None: all of it).
+    ranges: Vec<Option<[u64; 2]>>,
     scalar: f32,
     index: u32,
 }
@@ -121,11 +123,10 @@ impl GpuSession {
                     continue;
                 }
                 let size = padded(bytes.len());
-                if size > max_binding.min(max_buffer) {
+                if size > max_buffer {
                     bail!(user(format!(
-                        "weight {} (record {name}, {size} bytes) is larger than the largest storage \
-                         binding of {} ({max_binding} bytes); splitting one record across bindings \
-                         is not implemented yet — run with `--device cpu`",
+                        "weight {} (record {name}, {size} bytes) is larger than the largest buffer \
+                         of {} ({max_buffer} bytes); run with `--device cpu`",
                         decl.name,
                         ctx.description()
                     )));
@@ -193,6 +194,7 @@ impl GpuSession {
             bind_steps(&plan, Phase::Prefill, &kernels)?,
             bind_steps(&plan, Phase::Decode, &kernels)?,
         ];
+        check_weight_bindings(&plan, &steps, &weights, &ctx)?;
         let row_bytes = (plan.vocab_size * 4) as u64;
         let logit_chunk = ((max_binding / row_bytes) as usize).clamp(1, plan.max_seq_len);
         let slot_stride = (ctx.limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS_BYTES);
@@ -358,10 +360,20 @@ impl GpuSession {
                     .collect();
                 let mut entries: Vec<wgpu::BindGroupEntry> = bufs
                     .iter()
+                    .zip(&step.ranges)
                     .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry {
+                    .map(|(i, (b, range))| wgpu::BindGroupEntry {
                         binding: i as u32,
-                        resource: b.as_entire_binding(),
+                        resource: match range {
+                            None => b.as_entire_binding(),
+                            Some([offset, len]) => {
+                                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: b,
+                                    offset: *offset,
+                                    size: wgpu::BufferSize::new(*len),
+                                })
+                            }
+                        },
                     })
                     .collect();
                 entries.push(wgpu::BindGroupEntry {
@@ -583,6 +595,7 @@ fn bind_steps(plan: &Plan, phase: Phase, kernels: &HashMap<String, Kernel>) -> R
             .get(&sig)
             .ok_or_else(|| bad("the library has no such kernel".into()))?;
         let mut resources = Vec::with_capacity(k.launch.bindings.len());
+        let mut ranges = Vec::with_capacity(k.launch.bindings.len());
         for (bi, b) in k.launch.bindings.iter().enumerate() {
             if b.binding as usize != bi {
                 return Err(bad(format!("binding {} is out of order", b.binding)));
@@ -606,7 +619,14 @@ fn bind_steps(plan: &Plan, phase: Phase, kernels: &HashMap<String, Kernel>) -> R
                     b.name
                 )));
             }
+            if b.range.is_some() && !matches!(r, Resource::Weight(..)) {
+                return Err(bad(format!(
+                    "binding {} has a byte range but is no weight",
+                    b.name
+                )));
+            }
             resources.push(r);
+            ranges.push(b.range);
         }
         if k.launch.params.binding as usize != resources.len() {
             return Err(bad("the params uniform is not the last binding".into()));
@@ -615,9 +635,49 @@ fn bind_steps(plan: &Plan, phase: Phase, kernels: &HashMap<String, Kernel>) -> R
             op: i,
             kernel: sig.clone(),
             resources,
+            ranges,
             scalar: bind::scalar(op, &k.launch).map_err(bad)?,
             index: bind::index(op),
         });
     }
     Ok(steps)
+}
+
+/// Every weight binding fits the device: its range lies inside the record's buffer at an offset
+/// the device accepts, and its size is within the largest storage binding.
+fn check_weight_bindings(
+    plan: &Plan,
+    steps: &[Vec<Step>; 2],
+    weights: &[Vec<wgpu::Buffer>],
+    ctx: &GpuContext,
+) -> Result<()> {
+    let max = ctx.limits.max_storage_buffer_binding_size;
+    let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+    for step in steps.iter().flatten() {
+        for (r, range) in step.resources.iter().zip(&step.ranges) {
+            let Resource::Weight(w, rec) = *r else {
+                continue;
+            };
+            let buf_size = weights[w][rec].size();
+            let [offset, len] = range.unwrap_or([0, buf_size]);
+            let name = &plan.weights[w].records[rec];
+            if offset % align != 0 || offset.checked_add(len).is_none_or(|e| e > buf_size) {
+                bail!(user(format!(
+                    "kernel {} binds bytes {offset}..+{len} of weight record {name} ({buf_size} \
+                     bytes, offsets aligned to {align}); rebuild the model library",
+                    step.kernel
+                )));
+            }
+            if len > max {
+                bail!(user(format!(
+                    "kernel {} binds {len} bytes of weight record {name} at once, above the largest \
+                     storage binding of {} ({max} bytes); rebuild with a tuning record \
+                     `max_binding_bytes` of at most {max}, or run with `--device cpu`",
+                    step.kernel,
+                    ctx.description()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
