@@ -16,7 +16,8 @@ use crate::recipe::TargetSpec;
 use anyhow::Result;
 use std::collections::BTreeMap;
 
-/// 2: wgpu targets carry WGSL/SPIR-V/MSL kernels. 3: kernels fold grid x into z
+/// 2: wgpu targets carry WGSL/SPIR-V/MSL kernels. 3: kernels fold grid x into z and bind
+/// weight records above `max_binding_bytes` in parts
 /// (`Launch::folds_x_into_z`) for grids above 65,535 workgroups.
 pub const VERSION: u32 = 3;
 
