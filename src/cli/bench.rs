@@ -26,9 +26,13 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Backend to run on (default: the library's target).
+    /// Backend to run on: cpu or wgpu (default: the library's target).
     #[arg(long)]
     pub device: Option<String>,
+    /// wgpu only: the adapter to use, by a part of its name (e.g. `llvmpipe`, `nvidia`);
+    /// default: the best GPU of the library's backend.
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -124,7 +128,7 @@ pub fn execute(args: BenchArgs) -> Result<()> {
     let vocab = artifact.vocab_size();
     let prompt = synthetic_prompt(args.prompt_len, vocab, &artifact.stop_tokens());
     let result = pool.install(|| {
-        with_session(&artifact, device, |s| {
+        with_session(&artifact, device, args.adapter.as_deref(), |s| {
             bench_session(s, &prompt, args.gen_len, vocab)
         })
     })?;

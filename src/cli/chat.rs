@@ -30,9 +30,13 @@ pub struct ChatArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Backend to run on (default: the library's target).
+    /// Backend to run on: cpu or wgpu (default: the library's target).
     #[arg(long)]
     pub device: Option<String>,
+    /// wgpu only: the adapter to use, by a part of its name (e.g. `llvmpipe`, `nvidia`);
+    /// default: the best GPU of the library's backend.
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 pub fn execute(args: ChatArgs) -> Result<()> {
@@ -63,7 +67,7 @@ pub fn execute(args: ChatArgs) -> Result<()> {
         );
     }
     let context = artifact.context_len();
-    with_session(&artifact, device, |session| {
+    with_session(&artifact, device, args.adapter.as_deref(), |session| {
         let mut chat = Chat {
             session,
             tokenizer: &tokenizer,

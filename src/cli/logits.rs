@@ -19,9 +19,13 @@ pub struct LogitsArgs {
     /// Output safetensors file; holds "logits", float32 [seq, vocab].
     #[arg(long)]
     pub out: PathBuf,
-    /// Backend to run on (default: the library's target).
+    /// Backend to run on: cpu or wgpu (default: the library's target).
     #[arg(long)]
     pub device: Option<String>,
+    /// wgpu only: the adapter to use, by a part of its name (e.g. `llvmpipe`, `nvidia`);
+    /// default: the best GPU of the library's backend.
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 /// Parses `1,2, 3` into ids; every id must be below `vocab`.
@@ -106,7 +110,9 @@ pub fn execute(args: LogitsArgs) -> Result<()> {
             );
         }
     }
-    let logits = with_session(&artifact, device, |s| all_logits(s, &ids, vocab))?;
+    let logits = with_session(&artifact, device, args.adapter.as_deref(), |s| {
+        all_logits(s, &ids, vocab)
+    })?;
     write_logits(&args.out, &ids, vocab, &logits)?;
     eprintln!(
         "wrote logits [{}, {vocab}] to {}",
@@ -179,6 +185,7 @@ mod tests {
             input_ids: ids.into(),
             out: out.clone(),
             device: None,
+            adapter: None,
         };
         execute(args("3,1")).unwrap();
         let bytes = std::fs::read(&out).unwrap();

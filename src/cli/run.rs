@@ -67,9 +67,13 @@ pub struct RunArgs {
     /// Print one JSON object (ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// Backend to run on (default: the library's target).
+    /// Backend to run on: cpu or wgpu (default: the library's target).
     #[arg(long)]
     pub device: Option<String>,
+    /// wgpu only: the adapter to use, by a part of its name (e.g. `llvmpipe`, `nvidia`);
+    /// default: the best GPU of the library's backend.
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 /// Stop ids: the artifact's, else the tokenizer's EOS.
@@ -112,7 +116,7 @@ pub fn execute(args: RunArgs) -> Result<()> {
     };
     let mut sampler = Sampler::new(params, seed);
     let json = args.json;
-    let g = with_session(&artifact, device, |session| {
+    let g = with_session(&artifact, device, args.adapter.as_deref(), |session| {
         let mut out = std::io::stdout().lock();
         generate(
             session,
@@ -177,6 +181,7 @@ mod tests {
             },
             json: true,
             device: None,
+            adapter: None,
         }
     }
 

@@ -13,10 +13,12 @@ use anyhow::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
+    /// wgpu: Vulkan, Metal or DX12, running the library's GPU kernels.
+    Wgpu,
 }
 
 /// Backends this binary can execute.
-pub const AVAILABLE_DEVICES: &[Device] = &[Device::Cpu];
+pub const AVAILABLE_DEVICES: &[Device] = &[Device::Cpu, Device::Wgpu];
 
 /// Backend names a library target may carry (`TargetInfo::backend`) or a user may ask for.
 const KNOWN_BACKENDS: &[&str] = &["cpu", "cuda", "wgpu"];
@@ -25,6 +27,7 @@ impl Device {
     pub fn name(self) -> &'static str {
         match self {
             Device::Cpu => "cpu",
+            Device::Wgpu => "wgpu",
         }
     }
 }
@@ -74,14 +77,62 @@ pub fn resolve_device(artifact: &Artifact, requested: Option<&str>) -> Result<De
 }
 
 /// Builds a session for `artifact` on `device` and hands it to `f`. A closure rather than a
-/// returned value because sessions borrow the artifact's mapped weights.
+/// returned value because sessions borrow the artifact's mapped weights. `adapter` (the
+/// `--adapter` flag) chooses a wgpu adapter by name; it is a user error with another device.
 pub fn with_session<R>(
     artifact: &Artifact,
     device: Device,
+    adapter: Option<&str>,
     f: impl FnOnce(&mut dyn Session) -> Result<R>,
 ) -> Result<R> {
     match device {
-        Device::Cpu => cpu_session(artifact, f),
+        Device::Cpu => {
+            if let Some(a) = adapter {
+                user_bail!("--adapter {a:?} chooses a wgpu adapter; it needs `--device wgpu`");
+            }
+            cpu_session(artifact, f)
+        }
+        Device::Wgpu => wgpu_session(artifact, adapter, f),
+    }
+}
+
+/// Opens the adapter (reported on stderr), uploads the weights and runs `f` on a fresh session.
+fn wgpu_session<R>(
+    artifact: &Artifact,
+    adapter: Option<&str>,
+    f: impl FnOnce(&mut dyn Session) -> Result<R>,
+) -> Result<R> {
+    let target = &artifact.library.header.target;
+    if artifact.library.header.kernels.is_empty() {
+        user_bail!(
+            "{} was built for target {}, which carries no GPU kernels; build the model for a GPU \
+             target (vulkan, webgpu, …) to run it with `--device wgpu`, or use `--device cpu`",
+            artifact.library_path.display(),
+            target.name
+        );
+    }
+    let ctx = crate::runtime::gpu::open(
+        crate::runtime::gpu::adapter::preferred_backend(&target.name),
+        adapter,
+    )?;
+    eprintln!("mlcb: wgpu adapter: {}", ctx.description());
+    let records = artifact.weight_records()?;
+    let mut session = crate::runtime::gpu::GpuSession::new(ctx, &artifact.library, &records)?;
+    f(&mut session)
+}
+
+impl Session for crate::runtime::gpu::GpuSession {
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        crate::runtime::gpu::GpuSession::forward(self, tokens, all_logits)
+    }
+    fn reset(&mut self) {
+        crate::runtime::gpu::GpuSession::reset(self)
+    }
+    fn position(&self) -> usize {
+        crate::runtime::gpu::GpuSession::position(self)
+    }
+    fn max_seq_len(&self) -> usize {
+        crate::runtime::gpu::GpuSession::max_seq_len(self)
     }
 }
 
@@ -137,10 +188,18 @@ mod tests {
             assert!(e.to_string().contains("runs: cpu"), "{e}");
         }
         a.library.header.target.backend = "wgpu".into();
+        assert_eq!(resolve_device(&a, None).unwrap(), Device::Wgpu);
+        assert_eq!(resolve_device(&a, Some("cpu")).unwrap(), Device::Cpu);
+        a.library.header.target.backend = "cuda".into();
         let e = resolve_device(&a, None).unwrap_err();
         assert_eq!(class_of(&e), ErrorClass::User);
         assert!(e.to_string().contains("--device cpu"), "{e}");
-        assert_eq!(resolve_device(&a, Some("cpu")).unwrap(), Device::Cpu);
+        // A CPU library has no kernels for the GPU; --adapter needs the wgpu device.
+        let e = with_session(&a, Device::Wgpu, None, |_| Ok(())).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+        assert!(e.to_string().contains("no GPU kernels"), "{e}");
+        let e = with_session(&a, Device::Cpu, Some("llvmpipe"), |_| Ok(())).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
     }
 
     /// Logits of the tiny plan computed by hand: RMSNorm of the embedding row, times the head.
@@ -163,7 +222,7 @@ mod tests {
         let weights = write_tiny_artifact(tmp.path());
         let a = Artifact::open(tmp.path()).unwrap();
         let ids = [1u32, 4, 2];
-        let (all, last, pos, cap) = with_session(&a, Device::Cpu, |s| {
+        let (all, last, pos, cap) = with_session(&a, Device::Cpu, None, |s| {
             let all = crate::cli::logits::all_logits(s, &ids, VOCAB)?;
             s.reset();
             let last = s.forward(&ids, false)?;

@@ -4,7 +4,7 @@
 //! Pieces: [`artifact`] (open a dist folder, map the shards, hand out weights), [`tokenizer`]
 //! (text ↔ ids, streaming detokenisation), [`sampling`] (next-token choice), [`conversation`]
 //! (chat templates), [`generate`] (the prefill/decode loop), [`backend`] (device choice, session
-//! construction) and the backends themselves ([`cpu`]).
+//! construction) and the backends themselves ([`cpu`], [`gpu`] through wgpu).
 
 pub mod artifact;
 pub mod backend;
@@ -12,6 +12,7 @@ pub mod chat_config;
 pub mod conversation;
 pub mod cpu;
 pub mod generate;
+pub mod gpu;
 pub mod sampling;
 pub mod tokenizer;
 

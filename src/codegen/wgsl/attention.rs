@@ -3,11 +3,9 @@
 //! KV cache layout (the runtime allocates it): two f32 buffers `k` and `v`, each
 //! `[max_seq_len, n_kv_heads, head_dim]`. The runtime guarantees `pos + T ≤ max_seq_len`.
 
+use super::builder::ENTRY_HEAD;
 use super::builder::{reduce, KernelBuilder};
 use super::launch::{GridDim, Launch};
-
-const ENTRY_HEAD: &str =
-    "(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32)";
 
 /// In place on the q and k heads of the fused qkv buffer; `params.scalar` = theta. One
 /// invocation per (head, pair `i < rotary_dim/2`), grid y = T. The angle `(pos+t) · inv_freq`
@@ -33,7 +31,7 @@ const TWO_PI_LO: f32 = 0.0019353071795864769;
 const INV_TWO_PI: f32 = 0.15915494309189535;
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let t = wid.y;
     let idx = wid.x * WG + lid;
     if (t >= params.t || idx >= HEADS * HALF) {{ return; }}
@@ -114,9 +112,10 @@ fn score(j: u32, kv_off: u32) -> f32 {{
 }}
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let h = wid.x;
     let t = wid.y;
+    if (h >= NQ || t >= params.t) {{ return; }}
     let kv_off = (h / GROUP) * HD;
     let pos = params.pos;
     if (h % GROUP == 0u) {{

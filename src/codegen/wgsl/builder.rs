@@ -5,6 +5,14 @@ use super::launch::{Binding, GridDim, Launch, ParamsUse, Tuning, PARAMS_FIELDS, 
 use crate::formats::dtype::DType;
 use std::fmt::Write;
 
+/// The parameter list and opening of every entry point. It defines `wid`, the logical workgroup
+/// id, and `lid`. Grids are logically `[x, y, 1]`; when `x` exceeds the device's workgroups per
+/// dimension (65,535 on most), the runtime folds it into `[ceil(x / z), y, z]` and `wid.x`
+/// recovers the linear index. Workgroups past the logical `x` then exist, so every kernel bounds-
+/// checks `wid.x` ([`Launch::folds_x_into_z`]).
+pub const ENTRY_HEAD: &str = "(@builtin(workgroup_id) wg_id: vec3<u32>, @builtin(num_workgroups) wg_n: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let wid = vec3<u32>(wg_id.x + wg_id.z * wg_n.x, wg_id.y, 0u);";
+
 /// A WGSL f32 literal that parses back to exactly `x` (Rust's shortest round-trip form).
 pub fn f32_lit(x: f32) -> String {
     assert!(x.is_finite(), "non-finite constant {x} in a kernel");
@@ -87,6 +95,7 @@ impl KernelBuilder {
         write: bool,
         elem: Elem,
         name: &str,
+        range: Option<[u64; 2]>,
     ) {
         let i = self.bindings.len() as u32;
         let (ty, packs) = match elem {
@@ -108,6 +117,7 @@ impl KernelBuilder {
             op_field: op_field.into(),
             record,
             part: part.map(Into::into),
+            range,
             access: access.into(),
             elem: ty.into(),
             packs: packs.map(Into::into),
@@ -117,25 +127,93 @@ impl KernelBuilder {
 
     /// An f32 activation buffer `[T, cols]` (read, or read_write when the kernel writes it).
     pub fn activation(&mut self, op_field: &str, write: bool, name: &str) {
-        self.storage("activation", op_field, None, None, write, Elem::F32, name);
+        self.storage(
+            "activation",
+            op_field,
+            None,
+            None,
+            write,
+            Elem::F32,
+            name,
+            None,
+        );
     }
 
     /// The token ids of this call (`T` u32).
     pub fn tokens(&mut self, name: &str) {
-        self.storage("tokens", "tokens", None, None, false, Elem::U32, name);
+        self.storage("tokens", "tokens", None, None, false, Elem::U32, name, None);
     }
 
     /// The plan's logits buffer.
     pub fn logits(&mut self, name: &str) {
-        self.storage("logits", "logits", None, None, true, Elem::F32, name);
+        self.storage("logits", "logits", None, None, true, Elem::F32, name, None);
     }
 
-    pub fn weight(&mut self, op_field: &str, record: usize, elem: Elem, name: &str) {
-        self.storage("weight", op_field, Some(record), None, false, elem, name);
+    /// A weight record of `bytes` bytes, read through `fn {name}_ld(i: u32) -> f32|u32` (element
+    /// `i` of the array). A record above `tuning.max_binding_bytes` is bound as consecutive
+    /// ranges `{name}_p0, {name}_p1, …` of that size, and `_ld` picks the part.
+    pub fn weight(&mut self, op_field: &str, record: usize, elem: Elem, name: &str, bytes: u64) {
+        let ty = match elem {
+            Elem::F32 => "f32",
+            _ => "u32",
+        };
+        let chunk = self.tuning.max_binding_bytes;
+        let bytes = bytes.max(4).div_ceil(4) * 4;
+        if bytes <= chunk {
+            self.storage(
+                "weight",
+                op_field,
+                Some(record),
+                None,
+                false,
+                elem,
+                name,
+                None,
+            );
+            self.helper(&format!(
+                "fn {name}_ld(i: u32) -> {ty} {{ return {name}[i]; }}"
+            ));
+            return;
+        }
+        let parts = bytes.div_ceil(chunk);
+        let shift = (chunk / 4).trailing_zeros();
+        let mut body = format!(
+            "    let j = i & {}u;\n    let part = i >> {shift}u;\n",
+            chunk / 4 - 1
+        );
+        for p in 0..parts {
+            let part = format!("{name}_p{p}");
+            let range = [p * chunk, chunk.min(bytes - p * chunk)];
+            self.storage(
+                "weight",
+                op_field,
+                Some(record),
+                None,
+                false,
+                elem,
+                &part,
+                Some(range),
+            );
+            if p + 1 < parts {
+                body.push_str(&format!("    if (part == {p}u) {{ return {part}[j]; }}\n"));
+            } else {
+                body.push_str(&format!("    return {part}[j];\n"));
+            }
+        }
+        self.helper(&format!("fn {name}_ld(i: u32) -> {ty} {{\n{body}}}"));
     }
 
     pub fn state(&mut self, part: &str, name: &str) {
-        self.storage("state", "state", None, Some(part), true, Elem::F32, name);
+        self.storage(
+            "state",
+            "state",
+            None,
+            Some(part),
+            true,
+            Elem::F32,
+            name,
+            None,
+        );
     }
 
     /// What the runtime writes into `params.scalar` / `params.index`.
@@ -169,19 +247,23 @@ impl KernelBuilder {
                 index: self.index,
             },
             msl: None,
+            folds_x_into_z: true,
             tuning: self.tuning,
         };
         (src, launch)
     }
 }
 
-/// WGSL `fn NAME(i: u32) -> f32` reading element `i` of a float array declared with `elem`.
+/// WGSL `fn NAME(i: u32) -> f32` reading element `i` of a float weight record declared with
+/// `elem` (through its `{buf}_ld` accessor).
 pub fn float_reader(fn_name: &str, buf: &str, elem: Elem) -> String {
     let body = match elem {
-        Elem::F32 => format!("return {buf}[i];"),
-        Elem::F16x2 => format!("return unpack2x16float({buf}[i >> 1u])[i & 1u];"),
+        Elem::F32 => format!("return {buf}_ld(i);"),
+        Elem::F16x2 => format!("return unpack2x16float({buf}_ld(i >> 1u))[i & 1u];"),
         Elem::Bf16x2 => {
-            format!("return bitcast<f32>((({buf}[i >> 1u] >> ((i & 1u) * 16u)) & 0xFFFFu) << 16u);")
+            format!(
+                "return bitcast<f32>((({buf}_ld(i >> 1u) >> ((i & 1u) * 16u)) & 0xFFFFu) << 16u);"
+            )
         }
         Elem::U32 | Elem::U16x2 => unreachable!("float reader over an integer array"),
     };

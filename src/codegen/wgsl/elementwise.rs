@@ -3,6 +3,7 @@
 //! neighbouring invocations touch neighbouring words.
 
 use super::builder::KernelBuilder;
+use super::builder::ENTRY_HEAD;
 use super::launch::{GridDim, Launch};
 use super::spec::{Binary, Unary};
 
@@ -21,7 +22,7 @@ fn body(b: &mut KernelBuilder, cols: usize, stmt: &str) -> String {
     b.const_u32("VW", b.tuning.vector_width as usize);
     format!(
         "@compute @workgroup_size(WG)
-fn {}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+fn {}{ENTRY_HEAD}
     let t = wid.y;
     for (var v = 0u; v < VW; v = v + 1u) {{
         let c = wid.x * WG * VW + v * WG + lid;

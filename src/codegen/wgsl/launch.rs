@@ -10,12 +10,15 @@
 //!   "bindings": [ {"binding": 0, "role": "activation", "op_field": "input", "access": "read", "elem": "f32"}, … ],
 //!   "params": {"binding": 5, "scalar": "eps", "index": null},
 //!   "msl": {"sizes_buffer": 6},
+//!   "folds_x_into_z": true,
 //!   "tuning": {"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4} }
 //! ```
 //!
 //! - Workgroups along each axis: `ceil(extent · times / per_workgroup)` where `times` is `"1"`,
 //!   `"T"` (tokens of this call) or `"rows"` (the activation rows the op computes: `T` for matmul,
 //!   `T` or 1 for logits).
+//! - When the x count exceeds the device's workgroups per dimension, a runtime may dispatch
+//!   [`fold_grid`]`(x, y, max)` instead: the kernels (`folds_x_into_z`) rebuild the linear x.
 //! - All bindings are in bind group 0, numbered in list order: activation inputs (and the token
 //!   ids), weight records, state buffers, outputs, then the params uniform.
 //! - `elem: "u32"` bindings of `packs: "f16x2"` / `"u16x2"` hold 16-bit data read as u32 pairs:
@@ -109,6 +112,10 @@ pub struct Binding {
     /// "rwkv" (five vectors of `hidden` f32: att_shift, num, den, max, ffn_shift).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub part: Option<String>,
+    /// For weights bound in several parts: `[byte offset, byte length]` of the record this
+    /// binding covers (offsets are multiples of `tuning.max_binding_bytes`). None: the whole record.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub range: Option<[u64; 2]>,
     /// "read", "read_write" or "uniform".
     pub access: String,
     /// "f32" or "u32" (element type of the WGSL array).
@@ -137,6 +144,18 @@ pub struct Tuning {
     pub workgroup_size: u32,
     pub rows_per_workgroup: u32,
     pub vector_width: u32,
+    /// Largest storage binding the kernel may assume, in bytes (a power of two, at least 256):
+    /// a weight record above it is bound as several consecutive ranges of this size. Default
+    /// [`DEFAULT_MAX_BINDING_BYTES`], WebGPU's guaranteed minimum.
+    #[serde(default = "default_max_binding_bytes")]
+    pub max_binding_bytes: u64,
+}
+
+/// WebGPU's default `maxStorageBufferBindingSize` (128 MiB), which every adapter offers.
+pub const DEFAULT_MAX_BINDING_BYTES: u64 = 128 << 20;
+
+fn default_max_binding_bytes() -> u64 {
+    DEFAULT_MAX_BINDING_BYTES
 }
 
 impl Tuning {
@@ -148,11 +167,23 @@ impl Tuning {
                 .and_then(|x| u32::try_from(x).ok())
                 .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
         };
+        let max_binding_bytes = match v.get("max_binding_bytes") {
+            None => DEFAULT_MAX_BINDING_BYTES,
+            Some(x) => x
+                .as_u64()
+                .ok_or("`max_binding_bytes` is not a non-negative integer")?,
+        };
         let t = Tuning {
             workgroup_size: field("workgroup_size")?,
             rows_per_workgroup: field("rows_per_workgroup")?,
             vector_width: field("vector_width")?,
+            max_binding_bytes,
         };
+        if !max_binding_bytes.is_power_of_two() || !(256..=1 << 31).contains(&max_binding_bytes) {
+            return Err(format!(
+                "max_binding_bytes {max_binding_bytes} must be a power of two from 256 to 2^31"
+            ));
+        }
         if !t.workgroup_size.is_power_of_two() || !(32..=256).contains(&t.workgroup_size) {
             return Err(format!(
                 "workgroup_size {} must be a power of two from 32 to 256 (WebGPU's default limit)",
@@ -183,7 +214,28 @@ pub struct Launch {
     /// a runtime-sized array, in binding order).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub msl: Option<MslLaunch>,
+    /// The kernel reads its logical workgroup x as `workgroup_id.x + workgroup_id.z ·
+    /// num_workgroups.x` and bounds-checks it, so a runtime may fold an x larger than the device's
+    /// per-dimension limit into z (see [`fold_grid`]). Libraries of codegen version < 3 lack it.
+    #[serde(default)]
+    pub folds_x_into_z: bool,
     pub tuning: Tuning,
+}
+
+/// The dispatch `[x, y, z]` for logical workgroups `[x, y]` under a per-dimension limit `max`:
+/// `[x, y, 1]` when `x ≤ max`, else `x` folded into `z` (`nx · nz ≥ x`, the surplus workgroups
+/// are bounds-checked by the kernel). `None` when even folding cannot fit (`y > max` or
+/// `x > max²`).
+pub fn fold_grid(x: u64, y: u64, max: u64) -> Option<[u32; 3]> {
+    if y > max || max == 0 {
+        return None;
+    }
+    if x <= max {
+        return Some([x as u32, y as u32, 1]);
+    }
+    let nz = x.div_ceil(max);
+    let nx = x.div_ceil(nz);
+    (nz <= max).then_some([nx as u32, y as u32, nz as u32])
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,6 +256,18 @@ mod tests {
     }
 
     #[test]
+    fn big_grids_fold_into_z() {
+        assert_eq!(fold_grid(10, 3, 65535), Some([10, 3, 1]));
+        assert_eq!(fold_grid(65535, 1, 65535), Some([65535, 1, 1]));
+        // 128,256 vocab rows, one per workgroup: 2 × 64,128 ≥ 128,256.
+        assert_eq!(fold_grid(128_256, 1, 65535), Some([64_128, 1, 2]));
+        let [nx, _, nz] = fold_grid(1_000_003, 1, 65535).unwrap();
+        assert!(nx as u64 * nz as u64 >= 1_000_003 && nx <= 65535);
+        assert_eq!(fold_grid(1, 70_000, 65535), None);
+        assert_eq!(fold_grid(65535 * 65535 + 1, 1, 65535), None);
+    }
+
+    #[test]
     fn tuning_records_are_checked() {
         let ok =
             serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 2, "vector_width": 4});
@@ -212,7 +276,8 @@ mod tests {
             Tuning {
                 workgroup_size: 64,
                 rows_per_workgroup: 2,
-                vector_width: 4
+                vector_width: 4,
+                max_binding_bytes: DEFAULT_MAX_BINDING_BYTES,
             }
         );
         for bad in [
@@ -222,6 +287,8 @@ mod tests {
             serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 3}),
             serde_json::json!({"workgroup_size": 64, "vector_width": 4}),
             serde_json::json!({"workgroup_size": -1, "rows_per_workgroup": 1, "vector_width": 4}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4, "max_binding_bytes": 1000}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4, "max_binding_bytes": 128}),
         ] {
             assert!(Tuning::from_record(&bad).is_err(), "{bad}");
         }

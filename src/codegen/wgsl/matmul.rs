@@ -13,15 +13,13 @@
 //! `t < params.rows`: matmul sets rows = T, row0 = 0; logits of the last position only sets rows = 1,
 //! row0 = T - 1.
 
+use super::builder::ENTRY_HEAD;
 use super::builder::{reduce, KernelBuilder};
 use super::launch::{GridDim, Launch};
 use super::spec::{MatrixSpec, MatrixStorage, Phase};
 use super::weights::{declare_matrix, declare_round, declare_vector};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
-
-const ENTRY_HEAD: &str =
-    "(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32)";
 
 /// `out[t] = row tokens[t] of W`, rounded as the artifact defines decoded values.
 pub fn embedding(b: KernelBuilder, m: &MatrixSpec) -> (String, Launch) {
@@ -32,7 +30,7 @@ pub fn embedding(b: KernelBuilder, m: &MatrixSpec) -> (String, Launch) {
     b.activation("out", true, "y");
     let body = format!(
         "@compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let t = wid.y;
     let k = wid.x * WG + lid;
     if (t >= params.t || k >= W_K) {{ return; }}
@@ -65,7 +63,7 @@ pub fn matmul(
     b.activation("input", false, "x");
     declare_matrix(&mut b, "weight", m);
     if let Some(d) = bias {
-        declare_vector(&mut b, "bias", d, "bias");
+        declare_vector(&mut b, "bias", d, "bias", m.n);
     }
     if logits {
         b.logits("y");
@@ -110,7 +108,7 @@ fn gemv_nk(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, La
         "var<workgroup> red: array<f32, WG>;
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let xo = params.row0 * W_K;
     for (var r = 0u; r < ROWS; r = r + 1u) {{
         let n = wid.x * ROWS + r;
@@ -136,7 +134,7 @@ fn {}{ENTRY_HEAD} {{
 fn gemv_kn(b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launch) {
     let body = format!(
         "@compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let n = wid.x * WG + lid;
     if (n >= W_N) {{ return; }}
     let xo = params.row0 * W_K;
@@ -182,7 +180,7 @@ fn gemm(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launc
 var<workgroup> ws: array<f32, TN * TK>;
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let n0 = wid.x * TN;
     let t0 = wid.y * TT;
     let ln = lid % TN;

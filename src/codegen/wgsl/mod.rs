@@ -15,6 +15,9 @@
 //! | silu_mul, gelu, relu_square, sigmoid, scale, add, mul | `mlcb_<op>` | `[ceil(cols/(WG·VW)), T, 1]` |
 //! | rwkv_token_shift, rwkv_wkv | `mlcb_rwkv_token_shift`, `mlcb_rwkv_wkv` | `[ceil(hidden/WG), 1, 1]` |
 //!
+//! Grid x above the device's per-dimension limit is folded into z by the runtime
+//! ([`launch::fold_grid`]); every entry point recovers the linear x (`builder::ENTRY_HEAD`).
+//!
 //! Bindings (group 0, in this order): activation inputs / token ids, weight records, state
 //! buffers, outputs, then the params uniform ([`launch::PARAMS_WGSL`]). The exact list, with the
 //! op field each binding takes, is in the kernel's launch JSON ([`launch::Launch`]).

@@ -1,13 +1,11 @@
 //! Row normalisations: one workgroup per activation row (grid `[1, T, 1]`); the invocations
 //! stride over the columns and a tree reduction forms the row statistics in f32.
 
+use super::builder::ENTRY_HEAD;
 use super::builder::{reduce, KernelBuilder};
 use super::launch::{GridDim, Launch};
 use super::weights::declare_vector;
 use crate::formats::dtype::DType;
-
-const ENTRY_HEAD: &str =
-    "(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32)";
 
 fn grid() -> [GridDim; 3] {
     [GridDim::one(), GridDim::tokens(1), GridDim::one()]
@@ -17,14 +15,14 @@ fn grid() -> [GridDim; 3] {
 pub fn rms_norm(mut b: KernelBuilder, cols: usize, weight: DType) -> (String, Launch) {
     b.const_u32("COLS", cols);
     b.activation("input", false, "x");
-    declare_vector(&mut b, "weight", weight, "gamma");
+    declare_vector(&mut b, "weight", weight, "gamma", cols);
     b.activation("out", true, "y");
     b.params_scalar("eps");
     let body = format!(
         "var<workgroup> red: array<f32, WG>;
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let row = wid.y * COLS;
     var ss = 0.0;
     for (var c = lid; c < COLS; c = c + WG) {{
@@ -53,15 +51,15 @@ pub fn layer_norm(
 ) -> (String, Launch) {
     b.const_u32("COLS", cols);
     b.activation("input", false, "x");
-    declare_vector(&mut b, "weight", weight, "gamma");
-    declare_vector(&mut b, "bias", bias, "beta");
+    declare_vector(&mut b, "weight", weight, "gamma", cols);
+    declare_vector(&mut b, "bias", bias, "beta", cols);
     b.activation("out", true, "y");
     b.params_scalar("eps");
     let body = format!(
         "var<workgroup> red: array<f32, WG>;
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD} {{
+fn {}{ENTRY_HEAD}
     let row = wid.y * COLS;
     var s = 0.0;
     for (var c = lid; c < COLS; c = c + WG) {{

@@ -4,6 +4,7 @@
 //! recurrence and the state update need no synchronisation. Grid `[ceil(hidden / WG), 1, 1]`.
 
 use super::builder::KernelBuilder;
+use super::builder::ENTRY_HEAD;
 use super::launch::{GridDim, Launch};
 use super::weights::declare_vector;
 use crate::formats::dtype::DType;
@@ -22,7 +23,13 @@ pub fn token_shift(mut b: KernelBuilder, hidden: usize, mixes: &[DType]) -> (Str
     b.const_u32("H", hidden);
     b.activation("input", false, "x");
     for (i, d) in mixes.iter().enumerate() {
-        declare_vector(&mut b, &format!("mixes[{i}]"), *d, &format!("mix{i}"));
+        declare_vector(
+            &mut b,
+            &format!("mixes[{i}]"),
+            *d,
+            &format!("mix{i}"),
+            hidden,
+        );
     }
     b.state("rwkv", "state");
     for i in 0..mixes.len() {
@@ -40,8 +47,8 @@ pub fn token_shift(mut b: KernelBuilder, hidden: usize, mixes: &[DType]) -> (Str
         .collect();
     let body = format!(
         "@compute @workgroup_size(WG)
-fn {}(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let c = gid.x;
+fn {}{ENTRY_HEAD}
+    let c = wid.x * WG + lid;
     if (c >= H) {{ return; }}
     let slot = params.index * H + c;
 {loads}    var prev = state[slot];
@@ -68,14 +75,14 @@ pub fn wkv(
     b.const_u32("H", hidden);
     b.activation("k", false, "kk");
     b.activation("v", false, "vv");
-    declare_vector(&mut b, "time_decay", time_decay, "decay");
-    declare_vector(&mut b, "time_first", time_first, "first");
+    declare_vector(&mut b, "time_decay", time_decay, "decay", hidden);
+    declare_vector(&mut b, "time_first", time_first, "first", hidden);
     b.state("rwkv", "state");
     b.activation("out", true, "y");
     let body = format!(
         "@compute @workgroup_size(WG)
-fn {}(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let c = gid.x;
+fn {}{ENTRY_HEAD}
+    let c = wid.x * WG + lid;
     if (c >= H) {{ return; }}
     let w = decay_at(c);
     let u = first_at(c);

@@ -12,6 +12,7 @@ pub const DEFAULT: Tuning = Tuning {
     workgroup_size: 64,
     rows_per_workgroup: 1,
     vector_width: 4,
+    max_binding_bytes: super::launch::DEFAULT_MAX_BINDING_BYTES,
 };
 
 const WORKGROUP_SIZES: [u32; 4] = [32, 64, 128, 256];
@@ -57,6 +58,7 @@ pub fn candidates(spec: &KernelSpec) -> Vec<Tuning> {
                     workgroup_size,
                     rows_per_workgroup,
                     vector_width,
+                    max_binding_bytes: DEFAULT.max_binding_bytes,
                 };
                 if t != DEFAULT {
                     out.push(t);

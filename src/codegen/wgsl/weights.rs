@@ -22,7 +22,13 @@ pub fn declare_matrix(b: &mut KernelBuilder, op_field: &str, m: &MatrixSpec) {
     match m.storage {
         MatrixStorage::Raw(dtype) => {
             let elem = Elem::float(dtype);
-            b.weight(op_field, 0, elem, "w_raw");
+            b.weight(
+                op_field,
+                0,
+                elem,
+                "w_raw",
+                (m.n * m.k * dtype.size()) as u64,
+            );
             b.helper(&float_reader("w_elem", "w_raw", elem));
             b.helper("fn w_at(n: u32, k: u32) -> f32 { return w_elem(n * W_K + k); }");
         }
@@ -35,7 +41,14 @@ pub fn declare_matrix(b: &mut KernelBuilder, op_field: &str, m: &MatrixSpec) {
             b.const_u32("W_NG", q.n_group);
             b.const_u32("W_WPR", q.words_per_row);
             let words = if q.word16 { Elem::U16x2 } else { Elem::U32 };
-            b.weight(op_field, 0, words, "w_q");
+            let word_bytes = if q.word16 { 2 } else { 4 };
+            b.weight(
+                op_field,
+                0,
+                words,
+                "w_q",
+                (m.n * q.words_per_row * word_bytes) as u64,
+            );
             let word_index = match q.layout {
                 Layout::NK => "n * W_WPR + w",
                 Layout::KN => "w * W_N + n",
@@ -45,9 +58,9 @@ pub fn declare_matrix(b: &mut KernelBuilder, op_field: &str, m: &MatrixSpec) {
                 Layout::KN => "g * W_N + n",
             };
             let load = if q.word16 {
-                "(w_q[i >> 1u] >> ((i & 1u) * 16u)) & 0xFFFFu"
+                "(w_q_ld(i >> 1u) >> ((i & 1u) * 16u)) & 0xFFFFu"
             } else {
-                "w_q[i]"
+                "w_q_ld(i)"
             };
             b.helper(&format!(
                 "fn w_word(n: u32, w: u32) -> u32 {{ let i = {word_index}; return {load}; }}"
@@ -55,7 +68,13 @@ pub fn declare_matrix(b: &mut KernelBuilder, op_field: &str, m: &MatrixSpec) {
             match q.codec {
                 Codec::Sym { maxq, scale } => {
                     let elem = Elem::float(scale);
-                    b.weight(op_field, 1, elem, "w_s");
+                    b.weight(
+                        op_field,
+                        1,
+                        elem,
+                        "w_s",
+                        (m.n * q.n_group * scale.size()) as u64,
+                    );
                     b.const_f32("W_MAXQ", maxq as f32);
                     b.helper(&float_reader("w_scale", "w_s", elem));
                     b.helper(&format!(
@@ -64,9 +83,9 @@ pub fn declare_matrix(b: &mut KernelBuilder, op_field: &str, m: &MatrixSpec) {
                     b.helper("fn w_decode(q: u32, p: vec2<f32>) -> f32 { return (f32(q) - W_MAXQ) * p.x; }");
                 }
                 Codec::AsymBf16x2 => {
-                    b.weight(op_field, 1, Elem::U32, "w_s");
+                    b.weight(op_field, 1, Elem::U32, "w_s", (m.n * q.n_group * 4) as u64);
                     b.helper(&format!(
-                        "fn w_params(n: u32, g: u32) -> vec2<f32> {{ let v = w_s[{scale_index}]; return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xFFFF0000u)); }}"
+                        "fn w_params(n: u32, g: u32) -> vec2<f32> {{ let v = w_s_ld({scale_index}); return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xFFFF0000u)); }}"
                     ));
                     b.helper(
                         "fn w_decode(q: u32, p: vec2<f32>) -> f32 { return f32(q) * p.x + p.y; }",
@@ -104,9 +123,10 @@ pub fn declare_round(b: &mut KernelBuilder, m: &MatrixSpec) {
     b.helper(&format!("fn w_round(v: f32) -> f32 {{ {body} }}"));
 }
 
-/// Declare a raw vector weight `name` (record 0 of `op_field`) with reader `fn {name}_at(i)`.
-pub fn declare_vector(b: &mut KernelBuilder, op_field: &str, dtype: DType, name: &str) {
+/// Declare a raw vector weight `name` (record 0 of `op_field`, `len` values) with reader
+/// `fn {name}_at(i)`.
+pub fn declare_vector(b: &mut KernelBuilder, op_field: &str, dtype: DType, name: &str, len: usize) {
     let elem = Elem::float(dtype);
-    b.weight(op_field, 0, elem, name);
+    b.weight(op_field, 0, elem, name, (len * dtype.size()) as u64);
     b.helper(&float_reader(&format!("{name}_at"), name, elem));
 }

@@ -1,0 +1,186 @@
+//! Loading a library's kernels into compute pipelines.
+//!
+//! SPIR-V (vulkan, android targets) goes in through wgpu's SPIR-V front end (naga spv-in), so it
+//! runs on every wgpu backend; WGSL (webgpu) likewise. MSL (metal targets) is refused: it needs
+//! naga's array-sizes buffer, which wgpu's Metal passthrough does not bind, and it cannot run off
+//! Metal at all. Each pipeline gets an explicit layout from the launch JSON (storage read /
+//! read_write per binding, the params uniform with a dynamic offset), so a kernel that declares a
+//! binding it never reads still binds what the runtime passes.
+
+use super::adapter::GpuContext;
+use crate::codegen::wgsl::launch::Launch;
+use crate::error::user;
+use crate::formats::model_lib::ModelLibrary;
+use anyhow::Result;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// Size of the params uniform ([`crate::codegen::wgsl::launch::PARAMS_WGSL`]).
+pub const PARAMS_BYTES: u64 = 32;
+
+pub struct Kernel {
+    pub signature: String,
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    pub launch: Launch,
+}
+
+/// Why a library's kernels cannot run through wgpu, if they cannot.
+pub fn unsupported_language(language: &str, backend: wgpu::Backend) -> Option<String> {
+    match language {
+        "spirv" | "wgsl" => None,
+        "msl" => {
+            let why = if backend == wgpu::Backend::Metal {
+                " (wgpu's Metal passthrough does not bind naga's buffer-sizes buffer the kernels need)"
+                    .to_string()
+            } else {
+                format!(" and which only Metal could run (the adapter is {backend:?})")
+            };
+            Some(format!(
+                "this library holds Metal Shading Language kernels (a metal/iphone target), which \
+                 mlcb's wgpu runtime cannot load{why}: build the model for target `webgpu` (WGSL) \
+                 or `vulkan` (SPIR-V) — wgpu runs both on Metal, Vulkan and DX12 — or run with \
+                 `--device cpu`"
+            ))
+        }
+        other => Some(format!(
+            "this library holds {other} kernels, which the wgpu runtime cannot load; rebuild it \
+             for a vulkan or webgpu target"
+        )),
+    }
+}
+
+fn layout_entries(launch: &Launch) -> Vec<wgpu::BindGroupLayoutEntry> {
+    let mut entries: Vec<wgpu::BindGroupLayoutEntry> = launch
+        .bindings
+        .iter()
+        .map(|b| wgpu::BindGroupLayoutEntry {
+            binding: b.binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage {
+                    read_only: b.access != "read_write",
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    entries.push(wgpu::BindGroupLayoutEntry {
+        binding: launch.params.binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: true,
+            min_binding_size: wgpu::BufferSize::new(PARAMS_BYTES),
+        },
+        count: None,
+    });
+    entries
+}
+
+fn spirv_words(bytes: &[u8], signature: &str) -> Result<Vec<u32>> {
+    if bytes.len() % 4 != 0 || bytes.len() < 20 || bytes[..4] != 0x0723_0203u32.to_le_bytes() {
+        crate::user_bail!(
+            "kernel {signature} is not little-endian SPIR-V; the model library is corrupt, rebuild it"
+        );
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect())
+}
+
+/// Every kernel of the library as a pipeline, by phase-prefixed signature.
+pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kernel>> {
+    let device = &ctx.device;
+    let mut out = HashMap::new();
+    for entry in &lib.header.kernels {
+        if let Some(why) = unsupported_language(&entry.language, ctx.info.backend) {
+            return Err(user(why));
+        }
+        let launch: Launch = serde_json::from_value(entry.launch.clone()).map_err(|e| {
+            user(format!(
+                "kernel {}: unreadable launch description ({e}); rebuild the model library with this mlcb",
+                entry.signature
+            ))
+        })?;
+        let bytes = lib.kernel_bytes(entry);
+        let source = match entry.language.as_str() {
+            "spirv" => wgpu::ShaderSource::SpirV(Cow::Owned(spirv_words(bytes, &entry.signature)?)),
+            _ => wgpu::ShaderSource::Wgsl(Cow::Borrowed(
+                std::str::from_utf8(bytes)
+                    .map_err(|_| user(format!("kernel {} is not UTF-8 WGSL", entry.signature)))?,
+            )),
+        };
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&entry.signature),
+            source,
+        });
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(&entry.signature),
+            entries: &layout_entries(&launch),
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&entry.signature),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&entry.signature),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(&entry.entry_point),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            anyhow::bail!(
+                "kernel {} does not load on {}: {e}",
+                entry.signature,
+                ctx.description()
+            );
+        }
+        out.insert(
+            entry.signature.clone(),
+            Kernel {
+                signature: entry.signature.clone(),
+                pipeline,
+                layout,
+                launch,
+            },
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msl_and_unknown_languages_are_refused_with_a_way_out() {
+        assert!(unsupported_language("spirv", wgpu::Backend::Vulkan).is_none());
+        assert!(unsupported_language("wgsl", wgpu::Backend::Dx12).is_none());
+        let off = unsupported_language("msl", wgpu::Backend::Vulkan).unwrap();
+        assert!(
+            off.contains("only Metal") && off.contains("webgpu"),
+            "{off}"
+        );
+        let on = unsupported_language("msl", wgpu::Backend::Metal).unwrap();
+        assert!(on.contains("passthrough"), "{on}");
+        assert!(unsupported_language("ptx", wgpu::Backend::Vulkan).is_some());
+    }
+
+    #[test]
+    fn spirv_words_check_the_magic() {
+        let mut b = 0x0723_0203u32.to_le_bytes().to_vec();
+        b.extend([0u8; 16]);
+        assert_eq!(spirv_words(&b, "k").unwrap()[0], 0x0723_0203);
+        assert!(spirv_words(&b[..19], "k").is_err());
+        b[0] = 0;
+        assert!(spirv_words(&b, "k").is_err());
+    }
+}
