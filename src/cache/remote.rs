@@ -129,13 +129,22 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
-/// Connect quickly or give up; no total limit on a request (a blob may be gigabytes), but a
-/// transfer that stalls for a minute fails.
+/// Connect quickly or give up; a request may take long in total (a blob may be gigabytes), but a
+/// transfer that stalls for a minute fails. Applied key by key so the client settings the
+/// builders read from the environment (e.g. `AWS_ALLOW_HTTP`) are kept.
+const CLIENT_SETTINGS: &[(object_store::ClientConfigKey, &str)] = &[
+    (object_store::ClientConfigKey::ConnectTimeout, "5s"),
+    (object_store::ClientConfigKey::Timeout, "6h"),
+    (object_store::ClientConfigKey::ReadTimeout, "60s"),
+];
+
+#[cfg(test)]
 fn client_options() -> object_store::ClientOptions {
-    object_store::ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout_disabled()
-        .with_read_timeout(Duration::from_secs(60))
+    CLIENT_SETTINGS
+        .iter()
+        .fold(object_store::ClientOptions::new(), |o, (k, v)| {
+            o.with_config(*k, *v)
+        })
 }
 
 impl Remote {
@@ -146,22 +155,31 @@ impl Remote {
         let url = &settings.url;
         let text = url.text.as_str();
         let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match url.kind {
-            StoreKind::S3 => object_store::aws::AmazonS3Builder::from_env()
-                .with_url(text)
+            StoreKind::S3 => CLIENT_SETTINGS
+                .iter()
+                .fold(
+                    object_store::aws::AmazonS3Builder::from_env().with_url(text),
+                    |b, (k, v)| b.with_config(object_store::aws::AmazonS3ConfigKey::Client(*k), *v),
+                )
                 .with_retry(retry_config())
-                .with_client_options(client_options())
                 .build()
                 .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
-            StoreKind::Gcs => object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(text)
+            StoreKind::Gcs => CLIENT_SETTINGS
+                .iter()
+                .fold(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(text),
+                    |b, (k, v)| b.with_config(object_store::gcp::GoogleConfigKey::Client(*k), *v),
+                )
                 .with_retry(retry_config())
-                .with_client_options(client_options())
                 .build()
                 .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
-            StoreKind::Azure => object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(text)
+            StoreKind::Azure => CLIENT_SETTINGS
+                .iter()
+                .fold(
+                    object_store::azure::MicrosoftAzureBuilder::from_env().with_url(text),
+                    |b, (k, v)| b.with_config(object_store::azure::AzureConfigKey::Client(*k), *v),
+                )
                 .with_retry(retry_config())
-                .with_client_options(client_options())
                 .build()
                 .map(|s| Arc::new(s) as Arc<dyn ObjectStore>),
             StoreKind::Folder => {
@@ -274,7 +292,6 @@ impl Remote {
             )));
         }
         if !self.down.swap(true, Ordering::SeqCst) {
-            tracing::warn!("{msg}; continuing without the remote cache");
             eprintln!(
                 "warning: {msg}; continuing without the remote cache (stages are computed locally)"
             );
@@ -291,7 +308,6 @@ impl Remote {
             )));
         }
         if !self.no_uploads.swap(true, Ordering::SeqCst) {
-            tracing::warn!("{msg}; no more uploads in this build");
             eprintln!("warning: {msg}; no more uploads in this build (the build itself goes on)");
             self.stats().uploads_failed = Some(msg);
         }
@@ -299,7 +315,6 @@ impl Remote {
     }
 
     fn corrupt(&self, what: String) {
-        tracing::warn!("{what}");
         eprintln!("warning: {what}");
         self.stats().corrupt += 1;
     }
@@ -881,7 +896,9 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        // Client options first: they carry allow_http, which must come after.
         let store = object_store::aws::AmazonS3Builder::new()
+            .with_client_options(client_options())
             .with_endpoint(format!("http://127.0.0.1:{port}"))
             .with_bucket_name("b")
             .with_region("us-east-1")
@@ -889,7 +906,6 @@ mod tests {
             .with_secret_access_key("testing")
             .with_allow_http(true)
             .with_retry(retry_config())
-            .with_client_options(client_options())
             .build()
             .unwrap();
         Remote::with_store(
@@ -917,6 +933,10 @@ mod tests {
         );
         let why = r.report().stats.unavailable.unwrap();
         assert!(why.contains("s3://b/p"), "{why}");
+        assert!(
+            !why.contains("builder error"),
+            "must reach the connect: {why}"
+        );
         // Once down, no more attempts (instant), and publishing is a no-op.
         let t = Instant::now();
         assert!(r.fetch(&blobs, &rec.key, &rec.inputs).unwrap().is_none());
