@@ -253,7 +253,7 @@ fn context(args: &BuildArgs, probe: bool) -> Result<BuildContext> {
         probe,
         progress,
         tune_mode: args.tune,
-        timer_factory: crate::stages::tune::no_timer,
+        timer_factory: crate::runtime::gpu::timer::open_for_target,
         remote: args.remote.open()?,
     })
 }

@@ -338,14 +338,17 @@ fn assemble(
         .collect();
     carry_over_libraries(dest, tmp, &mut outputs, &mut libraries, &mut library_links)?;
     let artifact_digest = digest_outputs(&outputs);
-    let tuned = req.libraries.iter().all(|l| {
-        l.tune
-            .inputs
-            .inputs
-            .get("tuning_file")
-            .map(|t| t != "-")
-            .unwrap_or(false)
-    });
+    // Tuned when every library's records were all measured on a device (or pinned from a file
+    // that says so): the tune stage's own verdict.
+    let mut tuned = true;
+    for l in &req.libraries {
+        let bytes = ctx
+            .cache
+            .blobs
+            .read_verified(&l.tune.output("tuning.json")?.digest)?;
+        let recs: serde_json::Value = serde_json::from_slice(&bytes)?;
+        tuned &= recs["tuned"].as_bool().unwrap_or(false);
+    }
     let manifest = Manifest {
         mlcb_version: env!("CARGO_PKG_VERSION").to_string(),
         local_id: req.recipe.local_id(),

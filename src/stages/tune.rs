@@ -17,7 +17,7 @@
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
 use crate::cache::key::KeyInputs;
 use crate::cache::tuning_db::{TunedRecord, TuningDb};
-use crate::codegen::wgsl::{launch::Tuning, spec::KernelSpec, WgslKernel};
+use crate::codegen::wgsl::{launch::Tuning, spec::KernelSpec};
 use crate::formats::model_lib::plan::Plan;
 use crate::recipe::TargetSpec;
 use anyhow::Result;
@@ -48,17 +48,7 @@ pub enum TuneMode {
     On,
 }
 
-/// Times kernels on one local device.
-pub trait KernelTimer: Send {
-    /// Vendor, device, driver and API of the device: the tuning database key.
-    fn device_id(&self) -> String;
-    /// Seconds per dispatch of `kernel` (a typical call: one token for decode kernels, a prompt
-    /// block for prefill kernels), robust to noise (e.g. the median of several runs).
-    fn time(&mut self, kernel: &WgslKernel, spec: &KernelSpec) -> Result<f64>;
-}
-
-/// Opens a timer on a local device that runs `target`'s kernels, or `None` when there is none.
-pub type TimerFactory = fn(&TargetSpec) -> Result<Option<Box<dyn KernelTimer>>>;
+pub use crate::codegen::wgsl::tune_space::{KernelTimer, TimerFactory};
 
 /// One device's measurements at a time: timing two kernels at once would disturb both.
 static MEASURE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -112,7 +102,7 @@ fn device_records(
         return Ok(None);
     }
     let _guard = MEASURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut timer) = (ctx.timer_factory)(target)? else {
+    let Some(mut timer) = (ctx.timer_factory)(target.preset.name)? else {
         tracing::info!(
             "tune: no local device runs {} kernels; using the preset defaults (untuned)",
             target.preset.name
@@ -234,15 +224,11 @@ pub fn run(
     })
 }
 
-/// The factory of a build without a GPU runtime to time kernels on: no device ever matches.
-pub fn no_timer(_: &TargetSpec) -> Result<Option<Box<dyn KernelTimer>>> {
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::Cache;
+    use crate::codegen::wgsl::WgslKernel;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -267,8 +253,8 @@ mod tests {
         }
     }
     /// The fake device runs Vulkan kernels only.
-    fn fake(target: &TargetSpec) -> Result<Option<Box<dyn KernelTimer>>> {
-        Ok((target.preset.name == "vulkan").then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
+    fn fake(target: &str) -> Result<Option<Box<dyn KernelTimer>>> {
+        Ok((target == "vulkan").then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
     }
 
     fn ctx(root: &Path, mode: TuneMode) -> BuildContext {

@@ -50,7 +50,7 @@ pub fn unsupported_language(language: &str, backend: wgpu::Backend) -> Option<St
     }
 }
 
-fn layout_entries(launch: &Launch) -> Vec<wgpu::BindGroupLayoutEntry> {
+pub(super) fn layout_entries(launch: &Launch) -> Vec<wgpu::BindGroupLayoutEntry> {
     let mut entries: Vec<wgpu::BindGroupLayoutEntry> = launch
         .bindings
         .iter()

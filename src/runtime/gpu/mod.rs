@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod bind;
 pub mod kernels;
 mod session;
+pub mod timer;
 
 pub use adapter::{open, GpuContext};
 pub use session::GpuSession;
