@@ -17,7 +17,7 @@
 #   3. SMOLLM2   [1] if dist/models/SmolLM2-135M-Instruct/*.gguf exists: "The capital of France is"
 #                must continue with " Paris" on cuda (q0f16, q8f16_1, q4f32_1).
 #   4. BENCH7B   [1] a Llama-2-7B-shaped model with random weights (examples/synth_model.rs,
-#                LAYERS [32]): prefill/decode tok/s (`mlcb bench --device cuda`, PROMPT_LEN [128],
+#                LAYERS [32]; HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run): prefill/decode tok/s (`mlcb bench --device cuda`, PROMPT_LEN [128],
 #                GEN_LEN [128]) for q4f16_1 and q0f16, device-to-device bandwidth
 #                (examples/cuda_bandwidth.rs) and the decode floor (weight bytes / bandwidth).
 # NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected
@@ -35,6 +35,7 @@ BENCH7B="${BENCH7B:-1}"
 NO_GPU_OK="${NO_GPU_OK:-0}"
 TOL="${TOL:-1e-3}"
 LAYERS="${LAYERS:-32}"
+HIDDEN="${HIDDEN:-4096}"; INTERMEDIATE="${INTERMEDIATE:-11008}"; VOCAB="${VOCAB:-32000}"
 PROMPT_LEN="${PROMPT_LEN:-128}"
 GEN_LEN="${GEN_LEN:-128}"
 JOBS="${JOBS:-$(nproc)}"
@@ -202,8 +203,8 @@ if [ "$BENCH7B" = 1 ]; then
     model="$WORK/synth-7b"
     if [ ! -f "$model/config.json" ]; then
         say "writing a Llama-2-7B-shaped random model, $LAYERS layers ($(elapsed))"
-        "$exdir/synth_model" "$model" --hidden 4096 --intermediate 11008 --layers "$LAYERS" \
-            --heads 32 --kv-heads 32 --vocab 32000 > "$OUT/logs/synth.txt" 2>&1 || fail "synth_model failed"
+        "$exdir/synth_model" "$model" --hidden "$HIDDEN" --intermediate "$INTERMEDIATE" --layers "$LAYERS" \
+            --heads 32 --kv-heads 32 --vocab "$VOCAB" > "$OUT/logs/synth.txt" 2>&1 || fail "synth_model failed"
     fi
     for q in q4f16_1 q0f16; do
         printf 'quantization = "%s"\nmax_seq_len = 2048\n[model]\nname = "synth-7b"\nsource = "%s"\n[target]\npreset = "cuda"\n' "$q" "$model" > "$WORK/synth-$q.toml"

@@ -31,10 +31,15 @@ fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
     match target.preset.backend {
         // The CPU kernels split matrix rows into tasks for the thread pool.
         "cpu" => serde_json::json!({ "rows_per_task": 64 }),
-        // The CUDA kernels' launch shape (`codegen::cuda::launch::CudaTuning`): decode GEMVs give
-        // each of 4 rows 2 of the block's 8 warps.
+        // The CUDA kernels' launch shape (`codegen::cuda::launch::CudaTuning`): decode GEMVs run
+        // 4 rows per block of 4 warps (128 threads cover the 128 16-byte chunks of a 4096-wide
+        // q4 row; each activation chunk is loaded once for the 4 rows).
         "cuda" => {
-            serde_json::json!({ "threads_per_block": 256, "rows_per_block": if signature.contains("matmul") || signature.contains("logits") { 4 } else { 1 } })
+            if signature.contains("matmul") || signature.contains("logits") {
+                serde_json::json!({ "threads_per_block": 128, "rows_per_block": 4 })
+            } else {
+                serde_json::json!({ "threads_per_block": 256, "rows_per_block": 1 })
+            }
         }
         _ => {
             serde_json::json!({ "workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4 })

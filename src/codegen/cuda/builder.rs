@@ -19,13 +19,18 @@ pub fn f32_lit(x: f32) -> String {
 
 /// Device helpers every kernel may use. No CUDA headers: NVRTC from pip ships none, so halves
 /// convert with inline PTX `cvt` and bf16 by shifting.
+///
+/// `MLCB_EMULATE` is never defined for NVRTC; the tests' host emulator
+/// (`runtime::cuda::emulate`) defines it and supplies these few functions itself.
 pub const PRELUDE: &str = r#"typedef unsigned long long u64;
+#ifndef MLCB_EMULATE
 __device__ __forceinline__ float h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
 __device__ __forceinline__ float f16_round(float v) {
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h2f(h);
 }
+#endif
 __device__ __forceinline__ float bf2f(unsigned short b) {
     return __uint_as_float(((unsigned)b) << 16);
 }

@@ -1,11 +1,12 @@
 //! Matrix kernels: embedding gather, matmul and logits (`y[rows, N] = x[rows, K] · Wᵀ (+ b)`).
 //!
 //! - decode, NK storage (raw or quantized `_1`): `matmul_gemv_nk`, fused dequantize + GEMV.
-//!   A block of `threads_per_block` threads computes `rows_per_block` output rows; each row goes
-//!   to `max(1, warps / rows)` warps that split K in 16-byte chunks (`uint4` loads: one chunk is
-//!   a whole quantization group for q3/q4, half of one for q8, 8 f16 or 4 f32 raw values), decode
-//!   the codes in registers, and sum with warp shuffles; partial sums of a row meet in shared
-//!   memory. Quantized groups use the group-sum form `s·(Σq·x − maxq·Σx)` (sym) or
+//!   A block of `threads_per_block` threads computes `rows_per_block` output rows; its threads
+//!   split K in 16-byte chunks (`uint4` loads: one chunk is a whole quantization group for q3/q4,
+//!   half of one for q8, 8 f16 or 4 f32 raw values; a warp reads 512 contiguous bytes of a row).
+//!   Each thread loads its chunk's activations once (float4) and reuses them for every row of the
+//!   block, decodes the codes in registers, and the partial sums meet through warp shuffles and
+//!   shared memory. Quantized groups use the group-sum form `s·(Σq·x − maxq·Σx)` (sym) or
 //!   `s·Σq·x + min·Σx` (asym): one multiply by the scale per group.
 //! - decode, KN storage (quantized `_0`, words `[K words, N]`): `matmul_gemv_kn`, 32 output rows
 //!   per block (one per lane, so a warp reads 32 neighbouring words), the warps split the groups
@@ -80,11 +81,12 @@ struct Chunks {
     vpc: usize,
     /// Chunks per row.
     cpr: usize,
-    /// Code that decodes chunk `c` of row `n` into `acc` (x row in `xr`).
+    /// Code that adds row `n`'s chunk `c` times `xv[]` to `acc[r]`.
     code: String,
 }
 
-/// Load the `vpc` activations of chunk `c` into `xv[]` (float4 when aligned; zero beyond K).
+/// Load the `vpc` activations of chunk `c` (from `k0`) into `xv[]` (float4 when aligned; zero
+/// beyond K).
 fn load_x(vpc: usize, k: usize) -> String {
     let vec4 = k % 4 == 0 && vpc % 4 == 0;
     let full = if vec4 {
@@ -118,28 +120,16 @@ fn nk_chunks(m: &MatrixSpec) -> Option<Chunks> {
             if (m.k * es) % 16 != 0 {
                 return None;
             }
-            let (words, conv) = match dtype {
-                DType::F16 => (
-                    "const unsigned u[4] = {v.x, v.y, v.z, v.w};",
-                    "h2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))",
-                ),
-                DType::BF16 => (
-                    "const unsigned u[4] = {v.x, v.y, v.z, v.w};",
-                    "__uint_as_float(((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu) << 16)",
-                ),
-                _ => (
-                    "const unsigned u[4] = {v.x, v.y, v.z, v.w};",
-                    "__uint_as_float(u[i])",
-                ),
+            let conv = match dtype {
+                DType::F16 => "h2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))",
+                DType::BF16 => "__uint_as_float(((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu) << 16)",
+                _ => "__uint_as_float(u[i])",
             };
             let code = format!(
                 "const uint4 v = reinterpret_cast<const uint4*>(w_raw)[(u64)n * CPR + c];
-            {words}
-            const unsigned k0 = c * VPC;
-            {xload}
-            #pragma unroll
-            for (unsigned i = 0; i < VPC; ++i) acc = fmaf({conv}, xv[i], acc);",
-                xload = load_x(vpc, m.k)
+                const unsigned u[4] = {{v.x, v.y, v.z, v.w}};
+                #pragma unroll
+                for (unsigned i = 0; i < VPC; ++i) acc[r] = fmaf({conv}, xv[i], acc[r]);"
             );
             Some(Chunks {
                 vpc,
@@ -162,23 +152,17 @@ fn nk_chunks(m: &MatrixSpec) -> Option<Chunks> {
             };
             let code = format!(
                 "const uint4 v = reinterpret_cast<const uint4*>(w_q)[(u64)n * CPR + c];
-            {words}
-            const unsigned g = c / {cpg}u;
-            const unsigned k0 = c * VPC;
-            {xload}
-            float sqx = 0.0f, sx = 0.0f;
-            #pragma unroll
-            for (unsigned wi = 0; wi < {wpc}u; ++wi) {{
+                {words}
+                float sqx = 0.0f;
                 #pragma unroll
-                for (unsigned j = 0; j < W_PER_WORD; ++j) {{
-                    const float xj = xv[wi * W_PER_WORD + j];
-                    sqx = fmaf((float)((u[wi] >> (j * W_BITS)) & W_MASK), xj, sqx);
-                    sx += xj;
+                for (unsigned wi = 0; wi < {wpc}u; ++wi) {{
+                    #pragma unroll
+                    for (unsigned j = 0; j < W_PER_WORD; ++j)
+                        sqx = fmaf((float)((u[wi] >> (j * W_BITS)) & W_MASK), xv[wi * W_PER_WORD + j], sqx);
                 }}
-            }}
-            const float s = w_scale(n, g);
-            acc += W_SYM ? s * (sqx - W_MAXQ * sx) : fmaf(s, sqx, w_min(n, g) * sx);",
-                xload = load_x(vpc, m.k)
+                const unsigned g = c / {cpg}u;
+                const float s = w_scale(n, g);
+                acc[r] += W_SYM ? s * (sqx - W_MAXQ * sx) : fmaf(s, sqx, w_min(n, g) * sx);"
             );
             Some(Chunks {
                 vpc,
@@ -189,83 +173,95 @@ fn nk_chunks(m: &MatrixSpec) -> Option<Chunks> {
     }
 }
 
-/// Per-lane fallback when rows do not split into 16-byte chunks (odd K for raw weights).
+/// Per-thread fallback when rows do not split into 16-byte chunks (raw weights with K·size not a
+/// multiple of 16, or a word geometry without whole groups per chunk).
 fn nk_scalar(m: &MatrixSpec) -> String {
     match m.storage {
-        MatrixStorage::Raw(_) => "for (unsigned k = c; k < W_K; k += 32u * WPRW) acc = fmaf(w_at(n, k), xr[k], acc);".into(),
-        MatrixStorage::Quant(_) => "for (unsigned w = c; w < W_WPR; w += 32u * WPRW) {
-                const unsigned g = w / W_WPG, j0 = (w % W_WPG) * W_PER_WORD, k0 = g * W_GROUP + j0;
+        MatrixStorage::Raw(_) => "for (unsigned k = threadIdx.x; k < W_K; k += TPB) {
+            const float xk = xr[k];
+            #pragma unroll
+            for (unsigned r = 0; r < RPB; ++r) {
+                const unsigned n = n0 + r;
+                if (n < W_N) acc[r] = fmaf(w_at(n, k), xk, acc[r]);
+            }
+        }"
+        .into(),
+        MatrixStorage::Quant(_) => "for (unsigned w = threadIdx.x; w < W_WPR; w += TPB) {
+            const unsigned g = w / W_WPG, j0 = (w % W_WPG) * W_PER_WORD, k0 = g * W_GROUP + j0;
+            #pragma unroll
+            for (unsigned r = 0; r < RPB; ++r) {
+                const unsigned n = n0 + r;
+                if (n >= W_N) continue;
                 const float s = w_scale(n, g), mn = w_min(n, g);
                 unsigned word = w_word(n, w);
                 for (unsigned j = 0; j < W_PER_WORD; ++j) {
-                    if (j0 + j < W_GROUP && k0 + j < W_K) acc = fmaf(w_decode(word & W_MASK, s, mn), xr[k0 + j], acc);
+                    if (j0 + j < W_GROUP && k0 + j < W_K) acc[r] = fmaf(w_decode(word & W_MASK, s, mn), xr[k0 + j], acc[r]);
                     word >>= W_BITS;
                 }
-            }".into(),
+            }
+        }"
+        .into(),
     }
 }
 
+/// Decode GEMV over NK rows: the block's threads split each row's 16-byte chunks; a thread
+/// loads a chunk's activations once and uses them for all `rows_per_block` rows (activation
+/// reads per block are K floats, not K per row), then warp shuffles and shared memory sum.
 fn gemv_nk(
     mut b: CudaBuilder,
     m: &MatrixSpec,
     plus_bias: &str,
 ) -> Result<(String, CudaLaunch), String> {
-    let warps = b.tuning.warps();
     let rpb = b.tuning.rows_per_block;
-    // Warps per row and rows per pass: a row gets warps / rows warps, or each warp several rows.
-    let (wprw, passes) = if rpb <= warps {
-        (warps / rpb, 1)
-    } else {
-        (1, rpb / warps)
-    };
-    if rpb <= warps && warps % rpb != 0 || rpb > warps && rpb % warps != 0 {
-        return Err(format!(
-            "rows_per_block {rpb} and threads_per_block {} do not divide (one must be a multiple of the other in warps)",
-            b.tuning.threads_per_block
-        ));
-    }
     b.const_u32("RPB", rpb as usize);
-    b.const_u32("WPRW", wprw as usize);
-    b.const_u32("RPP", (warps / wprw) as usize);
-    b.const_u32("PASSES", passes as usize);
     let inner = match nk_chunks(m) {
         Some(ch) => {
             b.const_u32("VPC", ch.vpc);
             b.const_u32("CPR", ch.cpr);
             format!(
-                "for (unsigned c = sub * 32u + lane; c < CPR; c += 32u * WPRW) {{
+                "for (unsigned c = threadIdx.x; c < CPR; c += TPB) {{
+            const unsigned k0 = c * VPC;
             {}
+            float sx = 0.0f;
+            #pragma unroll
+            for (unsigned i = 0; i < VPC; ++i) sx += xv[i];
+            (void)sx;
+            #pragma unroll
+            for (unsigned r = 0; r < RPB; ++r) {{
+                const unsigned n = n0 + r;
+                if (n >= W_N) continue;
+                {}
+            }}
         }}",
+                load_x(ch.vpc, m.k),
                 ch.code
             )
         }
-        None => {
-            let c = "const unsigned c = sub * 32u + lane;";
-            format!("{c}\n        {}", nk_scalar(m))
-        }
+        None => nk_scalar(m),
     };
     let body = format!(
-        "    __shared__ float part[NWARPS];
+        "    __shared__ float part[NWARPS][RPB];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const unsigned t = blockIdx.y;
     if (t >= ROWS) return;
     const float* xr = x + (u64)(ROW0 + t) * W_K;
-    for (unsigned p = 0; p < PASSES; ++p) {{
-        const unsigned n = blockIdx.x * RPB + p * RPP + warp / WPRW;
-        const unsigned sub = warp % WPRW;
-        float acc = 0.0f;
-        if (n < W_N) {{
+    const unsigned n0 = blockIdx.x * RPB;
+    float acc[RPB];
+    #pragma unroll
+    for (unsigned r = 0; r < RPB; ++r) acc[r] = 0.0f;
         {inner}
-        }}
-        acc = warp_sum(acc);
-        __syncthreads();
-        if (lane == 0u) part[warp] = acc;
-        __syncthreads();
-        if (sub == 0u && lane == 0u && n < W_N) {{
-            float total = 0.0f;
-            for (unsigned i = 0; i < WPRW; ++i) total += part[warp + i];
-            y[(u64)t * W_N + n] = total{plus_bias};
-        }}
+    #pragma unroll
+    for (unsigned r = 0; r < RPB; ++r) {{
+        const float v = warp_sum(acc[r]);
+        if (lane == 0u) part[warp][r] = v;
+    }}
+    __syncthreads();
+    for (unsigned r = threadIdx.x; r < RPB; r += TPB) {{
+        const unsigned n = n0 + r;
+        if (n >= W_N) continue;
+        float total = 0.0f;
+        for (unsigned w = 0; w < NWARPS; ++w) total += part[w][r];
+        y[(u64)t * W_N + n] = total{plus_bias};
     }}
 "
     );
@@ -330,19 +326,21 @@ pub const GEMM_BM: u32 = 64;
 pub const GEMM_BN: u32 = 64;
 pub const GEMM_BK: u32 = 32;
 
-const MMA_HELPERS: &str = r#"__device__ __forceinline__ unsigned to_tf32(float x) {
+const MMA_HELPERS: &str = r#"#ifndef MLCB_EMULATE
+__device__ __forceinline__ unsigned to_tf32(float x) {
     unsigned u; asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x)); return u;
-}
-// x = hi + lo with hi, lo both TF32 (3xTF32 split).
-__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
-    hi = to_tf32(x);
-    lo = to_tf32(x - __uint_as_float(hi));
 }
 __device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+// x = hi + lo with hi, lo both TF32 (3xTF32 split).
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+    hi = to_tf32(x);
+    lo = to_tf32(x - __uint_as_float(hi));
 }
 "#;
 

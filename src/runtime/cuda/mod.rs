@@ -8,6 +8,8 @@
 
 mod bind;
 pub mod driver;
+#[cfg(test)]
+mod emulate;
 mod exec;
 
 pub use exec::{CudaModel, CudaSession};
