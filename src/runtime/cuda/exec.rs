@@ -292,7 +292,7 @@ impl CudaSession<'_> {
             let k = &self.model.kernels[step.kernel];
             let r = if step.logits { rows } else { t };
             let g: Vec<u64> = k.launch.grid.iter().map(|d| d.workgroups(t, r)).collect();
-            if g.iter().any(|&x| x == 0) {
+            if g.contains(&0) {
                 continue;
             }
             if g[0] > i32::MAX as u64 || g[1] > MAX_GRID_YZ || g[2] > MAX_GRID_YZ {
