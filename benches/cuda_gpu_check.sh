@@ -111,24 +111,28 @@ if [ "$FIXTURES" = 1 ]; then
     for fx in tiny-llama tiny-neox tiny-rwkv; do
         say "fixture $fx: building ${SCHEMES// /,} for cpu and cuda ($(elapsed))"
         rdir="$WORK/recipes/$fx"; mkdir -p "$rdir"
-        recipes=()
-        for q in $SCHEMES; do
-            for t in cpu cuda; do
+        built=1
+        # One dist folder per target: a folder holding both libraries opens with the first.
+        for t in cpu cuda; do
+            recipes=()
+            for q in $SCHEMES; do
                 printf 'quantization = "%s"\n[model]\nname = "%s"\nsource = "%s"\n[target]\npreset = "%s"\n' \
                     "$q" "$fx" "$repo/tests/fixtures/$fx" "$t" > "$rdir/$q-$t.toml"
                 recipes+=("$rdir/$q-$t.toml")
             done
+            if ! "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" \
+                --artifact-path "$WORK/dist-$t" > "$OUT/logs/build-$fx-$t.txt" 2>&1; then
+                fail "$fx: $t build failed (logs/build-$fx-$t.txt)"; built=0
+            fi
         done
-        if ! "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" \
-            --artifact-path "$WORK/dist" > "$OUT/logs/build-$fx.txt" 2>&1; then
-            fail "$fx: build failed (logs/build-$fx.txt)"; continue
-        fi
+        [ "$built" = 1 ] || continue
         nprompts=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["prompts"]))' "$repo/tests/fixtures/$fx/reference.json")
         for q in $SCHEMES; do
-            dist="$WORK/dist/$fx-$q"; ldir="$WORK/logits/$fx-$q"; mkdir -p "$ldir"
+            dist="$WORK/dist-cuda/$fx-$q"; cdist="$WORK/dist-cpu/$fx-$q"
+            ldir="$WORK/logits/$fx-$q"; mkdir -p "$ldir"
             for ((i = 0; i < nprompts; i++)); do
                 ids=$(python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["prompts"][int(sys.argv[2])]; print(",".join(map(str, p["input_ids"] + p["greedy"])))' "$repo/tests/fixtures/$fx/reference.json" "$i")
-                "$mlcb" logits "$dist" --input-ids "$ids" --out "$ldir/$i-cpu.st" --device cpu > "$OUT/logs/logits-$fx-$q-$i-cpu.txt" 2>&1 \
+                "$mlcb" logits "$cdist" --input-ids "$ids" --out "$ldir/$i-cpu.st" --device cpu > "$OUT/logs/logits-$fx-$q-$i-cpu.txt" 2>&1 \
                     || { fail "$fx $q prompt $i: cpu logits failed"; continue; }
                 for mode in prefill decode; do
                     flag=""; [ "$mode" = decode ] && flag="--decode"
@@ -148,7 +152,8 @@ if [ "$FIXTURES" = 1 ]; then
             # Greedy continuation of the first prompt, cuda vs cpu (reported).
             text=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prompts"][0]["text"])' "$repo/tests/fixtures/$fx/reference.json")
             for dev in cpu cuda; do
-                "$mlcb" run "$dist" --prompt "$text" --greedy --max-tokens 24 --json --device "$dev" \
+                d="$dist"; [ "$dev" = cpu ] && d="$cdist"
+                "$mlcb" run "$d" --prompt "$text" --greedy --max-tokens 24 --json --device "$dev" \
                     > "$ldir/greedy-$dev.json" 2> "$OUT/logs/greedy-$fx-$q-$dev.txt" || true
             done
             g=$(python3 -c '
