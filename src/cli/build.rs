@@ -78,7 +78,8 @@ pub struct BuildArgs {
     /// build.py form: the context size (-1: the model's own).
     #[arg(long, allow_hyphen_values = true)]
     pub max_seq_len: Option<i64>,
-    /// build.py form: the CUDA architecture (default sm_80).
+    /// The CUDA architecture (sm_80, sm_86, sm_89, sm_90; default: the recipe's, else sm_80).
+    /// Also overrides `cuda_arch` of recipe files.
     #[arg(long)]
     pub cuda_arch: Option<String>,
     /// build.py form: llvm-mingw for Windows cross builds (recorded in the target options).
@@ -129,7 +130,28 @@ pub fn recipes_from(args: &BuildArgs) -> Result<Vec<Recipe>> {
         if args.target.is_some() || args.quantization.is_some() || args.max_seq_len.is_some() {
             crate::user_bail!("--target, --quantization and --max-seq-len go with --model; with recipe files, set them in the recipe");
         }
-        return args.recipes.iter().map(|p| recipe::load(p)).collect();
+        let mut recipes: Vec<Recipe> = args
+            .recipes
+            .iter()
+            .map(|p| recipe::load(p))
+            .collect::<Result<_>>()?;
+        // --cuda-arch overrides the recipes' cuda_arch (every recipe must target cuda).
+        if let Some(a) = &args.cuda_arch {
+            for r in &mut recipes {
+                if r.target.preset.name != "cuda"
+                    || !recipe::targets::CUDA_ARCHS.contains(&a.as_str())
+                {
+                    crate::user_bail!(
+                        "--cuda-arch {a} needs recipes for the cuda target ({} targets {}) and one of {}",
+                        r.origin,
+                        r.target.preset.name,
+                        recipe::targets::CUDA_ARCHS.join(", ")
+                    );
+                }
+                r.target.cuda_arch = Some(a.clone());
+            }
+        }
+        return Ok(recipes);
     }
     Ok(vec![recipe_from_flags(args)?])
 }

@@ -26,6 +26,10 @@ pub struct LogitsArgs {
     /// default: the best GPU of the library's backend.
     #[arg(long)]
     pub adapter: Option<String>,
+    /// Feed the ids one per call (the decode path: single-token kernels, KV cache, on CUDA the
+    /// replayed graph) instead of one prefill; the logits mean the same.
+    #[arg(long)]
+    pub decode: bool,
 }
 
 /// Parses `1,2, 3` into ids; every id must be below `vocab`.
@@ -72,6 +76,30 @@ pub fn all_logits(session: &mut dyn Session, ids: &[u32], vocab: usize) -> Resul
     Ok(logits)
 }
 
+/// The same logits as [`all_logits`], computed with one call per token (the decode path).
+pub fn stepwise_logits(session: &mut dyn Session, ids: &[u32], vocab: usize) -> Result<Vec<f32>> {
+    if ids.len() > session.max_seq_len() {
+        user_bail!(
+            "{} input ids do not fit the context of {} tokens",
+            ids.len(),
+            session.max_seq_len()
+        );
+    }
+    session.reset();
+    let mut out = Vec::with_capacity(ids.len() * vocab);
+    for id in ids {
+        let l = session.forward(&[*id], false)?;
+        if l.len() != vocab {
+            anyhow::bail!(
+                "the backend returned {} logits for one position × {vocab}",
+                l.len()
+            );
+        }
+        out.extend_from_slice(&l);
+    }
+    Ok(out)
+}
+
 /// Writes `logits` as tensor "logits" f32 `[seq, vocab]`, the ids as metadata.
 pub fn write_logits(path: &Path, ids: &[u32], vocab: usize, logits: &[f32]) -> Result<()> {
     // safetensors is little-endian whatever the host.
@@ -111,7 +139,11 @@ pub fn execute(args: LogitsArgs) -> Result<()> {
         }
     }
     let logits = with_session(&artifact, device, args.adapter.as_deref(), |s| {
-        all_logits(s, &ids, vocab)
+        if args.decode {
+            stepwise_logits(s, &ids, vocab)
+        } else {
+            all_logits(s, &ids, vocab)
+        }
     })?;
     write_logits(&args.out, &ids, vocab, &logits)?;
     eprintln!(
@@ -135,6 +167,14 @@ mod tests {
             let e = parse_ids(bad, 10).unwrap_err();
             assert_eq!(class_of(&e), ErrorClass::User, "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn decode_mode_feeds_one_token_per_call() {
+        let mut s = ScriptSession::new(vec![2], 4, 8);
+        let logits = stepwise_logits(&mut s, &[1, 3, 0], 4).unwrap();
+        assert_eq!(s.calls, vec![vec![1], vec![3], vec![0]]);
+        assert_eq!(logits.len(), 12);
     }
 
     #[test]
@@ -186,6 +226,7 @@ mod tests {
             out: out.clone(),
             device: None,
             adapter: None,
+            decode: false,
         };
         execute(args("3,1")).unwrap();
         let bytes = std::fs::read(&out).unwrap();

@@ -3,6 +3,7 @@
 //! carries the plan and no kernel blobs; the wgpu targets carry WGSL-derived kernels
 //! ([`wgsl`] generates, [`gpu`] validates and cross-compiles).
 
+pub mod cuda;
 pub mod gpu;
 pub mod signature;
 pub mod wgsl;

@@ -88,8 +88,9 @@ pub const TARGETS: &[TargetPreset] = &[
     },
 ];
 
-/// CUDA architectures the cuda preset accepts.
-pub const CUDA_ARCHS: &[&str] = &["sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90"];
+/// CUDA architectures the cuda preset accepts (`cuda_arch` / `--cuda-arch`): the kernels use TF32
+/// tensor-core `mma.sync`, which needs sm_80. The preset's default is `default_cuda_arch`.
+pub const CUDA_ARCHS: &[&str] = crate::codegen::cuda::CUDA_ARCHS;
 
 pub fn target(name: &str) -> Option<&'static TargetPreset> {
     TARGETS.iter().find(|t| t.name == name)

@@ -15,10 +15,12 @@ pub enum Device {
     Cpu,
     /// wgpu: Vulkan, Metal or DX12, running the library's GPU kernels.
     Wgpu,
+    /// An NVIDIA GPU through the CUDA driver (needs a library built for the cuda target).
+    Cuda,
 }
 
-/// Backends this binary can execute.
-pub const AVAILABLE_DEVICES: &[Device] = &[Device::Cpu, Device::Wgpu];
+/// Backends this binary can execute (cuda when the machine has a driver and a GPU).
+pub const AVAILABLE_DEVICES: &[Device] = &[Device::Cpu, Device::Wgpu, Device::Cuda];
 
 /// Backend names a library target may carry (`TargetInfo::backend`) or a user may ask for.
 const KNOWN_BACKENDS: &[&str] = &["cpu", "cuda", "wgpu"];
@@ -28,6 +30,7 @@ impl Device {
         match self {
             Device::Cpu => "cpu",
             Device::Wgpu => "wgpu",
+            Device::Cuda => "cuda",
         }
     }
 }
@@ -93,6 +96,12 @@ pub fn with_session<R>(
             cpu_session(artifact, f)
         }
         Device::Wgpu => wgpu_session(artifact, adapter, f),
+        Device::Cuda => {
+            if let Some(a) = adapter {
+                user_bail!("--adapter {a:?} chooses a wgpu adapter; it needs `--device wgpu`");
+            }
+            cuda_session(artifact, f)
+        }
     }
 }
 
@@ -133,6 +142,57 @@ impl Session for crate::runtime::gpu::GpuSession {
     }
     fn max_seq_len(&self) -> usize {
         crate::runtime::gpu::GpuSession::max_seq_len(self)
+    }
+}
+
+/// Uploads the plan's weights to GPU 0 and runs `f` on a fresh CUDA session. The library must
+/// carry PTX kernels (target cuda); no driver or no GPU is an environment error (exit 3).
+fn cuda_session<R>(
+    artifact: &Artifact,
+    f: impl FnOnce(&mut dyn Session) -> Result<R>,
+) -> Result<R> {
+    use crate::runtime::cuda::{driver, CudaModel};
+    let lib = &artifact.library;
+    if !lib.header.kernels.iter().any(|k| k.language == "ptx") {
+        user_bail!(
+            "the library {} was built for target {}, which carries no CUDA kernels; rebuild it with `--target cuda`, or run it with `--device cpu` (any artifact runs on the CPU)",
+            artifact.library_path.display(),
+            lib.header.target.name,
+        );
+    }
+    let plan = artifact.plan();
+    crate::runtime::cpu::validate_plan(plan)?;
+    let records = artifact.weight_records()?;
+    let views = artifact.weight_views(&records);
+    crate::runtime::cpu::validate_weights(plan, &views)?;
+    let device = driver::open_device()?;
+    let model = CudaModel::new(device, lib, &views)?;
+    let mut session = CudaAdapter {
+        inner: model.session()?,
+        max_seq_len: plan.max_seq_len,
+    };
+    f(&mut session)
+}
+
+/// [`Session`] over the CUDA executor's session.
+struct CudaAdapter<'m> {
+    inner: crate::runtime::cuda::CudaSession<'m>,
+    max_seq_len: usize,
+}
+
+impl Session for CudaAdapter<'_> {
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        self.inner.forward(tokens, all_logits)
+    }
+    fn reset(&mut self) {
+        // A failed state reset surfaces as an error on the next forward (the stream is broken).
+        let _ = self.inner.reset();
+    }
+    fn position(&self) -> usize {
+        self.inner.position()
+    }
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
     }
 }
 
@@ -182,11 +242,10 @@ mod tests {
         let mut a = Artifact::open(tmp.path()).unwrap();
         assert_eq!(resolve_device(&a, None).unwrap(), Device::Cpu);
         assert_eq!(resolve_device(&a, Some("CPU")).unwrap(), Device::Cpu);
-        for bad in ["cuda", "tpu"] {
-            let e = resolve_device(&a, Some(bad)).unwrap_err();
-            assert_eq!(class_of(&e), ErrorClass::User);
-            assert!(e.to_string().contains("runs: cpu"), "{e}");
-        }
+        assert_eq!(resolve_device(&a, Some("cuda")).unwrap(), Device::Cuda);
+        let e = resolve_device(&a, Some("tpu")).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+        assert!(e.to_string().contains("runs: cpu, cuda"), "{e}");
         a.library.header.target.backend = "wgpu".into();
         assert_eq!(resolve_device(&a, None).unwrap(), Device::Wgpu);
         assert_eq!(resolve_device(&a, Some("cpu")).unwrap(), Device::Cpu);

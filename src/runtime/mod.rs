@@ -4,13 +4,14 @@
 //! Pieces: [`artifact`] (open a dist folder, map the shards, hand out weights), [`tokenizer`]
 //! (text ↔ ids, streaming detokenisation), [`sampling`] (next-token choice), [`conversation`]
 //! (chat templates), [`generate`] (the prefill/decode loop), [`backend`] (device choice, session
-//! construction) and the backends themselves ([`cpu`], [`gpu`] through wgpu).
+//! construction) and the backends themselves ([`cpu`], [`gpu`] through wgpu, [`cuda`]).
 
 pub mod artifact;
 pub mod backend;
 pub mod chat_config;
 pub mod conversation;
 pub mod cpu;
+pub mod cuda;
 pub mod generate;
 pub mod gpu;
 pub mod sampling;

@@ -4,7 +4,9 @@
 //!
 //! The CPU target executes the plan with native kernels, so its library holds no kernel blobs.
 //! The wgpu targets get one kernel per distinct signature, generated as WGSL, validated with naga
-//! and compiled to the preset's language (`codegen::gpu`). CUDA PTX plugs in here later.
+//! and compiled to the preset's language (`codegen::gpu`). The cuda target gets CUDA C kernels
+//! compiled to PTX by NVRTC for the recipe's arch (`codegen::cuda`); the arch and the NVRTC
+//! version are part of the cache key (another NVRTC may emit other PTX).
 
 use super::load::ModelDescription;
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
@@ -18,7 +20,7 @@ use std::collections::BTreeMap;
 
 /// 2: wgpu targets carry WGSL/SPIR-V/MSL kernels. 3: kernels fold grid x into z for grids above
 /// 65,535 workgroups (`Launch::folds_x_into_z`) and bind weight records above the tuning's
-/// `max_binding_bytes` in parts.
+/// `max_binding_bytes` in parts; the cuda target carries PTX.
 pub const VERSION: u32 = 3;
 
 /// The context size a build uses: the recipe's, else the model's own.
@@ -52,11 +54,31 @@ pub fn run(
     scope: &[String],
 ) -> Result<StageOutput> {
     let plan_json = serde_json::to_vec(req.plan)?;
+    let cuda = req.target.preset.backend == "cuda";
+    // Finding NVRTC is the first thing a cuda build needs; without it this is an environment
+    // error that says how to install it.
+    let nvrtc = if cuda {
+        Some(crate::codegen::cuda::nvrtc::nvrtc()?)
+    } else {
+        None
+    };
+    let cuda_arch = req
+        .target
+        .cuda_arch
+        .as_deref()
+        .or(req.target.preset.default_cuda_arch);
     let inputs = KeyInputs::new("codegen", VERSION)
         .with("plan", blake3::hash(&plan_json).to_hex())
         .with("model_name", req.model_name)
         .with("target", req.target.preset.name)
-        .with("cuda_arch", req.target.cuda_arch.as_deref().unwrap_or("-"))
+        .with("cuda_arch", cuda_arch.unwrap_or("-"))
+        .with(
+            "nvrtc",
+            nvrtc
+                .as_ref()
+                .map(|n| n.version())
+                .unwrap_or_else(|| "-".into()),
+        )
         .with("tuning", tune.digest())
         .with(
             "library_format",
@@ -71,8 +93,8 @@ pub fn run(
                 .read_verified(&tune.output("tuning.json")?.digest)?,
         )?;
         let mut options = serde_json::Map::new();
-        if let Some(a) = &req.target.cuda_arch {
-            options.insert("cuda_arch".into(), a.clone().into());
+        if let (true, Some(a)) = (cuda, cuda_arch) {
+            options.insert("cuda_arch".into(), a.into());
         }
         let (kernels, blobs) = match req.target.preset.backend {
             "wgpu" => {
@@ -89,6 +111,17 @@ pub fn run(
                     );
                 }
                 crate::codegen::gpu::build_kernels(req.plan, language, &tuning)?
+            }
+            "cuda" => {
+                let arch = cuda_arch.ok_or_else(|| {
+                    anyhow::anyhow!("the cuda preset has no default architecture")
+                })?;
+                if let Some(n) = &nvrtc {
+                    options.insert("nvrtc_version".into(), n.version().into());
+                }
+                let (entries, blobs, _) =
+                    crate::codegen::cuda::build_kernels(req.plan, arch, &tuning)?;
+                (entries, blobs)
             }
             _ => (Vec::new(), Vec::new()),
         };

@@ -549,7 +549,8 @@ pub fn dist_dir(dist_root: &Path, recipe: &Recipe) -> PathBuf {
 }
 
 /// `debug/kernels/<target>/<n>-<op>.<ext>`: each kernel as the library holds it (`.spv`, `.metal`
-/// or `.wgsl`) plus, for SPIR-V and MSL, the WGSL it was compiled from (regenerated from the
+/// `.wgsl` or `.ptx`) plus, for SPIR-V and MSL, the WGSL it was compiled from, and for PTX the CUDA
+/// C (`.cu`) (regenerated from the
 /// library's plan and tuning records, which determine it).
 fn kernel_dump_files(
     lib: &crate::formats::model_lib::ModelLibrary,
@@ -566,6 +567,20 @@ fn kernel_dump_files(
             .into_iter()
             .map(|k| (k.signature, k.source))
             .collect()
+    } else if lib.header.target.backend == "cuda" {
+        // The CUDA C the PTX was compiled from, regenerated from plan, tuning and arch.
+        let records = crate::codegen::gpu::tuning_records(&lib.header.tuning)?;
+        let arch = lib
+            .header
+            .target
+            .options
+            .get("cuda_arch")
+            .and_then(|a| a.as_str())
+            .unwrap_or("sm_80");
+        crate::codegen::cuda::generate_plan(&lib.header.plan, &records, arch)?
+            .into_iter()
+            .map(|k| (k.signature, k.source))
+            .collect()
     } else {
         BTreeMap::new()
     };
@@ -579,7 +594,8 @@ fn kernel_dump_files(
         out.push((format!("{stem}.{ext}"), lib.kernel_bytes(k).to_vec()));
         if k.language != "wgsl" {
             if let Some(src) = wgsl.get(&k.signature) {
-                out.push((format!("{stem}.wgsl"), src.clone().into_bytes()));
+                let src_ext = if k.language == "ptx" { "cu" } else { "wgsl" };
+                out.push((format!("{stem}.{src_ext}"), src.clone().into_bytes()));
             }
         }
     }

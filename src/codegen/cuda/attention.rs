@@ -1,0 +1,146 @@
+//! Rotary embedding and causal attention over the KV cache.
+//!
+//! KV cache layout (the runtime allocates it in device memory): two f32 buffers `k` and `v`, each
+//! `[max_seq_len, n_kv_heads, head_dim]`. The runtime guarantees `pos + T ≤ max_seq_len`.
+
+use super::builder::CudaBuilder;
+use super::launch::{CudaLaunch, GridDim};
+
+/// In place on the q and k heads of the fused qkv buffer; `scalar` = theta. One thread per
+/// (head, pair `i < rotary_dim/2`), grid y = T. The angle `(pos+t) · inv_freq` is formed in f32
+/// as the CPU does; `sincosf` (not the fast intrinsic) reduces it exactly.
+pub fn rotary(
+    mut b: CudaBuilder,
+    n_q_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+) -> (String, CudaLaunch) {
+    b.const_u32("HEADS", n_q_heads + n_kv_heads);
+    b.const_u32("HD", head_dim);
+    b.const_u32("HALF", rotary_dim / 2);
+    b.const_u32("RD", rotary_dim);
+    b.const_u32("COLS", (n_q_heads + 2 * n_kv_heads) * head_dim);
+    b.activation("qkv", true, "qkv");
+    b.params_scalar("theta");
+    let body = "    const unsigned t = blockIdx.y;
+    const unsigned idx = blockIdx.x * TPB + threadIdx.x;
+    if (t >= T || idx >= HEADS * HALF) return;
+    const unsigned h = idx / HALF, i = idx % HALF;
+    const float inv_freq = 1.0f / powf(scalar, (float)(2u * i) / (float)RD);
+    const float a = (float)(POS + t) * inv_freq;
+    float sn, cs;
+    sincosf(a, &sn, &cs);
+    float* row = qkv + (u64)t * COLS + h * HD;
+    const float x0 = row[i], x1 = row[i + HALF];
+    row[i] = x0 * cs - x1 * sn;
+    row[i + HALF] = x1 * cs + x0 * sn;
+";
+    let tpb = b.tuning.threads_per_block;
+    let grid = [
+        GridDim::fixed(
+            ((n_q_heads + n_kv_heads) * (rotary_dim / 2)) as u64,
+            tpb as u64,
+        ),
+        GridDim::tokens(1),
+        GridDim::one(),
+    ];
+    b.finish("", body, tpb, grid)
+}
+
+/// One block per (query head, row t). The first query head of each kv group appends row t's k
+/// and v to the cache. Keys and values of this call's rows are read from qkv itself, earlier
+/// ones from the cache, so no block reads a cache slot another one writes. Each warp takes
+/// positions `warp, warp + NWARPS, …` in one pass with an online softmax (running max, running
+/// sum, `ceil(head_dim/32)` output dims per lane); the warps' partial results merge in shared
+/// memory. Scores use warp-shuffle dot products over head_dim.
+pub fn attention(
+    mut b: CudaBuilder,
+    n_q_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> (String, CudaLaunch) {
+    b.const_u32("NQ", n_q_heads);
+    b.const_u32("GROUP", n_q_heads / n_kv_heads);
+    b.const_u32("HD", head_dim);
+    b.const_u32("QC", n_q_heads * head_dim);
+    b.const_u32("KVC", n_kv_heads * head_dim);
+    b.const_u32("COLS", (n_q_heads + 2 * n_kv_heads) * head_dim);
+    b.const_u32("DPL", head_dim.div_ceil(32));
+    b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
+    b.activation("qkv", false, "qkv");
+    b.state("k", "k_cache");
+    b.state("v", "v_cache");
+    b.activation("out", true, "y");
+    let body = "    __shared__ float q_sh[HD];
+    __shared__ float m_sh[NWARPS], l_sh[NWARPS];
+    __shared__ float acc_sh[NWARPS][HD];
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const unsigned h = blockIdx.x, t = blockIdx.y;
+    if (t >= T) return;
+    const unsigned kv_off = (h / GROUP) * HD;
+    const float* qkv_t = qkv + (u64)t * COLS;
+    if (h % GROUP == 0u) {
+        for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + kv_off + d];
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
+        }
+    }
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) q_sh[d] = qkv_t[h * HD + d];
+    __syncthreads();
+    const unsigned n_ctx = POS + t + 1u;
+    float m = -3.0e38f, l = 0.0f, acc[DPL];
+    #pragma unroll
+    for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;
+    for (unsigned j = warp; j < n_ctx; j += NWARPS) {
+        const float* key;
+        const float* val;
+        if (j < POS) {
+            key = k_cache + (u64)j * KVC + kv_off;
+            val = v_cache + (u64)j * KVC + kv_off;
+        } else {
+            key = qkv + (u64)(j - POS) * COLS + QC + kv_off;
+            val = key + KVC;
+        }
+        float s = 0.0f;
+        #pragma unroll
+        for (unsigned r = 0; r < DPL; ++r) {
+            const unsigned d = lane + 32u * r;
+            if (d < HD) s = fmaf(q_sh[d], key[d], s);
+        }
+        s = warp_sum(s) * SCALE;
+        const float mn = fmaxf(m, s);
+        const float corr = expf(m - mn), p = expf(s - mn);
+        l = l * corr + p;
+        #pragma unroll
+        for (unsigned r = 0; r < DPL; ++r) {
+            const unsigned d = lane + 32u * r;
+            acc[r] = acc[r] * corr + (d < HD ? p * val[d] : 0.0f);
+        }
+        m = mn;
+    }
+    #pragma unroll
+    for (unsigned r = 0; r < DPL; ++r) {
+        const unsigned d = lane + 32u * r;
+        if (d < HD) acc_sh[warp][d] = acc[r];
+    }
+    if (lane == 0u) { m_sh[warp] = m; l_sh[warp] = l; }
+    __syncthreads();
+    float mx = -3.0e38f;
+    for (unsigned w = 0; w < NWARPS; ++w) mx = fmaxf(mx, m_sh[w]);
+    float total = 0.0f;
+    for (unsigned w = 0; w < NWARPS; ++w) total += l_sh[w] * expf(m_sh[w] - mx);
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+        float o = 0.0f;
+        for (unsigned w = 0; w < NWARPS; ++w) o += acc_sh[w][d] * expf(m_sh[w] - mx);
+        y[(u64)t * QC + h * HD + d] = o / total;
+    }
+";
+    let tpb = b.tuning.threads_per_block;
+    let grid = [
+        GridDim::fixed(n_q_heads as u64, 1),
+        GridDim::tokens(1),
+        GridDim::one(),
+    ];
+    b.finish("", body, tpb, grid)
+}

@@ -1,0 +1,140 @@
+//! The launch description stored in `KernelEntry::launch` of every CUDA kernel, and the tuning
+//! configuration a kernel is specialised for. The CUDA runtime reads it to build the argument
+//! list and size the grid, so its shape is a contract:
+//!
+//! ```json
+//! { "block": [256, 1, 1],
+//!   "grid": [ {"extent": 2048, "times": "1", "per_workgroup": 4}, {"extent": 1, "times": "rows", "per_workgroup": 1}, … ],
+//!   "args": [ {"role": "activation", "op_field": "input", "elem": "f32", "write": false, "name": "x"}, … ],
+//!   "params": {"scalar": "eps", "index": null},
+//!   "arch": "sm_80",
+//!   "tuning": {"threads_per_block": 256, "rows_per_block": 4} }
+//! ```
+//!
+//! - Blocks along each axis: [`GridDim::workgroups`] (`ceil(extent · times / per_workgroup)`,
+//!   `times` = "1", "T" or "rows"), exactly as for the WGSL kernels.
+//! - Kernel parameters, in order: one device pointer per entry of `args`, then
+//!   `const unsigned* meta` (four u32 in device memory: `T`, `pos`, `rows`, `row0`, see
+//!   [`META_FIELDS`]), `float scalar` (the op field `params.scalar` names: eps, theta, factor, else
+//!   0) and `unsigned index` (`params.index`: the RWKV state slot vector, else 0). The per-call
+//!   values live in device memory so a captured CUDA graph replays with new positions.
+//! - Every argument points at the start of its own allocation (so 16-byte vector loads are
+//!   aligned): activations `[T, cols]` f32, weight records as stored (16-bit data as `u16`),
+//!   state parts (`k`, `v`: `[max_seq_len, n_kv_heads, head_dim]` f32; `rwkv`: five `hidden` f32).
+//! - No dynamic shared memory: every kernel declares its own static `__shared__` arrays.
+
+pub use crate::codegen::wgsl::launch::GridDim;
+use serde::{Deserialize, Serialize};
+
+/// What the four u32 of `meta` hold, in order.
+pub const META_FIELDS: [&str; 4] = ["t", "pos", "rows", "row0"];
+
+/// Threads of the tensor-core GEMM block (four warps in a 2×2 arrangement); fixed by the kernel.
+pub const GEMM_THREADS: u32 = 128;
+
+/// One kernel parameter that is a device pointer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arg {
+    /// "activation", "tokens", "weight", "state" or "logits".
+    pub role: String,
+    /// The op field it binds (`input`, `out`, `weight`, `bias`, `mixes[1]`, `state`, …).
+    pub op_field: String,
+    /// For weights: which record of `WeightDecl::records`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub record: Option<usize>,
+    /// For states: "k", "v" (KV cache) or "rwkv".
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub part: Option<String>,
+    /// Element type as the kernel reads it: "f32", "u32", "u16", "f16" or "bf16".
+    pub elem: String,
+    /// Whether the kernel writes through it.
+    pub write: bool,
+    /// The C parameter name.
+    pub name: String,
+}
+
+/// What `scalar` and `index` carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamsUse {
+    pub scalar: Option<String>,
+    pub index: Option<String>,
+}
+
+/// The tuning record a CUDA kernel is specialised for (from the tune stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaTuning {
+    pub threads_per_block: u32,
+    /// Output rows per block of the decode GEMV (split over the block's warps).
+    pub rows_per_block: u32,
+}
+
+impl CudaTuning {
+    /// Read and check a tune-stage record; `Err` names what is wrong.
+    pub fn from_record(v: &serde_json::Value) -> Result<CudaTuning, String> {
+        let field = |name: &str| -> Result<u32, String> {
+            v.get(name)
+                .and_then(|x| x.as_u64())
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
+        };
+        let t = CudaTuning {
+            threads_per_block: field("threads_per_block")?,
+            rows_per_block: field("rows_per_block")?,
+        };
+        if !t.threads_per_block.is_power_of_two() || !(32..=1024).contains(&t.threads_per_block) {
+            return Err(format!(
+                "threads_per_block {} must be a power of two from 32 to 1024",
+                t.threads_per_block
+            ));
+        }
+        if !t.rows_per_block.is_power_of_two() || !(1..=64).contains(&t.rows_per_block) {
+            return Err(format!(
+                "rows_per_block {} must be a power of two from 1 to 64",
+                t.rows_per_block
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Warps per block.
+    pub fn warps(&self) -> u32 {
+        self.threads_per_block / 32
+    }
+}
+
+/// The machine-readable launch description (`KernelEntry::launch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CudaLaunch {
+    pub block: [u32; 3],
+    pub grid: [GridDim; 3],
+    pub args: Vec<Arg>,
+    pub params: ParamsUse,
+    /// The architecture the PTX targets.
+    pub arch: String,
+    pub tuning: CudaTuning,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_records_are_checked() {
+        let ok = serde_json::json!({"threads_per_block": 256, "rows_per_block": 4});
+        let t = CudaTuning::from_record(&ok).unwrap();
+        assert_eq!(
+            (t.threads_per_block, t.rows_per_block, t.warps()),
+            (256, 4, 8)
+        );
+        for bad in [
+            serde_json::json!({"threads_per_block": 48, "rows_per_block": 1}),
+            serde_json::json!({"threads_per_block": 2048, "rows_per_block": 1}),
+            serde_json::json!({"threads_per_block": 256, "rows_per_block": 0}),
+            serde_json::json!({"threads_per_block": 256, "rows_per_block": 3}),
+            serde_json::json!({"threads_per_block": 256}),
+            serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4}),
+        ] {
+            assert!(CudaTuning::from_record(&bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! Matrix kernels: embedding gather, matmul and logits (`y[rows, N] = x[rows, K] · Wᵀ (+ b)`).
+//!
+//! - decode, NK storage (raw or quantized `_1`): `matmul_gemv_nk`, fused dequantize + GEMV.
+//!   A block of `threads_per_block` threads computes `rows_per_block` output rows; its threads
+//!   split K in 16-byte chunks (`uint4` loads: one chunk is a whole quantization group for q3/q4,
+//!   half of one for q8, 8 f16 or 4 f32 raw values; a warp reads 512 contiguous bytes of a row).
+//!   Each thread loads its chunk's activations once (float4) and reuses them for every row of the
+//!   block, decodes the codes in registers, and the partial sums meet through warp shuffles and
+//!   shared memory. Quantized groups use the group-sum form `s·(Σq·x − maxq·Σx)` (sym) or
+//!   `s·Σq·x + min·Σx` (asym): one multiply by the scale per group.
+//! - decode, KN storage (quantized `_0`, words `[K words, N]`): `matmul_gemv_kn`, 32 output rows
+//!   per block (one per lane, so a warp reads 32 neighbouring words), the warps split the groups
+//!   and meet in shared memory.
+//! - prefill (any `T`): `matmul_gemm`, tensor cores: 64×64 output tiles, 4 warps each owning
+//!   32×32 (2×4 `mma.sync.m16n8k8` TF32 tiles), K in steps of 32 staged through shared memory
+//!   (weights decoded there once per tile). Operands are split into a TF32 high part and a TF32
+//!   remainder and multiplied as `hi·hi + hi·lo + lo·hi` ("3xTF32"), which keeps f32-level
+//!   accuracy (the CPU reference is f32).
+//!
+//! Every variant reads activation row `ROW0 + t` and writes output row `t`, for `t < ROWS`.
+
+use super::builder::CudaBuilder;
+use super::launch::{CudaLaunch, GridDim, GEMM_THREADS};
+use super::weights::{declare_matrix, declare_round, declare_vector};
+use crate::codegen::wgsl::spec::{MatrixSpec, MatrixStorage, Phase};
+use crate::formats::dtype::DType;
+use crate::quant::scheme::Layout;
+
+/// `out[t] = row tokens[t] of W`, rounded as the artifact defines decoded values.
+pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
+    b.tokens("tokens");
+    declare_matrix(&mut b, "weight", m);
+    declare_round(&mut b, m);
+    b.activation("out", true, "y");
+    let body = "    const unsigned t = blockIdx.y;
+    const unsigned k = blockIdx.x * TPB + threadIdx.x;
+    if (t >= T || k >= W_K) return;
+    const unsigned tok = tokens[t];
+    // Ids out of range are the runtime's to reject; a zero row beats a stray read.
+    y[(u64)t * W_K + k] = tok < W_N ? w_round(w_at(tok, k)) : 0.0f;
+";
+    let tpb = b.tuning.threads_per_block;
+    let grid = [
+        GridDim::fixed(m.k as u64, tpb as u64),
+        GridDim::tokens(1),
+        GridDim::one(),
+    ];
+    b.finish("", body, tpb, grid)
+}
+
+/// Matmul or logits. Arguments: input, weight records, bias record, output.
+pub fn matmul(
+    mut b: CudaBuilder,
+    m: &MatrixSpec,
+    bias: Option<DType>,
+    phase: Phase,
+    logits: bool,
+) -> Result<(String, CudaLaunch), String> {
+    b.activation("input", false, "x");
+    declare_matrix(&mut b, "weight", m);
+    if let Some(d) = bias {
+        declare_vector(&mut b, "bias", d, "bias");
+    }
+    if logits {
+        b.logits("y");
+    } else {
+        b.activation("out", true, "y");
+    }
+    let plus_bias = if bias.is_some() { " + bias_at(n)" } else { "" };
+    let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
+    match (phase, kn) {
+        (Phase::Decode, false) => gemv_nk(b, m, plus_bias),
+        (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias)),
+        (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
+    }
+}
+
+/// The 16-byte chunk geometry of an NK row, when rows split into whole chunks.
+struct Chunks {
+    /// Values per chunk.
+    vpc: usize,
+    /// Chunks per row.
+    cpr: usize,
+    /// Code that adds row `n`'s chunk `c` times `xv[]` to `acc[r]`.
+    code: String,
+}
+
+/// Load the `vpc` activations of chunk `c` (from `k0`) into `xv[]` (float4 when aligned; zero
+/// beyond K).
+fn load_x(vpc: usize, k: usize) -> String {
+    let vec4 = k % 4 == 0 && vpc % 4 == 0;
+    let full = if vec4 {
+        format!(
+            "#pragma unroll
+                for (unsigned i = 0; i < {}u; ++i) {{
+                    const float4 f = reinterpret_cast<const float4*>(xr + k0)[i];
+                    xv[4 * i] = f.x; xv[4 * i + 1] = f.y; xv[4 * i + 2] = f.z; xv[4 * i + 3] = f.w;
+                }}",
+            vpc / 4
+        )
+    } else {
+        format!("#pragma unroll\n                for (unsigned i = 0; i < {vpc}u; ++i) xv[i] = xr[k0 + i];")
+    };
+    format!(
+        "float xv[{vpc}];
+            if (k0 + {vpc}u <= W_K) {{
+                {full}
+            }} else {{
+                #pragma unroll
+                for (unsigned i = 0; i < {vpc}u; ++i) xv[i] = (k0 + i < W_K) ? xr[k0 + i] : 0.0f;
+            }}"
+    )
+}
+
+fn nk_chunks(m: &MatrixSpec) -> Option<Chunks> {
+    match m.storage {
+        MatrixStorage::Raw(dtype) => {
+            let es = dtype.size();
+            let vpc = 16 / es;
+            if (m.k * es) % 16 != 0 {
+                return None;
+            }
+            let conv = match dtype {
+                DType::F16 => "h2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))",
+                DType::BF16 => "__uint_as_float(((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu) << 16)",
+                _ => "__uint_as_float(u[i])",
+            };
+            let code = format!(
+                "const uint4 v = reinterpret_cast<const uint4*>(w_raw)[(u64)n * CPR + c];
+                const unsigned u[4] = {{v.x, v.y, v.z, v.w}};
+                #pragma unroll
+                for (unsigned i = 0; i < VPC; ++i) acc[r] = fmaf({conv}, xv[i], acc[r]);"
+            );
+            Some(Chunks {
+                vpc,
+                cpr: m.k / vpc,
+                code,
+            })
+        }
+        MatrixStorage::Quant(q) => {
+            let wb = if q.word16 { 2 } else { 4 };
+            let wpc = 16 / wb;
+            if q.words_per_group % wpc != 0 || q.words_per_group * q.per_word != q.group {
+                return None;
+            }
+            let vpc = wpc * q.per_word;
+            let cpg = q.words_per_group / wpc;
+            let words = if q.word16 {
+                "const unsigned u[8] = {v.x & 0xFFFFu, v.x >> 16, v.y & 0xFFFFu, v.y >> 16, v.z & 0xFFFFu, v.z >> 16, v.w & 0xFFFFu, v.w >> 16};"
+            } else {
+                "const unsigned u[4] = {v.x, v.y, v.z, v.w};"
+            };
+            let code = format!(
+                "const uint4 v = reinterpret_cast<const uint4*>(w_q)[(u64)n * CPR + c];
+                {words}
+                float sqx = 0.0f;
+                #pragma unroll
+                for (unsigned wi = 0; wi < {wpc}u; ++wi) {{
+                    #pragma unroll
+                    for (unsigned j = 0; j < W_PER_WORD; ++j)
+                        sqx = fmaf((float)((u[wi] >> (j * W_BITS)) & W_MASK), xv[wi * W_PER_WORD + j], sqx);
+                }}
+                const unsigned g = c / {cpg}u;
+                const float s = w_scale(n, g);
+                acc[r] += W_SYM ? s * (sqx - W_MAXQ * sx) : fmaf(s, sqx, w_min(n, g) * sx);"
+            );
+            Some(Chunks {
+                vpc,
+                cpr: q.n_group * cpg,
+                code,
+            })
+        }
+    }
+}
+
+/// Per-thread fallback when rows do not split into 16-byte chunks (raw weights with K·size not a
+/// multiple of 16, or a word geometry without whole groups per chunk).
+fn nk_scalar(m: &MatrixSpec) -> String {
+    match m.storage {
+        MatrixStorage::Raw(_) => "for (unsigned k = threadIdx.x; k < W_K; k += TPB) {
+            const float xk = xr[k];
+            #pragma unroll
+            for (unsigned r = 0; r < RPB; ++r) {
+                const unsigned n = n0 + r;
+                if (n < W_N) acc[r] = fmaf(w_at(n, k), xk, acc[r]);
+            }
+        }"
+        .into(),
+        MatrixStorage::Quant(_) => "for (unsigned w = threadIdx.x; w < W_WPR; w += TPB) {
+            const unsigned g = w / W_WPG, j0 = (w % W_WPG) * W_PER_WORD, k0 = g * W_GROUP + j0;
+            #pragma unroll
+            for (unsigned r = 0; r < RPB; ++r) {
+                const unsigned n = n0 + r;
+                if (n >= W_N) continue;
+                const float s = w_scale(n, g), mn = w_min(n, g);
+                unsigned word = w_word(n, w);
+                for (unsigned j = 0; j < W_PER_WORD; ++j) {
+                    if (j0 + j < W_GROUP && k0 + j < W_K) acc[r] = fmaf(w_decode(word & W_MASK, s, mn), xr[k0 + j], acc[r]);
+                    word >>= W_BITS;
+                }
+            }
+        }"
+        .into(),
+    }
+}
+
+/// Decode GEMV over NK rows: the block's threads split each row's 16-byte chunks; a thread
+/// loads a chunk's activations once and uses them for all `rows_per_block` rows (activation
+/// reads per block are K floats, not K per row), then warp shuffles and shared memory sum.
+fn gemv_nk(
+    mut b: CudaBuilder,
+    m: &MatrixSpec,
+    plus_bias: &str,
+) -> Result<(String, CudaLaunch), String> {
+    let rpb = b.tuning.rows_per_block;
+    b.const_u32("RPB", rpb as usize);
+    let inner = match nk_chunks(m) {
+        Some(ch) => {
+            b.const_u32("VPC", ch.vpc);
+            b.const_u32("CPR", ch.cpr);
+            format!(
+                "for (unsigned c = threadIdx.x; c < CPR; c += TPB) {{
+            const unsigned k0 = c * VPC;
+            {}
+            float sx = 0.0f;
+            #pragma unroll
+            for (unsigned i = 0; i < VPC; ++i) sx += xv[i];
+            (void)sx;
+            #pragma unroll
+            for (unsigned r = 0; r < RPB; ++r) {{
+                const unsigned n = n0 + r;
+                if (n >= W_N) continue;
+                {}
+            }}
+        }}",
+                load_x(ch.vpc, m.k),
+                ch.code
+            )
+        }
+        None => nk_scalar(m),
+    };
+    let body = format!(
+        "    __shared__ float part[NWARPS][RPB];
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const unsigned t = blockIdx.y;
+    if (t >= ROWS) return;
+    const float* xr = x + (u64)(ROW0 + t) * W_K;
+    const unsigned n0 = blockIdx.x * RPB;
+    float acc[RPB];
+    #pragma unroll
+    for (unsigned r = 0; r < RPB; ++r) acc[r] = 0.0f;
+        {inner}
+    #pragma unroll
+    for (unsigned r = 0; r < RPB; ++r) {{
+        const float v = warp_sum(acc[r]);
+        if (lane == 0u) part[warp][r] = v;
+    }}
+    __syncthreads();
+    for (unsigned r = threadIdx.x; r < RPB; r += TPB) {{
+        const unsigned n = n0 + r;
+        if (n >= W_N) continue;
+        float total = 0.0f;
+        for (unsigned w = 0; w < NWARPS; ++w) total += part[w][r];
+        y[(u64)t * W_N + n] = total{plus_bias};
+    }}
+"
+    );
+    let tpb = b.tuning.threads_per_block;
+    let grid = [
+        GridDim::fixed(m.n as u64, rpb as u64),
+        GridDim::rows(1),
+        GridDim::one(),
+    ];
+    Ok(b.finish("", &body, tpb, grid))
+}
+
+fn gemv_kn(b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
+    let body = format!(
+        "    __shared__ float part[NWARPS][32];
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const unsigned t = blockIdx.y;
+    if (t >= ROWS) return;
+    const float* xr = x + (u64)(ROW0 + t) * W_K;
+    const unsigned n = blockIdx.x * 32u + lane;
+    float acc = 0.0f;
+    if (n < W_N) {{
+        for (unsigned g = warp; g < W_NG; g += NWARPS) {{
+            float sqx = 0.0f, sx = 0.0f;
+            for (unsigned wi = 0; wi < W_WPG; ++wi) {{
+                unsigned word = w_word(n, g * W_WPG + wi);
+                #pragma unroll
+                for (unsigned j = 0; j < W_PER_WORD; ++j) {{
+                    const unsigned r = wi * W_PER_WORD + j, k = g * W_GROUP + r;
+                    if (r < W_GROUP && k < W_K) {{
+                        const float xj = xr[k];
+                        sqx = fmaf((float)(word & W_MASK), xj, sqx);
+                        sx += xj;
+                    }}
+                    word >>= W_BITS;
+                }}
+            }}
+            const float s = w_scale(n, g);
+            acc += W_SYM ? s * (sqx - W_MAXQ * sx) : fmaf(s, sqx, w_min(n, g) * sx);
+        }}
+    }}
+    part[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0u && n < W_N) {{
+        float total = 0.0f;
+        for (unsigned i = 0; i < NWARPS; ++i) total += part[i][lane];
+        y[(u64)t * W_N + n] = total{plus_bias};
+    }}
+"
+    );
+    let tpb = b.tuning.threads_per_block;
+    let grid = [
+        GridDim::fixed(m.n as u64, 32),
+        GridDim::rows(1),
+        GridDim::one(),
+    ];
+    b.finish("", &body, tpb, grid)
+}
+
+/// Output tile of the tensor-core GEMM: rows (tokens) × columns (features), and K per step.
+pub const GEMM_BM: u32 = 64;
+pub const GEMM_BN: u32 = 64;
+pub const GEMM_BK: u32 = 32;
+
+const MMA_HELPERS: &str = r#"#ifndef MLCB_EMULATE
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned u; asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x)); return u;
+}
+__device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+// x = hi + lo with hi, lo both TF32 (3xTF32 split).
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+    hi = to_tf32(x);
+    lo = to_tf32(x - __uint_as_float(hi));
+}
+"#;
+
+fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
+    b.const_u32("BM", GEMM_BM as usize);
+    b.const_u32("BN", GEMM_BN as usize);
+    b.const_u32("BK", GEMM_BK as usize);
+    b.const_u32("GT", GEMM_THREADS as usize);
+    // Fragment layouts of m16n8k8 (PTX ISA, "Matrix Fragments for mma.m16n8k8" .tf32), with
+    // g = lane / 4 and c = lane % 4: A (row-major 16×8) a0 (g, c), a1 (g+8, c), a2 (g, c+4),
+    // a3 (g+8, c+4); B (8×8, k × n) b0 (k=c, n=g), b1 (k=c+4, n=g); C/D (16×8) c0 (g, 2c),
+    // c1 (g, 2c+1), c2 (g+8, 2c), c3 (g+8, 2c+1).
+    let body = format!(
+        "    __shared__ float xs[BM][BK + 4];
+    __shared__ float ws[BN][BK + 4];
+    const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+    const unsigned g = lane >> 2, c = lane & 3u;
+    const unsigned wm = (warp >> 1) * 32u, wn = (warp & 1u) * 32u;
+    const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    float acc[2][4][4];
+    #pragma unroll
+    for (int i = 0; i < 2; ++i)
+        #pragma unroll
+        for (int j = 0; j < 4; ++j)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
+        for (unsigned i = tid; i < BM * BK; i += GT) {{
+            const unsigned r = i / BK, kk = i % BK, t = t0 + r, k = k0 + kk;
+            xs[r][kk] = (t < ROWS && k < W_K) ? x[(u64)(ROW0 + t) * W_K + k] : 0.0f;
+        }}
+        for (unsigned i = tid; i < BN * BK; i += GT) {{
+            const unsigned r = i / BK, kk = i % BK, n = n0 + r, k = k0 + kk;
+            ws[r][kk] = (n < W_N && k < W_K) ? w_at(n, k) : 0.0f;
+        }}
+        __syncthreads();
+        #pragma unroll
+        for (unsigned ks = 0; ks < BK; ks += 8u) {{
+            unsigned ahi[2][4], alo[2][4], bhi[4][2], blo[4][2];
+            #pragma unroll
+            for (unsigned i = 0; i < 2u; ++i) {{
+                const unsigned r0 = wm + i * 16u + g;
+                split_tf32(xs[r0][ks + c], ahi[i][0], alo[i][0]);
+                split_tf32(xs[r0 + 8u][ks + c], ahi[i][1], alo[i][1]);
+                split_tf32(xs[r0][ks + c + 4u], ahi[i][2], alo[i][2]);
+                split_tf32(xs[r0 + 8u][ks + c + 4u], ahi[i][3], alo[i][3]);
+            }}
+            #pragma unroll
+            for (unsigned j = 0; j < 4u; ++j) {{
+                const unsigned nn = wn + j * 8u + g;
+                split_tf32(ws[nn][ks + c], bhi[j][0], blo[j][0]);
+                split_tf32(ws[nn][ks + c + 4u], bhi[j][1], blo[j][1]);
+            }}
+            #pragma unroll
+            for (unsigned i = 0; i < 2u; ++i)
+                #pragma unroll
+                for (unsigned j = 0; j < 4u; ++j) {{
+                    mma_tf32(acc[i][j], alo[i], bhi[j]);
+                    mma_tf32(acc[i][j], ahi[i], blo[j]);
+                    mma_tf32(acc[i][j], ahi[i], bhi[j]);
+                }}
+        }}
+        __syncthreads();
+    }}
+    #pragma unroll
+    for (unsigned i = 0; i < 2u; ++i)
+        #pragma unroll
+        for (unsigned j = 0; j < 4u; ++j)
+            #pragma unroll
+            for (unsigned r = 0; r < 4u; ++r) {{
+                const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
+                const unsigned n = n0 + wn + j * 8u + 2u * c + (r & 1u);
+                if (t < ROWS && n < W_N) y[(u64)t * W_N + n] = acc[i][j][r]{plus_bias};
+            }}
+"
+    );
+    let grid = [
+        GridDim::fixed(m.n as u64, GEMM_BN as u64),
+        GridDim::rows(GEMM_BM as u64),
+        GridDim::one(),
+    ];
+    b.finish(MMA_HELPERS, &body, GEMM_THREADS, grid)
+}

@@ -1,0 +1,209 @@
+//! CUDA C kernels for every op of an execution plan, specialised at build time for the static
+//! shapes of each kernel signature, the quantization scheme, the tuning record and the target
+//! architecture, then compiled to PTX by NVRTC ([`nvrtc`]). One kernel per distinct
+//! phase-prefixed signature, exactly as for the WGSL targets (the same [`KernelSpec`]s).
+//!
+//! | op | entry point | block | grid |
+//! |---|---|---|---|
+//! | embedding | `mlcb_embedding` | TPB | `[ceil(K/TPB), T, 1]` |
+//! | rms_norm, layer_norm | `mlcb_rms_norm`, `mlcb_layer_norm` | TPB | `[1, T, 1]` |
+//! | matmul, logits (decode, NK) | `mlcb_matmul_gemv_nk`, `mlcb_logits_gemv_nk` | TPB | `[ceil(N/rows_per_block), rows, 1]` |
+//! | matmul, logits (decode, KN) | `…_gemv_kn` | TPB | `[ceil(N/32), rows, 1]` |
+//! | matmul, logits (prefill) | `…_gemm` (tensor cores) | 128 | `[ceil(N/64), ceil(rows/64), 1]` |
+//! | rotary | `mlcb_rotary` | TPB | `[ceil((nq+nkv)·rd/2 / TPB), T, 1]` |
+//! | attention | `mlcb_attention` | TPB | `[n_q_heads, T, 1]` |
+//! | silu_mul, gelu, relu_square, sigmoid, scale, add, mul | `mlcb_<op>` | TPB | `[ceil(cols/TPB), T, 1]` |
+//! | rwkv_token_shift, rwkv_wkv | `mlcb_rwkv_token_shift`, `mlcb_rwkv_wkv` | TPB | `[ceil(hidden/TPB), 1, 1]` |
+//!
+//! The argument list, the grid and the block are stored in the kernel's launch JSON
+//! ([`launch::CudaLaunch`]); the runtime derives every launch from it. Arithmetic is f32
+//! throughout (decode GEMVs accumulate in f32; the prefill GEMM uses 3xTF32 tensor-core products).
+
+mod attention;
+pub mod builder;
+mod elementwise;
+pub mod launch;
+mod matmul;
+mod norm;
+pub mod nvrtc;
+mod rwkv;
+mod weights;
+
+use crate::codegen::wgsl::spec::{self, KernelSpec, MatrixStorage, Phase};
+use crate::formats::model_lib::plan::Plan;
+use crate::formats::model_lib::KernelEntry;
+use anyhow::{bail, Result};
+use builder::CudaBuilder;
+use launch::{CudaLaunch, CudaTuning};
+use std::collections::BTreeMap;
+
+/// Architectures the cuda target compiles for (every kernel needs sm_80: TF32 `mma.sync`).
+pub const CUDA_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
+
+/// The `&'static str` of a supported architecture (NVRTC's options want one).
+pub fn arch_str(arch: &str) -> Result<&'static str> {
+    CUDA_ARCHS
+        .iter()
+        .copied()
+        .find(|a| *a == arch)
+        .ok_or_else(|| {
+            crate::error::user(format!(
+                "unknown CUDA architecture {arch}; valid: {}",
+                CUDA_ARCHS.join(", ")
+            ))
+        })
+}
+
+/// One generated kernel.
+#[derive(Debug, Clone)]
+pub struct CudaKernel {
+    /// Phase-prefixed signature (`decode:matmul[…]`).
+    pub signature: String,
+    pub entry_point: String,
+    pub source: String,
+    pub launch: CudaLaunch,
+}
+
+/// The entry point name of a spec (the same names as the WGSL kernels).
+pub fn entry_point(spec: &KernelSpec) -> String {
+    crate::codegen::wgsl::entry_point(spec)
+}
+
+/// Kernels index with 32-bit counters along K and N; refuse what would overflow them.
+fn check_dims(signature: &str, spec: &KernelSpec) -> Result<()> {
+    if let KernelSpec::Embedding { m } | KernelSpec::Matmul { m, .. } = spec {
+        let per_row = match m.storage {
+            MatrixStorage::Raw(_) => m.k as u64,
+            MatrixStorage::Quant(q) => (q.words_per_row * q.per_word) as u64,
+        };
+        if m.n as u64 >= u32::MAX as u64 / 2 || per_row >= u32::MAX as u64 / 2 {
+            bail!("kernel {signature}: a [{}, {}] weight is too large for the CUDA kernels' 32-bit row and column indices", m.n, m.k);
+        }
+    }
+    Ok(())
+}
+
+/// Generate the CUDA C of one spec.
+pub fn generate(
+    signature: &str,
+    spec: &KernelSpec,
+    tuning: CudaTuning,
+    arch: &str,
+) -> Result<CudaKernel> {
+    check_dims(signature, spec)?;
+    let ep = entry_point(spec);
+    let b = CudaBuilder::new(&ep, tuning, arch);
+    let (source, launch) = match spec {
+        KernelSpec::Embedding { m } => matmul::embedding(b, m),
+        KernelSpec::Matmul {
+            m,
+            bias,
+            phase,
+            logits,
+        } => matmul::matmul(b, m, *bias, *phase, *logits).map_err(|e| {
+            crate::error::user(format!("tuning record for kernel {signature}: {e}"))
+        })?,
+        KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),
+        KernelSpec::LayerNorm { cols, weight, bias } => norm::layer_norm(b, *cols, *weight, *bias),
+        KernelSpec::Rotary {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            rotary_dim,
+        } => attention::rotary(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim),
+        KernelSpec::Attention {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+        } => {
+            // Shared memory: q, per-warp partial outputs and softmax statistics (48 KiB static).
+            let bytes =
+                4 * (head_dim * (1 + tuning.warps() as usize) + 2 * tuning.warps() as usize);
+            if bytes > 48 << 10 {
+                bail!("kernel {signature}: head_dim {head_dim} with {} threads per block needs {bytes} bytes of shared memory (at most 48 KiB); use fewer threads", tuning.threads_per_block);
+            }
+            attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim)
+        }
+        KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
+        KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),
+        KernelSpec::Binary { op, cols } => elementwise::binary(b, *op, *cols),
+        KernelSpec::TokenShift { hidden, mixes } => rwkv::token_shift(b, *hidden, mixes),
+        KernelSpec::Wkv {
+            hidden,
+            time_decay,
+            time_first,
+        } => rwkv::wkv(b, *hidden, *time_decay, *time_first),
+    };
+    Ok(CudaKernel {
+        signature: signature.to_string(),
+        entry_point: ep,
+        source,
+        launch,
+    })
+}
+
+/// Every kernel of a plan, in signature order, each specialised for its tuning record.
+pub fn generate_plan(
+    plan: &Plan,
+    records: &BTreeMap<String, serde_json::Value>,
+    arch: &str,
+) -> Result<Vec<CudaKernel>> {
+    let specs = spec::specs_by_signature(plan)?;
+    let mut out = Vec::with_capacity(specs.len());
+    for (sig, spec) in &specs {
+        let rec = records.get(sig).ok_or_else(|| {
+            crate::error::user(format!(
+                "the tuning records have no entry for kernel {sig}; rebuild without the pinned tuning file or add the signature to it"
+            ))
+        })?;
+        let tuning = CudaTuning::from_record(rec)
+            .map_err(|e| crate::error::user(format!("tuning record for kernel {sig}: {e}")))?;
+        out.push(generate(sig, spec, tuning, arch)?);
+    }
+    Ok(out)
+}
+
+/// Compile one generated kernel to PTX.
+pub fn compile(k: &CudaKernel, arch: &str) -> Result<Vec<u8>> {
+    Ok(nvrtc::compile(&k.signature, &k.source, arch_str(arch)?)?.into_bytes())
+}
+
+/// Every kernel of a plan compiled to PTX for `arch`: entries (offsets into the returned blob
+/// area, language "ptx", launch JSON) and the blob area. Also returns the CUDA C sources (for
+/// `--debug-dump`).
+pub fn build_kernels(
+    plan: &Plan,
+    arch: &str,
+    tuning: &serde_json::Value,
+) -> Result<(Vec<KernelEntry>, Vec<u8>, Vec<String>)> {
+    let kernels = generate_plan(plan, &crate::codegen::gpu::tuning_records(tuning)?, arch)?;
+    let mut entries = Vec::with_capacity(kernels.len());
+    let mut blobs = Vec::new();
+    let mut sources = Vec::with_capacity(kernels.len());
+    for k in &kernels {
+        let ptx = compile(k, arch)?;
+        entries.push(KernelEntry {
+            signature: k.signature.clone(),
+            entry_point: k.entry_point.clone(),
+            language: "ptx".into(),
+            offset: blobs.len() as u64,
+            len: ptx.len() as u64,
+            launch: serde_json::to_value(&k.launch)?,
+        });
+        blobs.extend_from_slice(&ptx);
+        sources.push(k.source.clone());
+    }
+    Ok((entries, blobs, sources))
+}
+
+/// The phase of a signature (`prefill:…` / `decode:…`).
+pub fn phase_of(signature: &str) -> Option<Phase> {
+    match signature.split_once(':').map(|(p, _)| p) {
+        Some("prefill") => Some(Phase::Prefill),
+        Some("decode") => Some(Phase::Decode),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

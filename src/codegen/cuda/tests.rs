@@ -1,0 +1,330 @@
+//! Every CUDA kernel variant (each op, each scheme and layout, raw f16/f32/bf16, ragged K, several
+//! tuning records) generates CUDA C that NVRTC compiles to PTX for the requested arch. Tests that
+//! need NVRTC print a loud SKIP line when it cannot be found.
+
+use super::launch::CudaTuning;
+use super::{compile, entry_point, generate, nvrtc};
+use crate::codegen::wgsl::spec::{matrix_spec, Binary, KernelSpec, Phase, Unary};
+use crate::formats::dtype::DType;
+use crate::formats::model_lib::plan::WeightStorage;
+use crate::quant::scheme::{Encoding, SCHEMES};
+
+fn tunings() -> Vec<CudaTuning> {
+    vec![
+        CudaTuning {
+            threads_per_block: 256,
+            rows_per_block: 4,
+        },
+        CudaTuning {
+            threads_per_block: 64,
+            rows_per_block: 8,
+        },
+    ]
+}
+
+fn nvrtc_or_skip(test: &str) -> bool {
+    match nvrtc::nvrtc() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP {test}: NVRTC not found, PTX not compiled:\n{e}");
+            false
+        }
+    }
+}
+
+fn all_specs() -> Vec<KernelSpec> {
+    let mut specs = Vec::new();
+    // K = 70: not a multiple of any group (ragged last group) nor of 8 (no 16-byte raw chunks).
+    for (n, k) in [(64usize, 64usize), (37, 70)] {
+        for s in SCHEMES {
+            let storages: Vec<WeightStorage> = match s.encoding {
+                Encoding::None => vec![WeightStorage::Raw {
+                    dtype: s.model_dtype,
+                }],
+                _ => [s.linear_layout, s.embedding_layout]
+                    .iter()
+                    .map(|l| WeightStorage::Quantized {
+                        scheme: s.name.to_string(),
+                        layout: *l,
+                    })
+                    .collect(),
+            };
+            for st in storages {
+                let m = matrix_spec(&st, n, k, s.model_dtype).unwrap();
+                specs.push(KernelSpec::Embedding { m });
+                for phase in [Phase::Prefill, Phase::Decode] {
+                    for (bias, logits) in
+                        [(None, false), (Some(s.model_dtype), false), (None, true)]
+                    {
+                        specs.push(KernelSpec::Matmul {
+                            m,
+                            bias,
+                            phase,
+                            logits,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let bf16 = matrix_spec(
+        &WeightStorage::Raw { dtype: DType::BF16 },
+        16,
+        64,
+        DType::BF16,
+    )
+    .unwrap();
+    specs.push(KernelSpec::Matmul {
+        m: bf16,
+        bias: None,
+        phase: Phase::Decode,
+        logits: false,
+    });
+    for d in [DType::F16, DType::F32, DType::BF16] {
+        specs.push(KernelSpec::RmsNorm {
+            cols: 70,
+            weight: d,
+        });
+        specs.push(KernelSpec::LayerNorm {
+            cols: 300,
+            weight: d,
+            bias: d,
+        });
+        specs.push(KernelSpec::TokenShift {
+            hidden: 70,
+            mixes: vec![d; 3],
+        });
+        specs.push(KernelSpec::Wkv {
+            hidden: 70,
+            time_decay: DType::F32,
+            time_first: d,
+        });
+    }
+    specs.push(KernelSpec::Rotary {
+        n_q_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        rotary_dim: 64,
+    });
+    for (q, kv, hd) in [(4, 2, 64), (4, 4, 80), (32, 8, 128), (2, 1, 300)] {
+        specs.push(KernelSpec::Attention {
+            n_q_heads: q,
+            n_kv_heads: kv,
+            head_dim: hd,
+        });
+    }
+    specs.push(KernelSpec::SiluMul { cols: 704 });
+    for op in [Unary::Gelu, Unary::ReluSquare, Unary::Sigmoid, Unary::Scale] {
+        specs.push(KernelSpec::Unary { op, cols: 70 });
+    }
+    for op in [Binary::Add, Binary::Mul] {
+        specs.push(KernelSpec::Binary { op, cols: 70 });
+    }
+    specs
+}
+
+/// The PTX declares the target and a visible entry point with one parameter per argument plus
+/// meta, scalar and index.
+fn check_ptx(ptx: &str, arch: &str, entry: &str, n_params: usize, what: &str) {
+    assert!(
+        ptx.contains(&format!(".target {arch}")),
+        "{what}: no .target {arch}"
+    );
+    assert!(
+        ptx.contains(&format!(".visible .entry {entry}(")),
+        "{what}: no entry {entry}"
+    );
+    let params = ptx.matches(&format!("{entry}_param_")).count();
+    assert!(
+        params >= n_params,
+        "{what}: {params} params, want {n_params}"
+    );
+}
+
+#[test]
+fn every_variant_compiles_to_ptx() {
+    use rayon::prelude::*;
+    if !nvrtc_or_skip("every_variant_compiles_to_ptx") {
+        return;
+    }
+    // Each spec once, alternating tuning record and arch (NVRTC programs compile in parallel).
+    let specs = all_specs();
+    let count = specs
+        .par_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let tuning = tunings()[i % 2];
+            let arch = ["sm_80", "sm_90"][i % 2];
+            let k = generate("test", spec, tuning, arch).unwrap();
+            let ptx = compile(&k, arch)
+                .unwrap_or_else(|e| panic!("{spec:?} {tuning:?}:\n{e}\n{}", k.source));
+            let ptx = String::from_utf8(ptx).unwrap();
+            check_ptx(
+                &ptx,
+                arch,
+                &k.entry_point,
+                k.launch.args.len() + 3,
+                &format!("{spec:?}"),
+            );
+        })
+        .count();
+    assert!(count > 120, "{count}");
+}
+
+#[test]
+fn arguments_follow_the_documented_order() {
+    let m = matrix_spec(
+        &WeightStorage::Quantized {
+            scheme: "q4f16_1".into(),
+            layout: crate::quant::scheme::Layout::NK,
+        },
+        64,
+        64,
+        DType::F16,
+    )
+    .unwrap();
+    let spec = KernelSpec::Matmul {
+        m,
+        bias: Some(DType::F16),
+        phase: Phase::Decode,
+        logits: false,
+    };
+    let k = generate("decode:matmul[x]", &spec, tunings()[0], "sm_80").unwrap();
+    let roles: Vec<(&str, &str, Option<usize>, &str, bool)> = k
+        .launch
+        .args
+        .iter()
+        .map(|a| {
+            (
+                a.role.as_str(),
+                a.op_field.as_str(),
+                a.record,
+                a.elem.as_str(),
+                a.write,
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        vec![
+            ("activation", "input", None, "f32", false),
+            ("weight", "weight", Some(0), "u32", false),
+            ("weight", "weight", Some(1), "f16", false),
+            ("weight", "bias", Some(0), "f16", false),
+            ("activation", "out", None, "f32", true),
+        ]
+    );
+    assert_eq!(k.entry_point, entry_point(&spec));
+    assert_eq!(k.entry_point, "mlcb_matmul_gemv_nk");
+    assert_eq!(k.launch.block, [256, 1, 1]);
+    // 64 rows, 4 per block; one activation row.
+    assert_eq!(k.launch.grid[0].workgroups(1, 1), 16);
+    assert_eq!(k.launch.grid[1].workgroups(1, 1), 1);
+    assert_eq!(k.launch.arch, "sm_80");
+    assert!(k.source.contains(
+        "mlcb_matmul_gemv_nk(\n    const float* __restrict__ x,\n    const unsigned* __restrict__ w_q,\n    const unsigned short* __restrict__ w_s,\n    const unsigned short* __restrict__ bias,\n    float* __restrict__ y,\n    const unsigned* __restrict__ meta,\n    float scalar,\n    unsigned index)"
+    ), "{}", k.source);
+    // q4: one 16-byte chunk is one group of 32 codes; 2 chunks per row of 64.
+    assert!(k.source.contains("constexpr unsigned VPC = 32u;"));
+    assert!(k.source.contains("constexpr unsigned CPR = 2u;"));
+}
+
+#[test]
+fn gemv_chunks_cover_each_scheme_group() {
+    // (scheme, values per 16-byte chunk) for K = 64: q3 = 8 u16 words × 5, q4 = 4 × 8, q8 = 4 × 4.
+    for (scheme, vpc) in [
+        ("q3f16_1", 40),
+        ("q4f16_1", 32),
+        ("q4f32_1", 32),
+        ("q8f16_1", 16),
+    ] {
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let m = matrix_spec(
+            &WeightStorage::Quantized {
+                scheme: scheme.into(),
+                layout: s.linear_layout,
+            },
+            8,
+            64,
+            s.model_dtype,
+        )
+        .unwrap();
+        let spec = KernelSpec::Matmul {
+            m,
+            bias: None,
+            phase: Phase::Decode,
+            logits: false,
+        };
+        let k = generate("x", &spec, tunings()[0], "sm_80").unwrap();
+        assert!(
+            k.source
+                .contains(&format!("constexpr unsigned VPC = {vpc}u;")),
+            "{scheme}"
+        );
+        assert!(k.source.contains("reinterpret_cast<const uint4*>(w_q)"));
+    }
+}
+
+#[test]
+fn bad_tunings_are_refused() {
+    let m = matrix_spec(&WeightStorage::Raw { dtype: DType::F32 }, 8, 64, DType::F32).unwrap();
+    let spec = KernelSpec::Matmul {
+        m,
+        bias: None,
+        phase: Phase::Decode,
+        logits: false,
+    };
+    // 2 warps cannot split 64 rows evenly the other way round: fine (32 rows per warp).
+    let ok = CudaTuning {
+        threads_per_block: 64,
+        rows_per_block: 64,
+    };
+    assert!(generate("x", &spec, ok, "sm_80").is_ok());
+    let big = KernelSpec::Attention {
+        n_q_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4096,
+    };
+    let t = CudaTuning {
+        threads_per_block: 1024,
+        rows_per_block: 1,
+    };
+    let e = generate("a", &big, t, "sm_80").unwrap_err();
+    assert!(e.to_string().contains("shared memory"), "{e}");
+    assert!(super::arch_str("sm_70").is_err());
+}
+
+#[test]
+fn ptx_is_deterministic_and_nvrtc_is_versioned() {
+    if !nvrtc_or_skip("ptx_is_deterministic_and_nvrtc_is_versioned") {
+        return;
+    }
+    let n = nvrtc::nvrtc().unwrap();
+    assert!(n.major >= 12, "{n:?}");
+    let spec = KernelSpec::Attention {
+        n_q_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
+    let k = generate("a", &spec, tunings()[0], "sm_90").unwrap();
+    assert_eq!(compile(&k, "sm_90").unwrap(), compile(&k, "sm_90").unwrap());
+}
+
+#[test]
+fn compile_errors_name_the_kernel_and_carry_the_log() {
+    if !nvrtc_or_skip("compile_errors_name_the_kernel_and_carry_the_log") {
+        return;
+    }
+    let e = nvrtc::compile(
+        "decode:broken[1]",
+        "extern \"C\" __global__ void f() { int x = ; }",
+        "sm_80",
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("decode:broken[1]") && msg.contains("sm_80"),
+        "{msg}"
+    );
+    assert!(msg.contains("error"), "NVRTC's log: {msg}");
+}

@@ -1,0 +1,263 @@
+//! Binding a plan's steps to the library's CUDA kernels: each op finds the kernel of its
+//! phase-prefixed signature and every kernel argument (as the launch JSON lists it) resolves to a
+//! buffer, a weight record or a state part. Everything is checked here, once, so running a step
+//! only looks up pointers.
+
+use crate::codegen::cuda::launch::CudaLaunch;
+use crate::codegen::signature::op_signature;
+use crate::formats::model_lib::plan::{BufId, Op, Plan, ShiftSlot, StateDecl, StateId, WeightId};
+use anyhow::Result;
+use std::collections::HashMap;
+
+/// What one kernel argument points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgRef {
+    Buffer(BufId),
+    Weight(WeightId, usize),
+    KvK(StateId),
+    KvV(StateId),
+    Rwkv(StateId),
+    Tokens,
+}
+
+/// One op, ready to launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Index into the model's kernel table.
+    pub kernel: usize,
+    pub args: Vec<ArgRef>,
+    pub scalar: f32,
+    pub index: u32,
+    /// Logits ops take the logits row range (`rows`, `row0`) from the second half of meta.
+    pub logits: bool,
+}
+
+/// An op field.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Buf(BufId),
+    Weight(WeightId),
+    State(StateId),
+}
+
+fn field(op: &Op, name: &str) -> Option<Field> {
+    use Field::*;
+    let indexed = |prefix: &str| -> Option<usize> {
+        name.strip_prefix(prefix)?.strip_suffix(']')?.parse().ok()
+    };
+    Some(match (op, name) {
+        (Op::Embedding { weight, .. }, "weight") => Weight(*weight),
+        (Op::Embedding { out, .. }, "out") => Buf(*out),
+        (Op::RmsNorm { input, .. }, "input") => Buf(*input),
+        (Op::RmsNorm { weight, .. }, "weight") => Weight(*weight),
+        (Op::RmsNorm { out, .. }, "out") => Buf(*out),
+        (Op::LayerNorm { input, .. }, "input") => Buf(*input),
+        (Op::LayerNorm { weight, .. }, "weight") => Weight(*weight),
+        (Op::LayerNorm { bias, .. }, "bias") => Weight(*bias),
+        (Op::LayerNorm { out, .. }, "out") => Buf(*out),
+        (Op::Matmul { input, .. }, "input") => Buf(*input),
+        (Op::Matmul { weight, .. }, "weight") => Weight(*weight),
+        (Op::Matmul { bias: Some(b), .. }, "bias") => Weight(*b),
+        (Op::Matmul { out, .. }, "out") => Buf(*out),
+        (Op::Rotary { qkv, .. }, "qkv") => Buf(*qkv),
+        (Op::Attention { qkv, .. }, "qkv") => Buf(*qkv),
+        (Op::Attention { state, .. }, "state") => State(*state),
+        (Op::Attention { out, .. }, "out") => Buf(*out),
+        (Op::SiluMul { input, .. }, "input") => Buf(*input),
+        (Op::SiluMul { out, .. }, "out") => Buf(*out),
+        (
+            Op::Gelu { buf } | Op::ReluSquare { buf } | Op::Sigmoid { buf } | Op::Scale { buf, .. },
+            "buf",
+        ) => Buf(*buf),
+        (Op::Add { a, .. } | Op::Mul { a, .. }, "a") => Buf(*a),
+        (Op::Add { b, .. } | Op::Mul { b, .. }, "b") => Buf(*b),
+        (Op::Add { out, .. } | Op::Mul { out, .. }, "out") => Buf(*out),
+        (Op::RwkvTokenShift { input, .. }, "input") => Buf(*input),
+        (Op::RwkvTokenShift { state, .. }, "state") => State(*state),
+        (Op::RwkvTokenShift { mixes, .. }, _) if indexed("mixes[").is_some() => {
+            Weight(*mixes.get(indexed("mixes[")?)?)
+        }
+        (Op::RwkvTokenShift { outs, .. }, _) if indexed("outs[").is_some() => {
+            Buf(*outs.get(indexed("outs[")?)?)
+        }
+        (Op::RwkvWkv { k, .. }, "k") => Buf(*k),
+        (Op::RwkvWkv { v, .. }, "v") => Buf(*v),
+        (Op::RwkvWkv { state, .. }, "state") => State(*state),
+        (Op::RwkvWkv { time_decay, .. }, "time_decay") => Weight(*time_decay),
+        (Op::RwkvWkv { time_first, .. }, "time_first") => Weight(*time_first),
+        (Op::RwkvWkv { out, .. }, "out") => Buf(*out),
+        (Op::Logits { input, .. }, "input") => Buf(*input),
+        (Op::Logits { weight, .. }, "weight") => Weight(*weight),
+        _ => return None,
+    })
+}
+
+fn scalar(op: &Op, name: &str) -> Option<f32> {
+    match (op, name) {
+        (Op::RmsNorm { eps, .. } | Op::LayerNorm { eps, .. }, "eps") => Some(*eps),
+        (Op::Rotary { theta, .. }, "theta") => Some(*theta),
+        (Op::Scale { factor, .. }, "factor") => Some(*factor),
+        _ => None,
+    }
+}
+
+/// Bind one op to its kernel (`kernels`: signature → (index, launch)).
+pub fn bind(
+    plan: &Plan,
+    op: &Op,
+    phase: &str,
+    kernels: &HashMap<String, (usize, CudaLaunch)>,
+    target: &str,
+) -> Result<Step> {
+    let sig = format!("{phase}:{}", op_signature(plan, op));
+    let (kernel, launch) = kernels.get(&sig).ok_or_else(|| {
+        crate::error::user(format!(
+            "the model library (target {target}) has no CUDA kernel for {sig}; rebuild it with `--target cuda`"
+        ))
+    })?;
+    let bad = |what: String| {
+        crate::error::user(format!(
+            "kernel {sig}: {what}; the library is corrupt, rebuild it"
+        ))
+    };
+    let mut args = Vec::with_capacity(launch.args.len());
+    for a in &launch.args {
+        let r = match a.role.as_str() {
+            "tokens" => ArgRef::Tokens,
+            "logits" => ArgRef::Buffer(plan.logits),
+            "activation" => match field(op, &a.op_field) {
+                Some(Field::Buf(b)) if b < plan.buffers.len() => ArgRef::Buffer(b),
+                _ => {
+                    return Err(bad(format!(
+                        "argument {} names no buffer of the op",
+                        a.name
+                    )))
+                }
+            },
+            "weight" => match (field(op, &a.op_field), a.record) {
+                (Some(Field::Weight(w)), Some(r))
+                    if w < plan.weights.len() && r < plan.weights[w].records.len() =>
+                {
+                    ArgRef::Weight(w, r)
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "argument {} names no weight record of the op",
+                        a.name
+                    )))
+                }
+            },
+            "state" => {
+                let Some(Field::State(s)) = field(op, &a.op_field) else {
+                    return Err(bad(format!("argument {} names no state of the op", a.name)));
+                };
+                match (plan.states.get(s), a.part.as_deref()) {
+                    (Some(StateDecl::KvCache { .. }), Some("k")) => ArgRef::KvK(s),
+                    (Some(StateDecl::KvCache { .. }), Some("v")) => ArgRef::KvV(s),
+                    (Some(StateDecl::Rwkv { .. }), Some("rwkv")) => ArgRef::Rwkv(s),
+                    _ => return Err(bad(format!("argument {} does not match state {s}", a.name))),
+                }
+            }
+            other => return Err(bad(format!("unknown argument role {other}"))),
+        };
+        args.push(r);
+    }
+    let scalar = match &launch.params.scalar {
+        Some(name) => {
+            scalar(op, name).ok_or_else(|| bad(format!("the op has no scalar {name}")))?
+        }
+        None => 0.0,
+    };
+    let index = match (&launch.params.index, op) {
+        (Some(_), Op::RwkvTokenShift { slot, .. }) => match slot {
+            ShiftSlot::Attention => 0,
+            ShiftSlot::FeedForward => 4,
+        },
+        (Some(_), _) => return Err(bad("an index parameter on an op without one".into())),
+        (None, _) => 0,
+    };
+    Ok(Step {
+        kernel: *kernel,
+        args,
+        scalar,
+        index,
+        logits: matches!(op, Op::Logits { .. }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codegen::cuda::generate_plan;
+    use crate::runtime::artifact::tests::tiny_plan;
+
+    /// The tiny plan's kernels, bound without a GPU: every argument resolves to the op's own
+    /// buffers and weights in the documented order.
+    #[test]
+    fn every_step_of_a_plan_binds() {
+        let plan = tiny_plan();
+        let records = crate::codegen::signature::plan_signatures(&plan)
+            .into_iter()
+            .map(|s| {
+                (
+                    s,
+                    serde_json::json!({"threads_per_block": 64, "rows_per_block": 2}),
+                )
+            })
+            .collect();
+        let kernels: HashMap<String, (usize, CudaLaunch)> = generate_plan(&plan, &records, "sm_80")
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k.signature, (i, k.launch)))
+            .collect();
+        for (phase, ops) in [("prefill", &plan.prefill), ("decode", &plan.decode)] {
+            for op in ops.iter() {
+                let step = bind(&plan, op, phase, &kernels, "cuda").unwrap();
+                match op {
+                    Op::Embedding { weight, out } => {
+                        assert_eq!(
+                            step.args,
+                            vec![
+                                ArgRef::Tokens,
+                                ArgRef::Weight(*weight, 0),
+                                ArgRef::Buffer(*out)
+                            ]
+                        )
+                    }
+                    Op::RmsNorm {
+                        input,
+                        weight,
+                        eps,
+                        out,
+                    } => {
+                        assert_eq!(
+                            step.args,
+                            vec![
+                                ArgRef::Buffer(*input),
+                                ArgRef::Weight(*weight, 0),
+                                ArgRef::Buffer(*out)
+                            ]
+                        );
+                        assert_eq!(step.scalar, *eps);
+                    }
+                    Op::Logits { input, weight } => {
+                        assert!(step.logits);
+                        assert_eq!(
+                            step.args,
+                            vec![
+                                ArgRef::Buffer(*input),
+                                ArgRef::Weight(*weight, 0),
+                                ArgRef::Buffer(plan.logits)
+                            ]
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // A library without the kernel names the target to rebuild for.
+        let e = bind(&plan, &plan.decode[0], "decode", &HashMap::new(), "cpu").unwrap_err();
+        assert!(e.to_string().contains("--target cuda"), "{e}");
+    }
+}

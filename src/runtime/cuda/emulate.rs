@@ -1,0 +1,611 @@
+//! Tests without a GPU: the generated CUDA C, compiled by the host C++ compiler against a small
+//! emulation of the CUDA execution model (one host thread per CUDA thread, `std::barrier` for
+//! `__syncthreads` and for warp-synchronous shuffles and `mma.sync`, blocks run one after
+//! another), driven by the same step binding ([`super::bind`]) and launch descriptions the GPU
+//! runtime uses, and compared with the CPU executor on fixture plans and on quantized matrices
+//! of every scheme.
+//!
+//! What it checks: kernel indexing, dequantization, reductions, the attention/KV-cache logic,
+//! argument order, grids derived from the launch JSON, the meta convention. What it cannot check:
+//! the real hardware (the `mma` fragment layout is emulated from the PTX ISA's description, and
+//! the f16/tf32 conversions are host code), memory-model races, and performance. Tests skip when
+//! `g++` (C++20) is missing.
+
+use super::bind::{bind, ArgRef, Step};
+use crate::codegen::cuda::launch::CudaLaunch;
+use crate::codegen::cuda::{generate_plan, CudaKernel};
+use crate::formats::model_lib::plan::{Plan, StateDecl};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::Path;
+
+const EMU_HEADER: &str = r#"
+#define MLCB_EMULATE 1
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <barrier>
+#include <vector>
+#include <memory>
+#include <functional>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(x)
+#define __shared__ static
+struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
+struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+// Internal linkage: `inline` variables would be GNU-unique symbols, shared by every emulator
+// library loaded into the process.
+namespace emu {
+static thread_local emu_dim3 tid, bid;
+static emu_dim3 bdim, gdim;
+static std::barrier<>* block_bar = nullptr;
+static std::vector<std::barrier<>*> warp_bars;
+static float shfl[32][32];
+static unsigned mma_a[32][32][4], mma_b[32][32][2];
+}
+#define threadIdx (emu::tid)
+#define blockIdx (emu::bid)
+#define blockDim (emu::bdim)
+#define gridDim (emu::gdim)
+inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
+    emu::shfl[w][l] = v;
+    emu::warp_bars[w]->arrive_and_wait();
+    const float r = emu::shfl[w][l ^ (unsigned)o];
+    emu::warp_bars[w]->arrive_and_wait();
+    return r;
+}
+inline float h2f(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
+inline float f16_round(float v) { return (float)(_Float16)v; }
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
+inline unsigned to_tf32(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+// mma.sync.m16n8k8 .tf32, fragments as the PTX ISA lays them out (g = lane/4, c = lane%4):
+// A a_i at (g + 8(i%2), c + 4(i/2)); B b_i at (k = c + 4i, n = g); C c_i at (g + 8(i/2), 2c + i%2).
+inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
+    for (int i = 0; i < 4; ++i) emu::mma_a[w][l][i] = a[i];
+    emu::mma_b[w][l][0] = b[0]; emu::mma_b[w][l][1] = b[1];
+    emu::warp_bars[w]->arrive_and_wait();
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = l / 4 + 8 * (i / 2), col = 2 * (l % 4) + i % 2;
+        float acc = c[i];
+        for (unsigned k = 0; k < 8; ++k) {
+            const float av = __uint_as_float(emu::mma_a[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]);
+            const float bv = __uint_as_float(emu::mma_b[w][col * 4 + k % 4][k / 4]);
+            acc += av * bv;
+        }
+        c[i] = acc;
+    }
+    emu::warp_bars[w]->arrive_and_wait();
+}
+namespace emu {
+static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, const std::function<void()>& k) {
+    bdim = {bx, 1, 1};
+    gdim = {gx, gy, gz};
+    std::barrier<> bb(bx);
+    block_bar = &bb;
+    std::vector<std::unique_ptr<std::barrier<>>> wb;
+    warp_bars.clear();
+    for (unsigned w = 0; w < bx / 32; ++w) {
+        wb.emplace_back(new std::barrier<>(32));
+        warp_bars.push_back(wb.back().get());
+    }
+    std::vector<std::thread> ts;
+    for (unsigned i = 0; i < bx; ++i)
+        ts.emplace_back([&, i] {
+            tid = {i, 0, 0};
+            for (unsigned z = 0; z < gz; ++z)
+                for (unsigned y = 0; y < gy; ++y)
+                    for (unsigned x = 0; x < gx; ++x) {
+                        bid = {x, y, z};
+                        k();
+                        bb.arrive_and_wait();
+                    }
+        });
+    for (auto& t : ts) t.join();
+}
+}
+"#;
+
+type LaunchFn = unsafe extern "C" fn(*mut *mut c_void, f32, u32, u32, u32, u32, u32);
+
+/// A plan's kernels compiled for the host.
+pub struct EmuKernels {
+    _dir: tempfile::TempDir,
+    launches: Vec<LaunchFn>,
+    pub kernels: Vec<CudaKernel>,
+}
+
+fn c_type(elem: &str, write: bool) -> String {
+    let t = match elem {
+        "f32" => "float",
+        "u32" => "unsigned",
+        _ => "unsigned short",
+    };
+    format!("{}{t}*", if write { "" } else { "const " })
+}
+
+/// Whether a C++20 host compiler is available.
+pub fn have_cxx() -> bool {
+    std::process::Command::new("g++")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl EmuKernels {
+    pub fn compile(kernels: Vec<CudaKernel>) -> EmuKernels {
+        let mut src = String::from(EMU_HEADER);
+        for (i, k) in kernels.iter().enumerate() {
+            src.push_str(&format!(
+                "namespace k{i} {{\n{}\n}}\n",
+                k.source.replace("extern \"C\" __global__", "__global__")
+            ));
+            let n = k.launch.args.len();
+            let args: Vec<String> = k
+                .launch
+                .args
+                .iter()
+                .enumerate()
+                .map(|(j, a)| format!("({})p[{j}]", c_type(&a.elem, a.write)))
+                .collect();
+            src.push_str(&format!(
+                "extern \"C\" void emu_launch_{i}(void** p, float scalar, unsigned index, unsigned gx, unsigned gy, unsigned gz, unsigned bx) {{\n    emu::run(gx, gy, gz, bx, [&] {{ k{i}::{}({}, (const unsigned*)p[{n}], scalar, index); }});\n}}\n",
+                k.entry_point,
+                args.join(", ")
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cpp = dir.path().join("kernels.cpp");
+        let so = dir.path().join("kernels.so");
+        std::fs::write(&cpp, &src).unwrap();
+        let out = std::process::Command::new("g++")
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-shared",
+                "-fPIC",
+                "-fno-strict-aliasing",
+                "-w",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&so)
+            .arg(&cpp)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "g++ failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let launches = load(&so, kernels.len());
+        EmuKernels {
+            _dir: dir,
+            launches,
+            kernels,
+        }
+    }
+}
+
+fn load(so: &Path, n: usize) -> Vec<LaunchFn> {
+    let c = std::ffi::CString::new(so.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a shared library this test just compiled; the handle is leaked on purpose.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen of the emulated kernels failed");
+    (0..n)
+        .map(|i| {
+            let name = std::ffi::CString::new(format!("emu_launch_{i}")).unwrap();
+            // SAFETY: the symbol has the LaunchFn signature (generated above).
+            unsafe {
+                let s = libc::dlsym(h, name.as_ptr());
+                assert!(!s.is_null());
+                std::mem::transmute::<*mut c_void, LaunchFn>(s)
+            }
+        })
+        .collect()
+}
+
+/// Host memory with 16-byte alignment (the kernels' vector loads need it, as on the GPU).
+struct Mem(Vec<u128>);
+
+impl Mem {
+    fn zeroed(bytes: usize) -> Mem {
+        Mem(vec![0u128; bytes.div_ceil(16).max(1)])
+    }
+    fn from_bytes(b: &[u8]) -> Mem {
+        let mut m = Mem::zeroed(b.len());
+        bytemuck::cast_slice_mut::<u128, u8>(&mut m.0)[..b.len()].copy_from_slice(b);
+        m
+    }
+    fn ptr(&mut self) -> *mut c_void {
+        self.0.as_mut_ptr() as *mut c_void
+    }
+    fn f32s(&self, n: usize) -> Vec<f32> {
+        bytemuck::cast_slice::<u128, f32>(&self.0)[..n].to_vec()
+    }
+}
+
+/// The GPU runtime's session logic on emulated kernels.
+pub struct EmuSession<'k> {
+    plan: Plan,
+    k: &'k EmuKernels,
+    prefill: Vec<Step>,
+    decode: Vec<Step>,
+    weights: Vec<Vec<Mem>>,
+    kv: Vec<(Mem, Mem)>,
+    rwkv: Vec<Mem>,
+    pos: usize,
+}
+
+impl<'k> EmuSession<'k> {
+    pub fn new(plan: &Plan, k: &'k EmuKernels, records: &[Vec<Vec<u8>>]) -> EmuSession<'k> {
+        let table: HashMap<String, (usize, CudaLaunch)> = k
+            .kernels
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.signature.clone(), (i, k.launch.clone())))
+            .collect();
+        let steps = |ops: &[crate::formats::model_lib::plan::Op], phase: &str| {
+            ops.iter()
+                .map(|op| bind(plan, op, phase, &table, "cuda").unwrap())
+                .collect::<Vec<_>>()
+        };
+        let s = plan.max_seq_len;
+        let mut kv = Vec::new();
+        let mut rwkv = Vec::new();
+        for st in &plan.states {
+            match *st {
+                StateDecl::KvCache {
+                    n_kv_heads,
+                    head_dim,
+                    ..
+                } => {
+                    kv.push((
+                        Mem::zeroed(s * n_kv_heads * head_dim * 4),
+                        Mem::zeroed(s * n_kv_heads * head_dim * 4),
+                    ));
+                    rwkv.push(Mem::zeroed(16));
+                }
+                StateDecl::Rwkv { hidden, .. } => {
+                    let mut init = vec![0f32; 5 * hidden];
+                    init[3 * hidden..4 * hidden].fill(-1e38);
+                    rwkv.push(Mem::from_bytes(bytemuck::cast_slice(&init)));
+                    kv.push((Mem::zeroed(16), Mem::zeroed(16)));
+                }
+            }
+        }
+        EmuSession {
+            plan: plan.clone(),
+            k,
+            prefill: steps(&plan.prefill, "prefill"),
+            decode: steps(&plan.decode, "decode"),
+            weights: records
+                .iter()
+                .map(|w| w.iter().map(|r| Mem::from_bytes(r)).collect())
+                .collect(),
+            kv,
+            rwkv,
+            pos: 0,
+        }
+    }
+
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Vec<f32> {
+        // One emulated launch at a time in the process (each spawns a block's worth of threads).
+        static RUNNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tokens.len();
+        let rows = if all_logits { t } else { 1 };
+        let mut bufs: Vec<Mem> = self
+            .plan
+            .buffers
+            .iter()
+            .map(|d| Mem::zeroed(t * d.cols * 4))
+            .collect();
+        let mut toks = Mem::from_bytes(bytemuck::cast_slice(tokens));
+        let meta: [u32; 8] = [
+            t as u32,
+            self.pos as u32,
+            t as u32,
+            0,
+            t as u32,
+            self.pos as u32,
+            rows as u32,
+            (t - rows) as u32,
+        ];
+        let mut meta = Mem::from_bytes(bytemuck::cast_slice(&meta));
+        let steps = if t > 1 { &self.prefill } else { &self.decode };
+        for step in steps {
+            let k = &self.k.kernels[step.kernel];
+            let r = if step.logits { rows } else { t } as u64;
+            let g: Vec<u64> = k
+                .launch
+                .grid
+                .iter()
+                .map(|d| d.workgroups(t as u64, r))
+                .collect();
+            let mut ptrs: Vec<*mut c_void> = step
+                .args
+                .iter()
+                .map(|a| match *a {
+                    ArgRef::Buffer(b) => bufs[b].ptr(),
+                    ArgRef::Weight(w, i) => self.weights[w][i].ptr(),
+                    ArgRef::Tokens => toks.ptr(),
+                    ArgRef::KvK(s) => self.kv[s].0.ptr(),
+                    ArgRef::KvV(s) => self.kv[s].1.ptr(),
+                    ArgRef::Rwkv(s) => self.rwkv[s].ptr(),
+                })
+                .collect();
+            // SAFETY: meta holds 8 u32; the logits half starts at 16 bytes.
+            ptrs.push(
+                unsafe { (meta.ptr() as *mut u8).add(if step.logits { 16 } else { 0 }) }
+                    as *mut c_void,
+            );
+            if g.contains(&0) {
+                continue;
+            }
+            // SAFETY: the generated wrapper casts each pointer to the kernel's parameter type;
+            // every buffer has the size the plan declares for `t` rows.
+            unsafe {
+                (self.k.launches[step.kernel])(
+                    ptrs.as_mut_ptr(),
+                    step.scalar,
+                    step.index,
+                    g[0] as u32,
+                    g[1] as u32,
+                    g[2] as u32,
+                    k.launch.block[0],
+                )
+            };
+        }
+        self.pos += t;
+        bufs[self.plan.logits].f32s(rows * self.plan.vocab_size)
+    }
+}
+
+/// Tuning records the tune stage gives the cuda preset, for every signature of a plan.
+fn records(
+    plan: &Plan,
+    tpb: u32,
+    rpb: u32,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    crate::codegen::signature::plan_signatures(plan)
+        .into_iter()
+        .map(|s| {
+            (
+                s,
+                serde_json::json!({"threads_per_block": tpb, "rows_per_block": rpb}),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::dtype::DType;
+    use crate::formats::model_lib::plan::{
+        BufferDecl, Op, WeightDecl, WeightStorage, PLAN_FORMAT_VERSION,
+    };
+    use crate::model::testing::{build, open_weights, read_config, rel_err};
+    use crate::runtime::cpu::kernels::WeightView;
+    use crate::runtime::cpu::CpuModel;
+
+    fn cxx_or_skip(test: &str) -> bool {
+        if have_cxx() {
+            return true;
+        }
+        eprintln!("SKIP {test}: no g++ to compile the emulated CUDA kernels");
+        false
+    }
+
+    /// CPU logits: one prefill with every position (the exact kernels).
+    fn cpu_logits(plan: &Plan, records: &[Vec<Vec<u8>>], ids: &[u32]) -> Vec<f32> {
+        let recs: Vec<Vec<&[u8]>> = records
+            .iter()
+            .map(|w| w.iter().map(|r| r.as_slice()).collect())
+            .collect();
+        let views: Vec<WeightView> = plan
+            .weights
+            .iter()
+            .zip(&recs)
+            .map(|(d, r)| WeightView {
+                storage: &d.storage,
+                shape: &d.shape,
+                records: r,
+                model_dtype: plan.model_dtype,
+            })
+            .collect();
+        let model = CpuModel::new(plan, views).unwrap();
+        let mut s = model.session();
+        s.forward(ids, true).unwrap()
+    }
+
+    /// Emulated GPU: one prefill with every logit, then the first `n_decode` ids one per call
+    /// (decode), each against the CPU's prefill logits.
+    fn check_plan(
+        plan: &Plan,
+        records: &[Vec<Vec<u8>>],
+        ids: &[u32],
+        n_decode: usize,
+        tunings: &[(u32, u32)],
+        tol: f64,
+        what: &str,
+    ) {
+        let want = cpu_logits(plan, records, ids);
+        let v = plan.vocab_size;
+        for &(tpb, rpb) in tunings {
+            let k = EmuKernels::compile(
+                generate_plan(plan, &records_for(plan, tpb, rpb), "sm_80").unwrap(),
+            );
+            let mut s = EmuSession::new(plan, &k, records);
+            let pre = s.forward(ids, true);
+            let e = rel_err(&pre, &want);
+            assert!(e < tol, "{what} ({tpb}/{rpb}) prefill: rel err {e:e}");
+            let mut s = EmuSession::new(plan, &k, records);
+            let mut dec = Vec::new();
+            for id in &ids[..n_decode] {
+                dec.extend(s.forward(&[*id], false));
+            }
+            let e2 = rel_err(&dec, &want[..n_decode * v]);
+            assert!(e2 < tol, "{what} ({tpb}/{rpb}) decode: rel err {e2:e}");
+            // A prefill continuing a session, last position only.
+            let last = s.forward(&ids[n_decode..], false);
+            let e3 = rel_err(&last, &want[(ids.len() - 1) * v..]);
+            assert!(
+                e3 < tol,
+                "{what} ({tpb}/{rpb}) prefill after decode: rel err {e3:e}"
+            );
+            eprintln!("{what} ({tpb}/{rpb}): rel err prefill {e:.2e}, decode {e2:.2e}, continued prefill {e3:.2e}");
+        }
+    }
+
+    fn records_for(
+        plan: &Plan,
+        tpb: u32,
+        rpb: u32,
+    ) -> std::collections::BTreeMap<String, serde_json::Value> {
+        records(plan, tpb, rpb)
+    }
+
+    #[test]
+    fn fixture_plans_match_the_cpu() {
+        if !cxx_or_skip("fixture_plans_match_the_cpu") {
+            return;
+        }
+        for (fx, arch) in [
+            ("tiny-llama", "llama"),
+            ("tiny-neox", "gpt_neox"),
+            ("tiny-rwkv", "rwkv"),
+        ] {
+            let a = crate::model::by_name(arch).unwrap_or_else(|| panic!("architecture {arch}"));
+            let config = a.parse_config(&read_config(fx)).unwrap();
+            let w = open_weights(fx);
+            let built = build(a, &config, &[w.as_ref()], "q0f32", 80);
+            let records: Vec<Vec<Vec<u8>>> = built.records.clone();
+            let ids: Vec<u32> = (0..20u32)
+                .map(|i| (i * 37 + 5) % built.plan.vocab_size as u32)
+                .collect();
+            check_plan(&built.plan, &records, &ids, 8, &[(128, 4)], 1e-4, fx);
+        }
+    }
+
+    /// embedding → matmul (+bias) → logits, every matrix quantized with `scheme`.
+    fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let (v, h, n) = (40usize, 70usize, 37usize);
+        let rnd = |len: usize, seed: u32| -> Vec<f32> {
+            let mut x = seed.wrapping_mul(2654435761) | 1;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        use crate::quant::scheme::TensorRole;
+        let mut weights = Vec::new();
+        let mut records = Vec::new();
+        for (name, shape, role, seed) in [
+            ("embed.weight", vec![v, h], TensorRole::Embedding, 1),
+            ("proj.weight", vec![n, h], TensorRole::Linear, 2),
+            ("proj.bias", vec![n], TensorRole::Raw, 3),
+            ("head.weight", vec![v, n], TensorRole::LmHead, 4),
+        ] {
+            let numel = shape.iter().product();
+            let enc =
+                crate::quant::quantize_param(s, role, name, &shape, &rnd(numel, seed)).unwrap();
+            let storage = match s.layout_for(role) {
+                Some(layout) => WeightStorage::Quantized {
+                    scheme: scheme.into(),
+                    layout,
+                },
+                None => WeightStorage::Raw {
+                    dtype: enc[0].dtype,
+                },
+            };
+            weights.push(WeightDecl {
+                name: name.into(),
+                shape,
+                storage,
+                records: enc.iter().map(|r| r.name.clone()).collect(),
+            });
+            records.push(enc.into_iter().map(|r| r.bytes).collect());
+        }
+        let ops = vec![
+            Op::Embedding { weight: 0, out: 0 },
+            Op::Matmul {
+                input: 0,
+                weight: 1,
+                bias: Some(2),
+                out: 1,
+            },
+            Op::Logits {
+                input: 1,
+                weight: 3,
+            },
+        ];
+        let plan = Plan {
+            format_version: PLAN_FORMAT_VERSION,
+            arch: "test".into(),
+            quantization: scheme.into(),
+            model_dtype: s.model_dtype,
+            vocab_size: v,
+            hidden_size: h,
+            max_seq_len: 80,
+            stop_tokens: vec![0],
+            weights,
+            buffers: vec![
+                BufferDecl {
+                    name: "h".into(),
+                    cols: h,
+                },
+                BufferDecl {
+                    name: "y".into(),
+                    cols: n,
+                },
+                BufferDecl {
+                    name: "logits".into(),
+                    cols: v,
+                },
+            ],
+            states: vec![],
+            prefill: ops.clone(),
+            decode: ops,
+            logits: 2,
+        };
+        (plan, records)
+    }
+
+    #[test]
+    fn quantized_matrices_of_every_scheme_match_the_cpu() {
+        if !cxx_or_skip("quantized_matrices_of_every_scheme_match_the_cpu") {
+            return;
+        }
+        for s in crate::quant::scheme::SCHEMES {
+            let (plan, records) = quant_plan(s.name);
+            // 67 rows: two 64-row GEMM tiles, the second ragged.
+            let ids: Vec<u32> = (0..67u32).map(|i| (i * 7 + 3) % 40).collect();
+            let tunings: &[(u32, u32)] = if s.name.ends_with("_1") {
+                &[(128, 4), (64, 8)]
+            } else {
+                &[(128, 4)]
+            };
+            check_plan(&plan, &records, &ids, 3, tunings, 1e-5, s.name);
+        }
+        let _ = DType::F32;
+    }
+}
