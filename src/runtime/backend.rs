@@ -245,14 +245,16 @@ mod tests {
         assert_eq!(resolve_device(&a, Some("cuda")).unwrap(), Device::Cuda);
         let e = resolve_device(&a, Some("tpu")).unwrap_err();
         assert_eq!(class_of(&e), ErrorClass::User);
-        assert!(e.to_string().contains("runs: cpu, cuda"), "{e}");
+        assert!(e.to_string().contains("runs: cpu, wgpu, cuda"), "{e}");
         a.library.header.target.backend = "wgpu".into();
         assert_eq!(resolve_device(&a, None).unwrap(), Device::Wgpu);
         assert_eq!(resolve_device(&a, Some("cpu")).unwrap(), Device::Cpu);
         a.library.header.target.backend = "cuda".into();
+        assert_eq!(resolve_device(&a, None).unwrap(), Device::Cuda);
+        a.library.header.target.backend = "tpu".into();
         let e = resolve_device(&a, None).unwrap_err();
         assert_eq!(class_of(&e), ErrorClass::User);
-        assert!(e.to_string().contains("--device cpu"), "{e}");
+        assert!(e.to_string().contains("unknown device"), "{e}");
         // A CPU library has no kernels for the GPU; --adapter needs the wgpu device.
         let e = with_session(&a, Device::Wgpu, None, |_| Ok(())).unwrap_err();
         assert_eq!(class_of(&e), ErrorClass::User);
