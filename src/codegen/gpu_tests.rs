@@ -32,7 +32,9 @@ fn tunings() -> Vec<Tuning> {
     ]
 }
 
-fn all_specs() -> Vec<KernelSpec> {
+/// Every kernel spec family over every scheme and layout, at regular and ragged shapes; the CUDA
+/// tests use it too.
+pub(super) fn all_specs() -> Vec<KernelSpec> {
     let mut specs = Vec::new();
     // K = 70: not a multiple of any group (ragged last group) nor of 2 (odd f16 pairs per row).
     for (n, k) in [(64usize, 64usize), (37, 70)] {

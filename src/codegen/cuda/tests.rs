@@ -4,10 +4,9 @@
 
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
-use crate::codegen::wgsl::spec::{matrix_spec, Binary, KernelSpec, Phase, Unary};
+use crate::codegen::wgsl::spec::{matrix_spec, KernelSpec, Phase};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
-use crate::quant::scheme::{Encoding, SCHEMES};
 
 fn tunings() -> Vec<CudaTuning> {
     vec![
@@ -32,41 +31,10 @@ fn nvrtc_or_skip(test: &str) -> bool {
     }
 }
 
+/// The WGSL tests' specs (every family, scheme, layout, ragged K) plus a raw bf16 matrix, which
+/// only the CUDA kernels read.
 fn all_specs() -> Vec<KernelSpec> {
-    let mut specs = Vec::new();
-    // K = 70: not a multiple of any group (ragged last group) nor of 8 (no 16-byte raw chunks).
-    for (n, k) in [(64usize, 64usize), (37, 70)] {
-        for s in SCHEMES {
-            let storages: Vec<WeightStorage> = match s.encoding {
-                Encoding::None => vec![WeightStorage::Raw {
-                    dtype: s.model_dtype,
-                }],
-                _ => [s.linear_layout, s.embedding_layout]
-                    .iter()
-                    .map(|l| WeightStorage::Quantized {
-                        scheme: s.name.to_string(),
-                        layout: *l,
-                    })
-                    .collect(),
-            };
-            for st in storages {
-                let m = matrix_spec(&st, n, k, s.model_dtype).unwrap();
-                specs.push(KernelSpec::Embedding { m });
-                for phase in [Phase::Prefill, Phase::Decode] {
-                    for (bias, logits) in
-                        [(None, false), (Some(s.model_dtype), false), (None, true)]
-                    {
-                        specs.push(KernelSpec::Matmul {
-                            m,
-                            bias,
-                            phase,
-                            logits,
-                        });
-                    }
-                }
-            }
-        }
-    }
+    let mut specs = crate::codegen::gpu_tests::all_specs();
     let bf16 = matrix_spec(
         &WeightStorage::Raw { dtype: DType::BF16 },
         16,
@@ -80,46 +48,6 @@ fn all_specs() -> Vec<KernelSpec> {
         phase: Phase::Decode,
         logits: false,
     });
-    for d in [DType::F16, DType::F32, DType::BF16] {
-        specs.push(KernelSpec::RmsNorm {
-            cols: 70,
-            weight: d,
-        });
-        specs.push(KernelSpec::LayerNorm {
-            cols: 300,
-            weight: d,
-            bias: d,
-        });
-        specs.push(KernelSpec::TokenShift {
-            hidden: 70,
-            mixes: vec![d; 3],
-        });
-        specs.push(KernelSpec::Wkv {
-            hidden: 70,
-            time_decay: DType::F32,
-            time_first: d,
-        });
-    }
-    specs.push(KernelSpec::Rotary {
-        n_q_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 64,
-        rotary_dim: 64,
-    });
-    for (q, kv, hd) in [(4, 2, 64), (4, 4, 80), (32, 8, 128), (2, 1, 300)] {
-        specs.push(KernelSpec::Attention {
-            n_q_heads: q,
-            n_kv_heads: kv,
-            head_dim: hd,
-        });
-    }
-    specs.push(KernelSpec::SiluMul { cols: 704 });
-    for op in [Unary::Gelu, Unary::ReluSquare, Unary::Sigmoid, Unary::Scale] {
-        specs.push(KernelSpec::Unary { op, cols: 70 });
-    }
-    for op in [Binary::Add, Binary::Mul] {
-        specs.push(KernelSpec::Binary { op, cols: 70 });
-    }
     specs
 }
 
