@@ -228,6 +228,72 @@ fn cache_hits_target_change_chat_change_and_use_cache_0() {
     }
 }
 
+/// `quantization_scales` is a quantize-key input for symmetric schemes only: switching to
+/// build.py's absmax rule requantizes (and relinks) with different bits; `explain` names it; an
+/// asymmetric scheme, which has no scale rule, stays cached.
+#[test]
+fn scale_rule_change_requantizes_symmetric_schemes_only() {
+    let w = Work::new();
+    let sym = recipe_text("tiny-llama", &fixture("tiny-llama"), "q4f16_1", "cpu");
+    let asym = recipe_text("tiny-llama", &fixture("tiny-llama"), "q4f32_1", "cpu");
+    let (r, ra) = (w.recipe("r.toml", &sym), w.recipe("ra.toml", &asym));
+    w.build_json(&[&r, &ra], &[]);
+    let params =
+        |id: &str| std::fs::read(w.dist().join(id).join("params/params_shard_0.bin")).unwrap();
+    let mse = params("tiny-llama-q4f16_1");
+    let asym_before = params("tiny-llama-q4f32_1");
+    let absmax = format!("quantization_scales = \"absmax\"\n{sym}");
+    let rb = w.recipe("rb.toml", &absmax);
+    let explain = w.mlcb(&[
+        "explain",
+        rb.to_str().unwrap(),
+        "--artifact-path",
+        w.dist().to_str().unwrap(),
+    ]);
+    assert_success(&explain);
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("quantize") && l.contains("scales: mse → absmax")),
+        "explain must name the scale rule:\n{text}"
+    );
+    let b = w.build_json(&[&rb], &[]);
+    for (s, st) in statuses(&b) {
+        let want = if s == "quantize" || s == "link" {
+            "ran"
+        } else {
+            "cached"
+        };
+        assert_eq!(st, want, "{s}: {b}");
+    }
+    assert_ne!(
+        params("tiny-llama-q4f16_1"),
+        mse,
+        "absmax must give other bits"
+    );
+    // The flag overrides the recipe; on the asymmetric scheme it changes nothing.
+    let a = w.build_json(&[&ra], &["--quantization-scales", "absmax"]);
+    assert!(statuses(&a).iter().all(|(_, s)| s == "cached"), "{a}");
+    assert_eq!(params("tiny-llama-q4f32_1"), asym_before);
+    // A misspelt rule is a user error pointing at the recipe line.
+    let bad = w.recipe(
+        "bad.toml",
+        &format!("quantization_scales = \"best\"\n{sym}"),
+    );
+    let out = w.mlcb(&["build", bad.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:1:") && err.contains("mse, absmax"),
+        "{err}"
+    );
+}
+
 #[test]
 fn corrupted_blob_is_detected_evicted_and_rebuilt() {
     let w = Work::new();

@@ -75,6 +75,10 @@ pub struct BuildArgs {
     /// build.py form: the quantization scheme (default q4f16_1).
     #[arg(long)]
     pub quantization: Option<String>,
+    /// How symmetric schemes pick group scales: `mse` (default: least error) or `absmax`
+    /// (build.py's rule, bit-identical weights). Also overrides `quantization_scales` of recipes.
+    #[arg(long, value_parser = ["mse", "absmax"])]
+    pub quantization_scales: Option<String>,
     /// build.py form: the context size (-1: the model's own).
     #[arg(long, allow_hyphen_values = true)]
     pub max_seq_len: Option<i64>,
@@ -151,9 +155,19 @@ pub fn recipes_from(args: &BuildArgs) -> Result<Vec<Recipe>> {
                 r.target.cuda_arch = Some(a.clone());
             }
         }
+        for r in &mut recipes {
+            r.scale_rule = scale_rule_flag(args).unwrap_or(r.scale_rule);
+        }
         return Ok(recipes);
     }
     Ok(vec![recipe_from_flags(args)?])
+}
+
+fn scale_rule_flag(args: &BuildArgs) -> Option<crate::quant::ScaleRule> {
+    // clap's value_parser already limited the names.
+    args.quantization_scales
+        .as_deref()
+        .and_then(crate::quant::ScaleRule::from_name)
 }
 
 fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
@@ -256,6 +270,7 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
             llvm_mingw: args.llvm_mingw.clone(),
         },
         quantization,
+        scale_rule: scale_rule_flag(args).unwrap_or_default(),
         max_seq_len,
         chat: ChatSettings::default(),
         tuning_file: None,

@@ -14,6 +14,9 @@ use std::path::PathBuf;
 pub struct QuantizeArgs {
     #[arg(long)]
     pub quantization: String,
+    /// Scale rule of symmetric schemes: `mse` (default) or `absmax` (build.py's bits).
+    #[arg(long, default_value = "mse", value_parser = ["mse", "absmax"])]
+    pub quantization_scales: String,
     pub input: PathBuf,
     pub output: PathBuf,
 }
@@ -52,6 +55,8 @@ pub fn execute(args: QuantizeArgs) -> Result<()> {
             scheme_names().join(", ")
         ))
     })?;
+    // clap's value_parser already limited the names.
+    let rule = crate::quant::ScaleRule::from_name(&args.quantization_scales).unwrap_or_default();
     let source = crate::formats::safetensors::SafetensorsFile::open(&args.input)?;
     let mut keep: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for info in source.infos() {
@@ -67,7 +72,9 @@ pub fn execute(args: QuantizeArgs) -> Result<()> {
             continue;
         }
         let values = t.to_f32()?;
-        for rec in crate::quant::quantize_param(scheme, role, &info.name, &info.shape, &values)? {
+        for rec in
+            crate::quant::quantize_param_with(scheme, rule, role, &info.name, &info.shape, &values)?
+        {
             keep.push((rec.name, st_dtype(rec.dtype)?, rec.shape, rec.bytes));
         }
     }

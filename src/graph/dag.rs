@@ -20,6 +20,7 @@ pub enum NodeSpec {
     /// deps: [weights (load or delta-merge)]
     Quantize {
         scheme: &'static crate::quant::scheme::QuantScheme,
+        rule: crate::quant::ScaleRule,
     },
     /// deps: [weights]
     Tune {
@@ -171,8 +172,11 @@ pub fn build(recipes: Vec<Recipe>) -> Result<BuildGraph> {
         };
         let q = r.quantization;
         let quant = b.node(
-            format!("quantize|{weights_id}|{}", q.name),
-            NodeSpec::Quantize { scheme: q },
+            format!("quantize|{weights_id}|{}|{:?}", q.name, r.scale_rule),
+            NodeSpec::Quantize {
+                scheme: q,
+                rule: r.scale_rule,
+            },
             format!("quantize {} {}", r.model_name, q.name),
             i,
             vec![weights],

@@ -70,9 +70,9 @@ fn execute(
             stages::load::run(ctx, dep(0), architecture.as_deref(), &scope)
         }
         NodeSpec::DeltaMerge => stages::delta_merge::run(ctx, dep(0), dep(1), &scope),
-        NodeSpec::Quantize { scheme } => {
+        NodeSpec::Quantize { scheme, rule } => {
             let desc = stages::load::read_description(ctx, dep(0))?;
-            stages::quantize::run(ctx, dep(0), &desc, scheme, &scope)
+            stages::quantize::run(ctx, dep(0), &desc, scheme, *rule, &scope)
         }
         NodeSpec::Tune { recipe, target } => {
             let r = &g.recipes[*recipe];

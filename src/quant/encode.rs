@@ -4,6 +4,7 @@ use crate::formats::dtype::DType;
 use crate::quant::geometry::{transpose, Geometry};
 use crate::quant::rounding::{float_bytes, round_to};
 use crate::quant::row_quant::{quantize_row_asym, quantize_row_sym};
+use crate::quant::scale_rule::ScaleRule;
 use crate::quant::scheme::{Encoding, Layout, QuantScheme, TensorRole};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -23,9 +24,29 @@ pub struct EncodedRecord {
 /// Raw roles, and every tensor of an unquantized scheme, give one record in the model dtype
 /// (`RawF32`: always float32), rounded to nearest even. Quantized roles take a `[N, K]` matrix and
 /// give `[q_weight, q_scale]` (Sym) or `[q_weight, q_scale_min]` (AsymBf16x2), see
-/// [`crate::quant::scheme::Encoding`]. The output is identical for any number of threads.
+/// [`crate::quant::scheme::Encoding`]; symmetric schemes pick their scales with the default
+/// [`ScaleRule`]. The output is identical for any number of threads.
 pub fn quantize_param(
     scheme: &QuantScheme,
+    role: TensorRole,
+    param_name: &str,
+    shape: &[usize],
+    values: &[f32],
+) -> Result<Vec<EncodedRecord>> {
+    quantize_param_with(
+        scheme,
+        ScaleRule::default(),
+        role,
+        param_name,
+        shape,
+        values,
+    )
+}
+
+/// [`quantize_param`] with an explicit scale rule for symmetric schemes.
+pub fn quantize_param_with(
+    scheme: &QuantScheme,
+    rule: ScaleRule,
     role: TensorRole,
     param_name: &str,
     shape: &[usize],
@@ -84,7 +105,7 @@ pub fn quantize_param(
                 .par_chunks_mut(geo.words_per_row)
                 .zip(scales.par_chunks_mut(geo.n_group))
                 .zip(rounded.par_chunks(k))
-                .for_each(|((w, s), row)| quantize_row_sym(&geo, dtype, row, w, s));
+                .for_each(|((w, s), row)| quantize_row_sym(&geo, dtype, rule, row, w, s));
             let (words, scales) = arrange(&geo, words, scales);
             Ok(vec![
                 weight_record(&names[0], &geo, storage, &words),

@@ -9,13 +9,15 @@ mod encode;
 mod geometry;
 pub mod rounding;
 mod row_quant;
+pub mod scale_rule;
 pub mod scheme;
 
 pub use decode::dequantize_param;
-pub use encode::{quantize_param, EncodedRecord};
+pub use encode::{quantize_param, quantize_param_with, EncodedRecord};
+pub use scale_rule::ScaleRule;
 
 #[cfg(test)]
 mod tests;
 
 /// Bumped whenever the bits `quantize_param` writes could change (part of the quantize key).
-pub const CODE_VERSION: u32 = 1;
+pub const CODE_VERSION: u32 = 2;

@@ -4,6 +4,7 @@
 use crate::formats::dtype::DType;
 use crate::quant::geometry::Geometry;
 use crate::quant::rounding::{bf16_rne_bits, round_half_even, round_to};
+use crate::quant::scale_rule::{code, group_scale, ScaleRule};
 
 /// Put `code` at position `p` (along K) of a row's words: word `p / per_word`, bits
 /// `[slot·bits, (slot+1)·bits)` with `slot = p % per_word` (LSB first). Positions are per group:
@@ -13,25 +14,25 @@ fn put_code(geo: &Geometry, words: &mut [u32], g: usize, i: usize, code: u32) {
     words[w] |= code << ((i % geo.per_word) as u32 * geo.bits);
 }
 
-/// Symmetric quantization of one row, every arithmetic step rounded to `dtype`:
-/// `s = dtype(max(absmax, dtype(1e-4)) / maxq)`, `t = dtype(w / s)`, `u = dtype(t + maxq)`,
-/// `q = clamp(round_half_even(u), 0, 2·maxq)`. `words` (zeroed, `words_per_row` long) receives
-/// the codes, `scales` (`n_group` long) the scales as exact `dtype` values.
-/// `row` holds finite values already rounded to `dtype`.
+/// Symmetric quantization of one row, every arithmetic step rounded to `dtype`: each group's
+/// scale `s` comes from [`group_scale`] (`rule`), then `t = dtype(w / s)`, `u = dtype(t + maxq)`,
+/// `q = clamp(round_half_even(u), 0, top)` with `top = rule.top_code(bits)`. `words` (zeroed,
+/// `words_per_row` long) receives the codes, `scales` (`n_group` long) the scales as exact
+/// `dtype` values. `row` holds finite values already rounded to `dtype`.
 pub(crate) fn quantize_row_sym(
     geo: &Geometry,
     dtype: DType,
+    rule: ScaleRule,
     row: &[f32],
     words: &mut [u32],
     scales: &mut [f32],
 ) {
     let maxq = ((1u32 << (geo.bits - 1)) - 1) as f32;
+    let top = rule.top_code(geo.bits) as f32;
     let floor = round_to(dtype, 1e-4);
     for (g, scale) in scales.iter_mut().enumerate() {
         let vals = &row[g * geo.group..g * geo.group + geo.group_len(g)];
-        // Absmax of values exactly representable in `dtype` is itself exact: no rounding.
-        let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs())).max(floor);
-        let s = round_to(dtype, amax / maxq);
+        let s = group_scale(rule, dtype, vals, geo.bits, floor);
         *scale = s;
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
@@ -39,7 +40,7 @@ pub(crate) fn quantize_row_sym(
             let mut codes = [0u32; 8];
             while done + 8 <= vals.len() {
                 // SAFETY: `available()` checked AVX and F16C; the slice has 8 values from `done`.
-                unsafe { f16_simd::sym_codes8(&vals[done..done + 8], s, maxq, &mut codes) };
+                unsafe { f16_simd::sym_codes8(&vals[done..done + 8], s, maxq, top, &mut codes) };
                 for (k, &q) in codes.iter().enumerate() {
                     put_code(geo, words, g, done + k, q);
                 }
@@ -47,10 +48,7 @@ pub(crate) fn quantize_row_sym(
             }
         }
         for (i, &w) in vals.iter().enumerate().skip(done) {
-            let t = round_to(dtype, w / s);
-            let u = round_to(dtype, t + maxq);
-            let q = round_half_even(u).clamp(0.0, 2.0 * maxq) as u32;
-            put_code(geo, words, g, i, q);
+            put_code(geo, words, g, i, code(dtype, w, s, maxq, top));
         }
     }
 }
@@ -71,18 +69,15 @@ mod f16_simd {
         _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
     }
 
-    /// `codes[k] = clamp(rne(f16(f16(w[k] / s) + maxq)), 0, 2·maxq)` for 8 values.
+    /// `codes[k] = clamp(rne(f16(f16(w[k] / s) + maxq)), 0, top)` for 8 values.
     #[target_feature(enable = "avx,f16c")]
-    pub unsafe fn sym_codes8(w: &[f32], s: f32, maxq: f32, codes: &mut [u32; 8]) {
+    pub unsafe fn sym_codes8(w: &[f32], s: f32, maxq: f32, top: f32, codes: &mut [u32; 8]) {
         debug_assert!(w.len() >= 8);
         let x = _mm256_loadu_ps(w.as_ptr());
         let t = to_f16_and_back(_mm256_div_ps(x, _mm256_set1_ps(s)));
         let u = to_f16_and_back(_mm256_add_ps(t, _mm256_set1_ps(maxq)));
         let q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(u);
-        let q = _mm256_min_ps(
-            _mm256_max_ps(q, _mm256_setzero_ps()),
-            _mm256_set1_ps(2.0 * maxq),
-        );
+        let q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(top));
         let qi = _mm256_cvttps_epi32(q);
         _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, qi);
     }
@@ -151,17 +146,20 @@ mod simd_tests {
                     round_to(DType::F16, if i == 5 { 0.0 } else { v })
                 })
                 .collect();
-            let mut words = vec![0u32; geo.words_per_row];
-            let mut scales = vec![0f32; geo.n_group];
-            quantize_row_sym(&geo, DType::F16, &row, &mut words, &mut scales);
-            for (i, &w) in row.iter().enumerate() {
-                let g = i / 32;
-                let s = scales[g];
-                let t = round_to(DType::F16, w / s);
-                let u = round_to(DType::F16, t + 7.0);
-                let want = round_half_even(u).clamp(0.0, 14.0) as u32;
-                let got = (words[g * 4 + (i % 32) / 8] >> ((i % 8) * 4)) & 0xF;
-                assert_eq!(got, want, "round {round}, value {i} = {w}");
+            for rule in [ScaleRule::Absmax, ScaleRule::Mse] {
+                let mut words = vec![0u32; geo.words_per_row];
+                let mut scales = vec![0f32; geo.n_group];
+                quantize_row_sym(&geo, DType::F16, rule, &row, &mut words, &mut scales);
+                let top = rule.top_code(4) as f32;
+                for (i, &w) in row.iter().enumerate() {
+                    let g = i / 32;
+                    let s = scales[g];
+                    let t = round_to(DType::F16, w / s);
+                    let u = round_to(DType::F16, t + 7.0);
+                    let want = round_half_even(u).clamp(0.0, top) as u32;
+                    let got = (words[g * 4 + (i % 32) / 8] >> ((i % 8) * 4)) & 0xF;
+                    assert_eq!(got, want, "{rule:?} round {round}, value {i} = {w}");
+                }
             }
         }
     }

@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! quantization = "q4f16_1"
+//! quantization_scales = "mse"   # optional: "absmax" gives build.py's scales bit for bit
 //! max_seq_len = 2048            # optional: default is the model's context length
 //! [model]
 //! name = "vicuna-v1-7b"
@@ -23,6 +24,7 @@ pub mod targets;
 
 use crate::error::user;
 use crate::quant::scheme::{scheme, scheme_names, QuantScheme};
+use crate::quant::ScaleRule;
 use anyhow::Result;
 use serde::Serialize;
 use span::location;
@@ -99,6 +101,8 @@ pub struct Recipe {
     pub target: TargetSpec,
     #[serde(serialize_with = "serialize_scheme")]
     pub quantization: &'static QuantScheme,
+    /// How symmetric schemes pick group scales (`quantization_scales`).
+    pub scale_rule: ScaleRule,
     pub max_seq_len: Option<usize>,
     pub chat: ChatSettings,
     pub tuning_file: Option<PathBuf>,
@@ -206,6 +210,19 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
         Some(m) => Some(*m.get_ref() as usize),
     };
 
+    let scale_rule = match &file.quantization_scales {
+        None => ScaleRule::default(),
+        Some(r) => ScaleRule::from_name(r.get_ref()).ok_or_else(|| {
+            err(
+                r.span(),
+                format!(
+                    "unknown quantization_scales `{}`; valid: {}",
+                    r.get_ref(),
+                    ScaleRule::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
     let chat = parse_chat(&file.chat, &err)?;
     let tuning_file = file.tuning_file.as_ref().map(|t| base.join(t.get_ref()));
     Ok(Recipe {
@@ -216,6 +233,7 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
         architecture: file.model.architecture.map(|a| a.into_inner()),
         target,
         quantization,
+        scale_rule,
         max_seq_len,
         chat,
         tuning_file,

@@ -12,6 +12,8 @@ pub struct RecipeFile {
     /// `target = "cuda"` or `[target] preset = "cuda"` plus `cuda_arch`, `llvm_mingw`.
     pub target: Spanned<toml::Value>,
     pub quantization: Spanned<String>,
+    /// Scale rule of symmetric schemes: "mse" (default) or "absmax" (build.py's, bit-identical).
+    pub quantization_scales: Option<Spanned<String>>,
     pub max_seq_len: Option<Spanned<i64>>,
     #[serde(default)]
     pub chat: ChatSection,

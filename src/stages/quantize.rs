@@ -12,7 +12,8 @@ use crate::cache::key::KeyInputs;
 use crate::formats::ndarray_cache::NdArrayCacheWriter;
 use crate::formats::tensor::TensorSource;
 use crate::model::ParamSpec;
-use crate::quant::scheme::QuantScheme;
+use crate::quant::scheme::{Encoding, QuantScheme};
+use crate::quant::ScaleRule;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,13 +25,20 @@ pub fn run(
     weights: &StageOutput,
     desc: &ModelDescription,
     scheme: &'static QuantScheme,
+    rule: ScaleRule,
     scope: &[String],
 ) -> Result<StageOutput> {
     let params_json = serde_json::to_vec(&desc.params)?;
+    // Only symmetric schemes have a scale rule: others do not rebuild when it changes.
+    let scales = match scheme.encoding {
+        Encoding::Sym { .. } => rule.name(),
+        _ => "none",
+    };
     let inputs = KeyInputs::new("quantize", VERSION)
         .with("weights", weights.digest())
         .with("params", blake3::hash(&params_json).to_hex())
         .with("scheme", scheme.name)
+        .with("scales", scales)
         .with("quantizer", crate::quant::CODE_VERSION)
         .with(
             "ndarray_cache_format",
@@ -41,7 +49,15 @@ pub fn run(
         let source = ModelSource::from_local(&weights.local)?.open_weights()?;
         let dir = ctx.cache.blobs.temp_path("params")?;
         std::fs::create_dir_all(&dir)?;
-        let result = write_params(ctx, source.as_ref(), &desc.params, scheme, &dir, &label);
+        let result = write_params(
+            ctx,
+            source.as_ref(),
+            &desc.params,
+            scheme,
+            rule,
+            &dir,
+            &label,
+        );
         if result.is_err() {
             std::fs::remove_dir_all(&dir).ok();
         }
@@ -55,6 +71,7 @@ pub fn write_params(
     source: &dyn TensorSource,
     params: &[ParamSpec],
     scheme: &'static QuantScheme,
+    rule: ScaleRule,
     dir: &Path,
     label: &str,
 ) -> Result<BTreeMap<String, PathBuf>> {
@@ -77,7 +94,9 @@ pub fn write_params(
             source.release(name);
         }
         let logical = p.shape.iter().product::<usize>() as u64;
-        for rec in crate::quant::quantize_param(scheme, p.role, &p.name, &p.shape, &values)? {
+        for rec in
+            crate::quant::quantize_param_with(scheme, rule, p.role, &p.name, &p.shape, &values)?
+        {
             // BitsPerParam counts each weight once: on its data record, not on its scales.
             let is_scale = rec.name.ends_with(".q_scale") || rec.name.ends_with(".q_scale_min");
             writer.add_with_logical_elems(
