@@ -17,9 +17,13 @@
 #   3. SMOLLM2   [1] if dist/models/SmolLM2-135M-Instruct/*.gguf exists: "The capital of France is"
 #                must continue with " Paris" on cuda (q0f16, q8f16_1, q4f32_1).
 #   4. BENCH7B   [1] a Llama-2-7B-shaped model with random weights (examples/synth_model.rs,
-#                LAYERS [32]; HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run): prefill/decode tok/s (`mlcb bench --device cuda`, PROMPT_LEN [128],
-#                GEN_LEN [128]) for q4f16_1 and q0f16, device-to-device bandwidth
-#                (examples/cuda_bandwidth.rs) and the decode floor (weight bytes / bandwidth).
+#                LAYERS [32]; HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
+#                architecture: decode tok/s (GEN_LEN [256] tokens after DECODE_PROMPT [16]) and
+#                prefill tok/s (PREFILL_LEN [512]) through `mlcb bench --device cuda` for q4f16_1
+#                and q0f16; with TUNE [1] q4f16_1 again after `mlcb build --tune on` (measured
+#                kernel configurations); device-to-device bandwidth (examples/cuda_bandwidth.rs)
+#                and the decode floor (weight bytes / bandwidth); with HF [1] transformers fp16 on
+#                the same config (benches/hf_transformers_bench.py; not gated).
 # NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected
 #   to fail with exit 3; used to check this script itself).
 #
@@ -36,8 +40,8 @@ NO_GPU_OK="${NO_GPU_OK:-0}"
 TOL="${TOL:-1e-3}"
 LAYERS="${LAYERS:-32}"
 HIDDEN="${HIDDEN:-4096}"; INTERMEDIATE="${INTERMEDIATE:-11008}"; VOCAB="${VOCAB:-32000}"
-PROMPT_LEN="${PROMPT_LEN:-128}"
-GEN_LEN="${GEN_LEN:-128}"
+DECODE_PROMPT="${DECODE_PROMPT:-16}"; GEN_LEN="${GEN_LEN:-256}"; PREFILL_LEN="${PREFILL_LEN:-512}"
+TUNE="${TUNE:-1}"; HF="${HF:-1}"
 JOBS="${JOBS:-$(nproc)}"
 SCHEMES="${SCHEMES:-q0f16 q0f32 q3f16_0 q3f16_1 q4f16_0 q4f16_1 q4f32_0 q4f32_1 q8f16_0 q8f16_1}"
 WORK="${WORK:-$OUT/work}"
@@ -200,6 +204,19 @@ elif [ "$SMOLLM2" = 1 ]; then
 fi
 
 # --- 4. Llama-2-7B-shaped benchmark -------------------------------------------------------------
+# One bench call per figure, in the issue's shapes: decode = GEN_LEN tokens after a DECODE_PROMPT-
+# token prompt, prefill = a PREFILL_LEN-token prompt. q4f16_1 is measured untuned (preset
+# defaults) and, with TUNE=1, again after `--tune on` on this GPU (its architecture).
+bench_pair() { # dist label
+    local dist="$1" label="$2" rc1 rc2 d p
+    "$mlcb" bench "$dist" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json --device cuda \
+        > "$OUT/bench-$label-decode.json" 2> "$OUT/logs/bench-$label-decode.txt"; rc1=$?
+    "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
+        > "$OUT/bench-$label-prefill.json" 2> "$OUT/logs/bench-$label-prefill.txt"; rc2=$?
+    d=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$OUT/bench-$label-decode.json" 2>/dev/null || echo null)
+    p=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$OUT/bench-$label-prefill.json" 2>/dev/null || echo null)
+    echo "$rc1 $rc2 $d $p"
+}
 if [ "$BENCH7B" = 1 ]; then
     if [ "$have_gpu" = 1 ]; then
         "$exdir/cuda_bandwidth" 1024 20 > "$OUT/bandwidth.json" 2> "$OUT/logs/bandwidth.txt" \
@@ -211,30 +228,54 @@ if [ "$BENCH7B" = 1 ]; then
         "$exdir/synth_model" "$model" --hidden "$HIDDEN" --intermediate "$INTERMEDIATE" --layers "$LAYERS" \
             --heads 32 --kv-heads 32 --vocab "$VOCAB" > "$OUT/logs/synth.txt" 2>&1 || fail "synth_model failed"
     fi
+    gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
     for q in q4f16_1 q0f16; do
         printf 'quantization = "%s"\nmax_seq_len = 2048\n[model]\nname = "synth-7b"\nsource = "%s"\n[target]\npreset = "cuda"\n' "$q" "$model" > "$WORK/synth-$q.toml"
         say "7B $q: building ($(elapsed))"
-        if ! "$mlcb" build "$WORK/synth-$q.toml" -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-$q.txt" 2>&1; then
+        arch_flag=(); [ -n "$gpu_arch" ] && arch_flag=(--cuda-arch "sm_$gpu_arch")
+        if ! "$mlcb" build "$WORK/synth-$q.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-$q.txt" 2>&1; then
             fail "7B $q: build failed (logs/build-7b-$q.txt)"; continue
         fi
         dist="$WORK/dist7b/synth-7b-$q"
         wbytes=$(du -sb "$dist/params" | cut -f1)
-        "$mlcb" bench "$dist" --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" --json --device cuda \
-            > "$OUT/bench-7b-$q.json" 2> "$OUT/logs/bench-7b-$q.txt"
-        rc=$?
         floor=$(python3 -c '
 import json, sys
 try: bw = json.load(open(sys.argv[1]))["d2d_gb_s"]
 except Exception: bw = None
 w = int(sys.argv[2])
 print(json.dumps({"weight_bytes": w, "d2d_gb_s": bw, "decode_floor_ms": (w / (bw * 1e9) * 1e3) if bw else None, "decode_ceiling_tok_s": (bw * 1e9 / w) if bw else None}))' "$OUT/bandwidth.json" "$wbytes")
-        b=$(cat "$OUT/bench-7b-$q.json" 2>/dev/null | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' 2>/dev/null || echo null)
-        record "{\"check\":\"bench7b\",\"scheme\":\"$q\",\"layers\":$LAYERS,\"exit\":$rc,\"bench\":$b,\"floor\":$floor}"
-        say "7B $q: exit $rc bench $b floor $floor"
-        [ "$rc" = 0 ] || { [ "$have_gpu" = 0 ] && [ "$rc" = 3 ]; } || fail "7B $q bench exit $rc"
+        read -r rc1 rc2 dec pre <<< "$(bench_pair "$dist" "7b-$q")"
+        record "{\"check\":\"bench7b\",\"scheme\":\"$q\",\"tuned\":false,\"layers\":$LAYERS,\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre,\"floor\":$floor}"
+        say "7B $q untuned: decode $dec tok/s, prefill $pre tok/s (exit $rc1/$rc2), floor $floor"
+        for rc in "$rc1" "$rc2"; do
+            [ "$rc" = 0 ] || { [ "$have_gpu" = 0 ] && [ "$rc" = 3 ]; } || fail "7B $q bench exit $rc"
+        done
+        if [ "$TUNE" = 1 ] && [ "$q" = q4f16_1 ] && [ "$have_gpu" = 1 ]; then
+            say "7B $q: --tune on for sm_$gpu_arch ($(elapsed))"
+            t0=$(date +%s)
+            if "$mlcb" build "$WORK/synth-$q.toml" "${arch_flag[@]}" --tune on -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-$q-tuned.txt" 2>&1; then
+                tune_s=$(( $(date +%s) - t0 ))
+                tuned=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tuned"])' "$dist/build-manifest.json" 2>/dev/null || echo unknown)
+                read -r rc1 rc2 dec pre <<< "$(bench_pair "$dist" "7b-$q-tuned")"
+                record "{\"check\":\"bench7b\",\"scheme\":\"$q\",\"tuned\":\"$tuned\",\"tune_build_s\":$tune_s,\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre}"
+                say "7B $q tuned ($tuned, build with tuning ${tune_s}s): decode $dec tok/s, prefill $pre tok/s"
+            else
+                fail "7B $q: tuned build failed (logs/build-7b-$q-tuned.txt)"
+            fi
+        fi
         # The 7B dist folders are large: keep the disk for the next scheme.
         rm -rf "$dist" "$WORK/cache7b"
     done
+    if [ "$HF" = 1 ] && [ "$have_gpu" = 1 ]; then
+        say "transformers fp16 on the same config ($(elapsed))"
+        if python3 benches/hf_transformers_bench.py "$model" --prefill "$PREFILL_LEN" --prompt "$DECODE_PROMPT" \
+            --gen "$GEN_LEN" > "$OUT/hf-7b.json" 2> "$OUT/logs/hf-7b.txt"; then
+            record "{\"check\":\"hf7b\",\"result\":$(cat "$OUT/hf-7b.json")}"
+            say "transformers: $(cat "$OUT/hf-7b.json")"
+        else
+            say "transformers benchmark failed or unavailable (logs/hf-7b.txt; not gated)"
+        fi
+    fi
 fi
 
 say "done in $(elapsed); $failures failed gated checks"

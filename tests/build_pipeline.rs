@@ -83,14 +83,7 @@ fn every_architecture_and_scheme_builds() {
 #[test]
 fn vicuna_delta_pair_builds_and_merges() {
     let w = Work::new();
-    let r = w.recipe(
-        "v.toml",
-        &format!(
-            "quantization = \"q0f32\"\n[model]\nname = \"tiny-vicuna\"\nsource = \"{}\"\ndelta = \"{}\"\n[target]\npreset = \"cpu\"\n",
-            fixture("tiny-vicuna-base").display(),
-            fixture("tiny-vicuna-delta").display()
-        ),
-    );
+    let r = w.recipe("v.toml", &vicuna_recipe_text("q0f32", "cpu"));
     let report = w.build_json(&[&r], &[]);
     assert_eq!(status_of(&report, "delta-merge"), "ran");
     let m = check_artifact(&w.dist(), "tiny-vicuna-q0f32", "cpu");

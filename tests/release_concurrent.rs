@@ -44,14 +44,7 @@ fn write_recipes(dir: &Path) -> Vec<Job> {
         "neox-q4-cpu.toml",
         recipe_text("tiny-neox", &fixture("tiny-neox"), "q4f16_1", "cpu"),
     );
-    let vicuna = recipe(
-        "vicuna-q4-cpu.toml",
-        format!(
-            "quantization = \"q4f16_1\"\n[model]\nname = \"tiny-vicuna\"\nsource = \"{}\"\ndelta = \"{}\"\n[target]\npreset = \"cpu\"\n",
-            fixture("tiny-vicuna-base").display(),
-            fixture("tiny-vicuna-delta").display()
-        ),
-    );
+    let vicuna = recipe("vicuna-q4-cpu.toml", vicuna_recipe_text("q4f16_1", "cpu"));
     let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     vec![
         // Two identical processes sharing one dist folder: both link the same folders.

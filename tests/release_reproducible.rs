@@ -22,15 +22,7 @@ fn recipes(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
             ids.push(format!("{fx}-{q}"));
         }
         let p = dir.join(format!("vicuna-{q}.toml"));
-        std::fs::write(
-            &p,
-            format!(
-                "quantization = \"{q}\"\n[model]\nname = \"tiny-vicuna\"\nsource = \"{}\"\ndelta = \"{}\"\n[target]\npreset = \"cpu\"\n",
-                fixture("tiny-vicuna-base").display(),
-                fixture("tiny-vicuna-delta").display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&p, vicuna_recipe_text(q, "cpu")).unwrap();
         files.push(p);
         ids.push(format!("tiny-vicuna-{q}"));
     }

@@ -222,35 +222,32 @@ fn check_fixture(name: &str, recipe_for: impl Fn(&str) -> String, reference_fold
     }
 }
 
-fn simple(name: &'static str) -> impl Fn(&str) -> String {
-    move |q| recipe_text(name, &fixture(name), q, "cpu")
-}
-
 #[test]
 fn llama_gqa_matches_transformers() {
-    check_fixture("tiny-llama", simple("tiny-llama"), "tiny-llama");
+    check_fixture(
+        "tiny-llama",
+        fixture_recipe("tiny-llama", "cpu"),
+        "tiny-llama",
+    );
 }
 
 #[test]
 fn gpt_neox_matches_transformers() {
-    check_fixture("tiny-neox", simple("tiny-neox"), "tiny-neox");
+    check_fixture("tiny-neox", fixture_recipe("tiny-neox", "cpu"), "tiny-neox");
 }
 
 #[test]
 fn rwkv_matches_transformers() {
-    check_fixture("tiny-rwkv", simple("tiny-rwkv"), "tiny-rwkv");
+    check_fixture("tiny-rwkv", fixture_recipe("tiny-rwkv", "cpu"), "tiny-rwkv");
 }
 
 #[test]
 fn merged_vicuna_matches_transformers() {
-    let recipe = |q: &str| {
-        format!(
-            "quantization = \"{q}\"\n[model]\nname = \"tiny-vicuna\"\nsource = \"{}\"\ndelta = \"{}\"\n[target]\npreset = \"cpu\"\n",
-            fixture("tiny-vicuna-base").display(),
-            fixture("tiny-vicuna-delta").display()
-        )
-    };
-    check_fixture("tiny-vicuna", recipe, "tiny-vicuna-delta");
+    check_fixture(
+        "tiny-vicuna",
+        fixture_recipe("tiny-vicuna", "cpu"),
+        "tiny-vicuna-delta",
+    );
 }
 
 #[test]

@@ -239,35 +239,40 @@ fn check_fixture(name: &str, recipe_for: impl Fn(&str) -> String, reference_fold
     );
 }
 
-fn vulkan(name: &'static str) -> impl Fn(&str) -> String {
-    move |q| recipe_text(name, &fixture(name), q, "vulkan")
-}
-
 #[test]
 fn llama_gqa_on_wgpu_matches_cpu() {
-    check_fixture("tiny-llama", vulkan("tiny-llama"), "tiny-llama");
+    check_fixture(
+        "tiny-llama",
+        fixture_recipe("tiny-llama", "vulkan"),
+        "tiny-llama",
+    );
 }
 
 #[test]
 fn gpt_neox_on_wgpu_matches_cpu() {
-    check_fixture("tiny-neox", vulkan("tiny-neox"), "tiny-neox");
+    check_fixture(
+        "tiny-neox",
+        fixture_recipe("tiny-neox", "vulkan"),
+        "tiny-neox",
+    );
 }
 
 #[test]
 fn rwkv_on_wgpu_matches_cpu() {
-    check_fixture("tiny-rwkv", vulkan("tiny-rwkv"), "tiny-rwkv");
+    check_fixture(
+        "tiny-rwkv",
+        fixture_recipe("tiny-rwkv", "vulkan"),
+        "tiny-rwkv",
+    );
 }
 
 #[test]
 fn merged_vicuna_on_wgpu_matches_cpu() {
-    let recipe = |q: &str| {
-        format!(
-            "quantization = \"{q}\"\n[model]\nname = \"tiny-vicuna\"\nsource = \"{}\"\ndelta = \"{}\"\n[target]\npreset = \"vulkan\"\n",
-            fixture("tiny-vicuna-base").display(),
-            fixture("tiny-vicuna-delta").display()
-        )
-    };
-    check_fixture("tiny-vicuna", recipe, "tiny-vicuna-delta");
+    check_fixture(
+        "tiny-vicuna",
+        fixture_recipe("tiny-vicuna", "vulkan"),
+        "tiny-vicuna-delta",
+    );
 }
 
 /// WGSL (webgpu) libraries run too; grids folded into z (forced by a lowered workgroup limit)

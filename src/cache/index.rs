@@ -6,18 +6,24 @@
 //! end): concurrent `mlcb` processes take turns in milliseconds instead of one waiting for the
 //! other's whole build, while a no-op rebuild opens it once. An open that finds the lock taken
 //! retries, and says so when the wait gets long.
+//!
+//! The lock is our own (`index.sled.lock` beside the database, held from before sled opens it
+//! until it is closed), not only sled's: sled reads and writes its `conf` file before it takes its
+//! lock, so two processes creating a new index at once could see each other's half-written
+//! `conf`, take it for corruption and move the other's fresh database away.
 
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub struct Index {
     path: PathBuf,
-    /// The open database, if any. sled refuses a second open in the same process too, so our own
-    /// threads share this one under the mutex.
-    open: Mutex<Option<sled::Db>>,
+    /// The open database and the lock file held while it is open, if any. sled refuses a second
+    /// open in the same process too, so our own threads share this one under the mutex.
+    open: Mutex<Option<(sled::Db, File)>>,
 }
 
 /// How long to wait for another process before giving up.
@@ -46,7 +52,7 @@ impl Index {
             *guard = Some(self.open()?);
         }
         let session = IndexSession {
-            db: guard.as_ref().expect("opened above").clone(),
+            db: guard.as_ref().expect("opened above").0.clone(),
             dirty: std::cell::Cell::new(false),
         };
         let out = f(&session)?;
@@ -62,12 +68,74 @@ impl Index {
     /// Close the database so other processes can use it (before long work, and at the end).
     pub fn release(&self) {
         let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(db) = guard.take() {
+        if let Some((db, lock)) = guard.take() {
             db.flush().ok();
+            drop(db);
+            drop(lock); // closing the file releases the lock
         }
     }
 
-    fn open(&self) -> Result<sled::Db> {
+    /// Take the index lock (waiting for other processes), then open the database.
+    fn open(&self) -> Result<(sled::Db, File)> {
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                crate::error::env(format!(
+                    "cannot open the cache index lock {}: {e}",
+                    Path::new(&lock_path).display()
+                ))
+            })?;
+        let start = Instant::now();
+        let mut noticed = false;
+        let mut delay = Duration::from_millis(2);
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    self.wait_for_lock(start, &mut noticed, &mut delay)?
+                }
+                Err(std::fs::TryLockError::Error(e)) => crate::env_bail!(
+                    "cannot lock the cache index lock {}: {e}",
+                    Path::new(&lock_path).display()
+                ),
+            }
+        }
+        Ok((self.open_locked()?, lock))
+    }
+
+    /// Sleep before the next try at a lock another process holds; an error after LOCK_TIMEOUT.
+    fn wait_for_lock(
+        &self,
+        start: Instant,
+        noticed: &mut bool,
+        delay: &mut Duration,
+    ) -> Result<()> {
+        if start.elapsed() > LOCK_TIMEOUT {
+            crate::env_bail!(
+                "the cache index {} stayed locked by another mlcb process for {}s; if no mlcb is running, another program holds it",
+                self.path.display(),
+                LOCK_TIMEOUT.as_secs()
+            );
+        }
+        if !*noticed && start.elapsed() > WAIT_NOTICE_AFTER {
+            tracing::warn!(
+                "waiting for the cache index {}: another mlcb process is using it",
+                self.path.display()
+            );
+            *noticed = true;
+        }
+        std::thread::sleep(*delay);
+        *delay = (*delay * 2).min(Duration::from_millis(50));
+        Ok(())
+    }
+
+    /// Open the database; the caller holds the index lock.
+    fn open_locked(&self) -> Result<sled::Db> {
         let start = Instant::now();
         let mut noticed = false;
         let mut delay = Duration::from_millis(2);
@@ -75,20 +143,9 @@ impl Index {
         loop {
             match sled::Config::new().path(&self.path).flush_every_ms(None).open() {
                 Ok(db) => return Ok(db),
+                // Only a process that does not take our lock (an older mlcb) can hold sled's.
                 Err(sled::Error::Io(e)) if is_lock_error(&e) => {
-                    if start.elapsed() > LOCK_TIMEOUT {
-                        crate::env_bail!(
-                            "the cache index {} stayed locked by another mlcb process for {}s; if no mlcb is running, another program holds it",
-                            self.path.display(),
-                            LOCK_TIMEOUT.as_secs()
-                        );
-                    }
-                    if !noticed && start.elapsed() > WAIT_NOTICE_AFTER {
-                        tracing::warn!("waiting for the cache index {}: another mlcb process is using it", self.path.display());
-                        noticed = true;
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(50));
+                    self.wait_for_lock(start, &mut noticed, &mut delay)?
                 }
                 // sled 0.34 can leave a torn snapshot or log when a process is killed mid-write
                 // (spacejam/sled#1509, #1527). The index holds only derived data (records of
@@ -168,5 +225,40 @@ fn sled_error(e: sled::Error) -> anyhow::Error {
     match e {
         sled::Error::Io(io) => crate::error::env(format!("cache index I/O error: {io}")),
         other => anyhow::Error::new(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Two handles on one index (as two processes would have) take turns: the second waits for
+    /// the first to release instead of failing, and then sees what the first wrote.
+    #[test]
+    fn a_second_opener_waits_for_the_first_and_sees_its_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("index.sled");
+        let first = Index::new(&path);
+        let second = Arc::new(Index::new(&path));
+        let done = Arc::new(AtomicBool::new(false));
+        let waiter = first
+            .with(|s| {
+                put_json(s, "k", &7u32)?;
+                let (second, flag) = (second.clone(), done.clone());
+                let waiter = std::thread::spawn(move || {
+                    let v: Option<u32> = second.with(|s| get_json(s, "k")).unwrap();
+                    second.release();
+                    flag.store(true, Ordering::SeqCst);
+                    v
+                });
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(!done.load(Ordering::SeqCst), "opened while the first held it");
+                Ok(waiter)
+            })
+            .unwrap();
+        first.release();
+        assert_eq!(waiter.join().unwrap(), Some(7));
     }
 }

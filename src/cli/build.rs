@@ -290,7 +290,7 @@ fn context(args: &BuildArgs, probe: bool) -> Result<BuildContext> {
         probe,
         progress,
         tune_mode: args.tune,
-        timer_factory: crate::runtime::gpu::timer::open_for_target,
+        timer_factory: crate::runtime::timer_for_target,
         remote: args.remote.open()?,
     })
 }

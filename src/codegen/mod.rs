@@ -6,6 +6,7 @@
 pub mod cuda;
 pub mod gpu;
 pub mod signature;
+pub mod tune;
 pub mod wgsl;
 
 #[cfg(test)]

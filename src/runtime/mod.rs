@@ -31,3 +31,16 @@ pub trait Session {
     /// Capacity in tokens: `position()` can never exceed it.
     fn max_seq_len(&self) -> usize;
 }
+
+/// The tune stage's timer for a target: the local CUDA GPU of the target's architecture for cuda,
+/// the local wgpu adapter of the target's API otherwise (see each backend's `timer`).
+pub fn timer_for_target(
+    target: &str,
+    cuda_arch: Option<&str>,
+) -> anyhow::Result<Option<Box<dyn crate::codegen::tune::KernelTimer>>> {
+    if target == "cuda" {
+        cuda::timer::open_for_target(target, cuda_arch)
+    } else {
+        gpu::timer::open_for_target(target)
+    }
+}

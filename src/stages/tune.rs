@@ -5,7 +5,9 @@
 //! 2. with `--tune=cached|on` and a local device that matches the target (a [`KernelTimer`] from
 //!    the context's factory): the tuning database of that device (`cache/tuning/`); with
 //!    `--tune=on`, signatures it lacks are measured now — every candidate configuration of
-//!    `codegen::wgsl::tune_space` is generated, validated and timed, the fastest kept and stored;
+//!    `codegen::wgsl::tune_space` (wgpu targets: generated and validated by naga) or
+//!    `codegen::cuda::tune_space` (cuda, on a GPU of the target's architecture: generated and
+//!    compiled by NVRTC) is timed, the fastest kept and stored;
 //! 3. the target preset's defaults.
 //!
 //! `tuned` is true only when every signature's record was measured on the device (now or by an
@@ -17,7 +19,8 @@
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
 use crate::cache::key::KeyInputs;
 use crate::cache::tuning_db::{TunedRecord, TuningDb};
-use crate::codegen::wgsl::{launch::Tuning, spec::KernelSpec};
+use crate::codegen::tune::TimedKernel;
+use crate::codegen::wgsl::spec::KernelSpec;
 use crate::formats::model_lib::plan::Plan;
 use crate::recipe::TargetSpec;
 use anyhow::Result;
@@ -50,7 +53,7 @@ pub enum TuneMode {
     On,
 }
 
-pub use crate::codegen::wgsl::tune_space::{KernelTimer, TimerFactory};
+pub use crate::codegen::tune::{KernelTimer, TimerFactory};
 
 /// One device's measurements at a time: timing two kernels at once would disturb both.
 static MEASURE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -60,42 +63,79 @@ fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
     match target.preset.backend {
         // The CPU kernels split matrix rows into tasks for the thread pool.
         "cpu" => serde_json::json!({ "rows_per_task": 64 }),
-        // The CUDA kernels' launch shape (`codegen::cuda::launch::CudaTuning`): decode GEMVs run
-        // 4 rows per block of 4 warps (128 threads cover the 128 16-byte chunks of a 4096-wide
-        // q4 row; each activation chunk is loaded once for the 4 rows).
-        "cuda" => {
-            if signature.contains("matmul") || signature.contains("logits") {
-                serde_json::json!({ "threads_per_block": 128, "rows_per_block": 4 })
-            } else {
-                serde_json::json!({ "threads_per_block": 256, "rows_per_block": 1 })
-            }
-        }
+        "cuda" => serde_json::to_value(crate::codegen::cuda::tune_space::default_for(signature))
+            .expect("a tuning serialises"),
         _ => serde_json::to_value(crate::codegen::wgsl::tune_space::DEFAULT)
             .expect("a tuning serialises"),
     }
 }
 
-/// Times every candidate of `spec` and returns the fastest.
-fn measure(timer: &mut dyn KernelTimer, signature: &str, spec: &KernelSpec) -> Result<TunedRecord> {
-    let candidates = crate::codegen::wgsl::tune_space::candidates(spec);
-    let mut best: Option<(f64, Tuning)> = None;
-    for t in &candidates {
-        let kernel = crate::codegen::wgsl::generate(signature, spec, *t)?;
-        crate::codegen::gpu::validate(&kernel)?;
-        let s = timer.time(&kernel, spec)?;
+/// Times every candidate of `spec` on `timer` (for the target's kernel language) and returns the
+/// fastest.
+fn measure(
+    timer: &mut dyn KernelTimer,
+    target: &TargetSpec,
+    signature: &str,
+    spec: &KernelSpec,
+) -> Result<TunedRecord> {
+    if target.preset.backend == "cuda" {
+        let arch = target.cuda_arch.as_deref().unwrap_or("sm_80");
+        let candidates = crate::codegen::cuda::tune_space::candidates(signature, spec);
+        fastest(signature, &candidates, |t| {
+            // A candidate the shape cannot take (attention's shared memory) is skipped.
+            let Ok(kernel) = crate::codegen::cuda::generate(signature, spec, *t, arch) else {
+                return Ok(None);
+            };
+            let ptx = crate::codegen::cuda::compile(&kernel, arch)?;
+            timer
+                .time(
+                    TimedKernel::Cuda {
+                        kernel: &kernel,
+                        ptx: &ptx,
+                    },
+                    spec,
+                )
+                .map(Some)
+        })
+    } else {
+        let candidates = crate::codegen::wgsl::tune_space::candidates(spec);
+        fastest(signature, &candidates, |t| {
+            let kernel = crate::codegen::wgsl::generate(signature, spec, *t)?;
+            crate::codegen::gpu::validate(&kernel)?;
+            timer.time(TimedKernel::Wgsl(&kernel), spec).map(Some)
+        })
+    }
+}
+
+/// The candidate `time` finds fastest (`None`: skipped); the first (the default) must run.
+fn fastest<T: Serialize + std::fmt::Debug>(
+    signature: &str,
+    candidates: &[T],
+    mut time: impl FnMut(&T) -> Result<Option<f64>>,
+) -> Result<TunedRecord> {
+    let mut best: Option<(f64, &T)> = None;
+    let mut timed = 0;
+    for (i, t) in candidates.iter().enumerate() {
+        let Some(s) = time(t)? else {
+            if i == 0 {
+                anyhow::bail!("kernel {signature}: the default configuration {t:?} does not generate (an mlcb bug)");
+            }
+            continue;
+        };
         if !s.is_finite() || s < 0.0 {
             anyhow::bail!("timing kernel {signature} with {t:?} gave {s} s");
         }
+        timed += 1;
         // Strictly faster only: ties keep the earlier (default-first) candidate.
         if best.is_none_or(|(b, _)| s < b) {
-            best = Some((s, *t));
+            best = Some((s, t));
         }
     }
-    let (seconds, t) = best.expect("the default is always a candidate");
+    let (seconds, t) = best.ok_or_else(|| anyhow::anyhow!("kernel {signature}: no candidate"))?;
     Ok(TunedRecord {
         config: serde_json::to_value(t)?,
         seconds,
-        candidates: candidates.len(),
+        candidates: timed,
     })
 }
 
@@ -107,11 +147,12 @@ fn device_records(
     target: &TargetSpec,
     signatures: &[String],
 ) -> Result<Option<(String, BTreeMap<String, TunedRecord>)>> {
-    if ctx.tune_mode == TuneMode::Off || target.preset.backend != "wgpu" {
+    if ctx.tune_mode == TuneMode::Off || !matches!(target.preset.backend, "wgpu" | "cuda") {
         return Ok(None);
     }
     let _guard = MEASURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut timer) = (ctx.timer_factory)(target.preset.name)? else {
+    let Some(mut timer) = (ctx.timer_factory)(target.preset.name, target.cuda_arch.as_deref())?
+    else {
         tracing::info!(
             "tune: no local device runs {} kernels; using the preset defaults (untuned)",
             target.preset.name
@@ -133,7 +174,7 @@ fn device_records(
             let spec = specs.get(*sig).ok_or_else(|| {
                 anyhow::anyhow!("kernel signature {sig} has no spec (an mlcb bug)")
             })?;
-            measured.insert((*sig).clone(), measure(timer.as_mut(), sig, spec)?);
+            measured.insert((*sig).clone(), measure(timer.as_mut(), target, sig, spec)?);
         }
         db.insert(&measured)?;
         eprintln!(
@@ -236,33 +277,48 @@ pub fn run(
 mod tests {
     use super::*;
     use crate::cache::Cache;
-    use crate::codegen::wgsl::WgslKernel;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     static TIMED: AtomicUsize = AtomicUsize::new(0);
 
+    static TIMED_CUDA: AtomicUsize = AtomicUsize::new(0);
+
     /// A device on which bigger workgroups are faster, except that 256 is slower than 128: the
-    /// fastest of every family must be 128.
+    /// fastest of every family must be 128. Its CUDA side prefers 64 threads and 2 rows.
     struct FakeTimer;
     impl KernelTimer for FakeTimer {
         fn device_id(&self) -> String {
             "test:fake-gpu:driver 1".into()
         }
-        fn time(&mut self, kernel: &WgslKernel, _: &KernelSpec) -> Result<f64> {
-            TIMED.fetch_add(1, Ordering::SeqCst);
-            let t = kernel.launch.tuning;
-            let wg = if t.workgroup_size == 256 {
-                16
-            } else {
-                t.workgroup_size
-            };
-            Ok(1.0 / wg as f64 + t.rows_per_workgroup as f64 * 1e-3 + t.vector_width as f64 * 1e-4)
+        fn time(&mut self, kernel: TimedKernel<'_>, _: &KernelSpec) -> Result<f64> {
+            match kernel {
+                TimedKernel::Wgsl(kernel) => {
+                    TIMED.fetch_add(1, Ordering::SeqCst);
+                    let t = kernel.launch.tuning;
+                    let wg = if t.workgroup_size == 256 {
+                        16
+                    } else {
+                        t.workgroup_size
+                    };
+                    Ok(1.0 / wg as f64
+                        + t.rows_per_workgroup as f64 * 1e-3
+                        + t.vector_width as f64 * 1e-4)
+                }
+                TimedKernel::Cuda { kernel, ptx } => {
+                    TIMED_CUDA.fetch_add(1, Ordering::SeqCst);
+                    assert!(String::from_utf8_lossy(ptx).contains(".entry"));
+                    let t = kernel.launch.tuning;
+                    Ok((t.threads_per_block as f64 - 64.0).abs()
+                        + (t.rows_per_block as f64 - 2.0).abs() * 1e-3)
+                }
+            }
         }
     }
-    /// The fake device runs Vulkan kernels only.
-    fn fake(target: &str) -> Result<Option<Box<dyn KernelTimer>>> {
-        Ok((target == "vulkan").then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
+    /// The fake device runs Vulkan kernels, and CUDA kernels for sm_86.
+    fn fake(target: &str, arch: Option<&str>) -> Result<Option<Box<dyn KernelTimer>>> {
+        let runs = target == "vulkan" || (target == "cuda" && arch == Some("sm_86"));
+        Ok(runs.then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
     }
 
     fn ctx(root: &Path, mode: TuneMode) -> BuildContext {
@@ -298,6 +354,58 @@ mod tests {
                 .unwrap(),
             cuda_arch: None,
             llvm_mingw: None,
+        }
+    }
+
+    /// On a GPU of the target's architecture every CUDA candidate is generated, compiled by NVRTC
+    /// and timed, and the fastest stored; a build for another architecture stays untuned.
+    #[test]
+    fn cuda_candidates_are_compiled_timed_and_the_fastest_kept() {
+        if !crate::codegen::cuda::nvrtc::available() {
+            eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc==13.0.*)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let specs = crate::codegen::wgsl::spec::specs_by_signature(&plan).unwrap();
+        let c = ctx(tmp.path(), TuneMode::On);
+        let mut cuda = target("cuda");
+        cuda.cuda_arch = Some("sm_80".into());
+        let before = TIMED_CUDA.load(Ordering::SeqCst);
+        let r = records(&c, &run(&c, &plan, &cuda, None, &[]).unwrap());
+        assert!(!r.tuned, "no sm_80 device here");
+        assert_eq!(TIMED_CUDA.load(Ordering::SeqCst), before);
+
+        cuda.cuda_arch = Some("sm_86".into());
+        let r = records(&c, &run(&c, &plan, &cuda, None, &[]).unwrap());
+        assert!(r.tuned);
+        let timed = TIMED_CUDA.load(Ordering::SeqCst) - before;
+        let expected: usize = specs
+            .iter()
+            .map(|(s, spec)| crate::codegen::cuda::tune_space::candidates(s, spec).len())
+            .sum();
+        // Attention candidates whose shared memory would not fit are skipped, nothing else.
+        assert!(
+            timed <= expected && timed + 4 >= expected,
+            "{timed} of {expected}"
+        );
+        for (sig, spec) in &specs {
+            let v = &r.records[sig];
+            let prefill_gemm = matches!(
+                spec,
+                KernelSpec::Matmul {
+                    phase: crate::codegen::wgsl::spec::Phase::Prefill,
+                    ..
+                }
+            );
+            if prefill_gemm {
+                assert_eq!(v, &default_config(&cuda, sig), "{sig}: one candidate");
+                continue;
+            }
+            assert_eq!(v["threads_per_block"], 64, "{sig}");
+            if matches!(spec, KernelSpec::Matmul { .. }) {
+                assert_eq!(v["rows_per_block"], 2, "{sig}");
+            }
         }
     }
 

@@ -95,6 +95,24 @@ pub fn recipe_text(name: &str, source: &Path, quant: &str, target: &str) -> Stri
     )
 }
 
+/// Recipe text of the merged Vicuna fixture pair (base + delta weights).
+pub fn vicuna_recipe_text(quant: &str, target: &str) -> String {
+    format!(
+        "quantization = \"{quant}\"\n[model]\nname = \"tiny-vicuna\"\nsource = \"{}\"\ndelta = \"{}\"\n[target]\npreset = \"{target}\"\n",
+        fixture("tiny-vicuna-base").display(),
+        fixture("tiny-vicuna-delta").display()
+    )
+}
+
+/// Recipe text of fixture `name` for `target`, as a function of the scheme (the Vicuna pair for
+/// "tiny-vicuna").
+pub fn fixture_recipe(name: &'static str, target: &'static str) -> impl Fn(&str) -> String {
+    move |q| match name {
+        "tiny-vicuna" => vicuna_recipe_text(q, target),
+        _ => recipe_text(name, &fixture(name), q, target),
+    }
+}
+
 /// status of each stage in a `--json` report, by stage name (first match per stage).
 pub fn statuses(report: &serde_json::Value) -> Vec<(String, String)> {
     report["stages"]

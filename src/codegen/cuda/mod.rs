@@ -27,6 +27,7 @@ mod matmul;
 mod norm;
 pub mod nvrtc;
 mod rwkv;
+pub mod tune_space;
 mod weights;
 
 use crate::codegen::wgsl::spec::{self, KernelSpec, MatrixStorage, Phase};

@@ -5,21 +5,7 @@
 
 use super::launch::Tuning;
 use super::spec::{KernelSpec, MatrixStorage, Phase};
-use super::WgslKernel;
 use crate::quant::scheme::Layout;
-
-/// Times kernels on one local device (the tune stage's measurements; a GPU runtime implements it).
-pub trait KernelTimer: Send {
-    /// Vendor, device, driver and API of the device: the tuning database key.
-    fn device_id(&self) -> String;
-    /// Seconds per dispatch of `kernel` (a typical call: one token for decode kernels, a prompt
-    /// block for prefill kernels), robust to noise (e.g. the median of several runs).
-    fn time(&mut self, kernel: &WgslKernel, spec: &KernelSpec) -> anyhow::Result<f64>;
-}
-
-/// Opens a timer on a local device that runs the kernels of the target preset named, or `None`
-/// when there is none.
-pub type TimerFactory = fn(&str) -> anyhow::Result<Option<Box<dyn KernelTimer>>>;
 
 /// The wgpu presets' default configuration (what an untuned build uses).
 pub const DEFAULT: Tuning = Tuning {

@@ -599,10 +599,12 @@ mod tests {
             let (plan, records) = quant_plan(s.name);
             // 67 rows: two 64-row GEMM tiles, the second ragged.
             let ids: Vec<u32> = (0..67u32).map(|i| (i * 7 + 3) % 40).collect();
-            let tunings: &[(u32, u32)] = if s.name.ends_with("_1") {
-                &[(128, 4), (64, 8)]
-            } else {
-                &[(128, 4)]
+            // The default, and tune-space corners (codegen::cuda::tune_space): the fewest
+            // threads with the most rows, and the most threads with few rows.
+            let tunings: &[(u32, u32)] = match s.name {
+                "q4f16_1" => &[(128, 4), (64, 8), (512, 2)],
+                n if n.ends_with("_1") => &[(128, 4), (64, 8)],
+                _ => &[(128, 4)],
             };
             check_plan(&plan, &records, &ids, 3, tunings, 1e-5, s.name);
         }

@@ -4,12 +4,14 @@
 //! [`driver`] finds the GPU (never panicking without one) and owns device resources; [`bind`]
 //! matches each plan step with its PTX kernel and resolves the kernel's arguments from the launch
 //! description codegen stored; [`exec`] uploads weights, keeps the KV cache / RWKV state on the
-//! device and executes steps, replaying a captured CUDA graph for decode.
+//! device and executes steps, replaying a captured CUDA graph for decode; [`timer`] times
+//! candidate kernels for the tune stage.
 
 mod bind;
 pub mod driver;
 #[cfg(test)]
 mod emulate;
 mod exec;
+pub mod timer;
 
 pub use exec::{CudaModel, CudaSession};

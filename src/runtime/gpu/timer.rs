@@ -9,20 +9,14 @@
 use super::adapter::{self, GpuContext};
 use super::bind::Params;
 use super::kernels::{layout_entries, PARAMS_BYTES};
+use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
 use crate::codegen::wgsl::launch::{fold_grid, Binding};
-use crate::codegen::wgsl::spec::{KernelSpec, MatrixSpec, MatrixStorage, Phase};
-use crate::codegen::wgsl::tune_space::KernelTimer;
+use crate::codegen::wgsl::spec::KernelSpec;
 use crate::codegen::wgsl::WgslKernel;
 use anyhow::Result;
 use std::borrow::Cow;
 use wgpu::util::DeviceExt;
 
-/// Tokens of a timed prefill call.
-const PREFILL_TOKENS: u64 = 16;
-/// Tokens already in the KV cache when attention is timed.
-const POSITION: u64 = 64;
-/// KV-cache capacity of the timed state buffers.
-const STATE_TOKENS: u64 = POSITION + PREFILL_TOKENS;
 const DISPATCHES_PER_BATCH: usize = 8;
 const BATCHES: usize = 5;
 
@@ -48,64 +42,12 @@ pub fn open_for_target(target: &str) -> Result<Option<Box<dyn KernelTimer>>> {
     Ok(Some(Box::new(WgpuTimer { ctx })))
 }
 
-/// Upper bound of the bytes a binding of `spec` may touch.
+/// Bytes of a binding: its declared range, else the spec's upper bound.
 fn binding_bytes(spec: &KernelSpec, b: &Binding) -> u64 {
-    if let Some([_, len]) = b.range {
-        return len.max(4);
-    }
-    let t = match spec {
-        KernelSpec::Matmul {
-            phase: Phase::Decode,
-            ..
-        } => 1,
-        _ => PREFILL_TOKENS,
-    };
-    let widest = widest(spec);
-    let bytes = match b.role.as_str() {
-        "weight" => match spec {
-            KernelSpec::Matmul { m, .. } | KernelSpec::Embedding { m } => {
-                matrix_bytes(m, b.record.unwrap_or(0))
-            }
-            _ => widest * 4,
-        },
-        "state" => STATE_TOKENS * widest * 4,
-        "params" => PARAMS_BYTES,
-        _ => t * widest * 4,
-    };
-    bytes.max(4).next_multiple_of(4)
-}
-
-/// The widest row any buffer of `spec` has (qkv and gate/up rows included), in elements.
-fn widest(spec: &KernelSpec) -> u64 {
-    let w = match spec {
-        KernelSpec::Matmul { m, .. } | KernelSpec::Embedding { m } => m.n.max(m.k),
-        KernelSpec::RmsNorm { cols, .. }
-        | KernelSpec::LayerNorm { cols, .. }
-        | KernelSpec::SiluMul { cols }
-        | KernelSpec::Unary { cols, .. }
-        | KernelSpec::Binary { cols, .. } => 2 * cols,
-        KernelSpec::Rotary {
-            n_q_heads,
-            n_kv_heads,
-            head_dim,
-            ..
-        }
-        | KernelSpec::Attention {
-            n_q_heads,
-            n_kv_heads,
-            head_dim,
-        } => (n_q_heads + 2 * n_kv_heads) * head_dim,
-        KernelSpec::TokenShift { hidden, .. } | KernelSpec::Wkv { hidden, .. } => 5 * hidden,
-    };
-    w as u64
-}
-
-fn matrix_bytes(m: &MatrixSpec, record: usize) -> u64 {
-    let (n, k) = (m.n as u64, m.k as u64);
-    match m.storage {
-        MatrixStorage::Raw(_) => n * k * 4,
-        MatrixStorage::Quant(q) if record == 0 => n * (q.words_per_row as u64) * 4,
-        MatrixStorage::Quant(q) => n * (q.n_group as u64) * 4,
+    match (b.range, b.role.as_str()) {
+        (Some([_, len]), _) => len.max(4),
+        (None, "params") => PARAMS_BYTES,
+        (None, role) => buffer_bytes(spec, role, b.record),
     }
 }
 
@@ -139,16 +81,12 @@ impl KernelTimer for WgpuTimer {
         )
     }
 
-    fn time(&mut self, kernel: &WgslKernel, spec: &KernelSpec) -> Result<f64> {
-        let device = &self.ctx.device;
-        let t = match spec {
-            KernelSpec::Matmul {
-                phase: Phase::Decode,
-                ..
-            } => 1,
-            _ if kernel.signature.starts_with("decode:") => 1,
-            _ => PREFILL_TOKENS,
+    fn time(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<f64> {
+        let TimedKernel::Wgsl(kernel) = kernel else {
+            anyhow::bail!("the wgpu timer runs WGSL kernels only (an mlcb bug)");
         };
+        let device = &self.ctx.device;
+        let t = timed_tokens(spec, &kernel.signature);
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&kernel.signature),

@@ -1,0 +1,165 @@
+//! Timing generated CUDA kernels on the local GPU for the tune stage (`--tune=on`, cuda target).
+//!
+//! Only a GPU whose compute capability is the target's architecture counts as matching: records
+//! measured on an sm_90 part would be wrong for an sm_80 build. A kernel is timed alone on
+//! zero-filled buffers sized by [`buffer_bytes`] for a typical call (one token for decode, a
+//! 16-token block for prefill, attention at position 64): a warm-up launch, then five batches of
+//! eight launches between two CUDA events; the median batch, per launch, is the result.
+
+use super::driver::{self, Device, DeviceMem, Kernel, Stream};
+use crate::codegen::cuda::launch::META_FIELDS;
+use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
+use crate::codegen::wgsl::spec::KernelSpec;
+use crate::error::env;
+use anyhow::Result;
+use cudarc::driver::{result, sys};
+use std::ffi::c_void;
+
+const LAUNCHES_PER_BATCH: usize = 8;
+const BATCHES: usize = 5;
+/// CUDA's grid limits (x, then y and z).
+const MAX_GRID: [u64; 3] = [(1 << 31) - 1, 65535, 65535];
+
+pub struct CudaTimer {
+    device: Device,
+    driver_version: i32,
+}
+
+/// A timer on the local GPU when the target is cuda and the GPU's compute capability is `arch`
+/// (`sm_80` …; the preset default when `None`), else `None` (no driver, no GPU, another
+/// architecture: the build then uses the preset defaults and says "untuned").
+pub fn open_for_target(target: &str, arch: Option<&str>) -> Result<Option<Box<dyn KernelTimer>>> {
+    if target != "cuda" || !driver::driver_present() {
+        return Ok(None);
+    }
+    let device = match driver::open_device() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::info!("tune: no CUDA device to time kernels on: {e}");
+            return Ok(None);
+        }
+    };
+    let arch = arch.unwrap_or("sm_80");
+    if format!("sm_{}", device.sm) != arch {
+        eprintln!(
+            "tune: the local GPU ({}, sm_{}) is not the target architecture {arch}; using the \
+             preset defaults (untuned)",
+            device.name, device.sm
+        );
+        return Ok(None);
+    }
+    let mut version = 0i32;
+    // SAFETY: writes one int; the driver library is loaded (open_device succeeded).
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| env(format!("CUDA driver version query failed: {e:?}")))?;
+    Ok(Some(Box::new(CudaTimer {
+        device,
+        driver_version: version,
+    })))
+}
+
+/// A CUDA event (destroyed on drop).
+struct Event(sys::CUevent);
+
+impl Event {
+    fn new() -> Result<Event> {
+        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| env(format!("CUDA event creation failed: {e:?}")))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by `new`, destroyed once.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
+impl KernelTimer for CudaTimer {
+    fn device_id(&self) -> String {
+        format!(
+            "CUDA:{}:sm_{}:driver {}.{}",
+            self.device.name,
+            self.device.sm,
+            self.driver_version / 1000,
+            (self.driver_version % 1000) / 10
+        )
+    }
+
+    fn time(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<f64> {
+        let TimedKernel::Cuda { kernel, ptx } = kernel else {
+            anyhow::bail!("the CUDA timer runs CUDA kernels only (an mlcb bug)");
+        };
+        self.device
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| env(format!("binding the CUDA context: {e:?}")))?;
+        let sig = &kernel.signature;
+        let t = timed_tokens(spec, sig);
+        let module = Kernel::load(ptx, &kernel.entry_point, sig)?;
+        let buffers = kernel
+            .launch
+            .args
+            .iter()
+            .map(|a| DeviceMem::zeroed(buffer_bytes(spec, &a.role, a.record) as usize, &a.name))
+            .collect::<Result<Vec<_>>>()?;
+        let meta_values: Vec<u32> = META_FIELDS
+            .iter()
+            .map(|f| match *f {
+                "pos" => POSITION as u32,
+                "row0" => 0,
+                _ => t as u32, // t and rows
+            })
+            .collect();
+        let meta = DeviceMem::from_bytes(bytemuck::cast_slice(&meta_values), "call parameters")?;
+        let grid: Vec<u64> = kernel
+            .launch
+            .grid
+            .iter()
+            .map(|d| d.workgroups(t, t))
+            .collect();
+        if grid.iter().zip(MAX_GRID).any(|(g, m)| *g > m) {
+            anyhow::bail!("kernel {sig}: grid {grid:?} exceeds CUDA's limits");
+        }
+        let grid = (grid[0] as u32, grid[1] as u32, grid[2] as u32);
+        let b = kernel.launch.block;
+        let block = (b[0], b[1], b[2]);
+        // Kernel parameters: one pointer per arg, then meta, scalar, index (launch.rs).
+        let mut ptrs: Vec<sys::CUdeviceptr> = buffers.iter().map(|m| m.ptr).collect();
+        let mut meta_ptr = meta.ptr;
+        let mut scalar = 1e-5f32;
+        let mut index = 0u32;
+        let mut params: Vec<*mut c_void> = ptrs
+            .iter_mut()
+            .map(|p| p as *mut sys::CUdeviceptr as *mut c_void)
+            .collect();
+        params.push(&mut meta_ptr as *mut sys::CUdeviceptr as *mut c_void);
+        params.push(&mut scalar as *mut f32 as *mut c_void);
+        params.push(&mut index as *mut u32 as *mut c_void);
+        let stream = Stream::new()?;
+        let (start, end) = (Event::new()?, Event::new()?);
+        driver::launch(&module, grid, block, &stream, &mut params, sig)?; // warm-up
+        stream.synchronize()?;
+        let mut runs = Vec::with_capacity(BATCHES);
+        for _ in 0..BATCHES {
+            // SAFETY: live events recorded on a live stream.
+            unsafe { result::event::record(start.0, stream.0) }
+                .map_err(|e| env(format!("CUDA event record failed: {e:?}")))?;
+            for _ in 0..LAUNCHES_PER_BATCH {
+                driver::launch(&module, grid, block, &stream, &mut params, sig)?;
+            }
+            // SAFETY: as above.
+            unsafe { result::event::record(end.0, stream.0) }
+                .map_err(|e| env(format!("CUDA event record failed: {e:?}")))?;
+            stream.synchronize()?;
+            // SAFETY: both events were recorded on this stream and have completed.
+            let ms = unsafe { result::event::elapsed(start.0, end.0) }
+                .map_err(|e| env(format!("CUDA event timing failed: {e:?}")))?;
+            runs.push(ms as f64 * 1e-3 / LAUNCHES_PER_BATCH as f64);
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[BATCHES / 2])
+    }
+}
