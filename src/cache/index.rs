@@ -94,12 +94,10 @@ impl Index {
         let mut noticed = false;
         let mut delay = Duration::from_millis(2);
         loop {
-            match lock.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    self.wait_for_lock(start, &mut noticed, &mut delay)?
-                }
-                Err(std::fs::TryLockError::Error(e)) => crate::env_bail!(
+            match try_lock_exclusive(&lock) {
+                Ok(true) => break,
+                Ok(false) => self.wait_for_lock(start, &mut noticed, &mut delay)?,
+                Err(e) => crate::env_bail!(
                     "cannot lock the cache index lock {}: {e}",
                     Path::new(&lock_path).display()
                 ),
@@ -192,6 +190,21 @@ impl Index {
     }
 }
 
+/// `flock(LOCK_EX | LOCK_NB)`: Ok(false) when another open file holds it. (std's `File::try_lock`
+/// needs Rust 1.89, above this crate's MSRV.) The lock goes when the file is closed.
+fn try_lock_exclusive(f: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this `File` owns for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 fn is_lock_error(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
         || e.raw_os_error() == Some(11)
@@ -254,7 +267,10 @@ mod tests {
                     v
                 });
                 std::thread::sleep(Duration::from_millis(200));
-                assert!(!done.load(Ordering::SeqCst), "opened while the first held it");
+                assert!(
+                    !done.load(Ordering::SeqCst),
+                    "opened while the first held it"
+                );
                 Ok(waiter)
             })
             .unwrap();
