@@ -34,22 +34,40 @@ pub(crate) fn quantize_row_sym(
         let vals = &row[g * geo.group..g * geo.group + geo.group_len(g)];
         let s = group_scale(rule, dtype, vals, geo.bits, floor);
         *scale = s;
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if dtype == DType::F16 && f16_simd::available() {
-            let mut codes = [0u32; 8];
-            while done + 8 <= vals.len() {
-                // SAFETY: `available()` checked AVX and F16C; the slice has 8 values from `done`.
-                unsafe { f16_simd::sym_codes8(&vals[done..done + 8], s, maxq, top, &mut codes) };
-                for (k, &q) in codes.iter().enumerate() {
-                    put_code(geo, words, g, done + k, q);
-                }
-                done += 8;
-            }
+        let mut codes = [0u32; MAX_GROUP];
+        group_codes(dtype, vals, s, maxq, top, &mut codes);
+        for (i, &q) in codes[..vals.len()].iter().enumerate() {
+            put_code(geo, words, g, i, q);
         }
-        for (i, &w) in vals.iter().enumerate().skip(done) {
-            put_code(geo, words, g, i, code(dtype, w, s, maxq, top));
+    }
+}
+
+/// The largest group of any scheme (q3's 40) fits.
+pub(crate) const MAX_GROUP: usize = 64;
+
+/// `codes[i] = code(dtype, vals[i], s, maxq, top)` for a group (at most [`MAX_GROUP`] values),
+/// 8 at a time with AVX + F16C for f16 (bit-identical to the scalar formula).
+pub(crate) fn group_codes(
+    dtype: DType,
+    vals: &[f32],
+    s: f32,
+    maxq: f32,
+    top: f32,
+    codes: &mut [u32; MAX_GROUP],
+) {
+    assert!(vals.len() <= MAX_GROUP, "group of {} values", vals.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if dtype == DType::F16 && f16_simd::available() {
+        while done + 8 <= vals.len() {
+            let chunk: &mut [u32; 8] = (&mut codes[done..done + 8]).try_into().expect("8 codes");
+            // SAFETY: `available()` checked AVX and F16C; the slice has 8 values from `done`.
+            unsafe { f16_simd::sym_codes8(&vals[done..done + 8], s, maxq, top, chunk) };
+            done += 8;
         }
+    }
+    for (c, &w) in codes[done..vals.len()].iter_mut().zip(&vals[done..]) {
+        *c = code(dtype, w, s, maxq, top);
     }
 }
 

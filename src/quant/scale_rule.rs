@@ -18,6 +18,7 @@
 
 use crate::formats::dtype::DType;
 use crate::quant::rounding::{round_half_even, round_to};
+use crate::quant::row_quant::{group_codes, MAX_GROUP};
 use serde::Serialize;
 
 /// The per-group scale choice of symmetric schemes (asymmetric schemes always use min/max).
@@ -75,10 +76,12 @@ pub(crate) fn code(dtype: DType, w: f32, s: f32, maxq: f32, top: f32) -> u32 {
 
 /// Squared reconstruction error of `vals` with scale `s` (f64, summed in order).
 fn sq_error(dtype: DType, vals: &[f32], s: f32, maxq: f32, top: f32) -> f64 {
+    let mut codes = [0u32; MAX_GROUP];
+    group_codes(dtype, vals, s, maxq, top, &mut codes);
     vals.iter()
-        .map(|&w| {
-            let l = code(dtype, w, s, maxq, top) as f32 - maxq;
-            let d = (l * s) as f64 - w as f64;
+        .zip(&codes)
+        .map(|(&w, &q)| {
+            let d = ((q as f32 - maxq) * s) as f64 - w as f64;
             d * d
         })
         .sum()
@@ -86,9 +89,11 @@ fn sq_error(dtype: DType, vals: &[f32], s: f32, maxq: f32, top: f32) -> f64 {
 
 /// The least-squares scale for the codes `s` gives, rounded to `dtype`; None when degenerate.
 fn refine(dtype: DType, vals: &[f32], s: f32, maxq: f32, top: f32) -> Option<f32> {
+    let mut codes = [0u32; MAX_GROUP];
+    group_codes(dtype, vals, s, maxq, top, &mut codes);
     let (mut num, mut den) = (0f64, 0f64);
-    for &w in vals {
-        let l = (code(dtype, w, s, maxq, top) as f32 - maxq) as f64;
+    for (&w, &q) in vals.iter().zip(&codes) {
+        let l = (q as f32 - maxq) as f64;
         num += w as f64 * l;
         den += l * l;
     }
