@@ -4,6 +4,7 @@
 //! against transformers' greedy tokens (computed by full recomputation).
 
 mod common;
+use common::logits::{f32s as floats, greedy_args, logits_args, read_logits, rel_err, run_ids};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -17,13 +18,6 @@ fn ints(t: &safetensors::tensor::TensorView) -> Vec<u32> {
     t.data()
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-fn floats(t: &safetensors::tensor::TensorView) -> Vec<f32> {
-    t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
 
@@ -53,14 +47,7 @@ fn reference(folder: &str) -> Reference {
 fn compare(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
     let (mut worst, mut agree, mut rows) = (0f64, 0usize, 0usize);
     for (a, b) in ours.chunks(vocab).zip(theirs.chunks(vocab)) {
-        let num: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| ((*x - *y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-        worst = worst.max(num / den);
+        worst = worst.max(rel_err(a, b));
         let argmax = |v: &[f32]| {
             v.iter()
                 .enumerate()
@@ -75,51 +62,19 @@ fn compare(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
 }
 
 fn logits_of(w: &Work, dist: &Path, ids: &[u32]) -> Vec<f32> {
-    let out_file = w.path().join(format!(
-        "logits-{}.safetensors",
-        blake3::hash(format!("{dist:?}{ids:?}").as_bytes()).to_hex()
-    ));
-    let ids_arg = ids
-        .iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let out = w.mlcb(&[
-        "logits",
-        dist.to_str().unwrap(),
-        "--input-ids",
-        &ids_arg,
-        "--out",
-        out_file.to_str().unwrap(),
-    ]);
-    assert_success(&out);
-    let bytes = std::fs::read(&out_file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    floats(&st.tensor("logits").unwrap())
+    let (args, file) = logits_args(w.path(), dist, ids, "cpu");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_success(&w.mlcb(&args));
+    read_logits(&file)
 }
 
 /// Greedy generation through `mlcb run`, as token ids.
 fn greedy_of(w: &Work, dist: &Path, prompt: &str, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let out = w.mlcb(&[
-        "run",
-        dist.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--greedy",
-        "--max-tokens",
-        &n.to_string(),
-        "--json",
-    ]);
+    let args = greedy_args(dist, prompt, n);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = w.mlcb(&args);
     assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids = |k: &str| {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
-    (ids("prompt_ids"), ids("generated_ids"))
+    run_ids(&out.stdout)
 }
 
 /// Relative-error bound per scheme. f32 and f16 bounds are the issue's. The quantized ones were

@@ -10,6 +10,7 @@
 //! `mesa-vulkan-drivers libvulkan1` (lavapipe) to run them; `.ci/run` does.
 
 mod common;
+use common::logits::{greedy_args, logits_args, max_rel_err, read_logits, run_ids};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -60,93 +61,27 @@ fn has_adapter(out: &Output, test: &str) -> bool {
     true
 }
 
-fn floats(bytes: &[u8]) -> Vec<f32> {
-    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    st.tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 fn logits_cmd(w: &Work, dist: &Path, ids: &[u32], device: &str) -> (Output, PathBuf) {
-    let out_file = w.path().join(format!(
-        "logits-{device}-{}.safetensors",
-        blake3::hash(format!("{dist:?}{ids:?}").as_bytes()).to_hex()
-    ));
-    let ids_arg = ids
-        .iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let out = mlcb_env(
-        w,
-        &[
-            "logits",
-            dist.to_str().unwrap(),
-            "--input-ids",
-            &ids_arg,
-            "--out",
-            out_file.to_str().unwrap(),
-            "--device",
-            device,
-        ],
-    );
-    (out, out_file)
+    let (mut args, out_file) = logits_args(w.path(), dist, ids, device);
+    args.extend(["--device".to_string(), device.to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (mlcb_env(w, &args), out_file)
 }
 
 fn logits(w: &Work, dist: &Path, ids: &[u32], device: &str) -> Vec<f32> {
     let (out, file) = logits_cmd(w, dist, ids, device);
     assert_success(&out);
-    floats(&std::fs::read(file).unwrap())
+    read_logits(&file)
 }
 
 /// `(prompt ids, generated ids)` of a greedy `mlcb run` on `device`.
 fn greedy(w: &Work, dist: &Path, prompt: &str, n: usize, device: &str) -> (Vec<u32>, Vec<u32>) {
-    let out = mlcb_env(
-        w,
-        &[
-            "run",
-            dist.to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--greedy",
-            "--max-tokens",
-            &n.to_string(),
-            "--json",
-            "--device",
-            device,
-        ],
-    );
+    let mut args = greedy_args(dist, prompt, n);
+    args.extend(["--device".to_string(), device.to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = mlcb_env(w, &args);
     assert_success(&out);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids = |k: &str| {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
-    (ids("prompt_ids"), ids("generated_ids"))
-}
-
-/// Max over positions of ‖a−b‖/‖b‖.
-fn max_rel_err(a: &[f32], b: &[f32], vocab: usize) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.chunks(vocab)
-        .zip(b.chunks(vocab))
-        .map(|(x, y)| {
-            let num: f64 = x
-                .iter()
-                .zip(y)
-                .map(|(p, q)| ((*p - *q) as f64).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            let den: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
-            num / den
-        })
-        .fold(0.0, f64::max)
+    run_ids(&out.stdout)
 }
 
 fn prompt_of(reference_folder: &str) -> (String, Vec<u32>) {
@@ -340,7 +275,7 @@ fn webgpu_folded_grids_adapters_and_refusals() {
         .output()
         .unwrap();
     assert_success(&out);
-    let folded = floats(&std::fs::read(&folded_file).unwrap());
+    let folded = read_logits(&folded_file);
     assert!(
         max_rel_err(&folded, &spirv, 512) <= 1e-6,
         "folding changes nothing"
@@ -450,21 +385,10 @@ fn smollm2_on_wgpu_says_paris() {
     for q in schemes {
         let dist = w.dist().join(format!("smollm2-{q}"));
         let run = |device: &str| {
-            let out = mlcb_env(
-                &w,
-                &[
-                    "run",
-                    dist.to_str().unwrap(),
-                    "--prompt",
-                    prompt,
-                    "--greedy",
-                    "--max-tokens",
-                    "4",
-                    "--json",
-                    "--device",
-                    device,
-                ],
-            );
+            let mut args = greedy_args(&dist, prompt, 4);
+            args.extend(["--device".to_string(), device.to_string()]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = mlcb_env(&w, &args);
             if !out.status.success() && !has_adapter(&out, "smollm2_on_wgpu_says_paris") {
                 return None;
             }
@@ -549,7 +473,7 @@ fn weights_split_across_bindings_match() {
         return;
     }
     assert_success(&probe);
-    let parts = floats(&std::fs::read(file).unwrap());
+    let parts = read_logits(&file);
     let whole = logits(&w, &dist, &ids, "wgpu");
     let err = max_rel_err(&parts, &whole, 512);
     assert!(err <= 1e-6, "split vs whole: {err:e}");

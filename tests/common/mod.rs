@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod hub_server;
+pub mod logits;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
