@@ -7,6 +7,7 @@
 //! q4: `Σ (q-7)·x ≈ s·d·Σ q·xq - 7·s·d·Σ xq`, the second term precomputed per block of `x`.
 //! q8: `Σ (q-127)·x ≈ s·d·Σ (q-127)·xq` with `q - 127` in i8.
 
+use super::matrix::f16_scale as scale;
 use super::matrix::QMatrix;
 
 /// Which weight codes a [`QuantizedX`] is laid out for.
@@ -141,10 +142,6 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
             Bits::Eight => portable_row_dot_q8(data, scales, x, groups),
         };
     }
-}
-
-fn scale(scales: &[u8], g: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
 }
 
 fn portable_row_dot_q4(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {

@@ -136,6 +136,20 @@ impl<'a> Matrix<'a> {
 }
 
 impl QMatrix<'_> {
+    /// Whether this is a symmetric `bits`-bit matrix in `layout` with groups of 32, u32 words and
+    /// f16 scales: the storage the fast paths (q4_nk, q4_kn, q8_nk) read.
+    pub fn is_sym_group32_f16(&self, bits: u32, layout: Layout) -> bool {
+        self.layout == layout
+            && self.bits == bits
+            && self.group == 32
+            && self.word_bytes == 4
+            && self.codec
+                == Codec::Sym {
+                    maxq: ((1u32 << (bits - 1)) - 1) as f32,
+                    scale_dtype: DType::F16,
+                }
+    }
+
     /// Storage word `i` of `q_weight`.
     #[inline]
     pub fn word(&self, i: usize) -> u32 {
@@ -271,6 +285,11 @@ fn expect_len(bytes: &[u8], want: usize, what: &str) -> Result<(), String> {
 
 /// Element `i` of a little-endian float array.
 #[inline]
+/// Scale `g` of a row's little-endian f16 scales.
+pub(super) fn f16_scale(scales: &[u8], g: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
+}
+
 pub(super) fn read_float(dtype: DType, b: &[u8], i: usize) -> f32 {
     match dtype {
         DType::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),

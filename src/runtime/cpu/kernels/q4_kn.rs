@@ -3,20 +3,11 @@
 //! and so are their 8 scales, so the kernel vectorises across output rows: each lane is one row.
 //! Per group it computes `Σ q·x - 7·Σ x` (the sum of `x` is shared by every row), times `s`.
 
-use super::matrix::{Codec, QMatrix};
-use crate::formats::dtype::DType;
+use super::matrix::QMatrix;
 use crate::quant::scheme::Layout;
 
 pub(super) fn applies(m: &QMatrix) -> bool {
-    m.layout == Layout::KN
-        && m.bits == 4
-        && m.group == 32
-        && m.word_bytes == 4
-        && m.codec
-            == Codec::Sym {
-                maxq: 7.0,
-                scale_dtype: DType::F16,
-            }
+    m.is_sym_group32_f16(4, Layout::KN)
 }
 
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]`. Blocks of 8 rows starting at `n0` take the SIMD path, the

@@ -3,22 +3,14 @@
 //! position `2i` in its low nibble and `2i + 1` in its high nibble (LSB-first words, little
 //! endian). Decoded values are `(q - 7)·s` in f32.
 
-use super::matrix::{Codec, QMatrix};
+use super::matrix::f16_scale as scale;
+use super::matrix::QMatrix;
 use super::row_dot::RowDotFns;
-use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
 /// Whether `m` is stored the way this module reads.
 pub(super) fn applies(m: &QMatrix) -> bool {
-    m.layout == Layout::NK
-        && m.bits == 4
-        && m.group == 32
-        && m.word_bytes == 4
-        && m.codec
-            == Codec::Sym {
-                maxq: 7.0,
-                scale_dtype: DType::F16,
-            }
+    m.is_sym_group32_f16(4, Layout::NK)
 }
 
 /// The row kernels of this format.
@@ -52,10 +44,6 @@ pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
     if full < m.n_group {
         m.decode_group(row, full, &mut out[full * 32..]);
     }
-}
-
-fn scale(scales: &[u8], g: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
 }
 
 /// The 32 codes of a group minus 7, in position order.

@@ -2,25 +2,13 @@
 //! `q8f16_1` linear weights and `q8f16_*` embeddings. With four codes per little-endian word,
 //! LSB first, the bytes of a group are its codes in position order. Decoded: `(q - 127)·s`.
 
-use super::matrix::{Codec, QMatrix};
+use super::matrix::f16_scale as scale;
+use super::matrix::QMatrix;
 use super::row_dot::RowDotFns;
-use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
 pub(super) fn applies(m: &QMatrix) -> bool {
-    m.layout == Layout::NK
-        && m.bits == 8
-        && m.group == 32
-        && m.word_bytes == 4
-        && m.codec
-            == Codec::Sym {
-                maxq: 127.0,
-                scale_dtype: DType::F16,
-            }
-}
-
-fn scale(scales: &[u8], g: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
+    m.is_sym_group32_f16(8, Layout::NK)
 }
 
 /// The row kernels of this format.
