@@ -82,6 +82,14 @@ impl PlanBuilder {
         self.ops.push(op);
     }
 
+    /// `out` = the rows of embedding weight `name` for the input tokens (every model's first
+    /// op); returns the weight (tied output heads reuse it).
+    pub fn embedding(&mut self, name: &str, out: BufId) -> Result<WeightId> {
+        let weight = self.w(name)?;
+        self.op(Op::Embedding { weight, out });
+        Ok(weight)
+    }
+
     /// `out = LayerNorm(input)` with the weights `{prefix}.weight` and `{prefix}.bias`.
     pub fn layer_norm(&mut self, prefix: &str, input: BufId, eps: f32, out: BufId) -> Result<()> {
         let weight = self.w(&format!("{prefix}.weight"))?;

@@ -28,11 +28,7 @@ pub fn lower(
     let ff = b.buf("ff", p.intermediate_size);
     let logits = b.buf("logits", c.vocab_size);
 
-    let embed = b.w(EMBED)?;
-    b.op(Op::Embedding {
-        weight: embed,
-        out: h,
-    });
+    let embed = b.embedding(EMBED, h)?;
     for l in 0..c.num_layers {
         let state = b.state(StateDecl::KvCache {
             layer: l,

@@ -33,11 +33,7 @@ pub fn lower(
     let ffk = b.buf("ffn_key", p.intermediate_size);
     let logits = b.buf("logits", c.vocab_size);
 
-    let embed = b.w(EMBED)?;
-    b.op(Op::Embedding {
-        weight: embed,
-        out: emb,
-    });
+    let embed = b.embedding(EMBED, emb)?;
     for l in 0..c.num_layers {
         let state = b.state(StateDecl::Rwkv {
             layer: l,
