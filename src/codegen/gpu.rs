@@ -46,18 +46,20 @@ pub fn validate(k: &WgslKernel) -> Result<(naga::Module, naga::valid::ModuleInfo
         )
     })?;
     // unpack2x16float / pack2x16float are core WGSL; naga gates them behind this capability.
-    let info = Validator::new(
-        ValidationFlags::all(),
-        Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-    )
-    .validate(&module)
-    .map_err(|e| {
-        anyhow!(
-            "generated kernel {} fails naga validation (an mlcb bug; please report it):\n{}",
-            k.signature,
-            e.emit_to_string(&k.source)
-        )
-    })?;
+    // Subgroup reductions (the preset's choice) need the subgroup capabilities.
+    let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    if k.launch.tuning.subgroups {
+        caps |= Capabilities::SUBGROUP;
+    }
+    let info = Validator::new(ValidationFlags::all(), caps)
+        .validate(&module)
+        .map_err(|e| {
+            anyhow!(
+                "generated kernel {} fails naga validation (an mlcb bug; please report it):\n{}",
+                k.signature,
+                e.emit_to_string(&k.source)
+            )
+        })?;
     Ok((module, info))
 }
 

@@ -16,18 +16,21 @@ fn tunings() -> Vec<Tuning> {
             rows_per_workgroup: 1,
             vector_width: 4,
             max_binding_bytes: crate::codegen::wgsl::launch::DEFAULT_MAX_BINDING_BYTES,
+            subgroups: false,
         },
         Tuning {
             workgroup_size: 32,
             rows_per_workgroup: 3,
             vector_width: 1,
             max_binding_bytes: crate::codegen::wgsl::launch::DEFAULT_MAX_BINDING_BYTES,
+            subgroups: true,
         },
         Tuning {
             workgroup_size: 256,
             rows_per_workgroup: 2,
             vector_width: 2,
             max_binding_bytes: 256,
+            subgroups: true,
         },
     ]
 }

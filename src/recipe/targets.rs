@@ -19,6 +19,11 @@ pub struct TargetPreset {
     pub supports_f16: bool,
     /// Default CUDA architecture for the cuda preset.
     pub default_cuda_arch: Option<&'static str>,
+    /// wgpu presets: whether the WGSL kernels reduce with subgroup operations. On for desktop
+    /// Vulkan and Apple-silicon Metal, where every current GPU has them; off (the workgroup-memory
+    /// fallback) where support varies: Android, iPhone, Intel/AMD Macs and WebGPU (an optional
+    /// browser feature).
+    pub subgroups: bool,
 }
 
 pub const TARGETS: &[TargetPreset] = &[
@@ -29,6 +34,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "cpu",
         supports_f16: false,
         default_cuda_arch: None,
+        subgroups: false,
     },
     TargetPreset {
         name: "cuda",
@@ -37,6 +43,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "cuda",
         supports_f16: true,
         default_cuda_arch: Some("sm_80"),
+        subgroups: false,
     },
     TargetPreset {
         name: "vulkan",
@@ -45,6 +52,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "vulkan",
         supports_f16: true,
         default_cuda_arch: None,
+        subgroups: true,
     },
     TargetPreset {
         name: "metal",
@@ -53,6 +61,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "metal",
         supports_f16: true,
         default_cuda_arch: None,
+        subgroups: true,
     },
     TargetPreset {
         name: "metal_x86_64",
@@ -61,6 +70,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "metal_x86_64",
         supports_f16: true,
         default_cuda_arch: None,
+        subgroups: false,
     },
     TargetPreset {
         name: "webgpu",
@@ -69,6 +79,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "webgpu",
         supports_f16: true,
         default_cuda_arch: None,
+        subgroups: false,
     },
     TargetPreset {
         name: "iphone",
@@ -77,6 +88,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "iphone",
         supports_f16: true,
         default_cuda_arch: None,
+        subgroups: false,
     },
     TargetPreset {
         name: "android",
@@ -85,6 +97,7 @@ pub const TARGETS: &[TargetPreset] = &[
         kind: "android",
         supports_f16: true,
         default_cuda_arch: None,
+        subgroups: false,
     },
 ];
 

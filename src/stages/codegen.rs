@@ -20,8 +20,9 @@ use std::collections::BTreeMap;
 
 /// 2: wgpu targets carry WGSL/SPIR-V/MSL kernels. 3: kernels fold grid x into z for grids above
 /// 65,535 workgroups (`Launch::folds_x_into_z`) and bind weight records above the tuning's
-/// `max_binding_bytes` in parts; the cuda target carries PTX.
-pub const VERSION: u32 = 3;
+/// `max_binding_bytes` in parts; the cuda target carries PTX. 4: WGSL reductions use subgroup
+/// operations where the preset says so (`Tuning::subgroups`).
+pub const VERSION: u32 = 4;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -65,8 +65,10 @@ fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
         "cpu" => serde_json::json!({ "rows_per_task": 64 }),
         "cuda" => serde_json::to_value(crate::codegen::cuda::tune_space::default_for(signature))
             .expect("a tuning serialises"),
-        _ => serde_json::to_value(crate::codegen::wgsl::tune_space::DEFAULT)
-            .expect("a tuning serialises"),
+        _ => serde_json::to_value(crate::codegen::wgsl::tune_space::preset_default(
+            target.preset.subgroups,
+        ))
+        .expect("a tuning serialises"),
     }
 }
 
@@ -98,7 +100,8 @@ fn measure(
                 .map(Some)
         })
     } else {
-        let candidates = crate::codegen::wgsl::tune_space::candidates(spec);
+        let base = crate::codegen::wgsl::tune_space::preset_default(target.preset.subgroups);
+        let candidates = crate::codegen::wgsl::tune_space::candidates(spec, base);
         fastest(signature, &candidates, |t| {
             let kernel = crate::codegen::wgsl::generate(signature, spec, *t)?;
             crate::codegen::gpu::validate(&kernel)?;

@@ -159,7 +159,7 @@ fn {}{ENTRY_HEAD}
 }}
 ",
         b.entry_point,
-        reduce("m", "mx", "max")
+        reduce(b.tuning.subgroups, "m", "mx", "max")
     );
     let grid = [
         GridDim::fixed(n_q_heads as u64, 1),

@@ -232,6 +232,16 @@ impl KernelBuilder {
             "@group(0) @binding({pb}) var<uniform> params: Params;"
         )
         .unwrap();
+        // Subgroup kernels also take the invocation's subgroup position and the subgroup size
+        // (naga gates them by capability; its WGSL front end does not take `enable subgroups;`).
+        let body = if self.tuning.subgroups {
+            body.replace(
+                "@builtin(local_invocation_index) lid: u32)",
+                "@builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) sg_lid: u32, @builtin(subgroup_size) sg_size: u32)",
+            )
+        } else {
+            body.to_string()
+        };
         let src = format!(
             "// mlcb kernel `{}` (generated; bindings: see the launch JSON)\n{}\n{PARAMS_WGSL}\n{}\n{}\n{}",
             self.entry_point, self.consts, self.decls, self.helpers, body
@@ -272,7 +282,27 @@ pub fn float_reader(fn_name: &str, buf: &str, elem: Elem) -> String {
 
 /// A workgroup tree reduction of `var_in` (each invocation's value) into `let out` (uniform),
 /// with `op` "+" or "max". Needs `var<workgroup> red: array<f32, WG>;` and `lid`.
-pub fn reduce(var_in: &str, out: &str, op: &str) -> String {
+/// Reduce `var_in` over the workgroup into `out` (every invocation gets it), with `op` "+" or
+/// "max"; needs `red: array<f32, WG>` in workgroup memory. With subgroups (the preset's choice):
+/// one subgroup operation, each subgroup's first invocation stores its result, and every
+/// invocation combines those few values — two barriers instead of log2(WG)+1.
+pub fn reduce(subgroups: bool, var_in: &str, out: &str, op: &str) -> String {
+    if subgroups {
+        let (sg_op, combine) = if op == "max" {
+            ("subgroupMax", format!("{out} = max({out}, red[i]);"))
+        } else {
+            ("subgroupAdd", format!("{out} = {out} + red[i];"))
+        };
+        return format!(
+            "    let sg_{out} = {sg_op}({var_in});
+    if (sg_lid == 0u) {{ red[lid / sg_size] = sg_{out}; }}
+    workgroupBarrier();
+    var {out} = red[0];
+    for (var i = 1u; i < (WG + sg_size - 1u) / sg_size; i = i + 1u) {{ {combine} }}
+    workgroupBarrier();
+"
+        );
+    }
     let combine = if op == "max" {
         "red[lid] = max(red[lid], red[lid + s]);"
     } else {

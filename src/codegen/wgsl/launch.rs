@@ -149,6 +149,12 @@ pub struct Tuning {
     /// [`DEFAULT_MAX_BINDING_BYTES`], WebGPU's guaranteed minimum.
     #[serde(default = "default_max_binding_bytes")]
     pub max_binding_bytes: u64,
+    /// Reductions use subgroup operations (`subgroupAdd`/`subgroupMax`, then one value per
+    /// subgroup through workgroup memory) instead of a workgroup-memory tree. The target preset
+    /// decides (`TargetPreset::subgroups`); the runtime then needs an adapter with wgpu's
+    /// `SUBGROUP` feature. Absent in older records: false.
+    #[serde(default)]
+    pub subgroups: bool,
 }
 
 /// WebGPU's default `maxStorageBufferBindingSize` (128 MiB), which every adapter offers.
@@ -173,11 +179,16 @@ impl Tuning {
                 .as_u64()
                 .ok_or("`max_binding_bytes` is not a non-negative integer")?,
         };
+        let subgroups = match v.get("subgroups") {
+            None => false,
+            Some(x) => x.as_bool().ok_or("`subgroups` is not true or false")?,
+        };
         let t = Tuning {
             workgroup_size: field("workgroup_size")?,
             rows_per_workgroup: field("rows_per_workgroup")?,
             vector_width: field("vector_width")?,
             max_binding_bytes,
+            subgroups,
         };
         if !max_binding_bytes.is_power_of_two() || !(256..=1 << 31).contains(&max_binding_bytes) {
             return Err(format!(
@@ -278,8 +289,12 @@ mod tests {
                 rows_per_workgroup: 2,
                 vector_width: 4,
                 max_binding_bytes: DEFAULT_MAX_BINDING_BYTES,
+                subgroups: false,
             }
         );
+        let sg = serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 2,
+            "vector_width": 4, "subgroups": true});
+        assert!(Tuning::from_record(&sg).unwrap().subgroups);
         for bad in [
             serde_json::json!({"workgroup_size": 48, "rows_per_workgroup": 1, "vector_width": 4}),
             serde_json::json!({"workgroup_size": 512, "rows_per_workgroup": 1, "vector_width": 4}),

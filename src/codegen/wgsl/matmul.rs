@@ -121,7 +121,7 @@ fn {}{ENTRY_HEAD}
 }}
 ",
         b.entry_point,
-        reduce("acc", "total", "+")
+        reduce(b.tuning.subgroups, "acc", "total", "+")
     );
     let grid = [
         GridDim::fixed(m.n as u64, rows as u64),

@@ -36,7 +36,7 @@ fn {}{ENTRY_HEAD}
 }}
 ",
         b.entry_point,
-        reduce("ss", "total", "+")
+        reduce(b.tuning.subgroups, "ss", "total", "+")
     );
     b.finish(&body, grid())
 }
@@ -78,8 +78,8 @@ fn {}{ENTRY_HEAD}
 }}
 ",
         b.entry_point,
-        reduce("s", "sum", "+"),
-        reduce("sq", "ssd", "+")
+        reduce(b.tuning.subgroups, "s", "sum", "+"),
+        reduce(b.tuning.subgroups, "sq", "ssd", "+")
     );
     b.finish(&body, grid())
 }

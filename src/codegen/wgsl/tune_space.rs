@@ -7,13 +7,23 @@ use super::launch::Tuning;
 use super::spec::{KernelSpec, MatrixStorage, Phase};
 use crate::quant::scheme::Layout;
 
-/// The wgpu presets' default configuration (what an untuned build uses).
+/// The wgpu presets' default configuration (what an untuned build uses), before the preset's
+/// `subgroups` choice ([`preset_default`]).
 pub const DEFAULT: Tuning = Tuning {
     workgroup_size: 64,
     rows_per_workgroup: 1,
     vector_width: 4,
     max_binding_bytes: super::launch::DEFAULT_MAX_BINDING_BYTES,
+    subgroups: false,
 };
+
+/// [`DEFAULT`] with the preset's choice of subgroup reductions.
+pub fn preset_default(subgroups: bool) -> Tuning {
+    Tuning {
+        subgroups,
+        ..DEFAULT
+    }
+}
 
 const WORKGROUP_SIZES: [u32; 4] = [32, 64, 128, 256];
 const ROWS_PER_WORKGROUP: [u32; 3] = [1, 2, 4];
@@ -37,20 +47,21 @@ fn knobs(spec: &KernelSpec) -> (bool, bool) {
     }
 }
 
-/// Candidate configurations for `spec`, the default first.
-pub fn candidates(spec: &KernelSpec) -> Vec<Tuning> {
+/// Candidate configurations for `spec`, `base` (the preset default) first; every candidate keeps
+/// `base`'s subgroup choice and binding limit.
+pub fn candidates(spec: &KernelSpec, base: Tuning) -> Vec<Tuning> {
     let (rows, vector) = knobs(spec);
     let rows: &[u32] = if rows {
         &ROWS_PER_WORKGROUP
     } else {
-        &[DEFAULT.rows_per_workgroup]
+        std::slice::from_ref(&base.rows_per_workgroup)
     };
     let widths: &[u32] = if vector {
         &VECTOR_WIDTHS
     } else {
-        &[DEFAULT.vector_width]
+        std::slice::from_ref(&base.vector_width)
     };
-    let mut out = vec![DEFAULT];
+    let mut out = vec![base];
     for &workgroup_size in &WORKGROUP_SIZES {
         for &rows_per_workgroup in rows {
             for &vector_width in widths {
@@ -58,9 +69,9 @@ pub fn candidates(spec: &KernelSpec) -> Vec<Tuning> {
                     workgroup_size,
                     rows_per_workgroup,
                     vector_width,
-                    max_binding_bytes: DEFAULT.max_binding_bytes,
+                    ..base
                 };
-                if t != DEFAULT {
+                if t != base {
                     out.push(t);
                 }
             }
@@ -80,15 +91,22 @@ mod tests {
             cols: 64,
             weight: DType::F32,
         };
-        let c = candidates(&norm);
+        let c = candidates(&norm, DEFAULT);
         assert_eq!(c[0], DEFAULT);
         assert_eq!(c.len(), 4, "workgroup size only");
         let add = KernelSpec::Binary {
             op: super::super::spec::Binary::Add,
             cols: 64,
         };
-        assert_eq!(candidates(&add).len(), 12, "workgroup size × vector width");
-        for c in [candidates(&norm), candidates(&add)] {
+        assert_eq!(
+            candidates(&add, DEFAULT).len(),
+            12,
+            "workgroup size × vector width"
+        );
+        assert!(candidates(&add, preset_default(true))
+            .iter()
+            .all(|t| t.subgroups));
+        for c in [candidates(&norm, DEFAULT), candidates(&add, DEFAULT)] {
             for t in &c {
                 let v = serde_json::to_value(t).unwrap();
                 assert_eq!(

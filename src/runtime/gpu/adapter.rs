@@ -22,6 +22,9 @@ pub struct GpuContext {
     /// Errors wgpu reported outside an error scope (validation, out of memory): the session
     /// checks it after each submit instead of letting wgpu panic.
     pub uncaptured: Arc<Mutex<Option<String>>>,
+    /// Whether the device was opened with subgroup operations (kernels built with subgroup
+    /// reductions need them).
+    pub subgroups: bool,
 }
 
 impl GpuContext {
@@ -157,9 +160,12 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
         planned.max_compute_workgroups_per_dimension =
             planned.max_compute_workgroups_per_dimension.min(n.max(1));
     }
+    // Subgroup operations whenever the adapter has them: libraries of presets with subgroup
+    // reductions need them, the others ignore them.
+    let features = adapter.features() & wgpu::Features::SUBGROUP;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("mlcb"),
-        required_features: wgpu::Features::empty(),
+        required_features: features,
         required_limits: limits.clone(),
         ..Default::default()
     }))
@@ -182,6 +188,7 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
         info,
         limits: planned,
         uncaptured,
+        subgroups: features.contains(wgpu::Features::SUBGROUP),
     })
 }
 

@@ -92,6 +92,17 @@ fn spirv_words(bytes: &[u8], signature: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Why a kernel built with subgroup reductions cannot run on this device, if it cannot.
+fn missing_subgroups(kernel_uses: bool, device_has: bool, adapter: &str) -> Option<String> {
+    (kernel_uses && !device_has).then(|| {
+        format!(
+            "this library reduces with subgroup operations, which wgpu adapter {adapter} does not \
+             offer; build for a preset without them (android or webgpu use the same kernels \
+             without subgroups), or pin a tuning file whose records say \"subgroups\": false"
+        )
+    })
+}
+
 /// Every kernel of the library as a pipeline, by phase-prefixed signature.
 pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kernel>> {
     let device = &ctx.device;
@@ -106,6 +117,11 @@ pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kern
                 entry.signature
             ))
         })?;
+        if let Some(why) =
+            missing_subgroups(launch.tuning.subgroups, ctx.subgroups, &ctx.description())
+        {
+            return Err(user(format!("kernel {}: {why}", entry.signature)));
+        }
         let bytes = lib.kernel_bytes(entry);
         let source = match entry.language.as_str() {
             "spirv" => wgpu::ShaderSource::SpirV(Cow::Owned(spirv_words(bytes, &entry.signature)?)),
@@ -159,6 +175,15 @@ pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kern
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subgroup_kernels_need_a_subgroup_device() {
+        assert!(missing_subgroups(false, false, "a").is_none());
+        assert!(missing_subgroups(false, true, "a").is_none());
+        assert!(missing_subgroups(true, true, "a").is_none());
+        let why = missing_subgroups(true, false, "llvmpipe").unwrap();
+        assert!(why.contains("llvmpipe") && why.contains("webgpu"), "{why}");
+    }
 
     #[test]
     fn msl_and_unknown_languages_are_refused_with_a_way_out() {
