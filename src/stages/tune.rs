@@ -81,7 +81,7 @@ fn measure(
     spec: &KernelSpec,
 ) -> Result<TunedRecord> {
     if target.preset.backend == "cuda" {
-        let arch = target.cuda_arch.as_deref().unwrap_or("sm_80");
+        let arch = cuda_arch(target);
         let candidates = crate::codegen::cuda::tune_space::candidates(signature, spec);
         fastest(signature, &candidates, |t| {
             // A candidate the shape cannot take (attention's shared memory) is skipped.
@@ -154,8 +154,8 @@ fn device_records(
         return Ok(None);
     }
     let _guard = MEASURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mut timer) = (ctx.timer_factory)(target.preset.name, target.cuda_arch.as_deref())?
-    else {
+    let arch = (target.preset.backend == "cuda").then(|| cuda_arch(target));
+    let Some(mut timer) = (ctx.timer_factory)(target.preset.name, arch)? else {
         tracing::info!(
             "tune: no local device runs {} kernels; using the preset defaults (untuned)",
             target.preset.name
@@ -164,10 +164,11 @@ fn device_records(
     };
     let device = timer.device_id();
     let db = TuningDb::open(&ctx.cache.root, &device);
-    let mut known = db.load()?;
+    let key = |sig: &str| db_key(target, sig);
+    let mut stored = db.load()?;
     let missing: Vec<&String> = signatures
         .iter()
-        .filter(|s| !known.contains_key(*s))
+        .filter(|s| !stored.contains_key(&key(s)))
         .collect();
     if ctx.tune_mode == TuneMode::On && !missing.is_empty() && !ctx.probe {
         let specs = crate::codegen::wgsl::spec::specs_by_signature(plan)?;
@@ -177,7 +178,7 @@ fn device_records(
             let spec = specs.get(*sig).ok_or_else(|| {
                 anyhow::anyhow!("kernel signature {sig} has no spec (an mlcb bug)")
             })?;
-            measured.insert((*sig).clone(), measure(timer.as_mut(), target, sig, spec)?);
+            measured.insert(key(sig), measure(timer.as_mut(), target, sig, spec)?);
         }
         db.insert(&measured)?;
         eprintln!(
@@ -186,7 +187,7 @@ fn device_records(
             started.elapsed().as_secs_f64(),
             db.path().display()
         );
-        known.extend(measured);
+        stored.extend(measured);
     } else {
         eprintln!(
             "tune: {} of {} kernel signatures from the tuning database of {device}",
@@ -194,8 +195,31 @@ fn device_records(
             signatures.len()
         );
     }
-    known.retain(|s, _| signatures.contains(s));
+    let known = signatures
+        .iter()
+        .filter_map(|s| stored.get(&key(s)).map(|r| (s.clone(), r.clone())))
+        .collect();
     Ok(Some((device, known)))
+}
+
+/// A signature's key in the device's tuning database: wgpu kernels with subgroup reductions
+/// (the preset's choice) are other kernels than the same signature without, so they are timed
+/// and stored apart.
+fn db_key(target: &TargetSpec, signature: &str) -> String {
+    if target.preset.backend == "wgpu" && target.preset.subgroups {
+        format!("{signature}#subgroups")
+    } else {
+        signature.to_string()
+    }
+}
+
+/// The CUDA architecture a cuda build targets: the recipe's, else the preset's default.
+fn cuda_arch(target: &TargetSpec) -> &str {
+    target
+        .cuda_arch
+        .as_deref()
+        .or(target.preset.default_cuda_arch)
+        .unwrap_or("sm_80")
 }
 
 pub fn run(
@@ -318,9 +342,10 @@ mod tests {
             }
         }
     }
-    /// The fake device runs Vulkan kernels, and CUDA kernels for sm_86.
+    /// The fake device runs Vulkan kernels (vulkan and android), and CUDA kernels for sm_86.
     fn fake(target: &str, arch: Option<&str>) -> Result<Option<Box<dyn KernelTimer>>> {
-        let runs = target == "vulkan" || (target == "cuda" && arch == Some("sm_86"));
+        let runs =
+            matches!(target, "vulkan" | "android") || (target == "cuda" && arch == Some("sm_86"));
         Ok(runs.then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
     }
 
@@ -461,6 +486,10 @@ mod tests {
         for (sig, v) in &r.records {
             assert_eq!(v["workgroup_size"], 128, "{sig}");
             assert_eq!(v["rows_per_workgroup"], 1, "{sig}");
+            assert_eq!(
+                v["subgroups"], true,
+                "{sig}: the vulkan preset reduces with subgroups"
+            );
         }
         assert_ne!(first.key, off.key, "measured records change the key");
         let db = TuningDb::open(&tmp.path().join("cache"), "test:fake-gpu:driver 1");
@@ -474,9 +503,21 @@ mod tests {
             assert!(again.cached && r.tuned);
         }
 
-        // A target no local device runs stays on the preset defaults.
+        // android runs on the same device without subgroups: other kernels, timed and stored
+        // apart from vulkan's, and never given vulkan's subgroup records.
         let (_, r) = step(TuneMode::On, &target("android"));
+        assert!(r.tuned);
+        assert_eq!(
+            timed() - before,
+            2 * measured,
+            "android measured its own kernels"
+        );
+        assert!(r.records.values().all(|v| v["subgroups"] == false));
+        assert_eq!(db.load().unwrap().len(), 2 * n_sig);
+
+        // A target no local device runs stays on the preset defaults.
+        let (_, r) = step(TuneMode::On, &target("webgpu"));
         assert!(!r.tuned);
-        assert_eq!(timed() - before, measured);
+        assert_eq!(timed() - before, 2 * measured);
     }
 }
