@@ -32,6 +32,34 @@ pub trait Session {
     fn max_seq_len(&self) -> usize;
 }
 
+/// The checks every backend's `Session::forward` makes before it runs anything: at least one
+/// token, every id inside the vocabulary, and room in the context after `pos` processed tokens.
+pub fn check_forward_input(
+    plan: &crate::formats::model_lib::plan::Plan,
+    pos: usize,
+    tokens: &[u32],
+) -> anyhow::Result<()> {
+    use crate::error::user;
+    let t = tokens.len();
+    if t == 0 {
+        return Err(user("forward needs at least one token"));
+    }
+    if let Some(bad) = tokens.iter().find(|&&id| id as usize >= plan.vocab_size) {
+        return Err(user(format!(
+            "token id {bad} is outside the vocabulary ({} tokens)",
+            plan.vocab_size
+        )));
+    }
+    if pos + t > plan.max_seq_len {
+        return Err(user(format!(
+            "context is full: {pos} tokens processed + {t} new exceed max_seq_len {}; \
+             reset the session or build with a larger max_seq_len",
+            plan.max_seq_len
+        )));
+    }
+    Ok(())
+}
+
 /// The tune stage's timer for a target: the local CUDA GPU of the target's architecture for cuda,
 /// the local wgpu adapter of the target's API otherwise (see each backend's `timer`).
 pub fn timer_for_target(

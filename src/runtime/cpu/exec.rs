@@ -6,7 +6,6 @@ use super::ops::elementwise::{self, map_in_place, zip_in_place};
 use super::ops::rwkv::{token_shift, wkv, RwkvState};
 use super::ops::{norm, rotary};
 use super::validate::{validate_plan, validate_weights};
-use crate::error::user;
 use crate::formats::model_lib::plan::{BufId, Op, Plan, ShiftSlot, StateDecl, WeightId};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -108,23 +107,8 @@ impl CpuSession<'_> {
     /// returns logits `[rows, vocab]` row-major: every position when `all_logits`, else the last.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let plan = self.model.plan;
+        crate::runtime::check_forward_input(plan, self.pos, tokens)?;
         let t = tokens.len();
-        if t == 0 {
-            return Err(user("forward needs at least one token"));
-        }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= plan.vocab_size) {
-            return Err(user(format!(
-                "token id {bad} is outside the vocabulary ({} tokens)",
-                plan.vocab_size
-            )));
-        }
-        if self.pos + t > plan.max_seq_len {
-            return Err(user(format!(
-                "context is full: {} tokens processed + {t} new exceed max_seq_len {}; \
-                 reset the session or build with a larger max_seq_len",
-                self.pos, plan.max_seq_len
-            )));
-        }
         let rows = if all_logits { t } else { 1 };
         for (i, decl) in plan.buffers.iter().enumerate() {
             let len = if i == plan.logits { rows } else { t } * decl.cols;

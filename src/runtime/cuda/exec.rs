@@ -328,23 +328,8 @@ impl CudaSession<'_> {
     /// `all_logits`, else the last), exactly as the CPU session defines them.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let plan = &self.model.plan;
+        crate::runtime::check_forward_input(plan, self.pos, tokens)?;
         let t = tokens.len();
-        if t == 0 {
-            return Err(user("forward needs at least one token"));
-        }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= plan.vocab_size) {
-            return Err(user(format!(
-                "token id {bad} is outside the vocabulary ({} tokens)",
-                plan.vocab_size
-            )));
-        }
-        if self.pos + t > plan.max_seq_len {
-            return Err(user(format!(
-                "context is full: {} tokens processed + {t} new exceed max_seq_len {}; \
-                 reset the session or build with a larger max_seq_len",
-                self.pos, plan.max_seq_len
-            )));
-        }
         self.model
             .device
             .ctx

@@ -429,23 +429,9 @@ impl GpuSession {
     /// Processes `tokens` at positions `pos..pos+T`; returns `[rows, vocab]` logits (every row when
     /// `all_logits`, else the last).
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        crate::runtime::check_forward_input(&self.plan, self.pos, tokens)?;
         let t = tokens.len();
         let vocab = self.plan.vocab_size;
-        if t == 0 {
-            bail!(user("forward needs at least one token"));
-        }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
-            bail!(user(format!(
-                "token id {bad} is outside the vocabulary ({vocab} tokens)"
-            )));
-        }
-        if self.pos + t > self.plan.max_seq_len {
-            bail!(user(format!(
-                "context is full: {} tokens processed + {t} new exceed max_seq_len {}; \
-                 reset the session or build with a larger max_seq_len",
-                self.pos, self.plan.max_seq_len
-            )));
-        }
         let rows = if all_logits { t } else { 1 };
         let row0 = t - rows;
         let chunk = self.logit_chunk.min(rows);
