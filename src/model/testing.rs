@@ -101,18 +101,7 @@ pub fn with_model<R>(built: &Built, f: impl FnOnce(&CpuModel) -> R) -> R {
         .iter()
         .map(|r| r.iter().map(|b| b.as_slice()).collect())
         .collect();
-    let views = built
-        .plan
-        .weights
-        .iter()
-        .zip(&recs)
-        .map(|(d, r)| WeightView {
-            storage: &d.storage,
-            shape: &d.shape,
-            records: r,
-            model_dtype: built.plan.model_dtype,
-        })
-        .collect();
+    let views = WeightView::for_plan(&built.plan, &recs);
     let model = CpuModel::new(&built.plan, views).unwrap();
     f(&model)
 }

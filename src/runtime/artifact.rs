@@ -210,17 +210,7 @@ impl Artifact {
 
     /// The weight views a backend needs, one per plan weight, in plan order.
     pub fn weight_views<'a>(&'a self, records: &'a [Vec<&'a [u8]>]) -> Vec<WeightView<'a>> {
-        let plan = self.plan();
-        plan.weights
-            .iter()
-            .zip(records)
-            .map(|(decl, recs)| WeightView {
-                storage: &decl.storage,
-                shape: &decl.shape,
-                records: recs,
-                model_dtype: plan.model_dtype,
-            })
-            .collect()
+        WeightView::for_plan(self.plan(), records)
     }
 
     /// Token ids that end generation: the chat config's, then the plan's, without repeats.

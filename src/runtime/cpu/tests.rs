@@ -83,17 +83,7 @@ fn weight_bytes() -> Vec<Vec<u8>> {
 
 fn with<R>(plan: &Plan, bytes: &[Vec<u8>], f: impl FnOnce(anyhow::Result<CpuModel>) -> R) -> R {
     let recs: Vec<[&[u8]; 1]> = bytes.iter().map(|b| [b.as_slice()]).collect();
-    let views = plan
-        .weights
-        .iter()
-        .zip(&recs)
-        .map(|(d, r)| WeightView {
-            storage: &d.storage,
-            shape: &d.shape,
-            records: r,
-            model_dtype: plan.model_dtype,
-        })
-        .collect();
+    let views = WeightView::for_plan(plan, &recs);
     f(CpuModel::new(plan, views))
 }
 
@@ -173,17 +163,7 @@ fn new_refuses_mismatched_weights() {
     let bytes = weight_bytes();
     let recs: Vec<[&[u8]; 1]> = bytes.iter().map(|b| [b.as_slice()]).collect();
     let shape = [4usize, 1];
-    let mut views: Vec<WeightView> = p
-        .weights
-        .iter()
-        .zip(&recs)
-        .map(|(d, r)| WeightView {
-            storage: &d.storage,
-            shape: &d.shape,
-            records: r,
-            model_dtype: p.model_dtype,
-        })
-        .collect();
+    let mut views = WeightView::for_plan(&p, &recs);
     views[1].shape = &shape;
     let e = CpuModel::new(&p, views.clone()).err().unwrap();
     assert!(

@@ -416,17 +416,7 @@ mod tests {
             .iter()
             .map(|w| w.iter().map(|r| r.as_slice()).collect())
             .collect();
-        let views: Vec<WeightView> = plan
-            .weights
-            .iter()
-            .zip(&recs)
-            .map(|(d, r)| WeightView {
-                storage: &d.storage,
-                shape: &d.shape,
-                records: r,
-                model_dtype: plan.model_dtype,
-            })
-            .collect();
+        let views = WeightView::for_plan(plan, &recs);
         let model = CpuModel::new(plan, views).unwrap();
         let mut s = model.session();
         s.forward(ids, true).unwrap()

@@ -97,17 +97,7 @@ impl GpuSession {
     pub fn new(ctx: GpuContext, lib: &ModelLibrary, records: &[Vec<&[u8]>]) -> Result<GpuSession> {
         let plan = lib.header.plan.clone();
         validate_plan(&plan)?;
-        let views: Vec<WeightView> = plan
-            .weights
-            .iter()
-            .zip(records)
-            .map(|(decl, recs)| WeightView {
-                storage: &decl.storage,
-                shape: &decl.shape,
-                records: recs,
-                model_dtype: plan.model_dtype,
-            })
-            .collect();
+        let views = WeightView::for_plan(&plan, records);
         validate_weights(&plan, &views)?;
         let max_binding = ctx.limits.max_storage_buffer_binding_size;
         let max_buffer = ctx.limits.max_buffer_size;

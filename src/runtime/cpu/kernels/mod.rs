@@ -23,7 +23,7 @@ mod simd;
 mod tests;
 
 use crate::formats::dtype::DType;
-use crate::formats::model_lib::plan::WeightStorage;
+use crate::formats::model_lib::plan::{Plan, WeightStorage};
 use matrix::{read_float, read_floats, Matrix, QMatrix};
 use rayon::prelude::*;
 
@@ -37,6 +37,23 @@ pub struct WeightView<'a> {
     pub records: &'a [&'a [u8]],
     /// The plan's model dtype (dtype of scales).
     pub model_dtype: DType,
+}
+
+impl<'a> WeightView<'a> {
+    /// One view per weight of `plan`, in plan order, over `records[i]` (the bytes of weight i's
+    /// records).
+    pub fn for_plan<R: AsRef<[&'a [u8]]>>(plan: &'a Plan, records: &'a [R]) -> Vec<WeightView<'a>> {
+        plan.weights
+            .iter()
+            .zip(records)
+            .map(|(decl, recs)| WeightView {
+                storage: &decl.storage,
+                shape: &decl.shape,
+                records: recs.as_ref(),
+                model_dtype: plan.model_dtype,
+            })
+            .collect()
+    }
 }
 
 /// Output rows per parallel work item (a multiple of 8, the SIMD lane blocks of the KN kernel).
