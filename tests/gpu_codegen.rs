@@ -161,15 +161,7 @@ fn codegen_keys(report: &serde_json::Value) -> Vec<(String, String, String)> {
 fn codegen_is_keyed_by_target_and_stable_across_builds() {
     let w = Work::new();
     let fx = "tiny-llama";
-    let recipes: Vec<_> = ["cpu", "vulkan", "metal", "webgpu"]
-        .iter()
-        .map(|t| {
-            w.recipe(
-                &format!("{t}.toml"),
-                &recipe_text(fx, &fixture(fx), "q4f16_1", t),
-            )
-        })
-        .collect();
+    let recipes = w.target_recipes(fx, "q4f16_1", &["cpu", "vulkan", "metal", "webgpu"]);
     let refs: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
     let first = codegen_keys(&w.build_json(&refs, &["--debug-dump"]));
     assert_eq!(first.len(), 4);

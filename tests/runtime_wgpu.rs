@@ -216,15 +216,7 @@ fn merged_vicuna_on_wgpu_matches_cpu() {
 fn webgpu_folded_grids_adapters_and_refusals() {
     let w = Work::new();
     let fx = "tiny-llama";
-    let recipes: Vec<PathBuf> = ["vulkan", "webgpu", "metal", "cpu"]
-        .iter()
-        .map(|t| {
-            w.recipe(
-                &format!("{t}.toml"),
-                &recipe_text(fx, &fixture(fx), "q4f16_1", t),
-            )
-        })
-        .collect();
+    let recipes = w.target_recipes(fx, "q4f16_1", &["vulkan", "webgpu", "metal", "cpu"]);
     let paths: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
     // Four targets of one scheme share the dist folder; each library is named by its target.
     w.build_json(&paths, &[]);

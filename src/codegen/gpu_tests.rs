@@ -162,8 +162,9 @@ fn every_variant_validates_and_cross_compiles() {
     assert!(count > 500, "{count}");
 }
 
-#[test]
-fn bindings_follow_the_documented_order() {
+/// A decode matmul with a bias over a q4f16_1 weight: the argument-order tests of both kernel
+/// languages use it.
+pub(super) fn q4_decode_matmul_with_bias() -> KernelSpec {
     let m = matrix_spec(
         &WeightStorage::Quantized {
             scheme: "q4f16_1".into(),
@@ -174,12 +175,17 @@ fn bindings_follow_the_documented_order() {
         DType::F16,
     )
     .unwrap();
-    let spec = KernelSpec::Matmul {
+    KernelSpec::Matmul {
         m,
         bias: Some(DType::F16),
         phase: Phase::Decode,
         logits: false,
-    };
+    }
+}
+
+#[test]
+fn bindings_follow_the_documented_order() {
+    let spec = q4_decode_matmul_with_bias();
     let k = generate("decode:matmul[x]", &spec, tunings()[0]).unwrap();
     let roles: Vec<(String, String, Option<usize>, String)> = k
         .launch

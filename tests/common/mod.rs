@@ -41,6 +41,18 @@ impl Work {
         std::fs::write(&p, text).unwrap();
         p
     }
+    /// One recipe `TARGET.toml` of fixture `fx` at `quant` per target.
+    pub fn target_recipes(&self, fx: &str, quant: &str, targets: &[&str]) -> Vec<PathBuf> {
+        targets
+            .iter()
+            .map(|t| {
+                self.recipe(
+                    &format!("{t}.toml"),
+                    &recipe_text(fx, &fixture(fx), quant, t),
+                )
+            })
+            .collect()
+    }
     /// `mlcb ARGS` with this workspace's cache and dist (dist via --artifact-path where the command takes it).
     pub fn mlcb(&self, args: &[&str]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mlcb"));

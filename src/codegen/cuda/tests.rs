@@ -101,22 +101,7 @@ fn every_variant_compiles_to_ptx() {
 
 #[test]
 fn arguments_follow_the_documented_order() {
-    let m = matrix_spec(
-        &WeightStorage::Quantized {
-            scheme: "q4f16_1".into(),
-            layout: crate::quant::scheme::Layout::NK,
-        },
-        64,
-        64,
-        DType::F16,
-    )
-    .unwrap();
-    let spec = KernelSpec::Matmul {
-        m,
-        bias: Some(DType::F16),
-        phase: Phase::Decode,
-        logits: false,
-    };
+    let spec = crate::codegen::gpu_tests::q4_decode_matmul_with_bias();
     let k = generate("decode:matmul[x]", &spec, tunings()[0], "sm_80").unwrap();
     let roles: Vec<(&str, &str, Option<usize>, &str, bool)> = k
         .launch
