@@ -79,6 +79,13 @@ pub struct BuildArgs {
     /// (build.py's rule, bit-identical weights). Also overrides `quantization_scales` of recipes.
     #[arg(long, value_parser = ["mse", "absmax"])]
     pub quantization_scales: Option<String>,
+    /// Quantize with GPTQ codes computed from calibration text (`gptq`) or round to nearest
+    /// (`none`). Also overrides the `[calibration]` table of recipes.
+    #[arg(long, value_parser = ["gptq", "none"])]
+    pub calibration: Option<String>,
+    /// The calibration text file (implies `--calibration gptq`; default: the built-in text).
+    #[arg(long)]
+    pub calibration_text: Option<PathBuf>,
     /// build.py form: the context size (-1: the model's own).
     #[arg(long, allow_hyphen_values = true)]
     pub max_seq_len: Option<i64>,
@@ -157,10 +164,35 @@ pub fn recipes_from(args: &BuildArgs) -> Result<Vec<Recipe>> {
         }
         for r in &mut recipes {
             r.scale_rule = scale_rule_flag(args).unwrap_or(r.scale_rule);
+            r.calibration = calibration_flags(args, r.calibration.take())?;
         }
         return Ok(recipes);
     }
     Ok(vec![recipe_from_flags(args)?])
+}
+
+/// `--calibration` / `--calibration-text` applied over a recipe's own setting.
+fn calibration_flags(
+    args: &BuildArgs,
+    recipe: Option<crate::quant::calibration::Calibration>,
+) -> Result<Option<crate::quant::calibration::Calibration>> {
+    let mut c = match args.calibration.as_deref() {
+        Some("none") => {
+            if args.calibration_text.is_some() {
+                crate::user_bail!("--calibration-text needs --calibration gptq, not none");
+            }
+            return Ok(None);
+        }
+        Some(_) => Some(recipe.unwrap_or_default()),
+        None => recipe,
+    };
+    if let Some(t) = &args.calibration_text {
+        if !t.is_file() {
+            crate::user_bail!("--calibration-text {} is not a file", t.display());
+        }
+        c.get_or_insert_with(Default::default).text_file = Some(t.clone());
+    }
+    Ok(c)
 }
 
 fn scale_rule_flag(args: &BuildArgs) -> Option<crate::quant::ScaleRule> {
@@ -271,6 +303,7 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
         },
         quantization,
         scale_rule: scale_rule_flag(args).unwrap_or_default(),
+        calibration: calibration_flags(args, None)?,
         max_seq_len,
         chat: ChatSettings::default(),
         tuning_file: None,

@@ -21,6 +21,8 @@ pub enum NodeSpec {
     Quantize {
         scheme: &'static crate::quant::scheme::QuantScheme,
         rule: crate::quant::ScaleRule,
+        /// GPTQ calibration, if the recipe asks for it.
+        calibration: Option<crate::quant::calibration::Calibration>,
     },
     /// deps: [weights]
     Tune {
@@ -172,10 +174,18 @@ pub fn build(recipes: Vec<Recipe>) -> Result<BuildGraph> {
         };
         let q = r.quantization;
         let quant = b.node(
-            format!("quantize|{weights_id}|{}|{:?}", q.name, r.scale_rule),
+            format!(
+                "quantize|{weights_id}|{}|{:?}|{}",
+                q.name,
+                r.scale_rule,
+                r.calibration
+                    .as_ref()
+                    .map_or("none".to_string(), |c| c.describe())
+            ),
             NodeSpec::Quantize {
                 scheme: q,
                 rule: r.scale_rule,
+                calibration: r.calibration.clone(),
             },
             format!("quantize {} {}", r.model_name, q.name),
             i,

@@ -70,9 +70,21 @@ fn execute(
             stages::load::run(ctx, dep(0), architecture.as_deref(), &scope)
         }
         NodeSpec::DeltaMerge => stages::delta_merge::run(ctx, dep(0), dep(1), &scope),
-        NodeSpec::Quantize { scheme, rule } => {
+        NodeSpec::Quantize {
+            scheme,
+            rule,
+            calibration,
+        } => {
             let desc = stages::load::read_description(ctx, dep(0))?;
-            stages::quantize::run(ctx, dep(0), &desc, scheme, *rule, &scope)
+            stages::quantize::run(
+                ctx,
+                dep(0),
+                &desc,
+                scheme,
+                *rule,
+                calibration.as_ref(),
+                &scope,
+            )
         }
         NodeSpec::Tune { recipe, target } => {
             let r = &g.recipes[*recipe];

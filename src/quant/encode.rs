@@ -2,8 +2,9 @@
 
 use crate::formats::dtype::DType;
 use crate::quant::geometry::{transpose, Geometry};
+use crate::quant::gptq::{gptq_codes, GroupGrid};
 use crate::quant::rounding::{float_bytes, round_to};
-use crate::quant::row_quant::{quantize_row_asym, quantize_row_sym};
+use crate::quant::row_quant::{put_code, quantize_row_asym, quantize_row_sym};
 use crate::quant::scale_rule::ScaleRule;
 use crate::quant::scheme::{Encoding, Layout, QuantScheme, TensorRole};
 use anyhow::Result;
@@ -53,19 +54,7 @@ pub fn quantize_param_with(
     values: &[f32],
 ) -> Result<Vec<EncodedRecord>> {
     let names = crate::model::record_names(param_name, role, scheme);
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| {
-            crate::error::user(format!("tensor {param_name}: shape {shape:?} is too large"))
-        })?;
-    if numel != values.len() {
-        crate::user_bail!(
-            "tensor {param_name}: shape {shape:?} has {numel} elements but {} values were given; \
-             check the model's config.json against its weight files",
-            values.len()
-        );
-    }
+    check_len(param_name, shape, values)?;
     let Some(layout) = scheme.layout_for(role) else {
         let dtype = if role == TensorRole::RawF32 {
             DType::F32
@@ -79,22 +68,11 @@ pub fn quantize_param_with(
             bytes: float_bytes(dtype, values),
         }]);
     };
-    let &[n, k] = shape else {
-        crate::user_bail!(
-            "tensor {param_name}: a {role:?} weight must be a 2-D matrix [N, K] to be quantized \
-             with {}, but its shape is {shape:?}",
-            scheme.name
-        );
-    };
-    if n == 0 || k == 0 {
-        crate::user_bail!(
-            "tensor {param_name}: cannot quantize an empty matrix of shape {shape:?}"
-        );
-    }
-    let geo = Geometry::new(&scheme.encoding, layout, n, k);
+    let geo = matrix_geometry(scheme, role, layout, param_name, shape)?;
+    let (n, k) = (geo.n, geo.k);
     match scheme.encoding {
         Encoding::None => unreachable!("layout_for returns None for unquantized schemes"),
-        Encoding::Sym { storage, .. } => {
+        Encoding::Sym { .. } => {
             let dtype = scheme.model_dtype;
             // The model-dtype values; anything that overflows it cannot be quantized.
             let rounded: Vec<f32> = values.par_iter().map(|&v| round_to(dtype, v)).collect();
@@ -106,18 +84,9 @@ pub fn quantize_param_with(
                 .zip(scales.par_chunks_mut(geo.n_group))
                 .zip(rounded.par_chunks(k))
                 .for_each(|((w, s), row)| quantize_row_sym(&geo, dtype, rule, row, w, s));
-            let (words, scales) = arrange(&geo, words, scales);
-            Ok(vec![
-                weight_record(&names[0], &geo, storage, &words),
-                EncodedRecord {
-                    name: names[1].clone(),
-                    dtype,
-                    shape: geo.scale_shape(),
-                    bytes: float_bytes(dtype, &scales),
-                },
-            ])
+            Ok(sym_records(scheme, &names, &geo, words, scales))
         }
-        Encoding::AsymBf16x2 { storage, .. } => {
+        Encoding::AsymBf16x2 { .. } => {
             check_finite(param_name, shape, values, values, DType::F32)?;
             let mut words = vec![0u32; n * geo.words_per_row];
             let mut scale_min = vec![0u32; n * geo.n_group];
@@ -138,19 +107,167 @@ pub fn quantize_param_with(
                     scheme.name
                 );
             }
-            let (words, scale_min) = arrange(&geo, words, scale_min);
-            let bytes = scale_min.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok(vec![
-                weight_record(&names[0], &geo, storage, &words),
-                EncodedRecord {
-                    name: names[1].clone(),
-                    dtype: DType::U32,
-                    shape: geo.scale_shape(),
-                    bytes,
-                },
-            ])
+            Ok(asym_records(scheme, &names, &geo, words, scale_min))
         }
     }
+}
+
+/// [`quantize_param_with`] for a quantized role, with the codes chosen by GPTQ from the layer's
+/// inverse-Hessian factor ([`crate::quant::gptq::inverse_factor`]) instead of rounding to
+/// nearest. Same records, same format; also returns the decoded values (row-major `[N, K]`), which
+/// calibration feeds to the next layers.
+pub fn quantize_param_gptq(
+    scheme: &QuantScheme,
+    rule: ScaleRule,
+    role: TensorRole,
+    param_name: &str,
+    shape: &[usize],
+    values: &[f32],
+    factor: &GptqFactor,
+) -> Result<(Vec<EncodedRecord>, Vec<f32>)> {
+    let names = crate::model::record_names(param_name, role, scheme);
+    check_len(param_name, shape, values)?;
+    let Some(layout) = scheme.layout_for(role) else {
+        crate::user_bail!(
+            "tensor {param_name}: GPTQ applies to quantized matrices, and {} stores a {role:?} \
+             tensor unquantized",
+            scheme.name
+        );
+    };
+    let geo = matrix_geometry(scheme, role, layout, param_name, shape)?;
+    if factor.dead.len() != geo.k {
+        crate::user_bail!(
+            "tensor {param_name} (shape {shape:?}): the calibration inputs have {} columns, \
+             expected {}",
+            factor.dead.len(),
+            geo.k
+        );
+    }
+    let dtype = match scheme.encoding {
+        Encoding::Sym { .. } => scheme.model_dtype,
+        _ => DType::F32,
+    };
+    let rounded: Vec<f32> = values.par_iter().map(|&v| round_to(dtype, v)).collect();
+    check_finite(param_name, shape, values, &rounded, dtype)?;
+    let grid = GroupGrid::for_encoding(&scheme.encoding, scheme.model_dtype, rule);
+    let (codes, params, decoded) =
+        gptq_codes(&grid, geo.group, &rounded, geo.k, &factor.u, &factor.dead).map_err(
+            |(row, g)| {
+                crate::error::user(format!(
+                    "tensor {param_name} (shape {shape:?}): GPTQ's updates made row {row}, group \
+                     {g} overflow; raise `damp` in the recipe's [calibration] table"
+                ))
+            },
+        )?;
+    let mut words = vec![0u32; geo.n * geo.words_per_row];
+    words
+        .par_chunks_mut(geo.words_per_row)
+        .zip(codes.par_chunks(geo.k))
+        .for_each(|(w, row)| {
+            for (p, &q) in row.iter().enumerate() {
+                put_code(&geo, w, p / geo.group, p % geo.group, q as u32);
+            }
+        });
+    let records = match scheme.encoding {
+        Encoding::Sym { .. } => {
+            let scales = params.iter().map(|p| p.stored).collect();
+            sym_records(scheme, &names, &geo, words, scales)
+        }
+        _ => {
+            let scale_min = params.iter().map(|p| p.packed).collect();
+            asym_records(scheme, &names, &geo, words, scale_min)
+        }
+    };
+    Ok((records, decoded))
+}
+
+/// The per-layer input of [`quantize_param_gptq`]: `(H + λI)⁻¹ = Uᵀ U` and the dead columns.
+pub struct GptqFactor {
+    pub u: Vec<f32>,
+    pub dead: Vec<bool>,
+}
+
+fn check_len(param_name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            crate::error::user(format!("tensor {param_name}: shape {shape:?} is too large"))
+        })?;
+    if numel != values.len() {
+        crate::user_bail!(
+            "tensor {param_name}: shape {shape:?} has {numel} elements but {} values were given; \
+             check the model's config.json against its weight files",
+            values.len()
+        );
+    }
+    Ok(())
+}
+
+/// The geometry of a non-empty `[N, K]` matrix of a quantized role.
+fn matrix_geometry(
+    scheme: &QuantScheme,
+    role: TensorRole,
+    layout: Layout,
+    param_name: &str,
+    shape: &[usize],
+) -> Result<Geometry> {
+    let &[n, k] = shape else {
+        crate::user_bail!(
+            "tensor {param_name}: a {role:?} weight must be a 2-D matrix [N, K] to be quantized \
+             with {}, but its shape is {shape:?}",
+            scheme.name
+        );
+    };
+    if n == 0 || k == 0 {
+        crate::user_bail!(
+            "tensor {param_name}: cannot quantize an empty matrix of shape {shape:?}"
+        );
+    }
+    Ok(Geometry::new(&scheme.encoding, layout, n, k))
+}
+
+/// `[q_weight, q_scale]` from row-major words and scales.
+fn sym_records(
+    scheme: &QuantScheme,
+    names: &[String],
+    geo: &Geometry,
+    words: Vec<u32>,
+    scales: Vec<f32>,
+) -> Vec<EncodedRecord> {
+    let storage = scheme.encoding.storage().expect("a quantized encoding");
+    let (words, scales) = arrange(geo, words, scales);
+    vec![
+        weight_record(&names[0], geo, storage, &words),
+        EncodedRecord {
+            name: names[1].clone(),
+            dtype: scheme.model_dtype,
+            shape: geo.scale_shape(),
+            bytes: float_bytes(scheme.model_dtype, &scales),
+        },
+    ]
+}
+
+/// `[q_weight, q_scale_min]` from row-major words and packed bf16×2 words.
+fn asym_records(
+    scheme: &QuantScheme,
+    names: &[String],
+    geo: &Geometry,
+    words: Vec<u32>,
+    scale_min: Vec<u32>,
+) -> Vec<EncodedRecord> {
+    let storage = scheme.encoding.storage().expect("a quantized encoding");
+    let (words, scale_min) = arrange(geo, words, scale_min);
+    let bytes = scale_min.iter().flat_map(|v| v.to_le_bytes()).collect();
+    vec![
+        weight_record(&names[0], geo, storage, &words),
+        EncodedRecord {
+            name: names[1].clone(),
+            dtype: DType::U32,
+            shape: geo.scale_shape(),
+            bytes,
+        },
+    ]
 }
 
 /// Quantized inputs must be finite in the dtype the arithmetic runs in.

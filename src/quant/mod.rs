@@ -4,16 +4,20 @@
 //! stores; `dequantize_param` is its exact inverse mapping (used by tests and as the reference the
 //! runtime kernels are checked against).
 
+pub mod calibration;
 mod decode;
 mod encode;
 mod geometry;
+pub mod gptq;
 pub mod rounding;
 mod row_quant;
 pub mod scale_rule;
 pub mod scheme;
 
 pub use decode::dequantize_param;
-pub use encode::{quantize_param, quantize_param_with, EncodedRecord};
+pub use encode::{
+    quantize_param, quantize_param_gptq, quantize_param_with, EncodedRecord, GptqFactor,
+};
 pub use scale_rule::ScaleRule;
 
 #[cfg(test)]

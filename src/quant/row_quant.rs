@@ -9,7 +9,7 @@ use crate::quant::scale_rule::{code, group_scale, ScaleRule};
 /// Put `code` at position `p` (along K) of a row's words: word `p / per_word`, bits
 /// `[slot·bits, (slot+1)·bits)` with `slot = p % per_word` (LSB first). Positions are per group:
 /// group `g` starts at word `g · words_per_group`.
-fn put_code(geo: &Geometry, words: &mut [u32], g: usize, i: usize, code: u32) {
+pub(crate) fn put_code(geo: &Geometry, words: &mut [u32], g: usize, i: usize, code: u32) {
     let w = g * geo.words_per_group + i / geo.per_word;
     words[w] |= code << ((i % geo.per_word) as u32 * geo.bits);
 }

@@ -3,6 +3,8 @@
 //! ```toml
 //! quantization = "q4f16_1"
 //! quantization_scales = "mse"   # optional: "absmax" gives build.py's scales bit for bit
+//! [calibration]                 # optional: GPTQ codes instead of round-to-nearest
+//! method = "gptq"               #   (see `quant::calibration` for `text` and `damp`)
 //! max_seq_len = 2048            # optional: default is the model's context length
 //! [model]
 //! name = "vicuna-v1-7b"
@@ -23,6 +25,7 @@ pub mod span;
 pub mod targets;
 
 use crate::error::user;
+use crate::quant::calibration::Calibration;
 use crate::quant::scheme::{scheme, scheme_names, QuantScheme};
 use crate::quant::ScaleRule;
 use anyhow::Result;
@@ -103,6 +106,8 @@ pub struct Recipe {
     pub quantization: &'static QuantScheme,
     /// How symmetric schemes pick group scales (`quantization_scales`).
     pub scale_rule: ScaleRule,
+    /// GPTQ calibration (`[calibration]`); None: round to nearest.
+    pub calibration: Option<Calibration>,
     pub max_seq_len: Option<usize>,
     pub chat: ChatSettings,
     pub tuning_file: Option<PathBuf>,
@@ -223,6 +228,10 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
             )
         })?,
     };
+    let calibration = match &file.calibration {
+        None => None,
+        Some(c) => Some(parse_calibration(c, &base, &err)?),
+    };
     let chat = parse_chat(&file.chat, &err)?;
     let tuning_file = file.tuning_file.as_ref().map(|t| base.join(t.get_ref()));
     Ok(Recipe {
@@ -234,10 +243,53 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
         target,
         quantization,
         scale_rule,
+        calibration,
         max_seq_len,
         chat,
         tuning_file,
     })
+}
+
+/// `[calibration]`: `method` (required: "gptq", or "none" to turn it off explicitly), `text`
+/// (relative to the recipe), `damp` in (0, 1].
+fn parse_calibration(
+    c: &schema::CalibrationSection,
+    base: &Path,
+    err: &SpanErr,
+) -> Result<Calibration> {
+    let method = c.method.get_ref();
+    if method != "gptq" {
+        return Err(err(
+            c.method.span(),
+            format!(
+                "unknown calibration method `{method}`; valid: {} (leave [calibration] out for \
+                 round-to-nearest)",
+                crate::quant::calibration::METHODS.join(", ")
+            ),
+        ));
+    }
+    let mut out = Calibration::default();
+    if let Some(t) = &c.text {
+        let path = base.join(t.get_ref());
+        if !path.is_file() {
+            return Err(err(
+                t.span(),
+                format!("calibration text {} is not a file", path.display()),
+            ));
+        }
+        out.text_file = Some(path);
+    }
+    if let Some(d) = &c.damp {
+        let v = *d.get_ref();
+        if !(v > 0.0 && v <= 1.0) {
+            return Err(err(
+                d.span(),
+                format!("damp {v} must be in (0, 1]; GPTQ's usual value is 0.01"),
+            ));
+        }
+        out.damp = v;
+    }
+    Ok(out)
 }
 
 type SpanErr<'a> = dyn Fn(std::ops::Range<usize>, String) -> anyhow::Error + 'a;

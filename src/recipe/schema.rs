@@ -19,6 +19,17 @@ pub struct RecipeFile {
     pub chat: ChatSection,
     /// A pinned tuning-records file (JSON), relative to the recipe.
     pub tuning_file: Option<Spanned<String>>,
+    /// GPTQ calibration of quantized schemes.
+    pub calibration: Option<CalibrationSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSection {
+    pub method: Spanned<String>,
+    /// A text file, relative to the recipe (default: the built-in text).
+    pub text: Option<Spanned<String>>,
+    pub damp: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 //! fetch → load → (delta-merge) → quantize ─┐
 //!                 └→ tune → codegen ───────┴→ link
 
+pub mod calibration;
 pub mod codegen;
 pub mod delta_merge;
 pub mod fetch;

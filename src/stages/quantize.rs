@@ -2,8 +2,12 @@
 //! [`ParamSpec`] transforms), encode it with the scheme (bit-exact, `quant::quantize_param`) and
 //! stream the records into `params/ndarray-cache.json` + `params_shard_N.bin`.
 //!
-//! The key holds the weights' content digest, the parameter list, the scheme and the quantizer's
-//! code version — not the target: changing only the target never requantizes.
+//! With a `[calibration]` table the codes of every multiplied matrix come from GPTQ
+//! ([`super::calibration`]) instead of rounding to nearest; the format is the same.
+//!
+//! The key holds the weights' content digest, the parameter list, the scheme, the scale rule, the
+//! calibration (text digest, damp, calibration code version) and the quantizer's code version —
+//! not the target: changing only the target never requantizes.
 
 use super::load::ModelDescription;
 use super::weights::ModelSource;
@@ -11,9 +15,9 @@ use super::{cached_or_run, BuildContext, StageOutput};
 use crate::cache::key::KeyInputs;
 use crate::formats::ndarray_cache::NdArrayCacheWriter;
 use crate::formats::tensor::TensorSource;
-use crate::model::ParamSpec;
+use crate::quant::calibration::Calibration;
 use crate::quant::scheme::{Encoding, QuantScheme};
-use crate::quant::ScaleRule;
+use crate::quant::{EncodedRecord, ScaleRule};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,8 +30,20 @@ pub fn run(
     desc: &ModelDescription,
     scheme: &'static QuantScheme,
     rule: ScaleRule,
+    calibration: Option<&Calibration>,
     scope: &[String],
 ) -> Result<StageOutput> {
+    // Unquantized schemes have nothing to calibrate.
+    let calibration = calibration.filter(|_| scheme.encoding != Encoding::None);
+    let calibration_key = match calibration {
+        None => "none".to_string(),
+        Some(c) => format!(
+            "gptq v{} text {} damp {}",
+            super::calibration::VERSION,
+            blake3::hash(c.text()?.as_bytes()).to_hex(),
+            c.damp
+        ),
+    };
     let params_json = serde_json::to_vec(&desc.params)?;
     // Only symmetric schemes have a scale rule: others do not rebuild when it changes.
     let scales = match scheme.encoding {
@@ -39,6 +55,7 @@ pub fn run(
         .with("params", blake3::hash(&params_json).to_hex())
         .with("scheme", scheme.name)
         .with("scales", scales)
+        .with("calibration", calibration_key)
         .with("quantizer", crate::quant::CODE_VERSION)
         .with(
             "ndarray_cache_format",
@@ -51,10 +68,12 @@ pub fn run(
         std::fs::create_dir_all(&dir)?;
         let result = write_params(
             ctx,
+            weights,
+            desc,
             source.as_ref(),
-            &desc.params,
             scheme,
             rule,
+            calibration,
             &dir,
             &label,
         );
@@ -66,15 +85,19 @@ pub fn run(
 }
 
 /// Quantize all parameters into `dir`; returns output name → file.
-pub fn write_params(
+#[allow(clippy::too_many_arguments)]
+fn write_params(
     ctx: &BuildContext,
+    weights: &StageOutput,
+    desc: &ModelDescription,
     source: &dyn TensorSource,
-    params: &[ParamSpec],
     scheme: &'static QuantScheme,
     rule: ScaleRule,
+    calibration: Option<&Calibration>,
     dir: &Path,
     label: &str,
 ) -> Result<BTreeMap<String, PathBuf>> {
+    let params = &desc.params;
     let total: u64 = params
         .iter()
         .map(|p| p.shape.iter().product::<usize>() as u64 * 4)
@@ -88,26 +111,30 @@ pub fn write_params(
     );
     bar.set_prefix(label.to_string());
     let mut writer = NdArrayCacheWriter::new(dir)?;
-    for p in params {
-        let values = crate::model::build_param(p, source)?;
-        for name in p.sources.iter().flat_map(|s| s.split('|')) {
-            source.release(name);
-        }
-        let logical = p.shape.iter().product::<usize>() as u64;
-        for rec in
-            crate::quant::quantize_param_with(scheme, rule, p.role, &p.name, &p.shape, &values)?
-        {
-            // BitsPerParam counts each weight once: on its data record, not on its scales.
-            let is_scale = rec.name.ends_with(".q_scale") || rec.name.ends_with(".q_scale_min");
-            writer.add_with_logical_elems(
-                &rec.name,
-                rec.dtype,
-                &rec.shape,
-                &rec.bytes,
-                if is_scale { 0 } else { logical },
+    match calibration {
+        // Calibration needs the whole model at once; the records are written afterwards.
+        Some(c) => {
+            let all = super::calibration::calibrated_records(
+                ctx, weights, desc, source, scheme, rule, c, &bar,
             )?;
+            for (p, recs) in params.iter().zip(all) {
+                add_records(&mut writer, p, recs)?;
+            }
         }
-        bar.inc(values.len() as u64 * 4);
+        // One param in memory at a time.
+        None => {
+            for p in params {
+                let values = crate::model::build_param(p, source)?;
+                for name in p.sources.iter().flat_map(|s| s.split('|')) {
+                    source.release(name);
+                }
+                let recs = crate::quant::quantize_param_with(
+                    scheme, rule, p.role, &p.name, &p.shape, &values,
+                )?;
+                add_records(&mut writer, p, recs)?;
+                bar.inc(values.len() as u64 * 4);
+            }
+        }
     }
     let cache = writer.finish()?;
     bar.finish_and_clear();
@@ -123,4 +150,24 @@ pub fn write_params(
         );
     }
     Ok(files)
+}
+
+fn add_records(
+    writer: &mut NdArrayCacheWriter,
+    p: &crate::model::ParamSpec,
+    recs: Vec<EncodedRecord>,
+) -> Result<()> {
+    let logical = p.shape.iter().product::<usize>() as u64;
+    for rec in recs {
+        // BitsPerParam counts each weight once: on its data record, not on its scales.
+        let is_scale = rec.name.ends_with(".q_scale") || rec.name.ends_with(".q_scale_min");
+        writer.add_with_logical_elems(
+            &rec.name,
+            rec.dtype,
+            &rec.shape,
+            &rec.bytes,
+            if is_scale { 0 } else { logical },
+        )?;
+    }
+    Ok(())
 }

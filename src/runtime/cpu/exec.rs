@@ -164,9 +164,7 @@ impl CpuSession<'_> {
                 let (x, o) = self.in_out(input, out);
                 decode_or_prefill_matmul(&model.weights[weight], x, t, o);
                 if let Some(b) = bias {
-                    let b = model.vector(b);
-                    o.chunks_mut(b.len())
-                        .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+                    add_bias(o, model.vector(b));
                 }
             }
             Op::Rotary {
@@ -305,6 +303,86 @@ fn decode_or_prefill_matmul(w: &WeightView, x: &[f32], rows: usize, out: &mut [f
     } else {
         kernels::matmul(w, x, rows, out)
     }
+}
+
+/// One matmul handed to the caller of [`forward_intercepting`]: for each session, its input
+/// `[T, K]` and its output `[T, N]`.
+pub type InterceptedMatmul<'s, 'b> = &'s mut [(&'b [f32], &'b mut [f32])];
+
+/// Runs one token sequence per session through the plan in lockstep, op by op, like
+/// [`CpuSession::forward`] — except that each `Matmul` and `Logits` op is handed to
+/// `matmul(weight, pairs, output_needed)` instead of the kernels, with every session's input and
+/// output at once; biases are still added here. `output_needed` is false for `Logits`, whose
+/// buffer nothing reads afterwards. Build-time calibration uses this to collect every layer's
+/// inputs over all its sequences, quantize the layer, and go on with the quantized weights.
+/// Every sequence must have at least 2 tokens (the prefill ops run).
+pub fn forward_intercepting(
+    sessions: &mut [CpuSession],
+    tokens: &[&[u32]],
+    matmul: &mut dyn FnMut(WeightId, InterceptedMatmul, bool) -> Result<()>,
+) -> Result<()> {
+    anyhow::ensure!(
+        sessions.len() == tokens.len(),
+        "one token sequence per session"
+    );
+    let Some(first) = sessions.first() else {
+        return Ok(());
+    };
+    let model = first.model;
+    let plan = model.plan;
+    for (s, toks) in sessions.iter_mut().zip(tokens) {
+        anyhow::ensure!(
+            std::ptr::eq(s.model, model) && toks.len() > 1,
+            "lockstep sessions share a model and run prefills"
+        );
+        crate::runtime::check_forward_input(plan, s.pos, toks)?;
+        for (i, decl) in plan.buffers.iter().enumerate() {
+            s.buffers[i].resize(toks.len() * decl.cols, 0.0);
+        }
+    }
+    for op in &plan.prefill {
+        match *op {
+            Op::Matmul {
+                input,
+                weight,
+                bias,
+                out,
+            } => {
+                let mut pairs: Vec<(&[f32], &mut [f32])> = sessions
+                    .iter_mut()
+                    .map(|s| in_out(&mut s.buffers, input, out))
+                    .collect();
+                matmul(weight, &mut pairs, true)?;
+                if let Some(b) = bias {
+                    for (_, o) in pairs.iter_mut() {
+                        add_bias(o, model.vector(b));
+                    }
+                }
+            }
+            Op::Logits { input, weight } => {
+                let mut pairs: Vec<(&[f32], &mut [f32])> = sessions
+                    .iter_mut()
+                    .map(|s| in_out(&mut s.buffers, input, plan.logits))
+                    .collect();
+                matmul(weight, &mut pairs, false)?;
+            }
+            _ => {
+                for (s, toks) in sessions.iter_mut().zip(tokens) {
+                    s.run(op, toks, true);
+                }
+            }
+        }
+    }
+    for (s, toks) in sessions.iter_mut().zip(tokens) {
+        s.pos += toks.len();
+    }
+    Ok(())
+}
+
+/// `out[t] += bias` for every row.
+fn add_bias(out: &mut [f32], bias: &[f32]) {
+    out.chunks_mut(bias.len())
+        .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
 }
 
 /// A shared view of buffer `input` and a mutable one of a different buffer `out`.

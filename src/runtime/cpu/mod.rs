@@ -8,7 +8,7 @@ pub mod kernels;
 mod ops;
 mod validate;
 
-pub use exec::{CpuModel, CpuSession};
+pub use exec::{forward_intercepting, CpuModel, CpuSession, InterceptedMatmul};
 pub use validate::{validate_plan, validate_weights};
 
 #[cfg(test)]

@@ -132,30 +132,21 @@ pub(super) mod avx2 {
 
     /// # Safety
     /// AVX2 and FMA must be available; `a.len() == b.len()`.
+    ///
+    /// One 8-lane accumulator, the same horizontal sum, the tail by scalar FMAs: exactly
+    /// [`super::dot_portable`]'s operations, so both give the same bits (FMA is exact, so
+    /// `mul_add` on any CPU rounds as `vfmadd` does).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = _mm256_setzero_ps();
         let mut i = 0;
-        while i + 32 <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *acc =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
-            }
-            i += 32;
-        }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
             i += 8;
         }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut s = hsum(v);
+        let mut s = hsum(acc);
         while i < n {
             s = a[i].mul_add(b[i], s);
             i += 1;

@@ -52,7 +52,7 @@ pub fn attention(
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in scores.iter_mut() {
-                *s = (*s - max).exp();
+                *s = libm::expf(*s - max);
                 sum += *s;
             }
             o.fill(0.0);

@@ -27,7 +27,7 @@ pub fn erf(x: f64) -> f64 {
         for k in (1..=60).rev() {
             f = a + (k as f64 / 2.0) / f;
         }
-        1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt())
+        1.0 - libm::exp(-a * a) / (f * std::f64::consts::PI.sqrt())
     } else {
         1.0
     };

@@ -3,7 +3,8 @@
 use rayon::prelude::*;
 
 /// Applies RoPE in place to the q and k heads of every row of a fused qkv buffer; row `t` is at
-/// position `pos + t`. Angles are computed in f32 as Hugging Face does, cos/sin rounded from f64.
+/// position `pos + t`. Angles are computed in f32 as Hugging Face does, cos/sin rounded from f64
+/// (the `libm` crate's, so the results are the same on every platform).
 #[allow(clippy::too_many_arguments)]
 pub fn rotary(
     qkv: &mut [f32],
@@ -17,7 +18,7 @@ pub fn rotary(
     let cols = (n_q_heads + 2 * n_kv_heads) * head_dim;
     let half = rotary_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary_dim as f32))
+        .map(|i| 1.0 / libm::powf(theta, (2 * i) as f32 / rotary_dim as f32))
         .collect();
     qkv.par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
         let p = (pos + t) as f32;
@@ -25,7 +26,7 @@ pub fn rotary(
             .iter()
             .map(|&f| {
                 let a = (p * f) as f64;
-                (a.cos() as f32, a.sin() as f32)
+                (libm::cos(a) as f32, libm::sin(a) as f32)
             })
             .unzip();
         // q heads then k heads are contiguous at the start of the row.

@@ -58,11 +58,11 @@ pub fn wkv(k: &[f32], v: &[f32], decay: &[f32], first: &[f32], s: &mut RwkvState
             let (num, den, max) = (s.num[c], s.den[c], s.max[c]);
             let ww = kc + first[c];
             let m = max.max(ww);
-            let (e1, e2) = ((max - m).exp(), (ww - m).exp());
+            let (e1, e2) = (libm::expf(max - m), libm::expf(ww - m));
             o[c] = (e1 * num + e2 * vc) / (e1 * den + e2);
             let ww = max + decay[c];
             let m = ww.max(kc);
-            let (e1, e2) = ((ww - m).exp(), (kc - m).exp());
+            let (e1, e2) = (libm::expf(ww - m), libm::expf(kc - m));
             s.num[c] = e1 * num + e2 * vc;
             s.den[c] = e1 * den + e2;
             s.max[c] = m;
