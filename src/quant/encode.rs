@@ -150,15 +150,21 @@ pub fn quantize_param_gptq(
     let rounded: Vec<f32> = values.par_iter().map(|&v| round_to(dtype, v)).collect();
     check_finite(param_name, shape, values, &rounded, dtype)?;
     let grid = GroupGrid::for_encoding(&scheme.encoding, scheme.model_dtype, rule);
-    let (codes, params, decoded) =
-        gptq_codes(&grid, geo.group, &rounded, geo.k, &factor.u, &factor.dead).map_err(
-            |(row, g)| {
-                crate::error::user(format!(
-                    "tensor {param_name} (shape {shape:?}): GPTQ's updates made row {row}, group \
+    let (codes, params, decoded) = gptq_codes(
+        &grid,
+        geo.group,
+        &rounded,
+        geo.k,
+        &factor.perm,
+        &factor.u,
+        &factor.dead,
+    )
+    .map_err(|(row, g)| {
+        crate::error::user(format!(
+            "tensor {param_name} (shape {shape:?}): GPTQ's updates made row {row}, group \
                      {g} overflow; raise `damp` in the recipe's [calibration] table"
-                ))
-            },
-        )?;
+        ))
+    })?;
     let mut words = vec![0u32; geo.n * geo.words_per_row];
     words
         .par_chunks_mut(geo.words_per_row)
@@ -181,10 +187,29 @@ pub fn quantize_param_gptq(
     Ok((records, decoded))
 }
 
-/// The per-layer input of [`quantize_param_gptq`]: `(H + λI)⁻¹ = Uᵀ U` and the dead columns.
+/// The per-layer input of [`quantize_param_gptq`]: the column visiting order `perm`, and for the
+/// Hessian permuted by it, `(H + λI)⁻¹ = Uᵀ U` and the dead columns.
 pub struct GptqFactor {
+    pub perm: Vec<usize>,
     pub u: Vec<f32>,
     pub dead: Vec<bool>,
+}
+
+impl GptqFactor {
+    /// Orders the columns, permutes `h` and factors it.
+    pub fn new(
+        h: &crate::quant::gptq::Hessian,
+        order: crate::quant::gptq::ColumnOrder,
+        damp: f64,
+    ) -> Result<GptqFactor> {
+        let perm = crate::quant::gptq::column_order(h, order);
+        let (u, dead_p) = crate::quant::gptq::inverse_factor(&h.permuted(&perm), damp)?;
+        let mut dead = vec![false; perm.len()];
+        for (j, &c) in perm.iter().enumerate() {
+            dead[c] = dead_p[j];
+        }
+        Ok(GptqFactor { perm, u, dead })
+    }
 }
 
 fn check_len(param_name: &str, shape: &[usize], values: &[f32]) -> Result<()> {

@@ -250,8 +250,8 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
     })
 }
 
-/// `[calibration]`: `method` (required: "gptq", or "none" to turn it off explicitly), `text`
-/// (relative to the recipe), `damp` in (0, 1].
+/// `[calibration]`: `method` (required: "gptq"), `text` (relative to the recipe), `damp` in
+/// (0, 1], `act_order`.
 fn parse_calibration(
     c: &schema::CalibrationSection,
     base: &Path,
@@ -288,6 +288,9 @@ fn parse_calibration(
             ));
         }
         out.damp = v;
+    }
+    if let Some(a) = c.act_order {
+        out.act_order = a;
     }
     Ok(out)
 }

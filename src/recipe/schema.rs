@@ -30,6 +30,7 @@ pub struct CalibrationSection {
     /// A text file, relative to the recipe (default: the built-in text).
     pub text: Option<Spanned<String>>,
     pub damp: Option<Spanned<f64>>,
+    pub act_order: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

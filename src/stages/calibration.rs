@@ -17,7 +17,7 @@ use crate::formats::model_lib::plan::WeightStorage;
 use crate::formats::tensor::TensorSource;
 use crate::model::ParamSpec;
 use crate::quant::calibration::Calibration;
-use crate::quant::gptq::{inverse_factor, Hessian};
+use crate::quant::gptq::Hessian;
 use crate::quant::scheme::QuantScheme;
 use crate::quant::{EncodedRecord, GptqFactor, ScaleRule};
 use crate::runtime::cpu::kernels::{self, WeightView};
@@ -84,15 +84,8 @@ pub fn calibrated_records(
             Some(recs) if needed => Some(decode(scheme, p, recs)?),
             Some(_) => None,
             None if matrix => {
-                let t0 = std::time::Instant::now();
-                let mut h = Hessian::new(p.shape[1]);
-                for (x, _) in pairs.iter() {
-                    h.add(x);
-                }
-                let t1 = std::time::Instant::now();
-                let (u, dead) = inverse_factor(&h, calibration.damp)?;
-                let t2 = std::time::Instant::now();
-                eprintln!("TIMING {} {:?} hess {:?} inv {:?}", p.name, p.shape, t1-t0, t2-t1);
+                let h = hessian(p.shape[1], pairs);
+                let factor = GptqFactor::new(&h, calibration.column_order(), calibration.damp)?;
                 let (recs, decoded) = crate::quant::quantize_param_gptq(
                     scheme,
                     rule,
@@ -100,9 +93,8 @@ pub fn calibrated_records(
                     &p.name,
                     &p.shape,
                     &values[id],
-                    &GptqFactor { u, dead },
+                    &factor,
                 )?;
-                eprintln!("TIMING gptq {:?}", t2.elapsed());
                 quantized.insert(id, recs);
                 progress.inc(values[id].len() as u64 * 4);
                 Some(decoded)
@@ -179,6 +171,33 @@ fn split(tokens: &[u32], max: usize) -> Vec<&[u32]> {
         at += len;
     }
     out
+}
+
+/// `H = XᵀX` over every session's input `X`, with the runtime's f32 matrix product on `Xᵀ`.
+fn hessian(k: usize, pairs: &[(&[f32], &mut [f32])]) -> Hessian {
+    let t: usize = pairs.iter().map(|(x, _)| x.len() / k).sum();
+    let mut xt = vec![0f32; k * t];
+    let mut at = 0;
+    for (x, _) in pairs.iter() {
+        for (r, row) in x.chunks_exact(k).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                xt[c * t + at + r] = v;
+            }
+        }
+        at += x.len() / k;
+    }
+    let storage = WeightStorage::Raw { dtype: DType::F32 };
+    let shape = [k, t];
+    let records = [bytemuck::cast_slice::<f32, u8>(&xt)];
+    let view = WeightView {
+        storage: &storage,
+        shape: &shape,
+        records: &records,
+        model_dtype: DType::F32,
+    };
+    let mut gram = vec![0f32; k * k];
+    kernels::matmul(&view, &xt, k, &mut gram);
+    Hessian::from_gram(k, gram)
 }
 
 /// The values a reader decodes from `recs` (a matrix multiplied a second time).

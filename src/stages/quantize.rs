@@ -38,10 +38,11 @@ pub fn run(
     let calibration_key = match calibration {
         None => "none".to_string(),
         Some(c) => format!(
-            "gptq v{} text {} damp {}",
+            "gptq v{} text {} damp {} act_order {}",
             super::calibration::VERSION,
             blake3::hash(c.text()?.as_bytes()).to_hex(),
-            c.damp
+            c.damp,
+            c.act_order
         ),
     };
     let params_json = serde_json::to_vec(&desc.params)?;
