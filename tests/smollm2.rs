@@ -1,9 +1,11 @@
 //! A real pretrained model end to end: SmolLM2-135M-Instruct from its Q4_1 GGUF (fetched by
 //! `scripts/fetch-smollm2.sh`, which `.ci/run` calls) built at four schemes; greedy decoding of
 //! "The capital of France is" must continue with " Paris", and the chat template must answer
-//! "What is the capital of France?" sensibly.
+//! "What is the capital of France?" sensibly. q4f16_1 is built twice: rounded to nearest, and with
+//! GPTQ calibration, which must say " Paris" and be closer to q0f32 on a paragraph it never saw.
 
 mod common;
+use common::logits::{greedy_args, logits_args, read_logits, run_ids};
 use common::*;
 use std::path::PathBuf;
 
@@ -37,10 +39,25 @@ fn smollm2_says_paris() {
             )
         })
         .collect();
+    let mut recipes = recipes;
+    recipes.push(w.recipe(
+        "gptq.toml",
+        &format!(
+            "quantization = \"q4f16_1\"\n[model]\nname = \"smollm2-gptq\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"cpu\"\n[calibration]\nmethod = \"gptq\"\n",
+            model.display()
+        ),
+    ));
     let refs: Vec<&std::path::Path> = recipes.iter().map(|p| p.as_path()).collect();
     w.build_json(&refs, &[]);
-    for q in schemes {
-        let dist = w.dist().join(format!("smollm2-{q}"));
+    let dists: Vec<(String, PathBuf)> = schemes
+        .iter()
+        .map(|q| (q.to_string(), w.dist().join(format!("smollm2-{q}"))))
+        .chain([(
+            "q4f16_1 + GPTQ".to_string(),
+            w.dist().join("smollm2-gptq-q4f16_1"),
+        )])
+        .collect();
+    for (q, dist) in &dists {
         let out = w.mlcb(&[
             "run",
             dist.to_str().unwrap(),
@@ -59,11 +76,11 @@ fn smollm2_says_paris() {
             v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0)
         );
         if q == "q4f16_1" {
-            // Requantizing Q4_1 weights to the symmetric int4 grid costs ~7.8% relative weight
-            // error with mse scales (10.2% with absmax; q4f32_1, asymmetric like Q4_1, costs 0.4%),
-            // and the tied embedding (Q8_0 in the GGUF) goes to int4 too; at that noise this 135M
-            // model's greedy answer is not " Paris" (on a 52-token text its top-1 agrees with
-            // q0f32's 67% of the time). The artifact must still build and generate.
+            // Requantizing Q4_1 weights to the symmetric int4 grid by rounding to nearest costs
+            // ~7.8% relative weight error with mse scales (q4f32_1, asymmetric like Q4_1, costs
+            // 0.4%), and the tied embedding (Q8_0 in the GGUF) goes to int4 too; at that noise
+            // this 135M model's greedy answer is not " Paris". GPTQ (below) is the remedy; the
+            // plain artifact must still build and generate.
             assert!(!text.is_empty(), "{q}: no text generated");
             continue;
         }
@@ -72,6 +89,32 @@ fn smollm2_says_paris() {
             "{q}: greedy continuation was {text:?}"
         );
     }
+    // GPTQ's codes follow the model's activations: on a paragraph absent from the calibration
+    // text, its distribution is much closer to q0f32's than round-to-nearest's (mean KL 0.20 vs
+    // 0.56 when measured).
+    let paragraph = "The history of the bicycle begins in the early nineteenth century, when \
+        inventors in Europe built wooden machines that riders pushed along with their feet. \
+        Pedals attached to the front wheel came later, and the chain drive that powers modern \
+        bicycles was added near the end of the century. Question: Why do leaves change colour in \
+        autumn? Answer: As the days get shorter, trees stop making chlorophyll.";
+    let reference = &dists[0].1;
+    let args = greedy_args(reference, paragraph, 1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = w.mlcb(&args);
+    assert_success(&out);
+    let (ids, _) = run_ids(&out.stdout);
+    let logits = |dist: &PathBuf, tag: &str| {
+        let (args, file) = logits_args(w.path(), dist, &ids, tag);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_success(&w.mlcb(&args));
+        read_logits(&file)
+    };
+    let full = logits(reference, "f32");
+    let kl = |dist: &PathBuf, tag: &str| mean_kl(&full, &logits(dist, tag), ids.len());
+    let (rtn, gptq) = (kl(&dists[4].1, "rtn"), kl(&dists[5].1, "gptq"));
+    eprintln!("mean KL to q0f32 over {} tokens: q4f16_1 {rtn:.3}, with GPTQ {gptq:.3}", ids.len());
+    assert!(gptq < 0.7 * rtn, "GPTQ KL {gptq} vs round-to-nearest {rtn}");
+
     // The chat template embedded in the GGUF (ChatML), through `mlcb chat` with piped stdin.
     let dist = w.dist().join("smollm2-q8f16_1");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"))
@@ -99,4 +142,22 @@ fn smollm2_says_paris() {
     let reply = String::from_utf8_lossy(&out.stdout);
     eprintln!("chat reply: {reply}");
     assert!(reply.contains("Paris"), "chat reply: {reply}");
+}
+
+/// Mean over positions of KL(p ‖ q) for logits `[rows, vocab]`.
+fn mean_kl(p: &[f32], q: &[f32], rows: usize) -> f64 {
+    let vocab = p.len() / rows;
+    let log_softmax = |v: &[f32]| {
+        let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let z = v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        v.iter().map(|&x| x as f64 - m - z).collect::<Vec<f64>>()
+    };
+    p.chunks(vocab)
+        .zip(q.chunks(vocab))
+        .map(|(a, b)| {
+            let (la, lb) = (log_softmax(a), log_softmax(b));
+            la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / rows as f64
 }

@@ -230,7 +230,7 @@ pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Recipe> {
     };
     let calibration = match &file.calibration {
         None => None,
-        Some(c) => Some(parse_calibration(c, &base, &err)?),
+        Some(c) => Some(parse_calibration(c, base, &err)?),
     };
     let chat = parse_chat(&file.chat, &err)?;
     let tuning_file = file.tuning_file.as_ref().map(|t| base.join(t.get_ref()));

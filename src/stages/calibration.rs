@@ -35,6 +35,7 @@ const MAX_SEQUENCE: usize = 512;
 
 /// The records of every param (by param index), quantized with GPTQ where the forward pass
 /// multiplies the param as a matrix, and as [`crate::quant::quantize_param_with`] would otherwise.
+#[allow(clippy::too_many_arguments)]
 pub fn calibrated_records(
     ctx: &super::BuildContext,
     weights: &StageOutput,
