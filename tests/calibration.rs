@@ -79,11 +79,12 @@ fn calibration_is_a_quantize_input_and_independent_of_threads() {
     assert_eq!(status_of(&f, "quantize"), "cached", "{f}");
     assert_eq!(params(&w.dist(), "tiny-llama-q4f16_1"), gptq);
     let text_file = w.path().join("calib.txt");
-    std::fs::write(&text_file, "A different text, about boats and rivers. ".repeat(20)).unwrap();
-    let t = w.build_json(
-        &[&r],
-        &["--calibration-text", text_file.to_str().unwrap()],
-    );
+    std::fs::write(
+        &text_file,
+        "A different text, about boats and rivers. ".repeat(20),
+    )
+    .unwrap();
+    let t = w.build_json(&[&r], &["--calibration-text", text_file.to_str().unwrap()]);
     assert_eq!(status_of(&t, "quantize"), "ran", "{t}");
 
     // Unquantized schemes have nothing to calibrate: the setting does not touch their key.

@@ -346,10 +346,11 @@ fn smollm2_gguf() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// SmolLM2-135M through Vulkan: q4f32_1 answers " Paris" greedily; q4f16_1 (which cannot, even on
-/// the CPU: see tests/smollm2.rs) gives the CPU's tokens. Ignored by default: on lavapipe each
+/// SmolLM2-135M through Vulkan: q4f32_1 answers " Paris" greedily; q4f16_1 rounded to nearest
+/// (which cannot, even on the CPU) gives the CPU's tokens. Ignored by default: on lavapipe each
 /// run takes ~30 s (≈20 s prefill, ≈0.3 tok/s decode on a loaded 2-core machine), ~90 s in all.
-/// Run with `cargo test --test runtime_wgpu -- --ignored`.
+/// Run with `cargo test --test runtime_wgpu -- --ignored`. tests/smollm2.rs runs the GPTQ-calibrated
+/// q4f16_1 through Vulkan in every CI run (" Paris").
 #[test]
 #[ignore]
 fn smollm2_on_wgpu_says_paris() {

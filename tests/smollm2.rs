@@ -40,13 +40,17 @@ fn smollm2_says_paris() {
         })
         .collect();
     let mut recipes = recipes;
-    recipes.push(w.recipe(
-        "gptq.toml",
-        &format!(
-            "quantization = \"q4f16_1\"\n[model]\nname = \"smollm2-gptq\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"cpu\"\n[calibration]\nmethod = \"gptq\"\n",
-            model.display()
-        ),
-    ));
+    // The calibrated model for the CPU and for Vulkan: one quantize stage, one dist folder with
+    // both libraries.
+    for target in ["cpu", "vulkan"] {
+        recipes.push(w.recipe(
+            &format!("gptq-{target}.toml"),
+            &format!(
+                "quantization = \"q4f16_1\"\n[model]\nname = \"smollm2-gptq\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"{target}\"\n[calibration]\nmethod = \"gptq\"\n",
+                model.display()
+            ),
+        ));
+    }
     let refs: Vec<&std::path::Path> = recipes.iter().map(|p| p.as_path()).collect();
     w.build_json(&refs, &[]);
     let dists: Vec<(String, PathBuf)> = schemes
@@ -89,6 +93,41 @@ fn smollm2_says_paris() {
             "{q}: greedy continuation was {text:?}"
         );
     }
+    // The same artifact through the wgpu runtime (lavapipe here): the same tokens as the CPU.
+    let gptq = &dists[5].1;
+    let xdg = w.path().join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    let mut args = greedy_args(gptq, "The capital of France is", 4);
+    args.extend(["--device".to_string(), "wgpu".to_string()]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"))
+        .args(&args)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .output()
+        .unwrap();
+    if out.status.code() == Some(3) && stderr(&out).contains("no wgpu adapter found") {
+        eprintln!(
+            "SKIPPED the Vulkan run: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)"
+        );
+    } else {
+        assert_success(&out);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = v["text"].as_str().unwrap();
+        eprintln!(
+            "q4f16_1 + GPTQ through Vulkan: {text:?} ({:.2} tok/s decode)",
+            v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0)
+        );
+        assert!(text.starts_with(" Paris"), "through Vulkan: {text:?}");
+        let args = greedy_args(gptq, "The capital of France is", 4);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cpu = w.mlcb(&args);
+        assert_success(&cpu);
+        assert_eq!(
+            run_ids(&out.stdout),
+            run_ids(&cpu.stdout),
+            "wgpu vs cpu tokens"
+        );
+    }
+
     // GPTQ's codes follow the model's activations: on a paragraph absent from the calibration
     // text, its distribution is much closer to q0f32's than round-to-nearest's (mean KL 0.20 vs
     // 0.56 when measured).
@@ -112,7 +151,10 @@ fn smollm2_says_paris() {
     let full = logits(reference, "f32");
     let kl = |dist: &PathBuf, tag: &str| mean_kl(&full, &logits(dist, tag), ids.len());
     let (rtn, gptq) = (kl(&dists[4].1, "rtn"), kl(&dists[5].1, "gptq"));
-    eprintln!("mean KL to q0f32 over {} tokens: q4f16_1 {rtn:.3}, with GPTQ {gptq:.3}", ids.len());
+    eprintln!(
+        "mean KL to q0f32 over {} tokens: q4f16_1 {rtn:.3}, with GPTQ {gptq:.3}",
+        ids.len()
+    );
     assert!(gptq < 0.7 * rtn, "GPTQ KL {gptq} vs round-to-nearest {rtn}");
 
     // The chat template embedded in the GGUF (ChatML), through `mlcb chat` with piped stdin.
@@ -156,7 +198,10 @@ fn mean_kl(p: &[f32], q: &[f32], rows: usize) -> f64 {
         .zip(q.chunks(vocab))
         .map(|(a, b)| {
             let (la, lb) = (log_softmax(a), log_softmax(b));
-            la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>()
+            la.iter()
+                .zip(&lb)
+                .map(|(x, y)| x.exp() * (x - y))
+                .sum::<f64>()
         })
         .sum::<f64>()
         / rows as f64

@@ -101,7 +101,7 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
 }
 
 pub fn execute(args: BenchArgs) -> Result<()> {
-    let artifact = Artifact::open(&args.dist_dir)?;
+    let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     if args.prompt_len == 0 {
         user_bail!("--prompt-len must be at least 1");

@@ -40,7 +40,7 @@ pub struct ChatArgs {
 }
 
 pub fn execute(args: ChatArgs) -> Result<()> {
-    let artifact = Artifact::open(&args.dist_dir)?;
+    let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     let tokenizer = TextTokenizer::from_dir(&artifact.config_dir)?;
     let template = ChatTemplate::select(&artifact.config.conv_template, &tokenizer.config)?;

@@ -118,7 +118,7 @@ pub fn write_logits(path: &Path, ids: &[u32], vocab: usize, logits: &[f32]) -> R
 }
 
 pub fn execute(args: LogitsArgs) -> Result<()> {
-    let artifact = Artifact::open(&args.dist_dir)?;
+    let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     let vocab = artifact.vocab_size();
     let ids = parse_ids(&args.input_ids, vocab)?;

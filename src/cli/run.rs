@@ -98,7 +98,7 @@ pub fn check_fits(artifact: &Artifact, n: usize) -> Result<()> {
 }
 
 pub fn execute(args: RunArgs) -> Result<()> {
-    let artifact = Artifact::open(&args.dist_dir)?;
+    let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     let tokenizer = TextTokenizer::from_dir(&artifact.config_dir)?;
     let params = args.sampling.params(&artifact.config)?;

@@ -60,6 +60,13 @@ impl Artifact {
     /// Opens `dir`: reads the chat config, the model library and the parameter index, maps the
     /// shards and checks every record range.
     pub fn open(dir: &Path) -> Result<Artifact> {
+        Self::open_for(dir, None)
+    }
+
+    /// Like [`Artifact::open`], for the `--device` the user asked for: when the folder holds
+    /// libraries of several targets (one build with several recipes), one whose target runs on
+    /// that backend (`cpu`, `wgpu`, `cuda`) is preferred to the chat config's.
+    pub fn open_for(dir: &Path, device: Option<&str>) -> Result<Artifact> {
         if !dir.is_dir() {
             user_bail!(
                 "{} is not a directory; pass the dist folder that `mlcb build` wrote (dist/<model>-<quant>)",
@@ -87,8 +94,15 @@ impl Artifact {
             ))
         })?;
 
-        let library_path = find_library(dir, &config)?;
-        let library = ModelLibrary::read(&library_path)?;
+        let mut library_path = find_library(dir, &config)?;
+        let mut library = ModelLibrary::read(&library_path)?;
+        if let Some(device) = device.map(|d| d.trim().to_ascii_lowercase()) {
+            if !library.header.target.backend.eq_ignore_ascii_case(&device) {
+                if let Some((p, l)) = library_for_backend(dir, &device)? {
+                    (library_path, library) = (p, l);
+                }
+            }
+        }
 
         let cache_path = dir.join(PARAMS_DIR).join(NDARRAY_CACHE_FILE);
         if !cache_path.is_file() {
@@ -349,6 +363,23 @@ fn shard_path(dir: &Path, cache_path: &Path, data_path: &str) -> Result<PathBuf>
         );
     }
     Ok(dir.join(PARAMS_DIR).join(p))
+}
+
+/// The first library of `dir` (by file name) whose target runs on `backend`.
+fn library_for_backend(dir: &Path, backend: &str) -> Result<Option<(PathBuf, ModelLibrary)>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(LIBRARY_EXTENSION))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let lib = ModelLibrary::read(&p)?;
+        if lib.header.target.backend.eq_ignore_ascii_case(backend) {
+            return Ok(Some((p, lib)));
+        }
+    }
+    Ok(None)
 }
 
 /// The model library: the config's `model_lib_file`, else `<model_lib>-<target>.mlcblib`, else the
