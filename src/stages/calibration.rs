@@ -5,8 +5,9 @@
 //! the ones before it (GPTQ's sequential mode).
 //!
 //! The CPU runtime's f32 kernels give the same bits with or without SIMD (one order of exact FMAs)
-//! and its ops use the `libm` crate's functions, so the inputs — and the codes — are bit-identical
-//! on every machine and for any thread count.
+//! and the model runs with the `libm` crate's exponential ([`CpuModel::with_portable_math`];
+//! rotary and GELU always use `libm`), so the inputs — and the codes — are bit-identical on every
+//! machine and for any thread count.
 //! Costs: the model is held in float32 in memory during calibration, and each matrix `[N, K]`
 //! takes `O(N·K²)` for GPTQ plus `O(K³)` for its inverse Hessian.
 
@@ -74,7 +75,7 @@ pub fn calibrated_records(
         .iter()
         .map(|v| [bytemuck::cast_slice::<f32, u8>(v)])
         .collect();
-    let model = CpuModel::new(&plan, WeightView::for_plan(&plan, &records))?;
+    let model = CpuModel::new(&plan, WeightView::for_plan(&plan, &records))?.with_portable_math();
     let mut quantized: BTreeMap<usize, Vec<EncodedRecord>> = BTreeMap::new();
     let params = &desc.params;
     let mut sessions: Vec<_> = chunks.iter().map(|_| model.session()).collect();

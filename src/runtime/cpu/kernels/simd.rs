@@ -67,10 +67,10 @@ pub(super) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
         return unsafe { avx2::dot4(w, x) };
     }
     [
-        dot_portable(w[0], x),
-        dot_portable(w[1], x),
-        dot_portable(w[2], x),
-        dot_portable(w[3], x),
+        dot_single_lane_group(w[0], x),
+        dot_single_lane_group(w[1], x),
+        dot_single_lane_group(w[2], x),
+        dot_single_lane_group(w[3], x),
     ]
 }
 
@@ -90,9 +90,41 @@ pub(super) fn dot4x3(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 4]; 3] {
     [dot4(w, x[0]), dot4(w, x[1]), dot4(w, x[2])]
 }
 
-/// Eight independent partial sums, combined pairwise: vectorisable, and a reassociation of the
-/// SIMD kernels' order.
+/// [`avx2::dot`]'s exact order without SIMD intrinsics: four groups of eight lanes over blocks of
+/// 32, the remaining blocks of 8 into the first group, `(g0 + g1) + (g2 + g3)` lane by lane, the
+/// AVX2 horizontal sum, then the tail by FMAs. FMA is exact, so this gives the same bits as the
+/// AVX2 kernel (and LLVM vectorises it with NEON on aarch64).
 pub(super) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [[0f32; 8]; 4];
+    let n = a.len();
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, g) in acc.iter_mut().enumerate() {
+            let o = i + 8 * j;
+            for l in 0..8 {
+                g[l] = a[o + l].mul_add(b[o + l], g[l]);
+            }
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        for l in 0..8 {
+            acc[0][l] = a[i + l].mul_add(b[i + l], acc[0][l]);
+        }
+        i += 8;
+    }
+    let v: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let mut s = hsum8(&v);
+    while i < n {
+        s = a[i].mul_add(b[i], s);
+        i += 1;
+    }
+    s
+}
+
+/// One row against one activation the way [`dot4`] computes each of its four: a single 8-lane
+/// accumulator, the AVX2 horizontal sum, then the tail by FMAs.
+fn dot_single_lane_group(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ta, tb) = (ca.remainder(), cb.remainder());
@@ -133,20 +165,34 @@ pub(super) mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available; `a.len() == b.len()`.
     ///
-    /// One 8-lane accumulator, the same horizontal sum, the tail by scalar FMAs: exactly
-    /// [`super::dot_portable`]'s operations, so both give the same bits (FMA is exact, so
-    /// `mul_add` on any CPU rounds as `vfmadd` does).
+    /// Exactly [`super::dot_portable`]'s operations (four 8-lane accumulators over blocks of 32,
+    /// the rest into the first, the same combination and horizontal sum, the tail by scalar
+    /// FMAs), so both give the same bits: FMA is exact, so `mul_add` on any CPU rounds as
+    /// `vfmadd` does.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
         while i + 8 <= n {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
             i += 8;
         }
-        let mut s = hsum(acc);
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum(v);
         while i < n {
             s = a[i].mul_add(b[i], s);
             i += 1;

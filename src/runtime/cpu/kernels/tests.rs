@@ -396,3 +396,46 @@ fn dot4x3_equals_dot4() {
         }
     }
 }
+
+/// The f32 kernels give the same bits with and without SIMD (the calibration's determinism across
+/// machines rests on it): raw f32 matrix products of every shape class (4-row blocks, tail rows,
+/// one activation row, ragged K) and the attention dot product.
+#[test]
+fn f32_results_are_identical_with_and_without_simd() {
+    let mut rng = Rng(99);
+    let storage = WeightStorage::Raw { dtype: DType::F32 };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for (n, k, rows) in [(37, 96, 7), (8, 77, 1), (13, 40, 3), (5, 8, 4)] {
+        let w = rng.vec(n * k);
+        let x = rng.vec(rows * k);
+        let bytes: &[u8] = bytemuck::cast_slice(&w);
+        let records = [bytes];
+        let shape = [n, k];
+        let view = WeightView {
+            storage: &storage,
+            shape: &shape,
+            records: &records,
+            model_dtype: DType::F32,
+        };
+        let run = |portable: bool| {
+            pool.install(|| {
+                FORCE_PORTABLE.with(|f| f.set(portable));
+                let mut out = vec![0f32; rows * n];
+                matmul(&view, &x, rows, &mut out);
+                let d = super::dot(&w[..k], &x[..k]);
+                FORCE_PORTABLE.with(|f| f.set(false));
+                (out, d)
+            })
+        };
+        let (simd, portable) = (run(false), run(true));
+        assert_eq!(
+            simd.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            portable.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "[{n},{k}] × {rows} rows"
+        );
+        assert_eq!(simd.1.to_bits(), portable.1.to_bits(), "dot of {k}");
+    }
+}

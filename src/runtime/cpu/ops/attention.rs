@@ -1,5 +1,6 @@
 //! Causal multi-head attention over a growing KV cache (`Op::Attention`).
 
+use super::math::Exp;
 use crate::runtime::cpu::kernels;
 use rayon::prelude::*;
 
@@ -14,7 +15,7 @@ pub struct KvCache {
 /// Appends the k and v of the `T` rows of `qkv` (at positions `pos..pos+T`) to `cache`, then writes
 /// `softmax(q·kᵀ/√head_dim)·v` over positions `0..=pos+t` for every row `t` and query head into
 /// `out` (`[T, n_q_heads·head_dim]`). Each (row, head) is one task, computed in a fixed order.
-pub fn attention(
+pub fn attention<E: Exp>(
     qkv: &[f32],
     pos: usize,
     n_q_heads: usize,
@@ -52,7 +53,7 @@ pub fn attention(
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in scores.iter_mut() {
-                *s = libm::expf(*s - max);
+                *s = E::exp(*s - max);
                 sum += *s;
             }
             o.fill(0.0);
@@ -77,7 +78,7 @@ mod tests {
         let qkv = [1.0, 0.0, 0.0, 10.0, 2.0, -1.0, 1.0, 20.0];
         let mut cache = KvCache::default();
         let mut out = [0f32; 4];
-        attention(&qkv, 0, 2, 1, 1, &mut cache, &mut out);
+        attention::<super::super::math::NativeExp>(&qkv, 0, 2, 1, 1, &mut cache, &mut out);
         // Row 0 sees only position 0: both heads give v0 = 10.
         assert_eq!(&out[..2], &[10.0, 10.0]);
         // Row 1, head 0: scores [2·0, 2·1] → weights softmax([0, 2]).
@@ -97,11 +98,19 @@ mod tests {
             .collect();
         // 2 q heads, 1 kv head, head_dim 3 → 12 cols.
         let mut full = vec![0f32; 5 * 6];
-        attention(&qkv, 0, 2, 1, 3, &mut KvCache::default(), &mut full);
+        attention::<super::super::math::NativeExp>(
+            &qkv,
+            0,
+            2,
+            1,
+            3,
+            &mut KvCache::default(),
+            &mut full,
+        );
         let mut cache = KvCache::default();
         let mut step = vec![0f32; 5 * 6];
         for t in 0..5 {
-            attention(
+            attention::<super::super::math::PortableExp>(
                 &qkv[t * 12..(t + 1) * 12],
                 t,
                 2,

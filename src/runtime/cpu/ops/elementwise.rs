@@ -1,7 +1,7 @@
 //! Elementwise ops. Large buffers are split into fixed chunks across threads; each element's value
 //! does not depend on the split.
 
-use super::math::erf;
+use super::math::{erf, Exp};
 use super::PAR_MIN_ELEMS;
 use rayon::prelude::*;
 
@@ -28,8 +28,8 @@ pub fn zip_in_place(out: &mut [f32], other: &[f32], f: impl Fn(f32, f32) -> f32 
     }
 }
 
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + libm::expf(-x))
+pub fn sigmoid<E: Exp>(x: f32) -> f32 {
+    1.0 / (1.0 + E::exp(-x))
 }
 
 /// Exact GELU: `0.5 x (1 + erf(x/√2))`, erf in f64.
@@ -44,11 +44,11 @@ pub fn relu_square(x: f32) -> f32 {
 }
 
 /// `out[t, j] = silu(input[t, j]) * input[t, I + j]` with `I = out cols`.
-pub fn silu_mul(input: &[f32], out: &mut [f32], cols: usize) {
+pub fn silu_mul<E: Exp>(input: &[f32], out: &mut [f32], cols: usize) {
     let work = |(o, row): (&mut [f32], &[f32])| {
         let (gate, up) = row.split_at(cols);
         for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-            *o = g * sigmoid(g) * u;
+            *o = g * sigmoid::<E>(g) * u;
         }
     };
     if out.len() < PAR_MIN_ELEMS {
@@ -72,9 +72,10 @@ mod tests {
         assert!((gelu(-2.0) - (-0.045_500_26)).abs() < 1e-6);
         assert_eq!(relu_square(-3.0), 0.0);
         assert_eq!(relu_square(3.0), 9.0);
+        let sigmoid = sigmoid::<super::super::math::NativeExp>;
         assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
         let mut out = [0f32; 2];
-        silu_mul(&[1.0, -1.0, 2.0, 3.0], &mut out, 2);
+        silu_mul::<super::super::math::PortableExp>(&[1.0, -1.0, 2.0, 3.0], &mut out, 2);
         assert!((out[0] - sigmoid(1.0) * 2.0).abs() < 1e-6);
         assert!((out[1] - (-sigmoid(-1.0) * 3.0)).abs() < 1e-6);
     }

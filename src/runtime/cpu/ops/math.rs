@@ -1,4 +1,34 @@
-//! Scalar functions the standard library lacks.
+//! Scalar functions the standard library lacks, and the choice of exponential.
+
+/// The f32 exponential of the hot ops (softmax, SiLU, sigmoid, RWKV): the platform's, which is
+/// fast, or the `libm` crate's, which gives the same bits on every platform (build-time
+/// calibration runs the model with it so that its codes do not depend on the machine). Ops are
+/// generic over it, so the choice costs nothing per element.
+pub trait Exp: Copy + Send + Sync {
+    fn exp(x: f32) -> f32;
+}
+
+/// `f32::exp` (the system libm).
+#[derive(Debug, Clone, Copy)]
+pub struct NativeExp;
+
+impl Exp for NativeExp {
+    #[inline]
+    fn exp(x: f32) -> f32 {
+        x.exp()
+    }
+}
+
+/// `libm::expf` (pure Rust: identical results everywhere).
+#[derive(Debug, Clone, Copy)]
+pub struct PortableExp;
+
+impl Exp for PortableExp {
+    #[inline]
+    fn exp(x: f32) -> f32 {
+        libm::expf(x)
+    }
+}
 
 /// The error function, accurate to about 1e-14 (f64): Maclaurin series near 0, continued fraction
 /// for erfc further out, ±1 beyond 6.

@@ -1,5 +1,7 @@
 //! RWKV-4 token shift and WKV recurrence (`Op::RwkvTokenShift`, `Op::RwkvWkv`).
 
+use super::math::Exp;
+
 /// Per-layer recurrent state, as `StateDecl::Rwkv` documents.
 #[derive(Debug)]
 pub struct RwkvState {
@@ -46,7 +48,14 @@ pub fn token_shift(x: &[f32], shift: &mut [f32], mixes: &[&[f32]], outs: &mut [V
 
 /// The WKV recurrence over the rows of `k` and `v`, step for step as Hugging Face
 /// `rwkv_linear_attention_cpu`: `decay` is `-exp(time_decay)`.
-pub fn wkv(k: &[f32], v: &[f32], decay: &[f32], first: &[f32], s: &mut RwkvState, out: &mut [f32]) {
+pub fn wkv<E: Exp>(
+    k: &[f32],
+    v: &[f32],
+    decay: &[f32],
+    first: &[f32],
+    s: &mut RwkvState,
+    out: &mut [f32],
+) {
     let hidden = decay.len();
     for (t, o) in out.chunks_exact_mut(hidden).enumerate() {
         let (kr, vr) = (
@@ -58,11 +67,11 @@ pub fn wkv(k: &[f32], v: &[f32], decay: &[f32], first: &[f32], s: &mut RwkvState
             let (num, den, max) = (s.num[c], s.den[c], s.max[c]);
             let ww = kc + first[c];
             let m = max.max(ww);
-            let (e1, e2) = (libm::expf(max - m), libm::expf(ww - m));
+            let (e1, e2) = (E::exp(max - m), E::exp(ww - m));
             o[c] = (e1 * num + e2 * vc) / (e1 * den + e2);
             let ww = max + decay[c];
             let m = ww.max(kc);
-            let (e1, e2) = (libm::expf(ww - m), libm::expf(kc - m));
+            let (e1, e2) = (E::exp(ww - m), E::exp(kc - m));
             s.num[c] = e1 * num + e2 * vc;
             s.den[c] = e1 * den + e2;
             s.max[c] = m;
@@ -93,7 +102,7 @@ mod tests {
         let v = [1.0f32, 3.0, -2.0, 0.5];
         let mut s = RwkvState::new(1);
         let mut out = [0f32; 4];
-        wkv(&k, &v, &[w as f32], &[u as f32], &mut s, &mut out);
+        wkv::<super::super::math::PortableExp>(&k, &v, &[w as f32], &[u as f32], &mut s, &mut out);
         for t in 0..4 {
             let (mut num, mut den) = (0f64, 0f64);
             for i in 0..t {
