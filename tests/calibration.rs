@@ -4,7 +4,7 @@
 //! activations on the calibration text say little about other text).
 
 mod common;
-use common::logits::{f32s, logits_args, read_logits, rel_err};
+use common::logits::{logits_args, max_rel_err, read_logits, reference};
 use common::*;
 use std::path::Path;
 
@@ -37,14 +37,7 @@ fn calibration_is_a_quantize_input_and_independent_of_threads() {
         "explain must name the calibration:\n{text}"
     );
     let b = w.build_json(&[&rc], &[]);
-    for (s, st) in statuses(&b) {
-        let want = if s == "quantize" || s == "link" {
-            "ran"
-        } else {
-            "cached"
-        };
-        assert_eq!(st, want, "{s}: {b}");
-    }
+    assert_only_ran(&b, &["quantize", "link"]);
     let gptq = params(&w.dist(), "tiny-llama-q4f16_1");
     assert_ne!(gptq, rtn, "GPTQ must choose other codes");
 
@@ -150,32 +143,18 @@ fn calibrated_artifacts_of_every_architecture_run() {
         let text = format!("{}{GPTQ}", fixture_recipe(fx, "cpu")("q4f16_1"));
         let r = w.recipe(&format!("{fx}.toml"), &text);
         w.build_json(&[&r], &[]);
-        let reference = if fx == "tiny-vicuna" {
+        let reference_folder = if fx == "tiny-vicuna" {
             "tiny-vicuna-delta"
         } else {
             fx
         };
-        let bytes = std::fs::read(fixture(reference).join("reference.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let ids: Vec<u32> = st
-            .tensor("input_ids_0")
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect();
-        let theirs = f32s(&st.tensor("logits_0").unwrap());
+        let r = reference(reference_folder);
+        let (ids, (_, theirs)) = (&r.input_ids[0], &r.logits[0]);
         let dist = w.dist().join(format!("{fx}-q4f16_1"));
-        let (args, file) = logits_args(w.path(), &dist, &ids, fx);
+        let (args, file) = logits_args(w.path(), &dist, ids, fx);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_success(&w.mlcb(&args));
-        let ours = read_logits(&file);
-        let vocab = theirs.len() / ids.len();
-        let worst = ours
-            .chunks(vocab)
-            .zip(theirs.chunks(vocab))
-            .map(|(a, b)| rel_err(a, b))
-            .fold(0f64, f64::max);
+        let worst = max_rel_err(&read_logits(&file), theirs, theirs.len() / ids.len());
         eprintln!("{fx} q4f16_1 + GPTQ: worst relative logit error {worst:.3}");
         assert!(worst < 0.6, "{fx}: worst relative error {worst}");
     }

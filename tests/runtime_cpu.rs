@@ -4,44 +4,9 @@
 //! against transformers' greedy tokens (computed by full recomputation).
 
 mod common;
-use common::logits::{f32s as floats, greedy_args, logits_args, read_logits, rel_err, run_ids};
+use common::logits::{greedy_args, logits_args, read_logits, reference, rel_err, run_ids};
 use common::*;
 use std::path::{Path, PathBuf};
-
-struct Reference {
-    input_ids: Vec<Vec<u32>>,
-    logits: Vec<(Vec<usize>, Vec<f32>)>,
-    greedy: Vec<Vec<u32>>,
-}
-
-fn ints(t: &safetensors::tensor::TensorView) -> Vec<u32> {
-    t.data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-fn reference(folder: &str) -> Reference {
-    let bytes = std::fs::read(fixture(folder).join("reference.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut r = Reference {
-        input_ids: vec![],
-        logits: vec![],
-        greedy: vec![],
-    };
-    for i in 0.. {
-        let Ok(ids) = st.tensor(&format!("input_ids_{i}")) else {
-            break;
-        };
-        r.input_ids.push(ints(&ids));
-        let l = st.tensor(&format!("logits_{i}")).unwrap();
-        r.logits.push((l.shape().to_vec(), floats(&l)));
-        r.greedy
-            .push(ints(&st.tensor(&format!("greedy_{i}")).unwrap()));
-    }
-    assert!(!r.input_ids.is_empty());
-    r
-}
 
 /// Per-position relative error ‖a−b‖/‖b‖ (max over positions) and top-1 agreement (fraction).
 fn compare(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {

@@ -84,7 +84,13 @@ pub fn quantize_param_with(
                 .zip(scales.par_chunks_mut(geo.n_group))
                 .zip(rounded.par_chunks(k))
                 .for_each(|((w, s), row)| quantize_row_sym(&geo, dtype, rule, row, w, s));
-            Ok(sym_records(scheme, &names, &geo, words, scales))
+            Ok(matrix_records(
+                scheme,
+                &names,
+                &geo,
+                words,
+                GroupRecord::Scales(scales),
+            ))
         }
         Encoding::AsymBf16x2 { .. } => {
             check_finite(param_name, shape, values, values, DType::F32)?;
@@ -107,7 +113,13 @@ pub fn quantize_param_with(
                     scheme.name
                 );
             }
-            Ok(asym_records(scheme, &names, &geo, words, scale_min))
+            Ok(matrix_records(
+                scheme,
+                &names,
+                &geo,
+                words,
+                GroupRecord::ScaleMin(scale_min),
+            ))
         }
     }
 }
@@ -174,16 +186,11 @@ pub fn quantize_param_gptq(
                 put_code(&geo, w, p / geo.group, p % geo.group, q as u32);
             }
         });
-    let records = match scheme.encoding {
-        Encoding::Sym { .. } => {
-            let scales = params.iter().map(|p| p.stored).collect();
-            sym_records(scheme, &names, &geo, words, scales)
-        }
-        _ => {
-            let scale_min = params.iter().map(|p| p.packed).collect();
-            asym_records(scheme, &names, &geo, words, scale_min)
-        }
+    let groups = match scheme.encoding {
+        Encoding::Sym { .. } => GroupRecord::Scales(params.iter().map(|p| p.stored).collect()),
+        _ => GroupRecord::ScaleMin(params.iter().map(|p| p.packed).collect()),
     };
+    let records = matrix_records(scheme, &names, &geo, words, groups);
     Ok((records, decoded))
 }
 
@@ -252,43 +259,43 @@ fn matrix_geometry(
     Ok(Geometry::new(&scheme.encoding, layout, n, k))
 }
 
-/// `[q_weight, q_scale]` from row-major words and scales.
-fn sym_records(
-    scheme: &QuantScheme,
-    names: &[String],
-    geo: &Geometry,
-    words: Vec<u32>,
-    scales: Vec<f32>,
-) -> Vec<EncodedRecord> {
-    let storage = scheme.encoding.storage().expect("a quantized encoding");
-    let (words, scales) = arrange(geo, words, scales);
-    vec![
-        weight_record(&names[0], geo, storage, &words),
-        EncodedRecord {
-            name: names[1].clone(),
-            dtype: scheme.model_dtype,
-            shape: geo.scale_shape(),
-            bytes: float_bytes(scheme.model_dtype, &scales),
-        },
-    ]
+/// The per-group parameters of a quantized matrix, row-major `[N, n_group]`.
+enum GroupRecord {
+    /// Model-dtype scales (symmetric schemes): the `q_scale` record.
+    Scales(Vec<f32>),
+    /// bf16 scale | bf16 min << 16 (asymmetric schemes): the `q_scale_min` record.
+    ScaleMin(Vec<u32>),
 }
 
-/// `[q_weight, q_scale_min]` from row-major words and packed bf16×2 words.
-fn asym_records(
+/// `[q_weight, q_scale | q_scale_min]` from row-major words and group parameters, in the
+/// geometry's layout.
+fn matrix_records(
     scheme: &QuantScheme,
     names: &[String],
     geo: &Geometry,
     words: Vec<u32>,
-    scale_min: Vec<u32>,
+    groups: GroupRecord,
 ) -> Vec<EncodedRecord> {
     let storage = scheme.encoding.storage().expect("a quantized encoding");
-    let (words, scale_min) = arrange(geo, words, scale_min);
-    let bytes = scale_min.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (dtype, bytes) = match groups {
+        GroupRecord::Scales(s) => (
+            scheme.model_dtype,
+            float_bytes(scheme.model_dtype, &arrange(geo, s, geo.n_group)),
+        ),
+        GroupRecord::ScaleMin(p) => (
+            DType::U32,
+            arrange(geo, p, geo.n_group)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+    };
+    let words = arrange(geo, words, geo.words_per_row);
     vec![
         weight_record(&names[0], geo, storage, &words),
         EncodedRecord {
             name: names[1].clone(),
-            dtype: DType::U32,
+            dtype,
             shape: geo.scale_shape(),
             bytes,
         },
@@ -314,18 +321,12 @@ fn check_finite(
     Ok(())
 }
 
-/// Words and scales were computed row-major (NK); KN transposes both.
-fn arrange<S: Copy + Default>(
-    geo: &Geometry,
-    words: Vec<u32>,
-    scales: Vec<S>,
-) -> (Vec<u32>, Vec<S>) {
+/// Row-major `[N, cols]` data (words or group parameters) in the geometry's layout: NK keeps it,
+/// KN transposes it.
+fn arrange<S: Copy + Default>(geo: &Geometry, data: Vec<S>, cols: usize) -> Vec<S> {
     match geo.layout {
-        Layout::NK => (words, scales),
-        Layout::KN => (
-            transpose(&words, geo.n, geo.words_per_row),
-            transpose(&scales, geo.n, geo.n_group),
-        ),
+        Layout::NK => data,
+        Layout::KN => transpose(&data, geo.n, cols),
     }
 }
 

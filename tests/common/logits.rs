@@ -90,3 +90,41 @@ pub fn max_rel_err(a: &[f32], b: &[f32], vocab: usize) -> f64 {
         .map(|(x, y)| rel_err(x, y))
         .fold(0.0, f64::max)
 }
+
+/// transformers' reference of a fixture folder: per prompt, the input ids, the logits `[seq, vocab]`
+/// (shape and values) and the greedy continuation.
+pub struct Reference {
+    pub input_ids: Vec<Vec<u32>>,
+    pub logits: Vec<(Vec<usize>, Vec<f32>)>,
+    pub greedy: Vec<Vec<u32>>,
+}
+
+fn ints(t: &safetensors::tensor::TensorView) -> Vec<u32> {
+    t.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+/// Reads `reference.safetensors` of fixture `folder`.
+pub fn reference(folder: &str) -> Reference {
+    let bytes = std::fs::read(super::fixture(folder).join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut r = Reference {
+        input_ids: vec![],
+        logits: vec![],
+        greedy: vec![],
+    };
+    for i in 0.. {
+        let Ok(ids) = st.tensor(&format!("input_ids_{i}")) else {
+            break;
+        };
+        r.input_ids.push(ints(&ids));
+        let l = st.tensor(&format!("logits_{i}")).unwrap();
+        r.logits.push((l.shape().to_vec(), f32s(&l)));
+        r.greedy
+            .push(ints(&st.tensor(&format!("greedy_{i}")).unwrap()));
+    }
+    assert!(!r.input_ids.is_empty());
+    r
+}

@@ -126,6 +126,18 @@ pub fn fixture_recipe(name: &'static str, target: &'static str) -> impl Fn(&str)
     }
 }
 
+/// Every stage of a `--json` report ran if it is in `ran`, and was cached otherwise.
+pub fn assert_only_ran(report: &serde_json::Value, ran: &[&str]) {
+    for (stage, status) in statuses(report) {
+        let want = if ran.contains(&stage.as_str()) {
+            "ran"
+        } else {
+            "cached"
+        };
+        assert_eq!(status, want, "{stage}: {report}");
+    }
+}
+
 /// status of each stage in a `--json` report, by stage name (first match per stage).
 pub fn statuses(report: &serde_json::Value) -> Vec<(String, String)> {
     report["stages"]
