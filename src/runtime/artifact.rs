@@ -736,4 +736,31 @@ pub(crate) mod tests {
         assert_eq!(class_of(&err), ErrorClass::User);
         assert!(err.to_string().contains("norm.weight"), "{err}");
     }
+
+    /// A folder with libraries of two targets (one build, two recipes): `--device` picks the one
+    /// that runs on it; without it, or when none matches, the chat config's.
+    #[test]
+    fn the_requested_device_picks_its_library() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tiny_artifact(tmp.path());
+        let cpu_lib = tmp.path().join("tiny-q0f32-cpu.mlcblib");
+        let mut lib = ModelLibrary::read(&cpu_lib).unwrap();
+        lib.header.target.backend = "wgpu".into();
+        lib.header.target.name = "vulkan".into();
+        std::fs::write(
+            tmp.path().join("tiny-q0f32-vulkan.mlcblib"),
+            lib.to_bytes().unwrap(),
+        )
+        .unwrap();
+        let name = |a: &Artifact| a.library_path.file_name().unwrap().to_owned();
+        let a = Artifact::open(tmp.path()).unwrap();
+        assert_eq!(name(&a), "tiny-q0f32-cpu.mlcblib");
+        let a = Artifact::open_for(tmp.path(), Some("WGPU")).unwrap();
+        assert_eq!(name(&a), "tiny-q0f32-vulkan.mlcblib");
+        assert_eq!(a.library.header.target.name, "vulkan");
+        let a = Artifact::open_for(tmp.path(), Some("cpu")).unwrap();
+        assert_eq!(name(&a), "tiny-q0f32-cpu.mlcblib");
+        let a = Artifact::open_for(tmp.path(), Some("cuda")).unwrap();
+        assert_eq!(name(&a), "tiny-q0f32-cpu.mlcblib");
+    }
 }
