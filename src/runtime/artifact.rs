@@ -365,8 +365,24 @@ fn shard_path(dir: &Path, cache_path: &Path, data_path: &str) -> Result<PathBuf>
     Ok(dir.join(PARAMS_DIR).join(p))
 }
 
-/// The first library of `dir` (by file name) whose target runs on `backend`.
+/// The first library of `dir` (by file name) that `backend` can run: its target's backend, and for
+/// the GPU backends kernels in a language any adapter loads (SPIR-V or WGSL for wgpu; an MSL
+/// library needs Metal passthrough, so it is only used when the config names it).
 fn library_for_backend(dir: &Path, backend: &str) -> Result<Option<(PathBuf, ModelLibrary)>> {
+    let runs = |lib: &ModelLibrary| {
+        let kernels = &lib.header.kernels;
+        lib.header.target.backend.eq_ignore_ascii_case(backend)
+            && match backend {
+                "wgpu" => {
+                    !kernels.is_empty()
+                        && kernels
+                            .iter()
+                            .all(|k| k.language == "spirv" || k.language == "wgsl")
+                }
+                "cuda" => !kernels.is_empty(),
+                _ => true,
+            }
+    };
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -375,7 +391,7 @@ fn library_for_backend(dir: &Path, backend: &str) -> Result<Option<(PathBuf, Mod
     paths.sort();
     for p in paths {
         let lib = ModelLibrary::read(&p)?;
-        if lib.header.target.backend.eq_ignore_ascii_case(backend) {
+        if runs(&lib) {
             return Ok(Some((p, lib)));
         }
     }
@@ -747,6 +763,20 @@ pub(crate) mod tests {
         let mut lib = ModelLibrary::read(&cpu_lib).unwrap();
         lib.header.target.backend = "wgpu".into();
         lib.header.target.name = "vulkan".into();
+        let msl = tmp.path().join("tiny-q0f32-metal.mlcblib");
+        let mut metal = lib.clone();
+        metal.header.target.name = "metal".into();
+        metal.header.kernels = vec![crate::formats::model_lib::KernelEntry {
+            signature: "rms_norm".into(),
+            entry_point: "main".into(),
+            language: "msl".into(),
+            offset: 0,
+            len: 0,
+            launch: serde_json::Value::Null,
+        }];
+        std::fs::write(&msl, metal.to_bytes().unwrap()).unwrap();
+        lib.header.kernels = metal.header.kernels.clone();
+        lib.header.kernels[0].language = "spirv".into();
         std::fs::write(
             tmp.path().join("tiny-q0f32-vulkan.mlcblib"),
             lib.to_bytes().unwrap(),
