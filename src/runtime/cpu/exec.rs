@@ -119,19 +119,29 @@ impl CpuSession<'_> {
     /// returns logits `[rows, vocab]` row-major: every position when `all_logits`, else the last.
     pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let plan = self.model.plan;
-        crate::runtime::check_forward_input(plan, self.pos, tokens)?;
         let t = tokens.len();
-        let rows = if all_logits { t } else { 1 };
-        for (i, decl) in plan.buffers.iter().enumerate() {
-            let len = if i == plan.logits { rows } else { t } * decl.cols;
-            self.buffers[i].resize(len, 0.0);
-        }
+        self.prepare(tokens, if all_logits { t } else { 1 })?;
         let ops = if t > 1 { &plan.prefill } else { &plan.decode };
         for op in ops {
             self.run(op, tokens, all_logits);
         }
         self.pos += t;
         Ok(self.buffers[plan.logits].clone())
+    }
+
+    /// Checks a call's tokens and sizes every buffer for `T` rows (`logits_rows` for the logits).
+    fn prepare(&mut self, tokens: &[u32], logits_rows: usize) -> Result<()> {
+        let plan = self.model.plan;
+        crate::runtime::check_forward_input(plan, self.pos, tokens)?;
+        for (i, decl) in plan.buffers.iter().enumerate() {
+            let rows = if i == plan.logits {
+                logits_rows
+            } else {
+                tokens.len()
+            };
+            self.buffers[i].resize(rows * decl.cols, 0.0);
+        }
+        Ok(())
     }
 
     /// Runs one op with the model's exponential.
@@ -356,10 +366,7 @@ pub fn forward_intercepting(
             std::ptr::eq(s.model, model) && toks.len() > 1,
             "lockstep sessions share a model and run prefills"
         );
-        crate::runtime::check_forward_input(plan, s.pos, toks)?;
-        for (i, decl) in plan.buffers.iter().enumerate() {
-            s.buffers[i].resize(toks.len() * decl.cols, 0.0);
-        }
+        s.prepare(toks, toks.len())?;
     }
     for op in &plan.prefill {
         match *op {
