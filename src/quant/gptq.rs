@@ -40,7 +40,8 @@ impl Hessian {
         Hessian { k, h: gram }
     }
 
-    /// From the rows of `x` (`[t, k]`), directly (small inputs and tests).
+    /// From the rows of `x` (`[t, k]`), directly (the tests' small inputs).
+    #[cfg(test)]
     pub fn from_rows(k: usize, x: &[f32]) -> Hessian {
         let mut h = vec![0f32; k * k];
         for row in x.chunks_exact(k) {
@@ -51,10 +52,6 @@ impl Hessian {
             }
         }
         Hessian { k, h }
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
     }
 
     fn at(&self, i: usize, j: usize) -> f32 {
