@@ -44,10 +44,10 @@ pub fn calibrated_records(
     source: &dyn TensorSource,
     scheme: &'static QuantScheme,
     rule: ScaleRule,
-    calibration: &Calibration,
+    (calibration, text): (&Calibration, &str),
     progress: &indicatif::ProgressBar,
 ) -> Result<Vec<Vec<EncodedRecord>>> {
-    let tokens = calibration_tokens(ctx, weights, calibration)?;
+    let tokens = calibration_tokens(ctx, weights, text)?;
     let chunks = split(&tokens, desc.config.context_length.min(MAX_SEQUENCE));
     if chunks.is_empty() {
         crate::user_bail!(
@@ -139,9 +139,8 @@ pub fn calibrated_records(
 fn calibration_tokens(
     ctx: &super::BuildContext,
     weights: &StageOutput,
-    calibration: &Calibration,
+    text: &str,
 ) -> Result<Vec<u32>> {
-    let text = calibration.text()?;
     let dir = ctx.cache.blobs.temp_path("calibration-tokenizer")?;
     std::fs::create_dir_all(&dir)?;
     let result = (|| {
@@ -151,7 +150,7 @@ fn calibration_tokens(
                 ctx.cache.blobs.copy_verified(&o.digest, &dir.join(file))?;
             }
         }
-        TextTokenizer::from_dir(&dir)?.encode(&text, true)
+        TextTokenizer::from_dir(&dir)?.encode(text, true)
     })();
     std::fs::remove_dir_all(&dir).ok();
     result

@@ -33,18 +33,23 @@ pub fn run(
     calibration: Option<&Calibration>,
     scope: &[String],
 ) -> Result<StageOutput> {
-    // Unquantized schemes have nothing to calibrate.
-    let calibration = calibration.filter(|_| scheme.encoding != Encoding::None);
-    let calibration_key = match calibration {
+    // Unquantized schemes have nothing to calibrate. The text is read once: the key's digest is
+    // of the very text the model runs over.
+    let calibration = match calibration.filter(|_| scheme.encoding != Encoding::None) {
+        Some(c) => Some((c, c.text()?)),
+        None => None,
+    };
+    let calibration_key = match &calibration {
         None => "none".to_string(),
-        Some(c) => format!(
+        Some((c, text)) => format!(
             "gptq v{} text {} damp {} act_order {}",
             super::calibration::VERSION,
-            blake3::hash(c.text()?.as_bytes()).to_hex(),
+            blake3::hash(text.as_bytes()).to_hex(),
             c.damp,
             c.act_order
         ),
     };
+    let calibration = calibration.as_ref().map(|(c, t)| (*c, t.as_str()));
     let params_json = serde_json::to_vec(&desc.params)?;
     // Only symmetric schemes have a scale rule: others do not rebuild when it changes.
     let scales = match scheme.encoding {
@@ -94,7 +99,7 @@ fn write_params(
     source: &dyn TensorSource,
     scheme: &'static QuantScheme,
     rule: ScaleRule,
-    calibration: Option<&Calibration>,
+    calibration: Option<(&Calibration, &str)>,
     dir: &Path,
     label: &str,
 ) -> Result<BTreeMap<String, PathBuf>> {
