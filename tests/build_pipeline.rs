@@ -198,14 +198,7 @@ fn cache_hits_target_change_chat_change_and_use_cache_0() {
     for (s, st) in statuses(&c) {
         assert_eq!(st, if s == "link" { "ran" } else { "cached" }, "{s}: {c}");
     }
-    let explain = w.mlcb(&[
-        "explain",
-        r.to_str().unwrap(),
-        "--artifact-path",
-        w.dist().to_str().unwrap(),
-    ]);
-    assert_success(&explain);
-    let text = String::from_utf8_lossy(&explain.stdout);
+    let text = w.explain(&r);
     assert!(
         text.contains("chat_config"),
         "explain must name the changed input:\n{text}"
@@ -237,14 +230,7 @@ fn scale_rule_change_requantizes_symmetric_schemes_only() {
     let asym_before = params("tiny-llama-q4f32_1");
     let absmax = format!("quantization_scales = \"absmax\"\n{sym}");
     let rb = w.recipe("rb.toml", &absmax);
-    let explain = w.mlcb(&[
-        "explain",
-        rb.to_str().unwrap(),
-        "--artifact-path",
-        w.dist().to_str().unwrap(),
-    ]);
-    assert_success(&explain);
-    let text = String::from_utf8_lossy(&explain.stdout);
+    let text = w.explain(&rb);
     assert!(
         text.lines()
             .any(|l| l.starts_with("quantize") && l.contains("scales: mse → absmax")),

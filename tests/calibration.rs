@@ -23,14 +23,7 @@ fn calibration_is_a_quantize_input_and_independent_of_threads() {
     let rtn = params(&w.dist(), "tiny-llama-q4f16_1");
 
     let rc = w.recipe("rc.toml", &format!("{plain}{GPTQ}"));
-    let explain = w.mlcb(&[
-        "explain",
-        rc.to_str().unwrap(),
-        "--artifact-path",
-        w.dist().to_str().unwrap(),
-    ]);
-    assert_success(&explain);
-    let text = String::from_utf8_lossy(&explain.stdout);
+    let text = w.explain(&rc);
     assert!(
         text.lines()
             .any(|l| l.starts_with("quantize") && l.contains("calibration: none → gptq")),

@@ -77,6 +77,18 @@ impl Work {
         self.mlcb(&refs)
     }
     /// Build with `--json` and return the report.
+    /// `mlcb explain RECIPE` against this work folder's dist; its stdout (the command must succeed).
+    pub fn explain(&self, recipe: &Path) -> String {
+        let out = self.mlcb(&[
+            "explain",
+            recipe.to_str().unwrap(),
+            "--artifact-path",
+            self.dist().to_str().unwrap(),
+        ]);
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn build_json(&self, recipes: &[&Path], extra: &[&str]) -> serde_json::Value {
         let mut e = vec!["--json"];
         e.extend_from_slice(extra);
