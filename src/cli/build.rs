@@ -93,6 +93,11 @@ pub struct BuildArgs {
     /// Also overrides `cuda_arch` of recipe files.
     #[arg(long)]
     pub cuda_arch: Option<String>,
+    /// wgpu targets: `off` keeps f16 schemes' kernels in f32 arithmetic with an f32 KV cache, for
+    /// devices without shader-f16 (default: the preset's choice, `on` for every wgpu preset).
+    /// Also overrides `shader_f16` of recipe files.
+    #[arg(long, value_parser = ["on", "off"])]
+    pub shader_f16: Option<String>,
     /// build.py form: llvm-mingw for Windows cross builds (recorded in the target options).
     #[arg(long)]
     pub llvm_mingw: Option<PathBuf>,
@@ -163,12 +168,26 @@ pub fn recipes_from(args: &BuildArgs) -> Result<Vec<Recipe>> {
             }
         }
         for r in &mut recipes {
+            r.target.shader_f16 = shader_f16_flag(args, &r.target, &r.origin)?;
             r.scale_rule = scale_rule_flag(args).unwrap_or(r.scale_rule);
             r.calibration = calibration_flags(args, r.calibration.take())?;
         }
         return Ok(recipes);
     }
     Ok(vec![recipe_from_flags(args)?])
+}
+
+/// `--shader-f16` applied over a target's own setting; only wgpu targets take it.
+fn shader_f16_flag(args: &BuildArgs, target: &TargetSpec, origin: &str) -> Result<bool> {
+    match args.shader_f16.as_deref() {
+        None => Ok(target.shader_f16),
+        Some(_) if target.preset.backend != "wgpu" => crate::user_bail!(
+            "--shader-f16 applies to the wgpu targets (vulkan, metal, metal_x86_64, webgpu, \
+             iphone, android); {origin} targets {}",
+            target.preset.name
+        ),
+        Some(v) => Ok(v == "on"),
+    }
 }
 
 /// `--calibration` / `--calibration-text` applied over a recipe's own setting.
@@ -287,20 +306,23 @@ fn recipe_from_flags(args: &BuildArgs) -> Result<Recipe> {
             );
         }
     }
+    let mut target = TargetSpec {
+        preset,
+        cuda_arch: args
+            .cuda_arch
+            .clone()
+            .or_else(|| preset.default_cuda_arch.map(String::from)),
+        llvm_mingw: args.llvm_mingw.clone(),
+        shader_f16: preset.shader_f16,
+    };
+    target.shader_f16 = shader_f16_flag(args, &target, "the command line")?;
     Ok(Recipe {
         origin: "command line".into(),
         model_name: name,
         source,
         delta: None,
         architecture: None,
-        target: TargetSpec {
-            preset,
-            cuda_arch: args
-                .cuda_arch
-                .clone()
-                .or_else(|| preset.default_cuda_arch.map(String::from)),
-            llvm_mingw: args.llvm_mingw.clone(),
-        },
+        target,
         quantization,
         scale_rule: scale_rule_flag(args).unwrap_or_default(),
         calibration: calibration_flags(args, None)?,

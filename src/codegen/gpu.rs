@@ -47,9 +47,13 @@ pub fn validate(k: &WgslKernel) -> Result<(naga::Module, naga::valid::ModuleInfo
     })?;
     // unpack2x16float / pack2x16float are core WGSL; naga gates them behind this capability.
     // Subgroup reductions (the preset's choice) need the subgroup capabilities.
+    // f16 kernels (`enable f16;`) need f16 types, including in storage buffers (the KV cache).
     let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     if k.launch.tuning.subgroups {
         caps |= Capabilities::SUBGROUP;
+    }
+    if k.launch.shader_f16 {
+        caps |= Capabilities::SHADER_FLOAT16;
     }
     let info = Validator::new(ValidationFlags::all(), caps)
         .validate(&module)
@@ -90,6 +94,9 @@ fn to_spirv(k: &WgslKernel, m: &naga::Module, info: &naga::valid::ModuleInfo) ->
         // Every kernel writes its workgroup arrays before reading them.
         zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
         force_loop_bounding: false,
+        // Compute kernels have no f16 stage inputs/outputs; without this naga declares the
+        // StorageInputOutput16 capability for any f16 use, which wgpu's SPIR-V reader refuses.
+        use_storage_input_output_16: false,
         ..Default::default()
     };
     let pipe = spv::PipelineOptions {
@@ -209,14 +216,15 @@ pub fn tuning_records(tuning: &serde_json::Value) -> Result<BTreeMap<String, ser
     Ok(recs.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
-/// Every kernel of a plan for a wgpu preset's language: entries (offsets into the returned blob
-/// area) and the blob area.
+/// Every kernel of a plan for a wgpu preset's language (in f16 where `f16`, see
+/// `wgsl::f16_kernels`): entries (offsets into the returned blob area) and the blob area.
 pub fn build_kernels(
     plan: &Plan,
     language: &str,
     tuning: &serde_json::Value,
+    f16: bool,
 ) -> Result<(Vec<KernelEntry>, Vec<u8>)> {
-    let kernels = generate_plan(plan, &tuning_records(tuning)?)?;
+    let kernels = generate_plan(plan, &tuning_records(tuning)?, f16)?;
     let mut entries = Vec::with_capacity(kernels.len());
     let mut blobs = Vec::new();
     for k in &kernels {

@@ -125,13 +125,19 @@ pub(super) fn all_specs() -> Vec<KernelSpec> {
 fn every_variant_validates_and_cross_compiles() {
     let mut count = 0;
     for spec in all_specs() {
-        for tuning in tunings() {
-            let k = generate("test", &spec, tuning).unwrap();
+        // f32 kernels under every tuning; f16 kernels under the default and the subgroup one.
+        let variants = tunings()
+            .into_iter()
+            .map(|t| (t, false))
+            .chain(tunings().into_iter().take(2).map(|t| (t, true)));
+        for (tuning, f16) in variants {
+            let k = generate("test", &spec, tuning, f16).unwrap();
             if let Err(e) = validate(&k) {
                 panic!("{spec:?} {tuning:?}:\n{e}\n{}", k.source);
             }
             for lang in ["wgsl", "spirv", "msl"] {
-                let c = compile(&k, lang).unwrap_or_else(|e| panic!("{spec:?} {lang}: {e}"));
+                let c =
+                    compile(&k, lang).unwrap_or_else(|e| panic!("{spec:?} f16 {f16} {lang}: {e}"));
                 assert_eq!(c.entry.len as usize, c.blob.len());
                 match lang {
                     "spirv" => {
@@ -159,7 +165,69 @@ fn every_variant_validates_and_cross_compiles() {
             }
         }
     }
-    assert!(count > 500, "{count}");
+    assert!(count > 800, "{count}");
+}
+
+/// `OpCapability` operands of a SPIR-V module.
+fn spirv_capabilities(blob: &[u8]) -> Vec<u32> {
+    let words: Vec<u32> = blob
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let mut caps = Vec::new();
+    let mut i = 5;
+    while i < words.len() {
+        let (count, opcode) = ((words[i] >> 16) as usize, words[i] & 0xFFFF);
+        if opcode == 17 {
+            caps.push(words[i + 1]);
+        }
+        i += count.max(1);
+    }
+    caps
+}
+
+/// f16 kernels: only attention and the matrix kernels use f16 (the others stay f32 and need no
+/// shader-f16); the KV cache binds as f16; the SPIR-V declares Float16 but not
+/// StorageInputOutput16, which wgpu's SPIR-V reader refuses.
+#[test]
+fn f16_kernels_enable_f16_where_they_use_it() {
+    const FLOAT16: u32 = 9;
+    const STORAGE_INPUT_OUTPUT_16: u32 = 4436;
+    let attention = KernelSpec::Attention {
+        n_q_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
+    let k = generate("a", &attention, tunings()[0], true).unwrap();
+    assert!(k.launch.shader_f16 && k.source.starts_with("enable f16;"));
+    let kv: Vec<&str> = k
+        .launch
+        .bindings
+        .iter()
+        .filter(|b| b.role == "state")
+        .map(|b| b.elem.as_str())
+        .collect();
+    assert_eq!(kv, ["f16", "f16"]);
+    let caps = spirv_capabilities(&compile(&k, "spirv").unwrap().blob);
+    assert!(caps.contains(&FLOAT16), "{caps:?}");
+    assert!(!caps.contains(&STORAGE_INPUT_OUTPUT_16), "{caps:?}");
+    let f32_attention = generate("a", &attention, tunings()[0], false).unwrap();
+    assert!(!f32_attention.launch.shader_f16 && !f32_attention.source.contains("f16"));
+    assert!(
+        !spirv_capabilities(&compile(&f32_attention, "spirv").unwrap().blob).contains(&FLOAT16)
+    );
+
+    let matmul = generate("m", &q4_decode_matmul_with_bias(), tunings()[0], true).unwrap();
+    assert!(matmul.launch.shader_f16);
+    assert!(matmul
+        .source
+        .contains("w_decode_h(word & W_MASK, p) * to_h("));
+    let norm = KernelSpec::RmsNorm {
+        cols: 64,
+        weight: DType::F16,
+    };
+    let k = generate("n", &norm, tunings()[0], true).unwrap();
+    assert!(!k.launch.shader_f16 && !k.source.contains("enable f16"));
 }
 
 /// A decode matmul with a bias over a q4f16_1 weight: the argument-order tests of both kernel
@@ -186,7 +254,7 @@ pub(super) fn q4_decode_matmul_with_bias() -> KernelSpec {
 #[test]
 fn bindings_follow_the_documented_order() {
     let spec = q4_decode_matmul_with_bias();
-    let k = generate("decode:matmul[x]", &spec, tunings()[0]).unwrap();
+    let k = generate("decode:matmul[x]", &spec, tunings()[0], false).unwrap();
     let roles: Vec<(String, String, Option<usize>, String)> = k
         .launch
         .bindings
@@ -236,7 +304,7 @@ fn compiled_bytes_are_deterministic() {
         n_kv_heads: 2,
         head_dim: 64,
     };
-    let k = generate("a", &spec, tunings()[0]).unwrap();
+    let k = generate("a", &spec, tunings()[0], true).unwrap();
     for lang in ["spirv", "msl"] {
         assert_eq!(
             compile(&k, lang).unwrap().blob,

@@ -79,6 +79,9 @@ pub struct TargetSpec {
     pub preset: &'static TargetPreset,
     pub cuda_arch: Option<String>,
     pub llvm_mingw: Option<PathBuf>,
+    /// wgpu targets: f16 kernels for f16 schemes (the preset's `shader_f16` unless the recipe
+    /// says otherwise; always false for cpu and cuda).
+    pub shader_f16: bool,
 }
 
 /// Chat settings written to `mlc-chat-config.json`; `None` means the default.
@@ -316,11 +319,13 @@ fn lookup_target(
 fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<TargetSpec> {
     let t = match v.get_ref() {
         toml::Value::String(n) => {
+            let preset = lookup_target(n, v.span(), err)?;
             return Ok(TargetSpec {
-                preset: lookup_target(n, v.span(), err)?,
+                preset,
                 cuda_arch: None,
                 llvm_mingw: None,
-            })
+                shader_f16: preset.shader_f16,
+            });
         }
         toml::Value::Table(t) => t,
         _ => {
@@ -339,11 +344,13 @@ fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
     };
     if let Some(k) = t
         .keys()
-        .find(|k| !["preset", "cuda_arch", "llvm_mingw"].contains(&k.as_str()))
+        .find(|k| !["preset", "cuda_arch", "llvm_mingw", "shader_f16"].contains(&k.as_str()))
     {
         return Err(err(
             v.span(),
-            format!("unknown key `{k}` in [target]; valid: preset, cuda_arch, llvm_mingw"),
+            format!(
+                "unknown key `{k}` in [target]; valid: preset, cuda_arch, llvm_mingw, shader_f16"
+            ),
         ));
     }
     let name = string("preset")?.ok_or_else(|| err(v.span(), "[target] needs `preset`".into()))?;
@@ -369,10 +376,31 @@ fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
             ));
         }
     }
+    let shader_f16 = match t.get("shader_f16") {
+        None => preset.shader_f16,
+        Some(toml::Value::Boolean(on)) if preset.backend == "wgpu" => *on,
+        Some(toml::Value::Boolean(_)) => {
+            return Err(err(
+                v.span(),
+                format!(
+                    "shader_f16 applies to the wgpu targets (vulkan, metal, metal_x86_64, webgpu, \
+                     iphone, android), not {}",
+                    preset.name
+                ),
+            ))
+        }
+        Some(_) => {
+            return Err(err(
+                v.span(),
+                "target.shader_f16 must be true or false".into(),
+            ))
+        }
+    };
     Ok(TargetSpec {
         preset,
         cuda_arch,
         llvm_mingw: string("llvm_mingw")?.map(|p| base.join(p)),
+        shader_f16,
     })
 }
 
@@ -515,6 +543,26 @@ mod tests {
             msg.contains("r.toml:5:1") && msg.contains("unknown key `bogus` in [target]"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn shader_f16_follows_the_preset_unless_a_wgpu_recipe_says_otherwise() {
+        let vulkan = OK.replace("\"cuda\"", "\"vulkan\"");
+        assert!(p(&vulkan).unwrap().target.shader_f16);
+        assert!(!p(OK).unwrap().target.shader_f16, "cuda ignores it");
+        let off = p(&format!("{vulkan}shader_f16 = false\n")).unwrap();
+        assert!(!off.target.shader_f16);
+        let e = p(&format!("{OK}shader_f16 = true\n")).unwrap_err();
+        assert_eq!(class_of(&e), ErrorClass::User);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("r.toml:5:1") && msg.contains("not cuda"),
+            "{msg}"
+        );
+        let msg = p(&format!("{vulkan}shader_f16 = \"yes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("true or false"), "{msg}");
     }
 
     #[test]

@@ -15,8 +15,12 @@ pub struct TargetPreset {
     pub kernel_language: &'static str,
     /// MLC's library kind, kept in the library file name: `<model>-<quant>-<kind>.mlcblib`.
     pub kind: &'static str,
-    /// Whether the target's kernels may use f16 arithmetic.
-    pub supports_f16: bool,
+    /// wgpu presets: libraries of f16 schemes compute in f16 (f16 KV cache, f16 products; see
+    /// `codegen::wgsl`), which needs wgpu's `SHADER_F16` on the device (Vulkan `shaderFloat16` +
+    /// 16-bit storage, any Metal GPU, WebGPU's optional `shader-f16`, as WebLLM's q4f16 models
+    /// need it too). A recipe may turn it off (`[target] shader_f16 = false`, `--shader-f16 off`)
+    /// for devices without it. CPU and CUDA ignore it.
+    pub shader_f16: bool,
     /// Default CUDA architecture for the cuda preset.
     pub default_cuda_arch: Option<&'static str>,
     /// wgpu presets: whether the WGSL kernels reduce with subgroup operations. On for desktop
@@ -32,7 +36,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "cpu",
         kernel_language: "native",
         kind: "cpu",
-        supports_f16: false,
+        shader_f16: false,
         default_cuda_arch: None,
         subgroups: false,
     },
@@ -41,7 +45,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "cuda",
         kernel_language: "ptx",
         kind: "cuda",
-        supports_f16: true,
+        shader_f16: false,
         default_cuda_arch: Some("sm_80"),
         subgroups: false,
     },
@@ -50,7 +54,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "wgpu",
         kernel_language: "spirv",
         kind: "vulkan",
-        supports_f16: true,
+        shader_f16: true,
         default_cuda_arch: None,
         subgroups: true,
     },
@@ -59,7 +63,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "wgpu",
         kernel_language: "msl",
         kind: "metal",
-        supports_f16: true,
+        shader_f16: true,
         default_cuda_arch: None,
         subgroups: true,
     },
@@ -68,7 +72,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "wgpu",
         kernel_language: "msl",
         kind: "metal_x86_64",
-        supports_f16: true,
+        shader_f16: true,
         default_cuda_arch: None,
         subgroups: false,
     },
@@ -77,7 +81,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "wgpu",
         kernel_language: "wgsl",
         kind: "webgpu",
-        supports_f16: true,
+        shader_f16: true,
         default_cuda_arch: None,
         subgroups: false,
     },
@@ -86,7 +90,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "wgpu",
         kernel_language: "msl",
         kind: "iphone",
-        supports_f16: true,
+        shader_f16: true,
         default_cuda_arch: None,
         subgroups: false,
     },
@@ -95,7 +99,7 @@ pub const TARGETS: &[TargetPreset] = &[
         backend: "wgpu",
         kernel_language: "spirv",
         kind: "android",
-        supports_f16: true,
+        shader_f16: true,
         default_cuda_arch: None,
         subgroups: false,
     },

@@ -21,8 +21,9 @@ use std::collections::BTreeMap;
 /// 2: wgpu targets carry WGSL/SPIR-V/MSL kernels. 3: kernels fold grid x into z for grids above
 /// 65,535 workgroups (`Launch::folds_x_into_z`) and bind weight records above the tuning's
 /// `max_binding_bytes` in parts; the cuda target carries PTX. 4: WGSL reductions use subgroup
-/// operations where the preset says so (`Tuning::subgroups`).
-pub const VERSION: u32 = 4;
+/// operations where the preset says so (`Tuning::subgroups`). 5: libraries of f16 schemes for
+/// wgpu presets with `shader_f16` compute in f16 and keep an f16 KV cache (`codegen::wgsl`).
+pub const VERSION: u32 = 5;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
@@ -68,11 +69,14 @@ pub fn run(
         .cuda_arch
         .as_deref()
         .or(req.target.preset.default_cuda_arch);
+    let f16 = req.target.preset.backend == "wgpu"
+        && crate::codegen::wgsl::f16_kernels(req.plan, req.target.shader_f16);
     let inputs = KeyInputs::new("codegen", VERSION)
         .with("plan", blake3::hash(&plan_json).to_hex())
         .with("model_name", req.model_name)
         .with("target", req.target.preset.name)
         .with("cuda_arch", cuda_arch.unwrap_or("-"))
+        .with("f16_kernels", f16)
         .with(
             "nvrtc",
             nvrtc
@@ -111,7 +115,8 @@ pub fn run(
                         format!("{major}.{minor}").into(),
                     );
                 }
-                crate::codegen::gpu::build_kernels(req.plan, language, &tuning)?
+                options.insert("shader_f16".into(), f16.into());
+                crate::codegen::gpu::build_kernels(req.plan, language, &tuning, f16)?
             }
             "cuda" => {
                 let arch = cuda_arch.ok_or_else(|| {

@@ -563,7 +563,8 @@ fn kernel_dump_files(
     }
     let wgsl: BTreeMap<String, String> = if lib.header.target.backend == "wgpu" {
         let records = crate::codegen::gpu::tuning_records(&lib.header.tuning)?;
-        crate::codegen::wgsl::generate_plan(&lib.header.plan, &records)?
+        let f16 = lib.header.target.options.get("shader_f16") == Some(&true.into());
+        crate::codegen::wgsl::generate_plan(&lib.header.plan, &records, f16)?
             .into_iter()
             .map(|k| (k.signature, k.source))
             .collect()

@@ -77,6 +77,7 @@ fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
 fn measure(
     timer: &mut dyn KernelTimer,
     target: &TargetSpec,
+    f16: bool,
     signature: &str,
     spec: &KernelSpec,
 ) -> Result<TunedRecord> {
@@ -103,7 +104,7 @@ fn measure(
         let base = crate::codegen::wgsl::tune_space::preset_default(target.preset.subgroups);
         let candidates = crate::codegen::wgsl::tune_space::candidates(spec, base);
         fastest(signature, &candidates, |t| {
-            let kernel = crate::codegen::wgsl::generate(signature, spec, *t)?;
+            let kernel = crate::codegen::wgsl::generate(signature, spec, *t, f16)?;
             crate::codegen::gpu::validate(&kernel)?;
             timer.time(TimedKernel::Wgsl(&kernel), spec).map(Some)
         })
@@ -164,7 +165,8 @@ fn device_records(
     };
     let device = timer.device_id();
     let db = TuningDb::open(&ctx.cache.root, &device);
-    let key = |sig: &str| db_key(target, sig);
+    let f16 = crate::codegen::wgsl::f16_kernels(plan, target.shader_f16);
+    let key = |sig: &str| db_key(target, f16, sig);
     let mut stored = db.load()?;
     let missing: Vec<&String> = signatures
         .iter()
@@ -178,7 +180,7 @@ fn device_records(
             let spec = specs.get(*sig).ok_or_else(|| {
                 anyhow::anyhow!("kernel signature {sig} has no spec (an mlcb bug)")
             })?;
-            measured.insert(key(sig), measure(timer.as_mut(), target, sig, spec)?);
+            measured.insert(key(sig), measure(timer.as_mut(), target, f16, sig, spec)?);
         }
         db.insert(&measured)?;
         eprintln!(
@@ -203,14 +205,17 @@ fn device_records(
 }
 
 /// A signature's key in the device's tuning database: wgpu kernels with subgroup reductions
-/// (the preset's choice) are other kernels than the same signature without, so they are timed
-/// and stored apart.
-fn db_key(target: &TargetSpec, signature: &str) -> String {
+/// (the preset's choice) or in f16 are other kernels than the same signature without, so they are
+/// timed and stored apart.
+fn db_key(target: &TargetSpec, f16: bool, signature: &str) -> String {
+    let mut key = signature.to_string();
     if target.preset.backend == "wgpu" && target.preset.subgroups {
-        format!("{signature}#subgroups")
-    } else {
-        signature.to_string()
+        key.push_str("#subgroups");
     }
+    if f16 {
+        key.push_str("#f16");
+    }
+    key
 }
 
 /// The CUDA architecture a cuda build targets: the recipe's, else the preset's default.
@@ -254,6 +259,10 @@ pub fn run(
     let mut inputs = KeyInputs::new("tune", VERSION)
         .with("signatures", &sig_digest)
         .with("target", target.preset.name)
+        .with(
+            "f16_kernels",
+            crate::codegen::wgsl::f16_kernels(plan, target.shader_f16),
+        )
         .with(
             "tuning_file",
             pinned.as_ref().map(|(d, _)| d.as_str()).unwrap_or("-"),
@@ -375,13 +384,15 @@ mod tests {
     }
 
     fn target(name: &str) -> TargetSpec {
+        let preset = crate::recipe::targets::TARGETS
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap();
         TargetSpec {
-            preset: crate::recipe::targets::TARGETS
-                .iter()
-                .find(|t| t.name == name)
-                .unwrap(),
+            preset,
             cuda_arch: None,
             llvm_mingw: None,
+            shader_f16: preset.shader_f16,
         }
     }
 

@@ -1,10 +1,11 @@
 //! Rotary embedding and causal attention over the KV cache.
 //!
-//! KV cache layout (the runtime allocates it): two f32 buffers `k` and `v`, each
-//! `[max_seq_len, n_kv_heads, head_dim]`. The runtime guarantees `pos + T ≤ max_seq_len`.
+//! KV cache layout (the runtime allocates it): two buffers `k` and `v`, each
+//! `[max_seq_len, n_kv_heads, head_dim]`, f32, or f16 in f16 libraries (the binding's `elem`).
+//! The runtime guarantees `pos + T ≤ max_seq_len`.
 
 use super::builder::ENTRY_HEAD;
-use super::builder::{reduce, KernelBuilder};
+use super::builder::{reduce, Elem, KernelBuilder};
 use super::launch::{GridDim, Launch};
 
 /// In place on the q and k heads of the fused qkv buffer; `params.scalar` = theta. One
@@ -85,19 +86,30 @@ pub fn attention(
     b.const_u32("DPT", head_dim.div_ceil(wg));
     b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
     b.activation("qkv", false, "qkv");
-    b.state("k", "k_cache");
-    b.state("v", "v_cache");
+    // An f16 cache: stored rounded, and the call's own rows are rounded alike when read from qkv,
+    // so a position's key is the same value whether this call or an earlier one wrote it.
+    let f16 = b.use_f16();
+    let elem = if f16 { Elem::F16 } else { Elem::F32 };
+    b.state("k", "k_cache", elem);
+    b.state("v", "v_cache", elem);
     b.activation("out", true, "y");
-    b.helper(
-        "fn key_at(j: u32, kv_off: u32, d: u32) -> f32 {
-    if (j < params.pos) { return k_cache[j * KVC + kv_off + d]; }
-    return qkv[(j - params.pos) * COLS + QC + kv_off + d];
-}
-fn value_at(j: u32, kv_off: u32, d: u32) -> f32 {
-    if (j < params.pos) { return v_cache[j * KVC + kv_off + d]; }
-    return qkv[(j - params.pos) * COLS + QC + KVC + kv_off + d];
-}",
-    );
+    let (store, load, fresh) = if f16 {
+        ("to_h", "f32", "f32(to_h")
+    } else {
+        ("", "", "(")
+    };
+    b.helper(&format!(
+        "fn key_at(j: u32, kv_off: u32, d: u32) -> f32 {{
+    if (j < params.pos) {{ return {load}(k_cache[j * KVC + kv_off + d]); }}
+    return {fresh}(qkv[(j - params.pos) * COLS + QC + kv_off + d]));
+}}
+fn value_at(j: u32, kv_off: u32, d: u32) -> f32 {{
+    if (j < params.pos) {{ return {load}(v_cache[j * KVC + kv_off + d]); }}
+    return {fresh}(qkv[(j - params.pos) * COLS + QC + KVC + kv_off + d]));
+}}
+fn kv_store(v: f32) -> {} {{ return {store}(v); }}",
+        if f16 { "f16" } else { "f32" }
+    ));
     let body = format!(
         "var<workgroup> q_sh: array<f32, HD>;
 var<workgroup> p_sh: array<f32, WG>;
@@ -120,8 +132,8 @@ fn {}{ENTRY_HEAD}
     let pos = params.pos;
     if (h % GROUP == 0u) {{
         for (var d = lid; d < HD; d = d + WG) {{
-            k_cache[(pos + t) * KVC + kv_off + d] = qkv[t * COLS + QC + kv_off + d];
-            v_cache[(pos + t) * KVC + kv_off + d] = qkv[t * COLS + QC + KVC + kv_off + d];
+            k_cache[(pos + t) * KVC + kv_off + d] = kv_store(qkv[t * COLS + QC + kv_off + d]);
+            v_cache[(pos + t) * KVC + kv_off + d] = kv_store(qkv[t * COLS + QC + KVC + kv_off + d]);
         }}
     }}
     for (var d = lid; d < HD; d = d + WG) {{

@@ -30,6 +30,8 @@ pub enum Elem {
     Bf16x2,
     /// uint16 pairs read as u32.
     U16x2,
+    /// Native f16 (`enable f16;`, the device needs shader-f16): the f16 KV cache.
+    F16,
 }
 
 impl Elem {
@@ -46,6 +48,10 @@ impl Elem {
 pub struct KernelBuilder {
     pub entry_point: String,
     pub tuning: Tuning,
+    /// The library computes in f16 where a kernel can ([`KernelBuilder::use_f16`]).
+    pub f16: bool,
+    /// The kernel declares `enable f16;` (it used f16 types).
+    uses_f16: bool,
     consts: String,
     decls: String,
     helpers: String,
@@ -55,10 +61,13 @@ pub struct KernelBuilder {
 }
 
 impl KernelBuilder {
-    pub fn new(entry_point: &str, tuning: Tuning) -> KernelBuilder {
+    /// `f16`: the library's precision choice (`codegen::wgsl::f16_kernels`).
+    pub fn new(entry_point: &str, tuning: Tuning, f16: bool) -> KernelBuilder {
         let mut b = KernelBuilder {
             entry_point: entry_point.to_string(),
             tuning,
+            f16,
+            uses_f16: false,
             consts: String::new(),
             decls: String::new(),
             helpers: String::new(),
@@ -73,6 +82,17 @@ impl KernelBuilder {
     pub fn const_u32(&mut self, name: &str, v: usize) {
         let v = u32::try_from(v).expect("kernel dimension fits u32 (checked by the caller)");
         writeln!(self.consts, "const {name}: u32 = {v}u;").unwrap();
+    }
+
+    /// Whether this kernel computes in f16; when it does, the module gets `enable f16;` and the
+    /// helper `to_h(v: f32) -> f16` (clamped to f16's finite range, so an outlier activation
+    /// saturates instead of turning into inf and then NaN).
+    pub fn use_f16(&mut self) -> bool {
+        if self.f16 && !self.uses_f16 {
+            self.uses_f16 = true;
+            self.helper("fn to_h(v: f32) -> f16 { return f16(clamp(v, -65504.0, 65504.0)); }");
+        }
+        self.f16
     }
 
     pub fn const_f32(&mut self, name: &str, v: f32) {
@@ -104,6 +124,7 @@ impl KernelBuilder {
             Elem::F16x2 => ("u32", Some("f16x2")),
             Elem::Bf16x2 => ("u32", Some("bf16x2")),
             Elem::U16x2 => ("u32", Some("u16x2")),
+            Elem::F16 => ("f16", None),
         };
         let access = if write { "read_write" } else { "read" };
         writeln!(
@@ -203,17 +224,9 @@ impl KernelBuilder {
         self.helper(&format!("fn {name}_ld(i: u32) -> {ty} {{\n{body}}}"));
     }
 
-    pub fn state(&mut self, part: &str, name: &str) {
-        self.storage(
-            "state",
-            "state",
-            None,
-            Some(part),
-            true,
-            Elem::F32,
-            name,
-            None,
-        );
+    /// A state buffer (`elem`: F32, or F16 for the f16 KV cache).
+    pub fn state(&mut self, part: &str, name: &str, elem: Elem) {
+        self.storage("state", "state", None, Some(part), true, elem, name, None);
     }
 
     /// What the runtime writes into `params.scalar` / `params.index`.
@@ -243,7 +256,8 @@ impl KernelBuilder {
             body.to_string()
         };
         let src = format!(
-            "// mlcb kernel `{}` (generated; bindings: see the launch JSON)\n{}\n{PARAMS_WGSL}\n{}\n{}\n{}",
+            "{}// mlcb kernel `{}` (generated; bindings: see the launch JSON)\n{}\n{PARAMS_WGSL}\n{}\n{}\n{}",
+            if self.uses_f16 { "enable f16;\n" } else { "" },
             self.entry_point, self.consts, self.decls, self.helpers, body
         );
         let launch = Launch {
@@ -258,6 +272,7 @@ impl KernelBuilder {
             },
             msl: None,
             folds_x_into_z: true,
+            shader_f16: self.uses_f16,
             tuning: self.tuning,
         };
         (src, launch)
@@ -275,7 +290,9 @@ pub fn float_reader(fn_name: &str, buf: &str, elem: Elem) -> String {
                 "return bitcast<f32>((({buf}_ld(i >> 1u) >> ((i & 1u) * 16u)) & 0xFFFFu) << 16u);"
             )
         }
-        Elem::U32 | Elem::U16x2 => unreachable!("float reader over an integer array"),
+        Elem::U32 | Elem::U16x2 | Elem::F16 => {
+            unreachable!("float reader over an integer or native-f16 array")
+        }
     };
     format!("fn {fn_name}(i: u32) -> f32 {{ {body} }}\n")
 }

@@ -23,6 +23,7 @@
 //!   ids), weight records, state buffers, outputs, then the params uniform.
 //! - `elem: "u32"` bindings of `packs: "f16x2"` / `"u16x2"` hold 16-bit data read as u32 pairs:
 //!   the runtime binds the record's bytes padded with zeros to a multiple of 4.
+//! - `shader_f16: true`: the kernel declares `enable f16;` (f16 arithmetic, f16 KV cache).
 //! - The params uniform is [`PARAMS_WGSL`]: 8 × 4 bytes.
 
 use serde::{Deserialize, Serialize};
@@ -108,7 +109,8 @@ pub struct Binding {
     /// For weights: which record of `WeightDecl::records`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub record: Option<usize>,
-    /// For states: "k" / "v" (KV cache: `[max_seq_len, n_kv_heads, head_dim]` f32 each) or
+    /// For states: "k" / "v" (KV cache: `[max_seq_len, n_kv_heads, head_dim]` each, of `elem`
+    /// f32 or f16) or
     /// "rwkv" (five vectors of `hidden` f32: att_shift, num, den, max, ffn_shift).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub part: Option<String>,
@@ -118,7 +120,8 @@ pub struct Binding {
     pub range: Option<[u64; 2]>,
     /// "read", "read_write" or "uniform".
     pub access: String,
-    /// "f32" or "u32" (element type of the WGSL array).
+    /// "f32", "u32" or "f16" (element type of the WGSL array; "f16" only for the KV cache of
+    /// f16 kernels).
     pub elem: String,
     /// "f16x2" or "u16x2" when 16-bit data are read as u32 pairs.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -230,6 +233,11 @@ pub struct Launch {
     /// per-dimension limit into z (see [`fold_grid`]). Libraries of codegen version < 3 lack it.
     #[serde(default)]
     pub folds_x_into_z: bool,
+    /// The kernel computes in f16 (`enable f16;`): the runtime needs an adapter with wgpu's
+    /// `SHADER_F16` feature (Vulkan `shaderFloat16` + 16-bit storage). Absent in libraries built
+    /// before f16 kernels: false.
+    #[serde(default)]
+    pub shader_f16: bool,
     pub tuning: Tuning,
 }
 

@@ -9,6 +9,10 @@
 //!   rows, K in steps of `TK = 32`; each invocation owns one output. Weights decode through
 //!   `w_at` into workgroup memory once per tile.
 //!
+//! In f16 kernels (`codegen::wgsl` module docs) the decode variants multiply in f16 and sum the
+//! products of one storage word (raw weights: one product) in f16 before adding to the f32
+//! accumulator; the prefill tiles hold f16 and take 4-wide f16 dot products.
+//!
 //! Every variant reads activation row `params.row0 + t` and writes output row `t`, for
 //! `t < params.rows`: matmul sets rows = T, row0 = 0; logits of the last position only sets rows = 1,
 //! row0 = T - 1.
@@ -17,7 +21,7 @@ use super::builder::ENTRY_HEAD;
 use super::builder::{reduce, KernelBuilder};
 use super::launch::{GridDim, Launch};
 use super::spec::{MatrixSpec, MatrixStorage, Phase};
-use super::weights::{declare_matrix, declare_round, declare_vector};
+use super::weights::{declare_f16_decode, declare_matrix, declare_round, declare_vector};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -62,6 +66,9 @@ pub fn matmul(
     let mut b = b;
     b.activation("input", false, "x");
     declare_matrix(&mut b, "weight", m);
+    if b.use_f16() {
+        declare_f16_decode(&mut b, m);
+    }
     if let Some(d) = bias {
         declare_vector(&mut b, "bias", d, "bias", m.n);
     }
@@ -82,13 +89,19 @@ pub fn matmul(
 fn gemv_nk(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launch) {
     let rows = b.tuning.rows_per_workgroup;
     b.const_u32("ROWS", rows as usize);
-    let inner = match m.storage {
-        MatrixStorage::Raw(_) => {
+    let f16 = b.f16;
+    let inner = match (m.storage, f16) {
+        (MatrixStorage::Raw(_), false) => {
             "            for (var k = lid; k < W_K; k = k + WG) {
                 acc = acc + w_at(n, k) * x[xo + k];
             }"
         }
-        MatrixStorage::Quant(_) => {
+        (MatrixStorage::Raw(_), true) => {
+            "            for (var k = lid; k < W_K; k = k + WG) {
+                acc = acc + f32(f16(w_at(n, k)) * to_h(x[xo + k]));
+            }"
+        }
+        (MatrixStorage::Quant(_), false) => {
             "            for (var w = lid; w < W_WPR; w = w + WG) {
                 let g = w / W_WPG;
                 let j0 = (w % W_WPG) * W_PER_WORD;
@@ -101,6 +114,23 @@ fn gemv_nk(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, La
                     }
                     word = word >> W_BITS;
                 }
+            }"
+        }
+        (MatrixStorage::Quant(_), true) => {
+            "            for (var w = lid; w < W_WPR; w = w + WG) {
+                let g = w / W_WPG;
+                let j0 = (w % W_WPG) * W_PER_WORD;
+                let k0 = g * W_GROUP + j0;
+                let p = w_params_h(n, g);
+                var word = w_word(n, w);
+                var part = 0.0h;
+                for (var j = 0u; j < W_PER_WORD; j = j + 1u) {
+                    if (j0 + j < W_GROUP && k0 + j < W_K) {
+                        part = part + w_decode_h(word & W_MASK, p) * to_h(x[xo + k0 + j]);
+                    }
+                    word = word >> W_BITS;
+                }
+                acc = acc + f32(part);
             }"
         }
     };
@@ -132,6 +162,22 @@ fn {}{ENTRY_HEAD}
 }
 
 fn gemv_kn(b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launch) {
+    // One storage word's products: in f32, or summed in f16 then added (f16 kernels).
+    let (params, open, term, close) = if b.f16 {
+        (
+            "w_params_h",
+            "var part = 0.0h;",
+            "part = part + w_decode_h(word & W_MASK, p) * to_h(x[xo + k0 + j]);",
+            "acc = acc + f32(part);",
+        )
+    } else {
+        (
+            "w_params",
+            "",
+            "acc = acc + w_decode(word & W_MASK, p) * x[xo + k0 + j];",
+            "",
+        )
+    };
     let body = format!(
         "@compute @workgroup_size(WG)
 fn {}{ENTRY_HEAD}
@@ -140,16 +186,18 @@ fn {}{ENTRY_HEAD}
     let xo = params.row0 * W_K;
     var acc = 0.0;
     for (var g = 0u; g < W_NG; g = g + 1u) {{
-        let p = w_params(n, g);
+        let p = {params}(n, g);
         for (var wi = 0u; wi < W_WPG; wi = wi + 1u) {{
             var word = w_word(n, g * W_WPG + wi);
             let k0 = g * W_GROUP + wi * W_PER_WORD;
+            {open}
             for (var j = 0u; j < W_PER_WORD; j = j + 1u) {{
                 if (wi * W_PER_WORD + j < W_GROUP && k0 + j < W_K) {{
-                    acc = acc + w_decode(word & W_MASK, p) * x[xo + k0 + j];
+                    {term}
                 }}
                 word = word >> W_BITS;
             }}
+            {close}
         }}
     }}
     y[n] = acc{plus_bias};
@@ -175,12 +223,26 @@ fn gemm(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launc
     b.const_u32("TT", GEMM_TT as usize);
     b.const_u32("TN", tn as usize);
     b.const_u32("TK", GEMM_TK as usize);
-    let body = format!(
+    let body = if b.f16 {
+        gemm_f16_body(&b.entry_point, plus_bias)
+    } else {
+        gemm_f32_body(&b.entry_point, plus_bias)
+    };
+    let grid = [
+        GridDim::fixed(m.n as u64, tn as u64),
+        GridDim::rows(GEMM_TT as u64),
+        GridDim::one(),
+    ];
+    b.finish(&body, grid)
+}
+
+fn gemm_f32_body(entry_point: &str, plus_bias: &str) -> String {
+    format!(
         "var<workgroup> xs: array<f32, TT * TK>;
 var<workgroup> ws: array<f32, TN * TK>;
 
 @compute @workgroup_size(WG)
-fn {}{ENTRY_HEAD}
+fn {entry_point}{ENTRY_HEAD}
     let n0 = wid.x * TN;
     let t0 = wid.y * TT;
     let ln = lid % TN;
@@ -212,13 +274,55 @@ fn {}{ENTRY_HEAD}
     let t = t0 + lt;
     if (n < W_N && t < rows) {{ y[t * W_N + n] = acc{plus_bias}; }}
 }}
-",
-        b.entry_point
-    );
-    let grid = [
-        GridDim::fixed(m.n as u64, tn as u64),
-        GridDim::rows(GEMM_TT as u64),
-        GridDim::one(),
-    ];
-    b.finish(&body, grid)
+"
+    )
+}
+
+/// The f16 tile: activations and decoded weights rounded to f16 once per tile, four K values per
+/// `vec4<f16>`; each 4-wide dot product is added to the f32 accumulator.
+fn gemm_f16_body(entry_point: &str, plus_bias: &str) -> String {
+    format!(
+        "const TK4: u32 = TK / 4u;
+var<workgroup> xs: array<vec4<f16>, TT * TK4>;
+var<workgroup> ws: array<vec4<f16>, TN * TK4>;
+
+@compute @workgroup_size(WG)
+fn {entry_point}{ENTRY_HEAD}
+    let n0 = wid.x * TN;
+    let t0 = wid.y * TT;
+    let ln = lid % TN;
+    let lt = lid / TN;
+    let rows = params.rows;
+    var acc = 0.0;
+    for (var k0 = 0u; k0 < W_K; k0 = k0 + TK) {{
+        for (var i = lid; i < TT * TK4; i = i + WG) {{
+            let t = t0 + i / TK4;
+            let k = k0 + (i % TK4) * 4u;
+            var v = vec4<f16>(0.0h);
+            for (var e = 0u; e < 4u; e = e + 1u) {{
+                if (t < rows && k + e < W_K) {{ v[e] = to_h(x[(params.row0 + t) * W_K + k + e]); }}
+            }}
+            xs[i] = v;
+        }}
+        for (var i = lid; i < TN * TK4; i = i + WG) {{
+            let n = n0 + i / TK4;
+            let k = k0 + (i % TK4) * 4u;
+            var v = vec4<f16>(0.0h);
+            for (var e = 0u; e < 4u; e = e + 1u) {{
+                if (n < W_N && k + e < W_K) {{ v[e] = f16(w_at(n, k + e)); }}
+            }}
+            ws[i] = v;
+        }}
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK4; kk = kk + 1u) {{
+            acc = acc + f32(dot(xs[lt * TK4 + kk], ws[ln * TK4 + kk]));
+        }}
+        workgroupBarrier();
+    }}
+    let n = n0 + ln;
+    let t = t0 + lt;
+    if (n < W_N && t < rows) {{ y[t * W_N + n] = acc{plus_bias}; }}
+}}
+"
+    )
 }

@@ -21,8 +21,18 @@
 //! Bindings (group 0, in this order): activation inputs / token ids, weight records, state
 //! buffers, outputs, then the params uniform ([`launch::PARAMS_WGSL`]). The exact list, with the
 //! op field each binding takes, is in the kernel's launch JSON ([`launch::Launch`]).
-//! Arithmetic is f32 throughout; f16 data are read as packed u32 and unpacked, so no kernel needs
-//! `enable f16` (portable to WebGPU implementations without shader-f16).
+//!
+//! Precision. f16 weights and scales are read as packed u32 and unpacked, so f32 kernels need no
+//! `enable f16` (they run on WebGPU implementations without shader-f16). Libraries of f16 schemes
+//! for a preset with `shader_f16` ([`f16_kernels`]) compute in f16 where it pays and is safe:
+//! - the KV cache is stored in f16 (half the memory and attention traffic); keys and values of
+//!   the call's own rows are rounded the same way, so prefill and decode see identical values;
+//! - matrix kernels decode quantized weights in f16 (`(q - maxq) · s` rounded once: exactly the
+//!   artifact's f16 value) and multiply in f16 (activations rounded to f16, saturating at ±65504):
+//!   decode kernels sum one storage word's products in f16, prefill tiles take 4-wide f16 dot
+//!   products; every longer sum is in f32;
+//! - norms, softmax, rotary, activations and the residual stream stay f32 (their traffic is
+//!   negligible next to the weights', and these are where f16 loses accuracy).
 
 mod attention;
 mod builder;
@@ -110,11 +120,22 @@ fn check_dims(signature: &str, spec: &KernelSpec) -> Result<()> {
     Ok(())
 }
 
-/// Generate the WGSL of one spec.
-pub fn generate(signature: &str, spec: &KernelSpec, tuning: Tuning) -> Result<WgslKernel> {
+/// Whether a library of `plan` computes in f16: the target allows it (`TargetSpec::shader_f16`)
+/// and the scheme's values are f16 (`q*f16_*`; the f32 schemes keep f32 everywhere).
+pub fn f16_kernels(plan: &Plan, shader_f16: bool) -> bool {
+    shader_f16 && plan.model_dtype == crate::formats::dtype::DType::F16
+}
+
+/// Generate the WGSL of one spec (`f16`: see [`f16_kernels`]).
+pub fn generate(
+    signature: &str,
+    spec: &KernelSpec,
+    tuning: Tuning,
+    f16: bool,
+) -> Result<WgslKernel> {
     check_dims(signature, spec)?;
     let ep = entry_point(spec);
-    let b = KernelBuilder::new(&ep, tuning);
+    let b = KernelBuilder::new(&ep, tuning, f16);
     let (source, launch) = match spec {
         KernelSpec::Embedding { m } => matmul::embedding(b, m),
         KernelSpec::Matmul {
@@ -155,10 +176,11 @@ pub fn generate(signature: &str, spec: &KernelSpec, tuning: Tuning) -> Result<Wg
 }
 
 /// Every kernel of a plan, in signature order, each specialised for its tuning record
-/// (`records`: the tune stage's signature → configuration map).
+/// (`records`: the tune stage's signature → configuration map), in f16 where `f16`.
 pub fn generate_plan(
     plan: &Plan,
     records: &BTreeMap<String, serde_json::Value>,
+    f16: bool,
 ) -> Result<Vec<WgslKernel>> {
     let specs = spec::specs_by_signature(plan)?;
     let mut out = Vec::with_capacity(specs.len());
@@ -170,7 +192,7 @@ pub fn generate_plan(
         })?;
         let tuning = Tuning::from_record(rec)
             .map_err(|e| crate::error::user(format!("tuning record for kernel {sig}: {e}")))?;
-        out.push(generate(sig, spec, tuning)?);
+        out.push(generate(sig, spec, tuning, f16)?);
     }
     Ok(out)
 }

@@ -3,8 +3,8 @@
 //! to 0). Both kernels give each channel to one invocation that walks the T rows in order, so the
 //! recurrence and the state update need no synchronisation. Grid `[ceil(hidden / WG), 1, 1]`.
 
-use super::builder::KernelBuilder;
 use super::builder::ENTRY_HEAD;
+use super::builder::{Elem, KernelBuilder};
 use super::launch::{GridDim, Launch};
 use super::weights::declare_vector;
 use crate::formats::dtype::DType;
@@ -31,7 +31,7 @@ pub fn token_shift(mut b: KernelBuilder, hidden: usize, mixes: &[DType]) -> (Str
             hidden,
         );
     }
-    b.state("rwkv", "state");
+    b.state("rwkv", "state", Elem::F32);
     for i in 0..mixes.len() {
         b.activation(&format!("outs[{i}]"), true, &format!("out{i}"));
     }
@@ -77,7 +77,7 @@ pub fn wkv(
     b.activation("v", false, "vv");
     declare_vector(&mut b, "time_decay", time_decay, "decay", hidden);
     declare_vector(&mut b, "time_first", time_first, "first", hidden);
-    b.state("rwkv", "state");
+    b.state("rwkv", "state", Elem::F32);
     b.activation("out", true, "y");
     let body = format!(
         "@compute @workgroup_size(WG)

@@ -25,6 +25,8 @@ pub struct GpuContext {
     /// Whether the device was opened with subgroup operations (kernels built with subgroup
     /// reductions need them).
     pub subgroups: bool,
+    /// Whether the device was opened with wgpu's `SHADER_F16` (f16 kernels need it).
+    pub shader_f16: bool,
 }
 
 impl GpuContext {
@@ -160,9 +162,9 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
         planned.max_compute_workgroups_per_dimension =
             planned.max_compute_workgroups_per_dimension.min(n.max(1));
     }
-    // Subgroup operations whenever the adapter has them: libraries of presets with subgroup
-    // reductions need them, the others ignore them.
-    let features = adapter.features() & wgpu::Features::SUBGROUP;
+    // Subgroup operations and f16 whenever the adapter has them: libraries of presets with
+    // subgroup reductions or f16 kernels need them, the others ignore them.
+    let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("mlcb"),
         required_features: features,
@@ -189,6 +191,7 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
         limits: planned,
         uncaptured,
         subgroups: features.contains(wgpu::Features::SUBGROUP),
+        shader_f16: features.contains(wgpu::Features::SHADER_F16),
     })
 }
 

@@ -103,6 +103,39 @@ fn missing_subgroups(kernel_uses: bool, device_has: bool, adapter: &str) -> Opti
     })
 }
 
+/// Why a kernel computing in f16 cannot run on this device, if it cannot.
+fn missing_f16(kernel_uses: bool, device_has: bool, adapter: &str) -> Option<String> {
+    (kernel_uses && !device_has).then(|| {
+        format!(
+            "this library computes in f16, which wgpu adapter {adapter} does not offer (wgpu's \
+             SHADER_F16: Vulkan shaderFloat16 with 16-bit storage buffers, or WebGPU's \
+             shader-f16); rebuild with `--shader-f16 off` (or `shader_f16 = false` in the \
+             recipe's [target]), or use a q*f32 scheme"
+        )
+    })
+}
+
+/// Bytes per element of the KV cache the library's attention kernels bind: 2 when they declare
+/// it f16, else 4. Kernels that disagree make a corrupt library.
+pub fn kv_cache_elem_bytes(kernels: &HashMap<String, Kernel>) -> Result<usize> {
+    let mut elems: Vec<&str> = kernels
+        .values()
+        .flat_map(|k| &k.launch.bindings)
+        .filter(|b| b.role == "state" && matches!(b.part.as_deref(), Some("k" | "v")))
+        .map(|b| b.elem.as_str())
+        .collect();
+    elems.sort_unstable();
+    elems.dedup();
+    match elems[..] {
+        [] | ["f32"] => Ok(4),
+        ["f16"] => Ok(2),
+        _ => Err(user(format!(
+            "the library's attention kernels bind the KV cache as {}; rebuild the model library",
+            elems.join(" and ")
+        ))),
+    }
+}
+
 /// Every kernel of the library as a pipeline, by phase-prefixed signature.
 pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kernel>> {
     let device = &ctx.device;
@@ -120,6 +153,9 @@ pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kern
         if let Some(why) =
             missing_subgroups(launch.tuning.subgroups, ctx.subgroups, &ctx.description())
         {
+            return Err(user(format!("kernel {}: {why}", entry.signature)));
+        }
+        if let Some(why) = missing_f16(launch.shader_f16, ctx.shader_f16, &ctx.description()) {
             return Err(user(format!("kernel {}: {why}", entry.signature)));
         }
         let bytes = lib.kernel_bytes(entry);
@@ -183,6 +219,17 @@ mod tests {
         assert!(missing_subgroups(true, true, "a").is_none());
         let why = missing_subgroups(true, false, "llvmpipe").unwrap();
         assert!(why.contains("llvmpipe") && why.contains("webgpu"), "{why}");
+    }
+
+    #[test]
+    fn f16_kernels_need_an_f16_device() {
+        assert!(missing_f16(false, false, "a").is_none());
+        assert!(missing_f16(true, true, "a").is_none());
+        let why = missing_f16(true, false, "old gpu").unwrap();
+        assert!(
+            why.contains("old gpu") && why.contains("--shader-f16 off"),
+            "{why}"
+        );
     }
 
     #[test]

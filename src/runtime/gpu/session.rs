@@ -137,6 +137,7 @@ impl GpuSession {
             weights.push(bufs);
         }
 
+        let kv_elem_bytes = kernels::kv_cache_elem_bytes(&kernels)?;
         let mut states = Vec::with_capacity(plan.states.len());
         for s in &plan.states {
             states.push(match *s {
@@ -145,7 +146,7 @@ impl GpuSession {
                     head_dim,
                     layer,
                 } => {
-                    let bytes = (plan.max_seq_len * n_kv_heads * head_dim * 4) as u64;
+                    let bytes = padded(plan.max_seq_len * n_kv_heads * head_dim * kv_elem_bytes);
                     if bytes > max_binding {
                         bail!(user(format!(
                             "the KV cache of layer {layer} needs {bytes} bytes per tensor, above the \
