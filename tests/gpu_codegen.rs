@@ -35,7 +35,24 @@ fn check_library(lib: &ModelLibrary, preset: &str, language: &str) {
     assert_eq!(got, want, "{preset}: one kernel per distinct signature");
     assert_eq!(got.len(), lib.header.kernels.len(), "no duplicate kernels");
     assert_eq!(lib.header.target.backend, "wgpu");
+    // Every wgpu preset computes f16 schemes in f16 (f16 KV cache) and f32 schemes in f32.
+    let f16 = lib.header.quantization.contains("f16");
+    assert_eq!(
+        lib.header.target.options.get("shader_f16"),
+        Some(&f16.into()),
+        "{preset} {}",
+        lib.header.quantization
+    );
     for k in &lib.header.kernels {
+        let uses_f16 = k.launch["shader_f16"].as_bool().unwrap_or(false);
+        assert!(!uses_f16 || f16, "{}: f16 in an f32 scheme", k.signature);
+        if k.signature.contains("attention") {
+            assert_eq!(
+                uses_f16, f16,
+                "{}: the KV cache follows the scheme",
+                k.signature
+            );
+        }
         assert_eq!(k.language, language, "{}", k.signature);
         let bytes = lib.kernel_bytes(k);
         assert!(!bytes.is_empty());
@@ -80,12 +97,13 @@ fn check_library(lib: &ModelLibrary, preset: &str, language: &str) {
                 let src = std::str::from_utf8(bytes).unwrap();
                 assert!(src.contains(&format!("fn {}(", k.entry_point)));
                 let m = naga::front::wgsl::parse_str(src).expect("parses");
-                naga::valid::Validator::new(
-                    naga::valid::ValidationFlags::all(),
-                    naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-                )
-                .validate(&m)
-                .expect("validates");
+                let mut caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+                if uses_f16 {
+                    caps |= naga::valid::Capabilities::SHADER_FLOAT16;
+                }
+                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+                    .validate(&m)
+                    .expect("validates");
             }
             other => panic!("unexpected language {other}"),
         }

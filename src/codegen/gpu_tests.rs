@@ -186,8 +186,8 @@ fn spirv_capabilities(blob: &[u8]) -> Vec<u32> {
     caps
 }
 
-/// f16 kernels: only attention and the matrix kernels use f16 (the others stay f32 and need no
-/// shader-f16); the KV cache binds as f16; the SPIR-V declares Float16 but not
+/// f16 kernels: only attention and the prefill matrix kernels use f16 (the others stay f32 and
+/// need no shader-f16); the KV cache binds as f16; the SPIR-V declares Float16 but not
 /// StorageInputOutput16, which wgpu's SPIR-V reader refuses.
 #[test]
 fn f16_kernels_enable_f16_where_they_use_it() {
@@ -217,11 +217,23 @@ fn f16_kernels_enable_f16_where_they_use_it() {
         !spirv_capabilities(&compile(&f32_attention, "spirv").unwrap().blob).contains(&FLOAT16)
     );
 
-    let matmul = generate("m", &q4_decode_matmul_with_bias(), tunings()[0], true).unwrap();
-    assert!(matmul.launch.shader_f16);
-    assert!(matmul
+    let decode = q4_decode_matmul_with_bias();
+    let KernelSpec::Matmul { m, bias, .. } = decode else {
+        unreachable!()
+    };
+    let prefill = KernelSpec::Matmul {
+        m,
+        bias,
+        phase: Phase::Prefill,
+        logits: false,
+    };
+    let k = generate("m", &prefill, tunings()[0], true).unwrap();
+    assert!(k.launch.shader_f16);
+    assert!(k
         .source
-        .contains("w_decode_h(word & W_MASK, p) * to_h("));
+        .contains("dot(xs[lt * TK4 + kk], ws[ln * TK4 + kk])"));
+    let k = generate("m", &decode, tunings()[0], true).unwrap();
+    assert!(!k.launch.shader_f16, "decode matmuls stay f32");
     let norm = KernelSpec::RmsNorm {
         cols: 64,
         weight: DType::F16,

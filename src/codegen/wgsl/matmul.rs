@@ -9,9 +9,9 @@
 //!   rows, K in steps of `TK = 32`; each invocation owns one output. Weights decode through
 //!   `w_at` into workgroup memory once per tile.
 //!
-//! In f16 kernels (`codegen::wgsl` module docs) the decode variants multiply in f16 and sum the
-//! products of one storage word (raw weights: one product) in f16 before adding to the f32
-//! accumulator; the prefill tiles hold f16 and take 4-wide f16 dot products.
+//! In f16 kernels (`codegen::wgsl` module docs) the prefill tiles hold f16 and take 4-wide f16 dot
+//! products into the f32 accumulator; the decode variants stay f32 (memory-bound: f16 arithmetic
+//! saves no traffic there, and measured slower on lavapipe).
 //!
 //! Every variant reads activation row `params.row0 + t` and writes output row `t`, for
 //! `t < params.rows`: matmul sets rows = T, row0 = 0; logits of the last position only sets rows = 1,
@@ -21,7 +21,7 @@ use super::builder::ENTRY_HEAD;
 use super::builder::{reduce, KernelBuilder};
 use super::launch::{GridDim, Launch};
 use super::spec::{MatrixSpec, MatrixStorage, Phase};
-use super::weights::{declare_f16_decode, declare_matrix, declare_round, declare_vector};
+use super::weights::{declare_matrix, declare_round, declare_vector};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -66,9 +66,6 @@ pub fn matmul(
     let mut b = b;
     b.activation("input", false, "x");
     declare_matrix(&mut b, "weight", m);
-    if b.use_f16() {
-        declare_f16_decode(&mut b, m);
-    }
     if let Some(d) = bias {
         declare_vector(&mut b, "bias", d, "bias", m.n);
     }
@@ -89,19 +86,13 @@ pub fn matmul(
 fn gemv_nk(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launch) {
     let rows = b.tuning.rows_per_workgroup;
     b.const_u32("ROWS", rows as usize);
-    let f16 = b.f16;
-    let inner = match (m.storage, f16) {
-        (MatrixStorage::Raw(_), false) => {
+    let inner = match m.storage {
+        MatrixStorage::Raw(_) => {
             "            for (var k = lid; k < W_K; k = k + WG) {
                 acc = acc + w_at(n, k) * x[xo + k];
             }"
         }
-        (MatrixStorage::Raw(_), true) => {
-            "            for (var k = lid; k < W_K; k = k + WG) {
-                acc = acc + f32(f16(w_at(n, k)) * to_h(x[xo + k]));
-            }"
-        }
-        (MatrixStorage::Quant(_), false) => {
+        MatrixStorage::Quant(_) => {
             "            for (var w = lid; w < W_WPR; w = w + WG) {
                 let g = w / W_WPG;
                 let j0 = (w % W_WPG) * W_PER_WORD;
@@ -114,23 +105,6 @@ fn gemv_nk(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, La
                     }
                     word = word >> W_BITS;
                 }
-            }"
-        }
-        (MatrixStorage::Quant(_), true) => {
-            "            for (var w = lid; w < W_WPR; w = w + WG) {
-                let g = w / W_WPG;
-                let j0 = (w % W_WPG) * W_PER_WORD;
-                let k0 = g * W_GROUP + j0;
-                let p = w_params_h(n, g);
-                var word = w_word(n, w);
-                var part = 0.0h;
-                for (var j = 0u; j < W_PER_WORD; j = j + 1u) {
-                    if (j0 + j < W_GROUP && k0 + j < W_K) {
-                        part = part + w_decode_h(word & W_MASK, p) * to_h(x[xo + k0 + j]);
-                    }
-                    word = word >> W_BITS;
-                }
-                acc = acc + f32(part);
             }"
         }
     };
@@ -162,22 +136,6 @@ fn {}{ENTRY_HEAD}
 }
 
 fn gemv_kn(b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launch) {
-    // One storage word's products: in f32, or summed in f16 then added (f16 kernels).
-    let (params, open, term, close) = if b.f16 {
-        (
-            "w_params_h",
-            "var part = 0.0h;",
-            "part = part + w_decode_h(word & W_MASK, p) * to_h(x[xo + k0 + j]);",
-            "acc = acc + f32(part);",
-        )
-    } else {
-        (
-            "w_params",
-            "",
-            "acc = acc + w_decode(word & W_MASK, p) * x[xo + k0 + j];",
-            "",
-        )
-    };
     let body = format!(
         "@compute @workgroup_size(WG)
 fn {}{ENTRY_HEAD}
@@ -186,18 +144,16 @@ fn {}{ENTRY_HEAD}
     let xo = params.row0 * W_K;
     var acc = 0.0;
     for (var g = 0u; g < W_NG; g = g + 1u) {{
-        let p = {params}(n, g);
+        let p = w_params(n, g);
         for (var wi = 0u; wi < W_WPG; wi = wi + 1u) {{
             var word = w_word(n, g * W_WPG + wi);
             let k0 = g * W_GROUP + wi * W_PER_WORD;
-            {open}
             for (var j = 0u; j < W_PER_WORD; j = j + 1u) {{
                 if (wi * W_PER_WORD + j < W_GROUP && k0 + j < W_K) {{
-                    {term}
+                    acc = acc + w_decode(word & W_MASK, p) * x[xo + k0 + j];
                 }}
                 word = word >> W_BITS;
             }}
-            {close}
         }}
     }}
     y[n] = acc{plus_bias};
@@ -223,7 +179,7 @@ fn gemm(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launc
     b.const_u32("TT", GEMM_TT as usize);
     b.const_u32("TN", tn as usize);
     b.const_u32("TK", GEMM_TK as usize);
-    let body = if b.f16 {
+    let body = if b.use_f16() {
         gemm_f16_body(&b.entry_point, plus_bias)
     } else {
         gemm_f32_body(&b.entry_point, plus_bias)

@@ -27,10 +27,11 @@
 //! for a preset with `shader_f16` ([`f16_kernels`]) compute in f16 where it pays and is safe:
 //! - the KV cache is stored in f16 (half the memory and attention traffic); keys and values of
 //!   the call's own rows are rounded the same way, so prefill and decode see identical values;
-//! - matrix kernels decode quantized weights in f16 (`(q - maxq) · s` rounded once: exactly the
-//!   artifact's f16 value) and multiply in f16 (activations rounded to f16, saturating at ±65504):
-//!   decode kernels sum one storage word's products in f16, prefill tiles take 4-wide f16 dot
-//!   products; every longer sum is in f32;
+//! - prefill matrix kernels (compute-bound) hold their tiles in f16: decoded weights rounded to
+//!   f16 (for sym codes with f16 scales exactly the artifact's value) and activations rounded to
+//!   f16 (saturating at ±65504), multiplied as 4-wide f16 dot products summed in f32;
+//! - decode matrix kernels stay f32: they are bound by reading the weights, which f16 arithmetic
+//!   does not shrink (on lavapipe, SmolLM2 q4f16_1 decoded 35% slower with it);
 //! - norms, softmax, rotary, activations and the residual stream stay f32 (their traffic is
 //!   negligible next to the weights', and these are where f16 loses accuracy).
 

@@ -6,8 +6,6 @@
 //!   zero-extended), `w_params(n, g) -> vec2<f32>` (scale, min of group `g`; min is 0 for sym) and
 //!   `w_decode(q, p) -> f32` (`(q - maxq)·s` or `q·s + min`, as the CPU kernels compute it), plus
 //!   the constants `W_BITS W_MASK W_GROUP W_PER_WORD W_WPG W_NG W_WPR`.
-//! - quantized, in f16 kernels only ([`declare_f16_decode`]): `w_params_h(n, g) -> vec2<f16>` and
-//!   `w_decode_h(q, p) -> f16`, the same formulas in f16 arithmetic.
 //!
 //! 16-bit data (f16/bf16 values, uint16 words) are bound as `array<u32>` and split, so no kernel
 //! needs `enable f16`.
@@ -131,25 +129,4 @@ pub fn declare_vector(b: &mut KernelBuilder, op_field: &str, dtype: DType, name:
     let elem = Elem::float(dtype);
     b.weight(op_field, 0, elem, name, (len * dtype.size()) as u64);
     b.helper(&float_reader(&format!("{name}_at"), name, elem));
-}
-
-/// The f16 decoders of a quantized matrix (after [`declare_matrix`]): `w_params_h` and
-/// `w_decode_h`. For sym codes with f16 scales (every f16 scheme), `(f16(q) - maxq) · s` is the
-/// exact product rounded once, i.e. exactly the value the artifact defines.
-pub fn declare_f16_decode(b: &mut KernelBuilder, m: &MatrixSpec) {
-    let MatrixStorage::Quant(q) = m.storage else {
-        return;
-    };
-    b.helper("fn w_params_h(n: u32, g: u32) -> vec2<f16> { return vec2<f16>(w_params(n, g)); }");
-    match q.codec {
-        Codec::Sym { maxq, .. } => {
-            b.helper(&format!(
-                "fn w_decode_h(q: u32, p: vec2<f16>) -> f16 {{ return (f16(q) - {}.0h) * p.x; }}",
-                maxq
-            ));
-        }
-        Codec::AsymBf16x2 => {
-            b.helper("fn w_decode_h(q: u32, p: vec2<f16>) -> f16 { return f16(q) * p.x + p.y; }");
-        }
-    }
 }
