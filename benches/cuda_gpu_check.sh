@@ -23,7 +23,10 @@
 #                and q0f16; with TUNE [1] q4f16_1 again after `mlcb build --tune on` (measured
 #                kernel configurations); device-to-device bandwidth (examples/cuda_bandwidth.rs)
 #                and the decode floor (weight bytes / bandwidth); with HF [1] transformers fp16 on
-#                the same config (benches/hf_transformers_bench.py; not gated).
+#                the same config (benches/hf_transformers_bench.py; not gated). With VULKAN7B [1]
+#                q4f16_1 also for the vulkan preset, run through wgpu on the NVIDIA Vulkan driver
+#                (`--adapter $VK_ADAPTER` [nvidia]; reported, not gated: the container may have no
+#                Vulkan ICD).
 # NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected
 #   to fail with exit 3; used to check this script itself).
 #
@@ -41,7 +44,7 @@ TOL="${TOL:-1e-3}"
 LAYERS="${LAYERS:-32}"
 HIDDEN="${HIDDEN:-4096}"; INTERMEDIATE="${INTERMEDIATE:-11008}"; VOCAB="${VOCAB:-32000}"
 DECODE_PROMPT="${DECODE_PROMPT:-16}"; GEN_LEN="${GEN_LEN:-256}"; PREFILL_LEN="${PREFILL_LEN:-512}"
-TUNE="${TUNE:-1}"; HF="${HF:-1}"
+TUNE="${TUNE:-1}"; HF="${HF:-1}"; VULKAN7B="${VULKAN7B:-1}"; VK_ADAPTER="${VK_ADAPTER:-nvidia}"
 JOBS="${JOBS:-$(nproc)}"
 SCHEMES="${SCHEMES:-q0f16 q0f32 q3f16_0 q3f16_1 q4f16_0 q4f16_1 q4f32_0 q4f32_1 q8f16_0 q8f16_1}"
 WORK="${WORK:-$OUT/work}"
@@ -207,16 +210,38 @@ fi
 # One bench call per figure, in the issue's shapes: decode = GEN_LEN tokens after a DECODE_PROMPT-
 # token prompt, prefill = a PREFILL_LEN-token prompt. q4f16_1 is measured untuned (preset
 # defaults) and, with TUNE=1, again after `--tune on` on this GPU (its architecture).
-bench_pair() { # dist label
+bench_pair() { # dist label [device args…; default --device cuda]
     local dist="$1" label="$2" rc1 rc2 d p
-    "$mlcb" bench "$dist" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json --device cuda \
+    shift 2
+    local dev=("$@"); [ ${#dev[@]} = 0 ] && dev=(--device cuda)
+    "$mlcb" bench "$dist" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json "${dev[@]}" \
         > "$OUT/bench-$label-decode.json" 2> "$OUT/logs/bench-$label-decode.txt"; rc1=$?
-    "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
+    "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json "${dev[@]}" \
         > "$OUT/bench-$label-prefill.json" 2> "$OUT/logs/bench-$label-prefill.txt"; rc2=$?
     d=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$OUT/bench-$label-decode.json" 2>/dev/null || echo null)
     p=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$OUT/bench-$label-prefill.json" 2>/dev/null || echo null)
     echo "$rc1 $rc2 $d $p"
 }
+# Issue 4's GPU figure: the same 7B-shaped q4f16_1 built for the vulkan preset (f16 kernels) and
+# run through wgpu on the machine's NVIDIA Vulkan driver. Without one (no Vulkan ICD in the
+# container: `--adapter nvidia` matches nothing) it says so; never gated.
+vulkan_7b() { # model
+    local model="$1" dist="$WORK/dist7b/synth-7b-vk-q4f16_1"
+    printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\n[model]\nname = "synth-7b-vk"\nsource = "%s"\n[target]\npreset = "vulkan"\n' "$model" > "$WORK/synth-vk.toml"
+    say "7B q4f16_1 vulkan: building ($(elapsed))"
+    if ! "$mlcb" build "$WORK/synth-vk.toml" -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-vk.txt" 2>&1; then
+        say "7B vulkan: build failed (logs/build-7b-vk.txt; not gated)"; return
+    fi
+    read -r rc1 rc2 dec pre <<< "$(XDG_RUNTIME_DIR="$WORK" bench_pair "$dist" "7b-vk" --device wgpu --adapter "$VK_ADAPTER")"
+    record "{\"check\":\"vulkan7b\",\"scheme\":\"q4f16_1\",\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre,\"adapter\":$(grep -h -m1 'wgpu adapter' "$OUT/logs/bench-7b-vk-decode.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}"
+    if [ "$rc1" = 0 ]; then
+        say "7B q4f16_1 vulkan (wgpu): decode $dec tok/s, prefill $pre tok/s ($(grep -h -m1 'wgpu adapter' "$OUT/logs/bench-7b-vk-decode.txt"))"
+    else
+        say "7B vulkan: no run (exit $rc1/$rc2; logs/bench-7b-vk-decode.txt: $(tail -1 "$OUT/logs/bench-7b-vk-decode.txt")); not gated"
+    fi
+    rm -rf "$dist"
+}
+
 if [ "$BENCH7B" = 1 ]; then
     if [ "$have_gpu" = 1 ]; then
         "$exdir/cuda_bandwidth" 1024 20 > "$OUT/bandwidth.json" 2> "$OUT/logs/bandwidth.txt" \
@@ -262,6 +287,9 @@ print(json.dumps({"weight_bytes": w, "d2d_gb_s": bw, "decode_floor_ms": (w / (bw
             else
                 fail "7B $q: tuned build failed (logs/build-7b-$q-tuned.txt)"
             fi
+        fi
+        if [ "$VULKAN7B" = 1 ] && [ "$q" = q4f16_1 ]; then
+            vulkan_7b "$model"
         fi
         # The 7B dist folders are large: keep the disk for the next scheme.
         rm -rf "$dist" "$WORK/cache7b"
