@@ -79,6 +79,17 @@ fn logits_cmd(w: &Work, dist: &Path, ids: &[u32], device: &str) -> (Output, Path
     (mlcb_env(w, &args), out_file)
 }
 
+/// The wgpu logits and the command's output, or `None` (after saying so) without an adapter.
+fn first_wgpu_logits(w: &Work, dist: &Path, ids: &[u32], test: &str) -> Option<(Output, Vec<f32>)> {
+    let (out, file) = logits_cmd(w, dist, ids, "wgpu");
+    if !has_adapter(&out, test) {
+        return None;
+    }
+    assert_success(&out);
+    let logits = read_logits(&file);
+    Some((out, logits))
+}
+
 fn logits(w: &Work, dist: &Path, ids: &[u32], device: &str) -> Vec<f32> {
     let (out, file) = logits_cmd(w, dist, ids, device);
     assert_success(&out);
@@ -252,12 +263,10 @@ fn shader_f16_off_gives_f32_kernels() {
     let lib = dist.join("tiny-llama-q4f16_1-vulkan.mlcblib");
     assert_eq!(kv_elems(&lib), ["f16"]);
     let ids = [3u32, 17, 200, 45, 9, 311, 5, 77];
-    let (probe, file) = logits_cmd(&w, &dist, &ids, "wgpu");
-    if !has_adapter(&probe, "shader_f16_off_gives_f32_kernels") {
+    let Some((_, f16)) = first_wgpu_logits(&w, &dist, &ids, "shader_f16_off_gives_f32_kernels")
+    else {
         return;
-    }
-    assert_success(&probe);
-    let f16 = read_logits(&file);
+    };
     let cpu = logits(&w, &dist, &ids, "cpu");
     let f16_err = max_rel_err(&f16, &cpu, 512);
 
@@ -308,13 +317,12 @@ fn webgpu_folded_grids_adapters_and_refusals() {
     };
     let ids = [3u32, 17, 200, 45, 9, 311];
     use_lib("vulkan");
-    let (probe, _) = logits_cmd(&w, &dist, &ids, "wgpu");
-    if !has_adapter(&probe, "webgpu_folded_grids_adapters_and_refusals") {
+    let Some((probe, spirv)) =
+        first_wgpu_logits(&w, &dist, &ids, "webgpu_folded_grids_adapters_and_refusals")
+    else {
         return;
-    }
-    assert_success(&probe);
+    };
     let cpu = logits(&w, &dist, &ids, "cpu");
-    let spirv = logits(&w, &dist, &ids, "wgpu");
     assert!(max_rel_err(&spirv, &cpu, 512) <= BOUND_F16);
 
     // A limit of 48 workgroups per dimension folds the prefill logits (64 tiles) and MLP (176 tiles) grids.
@@ -541,12 +549,11 @@ fn weights_split_across_bindings_match() {
         .count();
     assert!(ranged >= 4, "only {ranged} kernels bind weights in parts");
     let ids = [3u32, 17, 200, 45, 9, 311];
-    let (probe, file) = logits_cmd(&w, &split_dist, &ids, "wgpu");
-    if !has_adapter(&probe, "weights_split_across_bindings_match") {
+    let Some((_, parts)) =
+        first_wgpu_logits(&w, &split_dist, &ids, "weights_split_across_bindings_match")
+    else {
         return;
-    }
-    assert_success(&probe);
-    let parts = read_logits(&file);
+    };
     let whole = logits(&w, &dist, &ids, "wgpu");
     let err = max_rel_err(&parts, &whole, 512);
     assert!(err <= 1e-6, "split vs whole: {err:e}");

@@ -6,8 +6,8 @@
 //! - decode, KN storage (quantized `_0`, words `[K words, N]`): `matmul_gemv_kn`, one invocation
 //!   per output row walking K, so neighbouring invocations read neighbouring words.
 //! - prefill (any `T`): `matmul_gemm`, tiles of `TT = 8` activation rows × `TN = WG / 8` output
-//!   rows, K in steps of `TK = 32`; each invocation owns one output. Weights decode through
-//!   `w_at` into workgroup memory once per tile.
+//!   rows, K in steps of `TK = 32` held as `vec4`s; each invocation owns one output, summing 4-wide
+//!   dot products. Weights decode through `w_at` into workgroup memory once per tile.
 //!
 //! In f16 kernels (`codegen::wgsl` module docs) the prefill tiles hold f16 and take 4-wide f16 dot
 //! products into the f32 accumulator; the decode variants stay f32 (memory-bound: f16 arithmetic
@@ -179,11 +179,8 @@ fn gemm(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launc
     b.const_u32("TT", GEMM_TT as usize);
     b.const_u32("TN", tn as usize);
     b.const_u32("TK", GEMM_TK as usize);
-    let body = if b.use_f16() {
-        gemm_f16_body(&b.entry_point, plus_bias)
-    } else {
-        gemm_f32_body(&b.entry_point, plus_bias)
-    };
+    let f16 = b.use_f16();
+    let body = gemm_body(&b.entry_point, plus_bias, f16);
     let grid = [
         GridDim::fixed(m.n as u64, tn as u64),
         GridDim::rows(GEMM_TT as u64),
@@ -192,55 +189,19 @@ fn gemm(mut b: KernelBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, Launc
     b.finish(&body, grid)
 }
 
-fn gemm_f32_body(entry_point: &str, plus_bias: &str) -> String {
-    format!(
-        "var<workgroup> xs: array<f32, TT * TK>;
-var<workgroup> ws: array<f32, TN * TK>;
-
-@compute @workgroup_size(WG)
-fn {entry_point}{ENTRY_HEAD}
-    let n0 = wid.x * TN;
-    let t0 = wid.y * TT;
-    let ln = lid % TN;
-    let lt = lid / TN;
-    let rows = params.rows;
-    var acc = 0.0;
-    for (var k0 = 0u; k0 < W_K; k0 = k0 + TK) {{
-        for (var i = lid; i < TT * TK; i = i + WG) {{
-            let t = t0 + i / TK;
-            let k = k0 + i % TK;
-            var v = 0.0;
-            if (t < rows && k < W_K) {{ v = x[(params.row0 + t) * W_K + k]; }}
-            xs[i] = v;
-        }}
-        for (var i = lid; i < TN * TK; i = i + WG) {{
-            let n = n0 + i / TK;
-            let k = k0 + i % TK;
-            var v = 0.0;
-            if (n < W_N && k < W_K) {{ v = w_at(n, k); }}
-            ws[i] = v;
-        }}
-        workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk = kk + 1u) {{
-            acc = acc + xs[lt * TK + kk] * ws[ln * TK + kk];
-        }}
-        workgroupBarrier();
-    }}
-    let n = n0 + ln;
-    let t = t0 + lt;
-    if (n < W_N && t < rows) {{ y[t * W_N + n] = acc{plus_bias}; }}
-}}
-"
-    )
-}
-
-/// The f16 tile: activations and decoded weights rounded to f16 once per tile, four K values per
-/// `vec4<f16>`; each 4-wide dot product is added to the f32 accumulator.
-fn gemm_f16_body(entry_point: &str, plus_bias: &str) -> String {
+/// The gemm body. Tiles hold four K values per `vec4` (`elem`), filled through `x_cvt` / `w_cvt`
+/// (f16 kernels: activations and decoded weights rounded to f16 once per tile); each 4-wide dot
+/// product is added to the f32 accumulator.
+fn gemm_body(entry_point: &str, plus_bias: &str, f16: bool) -> String {
+    let (elem, zero, x_cvt, w_cvt) = if f16 {
+        ("vec4<f16>", "vec4<f16>(0.0h)", "to_h", "f16")
+    } else {
+        ("vec4<f32>", "vec4<f32>(0.0)", "", "")
+    };
     format!(
         "const TK4: u32 = TK / 4u;
-var<workgroup> xs: array<vec4<f16>, TT * TK4>;
-var<workgroup> ws: array<vec4<f16>, TN * TK4>;
+var<workgroup> xs: array<{elem}, TT * TK4>;
+var<workgroup> ws: array<{elem}, TN * TK4>;
 
 @compute @workgroup_size(WG)
 fn {entry_point}{ENTRY_HEAD}
@@ -254,18 +215,18 @@ fn {entry_point}{ENTRY_HEAD}
         for (var i = lid; i < TT * TK4; i = i + WG) {{
             let t = t0 + i / TK4;
             let k = k0 + (i % TK4) * 4u;
-            var v = vec4<f16>(0.0h);
+            var v = {zero};
             for (var e = 0u; e < 4u; e = e + 1u) {{
-                if (t < rows && k + e < W_K) {{ v[e] = to_h(x[(params.row0 + t) * W_K + k + e]); }}
+                if (t < rows && k + e < W_K) {{ v[e] = {x_cvt}(x[(params.row0 + t) * W_K + k + e]); }}
             }}
             xs[i] = v;
         }}
         for (var i = lid; i < TN * TK4; i = i + WG) {{
             let n = n0 + i / TK4;
             let k = k0 + (i % TK4) * 4u;
-            var v = vec4<f16>(0.0h);
+            var v = {zero};
             for (var e = 0u; e < 4u; e = e + 1u) {{
-                if (n < W_N && k + e < W_K) {{ v[e] = f16(w_at(n, k + e)); }}
+                if (n < W_N && k + e < W_K) {{ v[e] = {w_cvt}(w_at(n, k + e)); }}
             }}
             ws[i] = v;
         }}
