@@ -215,6 +215,17 @@ fn codegen_is_keyed_by_target_and_stable_across_builds() {
             );
             let wgsl = std::fs::read_to_string(kdir.join(format!("{n}-{op}.wgsl"))).unwrap();
             assert!(wgsl.contains("@compute"));
+            // The WGSL is regenerated as the library's kernels were: in f16 for this f16 scheme.
+            let f16 = k.launch["shader_f16"].as_bool().unwrap_or(false);
+            assert_eq!(wgsl.starts_with("enable f16;"), f16, "{}", k.signature);
+            assert_eq!(
+                f16,
+                op == "attention"
+                    || k.signature.starts_with("prefill:matmul")
+                    || k.signature.starts_with("prefill:logits"),
+                "{}",
+                k.signature
+            );
         }
     }
     assert!(!dir.join("debug/kernels/cpu").exists());
