@@ -122,6 +122,53 @@ fn in_namespace(prefix: &[&str], mount_point: &Path, kib: u64, script: &str) -> 
         .unwrap()
 }
 
+/// What both scenarios start from: a mount namespace to run in, the recipes in a work folder, a
+/// clean reference build, `out/` for what the namespace's script leaves, and the build command
+/// over the work folder's cache and dist. `None` (after saying so) where no namespace is allowed.
+struct Setup {
+    prefix: Vec<&'static str>,
+    w: Work,
+    ids: Vec<String>,
+    reference: Reference,
+    out_dir: PathBuf,
+    build: String,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    let Some(prefix) = namespace_prefix() else {
+        eprintln!(
+            "SKIPPED {test}: cannot create a mount namespace here (unshare/mount not permitted)"
+        );
+        return None;
+    };
+    let w = Work::new();
+    let (recipes, ids) = recipes(&w);
+    let reference = reference(&recipes);
+    std::fs::create_dir_all(w.cache()).unwrap();
+    std::fs::create_dir_all(w.dist()).unwrap();
+    let out_dir = w.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let build = build_command(&recipes, &w.cache(), &w.dist());
+    Some(Setup {
+        prefix,
+        w,
+        ids,
+        reference,
+        out_dir,
+        build,
+    })
+}
+
+/// The build whose outputs the script wrote under `{step}.rc/.err` succeeded.
+fn assert_step_succeeded(out_dir: &Path, step: &str) {
+    assert_eq!(
+        read(&out_dir.join(format!("{step}.rc"))).trim(),
+        "0",
+        "{}",
+        read(&out_dir.join(format!("{step}.err")))
+    );
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -197,24 +244,15 @@ fn assert_explained(stderr: &str, rc: &str, what: &str, place: &Path, flag: &str
 
 #[test]
 fn full_cache_disk_is_an_environment_error_and_the_cache_stays_usable() {
-    let Some(prefix) = namespace_prefix() else {
-        eprintln!(
-            "SKIPPED full_cache_disk: cannot create a mount namespace here (unshare/mount not permitted)"
-        );
+    let Some(s) = setup("full_cache_disk") else {
         return;
     };
-    let w = Work::new();
-    let (recipes, ids) = recipes(&w);
-    let reference = reference(&recipes);
-    let cache = w.cache();
-    let dist = w.dist();
-    std::fs::create_dir_all(&cache).unwrap();
+    let (prefix, w, ids, reference, out_dir, build) =
+        (s.prefix, s.w, s.ids, s.reference, s.out_dir, s.build);
+    let (cache, dist) = (w.cache(), w.dist());
     // Half of what a clean build leaves in the cache: the first stages fit, later ones do not.
     let kib = reference.cache_bytes / 2 / 1024;
-    let out_dir = w.path().join("out");
-    std::fs::create_dir_all(&out_dir).unwrap();
     let o = out_dir.display();
-    let build = build_command(&recipes, &cache, &dist);
     let script = format!(
         "{build} >'{o}/small.out' 2>'{o}/small.err'; echo $? >'{o}/small.rc'\n\
          ls -A '{c}/tmp' >'{o}/tmp-after-failure' 2>/dev/null\n\
@@ -252,22 +290,12 @@ fn full_cache_disk_is_an_environment_error_and_the_cache_stays_usable() {
     );
     assert_only_whole_artifacts(&dist);
     // The same cache, with room now: the build succeeds and gives a clean build's artifacts.
-    assert_eq!(
-        read(&out_dir.join("big.rc")).trim(),
-        "0",
-        "{}",
-        read(&out_dir.join("big.err"))
-    );
+    assert_step_succeeded(&out_dir, "big");
     assert_eq!(read(&out_dir.join("tmp-after-success")), "");
     assert_only_whole_artifacts(&dist);
     assert_identical(&dist, &reference.work.dist(), &ids);
     // And the cache it left is whole: a third build finds every stage cached.
-    assert_eq!(
-        read(&out_dir.join("again.rc")).trim(),
-        "0",
-        "{}",
-        read(&out_dir.join("again.err"))
-    );
+    assert_step_succeeded(&out_dir, "again");
     let report: serde_json::Value =
         serde_json::from_str(&read(&out_dir.join("again.json"))).unwrap();
     for (stage, status) in statuses(&report) {
@@ -277,26 +305,18 @@ fn full_cache_disk_is_an_environment_error_and_the_cache_stays_usable() {
 
 #[test]
 fn full_artifact_disk_is_an_environment_error_and_leaves_no_half_artifact() {
-    let Some(prefix) = namespace_prefix() else {
-        eprintln!(
-            "SKIPPED full_artifact_disk: cannot create a mount namespace here (unshare/mount not permitted)"
-        );
+    let Some(s) = setup("full_artifact_disk") else {
         return;
     };
-    let w = Work::new();
-    let (recipes, ids) = recipes(&w);
-    let reference = reference(&recipes);
-    let cache = w.cache();
-    let dist = w.dist();
-    std::fs::create_dir_all(&dist).unwrap();
+    let (prefix, w, ids, reference, out_dir, build) =
+        (s.prefix, s.w, s.ids, s.reference, s.out_dir, s.build);
+    let (cache, dist) = (w.cache(), w.dist());
     // Room for about one of the two artifacts: the second link runs out midway.
     let kib = reference.dist_bytes * 3 / 4 / 1024;
-    let out_dir = w.path().join("out");
     std::fs::create_dir_all(out_dir.join("after-failure")).unwrap();
     std::fs::create_dir_all(out_dir.join("final")).unwrap();
     let o = out_dir.display();
     let d = dist.display();
-    let build = build_command(&recipes, &cache, &dist);
     // The tmpfs vanishes with the namespace: copy what it holds out at each step.
     let script = format!(
         "{build} >'{o}/small.out' 2>'{o}/small.err'; echo $? >'{o}/small.rc'\n\
@@ -325,12 +345,7 @@ fn full_artifact_disk_is_an_environment_error_and_leaves_no_half_artifact() {
         "temporary files left in the cache"
     );
     // With room, the same dist root and cache give a clean build's artifacts.
-    assert_eq!(
-        read(&out_dir.join("big.rc")).trim(),
-        "0",
-        "{}",
-        read(&out_dir.join("big.err"))
-    );
+    assert_step_succeeded(&out_dir, "big");
     assert_only_whole_artifacts(&out_dir.join("final"));
     assert_identical(&out_dir.join("final"), &reference.work.dist(), &ids);
 }

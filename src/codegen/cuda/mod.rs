@@ -149,19 +149,10 @@ pub fn generate_plan(
     records: &BTreeMap<String, serde_json::Value>,
     arch: &str,
 ) -> Result<Vec<CudaKernel>> {
-    let specs = spec::specs_by_signature(plan)?;
-    let mut out = Vec::with_capacity(specs.len());
-    for (sig, spec) in &specs {
-        let rec = records.get(sig).ok_or_else(|| {
-            crate::error::user(format!(
-                "the tuning records have no entry for kernel {sig}; rebuild without the pinned tuning file or add the signature to it"
-            ))
-        })?;
-        let tuning = CudaTuning::from_record(rec)
-            .map_err(|e| crate::error::user(format!("tuning record for kernel {sig}: {e}")))?;
-        out.push(generate(sig, spec, tuning, arch)?);
-    }
-    Ok(out)
+    spec::specs_with_tuning(plan, records, CudaTuning::from_record)?
+        .into_iter()
+        .map(|(sig, spec, tuning)| generate(&sig, &spec, tuning, arch))
+        .collect()
 }
 
 /// Compile one generated kernel to PTX.

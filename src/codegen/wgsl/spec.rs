@@ -371,6 +371,29 @@ pub fn specs_by_signature(plan: &Plan) -> Result<BTreeMap<String, KernelSpec>> {
     Ok(out)
 }
 
+/// Every distinct kernel of a plan with its tuning configuration: `records` is the tune stage's
+/// signature → record map, `parse` reads one record (the kernel language's tuning type). A missing
+/// or unreadable record is a user error naming the signature (pinned tuning files are user input).
+pub fn specs_with_tuning<T>(
+    plan: &Plan,
+    records: &BTreeMap<String, serde_json::Value>,
+    parse: impl Fn(&serde_json::Value) -> std::result::Result<T, String>,
+) -> Result<Vec<(String, KernelSpec, T)>> {
+    let specs = specs_by_signature(plan)?;
+    let mut out = Vec::with_capacity(specs.len());
+    for (sig, spec) in specs {
+        let rec = records.get(&sig).ok_or_else(|| {
+            crate::error::user(format!(
+                "the tuning records have no entry for kernel {sig}; rebuild without the pinned tuning file or add the signature to it"
+            ))
+        })?;
+        let tuning = parse(rec)
+            .map_err(|e| crate::error::user(format!("tuning record for kernel {sig}: {e}")))?;
+        out.push((sig, spec, tuning));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
