@@ -424,16 +424,6 @@ fn webgpu_folded_grids_adapters_and_refusals() {
     );
 }
 
-fn smollm2_gguf() -> Option<PathBuf> {
-    let p = std::env::var_os("MLCB_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    p.is_file().then_some(p)
-}
-
 /// SmolLM2-135M through Vulkan: q4f32_1 answers " Paris" greedily; q4f16_1 rounded to nearest
 /// (which cannot, even on the CPU) gives the CPU's tokens. Ignored by default: on lavapipe each
 /// run takes ~30 s (≈20 s prefill, ≈0.3 tok/s decode on a loaded 2-core machine), ~90 s in all.
@@ -453,10 +443,7 @@ fn smollm2_on_wgpu_says_paris() {
         .map(|q| {
             w.recipe(
                 &format!("{q}.toml"),
-                &format!(
-                    "quantization = \"{q}\"\n[model]\nname = \"smollm2\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"vulkan\"\n",
-                    model.display()
-                ),
+                &gguf_recipe_text("smollm2", &model, q, "vulkan", ""),
             )
         })
         .collect();

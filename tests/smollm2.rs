@@ -9,19 +9,9 @@ use common::logits::{greedy_args, logits_args, read_logits, run_ids};
 use common::*;
 use std::path::PathBuf;
 
-fn gguf() -> Option<PathBuf> {
-    let p = std::env::var_os("MLCB_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    p.is_file().then_some(p)
-}
-
 #[test]
 fn smollm2_says_paris() {
-    let Some(model) = gguf() else {
+    let Some(model) = smollm2_gguf() else {
         eprintln!("skipped: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh (CI does)");
         return;
     };
@@ -32,10 +22,7 @@ fn smollm2_says_paris() {
         .map(|q| {
             w.recipe(
                 &format!("{q}.toml"),
-                &format!(
-                    "quantization = \"{q}\"\n[model]\nname = \"smollm2\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"cpu\"\n",
-                    model.display()
-                ),
+                &gguf_recipe_text("smollm2", &model, q, "cpu", ""),
             )
         })
         .collect();
@@ -45,9 +32,12 @@ fn smollm2_says_paris() {
     for target in ["cpu", "vulkan"] {
         recipes.push(w.recipe(
             &format!("gptq-{target}.toml"),
-            &format!(
-                "quantization = \"q4f16_1\"\n[model]\nname = \"smollm2-gptq\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"{target}\"\n[calibration]\nmethod = \"gptq\"\n",
-                model.display()
+            &gguf_recipe_text(
+                "smollm2-gptq",
+                &model,
+                "q4f16_1",
+                target,
+                "[calibration]\nmethod = \"gptq\"\n",
             ),
         ));
     }

@@ -120,6 +120,28 @@ pub fn recipe_text(name: &str, source: &Path, quant: &str, target: &str) -> Stri
     )
 }
 
+/// SmolLM2-135M-Instruct's Q4_1 GGUF (`scripts/fetch-smollm2.sh` puts it under dist/models;
+/// `MLCB_SMOLLM2_GGUF` overrides), if present.
+#[allow(dead_code)]
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = std::env::var_os("MLCB_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    p.is_file().then_some(p)
+}
+
+/// Recipe text of model `name` built from the GGUF at `gguf` (`extra`: more TOML after [target]).
+#[allow(dead_code)]
+pub fn gguf_recipe_text(name: &str, gguf: &Path, quant: &str, target: &str, extra: &str) -> String {
+    format!(
+        "quantization = \"{quant}\"\n[model]\nname = \"{name}\"\nsource = {{ gguf = \"{}\" }}\n[target]\npreset = \"{target}\"\n{extra}",
+        gguf.display()
+    )
+}
+
 /// Recipe text of the merged Vicuna fixture pair (base + delta weights).
 pub fn vicuna_recipe_text(quant: &str, target: &str) -> String {
     format!(
