@@ -26,14 +26,36 @@ const GPU_TARGETS: &[(&str, &str)] = &[
 
 fn check_library(lib: &ModelLibrary, preset: &str, language: &str) {
     let want: BTreeSet<String> = plan_signatures(&lib.header.plan);
-    let got: BTreeSet<String> = lib
-        .header
-        .kernels
-        .iter()
-        .map(|k| k.signature.clone())
-        .collect();
-    assert_eq!(got, want, "{preset}: one kernel per distinct signature");
-    assert_eq!(got.len(), lib.header.kernels.len(), "no duplicate kernels");
+    // MSL libraries list each kernel twice: the MSL, then the WGSL it came from (for wgpu).
+    let languages: &[&str] = if language == "msl" {
+        &["msl", "wgsl"]
+    } else {
+        std::slice::from_ref(&language)
+    };
+    for lang in languages {
+        let got: Vec<&String> = lib
+            .header
+            .kernels
+            .iter()
+            .filter(|k| k.language == *lang)
+            .map(|k| &k.signature)
+            .collect();
+        let unique: BTreeSet<String> = got.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            unique, want,
+            "{preset} {lang}: one kernel per distinct signature"
+        );
+        assert_eq!(
+            got.len(),
+            unique.len(),
+            "{preset} {lang}: no duplicate kernels"
+        );
+    }
+    assert_eq!(
+        lib.header.kernels.len(),
+        want.len() * languages.len(),
+        "{preset}: no kernel in another language"
+    );
     assert_eq!(lib.header.target.backend, "wgpu");
     // Every wgpu preset computes f16 schemes in f16 (f16 KV cache) and f32 schemes in f32.
     let f16 = lib.header.quantization.contains("f16");
@@ -53,7 +75,6 @@ fn check_library(lib: &ModelLibrary, preset: &str, language: &str) {
                 k.signature
             );
         }
-        assert_eq!(k.language, language, "{}", k.signature);
         let bytes = lib.kernel_bytes(k);
         assert!(!bytes.is_empty());
         let launch = &k.launch;
@@ -65,7 +86,7 @@ fn check_library(lib: &ModelLibrary, preset: &str, language: &str) {
         }
         assert_eq!(launch["workgroup_size"].as_array().unwrap().len(), 3);
         assert_eq!(launch["grid"].as_array().unwrap().len(), 3);
-        match language {
+        match k.language.as_str() {
             "spirv" => {
                 assert_eq!(
                     &bytes[..4],
@@ -100,6 +121,9 @@ fn check_library(lib: &ModelLibrary, preset: &str, language: &str) {
                 let mut caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
                 if uses_f16 {
                     caps |= naga::valid::Capabilities::SHADER_FLOAT16;
+                }
+                if launch["tuning"]["subgroups"].as_bool().unwrap_or(false) {
+                    caps |= naga::valid::Capabilities::SUBGROUP;
                 }
                 naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
                     .validate(&m)
@@ -196,10 +220,15 @@ fn codegen_is_keyed_by_target_and_stable_across_builds() {
     let dir = w.dist().join(id);
     let cpu = ModelLibrary::read(&dir.join(format!("{id}-cpu.mlcblib"))).unwrap();
     assert!(cpu.header.kernels.is_empty() && cpu.blobs.is_empty());
-    for (t, ext) in [("vulkan", "spv"), ("metal", "metal"), ("webgpu", "wgsl")] {
+    for t in ["vulkan", "metal", "webgpu"] {
         let lib = ModelLibrary::read(&dir.join(format!("{id}-{t}.mlcblib"))).unwrap();
         let kdir = dir.join("debug/kernels").join(t);
         for (n, k) in lib.header.kernels.iter().enumerate() {
+            let ext = match k.language.as_str() {
+                "spirv" => "spv",
+                "msl" => "metal",
+                _ => "wgsl",
+            };
             let op = k
                 .signature
                 .split(':')

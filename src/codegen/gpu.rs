@@ -1,7 +1,7 @@
 //! Kernels of the wgpu targets: generate WGSL per signature, validate it with naga (every
 //! validation flag), and cross-compile to the preset's kernel language: SPIR-V 1.3 (vulkan,
-//! android), MSL 2.1 with an explicit buffer map (metal, metal_x86_64, iphone) or WGSL as is
-//! (webgpu). Deterministic: the same plan and tuning give the same bytes.
+//! android), MSL 2.1 with an explicit buffer map plus the WGSL (metal, metal_x86_64, iphone) or
+//! WGSL as is (webgpu). Deterministic: the same plan and tuning give the same bytes.
 
 use super::wgsl::launch::MslLaunch;
 use super::wgsl::{generate_plan, WgslKernel};
@@ -217,7 +217,10 @@ pub fn tuning_records(tuning: &serde_json::Value) -> Result<BTreeMap<String, ser
 }
 
 /// Every kernel of a plan for a wgpu preset's language (in f16 where `f16`, see
-/// `wgsl::f16_kernels`): entries (offsets into the returned blob area) and the blob area.
+/// `wgsl::f16_kernels`): entries (offsets into the returned blob area) and the blob area. MSL
+/// libraries list each kernel twice, MSL then the WGSL it was compiled from: native Metal hosts
+/// take the MSL, the wgpu runtime the WGSL (wgpu compiles it for Metal itself, with the
+/// buffer-sizes binding naga's MSL needs, which wgpu's MSL passthrough would not provide).
 pub fn build_kernels(
     plan: &Plan,
     language: &str,
@@ -227,15 +230,22 @@ pub fn build_kernels(
     let kernels = generate_plan(plan, &tuning_records(tuning)?, f16)?;
     let mut entries = Vec::with_capacity(kernels.len());
     let mut blobs = Vec::new();
+    let languages: &[&str] = if language == "msl" {
+        &["msl", "wgsl"]
+    } else {
+        std::slice::from_ref(&language)
+    };
     for k in &kernels {
-        let mut c = compile(k, language)?;
-        c.entry.offset = blobs.len() as u64;
-        blobs.extend_from_slice(&c.blob);
-        // Keep blobs 4-byte aligned (SPIR-V words).
-        while blobs.len() % 4 != 0 {
-            blobs.push(0);
+        for lang in languages {
+            let mut c = compile(k, lang)?;
+            c.entry.offset = blobs.len() as u64;
+            blobs.extend_from_slice(&c.blob);
+            // Keep blobs 4-byte aligned (SPIR-V words).
+            while blobs.len() % 4 != 0 {
+                blobs.push(0);
+            }
+            entries.push(c.entry);
         }
-        entries.push(c.entry);
     }
     Ok((entries, blobs))
 }

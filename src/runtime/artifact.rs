@@ -366,8 +366,8 @@ fn shard_path(dir: &Path, cache_path: &Path, data_path: &str) -> Result<PathBuf>
 }
 
 /// The first library of `dir` (by file name) that `backend` can run: its target's backend, and for
-/// the GPU backends kernels in a language any adapter loads (SPIR-V or WGSL for wgpu; an MSL
-/// library needs Metal passthrough, so it is only used when the config names it).
+/// the GPU backends kernels in a language any adapter loads (for wgpu, SPIR-V or WGSL for every
+/// kernel; metal libraries carry WGSL beside their MSL, older MSL-only ones do not qualify).
 fn library_for_backend(dir: &Path, backend: &str) -> Result<Option<(PathBuf, ModelLibrary)>> {
     let runs = |lib: &ModelLibrary| {
         let kernels = &lib.header.kernels;
@@ -375,9 +375,7 @@ fn library_for_backend(dir: &Path, backend: &str) -> Result<Option<(PathBuf, Mod
             && match backend {
                 "wgpu" => {
                     !kernels.is_empty()
-                        && kernels
-                            .iter()
-                            .all(|k| k.language == "spirv" || k.language == "wgsl")
+                        && crate::runtime::gpu::kernels::wgpu_entries(kernels).is_ok()
                 }
                 "cuda" => !kernels.is_empty(),
                 _ => true,

@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 /// 65,535 workgroups (`Launch::folds_x_into_z`) and bind weight records above the tuning's
 /// `max_binding_bytes` in parts; the cuda target carries PTX. 4: WGSL reductions use subgroup
 /// operations where the preset says so (`Tuning::subgroups`). 5: libraries of f16 schemes for
-/// wgpu presets with `shader_f16` compute in f16 and keep an f16 KV cache (`codegen::wgsl`).
+/// wgpu presets with `shader_f16` compute in f16 and keep an f16 KV cache (`codegen::wgsl`); MSL
+/// libraries also carry each kernel's WGSL (what the wgpu runtime loads).
 pub const VERSION: u32 = 5;
 
 /// The context size a build uses: the recipe's, else the model's own.

@@ -46,7 +46,8 @@ pub struct KernelEntry {
     /// The kernel signature (op, dtypes, scheme, layout, static dims).
     pub signature: String,
     pub entry_point: String,
-    /// "wgsl", "spirv", "msl", "ptx", …
+    /// "wgsl", "spirv", "msl", "ptx", … (MSL libraries list each signature twice: "msl", then
+    /// the "wgsl" it was compiled from, which the wgpu runtime loads.)
     pub language: String,
     pub offset: u64,
     pub len: u64,

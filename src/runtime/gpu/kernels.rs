@@ -1,16 +1,17 @@
 //! Loading a library's kernels into compute pipelines.
 //!
 //! SPIR-V (vulkan, android targets) goes in through wgpu's SPIR-V front end (naga spv-in), so it
-//! runs on every wgpu backend; WGSL (webgpu) likewise. MSL (metal targets) is refused: it needs
-//! naga's array-sizes buffer, which wgpu's Metal passthrough does not bind, and it cannot run off
-//! Metal at all. Each pipeline gets an explicit layout from the launch JSON (storage read /
+//! runs on every wgpu backend; WGSL (webgpu) likewise. Libraries of the metal targets carry each
+//! kernel's WGSL beside its MSL, and the WGSL is what runs here (on Metal, wgpu compiles it to MSL
+//! with the array-sizes buffer naga's MSL needs, which wgpu's MSL passthrough would not bind). An
+//! MSL-only library (built before that) is refused with the way out. Each pipeline gets an explicit layout from the launch JSON (storage read /
 //! read_write per binding, the params uniform with a dynamic offset), so a kernel that declares a
 //! binding it never reads still binds what the runtime passes.
 
 use super::adapter::GpuContext;
 use crate::codegen::wgsl::launch::Launch;
 use crate::error::user;
-use crate::formats::model_lib::ModelLibrary;
+use crate::formats::model_lib::{KernelEntry, ModelLibrary};
 use anyhow::Result;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -37,9 +38,10 @@ pub fn unsupported_language(language: &str, backend: wgpu::Backend) -> Option<St
                 format!(" and which only Metal could run (the adapter is {backend:?})")
             };
             Some(format!(
-                "this library holds Metal Shading Language kernels (a metal/iphone target), which \
-                 mlcb's wgpu runtime cannot load{why}: build the model for target `webgpu` (WGSL) \
-                 or `vulkan` (SPIR-V) — wgpu runs both on Metal, Vulkan and DX12 — or run with \
+                "this library holds only Metal Shading Language kernels (a metal/iphone library \
+                 built by an older mlcb), which mlcb's wgpu runtime cannot load{why}: rebuild it \
+                 with this mlcb (metal libraries now carry each kernel's WGSL too, which wgpu runs \
+                 on Metal, Vulkan and DX12), build for `webgpu` or `vulkan`, or run with \
                  `--device cpu`"
             ))
         }
@@ -136,14 +138,36 @@ pub fn kv_cache_elem_bytes(kernels: &HashMap<String, Kernel>) -> Result<usize> {
     }
 }
 
+/// The entry of each kernel signature that wgpu loads: its SPIR-V or WGSL one (an MSL library's
+/// WGSL twin), in library order. `Err`: the language of a signature that has neither.
+pub fn wgpu_entries(kernels: &[KernelEntry]) -> std::result::Result<Vec<&KernelEntry>, String> {
+    let loadable = |k: &KernelEntry| matches!(k.language.as_str(), "spirv" | "wgsl");
+    let mut chosen: Vec<&KernelEntry> = Vec::new();
+    for k in kernels.iter().filter(|k| loadable(k)) {
+        if !chosen.iter().any(|c| c.signature == k.signature) {
+            chosen.push(k);
+        }
+    }
+    match kernels
+        .iter()
+        .find(|k| !chosen.iter().any(|c| c.signature == k.signature))
+    {
+        Some(missing) => Err(missing.language.clone()),
+        None => Ok(chosen),
+    }
+}
+
 /// Every kernel of the library as a pipeline, by phase-prefixed signature.
 pub fn load(ctx: &GpuContext, lib: &ModelLibrary) -> Result<HashMap<String, Kernel>> {
     let device = &ctx.device;
     let mut out = HashMap::new();
-    for entry in &lib.header.kernels {
-        if let Some(why) = unsupported_language(&entry.language, ctx.info.backend) {
-            return Err(user(why));
-        }
+    let entries = wgpu_entries(&lib.header.kernels).map_err(|language| {
+        user(
+            unsupported_language(&language, ctx.info.backend)
+                .unwrap_or_else(|| format!("kernels in {language} cannot load")),
+        )
+    })?;
+    for entry in entries {
         let launch: Launch = serde_json::from_value(entry.launch.clone()).map_err(|e| {
             user(format!(
                 "kernel {}: unreadable launch description ({e}); rebuild the model library with this mlcb",
@@ -244,6 +268,36 @@ mod tests {
         let on = unsupported_language("msl", wgpu::Backend::Metal).unwrap();
         assert!(on.contains("passthrough"), "{on}");
         assert!(unsupported_language("ptx", wgpu::Backend::Vulkan).is_some());
+    }
+
+    #[test]
+    fn wgpu_takes_an_msl_librarys_wgsl_twins() {
+        let entry = |sig: &str, language: &str| KernelEntry {
+            signature: sig.into(),
+            entry_point: "main".into(),
+            language: language.into(),
+            offset: 0,
+            len: 0,
+            launch: serde_json::Value::Null,
+        };
+        let twins = [
+            entry("a", "msl"),
+            entry("a", "wgsl"),
+            entry("b", "msl"),
+            entry("b", "wgsl"),
+        ];
+        let chosen: Vec<(&str, &str)> = wgpu_entries(&twins)
+            .unwrap()
+            .iter()
+            .map(|k| (k.signature.as_str(), k.language.as_str()))
+            .collect();
+        assert_eq!(chosen, [("a", "wgsl"), ("b", "wgsl")]);
+        assert_eq!(wgpu_entries(&[entry("a", "spirv")]).unwrap().len(), 1);
+        assert_eq!(
+            wgpu_entries(&[entry("a", "wgsl"), entry("b", "msl")]).unwrap_err(),
+            "msl"
+        );
+        assert_eq!(wgpu_entries(&[entry("a", "ptx")]).unwrap_err(), "ptx");
     }
 
     #[test]

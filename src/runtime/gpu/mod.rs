@@ -1,5 +1,6 @@
 //! The wgpu backend: runs a GPU-target library's kernels (SPIR-V for vulkan/android, WGSL for
-//! webgpu) on whatever wgpu finds — Vulkan (lavapipe on a machine without a GPU), Metal, DX12.
+//! webgpu and, beside their MSL, for the metal targets) on whatever wgpu finds — Vulkan (lavapipe
+//! on a machine without a GPU), Metal, DX12.
 //!
 //! [`adapter`] chooses and opens the device, [`kernels`] turns the library's kernels into compute
 //! pipelines, [`bind`] maps each kernel binding onto the op it runs for, and [`GpuSession`] holds
