@@ -29,6 +29,14 @@ use serde::{Deserialize, Serialize};
 /// What the four u32 of `meta` hold, in order.
 pub const META_FIELDS: [&str; 4] = ["t", "pos", "rows", "row0"];
 
+/// The device `meta` buffer of one forward call over `t` tokens at position `pos` computing
+/// `rows` logits rows: two [`META_FIELDS`] quadruples, the first for every kernel (`rows` = T, `row0`
+/// = 0), the second, at byte 16, for the logits kernels (the last `rows` positions).
+pub fn call_meta(t: usize, pos: usize, rows: usize) -> [u32; 8] {
+    let (t, pos, rows) = (t as u32, pos as u32, rows as u32);
+    [t, pos, t, 0, t, pos, rows, t - rows]
+}
+
 /// Threads of the tensor-core GEMM block (four warps in a 2×2 arrangement); fixed by the kernel.
 pub const GEMM_THREADS: u32 = 128;
 

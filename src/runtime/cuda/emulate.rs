@@ -314,16 +314,7 @@ impl<'k> EmuSession<'k> {
             .map(|d| Mem::zeroed(t * d.cols * 4))
             .collect();
         let mut toks = Mem::from_bytes(bytemuck::cast_slice(tokens));
-        let meta: [u32; 8] = [
-            t as u32,
-            self.pos as u32,
-            t as u32,
-            0,
-            t as u32,
-            self.pos as u32,
-            rows as u32,
-            (t - rows) as u32,
-        ];
+        let meta = crate::codegen::cuda::launch::call_meta(t, self.pos, rows);
         let mut meta = Mem::from_bytes(bytemuck::cast_slice(&meta));
         let steps = if t > 1 { &self.prefill } else { &self.decode };
         for step in steps {

@@ -337,16 +337,7 @@ impl CudaSession<'_> {
             .map_err(|e| env(format!("CUDA context: {e:?}")))?;
         self.ensure_rows(t)?;
         let rows = if all_logits { t } else { 1 };
-        let meta: [u32; 8] = [
-            t as u32,
-            self.pos as u32,
-            t as u32,
-            0,
-            t as u32,
-            self.pos as u32,
-            rows as u32,
-            (t - rows) as u32,
-        ];
+        let meta = crate::codegen::cuda::launch::call_meta(t, self.pos, rows);
         // SAFETY: `tokens` holds max_seq_len ≥ t ids and `meta` 8 u32; pageable sources are
         // staged by the driver before the calls return, and the copies are ordered on the stream
         // after the previous call's kernels.
