@@ -324,3 +324,16 @@ fn compiled_bytes_are_deterministic() {
         );
     }
 }
+
+/// A dispatch above the per-dimension limit folds x into z when the kernel allows it, and says
+/// what it needed when it cannot fit.
+#[test]
+fn dispatch_folds_or_reports_the_grid() {
+    let k = generate("m", &q4_decode_matmul_with_bias(), tunings()[0], false).unwrap();
+    let mut launch = k.launch;
+    assert_eq!(launch.dispatch(1, 1, 65_535), Ok([64, 1, 1]));
+    assert_eq!(launch.dispatch(1, 1, 48), Ok([32, 1, 2]));
+    assert_eq!(launch.dispatch(1, 1, 7), Err([64, 1, 1]));
+    launch.folds_x_into_z = false;
+    assert_eq!(launch.dispatch(1, 1, 48), Err([64, 1, 1]));
+}

@@ -241,6 +241,22 @@ pub struct Launch {
     pub tuning: Tuning,
 }
 
+impl Launch {
+    /// The dispatch of a call with `t` tokens computing `rows` rows under a per-dimension limit
+    /// `max`: the grid as is, or folded ([`fold_grid`]) when x exceeds it and the kernel allows.
+    /// `Err`: the workgroups `[x, y, z]` it needs, which do not fit.
+    pub fn dispatch(&self, t: u64, rows: u64, max: u64) -> Result<[u32; 3], [u64; 3]> {
+        let [x, y, z] = [0, 1, 2].map(|i| self.grid[i].workgroups(t, rows));
+        if x <= max && y <= max && z <= max {
+            return Ok([x as u32, y as u32, z as u32]);
+        }
+        (z == 1 && self.folds_x_into_z)
+            .then(|| fold_grid(x, y, max))
+            .flatten()
+            .ok_or([x, y, z])
+    }
+}
+
 /// The dispatch `[x, y, z]` for logical workgroups `[x, y]` under a per-dimension limit `max`:
 /// `[x, y, 1]` when `x ≤ max`, else `x` folded into `z` (`nx · nz ≥ x`, the surplus workgroups
 /// are bounds-checked by the kernel). `None` when even folding cannot fit (`y > max` or

@@ -12,7 +12,6 @@ use super::adapter::GpuContext;
 use super::bind::{self, Params, Resource, StatePart};
 use super::kernels::{self, Kernel, PARAMS_BYTES};
 use crate::codegen::signature::op_signature;
-use crate::codegen::wgsl::launch::fold_grid;
 use crate::error::user;
 use crate::formats::model_lib::plan::{Op, Plan, StateDecl};
 use crate::formats::model_lib::ModelLibrary;
@@ -388,33 +387,22 @@ impl GpuSession {
 
     /// Workgroups of one dispatch, folded under the device's per-dimension limit.
     fn grid(&self, k: &Kernel, t: usize, rows: usize) -> Result<[u32; 3]> {
-        let g = &k.launch.grid;
-        let (t, rows) = (t as u64, rows as u64);
-        let (x, y, z) = (
-            g[0].workgroups(t, rows),
-            g[1].workgroups(t, rows),
-            g[2].workgroups(t, rows),
-        );
         let max = self.ctx.limits.max_compute_workgroups_per_dimension as u64;
-        if x <= max && y <= max && z <= max {
-            return Ok([x as u32, y as u32, z as u32]);
-        }
-        let folded = (z == 1 && k.launch.folds_x_into_z)
-            .then(|| fold_grid(x, y, max))
-            .flatten();
-        folded.ok_or_else(|| {
-            user(format!(
-                "kernel {} needs {x}×{y}×{z} workgroups, beyond {} per dimension on {}{}",
-                k.signature,
-                max,
-                self.ctx.description(),
-                if k.launch.folds_x_into_z {
-                    ""
-                } else {
-                    "; rebuild the model library with this mlcb (its kernels fold big grids)"
-                }
-            ))
-        })
+        k.launch
+            .dispatch(t as u64, rows as u64, max)
+            .map_err(|[x, y, z]| {
+                user(format!(
+                    "kernel {} needs {x}×{y}×{z} workgroups, beyond {} per dimension on {}{}",
+                    k.signature,
+                    max,
+                    self.ctx.description(),
+                    if k.launch.folds_x_into_z {
+                        ""
+                    } else {
+                        "; rebuild the model library with this mlcb (its kernels fold big grids)"
+                    }
+                ))
+            })
     }
 
     /// Processes `tokens` at positions `pos..pos+T`; returns `[rows, vocab]` logits (every row when

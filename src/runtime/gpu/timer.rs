@@ -10,7 +10,7 @@ use super::adapter::{self, GpuContext};
 use super::bind::Params;
 use super::kernels::{layout_entries, PARAMS_BYTES};
 use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
-use crate::codegen::wgsl::launch::{fold_grid, Binding};
+use crate::codegen::wgsl::launch::Binding;
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::codegen::wgsl::WgslKernel;
 use anyhow::Result;
@@ -53,22 +53,10 @@ fn binding_bytes(spec: &KernelSpec, b: &Binding) -> u64 {
 
 impl WgpuTimer {
     fn grid(&self, kernel: &WgslKernel, t: u64) -> Result<[u32; 3]> {
-        let g = &kernel.launch.grid;
-        let (x, y, z) = (
-            g[0].workgroups(t, t),
-            g[1].workgroups(t, t),
-            g[2].workgroups(t, t),
-        );
         let max = self.ctx.limits.max_compute_workgroups_per_dimension as u64;
-        if x <= max && y <= max && z <= max {
-            return Ok([x as u32, y as u32, z as u32]);
-        }
-        (z == 1 && kernel.launch.folds_x_into_z)
-            .then(|| fold_grid(x, y, max))
-            .flatten()
-            .ok_or_else(|| {
-                anyhow::anyhow!("kernel {} needs {x}×{y}×{z} workgroups", kernel.signature)
-            })
+        kernel.launch.dispatch(t, t, max).map_err(|[x, y, z]| {
+            anyhow::anyhow!("kernel {} needs {x}×{y}×{z} workgroups", kernel.signature)
+        })
     }
 }
 
