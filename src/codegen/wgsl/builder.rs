@@ -49,7 +49,7 @@ pub struct KernelBuilder {
     pub entry_point: String,
     pub tuning: Tuning,
     /// The library computes in f16 where a kernel can ([`KernelBuilder::use_f16`]).
-    pub f16: bool,
+    f16: bool,
     /// The kernel declares `enable f16;` (it used f16 types).
     uses_f16: bool,
     consts: String,
