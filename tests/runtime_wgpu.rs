@@ -251,7 +251,8 @@ fn kv_elems(lib: &Path) -> Vec<String> {
 /// `shader_f16 = false` (for devices without shader-f16) turns an f16 scheme's vulkan library
 /// back into f32 kernels with an f32 KV cache: `mlcb explain` names the change, only the kernel
 /// stages rerun, and the logits are again within the f32 bound of the CPU's, where the f16
-/// library's are measurably not identical to them.
+/// library's are measurably not identical to them. On a device without shader-f16 (simulated with
+/// `MLCB_WGPU_NO_SHADER_F16=1`) the f32 library runs and the f16 one is refused with the way out.
 #[test]
 fn shader_f16_off_gives_f32_kernels() {
     let w = Work::new();
@@ -278,6 +279,27 @@ fn shader_f16_off_gives_f32_kernels() {
     assert_eq!(kv_elems(&lib), ["f32"]);
     let f32 = logits(&w, &dist, &ids, "wgpu");
     let f32_err = max_rel_err(&f32, &cpu, 512);
+    // The f32 library also runs on a device without shader-f16 (simulated here)…
+    let no_f16 = |dist: &Path| {
+        let (mut args, _) = logits_args(w.path(), dist, &ids, "wgpu");
+        args.extend(["--device".to_string(), "wgpu".to_string()]);
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"));
+        c.args(&args)
+            .env("MLCB_CACHE_DIR", w.cache())
+            .env("XDG_RUNTIME_DIR", w.path())
+            .env("MLCB_WGPU_NO_SHADER_F16", "1");
+        c.output().unwrap()
+    };
+    assert_success(&no_f16(&dist));
+    // …where the f16 library is refused with the way out.
+    w.build_json(&[&on], &[]);
+    let out = no_f16(&dist);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("computes in f16") && stderr(&out).contains("--shader-f16 off"),
+        "{}",
+        stderr(&out)
+    );
     eprintln!(
         "tiny-llama q4f16_1 wgpu vs cpu: f16 kernels {f16_err:.2e}, f32 kernels {f32_err:.2e}"
     );

@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 /// (never above the device's), so tests can exercise grid folding on tiny models.
 pub const MAX_WORKGROUPS_ENV: &str = "MLCB_WGPU_MAX_WORKGROUPS";
 
+/// Environment variable (`1`) opening the device without shader-f16 even where the adapter has
+/// it, so tests can exercise the refusal of f16 libraries and the f32 fallback on one machine.
+pub const NO_SHADER_F16_ENV: &str = "MLCB_WGPU_NO_SHADER_F16";
+
 /// An open device with what the runtime needs to know about it.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -164,7 +168,11 @@ pub fn open(preferred: Option<wgpu::Backend>, wanted: Option<&str>) -> Result<Gp
     }
     // Subgroup operations and f16 whenever the adapter has them: libraries of presets with
     // subgroup reductions or f16 kernels need them, the others ignore them.
-    let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
+    let mut wanted_features = wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
+    if std::env::var(NO_SHADER_F16_ENV).is_ok_and(|v| v == "1") {
+        wanted_features.remove(wgpu::Features::SHADER_F16);
+    }
+    let features = adapter.features() & wanted_features;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("mlcb"),
         required_features: features,
