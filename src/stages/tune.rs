@@ -143,12 +143,13 @@ fn fastest<T: Serialize + std::fmt::Debug>(
     })
 }
 
-/// Records from the device's database, measuring what it lacks when `mode` is `On`. `None` when
-/// no local device matches the target.
+/// Records from the device's database, measuring what it lacks when `mode` is `On` (kernels in
+/// f16 where `f16`). `None` when no local device matches the target.
 fn device_records(
     ctx: &BuildContext,
     plan: &Plan,
     target: &TargetSpec,
+    f16: bool,
     signatures: &[String],
 ) -> Result<Option<(String, BTreeMap<String, TunedRecord>)>> {
     if ctx.tune_mode == TuneMode::Off || !matches!(target.preset.backend, "wgpu" | "cuda") {
@@ -165,7 +166,6 @@ fn device_records(
     };
     let device = timer.device_id();
     let db = TuningDb::open(&ctx.cache.root, &device);
-    let f16 = crate::codegen::wgsl::f16_kernels(plan, target.shader_f16);
     let key = |sig: &str| db_key(target, f16, sig);
     let mut stored = db.load()?;
     let missing: Vec<&String> = signatures
@@ -252,17 +252,15 @@ pub fn run(
         }
         None => None,
     };
+    let f16 = crate::codegen::wgsl::f16_kernels(plan, target.shader_f16);
     let measured = match pinned {
         Some(_) => None,
-        None => device_records(ctx, plan, target, &signatures)?,
+        None => device_records(ctx, plan, target, f16, &signatures)?,
     };
     let mut inputs = KeyInputs::new("tune", VERSION)
         .with("signatures", &sig_digest)
         .with("target", target.preset.name)
-        .with(
-            "f16_kernels",
-            crate::codegen::wgsl::f16_kernels(plan, target.shader_f16),
-        )
+        .with("f16_kernels", f16)
         .with(
             "tuning_file",
             pinned.as_ref().map(|(d, _)| d.as_str()).unwrap_or("-"),
