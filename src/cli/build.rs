@@ -181,12 +181,8 @@ pub fn recipes_from(args: &BuildArgs) -> Result<Vec<Recipe>> {
 fn shader_f16_flag(args: &BuildArgs, target: &TargetSpec, origin: &str) -> Result<bool> {
     match args.shader_f16.as_deref() {
         None => Ok(target.shader_f16),
-        Some(_) if target.preset.backend != "wgpu" => crate::user_bail!(
-            "--shader-f16 applies to the wgpu targets (vulkan, metal, metal_x86_64, webgpu, \
-             iphone, android); {origin} targets {}",
-            target.preset.name
-        ),
-        Some(v) => Ok(v == "on"),
+        Some(v) => recipe::targets::shader_f16_for(target.preset, Some(v == "on"))
+            .map_err(|m| crate::error::user(format!("--shader-f16 for {origin}: {m}"))),
     }
 }
 

@@ -376,19 +376,9 @@ fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
             ));
         }
     }
-    let shader_f16 = match t.get("shader_f16") {
-        None => preset.shader_f16,
-        Some(toml::Value::Boolean(on)) if preset.backend == "wgpu" => *on,
-        Some(toml::Value::Boolean(_)) => {
-            return Err(err(
-                v.span(),
-                format!(
-                    "shader_f16 applies to the wgpu targets (vulkan, metal, metal_x86_64, webgpu, \
-                     iphone, android), not {}",
-                    preset.name
-                ),
-            ))
-        }
+    let asked = match t.get("shader_f16") {
+        None => None,
+        Some(toml::Value::Boolean(on)) => Some(*on),
         Some(_) => {
             return Err(err(
                 v.span(),
@@ -396,6 +386,7 @@ fn parse_target(v: &Spanned<toml::Value>, base: &Path, err: &SpanErr) -> Result<
             ))
         }
     };
+    let shader_f16 = targets::shader_f16_for(preset, asked).map_err(|m| err(v.span(), m))?;
     Ok(TargetSpec {
         preset,
         cuda_arch,

@@ -15,8 +15,8 @@ pub struct TargetPreset {
     pub kernel_language: &'static str,
     /// MLC's library kind, kept in the library file name: `<model>-<quant>-<kind>.mlcblib`.
     pub kind: &'static str,
-    /// wgpu presets: libraries of f16 schemes compute in f16 (f16 KV cache, f16 products; see
-    /// `codegen::wgsl`), which needs wgpu's `SHADER_F16` on the device (Vulkan `shaderFloat16` +
+    /// wgpu presets: libraries of f16 schemes compute in f16 (f16 KV cache, f16 prefill tiles;
+    /// see `codegen::wgsl`), which needs wgpu's `SHADER_F16` on the device (Vulkan `shaderFloat16` +
     /// 16-bit storage, any Metal GPU, WebGPU's optional `shader-f16`, as WebLLM's q4f16 models
     /// need it too). A recipe may turn it off (`[target] shader_f16 = false`, `--shader-f16 off`)
     /// for devices without it. CPU and CUDA ignore it.
@@ -115,4 +115,25 @@ pub fn target(name: &str) -> Option<&'static TargetPreset> {
 
 pub fn target_names() -> Vec<&'static str> {
     TARGETS.iter().map(|t| t.name).collect()
+}
+
+/// `shader_f16` as a recipe or flag asks for it (`None`: the preset's own); only the wgpu presets
+/// take it. `Err` says which targets do.
+pub fn shader_f16_for(preset: &TargetPreset, asked: Option<bool>) -> Result<bool, String> {
+    match asked {
+        None => Ok(preset.shader_f16),
+        Some(on) if preset.backend == "wgpu" => Ok(on),
+        Some(_) => {
+            let wgpu: Vec<&str> = TARGETS
+                .iter()
+                .filter(|t| t.backend == "wgpu")
+                .map(|t| t.name)
+                .collect();
+            Err(format!(
+                "shader_f16 applies to the wgpu targets ({}), not {}",
+                wgpu.join(", "),
+                preset.name
+            ))
+        }
+    }
 }
