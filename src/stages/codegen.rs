@@ -70,8 +70,8 @@ pub fn run(
         .cuda_arch
         .as_deref()
         .or(req.target.preset.default_cuda_arch);
-    let f16 = req.target.preset.backend == "wgpu"
-        && crate::codegen::wgsl::f16_kernels(req.plan, req.target.shader_f16);
+    // False off the wgpu targets: their TargetSpec never has shader_f16 (recipe::targets).
+    let f16 = crate::codegen::wgsl::f16_kernels(req.plan, req.target.shader_f16);
     let inputs = KeyInputs::new("codegen", VERSION)
         .with("plan", blake3::hash(&plan_json).to_hex())
         .with("model_name", req.model_name)

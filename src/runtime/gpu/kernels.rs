@@ -4,9 +4,10 @@
 //! runs on every wgpu backend; WGSL (webgpu) likewise. Libraries of the metal targets carry each
 //! kernel's WGSL beside its MSL, and the WGSL is what runs here (on Metal, wgpu compiles it to MSL
 //! with the array-sizes buffer naga's MSL needs, which wgpu's MSL passthrough would not bind). An
-//! MSL-only library (built before that) is refused with the way out. Each pipeline gets an explicit layout from the launch JSON (storage read /
-//! read_write per binding, the params uniform with a dynamic offset), so a kernel that declares a
-//! binding it never reads still binds what the runtime passes.
+//! MSL-only library (built before that) is refused with the way out. Each pipeline gets an
+//! explicit layout from the launch JSON (storage read / read_write per binding, the params uniform
+//! with a dynamic offset), so a kernel that declares a binding it never reads still binds what the
+//! runtime passes.
 
 use super::adapter::GpuContext;
 use crate::codegen::wgsl::launch::Launch;
