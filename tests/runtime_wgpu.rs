@@ -46,17 +46,6 @@ const CPU_DECODE_APPROXIMATES: &[&str] = &["q4f16_1", "q8f16_1"];
 /// Tokens generated per greedy run.
 const GREEDY_TOKENS: usize = 12;
 
-fn mlcb_env(w: &Work, args: &[&str]) -> Output {
-    // lavapipe complains on stderr without an XDG_RUNTIME_DIR; any private folder will do.
-    let xdg = w.path().join("xdg");
-    std::fs::create_dir_all(&xdg).unwrap();
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"));
-    c.args(args)
-        .env("MLCB_CACHE_DIR", w.cache())
-        .env("XDG_RUNTIME_DIR", &xdg);
-    c.output().expect("run mlcb")
-}
-
 /// False (after saying so) when the machine has no wgpu adapter: the command failed with the
 /// environment error that names lavapipe.
 fn has_adapter(out: &Output, test: &str) -> bool {
@@ -76,7 +65,7 @@ fn logits_cmd(w: &Work, dist: &Path, ids: &[u32], device: &str) -> (Output, Path
     let (mut args, out_file) = logits_args(w.path(), dist, ids, device);
     args.extend(["--device".to_string(), device.to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    (mlcb_env(w, &args), out_file)
+    (w.mlcb(&args), out_file)
 }
 
 /// The wgpu logits and the command's output, or `None` (after saying so) without an adapter.
@@ -101,7 +90,7 @@ fn greedy(w: &Work, dist: &Path, prompt: &str, n: usize, device: &str) -> (Vec<u
     let mut args = greedy_args(dist, prompt, n);
     args.extend(["--device".to_string(), device.to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = mlcb_env(w, &args);
+    let out = w.mlcb(&args);
     assert_success(&out);
     run_ids(&out.stdout)
 }
@@ -283,12 +272,8 @@ fn shader_f16_off_gives_f32_kernels() {
     let no_f16 = |dist: &Path| {
         let (mut args, _) = logits_args(w.path(), dist, &ids, "wgpu");
         args.extend(["--device".to_string(), "wgpu".to_string()]);
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"));
-        c.args(&args)
-            .env("MLCB_CACHE_DIR", w.cache())
-            .env("XDG_RUNTIME_DIR", w.path())
-            .env("MLCB_WGPU_NO_SHADER_F16", "1");
-        c.output().unwrap()
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        w.mlcb_with_env(&args, &[("MLCB_WGPU_NO_SHADER_F16", "1")])
     };
     assert_success(&no_f16(&dist));
     // …where the f16 library is refused with the way out.
@@ -349,10 +334,9 @@ fn webgpu_folded_grids_adapters_and_refusals() {
 
     // A limit of 48 workgroups per dimension folds the prefill logits (64 tiles) and MLP (176 tiles) grids.
     let folded_file = w.path().join("folded.safetensors");
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"));
     let ids_arg = ids.map(|i| i.to_string()).join(",");
-    let out = c
-        .args([
+    let out = w.mlcb_with_env(
+        &[
             "logits",
             dist.to_str().unwrap(),
             "--input-ids",
@@ -361,11 +345,9 @@ fn webgpu_folded_grids_adapters_and_refusals() {
             folded_file.to_str().unwrap(),
             "--device",
             "wgpu",
-        ])
-        .env("MLCB_WGPU_MAX_WORKGROUPS", "48")
-        .env("XDG_RUNTIME_DIR", w.path())
-        .output()
-        .unwrap();
+        ],
+        &[("MLCB_WGPU_MAX_WORKGROUPS", "48")],
+    );
     assert_success(&out);
     let folded = read_logits(&folded_file);
     assert!(
@@ -385,38 +367,32 @@ fn webgpu_folded_grids_adapters_and_refusals() {
         .to_string();
     let (out, _) = {
         let out_file = w.path().join("named.safetensors");
-        let out = mlcb_env(
-            &w,
-            &[
-                "logits",
-                dist.to_str().unwrap(),
-                "--input-ids",
-                "1,2",
-                "--out",
-                out_file.to_str().unwrap(),
-                "--device",
-                "wgpu",
-                "--adapter",
-                &name.to_uppercase(),
-            ],
-        );
+        let out = w.mlcb(&[
+            "logits",
+            dist.to_str().unwrap(),
+            "--input-ids",
+            "1,2",
+            "--out",
+            out_file.to_str().unwrap(),
+            "--device",
+            "wgpu",
+            "--adapter",
+            &name.to_uppercase(),
+        ]);
         (out, out_file)
     };
     assert_success(&out);
     assert!(stderr(&out).contains(&format!("mlcb: wgpu adapter: {name}")));
-    let out = mlcb_env(
-        &w,
-        &[
-            "run",
-            dist.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--device",
-            "wgpu",
-            "--adapter",
-            "no-such-gpu-anywhere",
-        ],
-    );
+    let out = w.mlcb(&[
+        "run",
+        dist.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--device",
+        "wgpu",
+        "--adapter",
+        "no-such-gpu-anywhere",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("matches none of the wgpu adapters"));
 
@@ -491,7 +467,7 @@ fn smollm2_on_wgpu_says_paris() {
             let mut args = greedy_args(&dist, prompt, 4);
             args.extend(["--device".to_string(), device.to_string()]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = mlcb_env(&w, &args);
+            let out = w.mlcb(&args);
             if !out.status.success() && !has_adapter(&out, "smollm2_on_wgpu_says_paris") {
                 return None;
             }

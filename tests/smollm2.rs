@@ -85,15 +85,9 @@ fn smollm2_says_paris() {
     }
     // The same artifact through the wgpu runtime (lavapipe here): the same tokens as the CPU.
     let gptq = &dists[5].1;
-    let xdg = w.path().join("xdg");
-    std::fs::create_dir_all(&xdg).unwrap();
     let mut args = greedy_args(gptq, "The capital of France is", 4);
     args.extend(["--device".to_string(), "wgpu".to_string()]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"))
-        .args(&args)
-        .env("XDG_RUNTIME_DIR", &xdg)
-        .output()
-        .unwrap();
+    let out = w.mlcb(&args.iter().map(String::as_str).collect::<Vec<_>>());
     if out.status.code() == Some(3) && stderr(&out).contains("no wgpu adapter found") {
         eprintln!(
             "SKIPPED the Vulkan run: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)"

@@ -9,19 +9,16 @@ use std::path::Path;
 use std::process::Output;
 
 fn build(w: &Work, recipe: &Path, dist: &str, tune: &str) -> Output {
-    let xdg = w.path().join("xdg");
-    std::fs::create_dir_all(&xdg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mlcb"))
-        .args(["build", recipe.to_str().unwrap(), "--tune", tune])
-        .arg("--cache-dir")
-        .arg(w.cache())
-        .arg("--artifact-path")
-        .arg(w.path().join(dist))
-        .env("XDG_RUNTIME_DIR", &xdg)
-        .env_remove("MLCB_REMOTE_CACHE")
-        .env_remove("MLCB_CONFIG")
-        .output()
-        .unwrap();
+    let out = w.mlcb(&[
+        "build",
+        recipe.to_str().unwrap(),
+        "--tune",
+        tune,
+        "--cache-dir",
+        w.cache().to_str().unwrap(),
+        "--artifact-path",
+        w.path().join(dist).to_str().unwrap(),
+    ]);
     assert_success(&out);
     out
 }

@@ -55,10 +55,19 @@ impl Work {
     }
     /// `mlcb ARGS` with this workspace's cache and dist (dist via --artifact-path where the command takes it).
     pub fn mlcb(&self, args: &[&str]) -> Output {
+        self.mlcb_with_env(args, &[])
+    }
+    /// `mlcb ARGS` with extra environment variables (the runtime's test knobs).
+    pub fn mlcb_with_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
+        // lavapipe complains on stderr without an XDG_RUNTIME_DIR; any private folder will do.
+        let xdg = self.path().join("xdg");
+        std::fs::create_dir_all(&xdg).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_mlcb"));
         c.args(args)
             .current_dir(self.path())
             .env("MLCB_CACHE_DIR", self.cache())
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .envs(vars.iter().copied())
             .env_remove("RUST_LOG")
             // No remote cache from the test runner's environment.
             .env_remove("MLCB_REMOTE_CACHE")
