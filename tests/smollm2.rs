@@ -52,23 +52,8 @@ fn smollm2_says_paris() {
         )])
         .collect();
     for (q, dist) in &dists {
-        let out = w.mlcb(&[
-            "run",
-            dist.to_str().unwrap(),
-            "--prompt",
-            "The capital of France is",
-            "--greedy",
-            "--max-tokens",
-            "4",
-            "--json",
-        ]);
-        assert_success(&out);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let text = v["text"].as_str().unwrap();
-        eprintln!(
-            "{q}: {text:?} ({:.1} tok/s decode)",
-            v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0)
-        );
+        let out = greedy_paris(&w, dist, None);
+        let text = reported_text(&out, q);
         if q == "q4f16_1" {
             // Requantizing Q4_1 weights to the symmetric int4 grid by rounding to nearest costs
             // ~7.8% relative weight error with mse scales (q4f32_1, asymmetric like Q4_1, costs
@@ -85,25 +70,15 @@ fn smollm2_says_paris() {
     }
     // The same artifact through the wgpu runtime (lavapipe here): the same tokens as the CPU.
     let gptq = &dists[5].1;
-    let mut args = greedy_args(gptq, "The capital of France is", 4);
-    args.extend(["--device".to_string(), "wgpu".to_string()]);
-    let out = w.mlcb(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = greedy_paris(&w, gptq, Some("wgpu"));
     if out.status.code() == Some(3) && stderr(&out).contains("no wgpu adapter found") {
         eprintln!(
             "SKIPPED the Vulkan run: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)"
         );
     } else {
-        assert_success(&out);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let text = v["text"].as_str().unwrap();
-        eprintln!(
-            "q4f16_1 + GPTQ through Vulkan: {text:?} ({:.2} tok/s decode)",
-            v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0)
-        );
+        let text = reported_text(&out, "q4f16_1 + GPTQ through Vulkan");
         assert!(text.starts_with(" Paris"), "through Vulkan: {text:?}");
-        let args = greedy_args(gptq, "The capital of France is", 4);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let cpu = w.mlcb(&args);
+        let cpu = greedy_paris(&w, gptq, None);
         assert_success(&cpu);
         assert_eq!(
             run_ids(&out.stdout),
@@ -171,6 +146,27 @@ fn smollm2_says_paris() {
 }
 
 /// Mean over positions of KL(p ‖ q) for logits `[rows, vocab]`.
+/// `mlcb run --greedy --json` of "The capital of France is" for 4 tokens (on `device`, if given).
+fn greedy_paris(w: &Work, dist: &std::path::Path, device: Option<&str>) -> std::process::Output {
+    let mut args = greedy_args(dist, "The capital of France is", 4);
+    if let Some(d) = device {
+        args.extend(["--device".to_string(), d.to_string()]);
+    }
+    w.mlcb(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The generated text of a successful `mlcb run --json`, said on stderr with its decode speed.
+fn reported_text(out: &std::process::Output, label: &str) -> String {
+    assert_success(out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = v["text"].as_str().unwrap().to_string();
+    eprintln!(
+        "{label}: {text:?} ({:.2} tok/s decode)",
+        v["timings"]["decode_tok_s"].as_f64().unwrap_or(0.0)
+    );
+    text
+}
+
 fn mean_kl(p: &[f32], q: &[f32], rows: usize) -> f64 {
     let vocab = p.len() / rows;
     let log_softmax = |v: &[f32]| {
