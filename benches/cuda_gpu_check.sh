@@ -1,70 +1,87 @@
 #!/usr/bin/env bash
-# The cuda target's GPU checks, in ONE script for a lent GPU machine (16 cores, no network,
-# minutes of device time). Everything it measures is written under $OUT as it goes, so a run cut
-# short still leaves what it finished. It never needs the network: cargo runs --offline.
+# The cuda target's GPU checks, in ONE script for a lent GPU machine (16 cores, no network, no Rust
+# toolchain, one call of at most 10 minutes). benches/gpu_carry.sh brings the binaries and the
+# SmolLM2 GGUF there and runs this script (`benches/gpu_carry.sh run`); with cargo at hand it
+# builds mlcb itself.
 #
-#   OUT=/some/dir benches/cuda_gpu_check.sh
+#   OUT=/some/dir [MLCB_BIN=…] [GGUF=…] [DEADLINE=480] benches/cuda_gpu_check.sh
 #
-# Phases (each can be switched off; defaults in brackets):
-#   1. build     release mlcb + examples (synth_model, cuda_bandwidth)  [MLCB_BIN: use this binary
-#                instead; its examples are then looked up beside it]
+# Phases, most important first; every phase after the first checks the clock and is skipped,
+# saying so, once DEADLINE seconds [480] have passed, so the call ends inside its limit with what
+# it finished. Each command has its own timeout (CMD_TIMEOUT [240] s). Defaults in brackets:
+#   0. build     [MLCB_BIN: use this binary; its examples are looked up beside it in examples/]
+#                else cargo build --release --offline of mlcb + examples (synth_model, cuda_bandwidth)
+#   1. bandwidth device-to-device copy bandwidth (examples/cuda_bandwidth), for the decode floor
 #   2. FIXTURES  [1] every fixture × scheme built for cpu and cuda; for each reference prompt
-#                (extended by its greedy tokens) the logits of `mlcb logits` on cuda (one prefill)
-#                and on cuda with --decode (one token per call: GEMV kernels, KV cache, replayed
-#                CUDA graph) against the CPU's prefill: max|cuda-cpu| / max|cpu| ≤ TOL [1e-3];
-#                greedy continuations (`mlcb run --greedy`) cuda vs cpu (reported, not gated:
-#                the CPU decodes q4/q8 with int8 activations).
-#   3. SMOLLM2   [1] if dist/models/SmolLM2-135M-Instruct/*.gguf exists: "The capital of France is"
-#                must continue with " Paris" on cuda (q0f16, q8f16_1, q4f32_1).
-#   4. BENCH7B   [1] a Llama-2-7B-shaped model with random weights (examples/synth_model.rs,
-#                LAYERS [32]; HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
-#                architecture: decode tok/s (GEN_LEN [256] tokens after DECODE_PROMPT [16]) and
-#                prefill tok/s (PREFILL_LEN [512]) through `mlcb bench --device cuda` for q4f16_1
-#                and q0f16; with TUNE [1] q4f16_1 again after `mlcb build --tune on` (measured
-#                kernel configurations); device-to-device bandwidth (examples/cuda_bandwidth.rs)
-#                and the decode floor (weight bytes / bandwidth); with HF [1] transformers fp16 on
-#                the same config (benches/hf_transformers_bench.py; not gated). With VULKAN7B [1]
-#                q4f16_1 also for the vulkan preset, run through wgpu on the NVIDIA Vulkan driver
-#                (`--adapter $VK_ADAPTER` [nvidia]; reported, not gated: the container may have no
-#                Vulkan ICD).
-# NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected
-#   to fail with exit 3; used to check this script itself).
+#                (extended by its greedy tokens) `mlcb logits` on cuda (one prefill) and on cuda
+#                with --decode (one token per call: GEMV kernels, KV cache, replayed CUDA graph)
+#                against the CPU's prefill: max|cuda-cpu| / max|cpu| ≤ TOL [1e-3] for f32 schemes,
+#                ≤ TOL_F16 [5e-3] for f16 schemes (their prefill multiplies on f16 tensor cores);
+#                greedy continuations (`mlcb run --greedy`) cuda vs cpu (reported, not gated: the
+#                CPU decodes q4/q8 with int8 activations). JOBS_GPU [6] (fixture, scheme) pairs at once.
+#   3. SMOLLM2   [1] if GGUF [dist/models/SmolLM2-135M-Instruct/…Q4_1.gguf] exists: "The capital
+#                of France is" must continue with " Paris" on cuda (q4f16_1, q0f16, q8f16_1, q4f32_1).
+#   4. BENCH7B   [1] a Llama-2-7B-shaped model with random weights (examples/synth_model, LAYERS [32];
+#                HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
+#                architecture; `mlcb bench --device cuda`: decode tok/s (GEN_LEN [256] tokens after
+#                DECODE_PROMPT [16]) and prefill tok/s (PREFILL_LEN [512]), with the floor (weight
+#                bytes / bandwidth). In this order: q4f16_1; transformers fp16 on the same config
+#                (HF [1], benches/hf_transformers_bench.py; not gated); q4f16_1 after
+#                `mlcb build --tune on` (TUNE [1]); q4f16_1 for the vulkan preset through wgpu on
+#                the NVIDIA Vulkan driver (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not
+#                gated; VK_LOADER_DIR: a folder holding libvulkan.so.1 when the image has none);
+#                q0f16 (skipped, saying so, without twice its weights of free disk).
+# NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected to
+#   fail with exit 3; used to check this script itself).
 #
-# Results: $OUT/summary.txt (human), $OUT/results.jsonl (one JSON object per check),
-# $OUT/logs/ (every command's output), $OUT/env.txt. Exit status 0 only if every gated check passed.
+# $OUT gets four files (a lent machine returns at most eight): summary.txt (human), results.jsonl
+# (one JSON object per check), env.txt, logs.tar.gz (every command's output and JSON). Work files
+# go to WORK [/tmp/mlcb-gpu-work]. Exit status 0 only if every gated check that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 OUT="${OUT:-/tmp/mlcb-cuda-check}"
-FIXTURES="${FIXTURES:-1}"
-SMOLLM2="${SMOLLM2:-1}"
-BENCH7B="${BENCH7B:-1}"
+FIXTURES="${FIXTURES:-1}"; SMOLLM2="${SMOLLM2:-1}"; BENCH7B="${BENCH7B:-1}"
 NO_GPU_OK="${NO_GPU_OK:-0}"
-TOL="${TOL:-1e-3}"
+TOL="${TOL:-1e-3}"; TOL_F16="${TOL_F16:-5e-3}"
+DEADLINE="${DEADLINE:-480}"; CMD_TIMEOUT="${CMD_TIMEOUT:-240}"
 LAYERS="${LAYERS:-32}"
 HIDDEN="${HIDDEN:-4096}"; INTERMEDIATE="${INTERMEDIATE:-11008}"; VOCAB="${VOCAB:-32000}"
 DECODE_PROMPT="${DECODE_PROMPT:-16}"; GEN_LEN="${GEN_LEN:-256}"; PREFILL_LEN="${PREFILL_LEN:-512}"
 TUNE="${TUNE:-1}"; HF="${HF:-1}"; VULKAN7B="${VULKAN7B:-1}"; VK_ADAPTER="${VK_ADAPTER:-nvidia}"
-JOBS="${JOBS:-$(nproc)}"
+JOBS="${JOBS:-$(nproc)}"; JOBS_GPU="${JOBS_GPU:-6}"
 SCHEMES="${SCHEMES:-q0f16 q0f32 q3f16_0 q3f16_1 q4f16_0 q4f16_1 q4f32_0 q4f32_1 q8f16_0 q8f16_1}"
-WORK="${WORK:-$OUT/work}"
+GGUF="${GGUF:-$repo/dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+WORK="${WORK:-/tmp/mlcb-gpu-work}"
 
-mkdir -p "$OUT/logs" "$WORK"
+mkdir -p "$OUT" "$WORK/logs" "$WORK/rec"
 OUT="$(cd "$OUT" && pwd)"; WORK="$(cd "$WORK" && pwd)"
+logs="$WORK/logs"
 summary="$OUT/summary.txt"; results="$OUT/results.jsonl"
 : > "$summary"; : > "$results"
 failures=0
-say() { echo "== $*" | tee -a "$summary" >&2; }
-record() { echo "$1" >> "$results"; }
-fail() { failures=$((failures + 1)); say "FAIL: $*"; }
 t_start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t_start ))s; }
+say() { echo "== [$(elapsed)] $*" | tee -a "$summary" >&2; }
+record() { echo "$1" >> "$results"; }
+fail() { failures=$((failures + 1)); say "FAIL: $*"; }
+# Whether there is time for a phase; says which one is skipped when not.
+in_time() {
+    if [ $(( $(date +%s) - t_start )) -ge "$DEADLINE" ]; then
+        say "skipped (DEADLINE ${DEADLINE}s reached): $*"; record "{\"skipped\":\"$*\"}"; return 1
+    fi
+}
+# Pack the logs into one file on every exit (the machine returns only a few files).
+pack_logs() { tar -C "$WORK" -czf "$OUT/logs.tar.gz" logs 2>/dev/null; }
+trap pack_logs EXIT
+run_t() { timeout --kill-after=10 "$CMD_TIMEOUT" "$@"; }
 
 # --- environment -----------------------------------------------------------------------------
 {
-    date -u; uname -a; echo "cores: $(nproc)"
+    date -u; uname -a; echo "cores: $(nproc)"; df -h "$WORK" 2>&1
     nvidia-smi 2>&1 || echo "nvidia-smi: not available"
     python3 --version 2>&1 || echo "python3: not available"
+    ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libnvrtc|libvulkan' || echo "ldconfig: no libcuda/libnvrtc/libvulkan"
     echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; echo "MLCB_NVRTC=${MLCB_NVRTC:-}"
 } > "$OUT/env.txt" 2>&1
 command -v python3 >/dev/null || { say "python3 is needed for the comparisons"; exit 3; }
@@ -74,20 +91,32 @@ say "GPU present: $have_gpu (details in env.txt)"
 if [ "$have_gpu" = 0 ] && [ "$NO_GPU_OK" != 1 ]; then
     say "no GPU (nvidia-smi -L fails); set NO_GPU_OK=1 to run the non-GPU parts anyway"; exit 3
 fi
+# A cuda command that exits 3 without a GPU is what a dry run expects.
+cuda_ok_rc() { [ "$1" = 0 ] || { [ "$have_gpu" = 0 ] && [ "$1" = 3 ]; }; }
 
-# --- 1. build ---------------------------------------------------------------------------------
+# --- 0. build -----------------------------------------------------------------------------------
 if [ -n "${MLCB_BIN:-}" ]; then
     mlcb="$(cd "$(dirname "$MLCB_BIN")" && pwd)/$(basename "$MLCB_BIN")"
     exdir="$(dirname "$mlcb")/examples"
 else
-    say "building release mlcb with $JOBS jobs ($(elapsed))"
+    say "building release mlcb with $JOBS jobs"
     if ! cargo build --release --offline -j "$JOBS" --bin mlcb --example synth_model \
-        --example cuda_bandwidth > "$OUT/logs/build.txt" 2>&1; then
-        say "release build failed (see logs/build.txt)"; tail -20 "$OUT/logs/build.txt" >&2; exit 1
+        --example cuda_bandwidth > "$logs/build.txt" 2>&1; then
+        say "release build failed (logs/build.txt)"; tail -20 "$logs/build.txt" >&2; exit 1
     fi
     mlcb="$repo/target/release/mlcb"; exdir="$repo/target/release/examples"
 fi
-say "mlcb: $mlcb ($(elapsed))"
+say "mlcb: $mlcb ($("$mlcb" --version 2>&1))"
+export XDG_RUNTIME_DIR="$WORK/xdg"; mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
+
+# --- 1. bandwidth ---------------------------------------------------------------------------------
+if [ "$have_gpu" = 1 ]; then
+    if run_t "$exdir/cuda_bandwidth" 1024 20 > "$WORK/bandwidth.json" 2> "$logs/bandwidth.txt"; then
+        say "bandwidth: $(cat "$WORK/bandwidth.json")"; record "{\"check\":\"bandwidth\",\"result\":$(cat "$WORK/bandwidth.json")}"
+    else
+        fail "bandwidth example failed ($(tail -1 "$logs/bandwidth.txt"))"
+    fi
+fi
 
 # Compare two logits files: prints one JSON object (max abs diff, scale, relative error).
 compare_py='
@@ -110,60 +139,47 @@ argmax = lambda v, r: max(range(vocab), key=lambda i: v[r * vocab + i])
 same_top = sum(argmax(a, r) == argmax(b, r) for r in range(sa[0]))
 print(json.dumps({"shape": sa, "max_abs": diff, "scale": scale, "rel": diff / scale, "finite": finite, "same_argmax_rows": same_top}))
 '
-compare() { python3 -c "$compare_py" "$1" "$2"; }
 rel_ok() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r.get("finite") and r.get("rel", 1) <= float(sys.argv[2]) else 1)' "$1" "$2"; }
 
-# --- 2. fixtures --------------------------------------------------------------------------------
-if [ "$FIXTURES" = 1 ]; then
-    for fx in tiny-llama tiny-neox tiny-rwkv; do
-        say "fixture $fx: building ${SCHEMES// /,} for cpu and cuda ($(elapsed))"
-        rdir="$WORK/recipes/$fx"; mkdir -p "$rdir"
-        built=1
-        # One dist folder per target: a folder holding both libraries opens with the first.
-        for t in cpu cuda; do
-            recipes=()
-            for q in $SCHEMES; do
-                printf 'quantization = "%s"\n[model]\nname = "%s"\nsource = "%s"\n[target]\npreset = "%s"\n' \
-                    "$q" "$fx" "$repo/tests/fixtures/$fx" "$t" > "$rdir/$q-$t.toml"
-                recipes+=("$rdir/$q-$t.toml")
-            done
-            if ! "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" \
-                --artifact-path "$WORK/dist-$t" > "$OUT/logs/build-$fx-$t.txt" 2>&1; then
-                fail "$fx: $t build failed (logs/build-$fx-$t.txt)"; built=0
+# One fixture × scheme on cuda against the cpu: its records go to rec/FX-Q.jsonl, its failures
+# (one line each) to rec/FX-Q.fail. Runs in the background, JOBS_GPU at a time.
+check_scheme() { # fixture scheme
+    local fx="$1" q="$2" i mode flag log rc r tol="$TOL"
+    case "$q" in *f16*) tol="$TOL_F16";; esac
+    local dist="$WORK/dist-cuda/$fx-$q" cdist="$WORK/dist-cpu/$fx-$q" ldir="$WORK/logits/$fx-$q"
+    local rec="$WORK/rec/$fx-$q.jsonl" bad="$WORK/rec/$fx-$q.fail" ref="$repo/tests/fixtures/$fx/reference.json"
+    mkdir -p "$ldir"; : > "$rec"; : > "$bad"
+    local nprompts
+    nprompts=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["prompts"]))' "$ref")
+    for ((i = 0; i < nprompts; i++)); do
+        local ids
+        ids=$(python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["prompts"][int(sys.argv[2])]; print(",".join(map(str, p["input_ids"] + p["greedy"])))' "$ref" "$i")
+        run_t "$mlcb" logits "$cdist" --input-ids "$ids" --out "$ldir/$i-cpu.st" --device cpu > "$logs/logits-$fx-$q-$i-cpu.txt" 2>&1 \
+            || { echo "$fx $q prompt $i: cpu logits failed" >> "$bad"; continue; }
+        for mode in prefill decode; do
+            flag=""; [ "$mode" = decode ] && flag="--decode"
+            log="$logs/logits-$fx-$q-$i-cuda-$mode.txt"
+            run_t "$mlcb" logits "$dist" --input-ids "$ids" --out "$ldir/$i-cuda-$mode.st" --device cuda $flag > "$log" 2>&1
+            rc=$?
+            if [ "$rc" != 0 ]; then
+                echo "{\"check\":\"logits\",\"fixture\":\"$fx\",\"scheme\":\"$q\",\"prompt\":$i,\"mode\":\"$mode\",\"exit\":$rc}" >> "$rec"
+                cuda_ok_rc "$rc" || echo "$fx $q prompt $i $mode: cuda exit $rc ($(tail -1 "$log"))" >> "$bad"
+                continue
             fi
+            r=$(python3 -c "$compare_py" "$ldir/$i-cuda-$mode.st" "$ldir/$i-cpu.st")
+            echo "{\"check\":\"logits\",\"fixture\":\"$fx\",\"scheme\":\"$q\",\"prompt\":$i,\"mode\":\"$mode\",\"tol\":$tol,\"result\":$r}" >> "$rec"
+            rel_ok "$r" "$tol" || echo "$fx $q prompt $i $mode: $r (tolerance $tol)" >> "$bad"
         done
-        [ "$built" = 1 ] || continue
-        nprompts=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["prompts"]))' "$repo/tests/fixtures/$fx/reference.json")
-        for q in $SCHEMES; do
-            dist="$WORK/dist-cuda/$fx-$q"; cdist="$WORK/dist-cpu/$fx-$q"
-            ldir="$WORK/logits/$fx-$q"; mkdir -p "$ldir"
-            for ((i = 0; i < nprompts; i++)); do
-                ids=$(python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["prompts"][int(sys.argv[2])]; print(",".join(map(str, p["input_ids"] + p["greedy"])))' "$repo/tests/fixtures/$fx/reference.json" "$i")
-                "$mlcb" logits "$cdist" --input-ids "$ids" --out "$ldir/$i-cpu.st" --device cpu > "$OUT/logs/logits-$fx-$q-$i-cpu.txt" 2>&1 \
-                    || { fail "$fx $q prompt $i: cpu logits failed"; continue; }
-                for mode in prefill decode; do
-                    flag=""; [ "$mode" = decode ] && flag="--decode"
-                    log="$OUT/logs/logits-$fx-$q-$i-cuda-$mode.txt"
-                    "$mlcb" logits "$dist" --input-ids "$ids" --out "$ldir/$i-cuda-$mode.st" --device cuda $flag > "$log" 2>&1
-                    rc=$?
-                    if [ "$rc" != 0 ]; then
-                        record "{\"check\":\"logits\",\"fixture\":\"$fx\",\"scheme\":\"$q\",\"prompt\":$i,\"mode\":\"$mode\",\"exit\":$rc}"
-                        if [ "$have_gpu" = 0 ] && [ "$rc" = 3 ]; then continue; fi
-                        fail "$fx $q prompt $i $mode: cuda exit $rc ($(tail -1 "$log"))"; continue
-                    fi
-                    r=$(compare "$ldir/$i-cuda-$mode.st" "$ldir/$i-cpu.st")
-                    record "{\"check\":\"logits\",\"fixture\":\"$fx\",\"scheme\":\"$q\",\"prompt\":$i,\"mode\":\"$mode\",\"result\":$r}"
-                    rel_ok "$r" "$TOL" || fail "$fx $q prompt $i $mode: $r"
-                done
-            done
-            # Greedy continuation of the first prompt, cuda vs cpu (reported).
-            text=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prompts"][0]["text"])' "$repo/tests/fixtures/$fx/reference.json")
-            for dev in cpu cuda; do
-                d="$dist"; [ "$dev" = cpu ] && d="$cdist"
-                "$mlcb" run "$d" --prompt "$text" --greedy --max-tokens 24 --json --device "$dev" \
-                    > "$ldir/greedy-$dev.json" 2> "$OUT/logs/greedy-$fx-$q-$dev.txt" || true
-            done
-            g=$(python3 -c '
+    done
+    # Greedy continuation of the first prompt, cuda vs cpu (reported).
+    local text dev d g
+    text=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prompts"][0]["text"])' "$ref")
+    for dev in cpu cuda; do
+        d="$dist"; [ "$dev" = cpu ] && d="$cdist"
+        run_t "$mlcb" run "$d" --prompt "$text" --greedy --max-tokens 24 --json --device "$dev" \
+            > "$ldir/greedy-$dev.json" 2> "$logs/greedy-$fx-$q-$dev.txt" || true
+    done
+    g=$(python3 -c '
 import json, sys
 def ids(p):
     try: return json.load(open(p))["generated_ids"]
@@ -175,133 +191,214 @@ if a is not None and b is not None:
         if x != y: break
         same += 1
 print(json.dumps({"cuda": a, "cpu": b, "same_prefix": same}))' "$ldir/greedy-cuda.json" "$ldir/greedy-cpu.json")
-            record "{\"check\":\"greedy\",\"fixture\":\"$fx\",\"scheme\":\"$q\",\"result\":$g}"
+    echo "{\"check\":\"greedy\",\"fixture\":\"$fx\",\"scheme\":\"$q\",\"result\":$g}" >> "$rec"
+}
+
+# --- 2. fixtures --------------------------------------------------------------------------------
+if [ "$FIXTURES" = 1 ] && in_time "fixtures"; then
+    fixtures=(tiny-llama tiny-neox tiny-rwkv)
+    say "fixtures ${fixtures[*]}: building ${SCHEMES// /,} for cpu and cuda"
+    # One dist folder per target: a folder holding both libraries opens with the first.
+    for t in cpu cuda; do
+        recipes=()
+        for fx in "${fixtures[@]}"; do
+            mkdir -p "$WORK/recipes/$fx"
+            for q in $SCHEMES; do
+                printf 'quantization = "%s"\n[model]\nname = "%s"\nsource = "%s"\n[target]\npreset = "%s"\n' \
+                    "$q" "$fx" "$repo/tests/fixtures/$fx" "$t" > "$WORK/recipes/$fx/$q-$t.toml"
+                recipes+=("$WORK/recipes/$fx/$q-$t.toml")
+            done
         done
-        say "fixture $fx done ($(elapsed))"
+        run_t "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" \
+            --artifact-path "$WORK/dist-$t" > "$logs/build-fixtures-$t.txt" 2>&1 \
+            || fail "fixtures: $t build failed (logs/build-fixtures-$t.txt: $(tail -1 "$logs/build-fixtures-$t.txt"))"
     done
+    say "fixtures built; comparing cuda with cpu, $JOBS_GPU at a time"
+    for fx in "${fixtures[@]}"; do
+        for q in $SCHEMES; do
+            [ -d "$WORK/dist-cuda/$fx-$q" ] && [ -d "$WORK/dist-cpu/$fx-$q" ] || continue
+            while [ "$(jobs -rp | wc -l)" -ge "$JOBS_GPU" ]; do wait -n; done
+            check_scheme "$fx" "$q" &
+        done
+    done
+    wait
+    for fx in "${fixtures[@]}"; do
+        for q in $SCHEMES; do
+            [ -f "$WORK/rec/$fx-$q.jsonl" ] && cat "$WORK/rec/$fx-$q.jsonl" >> "$results"
+            if [ -s "$WORK/rec/$fx-$q.fail" ]; then
+                while read -r line; do fail "$line"; done < "$WORK/rec/$fx-$q.fail"
+            fi
+        done
+    done
+    # Worst relative error per scheme and mode over fixtures and prompts, and greedy agreement.
+    python3 - "$results" <<'EOF' | tee -a "$summary" >&2
+import json, sys
+worst, greedy = {}, {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("check") == "logits" and "result" in r and "rel" in r["result"]:
+        k = (r["scheme"], r["mode"])
+        worst[k] = max(worst.get(k, 0.0), r["result"]["rel"])
+    if r.get("check") == "greedy":
+        g = r["result"]; n = len(g["cpu"] or [])
+        greedy.setdefault(r["scheme"], []).append("%s %d/%d" % (r["fixture"], g["same_prefix"], n))
+for q in sorted({k[0] for k in worst}):
+    print("   %-8s prefill %.2e  decode %.2e  greedy same prefix: %s" % (
+        q, worst.get((q, "prefill"), float("nan")), worst.get((q, "decode"), float("nan")), ", ".join(greedy.get(q, []))))
+EOF
+    say "fixtures done"
 fi
 
 # --- 3. SmolLM2 ---------------------------------------------------------------------------------
-gguf="$repo/dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ "$SMOLLM2" = 1 ] && [ -f "$gguf" ]; then
-    say "SmolLM2: building for cuda ($(elapsed))"
+if [ "$SMOLLM2" = 1 ] && [ -f "$GGUF" ] && in_time "SmolLM2"; then
+    say "SmolLM2: building for cuda"
     recipes=()
-    for q in q0f16 q8f16_1 q4f32_1; do
-        printf 'quantization = "%s"\n[model]\nname = "smollm2"\nsource = { gguf = "%s" }\n[target]\npreset = "cuda"\n' "$q" "$gguf" > "$WORK/smollm2-$q.toml"
+    for q in q4f16_1 q0f16 q8f16_1 q4f32_1; do
+        printf 'quantization = "%s"\n[model]\nname = "smollm2"\nsource = { gguf = "%s" }\n[target]\npreset = "cuda"\n' "$q" "$GGUF" > "$WORK/smollm2-$q.toml"
         recipes+=("$WORK/smollm2-$q.toml")
     done
-    if "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" --artifact-path "$WORK/dist" > "$OUT/logs/build-smollm2.txt" 2>&1; then
-        for q in q0f16 q8f16_1 q4f32_1; do
-            "$mlcb" run "$WORK/dist/smollm2-$q" --prompt "The capital of France is" --greedy --max-tokens 4 --json --device cuda \
-                > "$OUT/smollm2-$q.json" 2> "$OUT/logs/smollm2-$q.txt"
+    if run_t "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" --artifact-path "$WORK/dist" > "$logs/build-smollm2.txt" 2>&1; then
+        for q in q4f16_1 q0f16 q8f16_1 q4f32_1; do
+            run_t "$mlcb" run "$WORK/dist/smollm2-$q" --prompt "The capital of France is" --greedy --max-tokens 4 --json --device cuda \
+                > "$logs/smollm2-$q.json" 2> "$logs/smollm2-$q.txt"
             rc=$?
-            t=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["text"]))' "$OUT/smollm2-$q.json" 2>/dev/null || echo null)
+            t=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["text"]))' "$logs/smollm2-$q.json" 2>/dev/null || echo null)
             record "{\"check\":\"smollm2\",\"scheme\":\"$q\",\"exit\":$rc,\"text\":$t}"
-            case "$t" in '" Paris'*) say "SmolLM2 $q: $t";; *) [ "$have_gpu" = 0 ] && [ "$rc" = 3 ] || fail "SmolLM2 $q: $t (exit $rc)";; esac
+            if [[ "$t" == '" Paris'* ]]; then
+                say "SmolLM2 $q: $t"
+            elif [ "$rc" != 0 ] && cuda_ok_rc "$rc"; then
+                say "SmolLM2 $q: exit $rc without a GPU, as expected"
+            else
+                fail "SmolLM2 $q: $t (exit $rc; $(tail -1 "$logs/smollm2-$q.txt"))"
+            fi
         done
     else
-        fail "SmolLM2 build failed (logs/build-smollm2.txt)"
+        fail "SmolLM2 build failed (logs/build-smollm2.txt: $(tail -1 "$logs/build-smollm2.txt"))"
     fi
-elif [ "$SMOLLM2" = 1 ]; then
-    say "SmolLM2: skipped, $gguf not found"
+elif [ "$SMOLLM2" = 1 ] && [ ! -f "$GGUF" ]; then
+    say "SmolLM2: skipped, $GGUF not found"
 fi
 
 # --- 4. Llama-2-7B-shaped benchmark -------------------------------------------------------------
 # One bench call per figure, in the issue's shapes: decode = GEN_LEN tokens after a DECODE_PROMPT-
-# token prompt, prefill = a PREFILL_LEN-token prompt. q4f16_1 is measured untuned (preset
-# defaults) and, with TUNE=1, again after `--tune on` on this GPU (its architecture).
+# token prompt, prefill = a PREFILL_LEN-token prompt. Prints "rc_decode rc_prefill decode prefill".
+# bench_env: VAR=value words for the bench processes (the Vulkan loader's).
+bench_env=()
 bench_pair() { # dist label [device args…; default --device cuda]
     local dist="$1" label="$2" rc1 rc2 d p
     shift 2
     local dev=("$@"); [ ${#dev[@]} = 0 ] && dev=(--device cuda)
-    "$mlcb" bench "$dist" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json "${dev[@]}" \
-        > "$OUT/bench-$label-decode.json" 2> "$OUT/logs/bench-$label-decode.txt"; rc1=$?
-    "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json "${dev[@]}" \
-        > "$OUT/bench-$label-prefill.json" 2> "$OUT/logs/bench-$label-prefill.txt"; rc2=$?
-    d=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$OUT/bench-$label-decode.json" 2>/dev/null || echo null)
-    p=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$OUT/bench-$label-prefill.json" 2>/dev/null || echo null)
+    run_t env "${bench_env[@]}" "$mlcb" bench "$dist" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json "${dev[@]}" \
+        > "$logs/bench-$label-decode.json" 2> "$logs/bench-$label-decode.txt"; rc1=$?
+    run_t env "${bench_env[@]}" "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json "${dev[@]}" \
+        > "$logs/bench-$label-prefill.json" 2> "$logs/bench-$label-prefill.txt"; rc2=$?
+    d=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$logs/bench-$label-decode.json" 2>/dev/null || echo null)
+    p=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$logs/bench-$label-prefill.json" 2>/dev/null || echo null)
     echo "$rc1 $rc2 $d $p"
 }
-# Issue 4's GPU figure: the same 7B-shaped q4f16_1 built for the vulkan preset (f16 kernels) and
-# run through wgpu on the machine's NVIDIA Vulkan driver. Without one (no Vulkan ICD in the
-# container: `--adapter nvidia` matches nothing) it says so; never gated.
-vulkan_7b() { # model
-    local model="$1" dist="$WORK/dist7b/synth-7b-vk-q4f16_1"
-    printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\n[model]\nname = "synth-7b-vk"\nsource = "%s"\n[target]\npreset = "vulkan"\n' "$model" > "$WORK/synth-vk.toml"
-    say "7B q4f16_1 vulkan: building ($(elapsed))"
-    if ! "$mlcb" build "$WORK/synth-vk.toml" -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-vk.txt" 2>&1; then
-        say "7B vulkan: build failed (logs/build-7b-vk.txt; not gated)"; return
-    fi
-    read -r rc1 rc2 dec pre <<< "$(XDG_RUNTIME_DIR="$WORK" bench_pair "$dist" "7b-vk" --device wgpu --adapter "$VK_ADAPTER")"
-    record "{\"check\":\"vulkan7b\",\"scheme\":\"q4f16_1\",\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre,\"adapter\":$(grep -h -m1 'wgpu adapter' "$OUT/logs/bench-7b-vk-decode.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}"
-    if [ "$rc1" = 0 ]; then
-        say "7B q4f16_1 vulkan (wgpu): decode $dec tok/s, prefill $pre tok/s ($(grep -h -m1 'wgpu adapter' "$OUT/logs/bench-7b-vk-decode.txt"))"
-    else
-        say "7B vulkan: no run (exit $rc1/$rc2; logs/bench-7b-vk-decode.txt: $(tail -1 "$OUT/logs/bench-7b-vk-decode.txt")); not gated"
-    fi
-    rm -rf "$dist"
+# Build SCHEME of the synthetic model for PRESET (extra build flags after): dist path on stdout.
+build_7b() { # scheme preset label [flags…]
+    local q="$1" preset="$2" label="$3"
+    shift 3
+    printf 'quantization = "%s"\nmax_seq_len = 2048\n[model]\nname = "synth-7b-%s"\nsource = "%s"\n[target]\npreset = "%s"\n' \
+        "$q" "$preset" "$model" "$preset" > "$WORK/synth-$preset-$q.toml"
+    run_t "$mlcb" build "$WORK/synth-$preset-$q.toml" "$@" -j "$JOBS" --cache-dir "$WORK/cache7b" \
+        --artifact-path "$WORK/dist7b" > "$logs/build-7b-$label.txt" 2>&1 || return 1
+    echo "$WORK/dist7b/synth-7b-$preset-$q"
 }
-
-if [ "$BENCH7B" = 1 ]; then
-    if [ "$have_gpu" = 1 ]; then
-        "$exdir/cuda_bandwidth" 1024 20 > "$OUT/bandwidth.json" 2> "$OUT/logs/bandwidth.txt" \
-            && say "bandwidth: $(cat "$OUT/bandwidth.json")" || fail "bandwidth example failed"
-    fi
-    model="$WORK/synth-7b"
-    if [ ! -f "$model/config.json" ]; then
-        say "writing a Llama-2-7B-shaped random model, $LAYERS layers ($(elapsed))"
-        "$exdir/synth_model" "$model" --hidden "$HIDDEN" --intermediate "$INTERMEDIATE" --layers "$LAYERS" \
-            --heads 32 --kv-heads 32 --vocab "$VOCAB" > "$OUT/logs/synth.txt" 2>&1 || fail "synth_model failed"
-    fi
-    gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
-    for q in q4f16_1 q0f16; do
-        printf 'quantization = "%s"\nmax_seq_len = 2048\n[model]\nname = "synth-7b"\nsource = "%s"\n[target]\npreset = "cuda"\n' "$q" "$model" > "$WORK/synth-$q.toml"
-        say "7B $q: building ($(elapsed))"
-        arch_flag=(); [ -n "$gpu_arch" ] && arch_flag=(--cuda-arch "sm_$gpu_arch")
-        if ! "$mlcb" build "$WORK/synth-$q.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-$q.txt" 2>&1; then
-            fail "7B $q: build failed (logs/build-7b-$q.txt)"; continue
-        fi
-        dist="$WORK/dist7b/synth-7b-$q"
-        wbytes=$(du -sb "$dist/params" | cut -f1)
-        floor=$(python3 -c '
+floor_json() { # dist: weight bytes, bandwidth, floor
+    python3 -c '
 import json, sys
 try: bw = json.load(open(sys.argv[1]))["d2d_gb_s"]
 except Exception: bw = None
 w = int(sys.argv[2])
-print(json.dumps({"weight_bytes": w, "d2d_gb_s": bw, "decode_floor_ms": (w / (bw * 1e9) * 1e3) if bw else None, "decode_ceiling_tok_s": (bw * 1e9 / w) if bw else None}))' "$OUT/bandwidth.json" "$wbytes")
-        read -r rc1 rc2 dec pre <<< "$(bench_pair "$dist" "7b-$q")"
-        record "{\"check\":\"bench7b\",\"scheme\":\"$q\",\"tuned\":false,\"layers\":$LAYERS,\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre,\"floor\":$floor}"
-        say "7B $q untuned: decode $dec tok/s, prefill $pre tok/s (exit $rc1/$rc2), floor $floor"
-        for rc in "$rc1" "$rc2"; do
-            [ "$rc" = 0 ] || { [ "$have_gpu" = 0 ] && [ "$rc" = 3 ]; } || fail "7B $q bench exit $rc"
-        done
-        if [ "$TUNE" = 1 ] && [ "$q" = q4f16_1 ] && [ "$have_gpu" = 1 ]; then
-            say "7B $q: --tune on for sm_$gpu_arch ($(elapsed))"
-            t0=$(date +%s)
-            if "$mlcb" build "$WORK/synth-$q.toml" "${arch_flag[@]}" --tune on -j "$JOBS" --cache-dir "$WORK/cache7b" --artifact-path "$WORK/dist7b" > "$OUT/logs/build-7b-$q-tuned.txt" 2>&1; then
-                tune_s=$(( $(date +%s) - t0 ))
-                tuned=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tuned"])' "$dist/build-manifest.json" 2>/dev/null || echo unknown)
-                read -r rc1 rc2 dec pre <<< "$(bench_pair "$dist" "7b-$q-tuned")"
-                record "{\"check\":\"bench7b\",\"scheme\":\"$q\",\"tuned\":\"$tuned\",\"tune_build_s\":$tune_s,\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre}"
-                say "7B $q tuned ($tuned, build with tuning ${tune_s}s): decode $dec tok/s, prefill $pre tok/s"
-            else
-                fail "7B $q: tuned build failed (logs/build-7b-$q-tuned.txt)"
-            fi
-        fi
-        if [ "$VULKAN7B" = 1 ] && [ "$q" = q4f16_1 ]; then
-            vulkan_7b "$model"
-        fi
-        # The 7B dist folders are large: keep the disk for the next scheme.
-        rm -rf "$dist" "$WORK/cache7b"
-    done
-    if [ "$HF" = 1 ] && [ "$have_gpu" = 1 ]; then
-        say "transformers fp16 on the same config ($(elapsed))"
-        if python3 benches/hf_transformers_bench.py "$model" --prefill "$PREFILL_LEN" --prompt "$DECODE_PROMPT" \
-            --gen "$GEN_LEN" > "$OUT/hf-7b.json" 2> "$OUT/logs/hf-7b.txt"; then
-            record "{\"check\":\"hf7b\",\"result\":$(cat "$OUT/hf-7b.json")}"
-            say "transformers: $(cat "$OUT/hf-7b.json")"
+print(json.dumps({"weight_bytes": w, "d2d_gb_s": bw, "decode_floor_ms": (w / (bw * 1e9) * 1e3) if bw else None, "decode_ceiling_tok_s": (bw * 1e9 / w) if bw else None}))' \
+        "$WORK/bandwidth.json" "$(du -sb "$1/params" | cut -f1)"
+}
+bench_cuda() { # scheme dist label tuned
+    local q="$1" dist="$2" label="$3" tuned="$4" floor rc1 rc2 dec pre
+    floor=$(floor_json "$dist")
+    read -r rc1 rc2 dec pre <<< "$(bench_pair "$dist" "$label")"
+    record "{\"check\":\"bench7b\",\"scheme\":\"$q\",\"tuned\":$tuned,\"layers\":$LAYERS,\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre,\"floor\":$floor}"
+    say "7B $q (tuned: $tuned): decode $dec tok/s, prefill $pre tok/s (exit $rc1/$rc2); floor $floor"
+    cuda_ok_rc "$rc1" || fail "7B $q decode bench exit $rc1 ($(tail -1 "$logs/bench-$label-decode.txt"))"
+    cuda_ok_rc "$rc2" || fail "7B $q prefill bench exit $rc2 ($(tail -1 "$logs/bench-$label-prefill.txt"))"
+}
+
+if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
+    model="$WORK/synth-7b"
+    if [ ! -f "$model/config.json" ]; then
+        say "writing a Llama-2-7B-shaped random model, $LAYERS layers"
+        run_t "$exdir/synth_model" "$model" --hidden "$HIDDEN" --intermediate "$INTERMEDIATE" --layers "$LAYERS" \
+            --heads 32 --kv-heads 32 --vocab "$VOCAB" > "$logs/synth.txt" 2>&1 || fail "synth_model failed"
+    fi
+    gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+    arch_flag=(); [ -n "$gpu_arch" ] && arch_flag=(--cuda-arch "sm_$gpu_arch")
+    say "7B q4f16_1: building for ${gpu_arch:+sm_$gpu_arch}"
+    if q4=$(build_7b q4f16_1 cuda q4f16_1 "${arch_flag[@]}"); then
+        bench_cuda q4f16_1 "$q4" q4f16_1 false
+    else
+        fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""
+    fi
+    if [ "$HF" = 1 ] && [ "$have_gpu" = 1 ] && in_time "transformers fp16"; then
+        say "transformers fp16 on the same config"
+        if run_t python3 benches/hf_transformers_bench.py "$model" --prefill "$PREFILL_LEN" --prompt "$DECODE_PROMPT" \
+            --gen "$GEN_LEN" > "$WORK/hf-7b.json" 2> "$logs/hf-7b.txt"; then
+            record "{\"check\":\"hf7b\",\"result\":$(cat "$WORK/hf-7b.json")}"
+            say "transformers: $(cat "$WORK/hf-7b.json")"
         else
-            say "transformers benchmark failed or unavailable (logs/hf-7b.txt; not gated)"
+            say "transformers benchmark failed or unavailable (logs/hf-7b.txt: $(tail -1 "$logs/hf-7b.txt"); not gated)"
+        fi
+    fi
+    if [ -n "$q4" ] && [ "$TUNE" = 1 ] && [ "$have_gpu" = 1 ] && in_time "tuned q4f16_1"; then
+        say "7B q4f16_1: --tune on for sm_$gpu_arch"
+        t0=$(date +%s)
+        if build_7b q4f16_1 cuda q4f16_1-tuned "${arch_flag[@]}" --tune on > /dev/null; then
+            tune_s=$(( $(date +%s) - t0 ))
+            tuned=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["tuned"]))' "$q4/build-manifest.json" 2>/dev/null || echo null)
+            say "tuned build took ${tune_s}s (manifest tuned: $tuned)"
+            bench_cuda q4f16_1 "$q4" q4f16_1-tuned "$tuned"
+        else
+            fail "7B q4f16_1: tuned build failed (logs/build-7b-q4f16_1-tuned.txt: $(tail -1 "$logs/build-7b-q4f16_1-tuned.txt"))"
+        fi
+    fi
+    # Issue 4's GPU figure: the same model through wgpu on the NVIDIA Vulkan driver (f16 kernels).
+    if [ "$VULKAN7B" = 1 ] && in_time "vulkan q4f16_1"; then
+        say "7B q4f16_1 vulkan: building"
+        if vk=$(build_7b q4f16_1 vulkan vk-q4f16_1); then
+            vk_env=()
+            [ -n "${VK_LOADER_DIR:-}" ] && vk_env+=("LD_LIBRARY_PATH=$VK_LOADER_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+            icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+            [ -f "$icd" ] && [ -z "${VK_DRIVER_FILES:-}" ] && vk_env+=("VK_DRIVER_FILES=$icd")
+            read -r rc1 rc2 dec pre <<< "$(bench_env=("${vk_env[@]}"); bench_pair "$vk" 7b-vk --device wgpu --adapter "$VK_ADAPTER")"
+            adapter=$(grep -h -m1 'wgpu adapter' "$logs/bench-7b-vk-decode.txt" 2>/dev/null)
+            record "{\"check\":\"vulkan7b\",\"scheme\":\"q4f16_1\",\"exit\":[$rc1,$rc2],\"decode_tok_s\":$dec,\"prefill_tok_s\":$pre,\"adapter\":$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$adapter")}"
+            if [ "$rc1" = 0 ]; then
+                say "7B q4f16_1 vulkan (wgpu): decode $dec tok/s, prefill $pre tok/s ($adapter)"
+            else
+                say "7B vulkan: no run (exit $rc1/$rc2: $(tail -1 "$logs/bench-7b-vk-decode.txt")); not gated"
+            fi
+            rm -rf "$vk"
+        else
+            say "7B vulkan: build failed (logs/build-7b-vk-q4f16_1.txt; not gated)"
+        fi
+    fi
+    # q0f16 needs its weights twice (cache blob and dist copy): drop the q4 files first.
+    rm -rf "$WORK/dist7b" "$WORK/cache7b"
+    if in_time "q0f16"; then
+        need=$(( $(du -sb "$model" | cut -f1) * 2 + (2 << 30) ))
+        free=$(( $(df -Pk "$WORK" | awk 'NR == 2 {print $4}') * 1024 ))
+        if [ "$free" -lt "$need" ]; then
+            say "7B q0f16: skipped, $((free >> 30)) GiB free, $((need >> 30)) GiB needed"
+            record "{\"skipped\":\"q0f16: disk\",\"free\":$free,\"need\":$need}"
+        else
+            say "7B q0f16: building"
+            if q0=$(build_7b q0f16 cuda q0f16 "${arch_flag[@]}"); then
+                bench_cuda q0f16 "$q0" q0f16 false
+            else
+                fail "7B q0f16: build failed (logs/build-7b-q0f16.txt: $(tail -1 "$logs/build-7b-q0f16.txt"))"
+            fi
+            rm -rf "$WORK/dist7b" "$WORK/cache7b"
         fi
     fi
 fi

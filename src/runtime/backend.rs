@@ -145,8 +145,9 @@ impl Session for crate::runtime::gpu::GpuSession {
     }
 }
 
-/// Uploads the plan's weights to GPU 0 and runs `f` on a fresh CUDA session. The library must
-/// carry PTX kernels (target cuda); no driver or no GPU is an environment error (exit 3).
+/// Opens GPU 0 (reported on stderr), uploads the plan's weights and runs `f` on a fresh CUDA
+/// session. The library must carry PTX kernels (target cuda); no driver or no GPU is an
+/// environment error (exit 3).
 fn cuda_session<R>(
     artifact: &Artifact,
     f: impl FnOnce(&mut dyn Session) -> Result<R>,
@@ -166,6 +167,7 @@ fn cuda_session<R>(
     let views = artifact.weight_views(&records);
     crate::runtime::cpu::validate_weights(plan, &views)?;
     let device = driver::open_device()?;
+    eprintln!("mlcb: cuda device: {} (sm_{})", device.name, device.sm);
     let model = CudaModel::new(device, lib, &views)?;
     let mut session = CudaAdapter {
         inner: model.session()?,
