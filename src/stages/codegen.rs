@@ -23,8 +23,9 @@ use std::collections::BTreeMap;
 /// `max_binding_bytes` in parts; the cuda target carries PTX. 4: WGSL reductions use subgroup
 /// operations where the preset says so (`Tuning::subgroups`). 5: libraries of f16 schemes for
 /// wgpu presets with `shader_f16` compute in f16 and keep an f16 KV cache (`codegen::wgsl`); MSL
-/// libraries also carry each kernel's WGSL (what the wgpu runtime loads).
-pub const VERSION: u32 = 5;
+/// libraries also carry each kernel's WGSL (what the wgpu runtime loads). 6: cuda libraries of
+/// f16 schemes run prefill matmuls on f16 tensor cores (`codegen::cuda::gemm_f16`).
+pub const VERSION: u32 = 6;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
@@ -42,6 +43,18 @@ pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) 
 /// The naga release the kernels are compiled with (part of the cache key: another naga may emit
 /// other bytes).
 pub const NAGA_VERSION: &str = "30.0.2";
+
+/// Whether a library's kernels compute in f16 anywhere (a key input of tune and codegen): on
+/// wgpu targets with `shader_f16`, the kernels of f16 schemes ([`crate::codegen::wgsl::f16_kernels`]);
+/// on cuda, the prefill matmuls of f16 schemes ([`crate::codegen::cuda::f16_prefill`]); never on
+/// the CPU.
+pub fn f16_kernels(plan: &Plan, target: &TargetSpec) -> bool {
+    match target.preset.backend {
+        "cuda" => crate::codegen::cuda::f16_prefill(plan),
+        "wgpu" => crate::codegen::wgsl::f16_kernels(plan, target.shader_f16),
+        _ => false,
+    }
+}
 
 pub struct CodegenRequest<'a> {
     pub model_name: &'a str,
@@ -70,8 +83,7 @@ pub fn run(
         .cuda_arch
         .as_deref()
         .or(req.target.preset.default_cuda_arch);
-    // False off the wgpu targets: their TargetSpec never has shader_f16 (recipe::targets).
-    let f16 = crate::codegen::wgsl::f16_kernels(req.plan, req.target.shader_f16);
+    let f16 = f16_kernels(req.plan, req.target);
     let inputs = KeyInputs::new("codegen", VERSION)
         .with("plan", blake3::hash(&plan_json).to_hex())
         .with("model_name", req.model_name)

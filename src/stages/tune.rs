@@ -86,7 +86,7 @@ fn measure(
         let candidates = crate::codegen::cuda::tune_space::candidates(signature, spec);
         fastest(signature, &candidates, |t| {
             // A candidate the shape cannot take (attention's shared memory) is skipped.
-            let Ok(kernel) = crate::codegen::cuda::generate(signature, spec, *t, arch) else {
+            let Ok(kernel) = crate::codegen::cuda::generate(signature, spec, *t, arch, f16) else {
                 return Ok(None);
             };
             let ptx = crate::codegen::cuda::compile(&kernel, arch)?;
@@ -205,8 +205,8 @@ fn device_records(
 }
 
 /// A signature's key in the device's tuning database: wgpu kernels with subgroup reductions
-/// (the preset's choice) or in f16 are other kernels than the same signature without, so they are
-/// timed and stored apart.
+/// (the preset's choice) or libraries computing in f16 have other kernels than the same signature
+/// without, so they are timed and stored apart.
 fn db_key(target: &TargetSpec, f16: bool, signature: &str) -> String {
     let mut key = signature.to_string();
     if target.preset.backend == "wgpu" && target.preset.subgroups {
@@ -252,7 +252,7 @@ pub fn run(
         }
         None => None,
     };
-    let f16 = crate::codegen::wgsl::f16_kernels(plan, target.shader_f16);
+    let f16 = super::codegen::f16_kernels(plan, target);
     let measured = match pinned {
         Some(_) => None,
         None => device_records(ctx, plan, target, f16, &signatures)?,

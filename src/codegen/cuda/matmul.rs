@@ -11,7 +11,8 @@
 //! - decode, KN storage (quantized `_0`, words `[K words, N]`): `matmul_gemv_kn`, 32 output rows
 //!   per block (one per lane, so a warp reads 32 neighbouring words), the warps split the groups
 //!   and meet in shared memory.
-//! - prefill (any `T`): `matmul_gemm`, tensor cores: 64×64 output tiles, 4 warps each owning
+//! - prefill (any `T`), f16 schemes: `matmul_gemm` on f16 tensor cores ([`super::gemm_f16`]).
+//! - prefill (any `T`), f32 schemes: `matmul_gemm`, tensor cores: 64×64 output tiles, 4 warps each owning
 //!   32×32 (2×4 `mma.sync.m16n8k8` TF32 tiles), K in steps of 32 staged through shared memory
 //!   (weights decoded there once per tile). Operands are split into a TF32 high part and a TF32
 //!   remainder and multiplied as `hi·hi + hi·lo + lo·hi` ("3xTF32"), which keeps f32-level
@@ -55,6 +56,7 @@ pub fn matmul(
     bias: Option<DType>,
     phase: Phase,
     logits: bool,
+    f16: bool,
 ) -> Result<(String, CudaLaunch), String> {
     b.activation("input", false, "x");
     declare_matrix(&mut b, "weight", m);
@@ -71,6 +73,7 @@ pub fn matmul(
     match (phase, kn) {
         (Phase::Decode, false) => gemv_nk(b, m, plus_bias),
         (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias)),
+        (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias)),
         (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
     }
 }

@@ -9,7 +9,8 @@
 //! | rms_norm, layer_norm | `mlcb_rms_norm`, `mlcb_layer_norm` | TPB | `[1, T, 1]` |
 //! | matmul, logits (decode, NK) | `mlcb_matmul_gemv_nk`, `mlcb_logits_gemv_nk` | TPB | `[ceil(N/rows_per_block), rows, 1]` |
 //! | matmul, logits (decode, KN) | `…_gemv_kn` | TPB | `[ceil(N/32), rows, 1]` |
-//! | matmul, logits (prefill) | `…_gemm` (tensor cores) | 128 | `[ceil(N/64), ceil(rows/64), 1]` |
+//! | matmul, logits (prefill, f32 schemes) | `…_gemm` (3xTF32 tensor cores) | 128 | `[ceil(N/64), ceil(rows/64), 1]` |
+//! | matmul, logits (prefill, f16 schemes) | `…_gemm` (f16 tensor cores, [`gemm_f16`]) | 256 | `[ceil(N/128), ceil(rows/64), 1]` |
 //! | rotary | `mlcb_rotary` | TPB | `[ceil((nq+nkv)·rd/2 / TPB), T, 1]` |
 //! | attention | `mlcb_attention` | TPB | `[n_q_heads, T, 1]` |
 //! | silu_mul, gelu, relu_square, sigmoid, scale, add, mul | `mlcb_<op>` | TPB | `[ceil(cols/TPB), T, 1]` |
@@ -17,11 +18,13 @@
 //!
 //! The argument list, the grid and the block are stored in the kernel's launch JSON
 //! ([`launch::CudaLaunch`]); the runtime derives every launch from it. Arithmetic is f32
-//! throughout (decode GEMVs accumulate in f32; the prefill GEMM uses 3xTF32 tensor-core products).
+//! (decode GEMVs accumulate in f32) except the prefill matmuls: f16 tensor-core products with f32
+//! sums in libraries of f16 schemes, 3xTF32 (f32-accurate) products otherwise.
 
 mod attention;
 pub mod builder;
 mod elementwise;
+pub mod gemm_f16;
 pub mod launch;
 mod matmul;
 mod norm;
@@ -84,12 +87,19 @@ fn check_dims(signature: &str, spec: &KernelSpec) -> Result<()> {
     Ok(())
 }
 
-/// Generate the CUDA C of one spec.
+/// Whether a plan's prefill matmuls run on f16 tensor cores ([`gemm_f16`]): the plans of f16
+/// schemes (their model computes in f16); f32 schemes keep the f32-accurate 3xTF32 GEMM.
+pub fn f16_prefill(plan: &Plan) -> bool {
+    plan.model_dtype == crate::formats::dtype::DType::F16
+}
+
+/// Generate the CUDA C of one spec (`f16`: see [`f16_prefill`]).
 pub fn generate(
     signature: &str,
     spec: &KernelSpec,
     tuning: CudaTuning,
     arch: &str,
+    f16: bool,
 ) -> Result<CudaKernel> {
     check_dims(signature, spec)?;
     let ep = entry_point(spec);
@@ -101,7 +111,7 @@ pub fn generate(
             bias,
             phase,
             logits,
-        } => matmul::matmul(b, m, *bias, *phase, *logits).map_err(|e| {
+        } => matmul::matmul(b, m, *bias, *phase, *logits, f16).map_err(|e| {
             crate::error::user(format!("tuning record for kernel {signature}: {e}"))
         })?,
         KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),
@@ -149,9 +159,10 @@ pub fn generate_plan(
     records: &BTreeMap<String, serde_json::Value>,
     arch: &str,
 ) -> Result<Vec<CudaKernel>> {
+    let f16 = f16_prefill(plan);
     spec::specs_with_tuning(plan, records, CudaTuning::from_record)?
         .into_iter()
-        .map(|(sig, spec, tuning)| generate(&sig, &spec, tuning, arch))
+        .map(|(sig, spec, tuning)| generate(&sig, &spec, tuning, arch, f16))
         .collect()
 }
 

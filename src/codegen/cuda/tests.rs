@@ -83,17 +83,34 @@ fn every_variant_compiles_to_ptx() {
         .map(|(i, spec)| {
             let tuning = tunings()[i % 2];
             let arch = ["sm_80", "sm_90"][i % 2];
-            let k = generate("test", spec, tuning, arch).unwrap();
-            let ptx = compile(&k, arch)
-                .unwrap_or_else(|e| panic!("{spec:?} {tuning:?}:\n{e}\n{}", k.source));
-            let ptx = String::from_utf8(ptx).unwrap();
-            check_ptx(
-                &ptx,
-                arch,
-                &k.entry_point,
-                k.launch.args.len() + 3,
-                &format!("{spec:?}"),
+            // Prefill matmuls both ways: 3xTF32 (f32 schemes) and f16 tensor cores.
+            let prefill = matches!(
+                spec,
+                KernelSpec::Matmul {
+                    phase: Phase::Prefill,
+                    ..
+                }
             );
+            let f16s: &[bool] = if prefill { &[false, true] } else { &[false] };
+            for &f16 in f16s {
+                let k = generate("test", spec, tuning, arch, f16).unwrap();
+                let ptx = compile(&k, arch).unwrap_or_else(|e| {
+                    panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
+                });
+                let ptx = String::from_utf8(ptx).unwrap();
+                check_ptx(
+                    &ptx,
+                    arch,
+                    &k.entry_point,
+                    k.launch.args.len() + 3,
+                    &format!("{spec:?} f16 {f16}"),
+                );
+                if f16 {
+                    assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
+                    // The staged registers and accumulators stay in registers (no stack).
+                    assert!(!ptx.contains(".local"), "{spec:?}: local memory\n{ptx}");
+                }
+            }
         })
         .count();
     assert!(count > 120, "{count}");
@@ -102,7 +119,7 @@ fn every_variant_compiles_to_ptx() {
 #[test]
 fn arguments_follow_the_documented_order() {
     let spec = crate::codegen::gpu_tests::q4_decode_matmul_with_bias();
-    let k = generate("decode:matmul[x]", &spec, tunings()[0], "sm_80").unwrap();
+    let k = generate("decode:matmul[x]", &spec, tunings()[0], "sm_80", false).unwrap();
     let roles: Vec<(&str, &str, Option<usize>, &str, bool)> = k
         .launch
         .args
@@ -168,13 +185,57 @@ fn gemv_chunks_cover_each_scheme_group() {
             phase: Phase::Decode,
             logits: false,
         };
-        let k = generate("x", &spec, tunings()[0], "sm_80").unwrap();
+        let k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
         assert!(
             k.source
                 .contains(&format!("constexpr unsigned VPC = {vpc}u;")),
             "{scheme}"
         );
         assert!(k.source.contains("reinterpret_cast<const uint4*>(w_q)"));
+    }
+}
+
+#[test]
+fn f16_prefill_stages_weights_as_the_storage_allows() {
+    // (scheme, how a thread stages weights, values per unit) for K = 64.
+    for (scheme, regs, vpu) in [
+        ("q4f16_1", "uint4 wr_v[UPT]; float wr_s[UPT];", 32),
+        ("q8f16_1", "uint4 wr_v[UPT]; float wr_s[UPT];", 16),
+        ("q4f16_0", "unsigned wr_w[UPT]; float wr_s[UPT];", 8),
+        ("q0f16", "uint4 wr_v[UPT];", 8),
+        // 5 codes per 16-bit word, 40 per chunk: not a divisor of the 32-wide K step.
+        ("q3f16_1", "float wr_f[UPT];", 1),
+    ] {
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let storage = match s.layout_for(crate::quant::scheme::TensorRole::Linear) {
+            Some(layout) => WeightStorage::Quantized {
+                scheme: scheme.into(),
+                layout,
+            },
+            None => WeightStorage::Raw { dtype: DType::F16 },
+        };
+        let m = matrix_spec(&storage, 200, 64, s.model_dtype).unwrap();
+        let spec = KernelSpec::Matmul {
+            m,
+            bias: None,
+            phase: Phase::Prefill,
+            logits: false,
+        };
+        let k = generate("x", &spec, tunings()[0], "sm_80", true).unwrap();
+        assert!(k.source.contains(regs), "{scheme}:\n{}", k.source);
+        assert!(
+            k.source
+                .contains(&format!("constexpr unsigned VPU = {vpu}u;")),
+            "{scheme}"
+        );
+        assert_eq!(k.launch.block, [256, 1, 1], "{scheme}");
+        // 200 columns in tiles of 128; 70 rows in tiles of 64.
+        assert_eq!(k.launch.grid[0].workgroups(70, 70), 2);
+        assert_eq!(k.launch.grid[1].workgroups(70, 70), 2);
+        // The f32 schemes' kernel for the same spec is the 3xTF32 one.
+        let f32k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
+        assert!(f32k.source.contains("m16n8k8") && !f32k.source.contains("m16n8k16"));
+        assert!(k.source.contains("m16n8k16"));
     }
 }
 
@@ -192,7 +253,7 @@ fn bad_tunings_are_refused() {
         threads_per_block: 64,
         rows_per_block: 64,
     };
-    assert!(generate("x", &spec, ok, "sm_80").is_ok());
+    assert!(generate("x", &spec, ok, "sm_80", false).is_ok());
     let big = KernelSpec::Attention {
         n_q_heads: 2,
         n_kv_heads: 1,
@@ -202,7 +263,7 @@ fn bad_tunings_are_refused() {
         threads_per_block: 1024,
         rows_per_block: 1,
     };
-    let e = generate("a", &big, t, "sm_80").unwrap_err();
+    let e = generate("a", &big, t, "sm_80", false).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");
     assert!(super::arch_str("sm_70").is_err());
 }
@@ -219,7 +280,7 @@ fn ptx_is_deterministic_and_nvrtc_is_versioned() {
         n_kv_heads: 2,
         head_dim: 64,
     };
-    let k = generate("a", &spec, tunings()[0], "sm_90").unwrap();
+    let k = generate("a", &spec, tunings()[0], "sm_90", false).unwrap();
     assert_eq!(compile(&k, "sm_90").unwrap(), compile(&k, "sm_90").unwrap());
 }
 
