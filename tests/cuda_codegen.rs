@@ -83,13 +83,22 @@ fn check_library(lib: &ModelLibrary, arch: &str) {
         if k.signature.starts_with("prefill:matmul") || k.signature.starts_with("prefill:logits") {
             // f16 schemes multiply on f16 tensor cores, f32 schemes with 3xTF32 products.
             let f16 = lib.header.plan.model_dtype == mlcb::formats::dtype::DType::F16;
-            let mma = if f16 { "m16n8k16.row.col.f32.f16" } else { "m16n8k8.row.col.f32.tf32" };
+            let mma = if f16 {
+                "m16n8k16.row.col.f32.f16"
+            } else {
+                "m16n8k8.row.col.f32.tf32"
+            };
             assert!(
                 ptx.contains(&format!("mma.sync.aligned.{mma}")),
                 "{}: tensor cores ({mma})",
                 k.signature
             );
-            assert_eq!(launch["block"][0], if f16 { 256 } else { 128 }, "{}", k.signature);
+            assert_eq!(
+                launch["block"][0],
+                if f16 { 256 } else { 128 },
+                "{}",
+                k.signature
+            );
         }
     }
 }

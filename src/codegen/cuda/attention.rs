@@ -144,3 +144,146 @@ pub fn attention(
     ];
     b.finish("", body, tpb, grid)
 }
+
+/// Query rows per block and keys per shared-memory tile of [`attention_tiled`], and its threads.
+pub const TILE_Q: usize = 16;
+pub const TILE_K: usize = 32;
+pub const TILE_THREADS: u32 = 128;
+
+/// Static shared memory of [`attention_tiled`]: the key tile (rows padded by one float so each
+/// lane's row starts in another bank), the value tile and the block's queries.
+fn tiled_shared_bytes(head_dim: usize) -> usize {
+    4 * (TILE_K * (head_dim + 1) + TILE_K * head_dim + TILE_Q * head_dim)
+}
+
+/// Whether the attention kernel of a call with `phase` is [`attention_tiled`]: prefill, when its
+/// tiles fit the 48 KiB of static shared memory (head_dim ≤ 128); else [`attention`].
+pub fn tiled(phase: Option<crate::codegen::wgsl::spec::Phase>, head_dim: usize) -> bool {
+    phase == Some(crate::codegen::wgsl::spec::Phase::Prefill)
+        && tiled_shared_bytes(head_dim) <= 48 << 10
+}
+
+/// Prefill attention: one block per (query head, TILE_Q consecutive rows), so each key and value
+/// is read from global memory once per TILE_Q queries instead of once per query (prefill of T
+/// rows reads O(T²/TILE_Q) instead of O(T²) vectors). Keys and values go through shared memory
+/// TILE_K at a time; lane `j` scores key `j` of the tile against each of its warp's queries
+/// (TILE_Q / 4 per warp), and the online softmax (running max and sum, f32) advances one tile at a
+/// time; a query skips tiles entirely past its causal limit. The first query head of each kv
+/// group appends the block's rows to the cache; as in [`attention`], this call's keys and values
+/// are read from qkv, earlier ones from the cache.
+pub fn attention_tiled(
+    mut b: CudaBuilder,
+    n_q_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> (String, CudaLaunch) {
+    b.const_u32("GROUP", n_q_heads / n_kv_heads);
+    b.const_u32("HD", head_dim);
+    b.const_u32("QC", n_q_heads * head_dim);
+    b.const_u32("KVC", n_kv_heads * head_dim);
+    b.const_u32("COLS", (n_q_heads + 2 * n_kv_heads) * head_dim);
+    b.const_u32("DPL", head_dim.div_ceil(32));
+    b.const_u32("QT", TILE_Q);
+    b.const_u32("KT", TILE_K);
+    b.const_u32("AT", TILE_THREADS as usize);
+    b.const_u32("QPW", TILE_Q / (TILE_THREADS as usize / 32));
+    b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
+    b.activation("qkv", false, "qkv");
+    b.state("k", "k_cache");
+    b.state("v", "v_cache");
+    b.activation("out", true, "y");
+    let body = "    __shared__ float k_sh[KT][HD + 1];
+    __shared__ float v_sh[KT][HD];
+    __shared__ float q_sh[QT][HD];
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const unsigned h = blockIdx.x, t0 = blockIdx.y * QT;
+    if (t0 >= T) return;
+    const unsigned t_end = t0 + QT < T ? t0 + QT : T;
+    const unsigned kv_off = (h / GROUP) * HD;
+    if (h % GROUP == 0u) {
+        for (unsigned i = threadIdx.x; i < (t_end - t0) * HD; i += AT) {
+            const unsigned t = t0 + i / HD, d = i % HD;
+            const float* row = qkv + (u64)t * COLS;
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = row[QC + kv_off + d];
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = row[QC + KVC + kv_off + d];
+        }
+    }
+    for (unsigned i = threadIdx.x; i < QT * HD; i += AT) {
+        const unsigned t = t0 + i / HD, d = i % HD;
+        q_sh[i / HD][d] = t < T ? qkv[(u64)t * COLS + h * HD + d] : 0.0f;
+    }
+    float m[QPW], l[QPW], acc[QPW][DPL];
+    #pragma unroll
+    for (unsigned qi = 0; qi < QPW; ++qi) {
+        m[qi] = -3.0e38f; l[qi] = 0.0f;
+        #pragma unroll
+        for (unsigned r = 0; r < DPL; ++r) acc[qi][r] = 0.0f;
+    }
+    // Keys 0 ..= POS + t_end - 1 (the block's last query sees them all).
+    const unsigned n_keys = POS + t_end;
+    for (unsigned j0 = 0; j0 < n_keys; j0 += KT) {
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < KT * HD; i += AT) {
+            const unsigned jj = i / HD, d = i % HD, j = j0 + jj;
+            float kv = 0.0f, vv = 0.0f;
+            if (j < n_keys) {
+                if (j < POS) {
+                    kv = k_cache[(u64)j * KVC + kv_off + d];
+                    vv = v_cache[(u64)j * KVC + kv_off + d];
+                } else {
+                    const float* row = qkv + (u64)(j - POS) * COLS;
+                    kv = row[QC + kv_off + d];
+                    vv = row[QC + KVC + kv_off + d];
+                }
+            }
+            k_sh[jj][d] = kv;
+            v_sh[jj][d] = vv;
+        }
+        __syncthreads();
+        #pragma unroll
+        for (unsigned qi = 0; qi < QPW; ++qi) {
+            const unsigned ql = warp * QPW + qi, t = t0 + ql;
+            // Warp-uniform: the query exists and sees at least key j0.
+            if (t >= t_end || j0 > POS + t) continue;
+            const unsigned j = j0 + lane;
+            float s = -3.0e38f;
+            if (j <= POS + t) {
+                float dot = 0.0f;
+                for (unsigned d = 0; d < HD; ++d) dot = fmaf(q_sh[ql][d], k_sh[lane][d], dot);
+                s = dot * SCALE;
+            }
+            const float mn = fmaxf(m[qi], warp_max(s));
+            const float corr = expf(m[qi] - mn);
+            const float p = j <= POS + t ? expf(s - mn) : 0.0f;
+            l[qi] = l[qi] * corr + warp_sum(p);
+            #pragma unroll
+            for (unsigned r = 0; r < DPL; ++r) acc[qi][r] *= corr;
+            for (unsigned jj = 0; jj < KT; ++jj) {
+                const float pj = __shfl_sync(0xffffffffu, p, jj);
+                #pragma unroll
+                for (unsigned r = 0; r < DPL; ++r) {
+                    const unsigned d = lane + 32u * r;
+                    if (d < HD) acc[qi][r] = fmaf(pj, v_sh[jj][d], acc[qi][r]);
+                }
+            }
+            m[qi] = mn;
+        }
+    }
+    #pragma unroll
+    for (unsigned qi = 0; qi < QPW; ++qi) {
+        const unsigned t = t0 + warp * QPW + qi;
+        if (t >= t_end) continue;
+        #pragma unroll
+        for (unsigned r = 0; r < DPL; ++r) {
+            const unsigned d = lane + 32u * r;
+            if (d < HD) y[(u64)t * QC + h * HD + d] = acc[qi][r] / l[qi];
+        }
+    }
+";
+    let grid = [
+        GridDim::fixed(n_q_heads as u64, 1),
+        GridDim::tokens(TILE_Q as u64),
+        GridDim::one(),
+    ];
+    b.finish("", body, TILE_THREADS, grid)
+}

@@ -73,8 +73,12 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
             let vpu = 16 / es;
             if (m.k * es) % 16 == 0 && bk % vpu == 0 {
                 let conv = match dtype {
-                    DType::F16 => "h2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))",
-                    DType::BF16 => "bf2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))",
+                    DType::F16 => {
+                        "h2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))"
+                    }
+                    DType::BF16 => {
+                        "bf2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))"
+                    }
                     _ => "__uint_as_float(u[i])",
                 };
                 return WeightStaging {
@@ -98,7 +102,8 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
             }
         }
         MatrixStorage::Quant(q) => {
-            let whole_words = q.group % q.per_word == 0 && q.words_per_group * q.per_word == q.group;
+            let whole_words =
+                q.group % q.per_word == 0 && q.words_per_group * q.per_word == q.group;
             let (sym, minv) = match q.codec {
                 Codec::Sym { .. } => (true, "0.0f"),
                 Codec::AsymBf16x2 => (false, "wr_m[j]"),
@@ -173,9 +178,7 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
                         return WeightStaging {
                             vpu: q.per_word,
                             regs: format!("unsigned wr_w[UPT]; {scale_regs}"),
-                            map: format!(
-                                "const unsigned n = u % {bn}u, kk = (u / {bn}u) * VPU;"
-                            ),
+                            map: format!("const unsigned n = u % {bn}u, kk = (u / {bn}u) * VPU;"),
                             fetch: format!(
                                 "if (n < W_N && k0 + kk < W_K) {{
                     wr_w[j] = w_word(n, (k0 + kk) / W_PER_WORD);

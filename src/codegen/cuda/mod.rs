@@ -12,7 +12,8 @@
 //! | matmul, logits (prefill, f32 schemes) | `…_gemm` (3xTF32 tensor cores) | 128 | `[ceil(N/64), ceil(rows/64), 1]` |
 //! | matmul, logits (prefill, f16 schemes) | `…_gemm` (f16 tensor cores, [`gemm_f16`]) | 256 | `[ceil(N/128), ceil(rows/64), 1]` |
 //! | rotary | `mlcb_rotary` | TPB | `[ceil((nq+nkv)·rd/2 / TPB), T, 1]` |
-//! | attention | `mlcb_attention` | TPB | `[n_q_heads, T, 1]` |
+//! | attention (decode; prefill with head_dim > 128) | `mlcb_attention` | TPB | `[n_q_heads, T, 1]` |
+//! | attention (prefill, head_dim ≤ 128) | `mlcb_attention` (query tiles) | 128 | `[n_q_heads, ceil(T/16), 1]` |
 //! | silu_mul, gelu, relu_square, sigmoid, scale, add, mul | `mlcb_<op>` | TPB | `[ceil(cols/TPB), T, 1]` |
 //! | rwkv_token_shift, rwkv_wkv | `mlcb_rwkv_token_shift`, `mlcb_rwkv_wkv` | TPB | `[ceil(hidden/TPB), 1, 1]` |
 //!
@@ -122,6 +123,13 @@ pub fn generate(
             head_dim,
             rotary_dim,
         } => attention::rotary(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim),
+        KernelSpec::Attention {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+        } if attention::tiled(phase_of(signature), *head_dim) => {
+            attention::attention_tiled(b, *n_q_heads, *n_kv_heads, *head_dim)
+        }
         KernelSpec::Attention {
             n_q_heads,
             n_kv_heads,

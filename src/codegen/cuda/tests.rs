@@ -92,8 +92,15 @@ fn every_variant_compiles_to_ptx() {
                 }
             );
             let f16s: &[bool] = if prefill { &[false, true] } else { &[false] };
-            for &f16 in f16s {
-                let k = generate("test", spec, tuning, arch, f16).unwrap();
+            // Attention takes its phase from the signature: the query-tiled prefill kernel and
+            // the one-row-per-block kernel.
+            let sigs: &[&str] = if matches!(spec, KernelSpec::Attention { .. }) {
+                &["prefill:attention", "decode:attention"]
+            } else {
+                &["test"]
+            };
+            for (&f16, &sig) in f16s.iter().flat_map(|f| sigs.iter().map(move |s| (f, s))) {
+                let k = generate(sig, spec, tuning, arch, f16).unwrap();
                 let ptx = compile(&k, arch).unwrap_or_else(|e| {
                     panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
                 });
@@ -107,7 +114,9 @@ fn every_variant_compiles_to_ptx() {
                 );
                 if f16 {
                     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
-                    // The staged registers and accumulators stay in registers (no stack).
+                }
+                if f16 || sig.starts_with("prefill:attention") {
+                    // Staged registers, accumulators and per-query state stay in registers.
                     assert!(!ptx.contains(".local"), "{spec:?}: local memory\n{ptx}");
                 }
             }

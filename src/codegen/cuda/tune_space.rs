@@ -1,7 +1,7 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
 //! kernel, crossed with rows per block for the decode GEMV over row-major (NK) weights, the only
-//! kernel that reads it. The tensor-core GEMM of prefill has a fixed block (four warps), so it
-//! has one candidate. Knobs a kernel ignores stay at its default, so no two candidates generate
+//! kernel that reads it. The tensor-core GEMMs and the query-tiled attention of prefill have
+//! fixed blocks, so they have one candidate. Knobs a kernel ignores stay at its default, so no two candidates generate
 //! the same kernel.
 
 use super::launch::CudaTuning;
@@ -28,13 +28,19 @@ pub fn default_for(signature: &str) -> CudaTuning {
 const THREADS: [u32; 4] = [64, 128, 256, 512];
 const ROWS: [u32; 4] = [1, 2, 4, 8];
 
-/// Which knobs `spec`'s kernel reads: (threads per block, rows per block).
-fn knobs(spec: &KernelSpec) -> (bool, bool) {
+/// Which knobs `spec`'s kernel (signature `signature`) reads: (threads per block, rows per block).
+fn knobs(signature: &str, spec: &KernelSpec) -> (bool, bool) {
     match spec {
         KernelSpec::Matmul {
             phase: Phase::Prefill,
             ..
         } => (false, false),
+        // The query-tiled prefill attention has a fixed block.
+        KernelSpec::Attention { head_dim, .. }
+            if super::attention::tiled(super::phase_of(signature), *head_dim) =>
+        {
+            (false, false)
+        }
         KernelSpec::Matmul {
             m,
             phase: Phase::Decode,
@@ -52,7 +58,7 @@ fn knobs(spec: &KernelSpec) -> (bool, bool) {
 /// skips those.
 pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
     let default = default_for(signature);
-    let (threads, rows) = knobs(spec);
+    let (threads, rows) = knobs(signature, spec);
     let threads: &[u32] = if threads {
         &THREADS
     } else {
@@ -115,6 +121,9 @@ mod tests {
                 } => {
                     assert_eq!(c.len(), 16, "{sig}");
                     seen_gemv = true;
+                }
+                KernelSpec::Attention { .. } if sig.starts_with("prefill:") => {
+                    assert_eq!(c.len(), 1, "{sig}")
                 }
                 _ => assert_eq!(c.len(), 4, "{sig}"),
             }
