@@ -521,7 +521,7 @@ mod tests {
             ("tiny-rwkv", "rwkv"),
         ] {
             let (plan, records, ids) = fixture_plan(fx, arch, "q0f32");
-            check_plan(&plan, &records, &ids, 8, &[(128, 4)], 1e-4, fx);
+            check_plan(&plan, &records, &ids, 4, &[(128, 4)], 1e-4, fx);
         }
     }
 
