@@ -278,6 +278,7 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
             if (u < UNITS) {{
                 {map}
                 (void)kk;
+                // `map` gives the tile's row; the loads index the matrix's row.
                 const unsigned nl = n;
                 {{
                     const unsigned n = n0 + nl;
