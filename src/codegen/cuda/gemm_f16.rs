@@ -120,14 +120,22 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
                     }}"
                 )
             };
-            let scale_fetch = |n: &str, g: &str| {
+            // The unit's words (`load`) and its group's scale (and min), or zeros (`zero`) for a
+            // unit past the matrix's rows or K.
+            let (min_load, min_zero) = if sym {
+                ("", "")
+            } else {
+                (" wr_m[j] = w_min(n, grp);", " wr_m[j] = 0.0f;")
+            };
+            let guarded_fetch = |load: &str, zero: &str| {
                 format!(
-                    "wr_s[j] = w_scale({n}, {g});{}",
-                    if sym {
-                        String::new()
-                    } else {
-                        format!(" wr_m[j] = w_min({n}, {g});")
-                    }
+                    "if (n < W_N && k0 + kk < W_K) {{
+                    const unsigned grp = (k0 + kk) / W_GROUP;
+                    {load}
+                    wr_s[j] = w_scale(n, grp);{min_load}
+                }} else {{
+                    {zero} wr_s[j] = 0.0f;{min_zero}
+                }}"
                 )
             };
             let scale_regs = if sym {
@@ -155,15 +163,9 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
                                 "const unsigned n = u / {upr}u, kk = (u % {upr}u) * VPU;",
                                 upr = bk / vpu
                             ),
-                            fetch: format!(
-                                "if (n < W_N && k0 + kk < W_K) {{
-                    wr_v[j] = reinterpret_cast<const uint4*>(w_q)[((u64)n * W_WPR + (k0 + kk) / W_PER_WORD) / {wpc}u];
-                    {}
-                }} else {{
-                    wr_v[j] = uint4{{0u, 0u, 0u, 0u}}; wr_s[j] = 0.0f;{}
-                }}",
-                                scale_fetch("n", "(k0 + kk) / W_GROUP"),
-                                if sym { "" } else { " wr_m[j] = 0.0f;" }
+                            fetch: guarded_fetch(
+                                &format!("wr_v[j] = reinterpret_cast<const uint4*>(w_q)[((u64)n * W_WPR + (k0 + kk) / W_PER_WORD) / {wpc}u];"),
+                                "wr_v[j] = uint4{0u, 0u, 0u, 0u};",
                             ),
                             decode: format!(
                                 "const uint4 v = wr_v[j];\n                {}",
@@ -179,15 +181,9 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
                             vpu: q.per_word,
                             regs: format!("unsigned wr_w[UPT]; {scale_regs}"),
                             map: format!("const unsigned n = u % {bn}u, kk = (u / {bn}u) * VPU;"),
-                            fetch: format!(
-                                "if (n < W_N && k0 + kk < W_K) {{
-                    wr_w[j] = w_word(n, (k0 + kk) / W_PER_WORD);
-                    {}
-                }} else {{
-                    wr_w[j] = 0u; wr_s[j] = 0.0f;{}
-                }}",
-                                scale_fetch("n", "(k0 + kk) / W_GROUP"),
-                                if sym { "" } else { " wr_m[j] = 0.0f;" }
+                            fetch: guarded_fetch(
+                                "wr_w[j] = w_word(n, (k0 + kk) / W_PER_WORD);",
+                                "wr_w[j] = 0u;",
                             ),
                             decode: decode_values("const unsigned u[1] = {wr_w[j]};", 1),
                         };
@@ -311,13 +307,7 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
             }}
         }}
     }};
-    float acc[2][4][4];
-    #pragma unroll
-    for (int i = 0; i < 2; ++i)
-        #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    {acc}
     fetch(0u);
     stash(0u, 0u);
     __syncthreads();
@@ -352,17 +342,9 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         __syncthreads();
         buf ^= 1u;
     }}
-    #pragma unroll
-    for (unsigned i = 0; i < 2u; ++i)
-        #pragma unroll
-        for (unsigned j = 0; j < 4u; ++j)
-            #pragma unroll
-            for (unsigned r = 0; r < 4u; ++r) {{
-                const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
-                const unsigned n = n0 + wn + j * 8u + 2u * c + (r & 1u);
-                if (t < ROWS && n < W_N) y[(u64)t * W_N + n] = acc[i][j][r]{plus_bias};
-            }}
-",
+{store}",
+        acc = super::matmul::WARP_TILE_ACC,
+        store = super::matmul::warp_tile_store(plus_bias),
         regs = st.regs,
         map = st.map,
         fetch = st.fetch,

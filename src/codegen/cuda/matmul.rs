@@ -347,6 +347,28 @@ __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) 
 }
 "#;
 
+/// The accumulators of a warp's 32×32 output tile: 2×4 m16n8 C fragments of four floats, zeroed.
+pub(super) const WARP_TILE_ACC: &str = "float acc[2][4][4] = {};";
+
+/// Stores [`WARP_TILE_ACC`] to `y` (+ bias), rows `t0 + wm …`, columns `n0 + wn …`, ragged edges
+/// skipped. The C fragment layout is the same for the m16n8k8 and m16n8k16 shapes: `c_r` of a
+/// 16×8 tile at (g + 8(r/2), 2c + r%2). Shared by [`gemm`] and `gemm_f16`.
+pub(super) fn warp_tile_store(plus_bias: &str) -> String {
+    format!(
+        "    #pragma unroll
+    for (unsigned i = 0; i < 2u; ++i)
+        #pragma unroll
+        for (unsigned j = 0; j < 4u; ++j)
+            #pragma unroll
+            for (unsigned r = 0; r < 4u; ++r) {{
+                const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
+                const unsigned n = n0 + wn + j * 8u + 2u * c + (r & 1u);
+                if (t < ROWS && n < W_N) y[(u64)t * W_N + n] = acc[i][j][r]{plus_bias};
+            }}
+"
+    )
+}
+
 fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
     b.const_u32("BM", GEMM_BM as usize);
     b.const_u32("BN", GEMM_BN as usize);
@@ -363,13 +385,7 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLau
     const unsigned g = lane >> 2, c = lane & 3u;
     const unsigned wm = (warp >> 1) * 32u, wn = (warp & 1u) * 32u;
     const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    float acc[2][4][4];
-    #pragma unroll
-    for (int i = 0; i < 2; ++i)
-        #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    {acc}
     for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
         for (unsigned i = tid; i < BM * BK; i += GT) {{
             const unsigned r = i / BK, kk = i % BK, t = t0 + r, k = k0 + kk;
@@ -408,17 +424,9 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLau
         }}
         __syncthreads();
     }}
-    #pragma unroll
-    for (unsigned i = 0; i < 2u; ++i)
-        #pragma unroll
-        for (unsigned j = 0; j < 4u; ++j)
-            #pragma unroll
-            for (unsigned r = 0; r < 4u; ++r) {{
-                const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
-                const unsigned n = n0 + wn + j * 8u + 2u * c + (r & 1u);
-                if (t < ROWS && n < W_N) y[(u64)t * W_N + n] = acc[i][j][r]{plus_bias};
-            }}
-"
+{store}",
+        acc = WARP_TILE_ACC,
+        store = warp_tile_store(plus_bias),
     );
     let grid = [
         GridDim::fixed(m.n as u64, GEMM_BN as u64),
