@@ -48,6 +48,23 @@ pub fn rotary(
     b.finish("", body, tpb, grid)
 }
 
+/// What both attention kernels declare: the shape constants (kv group size, head_dim, the q, kv
+/// and fused qkv widths, output dims per lane, the softmax scale) and the arguments, in the order
+/// the launch JSON records (qkv, KV cache k and v, output).
+fn declare_attention(b: &mut CudaBuilder, n_q_heads: usize, n_kv_heads: usize, head_dim: usize) {
+    b.const_u32("GROUP", n_q_heads / n_kv_heads);
+    b.const_u32("HD", head_dim);
+    b.const_u32("QC", n_q_heads * head_dim);
+    b.const_u32("KVC", n_kv_heads * head_dim);
+    b.const_u32("COLS", (n_q_heads + 2 * n_kv_heads) * head_dim);
+    b.const_u32("DPL", head_dim.div_ceil(32));
+    b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
+    b.activation("qkv", false, "qkv");
+    b.state("k", "k_cache");
+    b.state("v", "v_cache");
+    b.activation("out", true, "y");
+}
+
 /// One block per (query head, row t). The first query head of each kv group appends row t's k
 /// and v to the cache. Keys and values of this call's rows are read from qkv itself, earlier
 /// ones from the cache, so no block reads a cache slot another one writes. Each warp takes
@@ -60,18 +77,7 @@ pub fn attention(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> (String, CudaLaunch) {
-    b.const_u32("NQ", n_q_heads);
-    b.const_u32("GROUP", n_q_heads / n_kv_heads);
-    b.const_u32("HD", head_dim);
-    b.const_u32("QC", n_q_heads * head_dim);
-    b.const_u32("KVC", n_kv_heads * head_dim);
-    b.const_u32("COLS", (n_q_heads + 2 * n_kv_heads) * head_dim);
-    b.const_u32("DPL", head_dim.div_ceil(32));
-    b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
-    b.activation("qkv", false, "qkv");
-    b.state("k", "k_cache");
-    b.state("v", "v_cache");
-    b.activation("out", true, "y");
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
     let body = "    __shared__ float q_sh[HD];
     __shared__ float m_sh[NWARPS], l_sh[NWARPS];
     __shared__ float acc_sh[NWARPS][HD];
@@ -177,21 +183,11 @@ pub fn attention_tiled(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> (String, CudaLaunch) {
-    b.const_u32("GROUP", n_q_heads / n_kv_heads);
-    b.const_u32("HD", head_dim);
-    b.const_u32("QC", n_q_heads * head_dim);
-    b.const_u32("KVC", n_kv_heads * head_dim);
-    b.const_u32("COLS", (n_q_heads + 2 * n_kv_heads) * head_dim);
-    b.const_u32("DPL", head_dim.div_ceil(32));
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
     b.const_u32("QT", TILE_Q);
     b.const_u32("KT", TILE_K);
     b.const_u32("AT", TILE_THREADS as usize);
     b.const_u32("QPW", TILE_Q / (TILE_THREADS as usize / 32));
-    b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
-    b.activation("qkv", false, "qkv");
-    b.state("k", "k_cache");
-    b.state("v", "v_cache");
-    b.activation("out", true, "y");
     let body = "    __shared__ float k_sh[KT][HD + 1];
     __shared__ float v_sh[KT][HD];
     __shared__ float q_sh[QT][HD];
