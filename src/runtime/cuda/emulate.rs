@@ -55,15 +55,8 @@ static unsigned mma_a[32][32][4], mma_b[32][32][2];
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
-    emu::shfl[w][l] = v;
-    emu::warp_bars[w]->arrive_and_wait();
-    const float r = emu::shfl[w][l ^ (unsigned)o];
-    emu::warp_bars[w]->arrive_and_wait();
-    return r;
-}
-inline float __shfl_sync(unsigned, float v, unsigned src) {
+// Every lane of the warp publishes `v`, then reads lane `src`'s.
+inline float emu_shfl(float v, unsigned src) {
     const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
     emu::shfl[w][l] = v;
     emu::warp_bars[w]->arrive_and_wait();
@@ -71,6 +64,8 @@ inline float __shfl_sync(unsigned, float v, unsigned src) {
     emu::warp_bars[w]->arrive_and_wait();
     return r;
 }
+inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl(v, (emu::tid.x & 31u) ^ (unsigned)o); }
+inline float __shfl_sync(unsigned, float v, unsigned src) { return emu_shfl(v, src); }
 inline float h2f(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
 inline float f16_round(float v) { return (float)(_Float16)v; }
 // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
@@ -79,9 +74,11 @@ inline unsigned to_tf32(float x) {
     if ((u & 0x7f800000u) == 0x7f800000u) return u;
     return (u + 0x1000u) & 0xffffe000u;
 }
-// mma.sync.m16n8k8 .tf32, fragments as the PTX ISA lays them out (g = lane/4, c = lane%4):
-// A a_i at (g + 8(i%2), c + 4(i/2)); B b_i at (k = c + 4i, n = g); C c_i at (g + 8(i/2), 2c + i%2).
-inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
+// mma.sync.m16n8kK: the warp's fragments meet in emu::mma_a / mma_b, then each lane sums its
+// four C elements, c_i at (g + 8(i/2), 2c + i%2) with g = lane/4, c = lane%4 (the same for both
+// shapes); `a_at(w, row, k)` and `b_at(w, k, n)` read an operand by the shape's fragment layout.
+template <unsigned KDIM, class A, class B>
+inline void mma_emulated(float* c, const unsigned* a, const unsigned* b, A a_at, B b_at) {
     const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
     for (int i = 0; i < 4; ++i) emu::mma_a[w][l][i] = a[i];
     emu::mma_b[w][l][0] = b[0]; emu::mma_b[w][l][1] = b[1];
@@ -89,14 +86,16 @@ inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
     for (unsigned i = 0; i < 4; ++i) {
         const unsigned row = l / 4 + 8 * (i / 2), col = 2 * (l % 4) + i % 2;
         float acc = c[i];
-        for (unsigned k = 0; k < 8; ++k) {
-            const float av = __uint_as_float(emu::mma_a[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]);
-            const float bv = __uint_as_float(emu::mma_b[w][col * 4 + k % 4][k / 4]);
-            acc += av * bv;
-        }
+        for (unsigned k = 0; k < KDIM; ++k) acc += a_at(w, row, k) * b_at(w, k, col);
         c[i] = acc;
     }
     emu::warp_bars[w]->arrive_and_wait();
+}
+// .tf32, m16n8k8 (PTX ISA layout): A a_i at (g + 8(i%2), c + 4(i/2)); B b_i at (k = c + 4i, n = g).
+inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
+    mma_emulated<8>(c, a, b,
+        [](unsigned w, unsigned row, unsigned k) { return __uint_as_float(emu::mma_a[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]); },
+        [](unsigned w, unsigned k, unsigned n) { return __uint_as_float(emu::mma_b[w][n * 4 + k % 4][k / 4]); });
 }
 // cvt.rn.f16x2.f32: lo in the low half, hi in the high half, round to nearest even.
 inline unsigned pack_h2(float lo, float hi) {
@@ -106,25 +105,12 @@ inline unsigned pack_h2(float lo, float hi) {
     return (unsigned)a | ((unsigned)b << 16);
 }
 inline float half_of(unsigned r, unsigned k) { return h2f((unsigned short)((r >> (16 * (k & 1u))) & 0xFFFFu)); }
-// mma.sync.m16n8k16 .f16 → f32, fragments as the PTX ISA lays them out (g = lane/4, c = lane%4,
-// two halves per register, the lower index in the low half): A reg i at rows g + 8(i%2), cols
-// 2c + 8(i/2) (+0, +1); B reg i at k = 2c + 8i (+0, +1), n = g; C c_i at (g + 8(i/2), 2c + i%2).
+// .f16 → f32, m16n8k16 (PTX ISA layout; two halves per register, the lower index in the low
+// half): A reg i at rows g + 8(i%2), cols 2c + 8(i/2) (+0, +1); B reg i at k = 2c + 8i (+0, +1), n = g.
 inline void mma_f16(float* c, const unsigned* a, const unsigned* b) {
-    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
-    for (int i = 0; i < 4; ++i) emu::mma_a[w][l][i] = a[i];
-    emu::mma_b[w][l][0] = b[0]; emu::mma_b[w][l][1] = b[1];
-    emu::warp_bars[w]->arrive_and_wait();
-    for (unsigned i = 0; i < 4; ++i) {
-        const unsigned row = l / 4 + 8 * (i / 2), col = 2 * (l % 4) + i % 2;
-        float acc = c[i];
-        for (unsigned k = 0; k < 16; ++k) {
-            const unsigned al = (row % 8) * 4 + (k % 8) / 2, ar = row / 8 + 2 * (k / 8);
-            const unsigned bl = col * 4 + (k % 8) / 2, br = k / 8;
-            acc += half_of(emu::mma_a[w][al][ar], k) * half_of(emu::mma_b[w][bl][br], k);
-        }
-        c[i] = acc;
-    }
-    emu::warp_bars[w]->arrive_and_wait();
+    mma_emulated<16>(c, a, b,
+        [](unsigned w, unsigned row, unsigned k) { return half_of(emu::mma_a[w][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k); },
+        [](unsigned w, unsigned k, unsigned n) { return half_of(emu::mma_b[w][n * 4 + (k % 8) / 2][k / 8], k); });
 }
 namespace emu {
 static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, const std::function<void()>& k) {
