@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 /// operations where the preset says so (`Tuning::subgroups`). 5: libraries of f16 schemes for
 /// wgpu presets with `shader_f16` compute in f16 and keep an f16 KV cache (`codegen::wgsl`); MSL
 /// libraries also carry each kernel's WGSL (what the wgpu runtime loads). 6: cuda libraries of
-/// f16 schemes run prefill matmuls on f16 tensor cores (`codegen::cuda::gemm_f16`).
+/// f16 schemes run prefill matmuls on f16 tensor cores (`codegen::cuda::gemm_f16`); cuda prefill
+/// attention runs in query tiles (`attention_tiled`).
 pub const VERSION: u32 = 6;
 
 /// The context size a build uses: the recipe's, else the model's own.
@@ -45,9 +46,9 @@ pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) 
 pub const NAGA_VERSION: &str = "30.0.2";
 
 /// Whether a library's kernels compute in f16 anywhere (a key input of tune and codegen): on
-/// wgpu targets with `shader_f16`, the kernels of f16 schemes ([`crate::codegen::wgsl::f16_kernels`]);
-/// on cuda, the prefill matmuls of f16 schemes ([`crate::codegen::cuda::f16_prefill`]); never on
-/// the CPU.
+/// wgpu targets with `shader_f16`, the kernels of f16 schemes
+/// ([`crate::codegen::wgsl::f16_kernels`]); on cuda, the prefill matmuls of f16 schemes
+/// ([`crate::codegen::cuda::f16_prefill`]); never on the CPU.
 pub fn f16_kernels(plan: &Plan, target: &TargetSpec) -> bool {
     match target.preset.backend {
         "cuda" => crate::codegen::cuda::f16_prefill(plan),

@@ -1,8 +1,8 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
 //! kernel, crossed with rows per block for the decode GEMV over row-major (NK) weights, the only
 //! kernel that reads it. The tensor-core GEMMs and the query-tiled attention of prefill have
-//! fixed blocks, so they have one candidate. Knobs a kernel ignores stay at its default, so no two candidates generate
-//! the same kernel.
+//! fixed blocks, so they have one candidate. Knobs a kernel ignores stay at its default, so no two
+//! candidates generate the same kernel.
 
 use super::launch::CudaTuning;
 use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};
