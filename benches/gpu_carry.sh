@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 repo="$PWD"
 CARRY_HOME="${CARRY_HOME:-/root/mlcb-carry}"
 gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf"
+part() { printf '%s/gguf.part%02d' "$1" "$2"; } # folder, part number
 
 pack() {
     local dir="$repo/.gpucarry" limit=$(( ${LIMIT_MIB:-64} << 20 )) margin=$(( ${MARGIN_MIB:-2} << 20 ))
@@ -51,7 +52,7 @@ pack() {
         while [ "$off" -lt "$size" ]; do
             n=$budget; [ "$k" = 1 ] && n=$first
             mkdir -p "$dir/call$k"
-            dd if="$gguf" of="$dir/call$k/gguf.part$(printf %02d "$k")" bs=1M iflag=skip_bytes,count_bytes \
+            dd if="$gguf" of="$(part "$dir/call$k" "$k")" bs=1M iflag=skip_bytes,count_bytes \
                 skip="$off" count="$n" status=none
             off=$((off + n)); k=$((k + 1))
         done
@@ -87,9 +88,9 @@ unpack() {
     elif [ -f "$want" ]; then
         local n have=0 k
         n=$(cat "$want")
-        for ((k = 1; k <= n; k++)); do [ -f "$CARRY_HOME/parts/gguf.part$(printf %02d "$k")" ] && have=$((have + 1)); done
+        for ((k = 1; k <= n; k++)); do [ -f "$(part "$CARRY_HOME/parts" "$k")" ] && have=$((have + 1)); done
         if [ "$have" = "$n" ]; then
-            for ((k = 1; k <= n; k++)); do cat "$CARRY_HOME/parts/gguf.part$(printf %02d "$k")"; done > "$CARRY_HOME/$gguf_name.tmp"
+            for ((k = 1; k <= n; k++)); do cat "$(part "$CARRY_HOME/parts" "$k")"; done > "$CARRY_HOME/$gguf_name.tmp"
             if [ "$(sha256sum "$CARRY_HOME/$gguf_name.tmp" | cut -d' ' -f1)" = "$(cat "$CARRY_HOME/parts/gguf.sha256")" ]; then
                 mv "$CARRY_HOME/$gguf_name.tmp" "$CARRY_HOME/$gguf_name"; rm -f "$CARRY_HOME"/parts/gguf.part*
                 echo "SmolLM2: assembled from $n parts, sha256 ok"
