@@ -365,22 +365,19 @@ fn webgpu_folded_grids_adapters_and_refusals() {
         .next()
         .unwrap()
         .to_string();
-    let (out, _) = {
-        let out_file = w.path().join("named.safetensors");
-        let out = w.mlcb(&[
-            "logits",
-            dist.to_str().unwrap(),
-            "--input-ids",
-            "1,2",
-            "--out",
-            out_file.to_str().unwrap(),
-            "--device",
-            "wgpu",
-            "--adapter",
-            &name.to_uppercase(),
-        ]);
-        (out, out_file)
-    };
+    let out_file = w.path().join("named.safetensors");
+    let out = w.mlcb(&[
+        "logits",
+        dist.to_str().unwrap(),
+        "--input-ids",
+        "1,2",
+        "--out",
+        out_file.to_str().unwrap(),
+        "--device",
+        "wgpu",
+        "--adapter",
+        &name.to_uppercase(),
+    ]);
     assert_success(&out);
     assert!(stderr(&out).contains(&format!("mlcb: wgpu adapter: {name}")));
     let out = w.mlcb(&[
