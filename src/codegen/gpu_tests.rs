@@ -66,6 +66,7 @@ pub(super) fn all_specs() -> Vec<KernelSpec> {
                             bias,
                             phase,
                             logits,
+                            epilogue: Default::default(),
                         });
                     }
                 }
@@ -109,6 +110,7 @@ pub(super) fn all_specs() -> Vec<KernelSpec> {
             n_q_heads: q,
             n_kv_heads: kv,
             head_dim: hd,
+            rotary_dim: None,
         });
     }
     specs.push(KernelSpec::SiluMul { cols: 704 });
@@ -197,6 +199,7 @@ fn f16_kernels_enable_f16_where_they_use_it() {
         n_q_heads: 4,
         n_kv_heads: 2,
         head_dim: 64,
+        rotary_dim: None,
     };
     let k = generate("a", &attention, tunings()[0], true).unwrap();
     assert!(k.launch.shader_f16 && k.source.starts_with("enable f16;"));
@@ -226,6 +229,7 @@ fn f16_kernels_enable_f16_where_they_use_it() {
         bias,
         phase: Phase::Prefill,
         logits: false,
+        epilogue: Default::default(),
     };
     let k = generate("m", &prefill, tunings()[0], true).unwrap();
     assert!(k.launch.shader_f16);
@@ -260,6 +264,7 @@ pub(super) fn q4_decode_matmul_with_bias() -> KernelSpec {
         bias: Some(DType::F16),
         phase: Phase::Decode,
         logits: false,
+        epilogue: Default::default(),
     }
 }
 
@@ -315,6 +320,7 @@ fn compiled_bytes_are_deterministic() {
         n_q_heads: 4,
         n_kv_heads: 2,
         head_dim: 64,
+        rotary_dim: None,
     };
     let k = generate("a", &spec, tunings()[0], true).unwrap();
     for lang in ["spirv", "msl"] {

@@ -4,6 +4,7 @@
 //! ([`wgsl`] generates, [`gpu`] validates and cross-compiles).
 
 pub mod cuda;
+pub mod fuse;
 pub mod gpu;
 pub mod signature;
 pub mod tune;

@@ -25,10 +25,21 @@ pub fn op_signature(plan: &Plan, op: &Op) -> String {
         Op::Embedding { weight, .. } => format!("embedding[{}]", weight_desc(plan, *weight)),
         Op::RmsNorm { input, .. } => format!("rms_norm[{}]", cols(*input)),
         Op::LayerNorm { input, .. } => format!("layer_norm[{}]", cols(*input)),
-        Op::Matmul { weight, bias, .. } => format!(
-            "matmul[{}{}]",
+        Op::Matmul {
+            weight,
+            bias,
+            epilogue,
+            ..
+        } => format!(
+            "matmul[{}{}{}{}]",
             weight_desc(plan, *weight),
-            if bias.is_some() { "+bias" } else { "" }
+            if bias.is_some() { "+bias" } else { "" },
+            if epilogue.silu_gate { "+silu_gate" } else { "" },
+            if epilogue.residual.is_some() {
+                "+residual"
+            } else {
+                ""
+            }
         ),
         Op::Rotary {
             n_q_heads,
@@ -41,8 +52,15 @@ pub fn op_signature(plan: &Plan, op: &Op) -> String {
             n_q_heads,
             n_kv_heads,
             head_dim,
+            rotary,
             ..
-        } => format!("attention[{n_q_heads},{n_kv_heads},{head_dim}]"),
+        } => match rotary {
+            None => format!("attention[{n_q_heads},{n_kv_heads},{head_dim}]"),
+            Some(r) => format!(
+                "attention[{n_q_heads},{n_kv_heads},{head_dim}+rotary{}]",
+                r.rotary_dim
+            ),
+        },
         Op::SiluMul { out, .. } => format!("silu_mul[{}]", cols(*out)),
         Op::Gelu { buf } => format!("gelu[{}]", cols(*buf)),
         Op::ReluSquare { buf } => format!("relu_square[{}]", cols(*buf)),

@@ -91,6 +91,7 @@ fn widest(spec: &KernelSpec) -> u64 {
             n_q_heads,
             n_kv_heads,
             head_dim,
+            ..
         } => (n_q_heads + 2 * n_kv_heads) * head_dim,
         KernelSpec::TokenShift { hidden, .. } | KernelSpec::Wkv { hidden, .. } => 5 * hidden,
     };

@@ -157,10 +157,11 @@ fn plan_for(
 ) -> Result<crate::formats::model_lib::plan::Plan> {
     let r = &g.recipes[recipe];
     let desc = stages::load::read_description(ctx, weights)?;
-    stages::codegen::lower(
+    stages::codegen::plan_for_target(
         &desc,
         r.quantization,
         stages::codegen::max_seq_len(&desc, r.max_seq_len),
+        &r.target,
     )
 }
 

@@ -6,7 +6,7 @@ use crate::error::user;
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::{
     BufId, BufferDecl, Op, Plan, StateDecl, StateId, WeightDecl, WeightId, WeightStorage,
-    PLAN_FORMAT_VERSION,
+    PLAN_FORMAT_BASE,
 };
 use crate::quant::scheme::{QuantScheme, TensorRole};
 use anyhow::Result;
@@ -129,7 +129,7 @@ impl PlanBuilder {
         logits: BufId,
     ) -> Plan {
         Plan {
-            format_version: PLAN_FORMAT_VERSION,
+            format_version: PLAN_FORMAT_BASE,
             arch: config.arch.clone(),
             quantization: scheme.name.to_string(),
             model_dtype: scheme.model_dtype,

@@ -25,8 +25,9 @@ use std::collections::BTreeMap;
 /// wgpu presets with `shader_f16` compute in f16 and keep an f16 KV cache (`codegen::wgsl`); MSL
 /// libraries also carry each kernel's WGSL (what the wgpu runtime loads). 6: cuda libraries of
 /// f16 schemes run prefill matmuls on f16 tensor cores (`codegen::cuda::gemm_f16`); cuda prefill
-/// attention runs in query tiles (`attention_tiled`).
-pub const VERSION: u32 = 6;
+/// attention runs in query tiles (`attention_tiled`). 7: cuda decode steps fuse
+/// (`codegen::fuse`: rotary into attention, silu-gate and residual epilogues of the GEMVs).
+pub const VERSION: u32 = 7;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
@@ -39,6 +40,22 @@ pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) 
         anyhow::anyhow!("model.json names unknown architecture {}", desc.config.arch)
     })?;
     arch.lower(&desc.config, scheme, max_seq_len)
+}
+
+/// The plan a target's library carries: the lowered plan, with its decode steps fused where the
+/// target's kernels implement the fused forms (cuda: [`crate::codegen::fuse`]). Tune and codegen
+/// both key on this plan, so a change in what fuses rebuilds them.
+pub fn plan_for_target(
+    desc: &ModelDescription,
+    scheme: &QuantScheme,
+    max_seq_len: usize,
+    target: &TargetSpec,
+) -> Result<Plan> {
+    let plan = lower(desc, scheme, max_seq_len)?;
+    Ok(match target.preset.backend {
+        "cuda" => crate::codegen::fuse::fuse_decode(plan),
+        _ => plan,
+    })
 }
 
 /// The naga release the kernels are compiled with (part of the cache key: another naga may emit

@@ -71,14 +71,67 @@ fn declare_attention(b: &mut CudaBuilder, n_q_heads: usize, n_kv_heads: usize, h
 /// positions `warp, warp + NWARPS, …` in one pass with an online softmax (running max, running
 /// sum, `ceil(head_dim/32)` output dims per lane); the warps' partial results merge in shared
 /// memory. Scores use warp-shuffle dot products over head_dim.
+///
+/// With `rotary_dim` (decode only, `T = 1`: the one key of this call is the block's own row),
+/// the block rotates its query and its kv head's new key in shared memory as [`rotary`] does
+/// (`scalar` = theta) and appends the rotated key: the rotary kernel and its pass over qkv are
+/// saved.
 pub fn attention(
     mut b: CudaBuilder,
     n_q_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    rotary_dim: Option<usize>,
 ) -> (String, CudaLaunch) {
     declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
-    let body = "    __shared__ float q_sh[HD];
+    let (load, new_key) = match rotary_dim {
+        None => (
+            "    if (h % GROUP == 0u) {
+        for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + kv_off + d];
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
+        }
+    }
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) q_sh[d] = qkv_t[h * HD + d];
+    __syncthreads();",
+            "qkv + (u64)(j - POS) * COLS + QC + kv_off",
+        ),
+        Some(rd) => {
+            b.const_u32("HALF", rd / 2);
+            b.const_u32("RD", rd);
+            b.params_scalar("theta");
+            (
+                "    __shared__ float k_sh[HD];
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+        q_sh[d] = qkv_t[h * HD + d];
+        k_sh[d] = qkv_t[QC + kv_off + d];
+    }
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < HALF; i += TPB) {
+        const float inv_freq = 1.0f / powf(scalar, (float)(2u * i) / (float)RD);
+        const float a = (float)(POS + t) * inv_freq;
+        float sn, cs;
+        sincosf(a, &sn, &cs);
+        float x0 = q_sh[i], x1 = q_sh[i + HALF];
+        q_sh[i] = x0 * cs - x1 * sn;
+        q_sh[i + HALF] = x1 * cs + x0 * sn;
+        x0 = k_sh[i]; x1 = k_sh[i + HALF];
+        k_sh[i] = x0 * cs - x1 * sn;
+        k_sh[i + HALF] = x1 * cs + x0 * sn;
+    }
+    __syncthreads();
+    if (h % GROUP == 0u) {
+        for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = k_sh[d];
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
+        }
+    }",
+                "k_sh",
+            )
+        }
+    };
+    let body = format!(
+        "    __shared__ float q_sh[HD];
     __shared__ float m_sh[NWARPS], l_sh[NWARPS];
     __shared__ float acc_sh[NWARPS][HD];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -86,69 +139,63 @@ pub fn attention(
     if (t >= T) return;
     const unsigned kv_off = (h / GROUP) * HD;
     const float* qkv_t = qkv + (u64)t * COLS;
-    if (h % GROUP == 0u) {
-        for (unsigned d = threadIdx.x; d < HD; d += TPB) {
-            k_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + kv_off + d];
-            v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
-        }
-    }
-    for (unsigned d = threadIdx.x; d < HD; d += TPB) q_sh[d] = qkv_t[h * HD + d];
-    __syncthreads();
+{load}
     const unsigned n_ctx = POS + t + 1u;
     float m = -3.0e38f, l = 0.0f, acc[DPL];
     #pragma unroll
     for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;
-    for (unsigned j = warp; j < n_ctx; j += NWARPS) {
+    for (unsigned j = warp; j < n_ctx; j += NWARPS) {{
         const float* key;
         const float* val;
-        if (j < POS) {
+        if (j < POS) {{
             key = k_cache + (u64)j * KVC + kv_off;
             val = v_cache + (u64)j * KVC + kv_off;
-        } else {
-            key = qkv + (u64)(j - POS) * COLS + QC + kv_off;
-            val = key + KVC;
-        }
+        }} else {{
+            key = {new_key};
+            val = qkv + (u64)(j - POS) * COLS + QC + KVC + kv_off;
+        }}
         float s = 0.0f;
         #pragma unroll
-        for (unsigned r = 0; r < DPL; ++r) {
+        for (unsigned r = 0; r < DPL; ++r) {{
             const unsigned d = lane + 32u * r;
             if (d < HD) s = fmaf(q_sh[d], key[d], s);
-        }
+        }}
         s = warp_sum(s) * SCALE;
         const float mn = fmaxf(m, s);
         const float corr = expf(m - mn), p = expf(s - mn);
         l = l * corr + p;
         #pragma unroll
-        for (unsigned r = 0; r < DPL; ++r) {
+        for (unsigned r = 0; r < DPL; ++r) {{
             const unsigned d = lane + 32u * r;
             acc[r] = acc[r] * corr + (d < HD ? p * val[d] : 0.0f);
-        }
+        }}
         m = mn;
-    }
+    }}
     #pragma unroll
-    for (unsigned r = 0; r < DPL; ++r) {
+    for (unsigned r = 0; r < DPL; ++r) {{
         const unsigned d = lane + 32u * r;
         if (d < HD) acc_sh[warp][d] = acc[r];
-    }
-    if (lane == 0u) { m_sh[warp] = m; l_sh[warp] = l; }
+    }}
+    if (lane == 0u) {{ m_sh[warp] = m; l_sh[warp] = l; }}
     __syncthreads();
     float mx = -3.0e38f;
     for (unsigned w = 0; w < NWARPS; ++w) mx = fmaxf(mx, m_sh[w]);
     float total = 0.0f;
     for (unsigned w = 0; w < NWARPS; ++w) total += l_sh[w] * expf(m_sh[w] - mx);
-    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
         float o = 0.0f;
         for (unsigned w = 0; w < NWARPS; ++w) o += acc_sh[w][d] * expf(m_sh[w] - mx);
         y[(u64)t * QC + h * HD + d] = o / total;
-    }
-";
+    }}
+"
+    );
     let tpb = b.tuning.threads_per_block;
     let grid = [
         GridDim::fixed(n_q_heads as u64, 1),
         GridDim::tokens(1),
         GridDim::one(),
     ];
-    b.finish("", body, tpb, grid)
+    b.finish("", &body, tpb, grid)
 }
 
 /// Query rows per block and keys per shared-memory tile of [`attention_tiled`], and its threads.

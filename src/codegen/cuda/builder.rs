@@ -48,6 +48,10 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+// silu(g) * u (Llama's gated MLP), as the CPU computes it.
+__device__ __forceinline__ float silu_gate(float g, float u) {
+    return g * (1.0f / (1.0f + expf(-g))) * u;
+}
 // Sum over the block; `red` holds one float per warp. Every thread gets the total.
 __device__ __forceinline__ float block_sum(float v, float* red) {
     v = warp_sum(v);

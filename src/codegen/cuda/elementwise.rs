@@ -56,6 +56,6 @@ pub fn binary(mut b: CudaBuilder, op: Binary, cols: usize) -> (String, CudaLaunc
 pub fn silu_mul(mut b: CudaBuilder, cols: usize) -> (String, CudaLaunch) {
     b.activation("input", false, "x");
     b.activation("out", true, "y");
-    let stmt = "const float g = x[(u64)t * 2u * COLS + c], u = x[(u64)t * 2u * COLS + COLS + c]; y[(u64)t * COLS + c] = g * (1.0f / (1.0f + expf(-g))) * u;";
+    let stmt = "const float g = x[(u64)t * 2u * COLS + c], u = x[(u64)t * 2u * COLS + COLS + c]; y[(u64)t * COLS + c] = silu_gate(g, u);";
     finish(b, cols, stmt)
 }

@@ -23,7 +23,7 @@
 use super::builder::CudaBuilder;
 use super::launch::{CudaLaunch, GridDim, GEMM_THREADS};
 use super::weights::{declare_matrix, declare_round, declare_vector};
-use crate::codegen::wgsl::spec::{MatrixSpec, MatrixStorage, Phase};
+use crate::codegen::wgsl::spec::{Epilogue, MatrixSpec, MatrixStorage, Phase};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -57,22 +57,32 @@ pub fn matmul(
     phase: Phase,
     logits: bool,
     f16: bool,
+    epilogue: Epilogue,
 ) -> Result<(String, CudaLaunch), String> {
     b.activation("input", false, "x");
     declare_matrix(&mut b, "weight", m);
     if let Some(d) = bias {
         declare_vector(&mut b, "bias", d, "bias");
     }
-    if logits {
+    if epilogue.residual {
+        // The residual is usually the output itself (`h = h + x·Wᵀ`): neither is `__restrict__`.
+        b.activation_aliased("residual", false, "res");
+        b.activation_aliased("out", true, "y");
+    } else if logits {
         b.logits("y");
     } else {
         b.activation("out", true, "y");
     }
+    let out_n = if epilogue.silu_gate { m.n / 2 } else { m.n };
+    b.const_u32("OUT_N", out_n);
     let plus_bias = if bias.is_some() { " + bias_at(n)" } else { "" };
     let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
     match (phase, kn) {
-        (Phase::Decode, false) => gemv_nk(b, m, plus_bias),
-        (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias)),
+        (Phase::Decode, false) => gemv_nk(b, m, plus_bias, epilogue),
+        (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, epilogue)),
+        (Phase::Prefill, _) if epilogue != Epilogue::default() => {
+            Err("the prefill GEMMs have no epilogue (only decode steps fuse)".into())
+        }
         (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias)),
         (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
     }
@@ -183,18 +193,18 @@ fn nk_scalar(m: &MatrixSpec) -> String {
         MatrixStorage::Raw(_) => "for (unsigned k = threadIdx.x; k < W_K; k += TPB) {
             const float xk = xr[k];
             #pragma unroll
-            for (unsigned r = 0; r < RPB; ++r) {
-                const unsigned n = n0 + r;
-                if (n < W_N) acc[r] = fmaf(w_at(n, k), xk, acc[r]);
+            for (unsigned r = 0; r < NR; ++r) {
+                const unsigned n = row_n(r);
+                if (row_ok(r)) acc[r] = fmaf(w_at(n, k), xk, acc[r]);
             }
         }"
         .into(),
         MatrixStorage::Quant(_) => "for (unsigned w = threadIdx.x; w < W_WPR; w += TPB) {
             const unsigned g = w / W_WPG, j0 = (w % W_WPG) * W_PER_WORD, k0 = g * W_GROUP + j0;
             #pragma unroll
-            for (unsigned r = 0; r < RPB; ++r) {
-                const unsigned n = n0 + r;
-                if (n >= W_N) continue;
+            for (unsigned r = 0; r < NR; ++r) {
+                const unsigned n = row_n(r);
+                if (!row_ok(r)) continue;
                 const float s = w_scale(n, g), mn = w_min(n, g);
                 unsigned word = w_word(n, w);
                 for (unsigned j = 0; j < W_PER_WORD; ++j) {
@@ -214,9 +224,12 @@ fn gemv_nk(
     mut b: CudaBuilder,
     m: &MatrixSpec,
     plus_bias: &str,
+    epilogue: Epilogue,
 ) -> Result<(String, CudaLaunch), String> {
     let rpb = b.tuning.rows_per_block;
     b.const_u32("RPB", rpb as usize);
+    // Weight rows per block: with a silu gate, each output row needs its gate and its up row.
+    b.const_u32("NR", rpb as usize * if epilogue.silu_gate { 2 } else { 1 });
     let inner = match nk_chunks(m) {
         Some(ch) => {
             b.const_u32("VPC", ch.vpc);
@@ -230,9 +243,9 @@ fn gemv_nk(
             for (unsigned i = 0; i < VPC; ++i) sx += xv[i];
             (void)sx;
             #pragma unroll
-            for (unsigned r = 0; r < RPB; ++r) {{
-                const unsigned n = n0 + r;
-                if (n >= W_N) continue;
+            for (unsigned r = 0; r < NR; ++r) {{
+                const unsigned n = row_n(r);
+                if (!row_ok(r)) continue;
                 {}
             }}
         }}",
@@ -242,51 +255,104 @@ fn gemv_nk(
         }
         None => nk_scalar(m),
     };
+    let row_of = if epilogue.silu_gate {
+        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
+    } else {
+        "n0 + r"
+    };
+    let store = store_output(epilogue, "o", "out_val(r)", "out_val(r + RPB)");
     let body = format!(
-        "    __shared__ float part[NWARPS][RPB];
+        "    __shared__ float part[NWARPS][NR];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const unsigned t = blockIdx.y;
     if (t >= ROWS) return;
     const float* xr = x + (u64)(ROW0 + t) * W_K;
+    // The block's output rows are n0 .. n0 + RPB; accumulator r belongs to weight row row_n(r).
     const unsigned n0 = blockIdx.x * RPB;
-    float acc[RPB];
+    auto row_n = [&](unsigned r) -> unsigned {{ return {row_of}; }};
+    auto row_ok = [&](unsigned r) -> bool {{ return n0 + r % RPB < OUT_N; }};
+    float acc[NR];
     #pragma unroll
-    for (unsigned r = 0; r < RPB; ++r) acc[r] = 0.0f;
+    for (unsigned r = 0; r < NR; ++r) acc[r] = 0.0f;
         {inner}
     #pragma unroll
-    for (unsigned r = 0; r < RPB; ++r) {{
+    for (unsigned r = 0; r < NR; ++r) {{
         const float v = warp_sum(acc[r]);
         if (lane == 0u) part[warp][r] = v;
     }}
     __syncthreads();
-    for (unsigned r = threadIdx.x; r < RPB; r += TPB) {{
-        const unsigned n = n0 + r;
-        if (n >= W_N) continue;
+    auto out_val = [&](unsigned r) -> float {{
+        const unsigned n = row_n(r);
         float total = 0.0f;
         for (unsigned w = 0; w < NWARPS; ++w) total += part[w][r];
-        y[(u64)t * W_N + n] = total{plus_bias};
+        return total{plus_bias};
+    }};
+    for (unsigned r = threadIdx.x; r < RPB; r += TPB) {{
+        const unsigned o = n0 + r;
+        if (o >= OUT_N) continue;
+        {store}
     }}
 "
     );
     let tpb = b.tuning.threads_per_block;
+    let out_n = if epilogue.silu_gate { m.n / 2 } else { m.n };
     let grid = [
-        GridDim::fixed(m.n as u64, rpb as u64),
+        GridDim::fixed(out_n as u64, rpb as u64),
         GridDim::rows(1),
         GridDim::one(),
     ];
     Ok(b.finish("", &body, tpb, grid))
 }
 
-fn gemv_kn(b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
+fn gemv_kn(
+    b: CudaBuilder,
+    m: &MatrixSpec,
+    plus_bias: &str,
+    epilogue: Epilogue,
+) -> (String, CudaLaunch) {
+    // Lane l computes weight row n. Plain: 32 neighbouring rows per block. Silu-gated: 16 output
+    // rows, lanes 0-15 their gate rows and lanes 16-31 their up rows; the up value moves down 16
+    // lanes for the product.
+    let (per_block, rows) = if epilogue.silu_gate {
+        (
+            16u64,
+            "const unsigned o = blockIdx.x * 16u + (lane & 15u);
+    const unsigned n = lane < 16u ? o : OUT_N + o;",
+        )
+    } else {
+        (
+            32u64,
+            "const unsigned o = blockIdx.x * 32u + lane;
+    const unsigned n = o;",
+        )
+    };
+    let finish = if epilogue.silu_gate {
+        format!(
+            "const float v = o < OUT_N ? total{plus_bias} : 0.0f;
+        const float u = __shfl_sync(0xffffffffu, v, lane + 16u);
+        if (lane < 16u && o < OUT_N) {{
+            {}
+        }}",
+            store_output(epilogue, "o", "v", "u")
+        )
+    } else {
+        format!(
+            "if (o < OUT_N) {{
+            const float v = total{plus_bias};
+            {}
+        }}",
+            store_output(epilogue, "o", "v", "")
+        )
+    };
     let body = format!(
         "    __shared__ float part[NWARPS][32];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const unsigned t = blockIdx.y;
     if (t >= ROWS) return;
     const float* xr = x + (u64)(ROW0 + t) * W_K;
-    const unsigned n = blockIdx.x * 32u + lane;
+    {rows}
     float acc = 0.0f;
-    if (n < W_N) {{
+    if (o < OUT_N) {{
         for (unsigned g = warp; g < W_NG; g += NWARPS) {{
             float sqx = 0.0f, sx = 0.0f;
             for (unsigned wi = 0; wi < W_WPG; ++wi) {{
@@ -308,20 +374,35 @@ fn gemv_kn(b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaun
     }}
     part[warp][lane] = acc;
     __syncthreads();
-    if (warp == 0u && n < W_N) {{
+    if (warp == 0u) {{
         float total = 0.0f;
         for (unsigned i = 0; i < NWARPS; ++i) total += part[i][lane];
-        y[(u64)t * W_N + n] = total{plus_bias};
+        {finish}
     }}
 "
     );
     let tpb = b.tuning.threads_per_block;
+    let out_n = if epilogue.silu_gate { m.n / 2 } else { m.n };
     let grid = [
-        GridDim::fixed(m.n as u64, 32),
+        GridDim::fixed(out_n as u64, per_block),
         GridDim::rows(1),
         GridDim::one(),
     ];
     b.finish("", &body, tpb, grid)
+}
+
+/// The statement storing output element `o` of row `t` from the product `v` of its weight row
+/// (bias added) and, for a silu gate, `u` of its up row: `silu(v)·u`, then `+ res` (as the CPU's
+/// `SiluMul` and `Add`, in that order), else `v`.
+fn store_output(e: Epilogue, o: &str, v: &str, u: &str) -> String {
+    let mut value = v.to_string();
+    if e.silu_gate {
+        value = format!("silu_gate({value}, {u})");
+    }
+    if e.residual {
+        value = format!("res[(u64)t * OUT_N + {o}] + {value}");
+    }
+    format!("y[(u64)t * OUT_N + {o}] = {value};")
 }
 
 /// Output tile of the tensor-core GEMM: rows (tokens) × columns (features), and K per step.

@@ -108,11 +108,18 @@ pub fn generate(
     let (source, launch) = match spec {
         KernelSpec::Embedding { m } => matmul::embedding(b, m),
         KernelSpec::Matmul {
+            phase: Phase::Prefill,
+            ..
+        } if spec.fused() => {
+            bail!("kernel {signature}: the prefill GEMMs have no epilogue (only decode steps fuse; an mlcb bug)")
+        }
+        KernelSpec::Matmul {
             m,
             bias,
             phase,
             logits,
-        } => matmul::matmul(b, m, *bias, *phase, *logits, f16).map_err(|e| {
+            epilogue,
+        } => matmul::matmul(b, m, *bias, *phase, *logits, f16, *epilogue).map_err(|e| {
             crate::error::user(format!("tuning record for kernel {signature}: {e}"))
         })?,
         KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),
@@ -124,9 +131,16 @@ pub fn generate(
             rotary_dim,
         } => attention::rotary(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim),
         KernelSpec::Attention {
+            rotary_dim: Some(_),
+            ..
+        } if phase_of(signature) != Some(Phase::Decode) => {
+            bail!("kernel {signature}: only decode attention applies rotary itself (an mlcb bug)")
+        }
+        KernelSpec::Attention {
             n_q_heads,
             n_kv_heads,
             head_dim,
+            ..
         } if attention::tiled(phase_of(signature), *head_dim) => {
             attention::attention_tiled(b, *n_q_heads, *n_kv_heads, *head_dim)
         }
@@ -134,14 +148,16 @@ pub fn generate(
             n_q_heads,
             n_kv_heads,
             head_dim,
+            rotary_dim,
         } => {
-            // Shared memory: q, per-warp partial outputs and softmax statistics (48 KiB static).
-            let bytes =
-                4 * (head_dim * (1 + tuning.warps() as usize) + 2 * tuning.warps() as usize);
+            // Shared memory: q (and the rotated key), per-warp partial outputs and softmax
+            // statistics (48 KiB static).
+            let vectors = 1 + rotary_dim.is_some() as usize + tuning.warps() as usize;
+            let bytes = 4 * (head_dim * vectors + 2 * tuning.warps() as usize);
             if bytes > 48 << 10 {
                 bail!("kernel {signature}: head_dim {head_dim} with {} threads per block needs {bytes} bytes of shared memory (at most 48 KiB); use fewer threads", tuning.threads_per_block);
             }
-            attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim)
+            attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim)
         }
         KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
         KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),

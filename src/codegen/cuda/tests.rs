@@ -47,6 +47,7 @@ fn all_specs() -> Vec<KernelSpec> {
         bias: None,
         phase: Phase::Decode,
         logits: false,
+        epilogue: Default::default(),
     });
     specs
 }
@@ -193,6 +194,7 @@ fn gemv_chunks_cover_each_scheme_group() {
             bias: None,
             phase: Phase::Decode,
             logits: false,
+            epilogue: Default::default(),
         };
         let k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
         assert!(
@@ -229,6 +231,7 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
             bias: None,
             phase: Phase::Prefill,
             logits: false,
+            epilogue: Default::default(),
         };
         let k = generate("x", &spec, tunings()[0], "sm_80", true).unwrap();
         assert!(k.source.contains(regs), "{scheme}:\n{}", k.source);
@@ -256,6 +259,7 @@ fn bad_tunings_are_refused() {
         bias: None,
         phase: Phase::Decode,
         logits: false,
+        epilogue: Default::default(),
     };
     // 2 warps cannot split 64 rows evenly the other way round: fine (32 rows per warp).
     let ok = CudaTuning {
@@ -267,6 +271,7 @@ fn bad_tunings_are_refused() {
         n_q_heads: 2,
         n_kv_heads: 1,
         head_dim: 4096,
+        rotary_dim: None,
     };
     let t = CudaTuning {
         threads_per_block: 1024,
@@ -288,6 +293,7 @@ fn ptx_is_deterministic_and_nvrtc_is_versioned() {
         n_q_heads: 4,
         n_kv_heads: 2,
         head_dim: 64,
+        rotary_dim: None,
     };
     let k = generate("a", &spec, tunings()[0], "sm_90", false).unwrap();
     assert_eq!(compile(&k, "sm_90").unwrap(), compile(&k, "sm_90").unwrap());

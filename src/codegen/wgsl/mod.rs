@@ -135,6 +135,9 @@ pub fn generate(
     f16: bool,
 ) -> Result<WgslKernel> {
     check_dims(signature, spec)?;
+    if spec.fused() {
+        bail!("kernel {signature}: the WGSL kernels have no fused steps (only cuda plans fuse them; an mlcb bug)");
+    }
     let ep = entry_point(spec);
     let b = KernelBuilder::new(&ep, tuning, f16);
     let (source, launch) = match spec {
@@ -144,6 +147,7 @@ pub fn generate(
             bias,
             phase,
             logits,
+            ..
         } => matmul::matmul(b, m, *bias, *phase, *logits),
         KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),
         KernelSpec::LayerNorm { cols, weight, bias } => norm::layer_norm(b, *cols, *weight, *bias),
@@ -157,6 +161,7 @@ pub fn generate(
             n_q_heads,
             n_kv_heads,
             head_dim,
+            ..
         } => attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim),
         KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
         KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),

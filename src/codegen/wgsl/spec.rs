@@ -79,6 +79,14 @@ pub enum Phase {
     Decode,
 }
 
+/// A matmul kernel's epilogue (the plan's `MatmulEpilogue` without buffer ids): the product is
+/// `[gate | up]` and the kernel writes `silu(gate) * up`; and/or it adds a residual buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Epilogue {
+    pub silu_gate: bool,
+    pub residual: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum KernelSpec {
     Embedding {
@@ -99,6 +107,7 @@ pub enum KernelSpec {
         bias: Option<DType>,
         phase: Phase,
         logits: bool,
+        epilogue: Epilogue,
     },
     Rotary {
         n_q_heads: usize,
@@ -106,10 +115,13 @@ pub enum KernelSpec {
         head_dim: usize,
         rotary_dim: usize,
     },
+    /// `rotary_dim`: the fused rotary embedding ([`Op::Attention`]'s `rotary`; theta is the
+    /// kernel's scalar parameter).
     Attention {
         n_q_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
+        rotary_dim: Option<usize>,
     },
     SiluMul {
         cols: usize,
@@ -131,6 +143,17 @@ pub enum KernelSpec {
         time_decay: DType,
         time_first: DType,
     },
+}
+
+impl KernelSpec {
+    /// Whether the kernel runs a fused step (a matmul epilogue, rotary inside attention).
+    pub fn fused(&self) -> bool {
+        match self {
+            KernelSpec::Matmul { epilogue, .. } => *epilogue != Epilogue::default(),
+            KernelSpec::Attention { rotary_dim, .. } => rotary_dim.is_some(),
+            _ => false,
+        }
+    }
 }
 
 fn float_dtype(d: DType, what: &str) -> Result<DType> {
@@ -253,17 +276,36 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
             weight: vector(plan, *weight)?,
             bias: vector(plan, *bias)?,
         },
-        Op::Matmul { weight, bias, .. } => KernelSpec::Matmul {
-            m: matrix(plan, *weight)?,
-            bias: bias.map(|b| vector(plan, b)).transpose()?,
-            phase,
-            logits: false,
-        },
+        Op::Matmul {
+            weight,
+            bias,
+            epilogue,
+            ..
+        } => {
+            let m = matrix(plan, *weight)?;
+            if epilogue.silu_gate && m.n % 2 != 0 {
+                bail!(
+                    "a silu-gated matmul needs an even number of rows, not {}",
+                    m.n
+                );
+            }
+            KernelSpec::Matmul {
+                m,
+                bias: bias.map(|b| vector(plan, b)).transpose()?,
+                phase,
+                logits: false,
+                epilogue: Epilogue {
+                    silu_gate: epilogue.silu_gate,
+                    residual: epilogue.residual.is_some(),
+                },
+            }
+        }
         Op::Logits { weight, .. } => KernelSpec::Matmul {
             m: matrix(plan, *weight)?,
             bias: None,
             phase,
             logits: true,
+            epilogue: Epilogue::default(),
         },
         &Op::Rotary {
             n_q_heads,
@@ -272,9 +314,7 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
             rotary_dim,
             ..
         } => {
-            if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
-                bail!("rotary_dim {rotary_dim} must be even, positive and at most head_dim {head_dim}");
-            }
+            check_rotary_dim(rotary_dim, head_dim)?;
             KernelSpec::Rotary {
                 n_q_heads,
                 n_kv_heads,
@@ -286,15 +326,21 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
             n_q_heads,
             n_kv_heads,
             head_dim,
+            rotary,
             ..
         } => {
             if n_kv_heads == 0 || head_dim == 0 || n_q_heads % n_kv_heads != 0 {
                 bail!("attention with {n_q_heads} query heads, {n_kv_heads} kv heads, head_dim {head_dim}");
             }
+            let rotary_dim = rotary.map(|r| r.rotary_dim);
+            if let Some(rd) = rotary_dim {
+                check_rotary_dim(rd, head_dim)?;
+            }
             KernelSpec::Attention {
                 n_q_heads,
                 n_kv_heads,
                 head_dim,
+                rotary_dim,
             }
         }
         Op::SiluMul { out, .. } => KernelSpec::SiluMul {
@@ -330,6 +376,13 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
             time_first: vector(plan, *time_first)?,
         },
     })
+}
+
+fn check_rotary_dim(rotary_dim: usize, head_dim: usize) -> Result<()> {
+    if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        bail!("rotary_dim {rotary_dim} must be even, positive and at most head_dim {head_dim}");
+    }
+    Ok(())
 }
 
 fn unary(op: Unary, cols: usize) -> KernelSpec {

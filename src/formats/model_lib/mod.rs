@@ -110,10 +110,13 @@ impl ModelLibrary {
         let hend = 24 + hlen as usize;
         let header: LibraryHeader = serde_json::from_slice(&bytes[24..hend])
             .map_err(|e| crate::error::user(format!("{origin}: invalid library header: {e}")))?;
-        if header.plan.format_version != plan::PLAN_FORMAT_VERSION {
+        if !(plan::PLAN_FORMAT_BASE..=plan::PLAN_FORMAT_VERSION)
+            .contains(&header.plan.format_version)
+        {
             crate::user_bail!(
-                "{origin} holds execution-plan version {}, this mlcb runs version {}; rebuild it",
+                "{origin} holds execution-plan version {}, this mlcb runs versions {} to {}; rebuild it",
                 header.plan.format_version,
+                plan::PLAN_FORMAT_BASE,
                 plan::PLAN_FORMAT_VERSION
             );
         }

@@ -16,8 +16,14 @@
 use crate::formats::dtype::DType;
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a change would make an older runtime misread a plan.
-pub const PLAN_FORMAT_VERSION: u32 = 1;
+/// Bumped whenever a change would make an older runtime misread a plan: the newest version this
+/// mlcb writes and reads. 2: fused steps ([`MatmulEpilogue`], [`Op::Attention`]'s `rotary`).
+pub const PLAN_FORMAT_VERSION: u32 = 2;
+
+/// The oldest version this mlcb reads, and the version of every plan without fused steps: such a
+/// plan is written as version 1 so that a runtime from before fusion still runs it (and libraries
+/// of targets that do not fuse stay byte for byte what they were).
+pub const PLAN_FORMAT_BASE: u32 = 1;
 
 pub type BufId = usize;
 pub type WeightId = usize;
@@ -124,12 +130,15 @@ pub enum Op {
         eps: f32,
         out: BufId,
     },
-    /// `out[T, N] = input[T, K] · weightᵀ + bias`. `out` must differ from `input`.
+    /// `out[T, N] = input[T, K] · weightᵀ + bias`, then the epilogue. `out` must differ from
+    /// `input`.
     Matmul {
         input: BufId,
         weight: WeightId,
         bias: Option<WeightId>,
         out: BufId,
+        #[serde(default, skip_serializing_if = "MatmulEpilogue::is_none")]
+        epilogue: MatmulEpilogue,
     },
     /// Rotary position embedding, in place, on the q and k parts of a fused qkv buffer whose columns
     /// are `[q: n_q_heads*head_dim | k: n_kv_heads*head_dim | v: n_kv_heads*head_dim]`.
@@ -148,6 +157,10 @@ pub enum Op {
     /// cache `state` at positions `pos..pos+T`, then causal attention for each query row:
     /// `softmax(q·kᵀ / sqrt(head_dim)) · v` over cache positions `0..=pos+t`; query head `h` uses kv head
     /// `h / (n_q_heads / n_kv_heads)`. `out` is `[T, n_q_heads*head_dim]`.
+    ///
+    /// With `rotary`, the op first applies [`Op::Rotary`] (same fields, `n_q_heads`, `n_kv_heads`
+    /// and `head_dim` as here) to this call's q and k as it reads them: the cache receives rotated
+    /// keys, and `qkv` itself is left as it was.
     Attention {
         qkv: BufId,
         state: StateId,
@@ -155,6 +168,8 @@ pub enum Op {
         n_kv_heads: usize,
         head_dim: usize,
         out: BufId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotary: Option<FusedRotary>,
     },
     /// `out = silu(input[:, :I]) * input[:, I:]` with `I = out.cols` (input is `[gate | up]`).
     SiluMul { input: BufId, out: BufId },
@@ -194,6 +209,46 @@ pub enum Op {
     /// `logits[rows, vocab] = input[rows] · weightᵀ` where rows are all `T` rows when the caller asks
     /// for every position (evaluation), else only the last row.
     Logits { input: BufId, weight: WeightId },
+}
+
+/// What a fused [`Op::Matmul`] does with its product `p = input · weightᵀ + bias` (applied in
+/// this order). The default (neither) writes `p`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatmulEpilogue {
+    /// `p` has twice `out`'s columns, `[gate | up]`, and `out = silu(gate) * up` (as
+    /// [`Op::SiluMul`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub silu_gate: bool,
+    /// `out = p + residual` (as [`Op::Add`]); `residual` may be `out` itself (each element is read
+    /// before it is written, by the same step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<BufId>,
+}
+
+impl MatmulEpilogue {
+    pub fn is_none(&self) -> bool {
+        *self == MatmulEpilogue::default()
+    }
+}
+
+/// The rotary embedding a fused [`Op::Attention`] applies (fields as in [`Op::Rotary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FusedRotary {
+    pub rotary_dim: usize,
+    pub theta: f32,
+}
+
+impl Op {
+    /// A plain matmul (no epilogue).
+    pub fn matmul(input: BufId, weight: WeightId, bias: Option<WeightId>, out: BufId) -> Op {
+        Op::Matmul {
+            input,
+            weight,
+            bias,
+            out,
+            epilogue: MatmulEpilogue::default(),
+        }
+    }
 }
 
 impl Plan {

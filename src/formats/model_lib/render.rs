@@ -93,16 +93,23 @@ fn render_op(plan: &Plan, op: &Op) -> String {
             weight,
             bias,
             out,
+            epilogue,
         } => {
-            format!(
-                "{} = matmul({}, {}{})",
-                b(out),
+            let mut product = format!(
+                "matmul({}, {}{})",
                 b(input),
                 w(weight),
                 bias.as_ref()
                     .map(|x| format!(", bias={}", w(x)))
                     .unwrap_or_default()
-            )
+            );
+            if epilogue.silu_gate {
+                product = format!("silu_gate({product})");
+            }
+            if let Some(r) = epilogue.residual {
+                product = format!("{} + {product}", b(&r));
+            }
+            format!("{} = {product}", b(out))
         }
         Op::Logits { input, weight } => format!("logits = matmul({}, {})", b(input), w(weight)),
         other => format!("{other:?}"),

@@ -67,12 +67,7 @@ pub fn lower(
                 out: x_mlp,
             });
         }
-        b.op(Op::Matmul {
-            input: x,
-            weight: qkv_w,
-            bias: qkv_b,
-            out: qkv,
-        });
+        b.op(Op::matmul(x, qkv_w, qkv_b, qkv));
         b.op(Op::Rotary {
             qkv,
             n_q_heads: heads,
@@ -88,13 +83,9 @@ pub fn lower(
             n_kv_heads: heads,
             head_dim: hd,
             out: attn,
+            rotary: None,
         });
-        b.op(Op::Matmul {
-            input: attn,
-            weight: dense_w,
-            bias: dense_b,
-            out: proj,
-        });
+        b.op(Op::matmul(attn, dense_w, dense_b, proj));
         b.op(Op::Add {
             a: h,
             b: proj,
@@ -110,19 +101,9 @@ pub fn lower(
                 out: x_mlp,
             });
         }
-        b.op(Op::Matmul {
-            input: x_mlp,
-            weight: up_w,
-            bias: Some(up_b),
-            out: ff,
-        });
+        b.op(Op::matmul(x_mlp, up_w, Some(up_b), ff));
         b.op(Op::Gelu { buf: ff });
-        b.op(Op::Matmul {
-            input: ff,
-            weight: down_w,
-            bias: Some(down_b),
-            out: proj,
-        });
+        b.op(Op::matmul(ff, down_w, Some(down_b), proj));
         b.op(Op::Add {
             a: h,
             b: proj,

@@ -50,12 +50,7 @@ pub fn lower(
             eps,
             out: x,
         });
-        b.op(Op::Matmul {
-            input: x,
-            weight: wqkv,
-            bias: None,
-            out: qkv,
-        });
+        b.op(Op::matmul(x, wqkv, None, qkv));
         b.op(Op::Rotary {
             qkv,
             n_q_heads: nq,
@@ -71,13 +66,9 @@ pub fn lower(
             n_kv_heads: nkv,
             head_dim: hd,
             out: attn,
+            rotary: None,
         });
-        b.op(Op::Matmul {
-            input: attn,
-            weight: wo,
-            bias: None,
-            out: proj,
-        });
+        b.op(Op::matmul(attn, wo, None, proj));
         b.op(Op::Add {
             a: h,
             b: proj,
@@ -89,22 +80,12 @@ pub fn lower(
             eps,
             out: x,
         });
-        b.op(Op::Matmul {
-            input: x,
-            weight: wgu,
-            bias: None,
-            out: gate_up,
-        });
+        b.op(Op::matmul(x, wgu, None, gate_up));
         b.op(Op::SiluMul {
             input: gate_up,
             out: act,
         });
-        b.op(Op::Matmul {
-            input: act,
-            weight: wd,
-            bias: None,
-            out: proj,
-        });
+        b.op(Op::matmul(act, wd, None, proj));
         b.op(Op::Add {
             a: h,
             b: proj,

@@ -75,24 +75,9 @@ pub fn lower(
             mixes: att_mixes,
             outs: vec![xk, xv, xr],
         });
-        b.op(Op::Matmul {
-            input: xk,
-            weight: att_k,
-            bias: None,
-            out: k,
-        });
-        b.op(Op::Matmul {
-            input: xv,
-            weight: att_v,
-            bias: None,
-            out: v,
-        });
-        b.op(Op::Matmul {
-            input: xr,
-            weight: att_r,
-            bias: None,
-            out: r,
-        });
+        b.op(Op::matmul(xk, att_k, None, k));
+        b.op(Op::matmul(xv, att_v, None, v));
+        b.op(Op::matmul(xr, att_r, None, r));
         b.op(Op::Sigmoid { buf: r });
         b.op(Op::RwkvWkv {
             k,
@@ -107,12 +92,7 @@ pub fn lower(
             b: wkv,
             out: r,
         });
-        b.op(Op::Matmul {
-            input: r,
-            weight: att_out,
-            bias: None,
-            out: proj,
-        });
+        b.op(Op::matmul(r, att_out, None, proj));
         b.op(Op::Add {
             a: h,
             b: proj,
@@ -133,25 +113,10 @@ pub fn lower(
             mixes: ffn_mixes,
             outs: vec![xk, xr],
         });
-        b.op(Op::Matmul {
-            input: xk,
-            weight: ffn_k,
-            bias: None,
-            out: ffk,
-        });
+        b.op(Op::matmul(xk, ffn_k, None, ffk));
         b.op(Op::ReluSquare { buf: ffk });
-        b.op(Op::Matmul {
-            input: ffk,
-            weight: ffn_v,
-            bias: None,
-            out: proj,
-        });
-        b.op(Op::Matmul {
-            input: xr,
-            weight: ffn_r,
-            bias: None,
-            out: r,
-        });
+        b.op(Op::matmul(ffk, ffn_v, None, proj));
+        b.op(Op::matmul(xr, ffn_r, None, r));
         b.op(Op::Sigmoid { buf: r });
         b.op(Op::Mul {
             a: r,

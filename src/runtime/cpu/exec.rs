@@ -191,12 +191,37 @@ impl CpuSession<'_> {
                 weight,
                 bias,
                 out,
-            } => {
+                epilogue,
+            } if epilogue.is_none() => {
                 let (x, o) = self.in_out(input, out);
                 decode_or_prefill_matmul(&model.weights[weight], x, t, o);
                 if let Some(b) = bias {
                     add_bias(o, model.vector(b));
                 }
+            }
+            Op::Matmul {
+                input,
+                weight,
+                bias,
+                out,
+                epilogue,
+            } => {
+                // The unfused ops' kernels, in their order, on a product buffer of its own.
+                let w = &model.weights[weight];
+                let mut p = vec![0f32; t * w.shape[0]];
+                decode_or_prefill_matmul(w, &self.buffers[input], t, &mut p);
+                if let Some(b) = bias {
+                    add_bias(&mut p, model.vector(b));
+                }
+                if epilogue.silu_gate {
+                    let mut gated = vec![0f32; p.len() / 2];
+                    elementwise::silu_mul::<E>(&p, &mut gated, w.shape[0] / 2);
+                    p = gated;
+                }
+                if let Some(r) = epilogue.residual {
+                    zip_in_place(&mut p, &self.buffers[r], |p, r| r + p);
+                }
+                self.buffers[out] = p;
             }
             Op::Rotary {
                 qkv,
@@ -221,12 +246,32 @@ impl CpuSession<'_> {
                 n_kv_heads,
                 head_dim,
                 out,
+                rotary,
             } => {
                 let State::Kv(cache) = &mut self.states[state] else {
                     unreachable!("validated: attention names a KV cache")
                 };
-                let (x, o) = in_out(&mut self.buffers, qkv, out);
-                attention::<E>(x, pos, n_q_heads, n_kv_heads, head_dim, cache, o);
+                match rotary {
+                    None => {
+                        let (x, o) = in_out(&mut self.buffers, qkv, out);
+                        attention::<E>(x, pos, n_q_heads, n_kv_heads, head_dim, cache, o);
+                    }
+                    Some(r) => {
+                        // The fused op leaves qkv as it is: rotate a copy.
+                        let mut x = self.buffers[qkv].clone();
+                        rotary::rotary(
+                            &mut x,
+                            pos,
+                            n_q_heads,
+                            n_kv_heads,
+                            head_dim,
+                            r.rotary_dim,
+                            r.theta,
+                        );
+                        let o = &mut self.buffers[out];
+                        attention::<E>(&x, pos, n_q_heads, n_kv_heads, head_dim, cache, o);
+                    }
+                }
             }
             Op::SiluMul { input, out } => {
                 let cols = model.plan.buffers[out].cols;
@@ -375,7 +420,13 @@ pub fn forward_intercepting(
                 weight,
                 bias,
                 out,
+                epilogue,
             } => {
+                // Calibration runs the plans the model lowers to, which fuse nothing.
+                anyhow::ensure!(
+                    epilogue.is_none(),
+                    "lockstep sessions run unfused plans (an mlcb bug)"
+                );
                 let mut pairs: Vec<(&[f32], &mut [f32])> = sessions
                     .iter_mut()
                     .map(|s| in_out(&mut s.buffers, input, out))

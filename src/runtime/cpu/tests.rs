@@ -23,12 +23,7 @@ fn plan() -> Plan {
     let ops = vec![
         Op::Embedding { weight: 0, out: 0 },
         Op::Add { a: 0, b: 0, out: 0 },
-        Op::Matmul {
-            input: 0,
-            weight: 1,
-            bias: Some(2),
-            out: 1,
-        },
+        Op::matmul(0, 1, Some(2), 1),
         Op::Logits {
             input: 1,
             weight: 0,
@@ -182,32 +177,18 @@ fn new_refuses_inconsistent_plans() {
     type Mutation = Box<dyn Fn(&mut Plan)>;
     let cases: Vec<Mutation> = vec![
         // Matmul may not write its input.
-        Box::new(|p| {
-            p.prefill[2] = Op::Matmul {
-                input: 0,
-                weight: 1,
-                bias: None,
-                out: 0,
-            }
-        }),
+        Box::new(|p| p.prefill[2] = Op::matmul(0, 1, None, 0)),
         // Buffer id out of range.
         Box::new(|p| p.decode[0] = Op::Embedding { weight: 0, out: 9 }),
         // Bias of the wrong length.
-        Box::new(|p| {
-            p.prefill[2] = Op::Matmul {
-                input: 0,
-                weight: 1,
-                bias: Some(0),
-                out: 1,
-            }
-        }),
+        Box::new(|p| p.prefill[2] = Op::matmul(0, 1, Some(0), 1)),
         // Must end with Logits.
         Box::new(|p| {
             p.prefill.pop();
         }),
         // Width mismatch.
         Box::new(|p| p.buffers[1].cols = 3),
-        Box::new(|p| p.format_version += 1),
+        Box::new(|p| p.format_version = PLAN_FORMAT_VERSION + 1),
     ];
     for (i, mutate) in cases.iter().enumerate() {
         let mut p = plan();

@@ -4,7 +4,8 @@
 use super::kernels::WeightView;
 use crate::error::user;
 use crate::formats::model_lib::plan::{
-    BufId, Op, Plan, StateDecl, StateId, WeightId, WeightStorage, PLAN_FORMAT_VERSION,
+    BufId, Op, Plan, StateDecl, StateId, WeightId, WeightStorage, PLAN_FORMAT_BASE,
+    PLAN_FORMAT_VERSION,
 };
 use crate::quant::scheme::{scheme, Encoding};
 use anyhow::Result;
@@ -23,11 +24,11 @@ fn bad(plan: &Plan, msg: impl std::fmt::Display) -> anyhow::Error {
 /// Static checks of a plan: ids in range, widths consistent with the weights' shapes, in/out
 /// aliasing only where an op allows it.
 pub fn validate_plan(plan: &Plan) -> Result<()> {
-    if plan.format_version != PLAN_FORMAT_VERSION {
+    if !(PLAN_FORMAT_BASE..=PLAN_FORMAT_VERSION).contains(&plan.format_version) {
         return Err(bad(
             plan,
             format!(
-                "format version {} is not the supported {PLAN_FORMAT_VERSION}",
+                "format version {} is not one of the supported {PLAN_FORMAT_BASE}..={PLAN_FORMAT_VERSION}",
                 plan.format_version
             ),
         ));
@@ -223,12 +224,17 @@ impl Checker<'_> {
                 weight,
                 bias,
                 out,
+                epilogue,
             } => {
                 let (n, k) = self.matrix(weight)?;
                 same("matmul input width vs K", self.b(input)?, k)?;
-                same("matmul output width vs N", self.b(out)?, n)?;
+                let gate = if epilogue.silu_gate { 2 } else { 1 };
+                same("matmul output width vs N", gate * self.b(out)?, n)?;
                 if let Some(b) = bias {
                     self.vector(b, n)?;
+                }
+                if let Some(r) = epilogue.residual {
+                    same("matmul residual width", self.b(r)?, self.b(out)?)?;
                 }
                 distinct(&[input, out])
             }
@@ -241,13 +247,7 @@ impl Checker<'_> {
                 theta,
             } => {
                 self.heads(qkv, n_q_heads, n_kv_heads, head_dim)?;
-                if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
-                    return Err(format!("rotary_dim {rotary_dim} for head_dim {head_dim}"));
-                }
-                if !(theta.is_finite() && theta > 0.0) {
-                    return Err(format!("theta {theta}"));
-                }
-                Ok(())
+                rotary_fields(rotary_dim, theta, head_dim)
             }
             Op::Attention {
                 qkv,
@@ -256,7 +256,11 @@ impl Checker<'_> {
                 n_kv_heads,
                 head_dim,
                 out,
+                rotary,
             } => {
+                if let Some(r) = rotary {
+                    rotary_fields(r.rotary_dim, r.theta, head_dim)?;
+                }
                 self.heads(qkv, n_q_heads, n_kv_heads, head_dim)?;
                 same("KV cache heads", self.kv_state(state)?.0, n_kv_heads)?;
                 same("KV cache head_dim", self.kv_state(state)?.1, head_dim)?;
@@ -402,4 +406,15 @@ fn record_sizes(plan: &Plan, storage: &WeightStorage, shape: &[usize]) -> R<Vec<
             Ok(vec![data, scale])
         }
     }
+}
+
+/// The rotary fields of [`Op::Rotary`] and a fused [`Op::Attention`].
+fn rotary_fields(rotary_dim: usize, theta: f32, head_dim: usize) -> Result<(), String> {
+    if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        return Err(format!("rotary_dim {rotary_dim} for head_dim {head_dim}"));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(format!("theta {theta}"));
+    }
+    Ok(())
 }

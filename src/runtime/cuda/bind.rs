@@ -59,6 +59,7 @@ fn field(op: &Op, name: &str) -> Option<Field> {
         (Op::Matmul { weight, .. }, "weight") => Weight(*weight),
         (Op::Matmul { bias: Some(b), .. }, "bias") => Weight(*b),
         (Op::Matmul { out, .. }, "out") => Buf(*out),
+        (Op::Matmul { epilogue, .. }, "residual") => Buf(epilogue.residual?),
         (Op::Rotary { qkv, .. }, "qkv") => Buf(*qkv),
         (Op::Attention { qkv, .. }, "qkv") => Buf(*qkv),
         (Op::Attention { state, .. }, "state") => State(*state),
@@ -96,6 +97,12 @@ fn scalar(op: &Op, name: &str) -> Option<f32> {
     match (op, name) {
         (Op::RmsNorm { eps, .. } | Op::LayerNorm { eps, .. }, "eps") => Some(*eps),
         (Op::Rotary { theta, .. }, "theta") => Some(*theta),
+        (
+            Op::Attention {
+                rotary: Some(r), ..
+            },
+            "theta",
+        ) => Some(r.theta),
         (Op::Scale { factor, .. }, "factor") => Some(*factor),
         _ => None,
     }

@@ -410,7 +410,7 @@ mod tests {
     use super::*;
     use crate::formats::dtype::DType;
     use crate::formats::model_lib::plan::{
-        BufferDecl, Op, WeightDecl, WeightStorage, PLAN_FORMAT_VERSION,
+        BufferDecl, Op, WeightDecl, WeightStorage, PLAN_FORMAT_BASE,
     };
     use crate::model::testing::{build, open_weights, read_config, rel_err};
     use crate::runtime::cpu::kernels::WeightView;
@@ -516,10 +516,12 @@ mod tests {
         let config = a.parse_config(&read_config(fx)).unwrap();
         let w = open_weights(fx);
         let built = build(a, &config, &[w.as_ref()], scheme, 80);
+        // Decode steps fused as the cuda target fuses them.
+        let plan = crate::codegen::fuse::fuse_decode(built.plan);
         let ids: Vec<u32> = (0..20u32)
-            .map(|i| (i * 37 + 5) % built.plan.vocab_size as u32)
+            .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
             .collect();
-        (built.plan, built.records, ids)
+        (plan, built.records, ids)
     }
 
     /// Prefill of whole fixture models in two calls (30 rows, then 15 more at position 30): the
@@ -564,10 +566,12 @@ mod tests {
         }
     }
 
-    /// embedding → matmul (+bias) → logits, every matrix quantized with `scheme`.
+    /// embedding → a gated MLP with a residual (gate/up matmul with bias, silu_mul, down matmul,
+    /// add) → logits, every matrix quantized with `scheme`; decode fused as the cuda target fuses
+    /// it (the matmuls' silu-gate and residual epilogues), prefill not.
     fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
         let s = crate::quant::scheme::scheme(scheme).unwrap();
-        let (v, h, n) = (40usize, 70usize, 37usize);
+        let (v, h, f) = (40usize, 70usize, 19usize);
         let rnd = |len: usize, seed: u32| -> Vec<f32> {
             let mut x = seed.wrapping_mul(2654435761) | 1;
             (0..len)
@@ -584,9 +588,10 @@ mod tests {
         let mut records = Vec::new();
         for (name, shape, role, seed) in [
             ("embed.weight", vec![v, h], TensorRole::Embedding, 1),
-            ("proj.weight", vec![n, h], TensorRole::Linear, 2),
-            ("proj.bias", vec![n], TensorRole::Raw, 3),
-            ("head.weight", vec![v, n], TensorRole::LmHead, 4),
+            ("gate_up.weight", vec![2 * f, h], TensorRole::Linear, 2),
+            ("gate_up.bias", vec![2 * f], TensorRole::Raw, 3),
+            ("down.weight", vec![h, f], TensorRole::Linear, 5),
+            ("head.weight", vec![v, h], TensorRole::LmHead, 4),
         ] {
             let numel = shape.iter().product();
             let enc =
@@ -610,19 +615,17 @@ mod tests {
         }
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
-            Op::Matmul {
-                input: 0,
-                weight: 1,
-                bias: Some(2),
-                out: 1,
-            },
+            Op::matmul(0, 1, Some(2), 1),
+            Op::SiluMul { input: 1, out: 2 },
+            Op::matmul(2, 3, None, 3),
+            Op::Add { a: 0, b: 3, out: 0 },
             Op::Logits {
-                input: 1,
-                weight: 3,
+                input: 0,
+                weight: 4,
             },
         ];
         let plan = Plan {
-            format_version: PLAN_FORMAT_VERSION,
+            format_version: PLAN_FORMAT_BASE,
             arch: "test".into(),
             quantization: scheme.into(),
             model_dtype: s.model_dtype,
@@ -637,8 +640,16 @@ mod tests {
                     cols: h,
                 },
                 BufferDecl {
-                    name: "y".into(),
-                    cols: n,
+                    name: "gate_up".into(),
+                    cols: 2 * f,
+                },
+                BufferDecl {
+                    name: "act".into(),
+                    cols: f,
+                },
+                BufferDecl {
+                    name: "proj".into(),
+                    cols: h,
                 },
                 BufferDecl {
                     name: "logits".into(),
@@ -648,8 +659,10 @@ mod tests {
             states: vec![],
             prefill: ops.clone(),
             decode: ops,
-            logits: 2,
+            logits: 4,
         };
+        let plan = crate::codegen::fuse::fuse_decode(plan);
+        assert_eq!(plan.decode.len(), 4, "both epilogues fused");
         (plan, records)
     }
 

@@ -213,12 +213,7 @@ mod tests {
         );
         assert!(resolve(&shift, &binding("weight", "mixes[2]")).is_err());
         assert_eq!(index(&shift), 4);
-        let mm = Op::Matmul {
-            input: 1,
-            weight: 2,
-            bias: None,
-            out: 3,
-        };
+        let mm = Op::matmul(1, 2, None, 3);
         assert!(resolve(&mm, &binding("weight", "bias")).is_err());
         assert_eq!(
             resolve(&mm, &binding("activation", "out")),
