@@ -1,5 +1,6 @@
 //! The cuda target at build time (no GPU needed): every fixture × scheme builds for sm_80 and
-//! sm_90, each library carries one NVRTC-compiled PTX kernel per distinct plan signature with
+//! sm_90 with fused decode steps, each library carries one NVRTC-compiled PTX kernel per distinct
+//! plan signature with
 //! `.target sm_XX` and its launch description; an arch change reruns codegen only; running a
 //! CUDA artifact on a machine without a GPU fails cleanly (exit 3). Tests that need NVRTC print a
 //! loud SKIP line when mlcb cannot find it (`pip install 'nvidia-cuda-nvrtc==13.0.*'`).
@@ -48,6 +49,13 @@ fn check_library(lib: &ModelLibrary, arch: &str) {
     assert_eq!(got, want, "one kernel per distinct signature");
     assert_eq!(got.len(), lib.header.kernels.len(), "no duplicate kernels");
     assert_eq!(lib.header.target.backend, "cuda");
+    // Decode steps fused (mlcb::codegen::fuse): fewer kernels per token than prefill's ops.
+    let plan = &lib.header.plan;
+    assert_eq!(
+        plan.format_version,
+        mlcb::formats::model_lib::plan::PLAN_FORMAT_VERSION
+    );
+    assert!(plan.decode.len() < plan.prefill.len(), "decode not fused");
     assert_eq!(lib.header.target.options["cuda_arch"], arch);
     assert!(lib.header.target.options["nvrtc_version"].is_string());
     assert_eq!(

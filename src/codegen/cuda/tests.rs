@@ -4,7 +4,7 @@
 
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
-use crate::codegen::wgsl::spec::{matrix_spec, KernelSpec, Phase};
+use crate::codegen::wgsl::spec::{matrix_spec, Epilogue, KernelSpec, Phase};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
 
@@ -31,10 +31,46 @@ fn nvrtc_or_skip(test: &str) -> bool {
     }
 }
 
-/// The WGSL tests' specs (every family, scheme, layout, ragged K) plus a raw bf16 matrix, which
-/// only the CUDA kernels read.
+/// The WGSL tests' specs (every family, scheme, layout, ragged K) plus what only the CUDA kernels
+/// have: a raw bf16 matrix, and the fused decode steps (`codegen::fuse`): every decode GEMV with
+/// a residual epilogue and with silu-gate + residual, every attention with rotary.
 fn all_specs() -> Vec<KernelSpec> {
     let mut specs = crate::codegen::gpu_tests::all_specs();
+    let mut fused = Vec::new();
+    for spec in &specs {
+        match spec {
+            KernelSpec::Matmul {
+                m,
+                phase: Phase::Decode,
+                logits: false,
+                ..
+            } => {
+                for silu_gate in [false, true] {
+                    if silu_gate && m.n % 2 != 0 {
+                        continue;
+                    }
+                    let mut s = spec.clone();
+                    if let KernelSpec::Matmul { epilogue, .. } = &mut s {
+                        *epilogue = Epilogue {
+                            silu_gate,
+                            residual: true,
+                        };
+                    }
+                    fused.push(s);
+                }
+            }
+            KernelSpec::Attention { head_dim, .. } => {
+                let mut s = spec.clone();
+                if let KernelSpec::Attention { rotary_dim, .. } = &mut s {
+                    *rotary_dim = Some(head_dim / 2 * 2);
+                }
+                fused.push(s);
+            }
+            _ => {}
+        }
+    }
+    assert!(fused.len() > 20, "{}", fused.len());
+    specs.extend(fused);
     let bf16 = matrix_spec(
         &WeightStorage::Raw { dtype: DType::BF16 },
         16,
@@ -95,7 +131,10 @@ fn every_variant_compiles_to_ptx() {
             let f16s: &[bool] = if prefill { &[false, true] } else { &[false] };
             // Attention takes its phase from the signature: the query-tiled prefill kernel and
             // the one-row-per-block kernel.
-            let sigs: &[&str] = if matches!(spec, KernelSpec::Attention { .. }) {
+            // Fused rotary is decode-only.
+            let sigs: &[&str] = if spec.fused() && matches!(spec, KernelSpec::Attention { .. }) {
+                &["decode:attention"]
+            } else if matches!(spec, KernelSpec::Attention { .. }) {
                 &["prefill:attention", "decode:attention"]
             } else {
                 &["test"]
@@ -167,6 +206,43 @@ fn arguments_follow_the_documented_order() {
     // q4: one 16-byte chunk is one group of 32 codes; 2 chunks per row of 64.
     assert!(k.source.contains("constexpr unsigned VPC = 32u;"));
     assert!(k.source.contains("constexpr unsigned CPR = 2u;"));
+
+    // Fused epilogues: the residual comes before the output, neither `__restrict__` (the
+    // residual is usually the output); a silu gate halves the output rows, so the grid.
+    let KernelSpec::Matmul {
+        m,
+        bias,
+        phase,
+        logits,
+        ..
+    } = spec
+    else {
+        unreachable!()
+    };
+    let gated = KernelSpec::Matmul {
+        m,
+        bias,
+        phase,
+        logits,
+        epilogue: Epilogue {
+            silu_gate: true,
+            residual: true,
+        },
+    };
+    let k = generate("decode:matmul[x]", &gated, tunings()[0], "sm_80", false).unwrap();
+    let fields: Vec<&str> = k.launch.args.iter().map(|a| a.op_field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["input", "weight", "weight", "bias", "residual", "out"]
+    );
+    assert!(
+        k.source.contains("const float* res,\n    float* y,"),
+        "{}",
+        k.source
+    );
+    assert!(k.source.contains("constexpr unsigned OUT_N = 32u;"));
+    assert!(k.source.contains("constexpr unsigned NR = 8u;"));
+    assert_eq!(k.launch.grid[0].workgroups(1, 1), 8);
 }
 
 #[test]
