@@ -25,8 +25,10 @@
 #                HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
 #                architecture; `mlcb bench --device cuda`: decode tok/s (GEN_LEN [256] tokens after
 #                DECODE_PROMPT [16]) and prefill tok/s (PREFILL_LEN [512]), with the floor (weight
-#                bytes / bandwidth). In this order: q4f16_1; transformers fp16 on the same config
-#                (HF [1], benches/hf_transformers_bench.py; not gated); q4f16_1 after
+#                bytes / bandwidth). In this order: q4f16_1; its kernel profile (PROFILE [1]:
+#                MLCB_CUDA_PROFILE=1, each kernel timed alone; the top rows per phase go to the
+#                summary); transformers fp16 on the same config (HF [1],
+#                benches/hf_transformers_bench.py; not gated); q4f16_1 after
 #                `mlcb build --tune on` (TUNE [1]); q4f16_1 for the vulkan preset through wgpu on
 #                the NVIDIA Vulkan driver (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not
 #                gated; VK_LOADER_DIR: a folder holding libvulkan.so.1 when the image has none);
@@ -48,7 +50,7 @@ DEADLINE="${DEADLINE:-480}"; CMD_TIMEOUT="${CMD_TIMEOUT:-240}"
 LAYERS="${LAYERS:-32}"
 HIDDEN="${HIDDEN:-4096}"; INTERMEDIATE="${INTERMEDIATE:-11008}"; VOCAB="${VOCAB:-32000}"
 DECODE_PROMPT="${DECODE_PROMPT:-16}"; GEN_LEN="${GEN_LEN:-256}"; PREFILL_LEN="${PREFILL_LEN:-512}"
-TUNE="${TUNE:-1}"; HF="${HF:-1}"; VULKAN7B="${VULKAN7B:-1}"; VK_ADAPTER="${VK_ADAPTER:-nvidia}"
+TUNE="${TUNE:-1}"; HF="${HF:-1}"; PROFILE="${PROFILE:-1}"; VULKAN7B="${VULKAN7B:-1}"; VK_ADAPTER="${VK_ADAPTER:-nvidia}"
 JOBS="${JOBS:-$(nproc)}"; JOBS_GPU="${JOBS_GPU:-6}"
 SCHEMES="${SCHEMES:-q0f16 q0f32 q3f16_0 q3f16_1 q4f16_0 q4f16_1 q4f32_0 q4f32_1 q8f16_0 q8f16_1}"
 GGUF="${GGUF:-$repo/dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
@@ -338,6 +340,14 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
     say "7B q4f16_1: building for ${gpu_arch:+sm_$gpu_arch}"
     if q4=$(build_7b q4f16_1 cuda q4f16_1 "${arch_flag[@]}"); then
         bench_cuda q4f16_1 "$q4" q4f16_1 false
+        if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
+            # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
+            MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \
+                > "$logs/profile-7b-q4f16_1.json" 2> "$logs/profile-7b-q4f16_1.txt"
+            say "7B q4f16_1 kernel profile (exit $?; prefill $PREFILL_LEN tokens, 32 decode steps):"
+            sed -n '/cuda kernel profile/,$p' "$logs/profile-7b-q4f16_1.txt" | grep -v '^mlcb: cuda kernel profile' \
+                | awk '/^  [a-z]+:/ {n=0} {if (n++ < 14) print}' | tee -a "$summary" >&2
+        fi
     else
         fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""
     fi

@@ -135,6 +135,39 @@ impl Drop for Stream {
     }
 }
 
+/// A CUDA event (destroyed on drop): marks a point of a stream, for GPU-side timing.
+pub struct Event(sys::CUevent);
+
+impl Event {
+    pub fn new() -> Result<Event> {
+        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| driver_err("event creation", e))
+    }
+
+    /// Marks the point after everything enqueued on `stream` so far.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: a live event and a live stream.
+        unsafe { result::event::record(self.0, stream.0) }
+            .map_err(|e| driver_err("event record", e))
+    }
+
+    /// Seconds between two recorded events that have completed.
+    pub fn elapsed_s(start: &Event, end: &Event) -> Result<f64> {
+        // SAFETY: both events are live; the driver reports an error if either has not completed.
+        let ms = unsafe { result::event::elapsed(start.0, end.0) }
+            .map_err(|e| driver_err("event timing", e))?;
+        Ok(ms as f64 * 1e-3)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by `new`, destroyed once.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
 /// A loaded PTX module and one function of it.
 pub struct Kernel {
     module: sys::CUmodule,

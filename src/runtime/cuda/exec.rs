@@ -6,9 +6,13 @@
 //! every kernel reads, written by a stream-ordered copy before each call, so the captured graph
 //! stays valid as the position advances. Activation buffers grow (to the largest `T` seen); a
 //! growth re-captures the graph, since its kernels hold the old addresses.
+//!
+//! With `MLCB_CUDA_PROFILE=1` every kernel is launched on its own between two events and timed
+//! ([`super::profile`]); the table goes to stderr when the session ends.
 
 use super::bind::{bind, ArgRef, Step};
-use super::driver::{launch, Device, DeviceMem, Graph, Kernel, Stream};
+use super::driver::{launch, Device, DeviceMem, Event, Graph, Kernel, Stream};
+use super::profile::{self, KernelProfile};
 use crate::codegen::cuda::launch::CudaLaunch;
 use crate::error::{env, user};
 use crate::formats::model_lib::plan::{Plan, StateDecl};
@@ -202,7 +206,9 @@ impl CudaModel {
             graph: None,
             use_graph: std::env::var("MLCB_CUDA_GRAPHS")
                 .map(|v| v != "0")
-                .unwrap_or(true),
+                .unwrap_or(true)
+                && !profile::enabled(),
+            profile: profile::enabled().then(Profiler::default),
         };
         session.reset_rwkv()?;
         Ok(session)
@@ -228,6 +234,28 @@ pub struct CudaSession<'m> {
     meta: DeviceMem,
     graph: Option<Graph>,
     use_graph: bool,
+    profile: Option<Profiler>,
+}
+
+/// Kernel timing of a profiled session: an event pair per step, and the totals.
+#[derive(Default)]
+struct Profiler {
+    events: Vec<(Event, Event)>,
+    table: KernelProfile,
+}
+
+impl Drop for CudaSession<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            let report = p.table.report();
+            if !report.is_empty() {
+                eprintln!(
+                    "mlcb: cuda kernel profile ({}=1: kernels launched one by one between events, no CUDA graph)\n{report}",
+                    profile::PROFILE_ENV
+                );
+            }
+        }
+    }
 }
 
 impl CudaSession<'_> {
@@ -286,9 +314,18 @@ impl CudaSession<'_> {
         }
     }
 
-    /// Enqueue the steps of one call with `t` tokens and `rows` logits rows.
-    fn enqueue(&self, steps: &[Step], t: u64, rows: u64) -> Result<()> {
-        for step in steps {
+    /// Enqueue the steps of one call with `t` tokens and `rows` logits rows; with `events`
+    /// (profiling), step `i`'s launch between the events of pair `i`. Returns the indices of the
+    /// steps launched (a step with an empty grid is skipped).
+    fn enqueue(
+        &self,
+        steps: &[Step],
+        t: u64,
+        rows: u64,
+        events: Option<&[(Event, Event)]>,
+    ) -> Result<Vec<usize>> {
+        let mut launched = Vec::with_capacity(steps.len());
+        for (i, step) in steps.iter().enumerate() {
             let k = &self.model.kernels[step.kernel];
             let r = if step.logits { rows } else { t };
             let g: Vec<u64> = k.launch.grid.iter().map(|d| d.workgroups(t, r)).collect();
@@ -312,6 +349,9 @@ impl CudaSession<'_> {
             params.push(&mut scalar as *mut f32 as *mut c_void);
             params.push(&mut index as *mut u32 as *mut c_void);
             let b = k.launch.block;
+            if let Some(ev) = events {
+                ev[i].0.record(&self.stream)?;
+            }
             launch(
                 &k.kernel,
                 (g[0] as u32, g[1] as u32, g[2] as u32),
@@ -320,8 +360,23 @@ impl CudaSession<'_> {
                 &mut params,
                 &k.signature,
             )?;
+            if let Some(ev) = events {
+                ev[i].1.record(&self.stream)?;
+            }
+            launched.push(i);
         }
-        Ok(())
+        Ok(launched)
+    }
+
+    /// Bytes of weight records step `step` reads.
+    fn weight_bytes(&self, step: &Step) -> u64 {
+        step.args
+            .iter()
+            .map(|a| match *a {
+                ArgRef::Weight(w, r) => self.model.weights[w][r].bytes as u64,
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Processes `tokens` at positions `pos..pos+T`; logits `[rows, vocab]` (every position when
@@ -346,9 +401,17 @@ impl CudaSession<'_> {
                 .and_then(|_| result::memcpy_htod_async(self.meta.ptr, &meta, self.stream.0))
         }
         .map_err(|e| env(format!("CUDA upload of the call parameters: {e:?}")))?;
+        let (steps, phase) = if t > 1 {
+            (&self.model.prefill, "prefill")
+        } else {
+            (&self.model.decode, "decode")
+        };
+        let mut launched = Vec::new();
         if t == 1 && self.use_graph {
             if self.graph.is_none() {
-                let g = Graph::capture(&self.stream, || self.enqueue(&self.model.decode, 1, 1))?;
+                let g = Graph::capture(&self.stream, || {
+                    self.enqueue(&self.model.decode, 1, 1, None).map(drop)
+                })?;
                 self.graph = Some(g);
             }
             self.graph
@@ -356,12 +419,13 @@ impl CudaSession<'_> {
                 .expect("captured above")
                 .launch(&self.stream)?;
         } else {
-            let steps = if t > 1 {
-                &self.model.prefill
-            } else {
-                &self.model.decode
-            };
-            self.enqueue(steps, t as u64, rows as u64)?;
+            if let Some(p) = &mut self.profile {
+                while p.events.len() < steps.len() {
+                    p.events.push((Event::new()?, Event::new()?));
+                }
+            }
+            let events = self.profile.as_ref().map(|p| p.events.as_slice());
+            launched = self.enqueue(steps, t as u64, rows as u64, events)?;
         }
         let mut out = vec![0f32; rows * plan.vocab_size];
         // SAFETY: the logits buffer holds at least rows·vocab f32 (rows ≤ t ≤ self.rows).
@@ -370,6 +434,25 @@ impl CudaSession<'_> {
         }
         .map_err(|e| env(format!("CUDA download of the logits: {e:?}")))?;
         self.stream.synchronize()?;
+        if self.profile.is_some() {
+            let timed = launched
+                .iter()
+                .map(|&i| {
+                    let (start, end) = &self.profile.as_ref().expect("checked").events[i];
+                    let step = &steps[i];
+                    Ok((
+                        self.model.kernels[step.kernel].signature.as_str(),
+                        Event::elapsed_s(start, end)?,
+                        self.weight_bytes(step),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let p = self.profile.as_mut().expect("checked");
+            for (sig, secs, bytes) in timed {
+                p.table.add(phase, sig, secs, bytes);
+            }
+            p.table.call(phase);
+        }
         self.pos += t;
         Ok(out)
     }

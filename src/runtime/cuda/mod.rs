@@ -12,6 +12,7 @@ pub mod driver;
 #[cfg(test)]
 mod emulate;
 mod exec;
+pub mod profile;
 pub mod timer;
 
 pub use exec::{CudaModel, CudaSession};

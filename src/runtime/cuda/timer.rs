@@ -6,13 +6,13 @@
 //! 16-token block for prefill, attention at position 64): a warm-up launch, then five batches of
 //! eight launches between two CUDA events; the median batch, per launch, is the result.
 
-use super::driver::{self, Device, DeviceMem, Kernel, Stream};
+use super::driver::{self, Device, DeviceMem, Event, Kernel, Stream};
 use crate::codegen::cuda::launch::META_FIELDS;
 use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::error::env;
 use anyhow::Result;
-use cudarc::driver::{result, sys};
+use cudarc::driver::sys;
 use std::ffi::c_void;
 
 const LAUNCHES_PER_BATCH: usize = 8;
@@ -57,24 +57,6 @@ pub fn open_for_target(target: &str, arch: Option<&str>) -> Result<Option<Box<dy
         device,
         driver_version: version,
     })))
-}
-
-/// A CUDA event (destroyed on drop).
-struct Event(sys::CUevent);
-
-impl Event {
-    fn new() -> Result<Event> {
-        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
-            .map(Event)
-            .map_err(|e| env(format!("CUDA event creation failed: {e:?}")))
-    }
-}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        // SAFETY: created by `new`, destroyed once.
-        let _ = unsafe { result::event::destroy(self.0) };
-    }
 }
 
 impl KernelTimer for CudaTimer {
@@ -144,20 +126,13 @@ impl KernelTimer for CudaTimer {
         stream.synchronize()?;
         let mut runs = Vec::with_capacity(BATCHES);
         for _ in 0..BATCHES {
-            // SAFETY: live events recorded on a live stream.
-            unsafe { result::event::record(start.0, stream.0) }
-                .map_err(|e| env(format!("CUDA event record failed: {e:?}")))?;
+            start.record(&stream)?;
             for _ in 0..LAUNCHES_PER_BATCH {
                 driver::launch(&module, grid, block, &stream, &mut params, sig)?;
             }
-            // SAFETY: as above.
-            unsafe { result::event::record(end.0, stream.0) }
-                .map_err(|e| env(format!("CUDA event record failed: {e:?}")))?;
+            end.record(&stream)?;
             stream.synchronize()?;
-            // SAFETY: both events were recorded on this stream and have completed.
-            let ms = unsafe { result::event::elapsed(start.0, end.0) }
-                .map_err(|e| env(format!("CUDA event timing failed: {e:?}")))?;
-            runs.push(ms as f64 * 1e-3 / LAUNCHES_PER_BATCH as f64);
+            runs.push(Event::elapsed_s(&start, &end)? / LAUNCHES_PER_BATCH as f64);
         }
         runs.sort_by(f64::total_cmp);
         Ok(runs[BATCHES / 2])
