@@ -66,7 +66,7 @@ pub(super) fn all_specs() -> Vec<KernelSpec> {
                             bias,
                             phase,
                             logits,
-                            epilogue: Default::default(),
+                            fusion: Default::default(),
                         });
                     }
                 }
@@ -229,7 +229,7 @@ fn f16_kernels_enable_f16_where_they_use_it() {
         bias,
         phase: Phase::Prefill,
         logits: false,
-        epilogue: Default::default(),
+        fusion: Default::default(),
     };
     let k = generate("m", &prefill, tunings()[0], true).unwrap();
     assert!(k.launch.shader_f16);
@@ -264,7 +264,7 @@ pub(super) fn q4_decode_matmul_with_bias() -> KernelSpec {
         bias: Some(DType::F16),
         phase: Phase::Decode,
         logits: false,
-        epilogue: Default::default(),
+        fusion: Default::default(),
     }
 }
 

@@ -28,14 +28,18 @@ pub fn op_signature(plan: &Plan, op: &Op) -> String {
         Op::Matmul {
             weight,
             bias,
-            epilogue,
+            fusion,
             ..
         } => format!(
-            "matmul[{}{}{}{}]",
+            "matmul[{}{}{}{}{}]",
+            fusion
+                .rms_norm
+                .map(|n| format!("rms_norm({})+", weight_desc(plan, n.weight)))
+                .unwrap_or_default(),
             weight_desc(plan, *weight),
             if bias.is_some() { "+bias" } else { "" },
-            if epilogue.silu_gate { "+silu_gate" } else { "" },
-            if epilogue.residual.is_some() {
+            if fusion.silu_gate { "+silu_gate" } else { "" },
+            if fusion.residual.is_some() {
                 "+residual"
             } else {
                 ""

@@ -23,7 +23,7 @@
 use super::builder::CudaBuilder;
 use super::launch::{CudaLaunch, GridDim, GEMM_THREADS};
 use super::weights::{declare_matrix, declare_round, declare_vector};
-use crate::codegen::wgsl::spec::{Epilogue, MatrixSpec, MatrixStorage, Phase};
+use crate::codegen::wgsl::spec::{Fusion, MatrixSpec, MatrixStorage, Phase};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -57,14 +57,18 @@ pub fn matmul(
     phase: Phase,
     logits: bool,
     f16: bool,
-    epilogue: Epilogue,
+    fusion: Fusion,
 ) -> Result<(String, CudaLaunch), String> {
     b.activation("input", false, "x");
+    if let Some(d) = fusion.rms_norm {
+        declare_vector(&mut b, "norm", d, "g");
+        b.params_scalar("eps");
+    }
     declare_matrix(&mut b, "weight", m);
     if let Some(d) = bias {
         declare_vector(&mut b, "bias", d, "bias");
     }
-    if epilogue.residual {
+    if fusion.residual {
         // The residual is usually the output itself (`h = h + x·Wᵀ`): neither is `__restrict__`.
         b.activation_aliased("residual", false, "res");
         b.activation_aliased("out", true, "y");
@@ -73,15 +77,15 @@ pub fn matmul(
     } else {
         b.activation("out", true, "y");
     }
-    let out_n = if epilogue.silu_gate { m.n / 2 } else { m.n };
+    let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
     b.const_u32("OUT_N", out_n);
     let plus_bias = if bias.is_some() { " + bias_at(n)" } else { "" };
     let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
     match (phase, kn) {
-        (Phase::Decode, false) => gemv_nk(b, m, plus_bias, epilogue),
-        (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, epilogue)),
-        (Phase::Prefill, _) if epilogue != Epilogue::default() => {
-            Err("the prefill GEMMs have no epilogue (only decode steps fuse)".into())
+        (Phase::Decode, false) => gemv_nk(b, m, plus_bias, fusion),
+        (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, fusion)),
+        (Phase::Prefill, _) if fusion != Fusion::default() => {
+            Err("the prefill GEMMs have no fusion (only decode steps fuse)".into())
         }
         (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias)),
         (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
@@ -191,7 +195,7 @@ fn nk_chunks(m: &MatrixSpec) -> Option<Chunks> {
 fn nk_scalar(m: &MatrixSpec) -> String {
     match m.storage {
         MatrixStorage::Raw(_) => "for (unsigned k = threadIdx.x; k < W_K; k += TPB) {
-            const float xk = xr[k];
+            const float xk = xin(k);
             #pragma unroll
             for (unsigned r = 0; r < NR; ++r) {
                 const unsigned n = row_n(r);
@@ -208,7 +212,7 @@ fn nk_scalar(m: &MatrixSpec) -> String {
                 const float s = w_scale(n, g), mn = w_min(n, g);
                 unsigned word = w_word(n, w);
                 for (unsigned j = 0; j < W_PER_WORD; ++j) {
-                    if (j0 + j < W_GROUP && k0 + j < W_K) acc[r] = fmaf(w_decode(word & W_MASK, s, mn), xr[k0 + j], acc[r]);
+                    if (j0 + j < W_GROUP && k0 + j < W_K) acc[r] = fmaf(w_decode(word & W_MASK, s, mn), xin(k0 + j), acc[r]);
                     word >>= W_BITS;
                 }
             }
@@ -224,12 +228,12 @@ fn gemv_nk(
     mut b: CudaBuilder,
     m: &MatrixSpec,
     plus_bias: &str,
-    epilogue: Epilogue,
+    fusion: Fusion,
 ) -> Result<(String, CudaLaunch), String> {
     let rpb = b.tuning.rows_per_block;
     b.const_u32("RPB", rpb as usize);
     // Weight rows per block: with a silu gate, each output row needs its gate and its up row.
-    b.const_u32("NR", rpb as usize * if epilogue.silu_gate { 2 } else { 1 });
+    b.const_u32("NR", rpb as usize * if fusion.silu_gate { 2 } else { 1 });
     let inner = match nk_chunks(m) {
         Some(ch) => {
             b.const_u32("VPC", ch.vpc);
@@ -237,7 +241,7 @@ fn gemv_nk(
             format!(
                 "for (unsigned c = threadIdx.x; c < CPR; c += TPB) {{
             const unsigned k0 = c * VPC;
-            {}
+            {}{}
             float sx = 0.0f;
             #pragma unroll
             for (unsigned i = 0; i < VPC; ++i) sx += xv[i];
@@ -250,23 +254,37 @@ fn gemv_nk(
             }}
         }}",
                 load_x(ch.vpc, m.k),
+                if fusion.rms_norm.is_some() {
+                    "
+            #pragma unroll
+            for (unsigned i = 0; i < VPC; ++i) if (k0 + i < W_K) xv[i] *= g_at(k0 + i);"
+                } else {
+                    ""
+                },
                 ch.code
             )
         }
         None => nk_scalar(m),
     };
-    let row_of = if epilogue.silu_gate {
+    let row_of = if fusion.silu_gate {
         "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
     } else {
         "n0 + r"
     };
-    let store = store_output(epilogue, "o", "out_val(r)", "out_val(r + RPB)");
+    let store = store_output(fusion, "o", "out_val(r)", "out_val(r + RPB)");
+    let NormCode {
+        prologue,
+        reduce,
+        rs,
+        scale,
+    } = norm_code(fusion);
     let body = format!(
         "    __shared__ float part[NWARPS][NR];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const unsigned t = blockIdx.y;
     if (t >= ROWS) return;
     const float* xr = x + (u64)(ROW0 + t) * W_K;
+{prologue}
     // The block's output rows are n0 .. n0 + RPB; accumulator r belongs to weight row row_n(r).
     const unsigned n0 = blockIdx.x * RPB;
     auto row_n = [&](unsigned r) -> unsigned {{ return {row_of}; }};
@@ -280,12 +298,14 @@ fn gemv_nk(
         const float v = warp_sum(acc[r]);
         if (lane == 0u) part[warp][r] = v;
     }}
+{reduce}
     __syncthreads();
+{rs}
     auto out_val = [&](unsigned r) -> float {{
         const unsigned n = row_n(r);
         float total = 0.0f;
         for (unsigned w = 0; w < NWARPS; ++w) total += part[w][r];
-        return total{plus_bias};
+        return total{scale}{plus_bias};
     }};
     for (unsigned r = threadIdx.x; r < RPB; r += TPB) {{
         const unsigned o = n0 + r;
@@ -295,7 +315,7 @@ fn gemv_nk(
 "
     );
     let tpb = b.tuning.threads_per_block;
-    let out_n = if epilogue.silu_gate { m.n / 2 } else { m.n };
+    let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
     let grid = [
         GridDim::fixed(out_n as u64, rpb as u64),
         GridDim::rows(1),
@@ -308,12 +328,12 @@ fn gemv_kn(
     b: CudaBuilder,
     m: &MatrixSpec,
     plus_bias: &str,
-    epilogue: Epilogue,
+    fusion: Fusion,
 ) -> (String, CudaLaunch) {
     // Lane l computes weight row n. Plain: 32 neighbouring rows per block. Silu-gated: 16 output
     // rows, lanes 0-15 their gate rows and lanes 16-31 their up rows; the up value moves down 16
     // lanes for the product.
-    let (per_block, rows) = if epilogue.silu_gate {
+    let (per_block, rows) = if fusion.silu_gate {
         (
             16u64,
             "const unsigned o = blockIdx.x * 16u + (lane & 15u);
@@ -326,14 +346,14 @@ fn gemv_kn(
     const unsigned n = o;",
         )
     };
-    let finish = if epilogue.silu_gate {
+    let finish = if fusion.silu_gate {
         format!(
             "const float v = o < OUT_N ? total{plus_bias} : 0.0f;
         const float u = __shfl_sync(0xffffffffu, v, lane + 16u);
         if (lane < 16u && o < OUT_N) {{
             {}
         }}",
-            store_output(epilogue, "o", "v", "u")
+            store_output(fusion, "o", "v", "u")
         )
     } else {
         format!(
@@ -341,8 +361,19 @@ fn gemv_kn(
             const float v = total{plus_bias};
             {}
         }}",
-            store_output(epilogue, "o", "v", "")
+            store_output(fusion, "o", "v", "")
         )
+    };
+    let NormCode {
+        prologue,
+        reduce,
+        rs,
+        scale,
+    } = norm_code(fusion);
+    let rescale = if scale.is_empty() {
+        String::new()
+    } else {
+        format!("total = total{scale};")
     };
     let body = format!(
         "    __shared__ float part[NWARPS][32];
@@ -350,6 +381,7 @@ fn gemv_kn(
     const unsigned t = blockIdx.y;
     if (t >= ROWS) return;
     const float* xr = x + (u64)(ROW0 + t) * W_K;
+{prologue}
     {rows}
     float acc = 0.0f;
     if (o < OUT_N) {{
@@ -361,7 +393,7 @@ fn gemv_kn(
                 for (unsigned j = 0; j < W_PER_WORD; ++j) {{
                     const unsigned r = wi * W_PER_WORD + j, k = g * W_GROUP + r;
                     if (r < W_GROUP && k < W_K) {{
-                        const float xj = xr[k];
+                        const float xj = xin(k);
                         sqx = fmaf((float)(word & W_MASK), xj, sqx);
                         sx += xj;
                     }}
@@ -373,16 +405,19 @@ fn gemv_kn(
         }}
     }}
     part[warp][lane] = acc;
+{reduce}
     __syncthreads();
     if (warp == 0u) {{
+{rs}
         float total = 0.0f;
         for (unsigned i = 0; i < NWARPS; ++i) total += part[i][lane];
+        {rescale}
         {finish}
     }}
 "
     );
     let tpb = b.tuning.threads_per_block;
-    let out_n = if epilogue.silu_gate { m.n / 2 } else { m.n };
+    let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
     let grid = [
         GridDim::fixed(out_n as u64, per_block),
         GridDim::rows(1),
@@ -391,10 +426,49 @@ fn gemv_kn(
     b.finish("", &body, tpb, grid)
 }
 
+/// The GEMV code of a fused RMS norm of the input ([`Fusion::rms_norm`]). Since
+/// `W·(x·r·g) = r·(W·(x·g))` for the row's scalar `r = 1/sqrt(mean(x²) + eps)`, the kernel
+/// multiplies by `x·g` (`xin`) and scales its sums by `r` at the end, so the norm costs no pass
+/// of its own: every block forms `mean(x²)` itself from the row it reads anyway.
+struct NormCode {
+    /// After `xr`: `xin(k)` (the activation the products use) and, with the norm, the thread's
+    /// share of `Σx²`.
+    prologue: &'static str,
+    /// Before the block's barrier: the warps' shares of `Σx²` to shared memory.
+    reduce: &'static str,
+    /// After it: `rs`, the row's scale.
+    rs: &'static str,
+    /// The factor of every sum.
+    scale: &'static str,
+}
+
+fn norm_code(fusion: Fusion) -> NormCode {
+    if fusion.rms_norm.is_none() {
+        return NormCode {
+            prologue: "    auto xin = [&](unsigned k) -> float { return xr[k]; };",
+            reduce: "",
+            rs: "",
+            scale: "",
+        };
+    }
+    NormCode {
+        prologue: "    auto xin = [&](unsigned k) -> float { return xr[k] * g_at(k); };
+    __shared__ float ss_sh[NWARPS];
+    float ss = 0.0f;
+    for (unsigned k = threadIdx.x; k < W_K; k += TPB) ss = fmaf(xr[k], xr[k], ss);",
+        reduce: "    ss = warp_sum(ss);
+    if (lane == 0u) ss_sh[warp] = ss;",
+        rs: "    float ss_total = 0.0f;
+    for (unsigned w = 0; w < NWARPS; ++w) ss_total += ss_sh[w];
+    const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);",
+        scale: " * rs",
+    }
+}
+
 /// The statement storing output element `o` of row `t` from the product `v` of its weight row
 /// (bias added) and, for a silu gate, `u` of its up row: `silu(v)·u`, then `+ res` (as the CPU's
 /// `SiluMul` and `Add`, in that order), else `v`.
-fn store_output(e: Epilogue, o: &str, v: &str, u: &str) -> String {
+fn store_output(e: Fusion, o: &str, v: &str, u: &str) -> String {
     let mut value = v.to_string();
     if e.silu_gate {
         value = format!("silu_gate({value}, {u})");

@@ -111,15 +111,15 @@ pub fn generate(
             phase: Phase::Prefill,
             ..
         } if spec.fused() => {
-            bail!("kernel {signature}: the prefill GEMMs have no epilogue (only decode steps fuse; an mlcb bug)")
+            bail!("kernel {signature}: the prefill GEMMs have no fusion (only decode steps fuse; an mlcb bug)")
         }
         KernelSpec::Matmul {
             m,
             bias,
             phase,
             logits,
-            epilogue,
-        } => matmul::matmul(b, m, *bias, *phase, *logits, f16, *epilogue).map_err(|e| {
+            fusion,
+        } => matmul::matmul(b, m, *bias, *phase, *logits, f16, *fusion).map_err(|e| {
             crate::error::user(format!("tuning record for kernel {signature}: {e}"))
         })?,
         KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),

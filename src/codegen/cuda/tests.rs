@@ -4,7 +4,7 @@
 
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
-use crate::codegen::wgsl::spec::{matrix_spec, Epilogue, KernelSpec, Phase};
+use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, Phase};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
 
@@ -33,7 +33,7 @@ fn nvrtc_or_skip(test: &str) -> bool {
 
 /// The WGSL tests' specs (every family, scheme, layout, ragged K) plus what only the CUDA kernels
 /// have: a raw bf16 matrix, and the fused decode steps (`codegen::fuse`): every decode GEMV with
-/// a residual epilogue and with silu-gate + residual, every attention with rotary.
+/// a residual fusion and with silu-gate + residual, every attention with rotary.
 fn all_specs() -> Vec<KernelSpec> {
     let mut specs = crate::codegen::gpu_tests::all_specs();
     let mut fused = Vec::new();
@@ -45,15 +45,21 @@ fn all_specs() -> Vec<KernelSpec> {
                 logits: false,
                 ..
             } => {
-                for silu_gate in [false, true] {
+                // Residual alone; the norm alone; all three (as Llama's gate/up has two).
+                for (rms_norm, silu_gate, residual) in [
+                    (None, false, true),
+                    (Some(DType::F16), false, false),
+                    (Some(DType::F32), true, true),
+                ] {
                     if silu_gate && m.n % 2 != 0 {
                         continue;
                     }
                     let mut s = spec.clone();
-                    if let KernelSpec::Matmul { epilogue, .. } = &mut s {
-                        *epilogue = Epilogue {
+                    if let KernelSpec::Matmul { fusion, .. } = &mut s {
+                        *fusion = Fusion {
+                            rms_norm,
                             silu_gate,
-                            residual: true,
+                            residual,
                         };
                     }
                     fused.push(s);
@@ -83,7 +89,7 @@ fn all_specs() -> Vec<KernelSpec> {
         bias: None,
         phase: Phase::Decode,
         logits: false,
-        epilogue: Default::default(),
+        fusion: Default::default(),
     });
     specs
 }
@@ -207,8 +213,9 @@ fn arguments_follow_the_documented_order() {
     assert!(k.source.contains("constexpr unsigned VPC = 32u;"));
     assert!(k.source.contains("constexpr unsigned CPR = 2u;"));
 
-    // Fused epilogues: the residual comes before the output, neither `__restrict__` (the
-    // residual is usually the output); a silu gate halves the output rows, so the grid.
+    // Fused steps: the norm weight follows the input (eps is the scalar); the residual comes
+    // before the output, neither `__restrict__` (the residual is usually the output); a silu
+    // gate halves the output rows, so the grid.
     let KernelSpec::Matmul {
         m,
         bias,
@@ -224,7 +231,8 @@ fn arguments_follow_the_documented_order() {
         bias,
         phase,
         logits,
-        epilogue: Epilogue {
+        fusion: Fusion {
+            rms_norm: Some(DType::F16),
             silu_gate: true,
             residual: true,
         },
@@ -233,8 +241,9 @@ fn arguments_follow_the_documented_order() {
     let fields: Vec<&str> = k.launch.args.iter().map(|a| a.op_field.as_str()).collect();
     assert_eq!(
         fields,
-        ["input", "weight", "weight", "bias", "residual", "out"]
+        ["input", "norm", "weight", "weight", "bias", "residual", "out"]
     );
+    assert_eq!(k.launch.params.scalar.as_deref(), Some("eps"));
     assert!(
         k.source.contains("const float* res,\n    float* y,"),
         "{}",
@@ -270,7 +279,7 @@ fn gemv_chunks_cover_each_scheme_group() {
             bias: None,
             phase: Phase::Decode,
             logits: false,
-            epilogue: Default::default(),
+            fusion: Default::default(),
         };
         let k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
         assert!(
@@ -307,7 +316,7 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
             bias: None,
             phase: Phase::Prefill,
             logits: false,
-            epilogue: Default::default(),
+            fusion: Default::default(),
         };
         let k = generate("x", &spec, tunings()[0], "sm_80", true).unwrap();
         assert!(k.source.contains(regs), "{scheme}:\n{}", k.source);
@@ -335,7 +344,7 @@ fn bad_tunings_are_refused() {
         bias: None,
         phase: Phase::Decode,
         logits: false,
-        epilogue: Default::default(),
+        fusion: Default::default(),
     };
     // 2 warps cannot split 64 rows evenly the other way round: fine (32 rows per warp).
     let ok = CudaTuning {

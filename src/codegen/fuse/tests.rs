@@ -15,7 +15,7 @@ fn count(ops: &[Op], pred: impl Fn(&Op) -> bool) -> usize {
 }
 
 #[test]
-fn a_llama_layer_decodes_in_seven_kernels() {
+fn a_llama_layer_decodes_in_five_kernels() {
     let built = fixture("tiny-llama", "llama", "q4f16_1");
     let layers = built
         .plan
@@ -41,9 +41,18 @@ fn a_llama_layer_decodes_in_seven_kernels() {
         crate::formats::model_lib::plan::PLAN_FORMAT_BASE
     );
     // 11 ops per layer before (norm, qkv, rotary, attention, o, add, norm, gate_up, silu, down,
-    // add), 7 after.
-    assert_eq!(before - fused.decode.len(), 4 * layers);
+    // add), 5 after (qkv, attention, o, gate_up, down).
+    assert_eq!(before - fused.decode.len(), 6 * layers);
     let d = &fused.decode;
+    // Only the final norm stays (the logits are not a matmul op).
+    assert_eq!(count(d, |op| matches!(op, Op::RmsNorm { .. })), 1);
+    assert_eq!(
+        count(
+            d,
+            |op| matches!(op, Op::Matmul { fusion, .. } if fusion.rms_norm.is_some())
+        ),
+        2 * layers
+    );
     assert_eq!(
         count(d, |op| matches!(
             op,
@@ -64,14 +73,14 @@ fn a_llama_layer_decodes_in_seven_kernels() {
     assert_eq!(
         count(
             d,
-            |op| matches!(op, Op::Matmul { epilogue, .. } if epilogue.silu_gate && epilogue.residual.is_none())
+            |op| matches!(op, Op::Matmul { fusion, .. } if fusion.silu_gate && fusion.residual.is_none() && fusion.rms_norm.is_some())
         ),
         layers
     );
     assert_eq!(
         count(
             d,
-            |op| matches!(op, Op::Matmul { epilogue, .. } if epilogue.residual.is_some())
+            |op| matches!(op, Op::Matmul { fusion, .. } if fusion.residual.is_some())
         ),
         2 * layers
     );
@@ -79,7 +88,7 @@ fn a_llama_layer_decodes_in_seven_kernels() {
     for op in d {
         if let Op::Matmul {
             out,
-            epilogue: MatmulEpilogue {
+            fusion: MatmulFusion {
                 residual: Some(r), ..
             },
             ..

@@ -79,10 +79,12 @@ pub enum Phase {
     Decode,
 }
 
-/// A matmul kernel's epilogue (the plan's `MatmulEpilogue` without buffer ids): the product is
-/// `[gate | up]` and the kernel writes `silu(gate) * up`; and/or it adds a residual buffer.
+/// A matmul kernel's fused steps (the plan's `MatmulFusion` without ids): an RMS norm of the
+/// input with a weight of this dtype (eps is the kernel's scalar parameter); the product is
+/// `[gate | up]` and the kernel writes `silu(gate) * up`; a residual buffer is added.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Epilogue {
+pub struct Fusion {
+    pub rms_norm: Option<DType>,
     pub silu_gate: bool,
     pub residual: bool,
 }
@@ -107,7 +109,7 @@ pub enum KernelSpec {
         bias: Option<DType>,
         phase: Phase,
         logits: bool,
-        epilogue: Epilogue,
+        fusion: Fusion,
     },
     Rotary {
         n_q_heads: usize,
@@ -146,10 +148,10 @@ pub enum KernelSpec {
 }
 
 impl KernelSpec {
-    /// Whether the kernel runs a fused step (a matmul epilogue, rotary inside attention).
+    /// Whether the kernel runs a fused step (a matmul fusion, rotary inside attention).
     pub fn fused(&self) -> bool {
         match self {
-            KernelSpec::Matmul { epilogue, .. } => *epilogue != Epilogue::default(),
+            KernelSpec::Matmul { fusion, .. } => *fusion != Fusion::default(),
             KernelSpec::Attention { rotary_dim, .. } => rotary_dim.is_some(),
             _ => false,
         }
@@ -279,11 +281,11 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
         Op::Matmul {
             weight,
             bias,
-            epilogue,
+            fusion,
             ..
         } => {
             let m = matrix(plan, *weight)?;
-            if epilogue.silu_gate && m.n % 2 != 0 {
+            if fusion.silu_gate && m.n % 2 != 0 {
                 bail!(
                     "a silu-gated matmul needs an even number of rows, not {}",
                     m.n
@@ -294,9 +296,13 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
                 bias: bias.map(|b| vector(plan, b)).transpose()?,
                 phase,
                 logits: false,
-                epilogue: Epilogue {
-                    silu_gate: epilogue.silu_gate,
-                    residual: epilogue.residual.is_some(),
+                fusion: Fusion {
+                    rms_norm: fusion
+                        .rms_norm
+                        .map(|n| vector(plan, n.weight))
+                        .transpose()?,
+                    silu_gate: fusion.silu_gate,
+                    residual: fusion.residual.is_some(),
                 },
             }
         }
@@ -305,7 +311,7 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
             bias: None,
             phase,
             logits: true,
-            epilogue: Epilogue::default(),
+            fusion: Fusion::default(),
         },
         &Op::Rotary {
             n_q_heads,

@@ -17,7 +17,7 @@ use crate::formats::dtype::DType;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change would make an older runtime misread a plan: the newest version this
-/// mlcb writes and reads. 2: fused steps ([`MatmulEpilogue`], [`Op::Attention`]'s `rotary`).
+/// mlcb writes and reads. 2: fused steps ([`MatmulFusion`], [`Op::Attention`]'s `rotary`).
 pub const PLAN_FORMAT_VERSION: u32 = 2;
 
 /// The oldest version this mlcb reads, and the version of every plan without fused steps: such a
@@ -130,15 +130,15 @@ pub enum Op {
         eps: f32,
         out: BufId,
     },
-    /// `out[T, N] = input[T, K] · weightᵀ + bias`, then the epilogue. `out` must differ from
-    /// `input`.
+    /// `out[T, N] = input[T, K] · weightᵀ + bias`, with the steps `fusion` adds around it. `out`
+    /// must differ from `input`.
     Matmul {
         input: BufId,
         weight: WeightId,
         bias: Option<WeightId>,
         out: BufId,
-        #[serde(default, skip_serializing_if = "MatmulEpilogue::is_none")]
-        epilogue: MatmulEpilogue,
+        #[serde(default, skip_serializing_if = "MatmulFusion::is_none")]
+        fusion: MatmulFusion,
     },
     /// Rotary position embedding, in place, on the q and k parts of a fused qkv buffer whose columns
     /// are `[q: n_q_heads*head_dim | k: n_kv_heads*head_dim | v: n_kv_heads*head_dim]`.
@@ -211,10 +211,15 @@ pub enum Op {
     Logits { input: BufId, weight: WeightId },
 }
 
-/// What a fused [`Op::Matmul`] does with its product `p = input · weightᵀ + bias` (applied in
-/// this order). The default (neither) writes `p`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MatmulEpilogue {
+/// The steps a fused [`Op::Matmul`] runs around its product, in this order: `x = input`, or
+/// `rms_norm(input)` with `rms_norm`; `p = x · weightᵀ + bias`; `p = silu(gate) * up` with
+/// `silu_gate`; `out = p`, or `p + residual` with `residual`. The default (none) is a plain
+/// matmul.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MatmulFusion {
+    /// The input is normalised first, as [`Op::RmsNorm`] with this weight and eps would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm: Option<FusedRmsNorm>,
     /// `p` has twice `out`'s columns, `[gate | up]`, and `out = silu(gate) * up` (as
     /// [`Op::SiluMul`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -225,10 +230,18 @@ pub struct MatmulEpilogue {
     pub residual: Option<BufId>,
 }
 
-impl MatmulEpilogue {
+impl MatmulFusion {
     pub fn is_none(&self) -> bool {
-        *self == MatmulEpilogue::default()
+        *self == MatmulFusion::default()
     }
+}
+
+/// The RMS normalisation a fused [`Op::Matmul`] applies to its input (fields as in
+/// [`Op::RmsNorm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FusedRmsNorm {
+    pub weight: WeightId,
+    pub eps: f32,
 }
 
 /// The rotary embedding a fused [`Op::Attention`] applies (fields as in [`Op::Rotary`]).
@@ -239,14 +252,14 @@ pub struct FusedRotary {
 }
 
 impl Op {
-    /// A plain matmul (no epilogue).
+    /// A plain matmul (no fusion).
     pub fn matmul(input: BufId, weight: WeightId, bias: Option<WeightId>, out: BufId) -> Op {
         Op::Matmul {
             input,
             weight,
             bias,
             out,
-            epilogue: MatmulEpilogue::default(),
+            fusion: MatmulFusion::default(),
         }
     }
 }

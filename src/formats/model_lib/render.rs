@@ -93,20 +93,23 @@ fn render_op(plan: &Plan, op: &Op) -> String {
             weight,
             bias,
             out,
-            epilogue,
+            fusion,
         } => {
+            let x = match fusion.rms_norm {
+                Some(n) => format!("rms_norm({}, {}, eps={})", b(input), w(&n.weight), n.eps),
+                None => b(input),
+            };
             let mut product = format!(
-                "matmul({}, {}{})",
-                b(input),
+                "matmul({x}, {}{})",
                 w(weight),
                 bias.as_ref()
                     .map(|x| format!(", bias={}", w(x)))
                     .unwrap_or_default()
             );
-            if epilogue.silu_gate {
+            if fusion.silu_gate {
                 product = format!("silu_gate({product})");
             }
-            if let Some(r) = epilogue.residual {
+            if let Some(r) = fusion.residual {
                 product = format!("{} + {product}", b(&r));
             }
             format!("{} = {product}", b(out))

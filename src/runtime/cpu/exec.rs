@@ -191,8 +191,8 @@ impl CpuSession<'_> {
                 weight,
                 bias,
                 out,
-                epilogue,
-            } if epilogue.is_none() => {
+                fusion,
+            } if fusion.is_none() => {
                 let (x, o) = self.in_out(input, out);
                 decode_or_prefill_matmul(&model.weights[weight], x, t, o);
                 if let Some(b) = bias {
@@ -204,21 +204,28 @@ impl CpuSession<'_> {
                 weight,
                 bias,
                 out,
-                epilogue,
+                fusion,
             } => {
                 // The unfused ops' kernels, in their order, on a product buffer of its own.
                 let w = &model.weights[weight];
                 let mut p = vec![0f32; t * w.shape[0]];
-                decode_or_prefill_matmul(w, &self.buffers[input], t, &mut p);
+                match fusion.rms_norm {
+                    None => decode_or_prefill_matmul(w, &self.buffers[input], t, &mut p),
+                    Some(n) => {
+                        let mut x = vec![0f32; self.buffers[input].len()];
+                        norm::rms_norm(&self.buffers[input], model.vector(n.weight), n.eps, &mut x);
+                        decode_or_prefill_matmul(w, &x, t, &mut p);
+                    }
+                }
                 if let Some(b) = bias {
                     add_bias(&mut p, model.vector(b));
                 }
-                if epilogue.silu_gate {
+                if fusion.silu_gate {
                     let mut gated = vec![0f32; p.len() / 2];
                     elementwise::silu_mul::<E>(&p, &mut gated, w.shape[0] / 2);
                     p = gated;
                 }
-                if let Some(r) = epilogue.residual {
+                if let Some(r) = fusion.residual {
                     zip_in_place(&mut p, &self.buffers[r], |p, r| r + p);
                 }
                 self.buffers[out] = p;
@@ -420,11 +427,11 @@ pub fn forward_intercepting(
                 weight,
                 bias,
                 out,
-                epilogue,
+                fusion,
             } => {
                 // Calibration runs the plans the model lowers to, which fuse nothing.
                 anyhow::ensure!(
-                    epilogue.is_none(),
+                    fusion.is_none(),
                     "lockstep sessions run unfused plans (an mlcb bug)"
                 );
                 let mut pairs: Vec<(&[f32], &mut [f32])> = sessions

@@ -224,17 +224,21 @@ impl Checker<'_> {
                 weight,
                 bias,
                 out,
-                epilogue,
+                fusion,
             } => {
                 let (n, k) = self.matrix(weight)?;
                 same("matmul input width vs K", self.b(input)?, k)?;
-                let gate = if epilogue.silu_gate { 2 } else { 1 };
+                let gate = if fusion.silu_gate { 2 } else { 1 };
                 same("matmul output width vs N", gate * self.b(out)?, n)?;
                 if let Some(b) = bias {
                     self.vector(b, n)?;
                 }
-                if let Some(r) = epilogue.residual {
+                if let Some(r) = fusion.residual {
                     same("matmul residual width", self.b(r)?, self.b(out)?)?;
+                }
+                if let Some(norm) = fusion.rms_norm {
+                    self.vector(norm.weight, k)?;
+                    finite(norm.eps)?;
                 }
                 distinct(&[input, out])
             }

@@ -59,7 +59,8 @@ fn field(op: &Op, name: &str) -> Option<Field> {
         (Op::Matmul { weight, .. }, "weight") => Weight(*weight),
         (Op::Matmul { bias: Some(b), .. }, "bias") => Weight(*b),
         (Op::Matmul { out, .. }, "out") => Buf(*out),
-        (Op::Matmul { epilogue, .. }, "residual") => Buf(epilogue.residual?),
+        (Op::Matmul { fusion, .. }, "residual") => Buf(fusion.residual?),
+        (Op::Matmul { fusion, .. }, "norm") => Weight(fusion.rms_norm?.weight),
         (Op::Rotary { qkv, .. }, "qkv") => Buf(*qkv),
         (Op::Attention { qkv, .. }, "qkv") => Buf(*qkv),
         (Op::Attention { state, .. }, "state") => State(*state),
@@ -96,6 +97,7 @@ fn field(op: &Op, name: &str) -> Option<Field> {
 fn scalar(op: &Op, name: &str) -> Option<f32> {
     match (op, name) {
         (Op::RmsNorm { eps, .. } | Op::LayerNorm { eps, .. }, "eps") => Some(*eps),
+        (Op::Matmul { fusion, .. }, "eps") => Some(fusion.rms_norm?.eps),
         (Op::Rotary { theta, .. }, "theta") => Some(*theta),
         (
             Op::Attention {

@@ -566,9 +566,9 @@ mod tests {
         }
     }
 
-    /// embedding → a gated MLP with a residual (gate/up matmul with bias, silu_mul, down matmul,
-    /// add) → logits, every matrix quantized with `scheme`; decode fused as the cuda target fuses
-    /// it (the matmuls' silu-gate and residual epilogues), prefill not.
+    /// embedding → a gated MLP with a residual (rms_norm, gate/up matmul with bias, silu_mul, down
+    /// matmul, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda target
+    /// fuses it (gate/up with the norm and the silu gate, down with the residual), prefill not.
     fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
         let s = crate::quant::scheme::scheme(scheme).unwrap();
         let (v, h, f) = (40usize, 70usize, 19usize);
@@ -592,6 +592,7 @@ mod tests {
             ("gate_up.bias", vec![2 * f], TensorRole::Raw, 3),
             ("down.weight", vec![h, f], TensorRole::Linear, 5),
             ("head.weight", vec![v, h], TensorRole::LmHead, 4),
+            ("norm.weight", vec![h], TensorRole::Raw, 6),
         ] {
             let numel = shape.iter().product();
             let enc =
@@ -615,7 +616,13 @@ mod tests {
         }
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
-            Op::matmul(0, 1, Some(2), 1),
+            Op::RmsNorm {
+                input: 0,
+                weight: 5,
+                eps: 1e-5,
+                out: 5,
+            },
+            Op::matmul(5, 1, Some(2), 1),
             Op::SiluMul { input: 1, out: 2 },
             Op::matmul(2, 3, None, 3),
             Op::Add { a: 0, b: 3, out: 0 },
@@ -655,6 +662,10 @@ mod tests {
                     name: "logits".into(),
                     cols: v,
                 },
+                BufferDecl {
+                    name: "normed".into(),
+                    cols: h,
+                },
             ],
             states: vec![],
             prefill: ops.clone(),
@@ -662,7 +673,7 @@ mod tests {
             logits: 4,
         };
         let plan = crate::codegen::fuse::fuse_decode(plan);
-        assert_eq!(plan.decode.len(), 4, "both epilogues fused");
+        assert_eq!(plan.decode.len(), 4, "norm, silu gate and residual fused");
         (plan, records)
     }
 

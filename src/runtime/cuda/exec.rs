@@ -434,11 +434,11 @@ impl CudaSession<'_> {
         }
         .map_err(|e| env(format!("CUDA download of the logits: {e:?}")))?;
         self.stream.synchronize()?;
-        if self.profile.is_some() {
-            let timed = launched
+        let timed = match &self.profile {
+            Some(p) => launched
                 .iter()
                 .map(|&i| {
-                    let (start, end) = &self.profile.as_ref().expect("checked").events[i];
+                    let (start, end) = &p.events[i];
                     let step = &steps[i];
                     Ok((
                         self.model.kernels[step.kernel].signature.as_str(),
@@ -446,8 +446,10 @@ impl CudaSession<'_> {
                         self.weight_bytes(step),
                     ))
                 })
-                .collect::<Result<Vec<_>>>()?;
-            let p = self.profile.as_mut().expect("checked");
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        if let Some(p) = &mut self.profile {
             for (sig, secs, bytes) in timed {
                 p.table.add(phase, sig, secs, bytes);
             }
