@@ -259,18 +259,23 @@ fn running_a_cuda_artifact_without_a_gpu_fails_cleanly() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
-    // The CPU still runs the same artifact.
-    let out = w.mlcb(&[
-        "logits",
-        dir.to_str().unwrap(),
-        "--input-ids",
-        "1,2,3",
-        "--out",
-        out_file.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    assert_success(&out);
+    // The CPU still runs the same artifact, its fused decode steps included.
+    for decode in [false, true] {
+        let mut args = vec![
+            "logits",
+            dir.to_str().unwrap(),
+            "--input-ids",
+            "1,2,3",
+            "--out",
+            out_file.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        if decode {
+            args.push("--decode");
+        }
+        assert_success(&w.mlcb(&args));
+    }
 }
 
 #[test]

@@ -60,9 +60,10 @@ pub fn buffer_bytes(spec: &KernelSpec, role: &str, record: Option<usize>) -> u64
     };
     let widest = widest(spec);
     let bytes = match role {
+        // A matmul's vectors (bias, a fused norm's weight) are no longer than its widest row.
         "weight" => match spec {
             KernelSpec::Matmul { m, .. } | KernelSpec::Embedding { m } => {
-                matrix_bytes(m, record.unwrap_or(0))
+                matrix_bytes(m, record.unwrap_or(0)).max(widest * 4)
             }
             _ => widest * 4,
         },
