@@ -5,7 +5,8 @@
 //! rotary on one row) and cost their launch and the gap between kernels more than their work: a
 //! Llama layer was 11 kernels, 4 of them GEMVs. In a captured CUDA graph each kernel still
 //! costs a few microseconds, which at 32 layers is a large share of a token's time when the
-//! weights stream at several TB/s. Four rewrites remove 6 kernels per Llama layer (11 → 5):
+//! weights stream at several TB/s. Five rewrites remove 6 kernels per Llama layer (11 → 5), 4 per
+//! GPT-NeoX layer (11 → 7, its norms are LayerNorms) and 4 per RWKV-4 layer (19 → 15):
 //!
 //! | ops | fused into |
 //! |---|---|
@@ -13,8 +14,10 @@
 //! | `Rotary{qkv}`, `Attention{qkv}` | `Attention{qkv, rotary}` (rotates q and the new key as it reads them) |
 //! | `Matmul{out: p}`, `SiluMul{input: p, out: a}` | `Matmul{out: a, fusion.silu_gate}` |
 //! | `Matmul{out: p}`, `Add{p, r → o}` | `Matmul{out: o, fusion.residual: r}` |
+//! | `Matmul{out: p}`, `Gelu`/`ReluSquare`/`Sigmoid{buf: p}` | `Matmul{out: p, fusion.activation}` |
 //!
-//! Each applies only where the intermediate (`x`, `p`, the rotated `qkv`) is dead afterwards: the
+//! Each applies only where the intermediate (`x`, `p`, the rotated `qkv`; an activation writes
+//! `p` itself, as the in-place op did) is dead afterwards: the
 //! next op that touches it overwrites it without reading it, or none does (activations do not
 //! live across calls; the logits buffer, which the caller reads, is never an intermediate).
 //! Prefill is left as it is: its kernels are large, so the elementwise ones are a small share.
@@ -22,7 +25,7 @@
 //! ([`crate::formats::model_lib::plan::PLAN_FORMAT_VERSION`]).
 
 use crate::formats::model_lib::plan::{
-    BufId, FusedRmsNorm, FusedRotary, MatmulFusion, Op, Plan, PLAN_FORMAT_VERSION,
+    Activation, BufId, FusedRmsNorm, FusedRotary, MatmulFusion, Op, Plan, PLAN_FORMAT_VERSION,
 };
 
 /// The buffers an op reads.
@@ -198,6 +201,31 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
                 out,
                 fusion: MatmulFusion {
                     residual: Some(residual),
+                    ..fusion
+                },
+            })
+        }
+        (
+            &Op::Matmul {
+                input,
+                weight,
+                bias,
+                out,
+                fusion,
+            },
+            act,
+        ) if fusion.activation.is_none()
+            && !fusion.silu_gate
+            && fusion.residual.is_none()
+            && Activation::of(act).is_some_and(|(_, buf)| buf == out) =>
+        {
+            Some(Op::Matmul {
+                input,
+                weight,
+                bias,
+                out,
+                fusion: MatmulFusion {
+                    activation: Activation::of(act).map(|(a, _)| a),
                     ..fusion
                 },
             })

@@ -22,19 +22,26 @@ fn finish(mut b: CudaBuilder, cols: usize, stmt: &str) -> (String, CudaLaunch) {
     b.finish("", &body, tpb, grid)
 }
 
-/// In place: gelu (exact, `erff`), relu², sigmoid, scale (`scalar` = factor).
-pub fn unary(mut b: CudaBuilder, op: Unary, cols: usize) -> (String, CudaLaunch) {
-    b.activation("buf", true, "buf");
-    let f = match op {
+/// The C expression of `op` applied to the float variable `v` (Scale multiplies by `scalar`).
+pub(super) fn unary_expr(op: Unary) -> &'static str {
+    match op {
         Unary::Gelu => "0.5f * v * (1.0f + erff(v * 0.70710678118654752f))",
         Unary::ReluSquare => "fmaxf(v, 0.0f) * fmaxf(v, 0.0f)",
         Unary::Sigmoid => "1.0f / (1.0f + expf(-v))",
-        Unary::Scale => {
-            b.params_scalar("factor");
-            "v * scalar"
-        }
-    };
-    let stmt = format!("const u64 i = (u64)t * COLS + c; const float v = buf[i]; buf[i] = {f};");
+        Unary::Scale => "v * scalar",
+    }
+}
+
+/// In place: gelu (exact, `erff`), relu², sigmoid, scale (`scalar` = factor).
+pub fn unary(mut b: CudaBuilder, op: Unary, cols: usize) -> (String, CudaLaunch) {
+    b.activation("buf", true, "buf");
+    if op == Unary::Scale {
+        b.params_scalar("factor");
+    }
+    let stmt = format!(
+        "const u64 i = (u64)t * COLS + c; const float v = buf[i]; buf[i] = {};",
+        unary_expr(op)
+    );
     finish(b, cols, &stmt)
 }
 

@@ -272,12 +272,7 @@ fn gemv_nk(
         "n0 + r"
     };
     let store = store_output(fusion, "o", "out_val(r)", "out_val(r + RPB)");
-    let NormCode {
-        prologue,
-        reduce,
-        rs,
-        scale,
-    } = norm_code(fusion);
+    let norm = norm_code(fusion);
     let body = format!(
         "    __shared__ float part[NWARPS][NR];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -312,7 +307,11 @@ fn gemv_nk(
         if (o >= OUT_N) continue;
         {store}
     }}
-"
+",
+        prologue = norm.prologue,
+        reduce = norm.reduce,
+        rs = norm.rs,
+        scale = norm.scale,
     );
     let tpb = b.tuning.threads_per_block;
     let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
@@ -364,17 +363,7 @@ fn gemv_kn(
             store_output(fusion, "o", "v", "")
         )
     };
-    let NormCode {
-        prologue,
-        reduce,
-        rs,
-        scale,
-    } = norm_code(fusion);
-    let rescale = if scale.is_empty() {
-        String::new()
-    } else {
-        format!("total = total{scale};")
-    };
+    let norm = norm_code(fusion);
     let body = format!(
         "    __shared__ float part[NWARPS][32];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -414,7 +403,11 @@ fn gemv_kn(
         {rescale}
         {finish}
     }}
-"
+",
+        prologue = norm.prologue,
+        reduce = norm.reduce,
+        rs = norm.rs,
+        rescale = norm.rescale,
     );
     let tpb = b.tuning.threads_per_block;
     let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
@@ -440,6 +433,8 @@ struct NormCode {
     rs: &'static str,
     /// The factor of every sum.
     scale: &'static str,
+    /// The statement applying it to `total`.
+    rescale: &'static str,
 }
 
 fn norm_code(fusion: Fusion) -> NormCode {
@@ -449,6 +444,7 @@ fn norm_code(fusion: Fusion) -> NormCode {
             reduce: "",
             rs: "",
             scale: "",
+            rescale: "",
         };
     }
     NormCode {
@@ -462,14 +458,21 @@ fn norm_code(fusion: Fusion) -> NormCode {
     for (unsigned w = 0; w < NWARPS; ++w) ss_total += ss_sh[w];
     const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);",
         scale: " * rs",
+        rescale: "total *= rs;",
     }
 }
 
 /// The statement storing output element `o` of row `t` from the product `v` of its weight row
-/// (bias added) and, for a silu gate, `u` of its up row: `silu(v)·u`, then `+ res` (as the CPU's
-/// `SiluMul` and `Add`, in that order), else `v`.
+/// (bias added) and, for a silu gate, `u` of its up row: the activation of `v`, or `silu(v)·u`,
+/// then `+ res` (as the CPU's activation op, `SiluMul` and `Add`, in that order), else `v`.
 fn store_output(e: Fusion, o: &str, v: &str, u: &str) -> String {
     let mut value = v.to_string();
+    if let Some(op) = e.activation {
+        value = format!(
+            "([](float v) -> float {{ return {}; }})({value})",
+            super::elementwise::unary_expr(op)
+        );
+    }
     if e.silu_gate {
         value = format!("silu_gate({value}, {u})");
     }

@@ -4,7 +4,7 @@
 
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
-use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, Phase};
+use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, Phase, Unary};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
 
@@ -33,11 +33,13 @@ fn nvrtc_or_skip(test: &str) -> bool {
 
 /// The WGSL tests' specs (every family, scheme, layout, ragged K) plus what only the CUDA kernels
 /// have: a raw bf16 matrix, and the fused decode steps (`codegen::fuse`): every decode GEMV with
-/// a residual fusion and with silu-gate + residual, every attention with rotary.
+/// the fused steps in the combinations the fusion pass makes, every attention with rotary.
 fn all_specs() -> Vec<KernelSpec> {
     let mut specs = crate::codegen::gpu_tests::all_specs();
     let mut fused = Vec::new();
-    for spec in &specs {
+    let activations = [Unary::Gelu, Unary::ReluSquare, Unary::Sigmoid];
+    for (i, spec) in specs.iter().enumerate() {
+        let act = Some(activations[i % 3]);
         match spec {
             KernelSpec::Matmul {
                 m,
@@ -45,11 +47,13 @@ fn all_specs() -> Vec<KernelSpec> {
                 logits: false,
                 ..
             } => {
-                // Residual alone; the norm alone; all three (as Llama's gate/up has two).
-                for (rms_norm, silu_gate, residual) in [
-                    (None, false, true),
-                    (Some(DType::F16), false, false),
-                    (Some(DType::F32), true, true),
+                // Residual alone; the norm with an activation; norm, silu gate and residual (as
+                // Llama's gate/up and down fused); an activation with a residual.
+                for (rms_norm, activation, silu_gate, residual) in [
+                    (None, None, false, true),
+                    (Some(DType::F16), act, false, false),
+                    (Some(DType::F32), None, true, true),
+                    (None, act, false, true),
                 ] {
                     if silu_gate && m.n % 2 != 0 {
                         continue;
@@ -58,6 +62,7 @@ fn all_specs() -> Vec<KernelSpec> {
                     if let KernelSpec::Matmul { fusion, .. } = &mut s {
                         *fusion = Fusion {
                             rms_norm,
+                            activation,
                             silu_gate,
                             residual,
                         };
@@ -233,6 +238,7 @@ fn arguments_follow_the_documented_order() {
         logits,
         fusion: Fusion {
             rms_norm: Some(DType::F16),
+            activation: None,
             silu_gate: true,
             residual: true,
         },

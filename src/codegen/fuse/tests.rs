@@ -106,6 +106,36 @@ fn a_llama_layer_decodes_in_five_kernels() {
     assert_eq!(fuse_decode(plain.clone()), plain);
 }
 
+/// Kernels fused away per decode layer: GPT-NeoX (parallel residual: 2 LayerNorms, qkv, rotary,
+/// attention, dense, add, up, gelu, down, add) 4 of 11: rotary, gelu and both adds; RWKV-4
+/// 4 of 19: both sigmoids and the relu² fold into the matmuls before them, the time-mix
+/// residual into its output matmul (the channel-mix residual adds a product, not a matmul).
+#[test]
+fn neox_and_rwkv_layers_fuse_their_activations_and_residuals() {
+    for (fx, arch) in [("tiny-neox", "gpt_neox"), ("tiny-rwkv", "rwkv")] {
+        let built = fixture(fx, arch, "q4f16_1");
+        let layers = built.plan.states.len();
+        let fused = fuse_decode(built.plan.clone());
+        assert_eq!(
+            built.plan.decode.len() - fused.decode.len(),
+            4 * layers,
+            "{fx}"
+        );
+        let d = &fused.decode;
+        let left = |pred: fn(&Op) -> bool| count(d, pred);
+        assert_eq!(
+            left(|op| matches!(
+                op,
+                Op::Gelu { .. } | Op::Sigmoid { .. } | Op::ReluSquare { .. } | Op::Rotary { .. }
+            )),
+            0,
+            "{fx}"
+        );
+        let adds = left(|op| matches!(op, Op::Add { .. }));
+        assert_eq!(adds, if arch == "rwkv" { layers } else { 0 }, "{fx}");
+    }
+}
+
 /// Hand-made decode steps around one matmul `p = x·Wᵀ` of the tiny plan.
 fn with_decode(plan: &Plan, ops: Vec<Op>) -> Plan {
     let mut p = plan.clone();

@@ -5,7 +5,7 @@
 
 use crate::codegen::signature::op_signature;
 use crate::formats::dtype::DType;
-use crate::formats::model_lib::plan::{Op, Plan, WeightStorage};
+use crate::formats::model_lib::plan::{Activation, Op, Plan, WeightStorage};
 use crate::quant::scheme::{scheme, Encoding, Layout};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -85,6 +85,8 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Fusion {
     pub rms_norm: Option<DType>,
+    /// Gelu, ReluSquare or Sigmoid (never Scale: its factor would need a second scalar).
+    pub activation: Option<Unary>,
     pub silu_gate: bool,
     pub residual: bool,
 }
@@ -285,6 +287,9 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
             ..
         } => {
             let m = matrix(plan, *weight)?;
+            if fusion.silu_gate && fusion.activation.is_some() {
+                bail!("a matmul with both a silu gate and an activation");
+            }
             if fusion.silu_gate && m.n % 2 != 0 {
                 bail!(
                     "a silu-gated matmul needs an even number of rows, not {}",
@@ -301,6 +306,11 @@ pub fn op_spec(plan: &Plan, op: &Op, phase: Phase) -> Result<KernelSpec> {
                         .rms_norm
                         .map(|n| vector(plan, n.weight))
                         .transpose()?,
+                    activation: fusion.activation.map(|a| match a {
+                        Activation::Gelu => Unary::Gelu,
+                        Activation::ReluSquare => Unary::ReluSquare,
+                        Activation::Sigmoid => Unary::Sigmoid,
+                    }),
                     silu_gate: fusion.silu_gate,
                     residual: fusion.residual.is_some(),
                 },

@@ -212,14 +212,17 @@ pub enum Op {
 }
 
 /// The steps a fused [`Op::Matmul`] runs around its product, in this order: `x = input`, or
-/// `rms_norm(input)` with `rms_norm`; `p = x · weightᵀ + bias`; `p = silu(gate) * up` with
-/// `silu_gate`; `out = p`, or `p + residual` with `residual`. The default (none) is a plain
-/// matmul.
+/// `rms_norm(input)` with `rms_norm`; `p = x · weightᵀ + bias`; `p = activation(p)`; `p =
+/// silu(gate) * up` with `silu_gate` (not with an activation); `out = p`, or `p + residual` with
+/// `residual`. The default (none) is a plain matmul.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct MatmulFusion {
     /// The input is normalised first, as [`Op::RmsNorm`] with this weight and eps would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rms_norm: Option<FusedRmsNorm>,
+    /// An elementwise activation of the product, as the op of that name would apply it in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
     /// `p` has twice `out`'s columns, `[gate | up]`, and `out = silu(gate) * up` (as
     /// [`Op::SiluMul`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -233,6 +236,29 @@ pub struct MatmulFusion {
 impl MatmulFusion {
     pub fn is_none(&self) -> bool {
         *self == MatmulFusion::default()
+    }
+}
+
+/// The in-place activation ops a matmul can apply to its product ([`MatmulFusion::activation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// As [`Op::Gelu`].
+    Gelu,
+    /// As [`Op::ReluSquare`].
+    ReluSquare,
+    /// As [`Op::Sigmoid`].
+    Sigmoid,
+}
+
+impl Activation {
+    /// The activation an in-place op applies, if it is one of these.
+    pub fn of(op: &Op) -> Option<(Activation, BufId)> {
+        match *op {
+            Op::Gelu { buf } => Some((Activation::Gelu, buf)),
+            Op::ReluSquare { buf } => Some((Activation::ReluSquare, buf)),
+            Op::Sigmoid { buf } => Some((Activation::Sigmoid, buf)),
+            _ => None,
+        }
     }
 }
 

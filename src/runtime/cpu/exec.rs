@@ -7,7 +7,9 @@ use super::ops::math::{Exp, NativeExp, PortableExp};
 use super::ops::rwkv::{token_shift, wkv, RwkvState};
 use super::ops::{norm, rotary};
 use super::validate::{validate_plan, validate_weights};
-use crate::formats::model_lib::plan::{BufId, Op, Plan, ShiftSlot, StateDecl, WeightId};
+use crate::formats::model_lib::plan::{
+    Activation, BufId, Op, Plan, ShiftSlot, StateDecl, WeightId,
+};
 use anyhow::Result;
 use rayon::prelude::*;
 
@@ -219,6 +221,12 @@ impl CpuSession<'_> {
                 }
                 if let Some(b) = bias {
                     add_bias(&mut p, model.vector(b));
+                }
+                match fusion.activation {
+                    Some(Activation::Gelu) => map_in_place(&mut p, elementwise::gelu),
+                    Some(Activation::ReluSquare) => map_in_place(&mut p, elementwise::relu_square),
+                    Some(Activation::Sigmoid) => map_in_place(&mut p, elementwise::sigmoid::<E>),
+                    None => {}
                 }
                 if fusion.silu_gate {
                     let mut gated = vec![0f32; p.len() / 2];

@@ -236,6 +236,9 @@ impl Checker<'_> {
                 if let Some(r) = fusion.residual {
                     same("matmul residual width", self.b(r)?, self.b(out)?)?;
                 }
+                if fusion.silu_gate && fusion.activation.is_some() {
+                    return Err("a matmul with both a silu gate and an activation".into());
+                }
                 if let Some(norm) = fusion.rms_norm {
                     self.vector(norm.weight, k)?;
                     finite(norm.eps)?;

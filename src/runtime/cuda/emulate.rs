@@ -567,8 +567,9 @@ mod tests {
     }
 
     /// embedding → a gated MLP with a residual (rms_norm, gate/up matmul with bias, silu_mul, down
-    /// matmul, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda target
-    /// fuses it (gate/up with the norm and the silu gate, down with the residual), prefill not.
+    /// matmul, gelu, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda
+    /// target fuses it (gate/up with the norm and the silu gate, down with the gelu and the
+    /// residual), prefill not.
     fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
         let s = crate::quant::scheme::scheme(scheme).unwrap();
         let (v, h, f) = (40usize, 70usize, 19usize);
@@ -625,6 +626,7 @@ mod tests {
             Op::matmul(5, 1, Some(2), 1),
             Op::SiluMul { input: 1, out: 2 },
             Op::matmul(2, 3, None, 3),
+            Op::Gelu { buf: 3 },
             Op::Add { a: 0, b: 3, out: 0 },
             Op::Logits {
                 input: 0,
@@ -673,7 +675,11 @@ mod tests {
             logits: 4,
         };
         let plan = crate::codegen::fuse::fuse_decode(plan);
-        assert_eq!(plan.decode.len(), 4, "norm, silu gate and residual fused");
+        assert_eq!(
+            plan.decode.len(),
+            4,
+            "norm and silu gate, gelu and residual fused"
+        );
         (plan, records)
     }
 
