@@ -26,7 +26,9 @@ use std::collections::BTreeMap;
 /// libraries also carry each kernel's WGSL (what the wgpu runtime loads). 6: cuda libraries of
 /// f16 schemes run prefill matmuls on f16 tensor cores (`codegen::cuda::gemm_f16`); cuda prefill
 /// attention runs in query tiles (`attention_tiled`). 7: cuda decode steps fuse
-/// (`codegen::fuse`: rotary into attention, silu-gate and residual epilogues of the GEMVs).
+/// (`codegen::fuse`: an RMS norm into the GEMV after it, rotary into attention, activations,
+/// the silu gate and the residual add into the GEMV before them); decode attention scores 4 keys
+/// per warp and step.
 pub const VERSION: u32 = 7;
 
 /// The context size a build uses: the recipe's, else the model's own.

@@ -65,12 +65,16 @@ fn declare_attention(b: &mut CudaBuilder, n_q_heads: usize, n_kv_heads: usize, h
     b.activation("out", true, "y");
 }
 
+/// Keys each warp of [`attention`] scores per step.
+pub const DECODE_KEYS_PER_STEP: usize = 4;
+
 /// One block per (query head, row t). The first query head of each kv group appends row t's k
 /// and v to the cache. Keys and values of this call's rows are read from qkv itself, earlier
 /// ones from the cache, so no block reads a cache slot another one writes. Each warp takes
-/// positions `warp, warp + NWARPS, …` in one pass with an online softmax (running max, running
-/// sum, `ceil(head_dim/32)` output dims per lane); the warps' partial results merge in shared
-/// memory. Scores use warp-shuffle dot products over head_dim.
+/// positions in runs of [`DECODE_KEYS_PER_STEP`] (`KU·warp …`, then `KU·(warp + NWARPS) …`) in
+/// one pass with an online softmax (running max, running sum, `ceil(head_dim/32)` output dims per
+/// lane); the warps' partial results merge in shared memory. Scores use warp-shuffle dot
+/// products over head_dim.
 ///
 /// With `rotary_dim` (decode only, `T = 1`: the one key of this call is the block's own row),
 /// the block rotates its query and its kv head's new key in shared memory as [`rotary`] does
@@ -84,6 +88,7 @@ pub fn attention(
     rotary_dim: Option<usize>,
 ) -> (String, CudaLaunch) {
     declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
+    b.const_u32("KU", DECODE_KEYS_PER_STEP);
     let (load, new_key) = match rotary_dim {
         None => (
             "    if (h % GROUP == 0u) {
@@ -144,30 +149,54 @@ pub fn attention(
     float m = -3.0e38f, l = 0.0f, acc[DPL];
     #pragma unroll
     for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;
-    for (unsigned j = warp; j < n_ctx; j += NWARPS) {{
-        const float* key;
-        const float* val;
-        if (j < POS) {{
-            key = k_cache + (u64)j * KVC + kv_off;
-            val = v_cache + (u64)j * KVC + kv_off;
-        }} else {{
-            key = {new_key};
-            val = qkv + (u64)(j - POS) * COLS + QC + KVC + kv_off;
+    // KU keys per warp and step: their loads are independent, so a step waits for memory once
+    // instead of KU times (a decode step's attention is latency-bound: one block per head).
+    for (unsigned j0 = warp * KU; j0 < n_ctx; j0 += NWARPS * KU) {{
+        float s[KU];
+        const float* val[KU];
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {{
+            const unsigned j = j0 + u;
+            s[u] = 0.0f;
+            val[u] = nullptr;
+            if (j >= n_ctx) continue;
+            const float* key;
+            if (j < POS) {{
+                key = k_cache + (u64)j * KVC + kv_off;
+                val[u] = v_cache + (u64)j * KVC + kv_off;
+            }} else {{
+                key = {new_key};
+                val[u] = qkv + (u64)(j - POS) * COLS + QC + KVC + kv_off;
+            }}
+            #pragma unroll
+            for (unsigned r = 0; r < DPL; ++r) {{
+                const unsigned d = lane + 32u * r;
+                if (d < HD) s[u] = fmaf(q_sh[d], key[d], s[u]);
+            }}
         }}
-        float s = 0.0f;
+        float mn = m;
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {{
+            // Warp-uniform: whether key j0 + u exists depends on the warp and u only.
+            s[u] = j0 + u < n_ctx ? warp_sum(s[u]) * SCALE : -3.0e38f;
+            mn = fmaxf(mn, s[u]);
+        }}
+        const float corr = expf(m - mn);
+        float p[KU];
+        l *= corr;
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {{
+            p[u] = j0 + u < n_ctx ? expf(s[u] - mn) : 0.0f;
+            l += p[u];
+        }}
         #pragma unroll
         for (unsigned r = 0; r < DPL; ++r) {{
             const unsigned d = lane + 32u * r;
-            if (d < HD) s = fmaf(q_sh[d], key[d], s);
-        }}
-        s = warp_sum(s) * SCALE;
-        const float mn = fmaxf(m, s);
-        const float corr = expf(m - mn), p = expf(s - mn);
-        l = l * corr + p;
-        #pragma unroll
-        for (unsigned r = 0; r < DPL; ++r) {{
-            const unsigned d = lane + 32u * r;
-            acc[r] = acc[r] * corr + (d < HD ? p * val[d] : 0.0f);
+            float a = acc[r] * corr;
+            #pragma unroll
+            for (unsigned u = 0; u < KU; ++u)
+                if (j0 + u < n_ctx && d < HD) a = fmaf(p[u], val[u][d], a);
+            acc[r] = a;
         }}
         m = mn;
     }}

@@ -166,8 +166,11 @@ fn every_variant_compiles_to_ptx() {
                 if f16 {
                     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
                 }
-                if f16 || sig.starts_with("prefill:attention") {
-                    // Staged registers, accumulators and per-query state stay in registers.
+                // (Fused rotary is exempt: precise `sincosf` reduces huge angles on a rare path
+                // that keeps a 28-byte table in local memory, as the rotary kernel's does.)
+                if f16 || (sig.contains(":attention") && !spec.fused()) {
+                    // Staged registers, accumulators, per-query state and decode attention's
+                    // per-step keys stay in registers.
                     assert!(!ptx.contains(".local"), "{spec:?}: local memory\n{ptx}");
                 }
             }

@@ -524,7 +524,8 @@ mod tests {
         (plan, built.records, ids)
     }
 
-    /// Prefill of whole fixture models in two calls (30 rows, then 15 more at position 30): the
+    /// Prefill of whole fixture models in two calls (30 rows, then 15 more at position 30), then
+    /// 4 decode steps (46–49 keys in the decode attention's cache): the
     /// query-tiled attention over several query and key tiles, reading the KV cache the first
     /// call wrote (head_dim 64 and 80); and the f16 tensor-core GEMM staging 16-byte chunks of
     /// quantized NK rows (q4f16_1), raw f16 rows with biases (q0f16) and words of KN matrices
@@ -543,7 +544,7 @@ mod tests {
             ("tiny-rwkv", "rwkv", "q4f16_0"),
         ] {
             let (plan, records, _) = fixture_plan(fx, arch, scheme);
-            let ids: Vec<u32> = (0..45u32)
+            let ids: Vec<u32> = (0..49u32)
                 .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
                 .collect();
             let want = cpu_logits(&plan, &records, &ids);
@@ -552,16 +553,32 @@ mod tests {
             );
             let mut s = EmuSession::new(&plan, &k, &records);
             let mut got = s.forward(&ids[..30], true);
-            got.extend(s.forward(&ids[30..], true));
-            let e = rel_err(&got, &want);
-            eprintln!("{fx} {scheme}: prefill in two calls, rel err {e:.2e}");
+            got.extend(s.forward(&ids[30..45], true));
+            let v = plan.vocab_size;
+            let e = rel_err(&got, &want[..45 * v]);
+            // Then 4 decode steps over the cache the prefills wrote: 46..49 keys, so every warp
+            // of the decode attention has keys, over several steps with a ragged last one.
+            let mut dec = Vec::new();
+            for id in &ids[45..] {
+                dec.extend(s.forward(&[*id], false));
+            }
+            let e_dec = rel_err(&dec, &want[45 * v..]);
+            eprintln!(
+                "{fx} {scheme}: prefill in two calls, rel err {e:.2e}; then decode {e_dec:.2e}"
+            );
             if crate::codegen::cuda::f16_prefill(&plan) {
                 assert!(
                     e < F16_PREFILL_TOL && e > 1e-5,
                     "{fx} {scheme}: rel err {e:e}"
                 );
+                // The cache holds keys and values the f16 prefill computed.
+                assert!(
+                    e_dec < F16_PREFILL_TOL,
+                    "{fx} {scheme}: decode rel err {e_dec:e}"
+                );
             } else {
                 assert!(e < 1e-4, "{fx} {scheme}: rel err {e:e}");
+                assert!(e_dec < 1e-4, "{fx} {scheme}: decode rel err {e_dec:e}");
             }
         }
     }
