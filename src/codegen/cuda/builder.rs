@@ -38,6 +38,7 @@ __device__ __forceinline__ float bf16_round(float v) {
     unsigned u = __float_as_uint(v);
     return __uint_as_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
 }
+#ifndef MLCB_EMULATE
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -48,6 +49,7 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+#endif
 // silu(g) * u (Llama's gated MLP), as the CPU computes it.
 __device__ __forceinline__ float silu_gate(float g, float u) {
     return g * (1.0f / (1.0f + expf(-g))) * u;

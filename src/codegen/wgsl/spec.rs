@@ -79,9 +79,10 @@ pub enum Phase {
     Decode,
 }
 
-/// A matmul kernel's fused steps (the plan's `MatmulFusion` without ids): an RMS norm of the
-/// input with a weight of this dtype (eps is the kernel's scalar parameter); the product is
-/// `[gate | up]` and the kernel writes `silu(gate) * up`; a residual buffer is added.
+/// A matmul kernel's fused steps (the plan's `MatmulFusion` without ids, in its order): an RMS
+/// norm of the input with a weight of this dtype (eps is the kernel's scalar parameter); an
+/// activation of the product; the product is `[gate | up]` and the kernel writes
+/// `silu(gate) * up`; a residual buffer is added.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Fusion {
     pub rms_norm: Option<DType>,
