@@ -6,6 +6,21 @@
 use super::builder::CudaBuilder;
 use super::launch::{CudaLaunch, GridDim};
 
+/// Rotary embedding of one pair: the rotary kernel and the decode attention that fuses it share
+/// these, so both compute the same bits (the CPU forms the angle the same way). `rope_sincos`:
+/// angle `pos · theta^(-2i/RD)` in f32, reduced by precise `sincosf` (not the fast intrinsic);
+/// `rope_rotate`: `x[i], x[i+HALF]` turned by it ("rotate half").
+const ROPE_HELPERS: &str = "__device__ __forceinline__ void rope_sincos(unsigned i, unsigned pos, float theta, float& sn, float& cs) {
+    const float inv_freq = 1.0f / powf(theta, (float)(2u * i) / (float)RD);
+    sincosf((float)pos * inv_freq, &sn, &cs);
+}
+__device__ __forceinline__ void rope_rotate(float* x, unsigned i, float sn, float cs) {
+    const float x0 = x[i], x1 = x[i + HALF];
+    x[i] = x0 * cs - x1 * sn;
+    x[i + HALF] = x1 * cs + x0 * sn;
+}
+";
+
 /// In place on the q and k heads of the fused qkv buffer; `scalar` = theta. One thread per
 /// (head, pair `i < rotary_dim/2`), grid y = T. The angle `(pos+t) · inv_freq` is formed in f32
 /// as the CPU does; `sincosf` (not the fast intrinsic) reduces it exactly.
@@ -27,14 +42,9 @@ pub fn rotary(
     const unsigned idx = blockIdx.x * TPB + threadIdx.x;
     if (t >= T || idx >= HEADS * HALF) return;
     const unsigned h = idx / HALF, i = idx % HALF;
-    const float inv_freq = 1.0f / powf(scalar, (float)(2u * i) / (float)RD);
-    const float a = (float)(POS + t) * inv_freq;
     float sn, cs;
-    sincosf(a, &sn, &cs);
-    float* row = qkv + (u64)t * COLS + h * HD;
-    const float x0 = row[i], x1 = row[i + HALF];
-    row[i] = x0 * cs - x1 * sn;
-    row[i + HALF] = x1 * cs + x0 * sn;
+    rope_sincos(i, POS + t, scalar, sn, cs);
+    rope_rotate(qkv + (u64)t * COLS + h * HD, i, sn, cs);
 ";
     let tpb = b.tuning.threads_per_block;
     let grid = [
@@ -45,7 +55,7 @@ pub fn rotary(
         GridDim::tokens(1),
         GridDim::one(),
     ];
-    b.finish("", body, tpb, grid)
+    b.finish(ROPE_HELPERS, body, tpb, grid)
 }
 
 /// What both attention kernels declare: the shape constants (kv group size, head_dim, the q, kv
@@ -113,16 +123,10 @@ pub fn attention(
     }
     __syncthreads();
     for (unsigned i = threadIdx.x; i < HALF; i += TPB) {
-        const float inv_freq = 1.0f / powf(scalar, (float)(2u * i) / (float)RD);
-        const float a = (float)(POS + t) * inv_freq;
         float sn, cs;
-        sincosf(a, &sn, &cs);
-        float x0 = q_sh[i], x1 = q_sh[i + HALF];
-        q_sh[i] = x0 * cs - x1 * sn;
-        q_sh[i + HALF] = x1 * cs + x0 * sn;
-        x0 = k_sh[i]; x1 = k_sh[i + HALF];
-        k_sh[i] = x0 * cs - x1 * sn;
-        k_sh[i + HALF] = x1 * cs + x0 * sn;
+        rope_sincos(i, POS + t, scalar, sn, cs);
+        rope_rotate(q_sh, i, sn, cs);
+        rope_rotate(k_sh, i, sn, cs);
     }
     __syncthreads();
     if (h % GROUP == 0u) {
@@ -224,7 +228,12 @@ pub fn attention(
         GridDim::tokens(1),
         GridDim::one(),
     ];
-    b.finish("", &body, tpb, grid)
+    let shared = if rotary_dim.is_some() {
+        ROPE_HELPERS
+    } else {
+        ""
+    };
+    b.finish(shared, &body, tpb, grid)
 }
 
 /// Query rows per block and keys per shared-memory tile of [`attention_tiled`], and its threads.
