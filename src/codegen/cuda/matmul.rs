@@ -49,7 +49,9 @@ pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
     b.finish("", body, tpb, grid)
 }
 
-/// Matmul or logits. Arguments: input, weight records, bias record, output.
+/// Matmul or logits. Arguments: input, a fused norm's weight, weight records, bias record, a
+/// fused residual, output. Only the decode GEMVs implement `fusion` (`generate` refuses a fused
+/// prefill spec before it gets here).
 pub fn matmul(
     mut b: CudaBuilder,
     m: &MatrixSpec,
@@ -84,9 +86,6 @@ pub fn matmul(
     match (phase, kn) {
         (Phase::Decode, false) => gemv_nk(b, m, plus_bias, fusion),
         (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, fusion)),
-        (Phase::Prefill, _) if fusion != Fusion::default() => {
-            Err("the prefill GEMMs have no fusion (only decode steps fuse)".into())
-        }
         (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias)),
         (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
     }
