@@ -222,11 +222,8 @@ impl CpuSession<'_> {
                 if let Some(b) = bias {
                     add_bias(&mut p, model.vector(b));
                 }
-                match fusion.activation {
-                    Some(Activation::Gelu) => map_in_place(&mut p, elementwise::gelu),
-                    Some(Activation::ReluSquare) => map_in_place(&mut p, elementwise::relu_square),
-                    Some(Activation::Sigmoid) => map_in_place(&mut p, elementwise::sigmoid::<E>),
-                    None => {}
+                if let Some(a) = fusion.activation {
+                    activate::<E>(a, &mut p);
                 }
                 if fusion.silu_gate {
                     let mut gated = vec![0f32; p.len() / 2];
@@ -293,11 +290,9 @@ impl CpuSession<'_> {
                 let (x, o) = self.in_out(input, out);
                 elementwise::silu_mul::<E>(x, o, cols);
             }
-            Op::Gelu { buf } => map_in_place(&mut self.buffers[buf], elementwise::gelu),
-            Op::ReluSquare { buf } => {
-                map_in_place(&mut self.buffers[buf], elementwise::relu_square)
-            }
-            Op::Sigmoid { buf } => map_in_place(&mut self.buffers[buf], elementwise::sigmoid::<E>),
+            Op::Gelu { buf } => activate::<E>(Activation::Gelu, &mut self.buffers[buf]),
+            Op::ReluSquare { buf } => activate::<E>(Activation::ReluSquare, &mut self.buffers[buf]),
+            Op::Sigmoid { buf } => activate::<E>(Activation::Sigmoid, &mut self.buffers[buf]),
             Op::Scale { buf, factor } => map_in_place(&mut self.buffers[buf], |x| x * factor),
             Op::Add { a, b, out } => self.binary(a, b, out, |x, y| x + y),
             Op::Mul { a, b, out } => self.binary(a, b, out, |x, y| x * y),
@@ -471,6 +466,16 @@ pub fn forward_intercepting(
         s.pos += toks.len();
     }
     Ok(())
+}
+
+/// In place, the activation an [`Op::Gelu`], [`Op::ReluSquare`] or [`Op::Sigmoid`] applies (and
+/// a fused matmul's `activation`).
+fn activate<E: Exp>(a: Activation, buf: &mut [f32]) {
+    match a {
+        Activation::Gelu => map_in_place(buf, elementwise::gelu),
+        Activation::ReluSquare => map_in_place(buf, elementwise::relu_square),
+        Activation::Sigmoid => map_in_place(buf, elementwise::sigmoid::<E>),
+    }
 }
 
 /// `out[t] += bias` for every row.
