@@ -124,12 +124,11 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
             })
         }
         (
-            &Op::Matmul {
+            first @ &Op::Matmul {
                 input,
-                weight,
-                bias,
                 out: p,
                 fusion,
+                ..
             },
             &Op::SiluMul { input: gated, out },
         ) if !fusion.silu_gate
@@ -138,16 +137,11 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
             && out != input
             && dead_after(plan, ops, at + 1, p) =>
         {
-            Some(Op::Matmul {
-                input,
-                weight,
-                bias,
-                out,
-                fusion: MatmulFusion {
-                    silu_gate: true,
-                    ..fusion
-                },
-            })
+            let fusion = MatmulFusion {
+                silu_gate: true,
+                ..fusion
+            };
+            rewired(first, input, out, fusion)
         }
         (
             &Op::RmsNorm {
@@ -156,36 +150,29 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
                 eps,
                 out: x,
             },
-            &Op::Matmul {
+            second @ &Op::Matmul {
                 input: mm_input,
-                weight,
-                bias,
                 out,
                 fusion,
+                ..
             },
         ) if mm_input == x
             && fusion.rms_norm.is_none()
             && out != input
             && dead_after(plan, ops, at + 1, x) =>
         {
-            Some(Op::Matmul {
-                input,
-                weight,
-                bias,
-                out,
-                fusion: MatmulFusion {
-                    rms_norm: Some(FusedRmsNorm { weight: norm, eps }),
-                    ..fusion
-                },
-            })
+            let fusion = MatmulFusion {
+                rms_norm: Some(FusedRmsNorm { weight: norm, eps }),
+                ..fusion
+            };
+            rewired(second, input, out, fusion)
         }
         (
-            &Op::Matmul {
+            first @ &Op::Matmul {
                 input,
-                weight,
-                bias,
                 out: p,
                 fusion,
+                ..
             },
             &Op::Add { a, b, out },
         ) if fusion.residual.is_none()
@@ -194,44 +181,45 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
             && dead_after(plan, ops, at + 1, p) =>
         {
             let residual = if a == p { b } else { a };
-            Some(Op::Matmul {
-                input,
-                weight,
-                bias,
-                out,
-                fusion: MatmulFusion {
-                    residual: Some(residual),
-                    ..fusion
-                },
-            })
+            let fusion = MatmulFusion {
+                residual: Some(residual),
+                ..fusion
+            };
+            rewired(first, input, out, fusion)
         }
         (
-            &Op::Matmul {
-                input,
-                weight,
-                bias,
-                out,
-                fusion,
+            first @ &Op::Matmul {
+                input, out, fusion, ..
             },
-            act,
+            second,
         ) if fusion.activation.is_none()
             && !fusion.silu_gate
             && fusion.residual.is_none()
-            && Activation::of(act).is_some_and(|(_, buf)| buf == out) =>
+            && Activation::of(second).is_some_and(|(_, buf)| buf == out) =>
         {
-            Some(Op::Matmul {
-                input,
-                weight,
-                bias,
-                out,
-                fusion: MatmulFusion {
-                    activation: Activation::of(act).map(|(a, _)| a),
-                    ..fusion
-                },
-            })
+            let fusion = MatmulFusion {
+                activation: Activation::of(second).map(|(a, _)| a),
+                ..fusion
+            };
+            rewired(first, input, out, fusion)
         }
         _ => None,
     }
+}
+
+/// Matmul `op` (its weight and bias) reading `input` and writing `out` with `fusion`: what each
+/// matmul rewrite makes, `None` for any other op.
+fn rewired(op: &Op, input: BufId, out: BufId, fusion: MatmulFusion) -> Option<Op> {
+    let &Op::Matmul { weight, bias, .. } = op else {
+        return None;
+    };
+    Some(Op::Matmul {
+        input,
+        weight,
+        bias,
+        out,
+        fusion,
+    })
 }
 
 /// The plan with its decode steps fused as the module's table says (prefill unchanged).
