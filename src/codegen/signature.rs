@@ -1,7 +1,7 @@
 //! Kernel signatures: op, dtypes, scheme, layout and static dimensions. Steps with the same
 //! signature share one kernel and one tuning record (32 identical layers need a handful).
 
-use crate::formats::model_lib::plan::{Activation, Op, Plan, WeightStorage};
+use crate::formats::model_lib::plan::{Op, Plan, WeightStorage};
 use std::collections::BTreeSet;
 
 fn weight_desc(plan: &Plan, w: usize) -> String {
@@ -38,12 +38,10 @@ pub fn op_signature(plan: &Plan, op: &Op) -> String {
                 .unwrap_or_default(),
             weight_desc(plan, *weight),
             if bias.is_some() { "+bias" } else { "" },
-            match fusion.activation {
-                Some(Activation::Gelu) => "+gelu",
-                Some(Activation::ReluSquare) => "+relu_square",
-                Some(Activation::Sigmoid) => "+sigmoid",
-                None => "",
-            },
+            fusion
+                .activation
+                .map(|a| format!("+{}", a.name()))
+                .unwrap_or_default(),
             if fusion.silu_gate { "+silu_gate" } else { "" },
             if fusion.residual.is_some() {
                 "+residual"

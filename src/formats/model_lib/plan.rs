@@ -251,6 +251,15 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The name of its op in signatures and renderings (`gelu`, `relu_square`, `sigmoid`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu",
+            Activation::ReluSquare => "relu_square",
+            Activation::Sigmoid => "sigmoid",
+        }
+    }
+
     /// The activation an in-place op applies, if it is one of these.
     pub fn of(op: &Op) -> Option<(Activation, BufId)> {
         match *op {

@@ -106,6 +106,9 @@ fn render_op(plan: &Plan, op: &Op) -> String {
                     .map(|x| format!(", bias={}", w(x)))
                     .unwrap_or_default()
             );
+            if let Some(a) = fusion.activation {
+                product = format!("{}({product})", a.name());
+            }
             if fusion.silu_gate {
                 product = format!("silu_gate({product})");
             }
@@ -145,5 +148,33 @@ mod tests {
             plan.buffers[*out].name, plan.weights[*weight].name
         );
         assert!(text.contains(&line), "{text}");
+    }
+
+    #[test]
+    fn a_fused_matmul_renders_its_steps_in_order() {
+        use crate::formats::model_lib::plan::{Activation, FusedRmsNorm, MatmulFusion};
+        let mut plan = crate::runtime::artifact::tests::tiny_plan();
+        plan.decode = vec![Op::Matmul {
+            input: 0,
+            weight: 2,
+            bias: None,
+            out: 1,
+            fusion: MatmulFusion {
+                rms_norm: Some(FusedRmsNorm {
+                    weight: 1,
+                    eps: 1e-5,
+                }),
+                activation: Some(Activation::Gelu),
+                silu_gate: false,
+                residual: Some(0),
+            },
+        }];
+        let text = render_plan(&plan);
+        assert!(
+            text.contains(
+                "%h = %x + gelu(matmul(rms_norm(%x, @norm.weight, eps=0.00001), @lm_head.weight))"
+            ),
+            "{text}"
+        );
     }
 }
