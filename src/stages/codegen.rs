@@ -28,8 +28,9 @@ use std::collections::BTreeMap;
 /// attention runs in query tiles (`attention_tiled`). 7: cuda decode steps fuse
 /// (`codegen::fuse`: an RMS norm into the GEMV after it, rotary into attention, activations,
 /// the silu gate and the residual add into the GEMV before them); decode attention scores 4 keys
-/// per warp and step.
-pub const VERSION: u32 = 7;
+/// per warp and step. 8: cuda decode attention splits each head's keys over `kv_splits` blocks
+/// (a tuning knob, default 8) merged by the last block to finish; kernels may own a scratch.
+pub const VERSION: u32 = 8;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -29,8 +29,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// 2: the CUDA architecture is no longer a key input (preset defaults do not depend on it, so an
-/// arch change rebuilds codegen only; measured records come in a pinned tuning file).
-pub const VERSION: u32 = 2;
+/// arch change rebuilds codegen only; measured records come in a pinned tuning file). 3: cuda
+/// records carry `kv_splits` (decode attention's default is 8 blocks per head).
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningRecords {

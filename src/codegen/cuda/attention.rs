@@ -78,6 +78,12 @@ fn declare_attention(b: &mut CudaBuilder, n_q_heads: usize, n_kv_heads: usize, h
 /// Keys each warp of [`attention`] scores per step.
 pub const DECODE_KEYS_PER_STEP: usize = 4;
 
+/// Bytes of [`attention`]'s scratch with `splits` key splits: one arrival counter per query head
+/// (padded to 16 bytes), then per (head, split) the partial result `[max, sum, out[head_dim]]`.
+pub fn split_scratch_bytes(n_q_heads: usize, head_dim: usize, splits: usize) -> u64 {
+    (4 * (n_q_heads.next_multiple_of(4) + n_q_heads * splits * (head_dim + 2))) as u64
+}
+
 /// One block per (query head, row t). The first query head of each kv group appends row t's k
 /// and v to the cache. Keys and values of this call's rows are read from qkv itself, earlier
 /// ones from the cache, so no block reads a cache slot another one writes. Each warp takes
@@ -90,25 +96,47 @@ pub const DECODE_KEYS_PER_STEP: usize = 4;
 /// the block rotates its query and its kv head's new key in shared memory as [`rotary`] does
 /// (`scalar` = theta) and appends the rotated key: the rotary kernel and its pass over qkv are
 /// saved.
+///
+/// With `splits > 1` (decode only: flash-decoding) a head's keys are cut into `splits` runs of
+/// `ceil(n_ctx / splits)`, one block each (grid `[heads, splits]`): one block per head leaves most
+/// SMs idle and walks a long context one step after another, each step waiting on memory. Each
+/// block writes its unnormalised partial result to the scratch ([`split_scratch_bytes`]), then
+/// counts itself in with an atomic; the block that arrives last merges the `splits` partials in
+/// split order (so the result does not depend on which block is last), writes the output and
+/// puts the counter back to zero for the next launch. Only split 0 appends to the cache.
 pub fn attention(
     mut b: CudaBuilder,
     n_q_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
     rotary_dim: Option<usize>,
+    splits: usize,
 ) -> (String, CudaLaunch) {
     declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
     b.const_u32("KU", DECODE_KEYS_PER_STEP);
+    let split = splits > 1;
+    if split {
+        b.const_u32("SPLITS", splits);
+        b.const_u32("CNT", n_q_heads.next_multiple_of(4));
+        b.scratch(split_scratch_bytes(n_q_heads, head_dim, splits), "scratch");
+    }
+    let appends = if split {
+        "h % GROUP == 0u && blockIdx.y == 0u"
+    } else {
+        "h % GROUP == 0u"
+    };
     let (load, new_key) = match rotary_dim {
         None => (
-            "    if (h % GROUP == 0u) {
-        for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+            format!(
+                "    if ({appends}) {{
+        for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
             k_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + kv_off + d];
             v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
-        }
-    }
+        }}
+    }}
     for (unsigned d = threadIdx.x; d < HD; d += TPB) q_sh[d] = qkv_t[h * HD + d];
-    __syncthreads();",
+    __syncthreads();"
+            ),
             "qkv + (u64)(j - POS) * COLS + QC + kv_off",
         ),
         Some(rd) => {
@@ -116,46 +144,102 @@ pub fn attention(
             b.const_u32("RD", rd);
             b.params_scalar("theta");
             (
-                "    __shared__ float k_sh[HD];
-    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+                format!(
+                    "    __shared__ float k_sh[HD];
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
         q_sh[d] = qkv_t[h * HD + d];
         k_sh[d] = qkv_t[QC + kv_off + d];
-    }
+    }}
     __syncthreads();
-    for (unsigned i = threadIdx.x; i < HALF; i += TPB) {
+    for (unsigned i = threadIdx.x; i < HALF; i += TPB) {{
         float sn, cs;
         rope_sincos(i, POS + t, scalar, sn, cs);
         rope_rotate(q_sh, i, sn, cs);
         rope_rotate(k_sh, i, sn, cs);
-    }
+    }}
     __syncthreads();
-    if (h % GROUP == 0u) {
-        for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+    if ({appends}) {{
+        for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
             k_cache[(u64)(POS + t) * KVC + kv_off + d] = k_sh[d];
             v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
-        }
-    }",
+        }}
+    }}"
+                ),
                 "k_sh",
             )
         }
+    };
+    let (rows, range) = if split {
+        (
+            "const unsigned h = blockIdx.x, t = 0u;",
+            "    // This block's run of keys (empty for the last splits of a short context).
+    const unsigned chunk = (n_ctx + SPLITS - 1u) / SPLITS;
+    const unsigned j_begin = blockIdx.y * chunk < n_ctx ? blockIdx.y * chunk : n_ctx;
+    const unsigned j_end = j_begin + chunk < n_ctx ? j_begin + chunk : n_ctx;",
+        )
+    } else {
+        (
+            "const unsigned h = blockIdx.x, t = blockIdx.y;
+    if (t >= T) return;",
+            "    const unsigned j_begin = 0u, j_end = n_ctx;",
+        )
+    };
+    let store = if split {
+        "    // This split's partial result, then the last block to arrive merges all of them.
+    float* part = scratch + CNT + (h * SPLITS + blockIdx.y) * (HD + 2u);
+    if (threadIdx.x == 0u) { part[0] = mx; part[1] = total; }
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+        float o = 0.0f;
+        for (unsigned w = 0; w < NWARPS; ++w) o += acc_sh[w][d] * expf(m_sh[w] - mx);
+        part[2u + d] = o;
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    unsigned* count = reinterpret_cast<unsigned*>(scratch);
+    if (threadIdx.x == 0u) last = atomicAdd(count + h, 1u) == SPLITS - 1u;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Volatile: the other blocks' partials must come from L2, not a stale L1 line.
+    const volatile float* parts = scratch + CNT + h * SPLITS * (HD + 2u);
+    float gm = -3.0e38f;
+    for (unsigned s = 0; s < SPLITS; ++s) gm = fmaxf(gm, parts[s * (HD + 2u)]);
+    float gl = 0.0f;
+    for (unsigned s = 0; s < SPLITS; ++s) gl += parts[s * (HD + 2u) + 1u] * expf(parts[s * (HD + 2u)] - gm);
+    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+        float o = 0.0f;
+        for (unsigned s = 0; s < SPLITS; ++s)
+            o += parts[s * (HD + 2u) + 2u + d] * expf(parts[s * (HD + 2u)] - gm);
+        y[h * HD + d] = o / gl;
+    }
+    if (threadIdx.x == 0u) count[h] = 0u;
+"
+    } else {
+        "    for (unsigned d = threadIdx.x; d < HD; d += TPB) {
+        float o = 0.0f;
+        for (unsigned w = 0; w < NWARPS; ++w) o += acc_sh[w][d] * expf(m_sh[w] - mx);
+        y[(u64)t * QC + h * HD + d] = o / total;
+    }
+"
     };
     let body = format!(
         "    __shared__ float q_sh[HD];
     __shared__ float m_sh[NWARPS], l_sh[NWARPS];
     __shared__ float acc_sh[NWARPS][HD];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    const unsigned h = blockIdx.x, t = blockIdx.y;
-    if (t >= T) return;
+    {rows}
     const unsigned kv_off = (h / GROUP) * HD;
     const float* qkv_t = qkv + (u64)t * COLS;
 {load}
     const unsigned n_ctx = POS + t + 1u;
+{range}
     float m = -3.0e38f, l = 0.0f, acc[DPL];
     #pragma unroll
     for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;
     // KU keys per warp and step: their loads are independent, so a step waits for memory once
-    // instead of KU times (a decode step's attention is latency-bound: one block per head).
-    for (unsigned j0 = warp * KU; j0 < n_ctx; j0 += NWARPS * KU) {{
+    // instead of KU times (a decode step's attention is latency-bound).
+    for (unsigned j0 = j_begin + warp * KU; j0 < j_end; j0 += NWARPS * KU) {{
         float s[KU];
         const float* val[KU];
         #pragma unroll
@@ -163,7 +247,7 @@ pub fn attention(
             const unsigned j = j0 + u;
             s[u] = 0.0f;
             val[u] = nullptr;
-            if (j >= n_ctx) continue;
+            if (j >= j_end) continue;
             const float* key;
             if (j < POS) {{
                 key = k_cache + (u64)j * KVC + kv_off;
@@ -182,7 +266,7 @@ pub fn attention(
         #pragma unroll
         for (unsigned u = 0; u < KU; ++u) {{
             // Warp-uniform: whether key j0 + u exists depends on the warp and u only.
-            s[u] = j0 + u < n_ctx ? warp_sum(s[u]) * SCALE : -3.0e38f;
+            s[u] = j0 + u < j_end ? warp_sum(s[u]) * SCALE : -3.0e38f;
             mn = fmaxf(mn, s[u]);
         }}
         const float corr = expf(m - mn);
@@ -190,7 +274,7 @@ pub fn attention(
         l *= corr;
         #pragma unroll
         for (unsigned u = 0; u < KU; ++u) {{
-            p[u] = j0 + u < n_ctx ? expf(s[u] - mn) : 0.0f;
+            p[u] = j0 + u < j_end ? expf(s[u] - mn) : 0.0f;
             l += p[u];
         }}
         #pragma unroll
@@ -199,7 +283,7 @@ pub fn attention(
             float a = acc[r] * corr;
             #pragma unroll
             for (unsigned u = 0; u < KU; ++u)
-                if (j0 + u < n_ctx && d < HD) a = fmaf(p[u], val[u][d], a);
+                if (j0 + u < j_end && d < HD) a = fmaf(p[u], val[u][d], a);
             acc[r] = a;
         }}
         m = mn;
@@ -215,17 +299,16 @@ pub fn attention(
     for (unsigned w = 0; w < NWARPS; ++w) mx = fmaxf(mx, m_sh[w]);
     float total = 0.0f;
     for (unsigned w = 0; w < NWARPS; ++w) total += l_sh[w] * expf(m_sh[w] - mx);
-    for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
-        float o = 0.0f;
-        for (unsigned w = 0; w < NWARPS; ++w) o += acc_sh[w][d] * expf(m_sh[w] - mx);
-        y[(u64)t * QC + h * HD + d] = o / total;
-    }}
-"
+{store}"
     );
     let tpb = b.tuning.threads_per_block;
     let grid = [
         GridDim::fixed(n_q_heads as u64, 1),
-        GridDim::tokens(1),
+        if split {
+            GridDim::fixed(splits as u64, 1)
+        } else {
+            GridDim::tokens(1)
+        },
         GridDim::one(),
     ];
     let shared = if rotary_dim.is_some() {

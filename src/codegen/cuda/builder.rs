@@ -185,6 +185,7 @@ impl CudaBuilder {
             op_field: op_field.into(),
             record,
             part: part.map(Into::into),
+            bytes: None,
             elem: elem.name().into(),
             write,
             name: name.into(),
@@ -253,6 +254,21 @@ impl CudaBuilder {
             Elem::F32,
             name,
         );
+    }
+
+    /// The kernel's own zero-initialised workspace of `bytes` (see the launch module), as f32.
+    pub fn scratch(&mut self, bytes: u64, name: &str) {
+        self.pointer(
+            "scratch",
+            "scratch",
+            None,
+            None,
+            true,
+            true,
+            Elem::F32,
+            name,
+        );
+        self.args.last_mut().expect("just pushed").bytes = Some(bytes);
     }
 
     pub fn params_scalar(&mut self, op_field: &str) {

@@ -8,7 +8,7 @@
 //!   "args": [ {"role": "activation", "op_field": "input", "elem": "f32", "write": false, "name": "x"}, … ],
 //!   "params": {"scalar": "eps", "index": null},
 //!   "arch": "sm_80",
-//!   "tuning": {"threads_per_block": 256, "rows_per_block": 4} }
+//!   "tuning": {"threads_per_block": 256, "rows_per_block": 4, "kv_splits": 1} }
 //! ```
 //!
 //! - Blocks along each axis: [`GridDim::workgroups`] (`ceil(extent · times / per_workgroup)`,
@@ -21,6 +21,9 @@
 //! - Every argument points at the start of its own allocation (so 16-byte vector loads are
 //!   aligned): activations `[T, cols]` f32, weight records as stored (16-bit data as `u16`),
 //!   state parts (`k`, `v`: `[max_seq_len, n_kv_heads, head_dim]` f32; `rwkv`: five `hidden` f32).
+//! - A `scratch` argument (role "scratch", `bytes` long) is the kernel's own device workspace: the
+//!   runtime allocates it zeroed, once per session and kernel, and the kernel leaves it in a state
+//!   the next launch accepts (the split decode attention's counters return to zero).
 //! - No dynamic shared memory: every kernel declares its own static `__shared__` arrays.
 
 pub use crate::codegen::wgsl::launch::GridDim;
@@ -43,7 +46,7 @@ pub const GEMM_THREADS: u32 = 128;
 /// One kernel parameter that is a device pointer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Arg {
-    /// "activation", "tokens", "weight", "state" or "logits".
+    /// "activation", "tokens", "weight", "state", "logits" or "scratch".
     pub role: String,
     /// The op field it binds (`input`, `out`, `weight`, `bias`, `mixes[1]`, `state`, …).
     pub op_field: String,
@@ -53,6 +56,9 @@ pub struct Arg {
     /// For states: "k", "v" (KV cache) or "rwkv".
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub part: Option<String>,
+    /// For scratch: its size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes: Option<u64>,
     /// Element type as the kernel reads it: "f32", "u32", "u16", "f16" or "bf16".
     pub elem: String,
     /// Whether the kernel writes through it.
@@ -74,6 +80,14 @@ pub struct CudaTuning {
     pub threads_per_block: u32,
     /// Output rows per block of the decode GEMV (split over the block's warps).
     pub rows_per_block: u32,
+    /// Blocks per query head of decode attention, each over its own run of the KV cache, merged
+    /// by the last to finish (flash-decoding). Records written before the knob existed mean 1.
+    #[serde(default = "one")]
+    pub kv_splits: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl CudaTuning {
@@ -85,9 +99,14 @@ impl CudaTuning {
                 .and_then(|x| u32::try_from(x).ok())
                 .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
         };
+        let kv_splits = match v.get("kv_splits") {
+            None => 1,
+            Some(_) => field("kv_splits")?,
+        };
         let t = CudaTuning {
             threads_per_block: field("threads_per_block")?,
             rows_per_block: field("rows_per_block")?,
+            kv_splits,
         };
         if !t.threads_per_block.is_power_of_two() || !(32..=1024).contains(&t.threads_per_block) {
             return Err(format!(
@@ -99,6 +118,12 @@ impl CudaTuning {
             return Err(format!(
                 "rows_per_block {} must be a power of two from 1 to 64",
                 t.rows_per_block
+            ));
+        }
+        if !t.kv_splits.is_power_of_two() || !(1..=64).contains(&t.kv_splits) {
+            return Err(format!(
+                "kv_splits {} must be a power of two from 1 to 64",
+                t.kv_splits
             ));
         }
         Ok(t)
@@ -131,15 +156,27 @@ mod tests {
         let ok = serde_json::json!({"threads_per_block": 256, "rows_per_block": 4});
         let t = CudaTuning::from_record(&ok).unwrap();
         assert_eq!(
-            (t.threads_per_block, t.rows_per_block, t.warps()),
-            (256, 4, 8)
+            (
+                t.threads_per_block,
+                t.rows_per_block,
+                t.kv_splits,
+                t.warps()
+            ),
+            (256, 4, 1, 8),
+            "a record without kv_splits means one block per head"
         );
+        let split =
+            serde_json::json!({"threads_per_block": 128, "rows_per_block": 1, "kv_splits": 8});
+        assert_eq!(CudaTuning::from_record(&split).unwrap().kv_splits, 8);
         for bad in [
             serde_json::json!({"threads_per_block": 48, "rows_per_block": 1}),
             serde_json::json!({"threads_per_block": 2048, "rows_per_block": 1}),
             serde_json::json!({"threads_per_block": 256, "rows_per_block": 0}),
             serde_json::json!({"threads_per_block": 256, "rows_per_block": 3}),
             serde_json::json!({"threads_per_block": 256}),
+            serde_json::json!({"threads_per_block": 256, "rows_per_block": 1, "kv_splits": 3}),
+            serde_json::json!({"threads_per_block": 256, "rows_per_block": 1, "kv_splits": 0}),
+            serde_json::json!({"threads_per_block": 256, "rows_per_block": 1, "kv_splits": "8"}),
             serde_json::json!({"workgroup_size": 64, "rows_per_workgroup": 1, "vector_width": 4}),
         ] {
             assert!(CudaTuning::from_record(&bad).is_err(), "{bad}");

@@ -157,7 +157,12 @@ pub fn generate(
             if bytes > 48 << 10 {
                 bail!("kernel {signature}: head_dim {head_dim} with {} threads per block needs {bytes} bytes of shared memory (at most 48 KiB); use fewer threads", tuning.threads_per_block);
             }
-            attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim)
+            // Key splits are a decode knob: prefill's rows already give one block per query.
+            let splits = match phase_of(signature) {
+                Some(Phase::Decode) => tuning.kv_splits as usize,
+                _ => 1,
+            };
+            attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim, splits)
         }
         KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
         KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),

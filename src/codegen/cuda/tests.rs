@@ -13,10 +13,12 @@ fn tunings() -> Vec<CudaTuning> {
         CudaTuning {
             threads_per_block: 256,
             rows_per_block: 4,
+            kv_splits: 8,
         },
         CudaTuning {
             threads_per_block: 64,
             rows_per_block: 8,
+            kv_splits: 1,
         },
     ]
 }
@@ -150,7 +152,21 @@ fn every_variant_compiles_to_ptx() {
             } else {
                 &["test"]
             };
-            for (&f16, &sig) in f16s.iter().flat_map(|f| sigs.iter().map(move |s| (f, s))) {
+            // Decode attention both whole and split over blocks.
+            let splits: &[u32] = if matches!(spec, KernelSpec::Attention { .. }) {
+                &[1, 8]
+            } else {
+                &[1]
+            };
+            let variants = f16s
+                .iter()
+                .flat_map(|f| sigs.iter().map(move |s| (f, s)))
+                .flat_map(|(f, s)| splits.iter().map(move |k| (*f, *s, *k)));
+            for (f16, sig, kv_splits) in variants {
+                let tuning = CudaTuning {
+                    kv_splits,
+                    ..tuning
+                };
                 let k = generate(sig, spec, tuning, arch, f16).unwrap();
                 let ptx = compile(&k, arch).unwrap_or_else(|e| {
                     panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
@@ -359,6 +375,7 @@ fn bad_tunings_are_refused() {
     let ok = CudaTuning {
         threads_per_block: 64,
         rows_per_block: 64,
+        kv_splits: 1,
     };
     assert!(generate("x", &spec, ok, "sm_80", false).is_ok());
     let big = KernelSpec::Attention {
@@ -370,6 +387,7 @@ fn bad_tunings_are_refused() {
     let t = CudaTuning {
         threads_per_block: 1024,
         rows_per_block: 1,
+        kv_splits: 1,
     };
     let e = generate("a", &big, t, "sm_80", false).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");

@@ -1,8 +1,8 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
-//! kernel, crossed with rows per block for the decode GEMV over row-major (NK) weights, the only
-//! kernel that reads it. The tensor-core GEMMs and the query-tiled attention of prefill have
-//! fixed blocks, so they have one candidate. Knobs a kernel ignores stay at its default, so no two
-//! candidates generate the same kernel.
+//! kernel, crossed with rows per block for the decode GEMV over row-major (NK) weights and with
+//! key splits for decode attention, the only kernels that read them. The tensor-core GEMMs and
+//! the query-tiled attention of prefill have fixed blocks, so they have one candidate. Knobs a
+//! kernel ignores stay at its default, so no two candidates generate the same kernel.
 
 use super::launch::CudaTuning;
 use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};
@@ -10,46 +10,75 @@ use crate::quant::scheme::Layout;
 
 /// The preset default for a signature (what an untuned build uses): decode GEMVs run 4 rows per
 /// block of 4 warps (128 threads cover the 128 16-byte chunks of a 4096-wide q4 row; each
-/// activation chunk is loaded once for the 4 rows); everything else 256 threads.
+/// activation chunk is loaded once for the 4 rows); decode attention splits each head's keys
+/// over [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
 pub fn default_for(signature: &str) -> CudaTuning {
     if signature.contains("matmul") || signature.contains("logits") {
         CudaTuning {
             threads_per_block: 128,
             rows_per_block: 4,
+            kv_splits: 1,
         }
     } else {
         CudaTuning {
             threads_per_block: 256,
             rows_per_block: 1,
+            kv_splits: if signature.starts_with("decode:attention[") {
+                DEFAULT_KV_SPLITS
+            } else {
+                1
+            },
         }
     }
 }
 
+/// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
+/// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of
+/// 8 warps × 4 keys) instead of 8 steps for one block.
+pub const DEFAULT_KV_SPLITS: u32 = 8;
+
 const THREADS: [u32; 4] = [64, 128, 256, 512];
 const ROWS: [u32; 4] = [1, 2, 4, 8];
+const KV_SPLITS: [u32; 6] = [1, 2, 4, 8, 16, 32];
 
-/// Which knobs `spec`'s kernel (signature `signature`) reads: (threads per block, rows per block).
-fn knobs(signature: &str, spec: &KernelSpec) -> (bool, bool) {
-    match spec {
+/// Which knobs `spec`'s kernel (signature `signature`) reads.
+struct Knobs {
+    threads: bool,
+    rows: bool,
+    kv_splits: bool,
+}
+
+fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
+    let (threads, rows, kv_splits) = match spec {
         KernelSpec::Matmul {
             phase: Phase::Prefill,
             ..
-        } => (false, false),
+        } => (false, false, false),
         // The query-tiled prefill attention has a fixed block.
         KernelSpec::Attention { head_dim, .. }
             if super::attention::tiled(super::phase_of(signature), *head_dim) =>
         {
-            (false, false)
+            (false, false, false)
         }
+        KernelSpec::Attention { .. } => (
+            true,
+            false,
+            super::phase_of(signature) == Some(Phase::Decode),
+        ),
         KernelSpec::Matmul {
             m,
             phase: Phase::Decode,
             ..
         } => {
             let nk = !matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
-            (true, nk)
+            (true, nk, false)
         }
-        _ => (true, false),
+        _ => (true, false, false),
+    };
+    Knobs {
+        threads,
+        rows,
+        kv_splits,
     }
 }
 
@@ -58,26 +87,29 @@ fn knobs(signature: &str, spec: &KernelSpec) -> (bool, bool) {
 /// skips those.
 pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
     let default = default_for(signature);
-    let (threads, rows) = knobs(signature, spec);
-    let threads: &[u32] = if threads {
-        &THREADS
-    } else {
-        std::slice::from_ref(&default.threads_per_block)
+    let k = knobs(signature, spec);
+    let values = |on: bool, all: &'static [u32], default: &u32| -> Vec<u32> {
+        if on {
+            all.to_vec()
+        } else {
+            vec![*default]
+        }
     };
-    let rows: &[u32] = if rows {
-        &ROWS
-    } else {
-        std::slice::from_ref(&default.rows_per_block)
-    };
+    let threads = values(k.threads, &THREADS, &default.threads_per_block);
+    let rows = values(k.rows, &ROWS, &default.rows_per_block);
+    let splits = values(k.kv_splits, &KV_SPLITS, &default.kv_splits);
     let mut out = vec![default];
-    for &threads_per_block in threads {
-        for &rows_per_block in rows {
-            let t = CudaTuning {
-                threads_per_block,
-                rows_per_block,
-            };
-            if t != default {
-                out.push(t);
+    for &threads_per_block in &threads {
+        for &rows_per_block in &rows {
+            for &kv_splits in &splits {
+                let t = CudaTuning {
+                    threads_per_block,
+                    rows_per_block,
+                    kv_splits,
+                };
+                if t != default {
+                    out.push(t);
+                }
             }
         }
     }
@@ -98,12 +130,12 @@ mod tests {
         let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
         let plan = arch.lower(&config, scheme, 32).unwrap();
         let specs = specs_by_signature(&plan).unwrap();
-        let mut seen_gemv = false;
+        let (mut seen_gemv, mut seen_decode_attention) = (false, false);
         for (sig, spec) in &specs {
             let c = candidates(sig, spec);
             assert_eq!(c[0], default_for(sig), "{sig}");
             let mut dedup = c.clone();
-            dedup.sort_by_key(|t| (t.threads_per_block, t.rows_per_block));
+            dedup.sort_by_key(|t| (t.threads_per_block, t.rows_per_block, t.kv_splits));
             dedup.dedup();
             assert_eq!(dedup.len(), c.len(), "{sig}: duplicates");
             for t in &c {
@@ -125,9 +157,17 @@ mod tests {
                 KernelSpec::Attention { .. } if sig.starts_with("prefill:") => {
                     assert_eq!(c.len(), 1, "{sig}")
                 }
-                _ => assert_eq!(c.len(), 4, "{sig}"),
+                KernelSpec::Attention { .. } => {
+                    assert_eq!(c.len(), 24, "{sig}");
+                    assert_eq!(c[0].kv_splits, DEFAULT_KV_SPLITS, "{sig}");
+                    seen_decode_attention = true;
+                }
+                _ => {
+                    assert_eq!(c.len(), 4, "{sig}");
+                    assert!(c.iter().all(|t| t.kv_splits == 1), "{sig}");
+                }
             }
         }
-        assert!(seen_gemv);
+        assert!(seen_gemv && seen_decode_attention);
     }
 }

@@ -18,6 +18,9 @@ pub enum ArgRef {
     KvV(StateId),
     Rwkv(StateId),
     Tokens,
+    /// The scratch of kernel `.0` (index into the model's kernel table): one per session and
+    /// kernel, shared by every step that launches it (they run one after another).
+    Scratch(usize),
 }
 
 /// One op, ready to launch.
@@ -134,6 +137,10 @@ pub fn bind(
         let r = match a.role.as_str() {
             "tokens" => ArgRef::Tokens,
             "logits" => ArgRef::Buffer(plan.logits),
+            "scratch" => match a.bytes {
+                Some(b) if b > 0 => ArgRef::Scratch(*kernel),
+                _ => return Err(bad(format!("scratch {} has no size", a.name))),
+            },
             "activation" => match field(op, &a.op_field) {
                 Some(Field::Buf(b)) if b < plan.buffers.len() => ArgRef::Buffer(b),
                 _ => {
@@ -268,5 +275,75 @@ mod tests {
         // A library without the kernel names the target to rebuild for.
         let e = bind(&plan, &plan.decode[0], "decode", &HashMap::new(), "cpu").unwrap_err();
         assert!(e.to_string().contains("--target cuda"), "{e}");
+    }
+
+    /// Decode attention split over blocks binds its scratch (the kernel's own index); prefill
+    /// attention has none.
+    #[test]
+    fn split_decode_attention_binds_its_scratch() {
+        let arch = crate::model::by_name("llama").unwrap();
+        let config = arch
+            .parse_config(&crate::model::testing::read_config("tiny-llama"))
+            .unwrap();
+        let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
+        let plan = crate::codegen::fuse::fuse_decode(arch.lower(&config, scheme, 32).unwrap());
+        let records = crate::codegen::signature::plan_signatures(&plan)
+            .into_iter()
+            .map(|s| {
+                let t = crate::codegen::cuda::tune_space::default_for(&s);
+                (s, serde_json::to_value(t).unwrap())
+            })
+            .collect();
+        let kernels: HashMap<String, (usize, CudaLaunch)> = generate_plan(&plan, &records, "sm_80")
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k.signature, (i, k.launch)))
+            .collect();
+        let mut seen = 0;
+        for (phase, ops) in [("prefill", &plan.prefill), ("decode", &plan.decode)] {
+            for op in ops.iter() {
+                let Op::Attention {
+                    qkv, state, out, ..
+                } = op
+                else {
+                    continue;
+                };
+                let step = bind(&plan, op, phase, &kernels, "cuda").unwrap();
+                let mut want = vec![
+                    ArgRef::Buffer(*qkv),
+                    ArgRef::KvK(*state),
+                    ArgRef::KvV(*state),
+                    ArgRef::Buffer(*out),
+                ];
+                if phase == "decode" {
+                    want.push(ArgRef::Scratch(step.kernel));
+                    seen += 1;
+                }
+                assert_eq!(step.args, want, "{phase}");
+            }
+        }
+        assert_eq!(seen, config_layers(&plan));
+        // A scratch without a size is a corrupt library, not a crash.
+        let mut broken = kernels.clone();
+        for (_, l) in broken.values_mut() {
+            for a in &mut l.args {
+                a.bytes = None;
+            }
+        }
+        let op = plan
+            .decode
+            .iter()
+            .find(|op| matches!(op, Op::Attention { .. }))
+            .unwrap();
+        let e = bind(&plan, op, "decode", &broken, "cuda").unwrap_err();
+        assert!(e.to_string().contains("no size"), "{e}");
+    }
+
+    fn config_layers(plan: &Plan) -> usize {
+        plan.states
+            .iter()
+            .filter(|s| matches!(s, StateDecl::KvCache { .. }))
+            .count()
     }
 }

@@ -28,6 +28,7 @@ const EMU_HEADER: &str = r#"
 #include <vector>
 #include <memory>
 #include <functional>
+#include <atomic>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -53,6 +54,10 @@ static unsigned mma_a[32][32][4], mma_b[32][32][2];
 #define blockDim (emu::bdim)
 #define gridDim (emu::gdim)
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+// Blocks run one after another, so device-wide ordering holds by construction; the atomic
+// still is one (a block's threads are host threads).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 // Every lane of the warp publishes `v`, then reads lane `src`'s.
@@ -289,6 +294,8 @@ pub struct EmuSession<'k> {
     weights: Vec<Vec<Mem>>,
     kv: Vec<(Mem, Mem)>,
     rwkv: Vec<Mem>,
+    /// Per kernel, its scratch (zeroed once, as the runtime does).
+    scratch: Vec<Option<Mem>>,
     pos: usize,
 }
 
@@ -340,6 +347,14 @@ impl<'k> EmuSession<'k> {
                 .collect(),
             kv,
             rwkv,
+            scratch: k
+                .kernels
+                .iter()
+                .map(|k| {
+                    let a = k.launch.args.iter().find(|a| a.role == "scratch")?;
+                    Some(Mem::zeroed(a.bytes? as usize))
+                })
+                .collect(),
             pos: 0,
         }
     }
@@ -379,6 +394,7 @@ impl<'k> EmuSession<'k> {
                     ArgRef::KvK(s) => self.kv[s].0.ptr(),
                     ArgRef::KvV(s) => self.kv[s].1.ptr(),
                     ArgRef::Rwkv(s) => self.rwkv[s].ptr(),
+                    ArgRef::Scratch(k) => self.scratch[k].as_mut().expect("bound").ptr(),
                 })
                 .collect();
             // SAFETY: meta holds 8 u32; the logits half starts at 16 bytes.
@@ -408,20 +424,20 @@ impl<'k> EmuSession<'k> {
     }
 }
 
-/// Tuning records the tune stage gives the cuda preset, for every signature of a plan.
-fn records(
+/// One tuning record for every signature of a plan (knobs a kernel ignores, it ignores).
+fn tuning_records(
     plan: &Plan,
-    tpb: u32,
-    rpb: u32,
+    (threads_per_block, rows_per_block, kv_splits): (u32, u32, u32),
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let t = crate::codegen::cuda::launch::CudaTuning {
+        threads_per_block,
+        rows_per_block,
+        kv_splits,
+    };
+    let v = serde_json::to_value(t).expect("a tuning serialises");
     crate::codegen::signature::plan_signatures(plan)
         .into_iter()
-        .map(|s| {
-            (
-                s,
-                serde_json::json!({"threads_per_block": tpb, "rows_per_block": rpb}),
-            )
-        })
+        .map(|s| (s, v.clone()))
         .collect()
 }
 
@@ -468,7 +484,7 @@ mod tests {
         records: &[Vec<Vec<u8>>],
         ids: &[u32],
         n_decode: usize,
-        tunings: &[(u32, u32)],
+        tunings: &[(u32, u32, u32)],
         tol: f64,
         what: &str,
     ) {
@@ -479,16 +495,17 @@ mod tests {
         } else {
             tol
         };
-        for &(tpb, rpb) in tunings {
+        for &tuning in tunings {
+            let (tpb, rpb, splits) = tuning;
             let k = EmuKernels::compile(
-                generate_plan(plan, &records_for(plan, tpb, rpb), "sm_80").unwrap(),
+                generate_plan(plan, &tuning_records(plan, tuning), "sm_80").unwrap(),
             );
             let mut s = EmuSession::new(plan, &k, records);
             let pre = s.forward(ids, true);
             let e = rel_err(&pre, &want);
             assert!(
                 e < tol_prefill,
-                "{what} ({tpb}/{rpb}) prefill: rel err {e:e}"
+                "{what} ({tpb}/{rpb}/{splits}) prefill: rel err {e:e}"
             );
             let mut s = EmuSession::new(plan, &k, records);
             let mut dec = Vec::new();
@@ -496,24 +513,19 @@ mod tests {
                 dec.extend(s.forward(&[*id], false));
             }
             let e2 = rel_err(&dec, &want[..n_decode * v]);
-            assert!(e2 < tol, "{what} ({tpb}/{rpb}) decode: rel err {e2:e}");
+            assert!(
+                e2 < tol,
+                "{what} ({tpb}/{rpb}/{splits}) decode: rel err {e2:e}"
+            );
             // A prefill continuing a session, last position only.
             let last = s.forward(&ids[n_decode..], false);
             let e3 = rel_err(&last, &want[(ids.len() - 1) * v..]);
             assert!(
                 e3 < tol_prefill,
-                "{what} ({tpb}/{rpb}) prefill after decode: rel err {e3:e}"
+                "{what} ({tpb}/{rpb}/{splits}) prefill after decode: rel err {e3:e}"
             );
-            eprintln!("{what} ({tpb}/{rpb}): rel err prefill {e:.2e}, decode {e2:.2e}, continued prefill {e3:.2e}");
+            eprintln!("{what} ({tpb}/{rpb}/{splits}): rel err prefill {e:.2e}, decode {e2:.2e}, continued prefill {e3:.2e}");
         }
-    }
-
-    fn records_for(
-        plan: &Plan,
-        tpb: u32,
-        rpb: u32,
-    ) -> std::collections::BTreeMap<String, serde_json::Value> {
-        records(plan, tpb, rpb)
     }
 
     #[test]
@@ -521,13 +533,15 @@ mod tests {
         if !cxx_or_skip("fixture_plans_match_the_cpu") {
             return;
         }
-        // The preset default (128 threads, 4 rows) on Llama; the others with 64 threads and 16
-        // rows, which emulate ~8× faster (a block's threads are host threads meeting at barriers)
-        // and are as valid a tuning (the matrices test covers every scheme with the default).
+        // The preset default (128 threads, 4 rows, decode attention over 8 blocks per head) on
+        // Llama; the others with 64 threads and 16 rows, which emulate ~8× faster (a block's
+        // threads are host threads meeting at barriers) and are as valid a tuning (the matrices
+        // test covers every scheme with the default); NeoX's decode attention in one block per
+        // head. The decode steps see 1–4 keys: most of Llama's 8 key splits are empty.
         for (fx, arch, tuning) in [
-            ("tiny-llama", "llama", (128, 4)),
-            ("tiny-neox", "gpt_neox", (64, 16)),
-            ("tiny-rwkv", "rwkv", (64, 16)),
+            ("tiny-llama", "llama", (128, 4, 8)),
+            ("tiny-neox", "gpt_neox", (64, 16, 1)),
+            ("tiny-rwkv", "rwkv", (64, 16, 1)),
         ] {
             let (plan, records, ids) = fixture_plan(fx, arch, "q0f32");
             check_plan(&plan, &records, &ids, 4, &[tuning], 1e-4, fx);
@@ -572,9 +586,10 @@ mod tests {
                 .collect();
             let want = cpu_logits(&plan, &records, &ids);
             // 64 threads and 16 rows per block: the prefill kernels have fixed blocks, and the
-            // decode steps emulate ~8× faster than with the default (see above).
+            // decode steps emulate ~8× faster than with the default (see above). Decode
+            // attention over 8 blocks per head: 6–7 keys each.
             let k = EmuKernels::compile(
-                generate_plan(&plan, &records_for(&plan, 64, 16), "sm_80").unwrap(),
+                generate_plan(&plan, &tuning_records(&plan, (64, 16, 8)), "sm_80").unwrap(),
             );
             let mut s = EmuSession::new(&plan, &k, &records);
             let mut got = s.forward(&ids[..30], true);
@@ -736,10 +751,11 @@ mod tests {
             let ids: Vec<u32> = (0..67u32).map(|i| (i * 7 + 3) % 40).collect();
             // The default, and tune-space corners (codegen::cuda::tune_space): the fewest
             // threads with the most rows, and the most threads with few rows.
-            let tunings: &[(u32, u32)] = match s.name {
-                "q4f16_1" => &[(128, 4), (64, 8), (512, 2)],
-                n if n.ends_with("_1") => &[(128, 4), (64, 8)],
-                _ => &[(128, 4)],
+            // (No attention here: key splits do not apply.)
+            let tunings: &[(u32, u32, u32)] = match s.name {
+                "q4f16_1" => &[(128, 4, 1), (64, 8, 1), (512, 2, 1)],
+                n if n.ends_with("_1") => &[(128, 4, 1), (64, 8, 1)],
+                _ => &[(128, 4, 1)],
             };
             check_plan(&plan, &records, &ids, 3, tunings, 1e-5, s.name);
         }

@@ -194,11 +194,30 @@ impl CudaModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // Kernel workspaces start zeroed; each launch leaves its own as the next one needs it.
+        let scratch = self
+            .kernels
+            .iter()
+            .map(|k| {
+                k.launch
+                    .args
+                    .iter()
+                    .find(|a| a.role == "scratch")
+                    .map(|a| {
+                        DeviceMem::zeroed(
+                            a.bytes.unwrap_or(0) as usize,
+                            &format!("the scratch of {}", k.signature),
+                        )
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut session = CudaSession {
             model: self,
             stream: Stream::new()?,
             pos: 0,
             states,
+            scratch,
             buffers: Vec::new(),
             rows: 0,
             tokens: DeviceMem::alloc(s.max(1) * 4, "token ids")?,
@@ -226,6 +245,8 @@ pub struct CudaSession<'m> {
     stream: Stream,
     pos: usize,
     states: Vec<State>,
+    /// Per kernel of the model's table, its scratch (if it declares one).
+    scratch: Vec<Option<DeviceMem>>,
     /// Activation buffers, each `[rows, cols]` f32.
     buffers: Vec<DeviceMem>,
     rows: usize,
@@ -305,6 +326,12 @@ impl CudaSession<'_> {
             ArgRef::Buffer(b) => self.buffers[b].ptr,
             ArgRef::Weight(w, r) => self.model.weights[w][r].ptr,
             ArgRef::Tokens => self.tokens.ptr,
+            ArgRef::Scratch(k) => {
+                self.scratch[k]
+                    .as_ref()
+                    .expect("bind checked the kernel declares a scratch")
+                    .ptr
+            }
             ArgRef::KvK(s) | ArgRef::KvV(s) | ArgRef::Rwkv(s) => match (&self.states[s], a) {
                 (State::Kv(k, _), ArgRef::KvK(_)) => k.ptr,
                 (State::Kv(_, v), ArgRef::KvV(_)) => v.ptr,

@@ -85,7 +85,14 @@ impl KernelTimer for CudaTimer {
             .launch
             .args
             .iter()
-            .map(|a| DeviceMem::zeroed(buffer_bytes(spec, &a.role, a.record) as usize, &a.name))
+            .map(|a| {
+                // A scratch has its own size (zeroed: the kernel expects that of a first launch).
+                let bytes = match a.bytes {
+                    Some(b) if a.role == "scratch" => b,
+                    _ => buffer_bytes(spec, &a.role, a.record),
+                };
+                DeviceMem::zeroed(bytes as usize, &a.name)
+            })
             .collect::<Result<Vec<_>>>()?;
         let meta_values: Vec<u32> = META_FIELDS
             .iter()
