@@ -60,6 +60,28 @@ pub fn check_forward_input(
     Ok(())
 }
 
+/// Bytes per element of the KV cache a library's attention kernels were generated for, from
+/// their state arguments' `(role, part, elem)`: 2 for f16, 4 for f32 (or no attention at all).
+/// Kernels that disagree make a corrupt library (a user error: rebuild it).
+pub fn kv_cache_elem_bytes<'a>(
+    args: impl Iterator<Item = (&'a str, Option<&'a str>, &'a str)>,
+) -> anyhow::Result<usize> {
+    let mut elems: Vec<&str> = args
+        .filter(|(role, part, _)| *role == "state" && matches!(part, Some("k" | "v")))
+        .map(|(_, _, elem)| elem)
+        .collect();
+    elems.sort_unstable();
+    elems.dedup();
+    match elems[..] {
+        [] | ["f32"] => Ok(4),
+        ["f16"] => Ok(2),
+        _ => Err(crate::error::user(format!(
+            "the library's attention kernels bind the KV cache as {}; rebuild the model library",
+            elems.join(" and ")
+        ))),
+    }
+}
+
 /// The tune stage's timer for a target: the local CUDA GPU of the target's architecture for cuda,
 /// the local wgpu adapter of the target's API otherwise (see each backend's `timer`).
 pub fn timer_for_target(

@@ -29,7 +29,8 @@ use std::collections::BTreeMap;
 /// (`codegen::fuse`: an RMS norm into the GEMV after it, rotary into attention, activations,
 /// the silu gate and the residual add into the GEMV before them); decode attention scores 4 keys
 /// per warp and step. 8: cuda decode attention splits each head's keys over `kv_splits` blocks
-/// (a tuning knob, default 8) merged by the last block to finish; kernels may own a scratch.
+/// (a tuning knob, default 8) merged by the last block to finish; kernels may own a scratch;
+/// cuda libraries of f16 schemes keep an f16 KV cache (`attention::kv_f16`).
 pub const VERSION: u32 = 8;
 
 /// The context size a build uses: the recipe's, else the model's own.

@@ -1,9 +1,11 @@
 //! Rotary embedding and causal attention over the KV cache.
 //!
-//! KV cache layout (the runtime allocates it in device memory): two f32 buffers `k` and `v`, each
-//! `[max_seq_len, n_kv_heads, head_dim]`. The runtime guarantees `pos + T ≤ max_seq_len`.
+//! KV cache layout (the runtime allocates it in device memory): two buffers `k` and `v`, each
+//! `[max_seq_len, n_kv_heads, head_dim]`, of f16 in libraries of f16 schemes (see [`kv_f16`]),
+//! else f32; the kernels' `k`/`v` arguments say which. The runtime guarantees
+//! `pos + T ≤ max_seq_len`.
 
-use super::builder::CudaBuilder;
+use super::builder::{CudaBuilder, Elem};
 use super::launch::{CudaLaunch, GridDim};
 
 /// Rotary embedding of one pair: the rotary kernel and the decode attention that fuses it share
@@ -20,6 +22,34 @@ __device__ __forceinline__ void rope_rotate(float* x, unsigned i, float sn, floa
     x[i + HALF] = x1 * cs + x0 * sn;
 }
 ";
+
+/// Whether a library keeps its KV cache in f16: where its scheme computes in f16 (`f16`, as for
+/// the prefill GEMMs) and prefill attention is query-tiled (head_dim ≤ 128; the row-per-block
+/// prefill kernel reads this call's keys straight from qkv and keeps an f32 cache). Half the
+/// cache's memory, and half the bytes decode attention reads per token and key.
+pub fn kv_f16(f16: bool, head_dim: usize) -> bool {
+    f16 && tiled(Some(crate::codegen::wgsl::spec::Phase::Prefill), head_dim)
+}
+
+/// How the attention kernels read and write the cache: `kv_t` is its element, `kv_store` makes
+/// one from an f32, `kv_load` reads one back, and `kv_load` of an f32 (a key or value of this
+/// call, read from qkv) rounds it as the cache would: every key and value counts with the same
+/// value whether it came from this call or an earlier one, so logits do not depend on how a
+/// prompt was split into calls. f16 values saturate at ±65504 rather than becoming infinite.
+fn kv_helpers(f16: bool) -> &'static str {
+    if f16 {
+        "typedef unsigned short kv_t;
+__device__ __forceinline__ unsigned short kv_store(float x) { return f2h(fminf(fmaxf(x, -65504.0f), 65504.0f)); }
+__device__ __forceinline__ float kv_load(unsigned short h) { return h2f(h); }
+__device__ __forceinline__ float kv_load(float x) { return h2f(kv_store(x)); }
+"
+    } else {
+        "typedef float kv_t;
+__device__ __forceinline__ float kv_store(float x) { return x; }
+__device__ __forceinline__ float kv_load(float x) { return x; }
+"
+    }
+}
 
 /// In place on the q and k heads of the fused qkv buffer; `scalar` = theta. One thread per
 /// (head, pair `i < rotary_dim/2`), grid y = T. The angle `(pos+t) · inv_freq` is formed in f32
@@ -61,7 +91,13 @@ pub fn rotary(
 /// What both attention kernels declare: the shape constants (kv group size, head_dim, the q, kv
 /// and fused qkv widths, output dims per lane, the softmax scale) and the arguments, in the order
 /// the launch JSON records (qkv, KV cache k and v, output).
-fn declare_attention(b: &mut CudaBuilder, n_q_heads: usize, n_kv_heads: usize, head_dim: usize) {
+fn declare_attention(
+    b: &mut CudaBuilder,
+    n_q_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    kv_f16: bool,
+) {
     b.const_u32("GROUP", n_q_heads / n_kv_heads);
     b.const_u32("HD", head_dim);
     b.const_u32("QC", n_q_heads * head_dim);
@@ -70,13 +106,69 @@ fn declare_attention(b: &mut CudaBuilder, n_q_heads: usize, n_kv_heads: usize, h
     b.const_u32("DPL", head_dim.div_ceil(32));
     b.const_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
     b.activation("qkv", false, "qkv");
-    b.state("k", "k_cache");
-    b.state("v", "v_cache");
+    let kv = if kv_f16 { Elem::F16 } else { Elem::F32 };
+    b.state("k", kv, "k_cache");
+    b.state("v", kv, "v_cache");
     b.activation("out", true, "y");
 }
 
 /// Keys each warp of [`attention`] scores per step.
 pub const DECODE_KEYS_PER_STEP: usize = 4;
+
+/// [`attention`]'s scan: a warp's online softmax (running max `m`, sum `l`, `acc`: its lanes'
+/// output dims) over keys `[jb, je)`, where `key_at(j)` and `val_at(j)` point at key j's and
+/// value j's head_dim elements (in the cache, or this call's f32 rows). Each warp takes runs of
+/// KU keys (`KU·warp …`, then `KU·(warp + NWARPS) …`): their loads are independent, so a step
+/// waits for memory once instead of KU times (a decode step's attention is latency-bound).
+/// A template rather than a generic lambda: NVRTC takes those for host code.
+const ATTEND: &str = "template <class KeyAt, class ValAt>
+__device__ __forceinline__ void attend(unsigned jb, unsigned je, KeyAt key_at, ValAt val_at,
+        const float* q_sh, unsigned warp, unsigned lane, float& m, float& l, float (&acc)[DPL]) {
+    for (unsigned j0 = jb + warp * KU; j0 < je; j0 += NWARPS * KU) {
+        float s[KU];
+        decltype(val_at(0u)) val[KU];
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            const unsigned j = j0 + u;
+            s[u] = 0.0f;
+            val[u] = nullptr;
+            if (j >= je) continue;
+            const auto key = key_at(j);
+            val[u] = val_at(j);
+            #pragma unroll
+            for (unsigned r = 0; r < DPL; ++r) {
+                const unsigned d = lane + 32u * r;
+                if (d < HD) s[u] = fmaf(q_sh[d], kv_load(key[d]), s[u]);
+            }
+        }
+        float mn = m;
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            // Warp-uniform: whether key j0 + u exists depends on the warp and u only.
+            s[u] = j0 + u < je ? warp_sum(s[u]) * SCALE : -3.0e38f;
+            mn = fmaxf(mn, s[u]);
+        }
+        const float corr = expf(m - mn);
+        float p[KU];
+        l *= corr;
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            p[u] = j0 + u < je ? expf(s[u] - mn) : 0.0f;
+            l += p[u];
+        }
+        #pragma unroll
+        for (unsigned r = 0; r < DPL; ++r) {
+            const unsigned d = lane + 32u * r;
+            float a = acc[r] * corr;
+            #pragma unroll
+            for (unsigned u = 0; u < KU; ++u)
+                if (j0 + u < je && d < HD) a = fmaf(p[u], kv_load(val[u][d]), a);
+            acc[r] = a;
+        }
+        m = mn;
+    }
+}
+";
 
 /// Bytes of [`attention`]'s scratch with `splits` key splits: one arrival counter per query head
 /// (padded to 16 bytes), then per (head, split) the partial result `[max, sum, out[head_dim]]`.
@@ -85,12 +177,12 @@ pub fn split_scratch_bytes(n_q_heads: usize, head_dim: usize, splits: usize) -> 
 }
 
 /// One block per (query head, row t). The first query head of each kv group appends row t's k
-/// and v to the cache. Keys and values of this call's rows are read from qkv itself, earlier
-/// ones from the cache, so no block reads a cache slot another one writes. Each warp takes
-/// positions in runs of [`DECODE_KEYS_PER_STEP`] (`KU·warp …`, then `KU·(warp + NWARPS) …`) in
-/// one pass with an online softmax (running max, running sum, `ceil(head_dim/32)` output dims per
-/// lane); the warps' partial results merge in shared memory. Scores use warp-shuffle dot
-/// products over head_dim.
+/// and v to the cache. Keys and values of this call's rows are read from qkv itself (rounded as
+/// the cache keeps them, `kv_load`), earlier ones from the cache, so no block reads a cache slot
+/// another one writes. The warps run an online softmax ([`ATTEND`], runs of
+/// [`DECODE_KEYS_PER_STEP`] keys per warp and step, `ceil(head_dim/32)` output dims per lane)
+/// over the cached keys, then this call's; their partial results merge in shared memory. Scores use warp-shuffle dot
+/// products over head_dim. Decode, and prefill of head dims the query-tiled kernel cannot hold.
 ///
 /// With `rotary_dim` (decode only, `T = 1`: the one key of this call is the block's own row),
 /// the block rotates its query and its kv head's new key in shared memory as [`rotary`] does
@@ -111,8 +203,9 @@ pub fn attention(
     head_dim: usize,
     rotary_dim: Option<usize>,
     splits: usize,
+    kv_f16: bool,
 ) -> (String, CudaLaunch) {
-    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16);
     b.const_u32("KU", DECODE_KEYS_PER_STEP);
     let split = splits > 1;
     if split {
@@ -130,8 +223,8 @@ pub fn attention(
             format!(
                 "    if ({appends}) {{
         for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
-            k_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + kv_off + d];
-            v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = kv_store(qkv_t[QC + kv_off + d]);
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = kv_store(qkv_t[QC + KVC + kv_off + d]);
         }}
     }}
     for (unsigned d = threadIdx.x; d < HD; d += TPB) q_sh[d] = qkv_t[h * HD + d];
@@ -160,8 +253,8 @@ pub fn attention(
     __syncthreads();
     if ({appends}) {{
         for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
-            k_cache[(u64)(POS + t) * KVC + kv_off + d] = k_sh[d];
-            v_cache[(u64)(POS + t) * KVC + kv_off + d] = qkv_t[QC + KVC + kv_off + d];
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = kv_store(k_sh[d]);
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = kv_store(qkv_t[QC + KVC + kv_off + d]);
         }}
     }}"
                 ),
@@ -237,57 +330,15 @@ pub fn attention(
     float m = -3.0e38f, l = 0.0f, acc[DPL];
     #pragma unroll
     for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;
-    // KU keys per warp and step: their loads are independent, so a step waits for memory once
-    // instead of KU times (a decode step's attention is latency-bound).
-    for (unsigned j0 = j_begin + warp * KU; j0 < j_end; j0 += NWARPS * KU) {{
-        float s[KU];
-        const float* val[KU];
-        #pragma unroll
-        for (unsigned u = 0; u < KU; ++u) {{
-            const unsigned j = j0 + u;
-            s[u] = 0.0f;
-            val[u] = nullptr;
-            if (j >= j_end) continue;
-            const float* key;
-            if (j < POS) {{
-                key = k_cache + (u64)j * KVC + kv_off;
-                val[u] = v_cache + (u64)j * KVC + kv_off;
-            }} else {{
-                key = {new_key};
-                val[u] = qkv + (u64)(j - POS) * COLS + QC + KVC + kv_off;
-            }}
-            #pragma unroll
-            for (unsigned r = 0; r < DPL; ++r) {{
-                const unsigned d = lane + 32u * r;
-                if (d < HD) s[u] = fmaf(q_sh[d], key[d], s[u]);
-            }}
-        }}
-        float mn = m;
-        #pragma unroll
-        for (unsigned u = 0; u < KU; ++u) {{
-            // Warp-uniform: whether key j0 + u exists depends on the warp and u only.
-            s[u] = j0 + u < j_end ? warp_sum(s[u]) * SCALE : -3.0e38f;
-            mn = fmaxf(mn, s[u]);
-        }}
-        const float corr = expf(m - mn);
-        float p[KU];
-        l *= corr;
-        #pragma unroll
-        for (unsigned u = 0; u < KU; ++u) {{
-            p[u] = j0 + u < j_end ? expf(s[u] - mn) : 0.0f;
-            l += p[u];
-        }}
-        #pragma unroll
-        for (unsigned r = 0; r < DPL; ++r) {{
-            const unsigned d = lane + 32u * r;
-            float a = acc[r] * corr;
-            #pragma unroll
-            for (unsigned u = 0; u < KU; ++u)
-                if (j0 + u < j_end && d < HD) a = fmaf(p[u], val[u][d], a);
-            acc[r] = a;
-        }}
-        m = mn;
-    }}
+    // Cached keys, then this call's.
+    attend(j_begin, j_end < POS ? j_end : POS,
+           [&](unsigned j) {{ return k_cache + (u64)j * KVC + kv_off; }},
+           [&](unsigned j) {{ return v_cache + (u64)j * KVC + kv_off; }},
+           q_sh, warp, lane, m, l, acc);
+    attend(j_begin > POS ? j_begin : POS, j_end,
+           [&](unsigned j) {{ return {new_key}; }},
+           [&](unsigned j) {{ return qkv + (u64)(j - POS) * COLS + QC + KVC + kv_off; }},
+           q_sh, warp, lane, m, l, acc);
     #pragma unroll
     for (unsigned r = 0; r < DPL; ++r) {{
         const unsigned d = lane + 32u * r;
@@ -311,12 +362,11 @@ pub fn attention(
         },
         GridDim::one(),
     ];
-    let shared = if rotary_dim.is_some() {
-        ROPE_HELPERS
-    } else {
-        ""
-    };
-    b.finish(shared, &body, tpb, grid)
+    let mut shared = format!("{}{ATTEND}", kv_helpers(kv_f16));
+    if rotary_dim.is_some() {
+        shared.push_str(ROPE_HELPERS);
+    }
+    b.finish(&shared, &body, tpb, grid)
 }
 
 /// Query rows per block and keys per shared-memory tile of [`attention_tiled`], and its threads.
@@ -344,14 +394,15 @@ pub fn tiled(phase: Option<crate::codegen::wgsl::spec::Phase>, head_dim: usize) 
 /// (TILE_Q / 4 per warp), and the online softmax (running max and sum, f32) advances one tile at a
 /// time; a query skips tiles entirely past its causal limit. The first query head of each kv
 /// group appends the block's rows to the cache; as in [`attention`], this call's keys and values
-/// are read from qkv, earlier ones from the cache.
+/// are read from qkv (rounded as the cache keeps them), earlier ones from the cache.
 pub fn attention_tiled(
     mut b: CudaBuilder,
     n_q_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    kv_f16: bool,
 ) -> (String, CudaLaunch) {
-    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim);
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16);
     b.const_u32("QT", TILE_Q);
     b.const_u32("KT", TILE_K);
     b.const_u32("AT", TILE_THREADS as usize);
@@ -368,8 +419,8 @@ pub fn attention_tiled(
         for (unsigned i = threadIdx.x; i < (t_end - t0) * HD; i += AT) {
             const unsigned t = t0 + i / HD, d = i % HD;
             const float* row = qkv + (u64)t * COLS;
-            k_cache[(u64)(POS + t) * KVC + kv_off + d] = row[QC + kv_off + d];
-            v_cache[(u64)(POS + t) * KVC + kv_off + d] = row[QC + KVC + kv_off + d];
+            k_cache[(u64)(POS + t) * KVC + kv_off + d] = kv_store(row[QC + kv_off + d]);
+            v_cache[(u64)(POS + t) * KVC + kv_off + d] = kv_store(row[QC + KVC + kv_off + d]);
         }
     }
     for (unsigned i = threadIdx.x; i < QT * HD; i += AT) {
@@ -392,12 +443,12 @@ pub fn attention_tiled(
             float kv = 0.0f, vv = 0.0f;
             if (j < n_keys) {
                 if (j < POS) {
-                    kv = k_cache[(u64)j * KVC + kv_off + d];
-                    vv = v_cache[(u64)j * KVC + kv_off + d];
+                    kv = kv_load(k_cache[(u64)j * KVC + kv_off + d]);
+                    vv = kv_load(v_cache[(u64)j * KVC + kv_off + d]);
                 } else {
                     const float* row = qkv + (u64)(j - POS) * COLS;
-                    kv = row[QC + kv_off + d];
-                    vv = row[QC + KVC + kv_off + d];
+                    kv = kv_load(row[QC + kv_off + d]);
+                    vv = kv_load(row[QC + KVC + kv_off + d]);
                 }
             }
             k_sh[jj][d] = kv;
@@ -449,5 +500,5 @@ pub fn attention_tiled(
         GridDim::tokens(TILE_Q as u64),
         GridDim::one(),
     ];
-    b.finish("", body, TILE_THREADS, grid)
+    b.finish(kv_helpers(kv_f16), body, TILE_THREADS, grid)
 }

@@ -27,9 +27,10 @@ pub const PRELUDE: &str = r#"typedef unsigned long long u64;
 __device__ __forceinline__ float h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
-__device__ __forceinline__ float f16_round(float v) {
-    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h2f(h);
+__device__ __forceinline__ unsigned short f2h(float v) {
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h;
 }
+__device__ __forceinline__ float f16_round(float v) { return h2f(f2h(v)); }
 #endif
 __device__ __forceinline__ float bf2f(unsigned short b) {
     return __uint_as_float(((unsigned)b) << 16);
@@ -243,17 +244,9 @@ impl CudaBuilder {
         );
     }
 
-    pub fn state(&mut self, part: &str, name: &str) {
-        self.pointer(
-            "state",
-            "state",
-            None,
-            Some(part),
-            true,
-            true,
-            Elem::F32,
-            name,
-        );
+    /// A part of the op's state (`elem`: the KV cache's element; the RWKV state is f32).
+    pub fn state(&mut self, part: &str, elem: Elem, name: &str) {
+        self.pointer("state", "state", None, Some(part), true, true, elem, name);
     }
 
     /// The kernel's own zero-initialised workspace of `bytes` (see the launch module), as f32.

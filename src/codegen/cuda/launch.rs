@@ -20,7 +20,8 @@
 //!   values live in device memory so a captured CUDA graph replays with new positions.
 //! - Every argument points at the start of its own allocation (so 16-byte vector loads are
 //!   aligned): activations `[T, cols]` f32, weight records as stored (16-bit data as `u16`),
-//!   state parts (`k`, `v`: `[max_seq_len, n_kv_heads, head_dim]` f32; `rwkv`: five `hidden` f32).
+//!   state parts (`k`, `v`: `[max_seq_len, n_kv_heads, head_dim]` of the arg's `elem`, f16 or
+//!   f32; `rwkv`: five `hidden` f32).
 //! - A `scratch` argument (role "scratch", `bytes` long) is the kernel's own device workspace: the
 //!   runtime allocates it zeroed, once per session and kernel, and the kernel leaves it in a state
 //!   the next launch accepts (the split decode attention's counters return to zero).

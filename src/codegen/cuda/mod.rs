@@ -141,9 +141,13 @@ pub fn generate(
             n_kv_heads,
             head_dim,
             ..
-        } if attention::tiled(phase_of(signature), *head_dim) => {
-            attention::attention_tiled(b, *n_q_heads, *n_kv_heads, *head_dim)
-        }
+        } if attention::tiled(phase_of(signature), *head_dim) => attention::attention_tiled(
+            b,
+            *n_q_heads,
+            *n_kv_heads,
+            *head_dim,
+            attention::kv_f16(f16, *head_dim),
+        ),
         KernelSpec::Attention {
             n_q_heads,
             n_kv_heads,
@@ -162,7 +166,15 @@ pub fn generate(
                 Some(Phase::Decode) => tuning.kv_splits as usize,
                 _ => 1,
             };
-            attention::attention(b, *n_q_heads, *n_kv_heads, *head_dim, *rotary_dim, splits)
+            attention::attention(
+                b,
+                *n_q_heads,
+                *n_kv_heads,
+                *head_dim,
+                *rotary_dim,
+                splits,
+                attention::kv_f16(f16, *head_dim),
+            )
         }
         KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
         KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),

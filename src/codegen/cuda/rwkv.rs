@@ -3,7 +3,7 @@
 //! 0). Both kernels give each channel to one thread that walks the T rows in order, so the
 //! recurrence and the state update need no synchronisation. Grid `[ceil(hidden / TPB), 1, 1]`.
 
-use super::builder::CudaBuilder;
+use super::builder::{CudaBuilder, Elem};
 use super::launch::{CudaLaunch, GridDim};
 use super::weights::declare_vector;
 use crate::formats::dtype::DType;
@@ -24,7 +24,7 @@ pub fn token_shift(mut b: CudaBuilder, hidden: usize, mixes: &[DType]) -> (Strin
     for (i, d) in mixes.iter().enumerate() {
         declare_vector(&mut b, &format!("mixes[{i}]"), *d, &format!("mix{i}"));
     }
-    b.state("rwkv", "state");
+    b.state("rwkv", Elem::F32, "state");
     for i in 0..mixes.len() {
         b.activation(&format!("outs[{i}]"), true, &format!("out{i}"));
     }
@@ -64,7 +64,7 @@ pub fn wkv(
     b.activation("v", false, "vv");
     declare_vector(&mut b, "time_decay", time_decay, "decay");
     declare_vector(&mut b, "time_first", time_first, "first");
-    b.state("rwkv", "state");
+    b.state("rwkv", Elem::F32, "state");
     b.activation("out", true, "y");
     let body = "    const unsigned c = blockIdx.x * TPB + threadIdx.x;
     if (c >= H) return;

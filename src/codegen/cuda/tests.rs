@@ -119,6 +119,13 @@ fn check_ptx(ptx: &str, arch: &str, entry: &str, n_params: usize, what: &str) {
     );
 }
 
+fn head_dim_of(spec: &KernelSpec) -> usize {
+    match spec {
+        KernelSpec::Attention { head_dim, .. } => *head_dim,
+        _ => unreachable!("not attention"),
+    }
+}
+
 #[test]
 fn every_variant_compiles_to_ptx() {
     use rayon::prelude::*;
@@ -141,7 +148,13 @@ fn every_variant_compiles_to_ptx() {
                     ..
                 }
             );
-            let f16s: &[bool] = if prefill { &[false, true] } else { &[false] };
+            // Attention both with an f32 and an f16 KV cache (f16 schemes).
+            let attention = matches!(spec, KernelSpec::Attention { .. });
+            let f16s: &[bool] = if prefill || attention {
+                &[false, true]
+            } else {
+                &[false]
+            };
             // Attention takes its phase from the signature: the query-tiled prefill kernel and
             // the one-row-per-block kernel.
             // Fused rotary is decode-only.
@@ -179,12 +192,26 @@ fn every_variant_compiles_to_ptx() {
                     k.launch.args.len() + 3,
                     &format!("{spec:?} f16 {f16}"),
                 );
-                if f16 {
+                if f16 && prefill {
                     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
+                }
+                // The cache's element as the runtime sizes it.
+                if attention {
+                    let kv = k
+                        .launch
+                        .args
+                        .iter()
+                        .find(|a| a.part.as_deref() == Some("k"));
+                    let want = if super::attention::kv_f16(f16, head_dim_of(spec)) {
+                        "f16"
+                    } else {
+                        "f32"
+                    };
+                    assert_eq!(kv.unwrap().elem, want, "{spec:?} f16 {f16}");
                 }
                 // (Fused rotary is exempt: precise `sincosf` reduces huge angles on a rare path
                 // that keeps a 28-byte table in local memory, as the rotary kernel's does.)
-                if f16 || (sig.contains(":attention") && !spec.fused()) {
+                if (f16 && prefill) || (sig.contains(":attention") && !spec.fused()) {
                     // Staged registers, accumulators, per-query state and decode attention's
                     // per-step keys stay in registers.
                     assert!(!ptx.contains(".local"), "{spec:?}: local memory\n{ptx}");

@@ -113,6 +113,15 @@ fn scalar(op: &Op, name: &str) -> Option<f32> {
     }
 }
 
+/// Bytes per KV-cache element the library's kernels were generated for (f16 for f16 schemes).
+pub fn kv_elem_bytes<'a>(launches: impl Iterator<Item = &'a CudaLaunch>) -> Result<usize> {
+    crate::runtime::kv_cache_elem_bytes(launches.flat_map(|l| {
+        l.args
+            .iter()
+            .map(|a| (a.role.as_str(), a.part.as_deref(), a.elem.as_str()))
+    }))
+}
+
 /// Bind one op to its kernel (`kernels`: signature → (index, launch)).
 pub fn bind(
     plan: &Plan,

@@ -161,6 +161,8 @@ impl CudaModel {
             .bind_to_thread()
             .map_err(|e| env(format!("CUDA context: {e:?}")))?;
         let s = self.plan.max_seq_len;
+        // f16 in libraries of f16 schemes (the attention kernels' k/v arguments say).
+        let kv_elem = super::bind::kv_elem_bytes(self.kernels.iter().map(|k| &k.launch))?;
         let states = self
             .plan
             .states
@@ -172,7 +174,7 @@ impl CudaModel {
                         n_kv_heads,
                         head_dim,
                     } => {
-                        let bytes = s * n_kv_heads * head_dim * 4;
+                        let bytes = s * n_kv_heads * head_dim * kv_elem;
                         State::Kv(
                             DeviceMem::zeroed(
                                 bytes,

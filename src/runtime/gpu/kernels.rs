@@ -121,22 +121,12 @@ fn missing_f16(kernel_uses: bool, device_has: bool, adapter: &str) -> Option<Str
 /// Bytes per element of the KV cache the library's attention kernels bind: 2 when they declare
 /// it f16, else 4. Kernels that disagree make a corrupt library.
 pub fn kv_cache_elem_bytes(kernels: &HashMap<String, Kernel>) -> Result<usize> {
-    let mut elems: Vec<&str> = kernels
-        .values()
-        .flat_map(|k| &k.launch.bindings)
-        .filter(|b| b.role == "state" && matches!(b.part.as_deref(), Some("k" | "v")))
-        .map(|b| b.elem.as_str())
-        .collect();
-    elems.sort_unstable();
-    elems.dedup();
-    match elems[..] {
-        [] | ["f32"] => Ok(4),
-        ["f16"] => Ok(2),
-        _ => Err(user(format!(
-            "the library's attention kernels bind the KV cache as {}; rebuild the model library",
-            elems.join(" and ")
-        ))),
-    }
+    crate::runtime::kv_cache_elem_bytes(
+        kernels
+            .values()
+            .flat_map(|k| &k.launch.bindings)
+            .map(|b| (b.role.as_str(), b.part.as_deref(), b.elem.as_str())),
+    )
 }
 
 /// The entry of each kernel signature that wgpu loads: its SPIR-V or WGSL one (an MSL library's
