@@ -12,11 +12,13 @@
 #   0. build     [MLCB_BIN: use this binary; its examples are looked up beside it in examples/]
 #                else cargo build --release --offline of mlcb + examples (synth_model, cuda_bandwidth)
 #   1. bandwidth device-to-device copy bandwidth (examples/cuda_bandwidth), for the decode floor
-#   2. FIXTURES  [1] every fixture × scheme built for cpu and cuda; for each reference prompt
+#   2. FIXTURES  [1] every fixture × scheme built for cpu and cuda (this GPU's architecture);
+#                for each reference prompt
 #                (extended by its greedy tokens) `mlcb logits` on cuda (one prefill) and on cuda
 #                with --decode (one token per call: GEMV kernels, KV cache, replayed CUDA graph)
-#                against the CPU's prefill: max|cuda-cpu| / max|cpu| ≤ TOL [1e-3], except prefill
-#                of f16 schemes ≤ TOL_F16 [5e-3] (it multiplies on f16 tensor cores);
+#                against the CPU's prefill: max|cuda-cpu| / max|cpu| ≤ TOL [1e-3], except f16
+#                schemes ≤ TOL_F16 [5e-3] in prefill (it multiplies on f16 tensor cores) and, but
+#                for RWKV, in decode (an f16 KV cache);
 #                greedy continuations (`mlcb run --greedy`) cuda vs cpu (reported, not gated: the
 #                CPU decodes q4/q8 with int8 activations). JOBS_GPU [6] (fixture, scheme) pairs at once.
 #   3. SMOLLM2   [1] if GGUF [dist/models/SmolLM2-135M-Instruct/…Q4_1.gguf] exists: "The capital
@@ -25,7 +27,8 @@
 #                HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
 #                architecture; `mlcb bench --device cuda`: decode tok/s (GEN_LEN [256] tokens after
 #                DECODE_PROMPT [16]) and prefill tok/s (PREFILL_LEN [512]), with the floor (weight
-#                bytes / bandwidth). In this order: q4f16_1; its kernel profile (PROFILE [1]:
+#                bytes / bandwidth). In this order: q4f16_1; its decode with MLCB_CUDA_PDL=0 (no
+#                programmatic dependent launch; reported); its kernel profile (PROFILE [1]:
 #                MLCB_CUDA_PROFILE=1, each kernel timed alone; the top rows per phase go to the
 #                summary); transformers fp16 on the same config (HF [1],
 #                benches/hf_transformers_bench.py; not gated); q4f16_1 after
@@ -159,8 +162,10 @@ check_scheme() { # fixture scheme
             || { echo "$fx $q prompt $i: cpu logits failed" >> "$bad"; continue; }
         for mode in prefill decode; do
             flag=""; [ "$mode" = decode ] && flag="--decode"
-            # Prefill of f16 schemes multiplies on f16 tensor cores; everything else is f32.
-            tol="$TOL"; [ "$mode" = prefill ] && [[ "$q" == *f16* ]] && tol="$TOL_F16"
+            # f16 schemes: prefill multiplies on f16 tensor cores, and attention models keep an
+            # f16 KV cache (read by decode too; RWKV has none); everything else is f32.
+            tol="$TOL"
+            if [[ "$q" == *f16* ]] && { [ "$mode" = prefill ] || [[ "$fx" != *rwkv* ]]; }; then tol="$TOL_F16"; fi
             log="$logs/logits-$fx-$q-$i-cuda-$mode.txt"
             run_t "$mlcb" logits "$dist" --input-ids "$ids" --out "$ldir/$i-cuda-$mode.st" --device cuda $flag > "$log" 2>&1
             rc=$?
@@ -198,6 +203,7 @@ print(json.dumps({"cuda": a, "cpu": b, "same_prefix": same}))' "$ldir/greedy-cud
 }
 
 # --- 2. fixtures --------------------------------------------------------------------------------
+gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 if [ "$FIXTURES" = 1 ] && in_time "fixtures"; then
     fixtures=(tiny-llama tiny-neox tiny-rwkv)
     say "fixtures ${fixtures[*]}: building ${SCHEMES// /,} for cpu and cuda"
@@ -209,6 +215,9 @@ if [ "$FIXTURES" = 1 ] && in_time "fixtures"; then
             for q in $SCHEMES; do
                 printf 'quantization = "%s"\n[model]\nname = "%s"\nsource = "%s"\n[target]\npreset = "%s"\n' \
                     "$q" "$fx" "$repo/tests/fixtures/$fx" "$t" > "$WORK/recipes/$fx/$q-$t.toml"
+                # For this GPU's architecture (sm_90: decode with programmatic dependent launch);
+                # SmolLM2 keeps the preset's sm_80 (PTX the driver JIT-compiles).
+                [ "$t" = cuda ] && [ -n "$gpu_arch" ] && echo "cuda_arch = \"sm_$gpu_arch\"" >> "$WORK/recipes/$fx/$q-$t.toml"
                 recipes+=("$WORK/recipes/$fx/$q-$t.toml")
             done
         done
@@ -335,11 +344,19 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
         run_t "$exdir/synth_model" "$model" --hidden "$HIDDEN" --intermediate "$INTERMEDIATE" --layers "$LAYERS" \
             --heads 32 --kv-heads 32 --vocab "$VOCAB" > "$logs/synth.txt" 2>&1 || fail "synth_model failed"
     fi
-    gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
     arch_flag=(); [ -n "$gpu_arch" ] && arch_flag=(--cuda-arch "sm_$gpu_arch")
     say "7B q4f16_1: building for ${gpu_arch:+sm_$gpu_arch}"
     if q4=$(build_7b q4f16_1 cuda q4f16_1 "${arch_flag[@]}"); then
         bench_cuda q4f16_1 "$q4" q4f16_1 false
+        grep -h "capturing without it" "$logs"/bench-q4f16_1-*.txt 2>/dev/null | head -1 | sed 's/^/note: /' | tee -a "$summary" >&2
+        if [ "$have_gpu" = 1 ] && in_time "decode without PDL"; then
+            # A/B: the decode graph without programmatic dependent launch (sm_90 kernels).
+            run_t env MLCB_CUDA_PDL=0 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json \
+                --device cuda > "$logs/bench-nopdl-decode.json" 2> "$logs/bench-nopdl-decode.txt"
+            nopdl=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$logs/bench-nopdl-decode.json" 2>/dev/null || echo null)
+            record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
+            say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
+        fi
         if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
             # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
             MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \

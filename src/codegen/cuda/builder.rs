@@ -68,6 +68,16 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 "#;
 
+/// First statements of a kernel that may be launched with programmatic dependent launch (sm_90):
+/// wait until the grids it depends on have finished and their writes are visible (before
+/// anything is read, `meta` included), then allow the next kernel to be launched, so its launch
+/// overlaps this kernel's work. Without such a launch the wait returns at once.
+pub const PDL_ENTER: &str = "#ifndef MLCB_EMULATE
+    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");
+    asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");
+#endif
+";
+
 /// How a pointer parameter's elements are declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Elem {
@@ -118,6 +128,8 @@ pub fn float_read(buf: &str, elem: Elem, i: &str) -> String {
 pub struct CudaBuilder {
     pub entry_point: String,
     pub tuning: CudaTuning,
+    /// Start with [`PDL_ENTER`]: the kernel may be launched before the one it depends on ends.
+    pub pdl: bool,
     arch: String,
     consts: String,
     lambdas: String,
@@ -132,6 +144,7 @@ impl CudaBuilder {
         let mut b = CudaBuilder {
             entry_point: entry_point.to_string(),
             tuning,
+            pdl: false,
             arch: arch.to_string(),
             consts: String::new(),
             lambdas: String::new(),
@@ -285,9 +298,10 @@ impl CudaBuilder {
         params.push("const unsigned* __restrict__ meta".into());
         params.push("float scalar".into());
         params.push("unsigned index".into());
+        let pdl = if self.pdl { PDL_ENTER } else { "" };
         let src = format!(
             "// mlcb kernel `{ep}` (generated; arguments: see the launch JSON)\n{PRELUDE}\n{consts}\n{shared}\n\
-extern \"C\" __global__ void __launch_bounds__({block}) {ep}(\n    {params})\n{{\n    \
+extern \"C\" __global__ void __launch_bounds__({block}) {ep}(\n    {params})\n{{\n{pdl}    \
 const unsigned T = meta[0], POS = meta[1], ROWS = meta[2], ROW0 = meta[3];\n    \
 (void)T; (void)POS; (void)ROWS; (void)ROW0; (void)scalar; (void)index;\n{lambdas}{body}}}\n",
             ep = self.entry_point,
@@ -305,6 +319,7 @@ const unsigned T = meta[0], POS = meta[1], ROWS = meta[2], ROW0 = meta[3];\n    
             },
             arch: self.arch,
             tuning: self.tuning,
+            pdl: self.pdl,
         };
         (src, launch)
     }

@@ -26,6 +26,8 @@
 //!   runtime allocates it zeroed, once per session and kernel, and the kernel leaves it in a state
 //!   the next launch accepts (the split decode attention's counters return to zero).
 //! - No dynamic shared memory: every kernel declares its own static `__shared__` arrays.
+//! - `"pdl": true` (decode kernels for sm_90 and newer): the kernel starts with
+//!   `griddepcontrol.wait`, so the runtime may launch it with programmatic dependent launch.
 
 pub use crate::codegen::wgsl::launch::GridDim;
 use serde::{Deserialize, Serialize};
@@ -146,6 +148,11 @@ pub struct CudaLaunch {
     /// The architecture the PTX targets.
     pub arch: String,
     pub tuning: CudaTuning,
+    /// The kernel waits for the grid before it (`griddepcontrol.wait`) before it reads
+    /// anything, then lets the next one start: it may be launched with programmatic dependent
+    /// launch, which overlaps a kernel's launch with the tail of the one before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pdl: bool,
 }
 
 #[cfg(test)]

@@ -42,6 +42,11 @@ use builder::CudaBuilder;
 use launch::{CudaLaunch, CudaTuning};
 use std::collections::BTreeMap;
 
+/// "sm_86" → 86.
+pub fn arch_number(arch: &str) -> Option<u32> {
+    arch.strip_prefix("sm_")?.parse().ok()
+}
+
 /// Architectures the cuda target compiles for (every kernel needs sm_80: TF32 `mma.sync`).
 pub const CUDA_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
 
@@ -104,7 +109,11 @@ pub fn generate(
 ) -> Result<CudaKernel> {
     check_dims(signature, spec)?;
     let ep = entry_point(spec);
-    let b = CudaBuilder::new(&ep, tuning, arch);
+    let mut b = CudaBuilder::new(&ep, tuning, arch);
+    // Decode steps are short kernels one after another: on sm_90 and newer their launches may
+    // overlap the kernel before (programmatic dependent launch; the runtime decides).
+    b.pdl =
+        phase_of(signature) == Some(Phase::Decode) && arch_number(arch).is_some_and(|n| n >= 90);
     let (source, launch) = match spec {
         KernelSpec::Embedding { m } => matmul::embedding(b, m),
         KernelSpec::Matmul {

@@ -456,3 +456,47 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
     );
     assert!(msg.contains("error"), "NVRTC's log: {msg}");
 }
+
+/// Decode kernels for sm_90 start by waiting for the kernel before them (so the runtime may
+/// launch them early, programmatic dependent launch) and say so in their launch JSON; prefill
+/// kernels and every kernel for older architectures do neither (the instruction needs sm_90).
+#[test]
+fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
+    let arch = crate::model::by_name("llama").unwrap();
+    let config = arch
+        .parse_config(&crate::model::testing::read_config("tiny-llama"))
+        .unwrap();
+    let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
+    let plan = crate::codegen::fuse::fuse_decode(arch.lower(&config, scheme, 32).unwrap());
+    let records = crate::codegen::signature::plan_signatures(&plan)
+        .into_iter()
+        .map(|s| {
+            let t = super::tune_space::default_for(&s);
+            (s, serde_json::to_value(t).unwrap())
+        })
+        .collect();
+    for cuda_arch in ["sm_80", "sm_89", "sm_90"] {
+        let kernels = super::generate_plan(&plan, &records, cuda_arch).unwrap();
+        for k in &kernels {
+            let want = cuda_arch == "sm_90" && k.signature.starts_with("decode:");
+            assert_eq!(k.launch.pdl, want, "{cuda_arch} {}", k.signature);
+            assert_eq!(
+                k.source.contains("griddepcontrol.wait"),
+                want,
+                "{cuda_arch} {}",
+                k.signature
+            );
+        }
+        if cuda_arch == "sm_90"
+            && nvrtc_or_skip("decode_kernels_for_sm_90_wait_for_the_kernel_before")
+        {
+            let k = kernels
+                .iter()
+                .find(|k| k.signature.starts_with("decode:attention"))
+                .unwrap();
+            let ptx = String::from_utf8(compile(k, "sm_90").unwrap()).unwrap();
+            assert!(ptx.contains("griddepcontrol.wait"), "{ptx}");
+            assert!(ptx.contains("griddepcontrol.launch_dependents"), "{ptx}");
+        }
+    }
+}

@@ -235,7 +235,15 @@ impl Graph {
         let recorded = record();
         // SAFETY: capture was started on this stream; always end it, even after an error.
         let graph = unsafe { result::stream::end_capture(stream.0) };
-        recorded?;
+        if let Err(e) = recorded {
+            if let Ok(g) = graph {
+                if !g.is_null() {
+                    // SAFETY: the graph just captured, destroyed once.
+                    let _ = unsafe { result::graph::destroy(g) };
+                }
+            }
+            return Err(e);
+        }
         let graph = graph.map_err(|e| driver_err("graph capture", e))?;
         if graph.is_null() {
             return Err(anyhow::anyhow!("CUDA graph capture produced no graph"));
@@ -268,7 +276,9 @@ impl Drop for Graph {
     }
 }
 
-/// Launch `k` with the given kernel parameter pointers.
+/// Launch `k` with the given kernel parameter pointers; with `pdl`, as a programmatic dependent
+/// launch (the kernel may start before the one before it on the stream has ended: only for
+/// kernels that wait for it themselves, `CudaLaunch::pdl`).
 pub fn launch(
     k: &Kernel,
     grid: (u32, u32, u32),
@@ -276,10 +286,45 @@ pub fn launch(
     stream: &Stream,
     params: &mut [*mut c_void],
     signature: &str,
+    pdl: bool,
 ) -> Result<()> {
-    // SAFETY: the parameter list matches the kernel's (built from its launch JSON, which codegen
-    // wrote from the same argument list as the source); every pointer is a live allocation of the
-    // size the plan declares.
-    unsafe { result::launch_kernel(k.function, grid, block, 0, stream.0, params) }
-        .map_err(|e| driver_err(&format!("launch of kernel {signature}"), e))
+    if !pdl {
+        // SAFETY: the parameter list matches the kernel's (built from its launch JSON, which
+        // codegen wrote from the same argument list as the source); every pointer is a live
+        // allocation of the size the plan declares.
+        return unsafe { result::launch_kernel(k.function, grid, block, 0, stream.0, params) }
+            .map_err(|e| driver_err(&format!("launch of kernel {signature}"), e));
+    }
+    // SAFETY: a zeroed attribute is a valid C struct; the id and its union field are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: 0,
+        hStream: stream.0,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as above; `config` and `attr` outlive the call, which copies them.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            k.function,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(|e| {
+        driver_err(
+            &format!("launch of kernel {signature} (programmatic dependent launch)"),
+            e,
+        )
+    })
 }

@@ -589,9 +589,10 @@ mod tests {
             let want = cpu_logits(&plan, &records, &ids);
             // 64 threads and 16 rows per block: the prefill kernels have fixed blocks, and the
             // decode steps emulate ~8× faster than with the default (see above). Decode
-            // attention over 8 blocks per head: 6–7 keys each.
+            // attention over 8 blocks per head: 6–7 keys each. For sm_90: the decode kernels
+            // carry the programmatic-dependent-launch preamble (compiled out here).
             let k = EmuKernels::compile(
-                generate_plan(&plan, &tuning_records(&plan, (64, 16, 8)), "sm_80").unwrap(),
+                generate_plan(&plan, &tuning_records(&plan, (64, 16, 8)), "sm_90").unwrap(),
             );
             let f16 = crate::codegen::cuda::f16_prefill(&plan);
             // f16 schemes keep an f16 KV cache (RWKV has none).

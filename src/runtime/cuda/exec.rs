@@ -5,7 +5,9 @@
 //! Per-call values (`T`, `pos`, the logits row range) are in a small device buffer (`meta`) that
 //! every kernel reads, written by a stream-ordered copy before each call, so the captured graph
 //! stays valid as the position advances. Activation buffers grow (to the largest `T` seen); a
-//! growth re-captures the graph, since its kernels hold the old addresses.
+//! growth re-captures the graph, since its kernels hold the old addresses. Kernels made for it
+//! (`CudaLaunch::pdl`, sm_90 decode kernels) enter the graph as programmatic dependent launches:
+//! each may be launched while the one before still runs, and waits for it itself.
 //!
 //! With `MLCB_CUDA_PROFILE=1` every kernel is launched on its own between two events and timed
 //! ([`super::profile`]); the table goes to stderr when the session ends.
@@ -41,11 +43,6 @@ pub struct CudaModel {
     decode: Vec<Step>,
     /// Last: fields drop in order, and the kernels and weights need the context to be freed.
     pub device: Device,
-}
-
-/// Parse "sm_86" → 86.
-fn arch_number(arch: &str) -> Option<u32> {
-    arch.strip_prefix("sm_")?.parse().ok()
 }
 
 impl CudaModel {
@@ -88,7 +85,7 @@ impl CudaModel {
             .get("cuda_arch")
             .and_then(|a| a.as_str())
         {
-            if let Some(n) = arch_number(arch) {
+            if let Some(n) = crate::codegen::cuda::arch_number(arch) {
                 if device.sm < n {
                     return Err(env(format!(
                         "the library was built for {arch}, but this GPU ({}) is sm_{}; rebuild with `--cuda-arch sm_{}`",
@@ -229,6 +226,9 @@ impl CudaModel {
                 .map(|v| v != "0")
                 .unwrap_or(true)
                 && !profile::enabled(),
+            use_pdl: std::env::var("MLCB_CUDA_PDL")
+                .map(|v| v != "0")
+                .unwrap_or(true),
             profile: profile::enabled().then(Profiler::default),
         };
         session.reset_rwkv()?;
@@ -257,6 +257,9 @@ pub struct CudaSession<'m> {
     meta: DeviceMem,
     graph: Option<Graph>,
     use_graph: bool,
+    /// Capture the decode graph with programmatic dependent launches (`MLCB_CUDA_PDL`, default
+    /// on; off for good once the driver refuses it).
+    use_pdl: bool,
     profile: Option<Profiler>,
 }
 
@@ -344,14 +347,16 @@ impl CudaSession<'_> {
     }
 
     /// Enqueue the steps of one call with `t` tokens and `rows` logits rows; with `events`
-    /// (profiling), step `i`'s launch between the events of pair `i`. Returns the indices of the
-    /// steps launched (a step with an empty grid is skipped).
+    /// (profiling), step `i`'s launch between the events of pair `i`; with `pdl`, kernels made
+    /// for it as programmatic dependent launches. Returns the indices of the steps launched (a
+    /// step with an empty grid is skipped).
     fn enqueue(
         &self,
         steps: &[Step],
         t: u64,
         rows: u64,
         events: Option<&[(Event, Event)]>,
+        pdl: bool,
     ) -> Result<Vec<usize>> {
         let mut launched = Vec::with_capacity(steps.len());
         for (i, step) in steps.iter().enumerate() {
@@ -388,6 +393,7 @@ impl CudaSession<'_> {
                 &self.stream,
                 &mut params,
                 &k.signature,
+                pdl && k.launch.pdl,
             )?;
             if let Some(ev) = events {
                 ev[i].1.record(&self.stream)?;
@@ -438,9 +444,22 @@ impl CudaSession<'_> {
         let mut launched = Vec::new();
         if t == 1 && self.use_graph {
             if self.graph.is_none() {
-                let g = Graph::capture(&self.stream, || {
-                    self.enqueue(&self.model.decode, 1, 1, None).map(drop)
-                })?;
+                let capture = |pdl: bool| {
+                    Graph::capture(&self.stream, || {
+                        self.enqueue(&self.model.decode, 1, 1, None, pdl).map(drop)
+                    })
+                };
+                let (g, pdl) = match capture(self.use_pdl) {
+                    Ok(g) => (g, self.use_pdl),
+                    // A driver that refuses programmatic dependent launch in a graph: the
+                    // kernels run the same without it (their waits return at once).
+                    Err(e) if self.use_pdl => {
+                        tracing::warn!("decode graph with programmatic dependent launch: {e:#}; capturing without it");
+                        (capture(false)?, false)
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.use_pdl = pdl;
                 self.graph = Some(g);
             }
             self.graph
@@ -454,7 +473,7 @@ impl CudaSession<'_> {
                 }
             }
             let events = self.profile.as_ref().map(|p| p.events.as_slice());
-            launched = self.enqueue(steps, t as u64, rows as u64, events)?;
+            launched = self.enqueue(steps, t as u64, rows as u64, events, false)?;
         }
         let mut out = vec![0f32; rows * plan.vocab_size];
         // SAFETY: the logits buffer holds at least rows·vocab f32 (rows ≤ t ≤ self.rows).

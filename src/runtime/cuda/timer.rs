@@ -129,13 +129,13 @@ impl KernelTimer for CudaTimer {
         params.push(&mut index as *mut u32 as *mut c_void);
         let stream = Stream::new()?;
         let (start, end) = (Event::new()?, Event::new()?);
-        driver::launch(&module, grid, block, &stream, &mut params, sig)?; // warm-up
+        driver::launch(&module, grid, block, &stream, &mut params, sig, false)?; // warm-up
         stream.synchronize()?;
         let mut runs = Vec::with_capacity(BATCHES);
         for _ in 0..BATCHES {
             start.record(&stream)?;
             for _ in 0..LAUNCHES_PER_BATCH {
-                driver::launch(&module, grid, block, &stream, &mut params, sig)?;
+                driver::launch(&module, grid, block, &stream, &mut params, sig, false)?;
             }
             end.record(&stream)?;
             stream.synchronize()?;
