@@ -46,8 +46,15 @@ static thread_local emu_dim3 tid, bid;
 static emu_dim3 bdim, gdim;
 static std::barrier<>* block_bar = nullptr;
 static std::vector<std::barrier<>*> warp_bars;
-static float shfl[32][32];
-static unsigned mma_a[32][32][4], mma_b[32][32][2];
+// Per warp, the lanes' values of a warp-collective operation (shuffle, reduction, mma), in two
+// buffers used alternately: a lane writes buffer `p` of collective i only after every lane has
+// passed collective i-1's barrier, i.e. finished reading collective i-2's buffer `p`, so one
+// barrier per collective is enough (every lane of a warp runs the same collectives).
+static float shfl[2][32][32];
+static unsigned mma_a[2][32][32][4], mma_b[2][32][32][2];
+static thread_local unsigned parity = 0;
+// This lane's buffer for its next collective.
+inline unsigned next_buffer() { const unsigned p = parity; parity ^= 1u; return p; }
 }
 #define threadIdx (emu::tid)
 #define blockIdx (emu::bid)
@@ -62,12 +69,10 @@ inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retu
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 // Every lane of the warp publishes `v`, then reads lane `src`'s.
 inline float emu_shfl(float v, unsigned src) {
-    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
-    emu::shfl[w][l] = v;
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, p = emu::next_buffer();
+    emu::shfl[p][w][l] = v;
     emu::warp_bars[w]->arrive_and_wait();
-    const float r = emu::shfl[w][src & 31u];
-    emu::warp_bars[w]->arrive_and_wait();
-    return r;
+    return emu::shfl[p][w][src & 31u];
 }
 inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl(v, (emu::tid.x & 31u) ^ (unsigned)o); }
 // The prelude's xor-butterfly reductions, in one exchange instead of five: every lane reads the
@@ -75,12 +80,11 @@ inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl(v, (emu
 // bits the five shuffles give (a + b == b + a exactly: all lanes hold the same value per step).
 template <typename F>
 inline float emu_warp_reduce(float v, F op) {
-    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
-    emu::shfl[w][l] = v;
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, p = emu::next_buffer();
+    emu::shfl[p][w][l] = v;
     emu::warp_bars[w]->arrive_and_wait();
     float x[32];
-    for (unsigned i = 0; i < 32u; ++i) x[i] = emu::shfl[w][i];
-    emu::warp_bars[w]->arrive_and_wait();
+    for (unsigned i = 0; i < 32u; ++i) x[i] = emu::shfl[p][w][i];
     for (unsigned o = 16; o > 0; o >>= 1) {
         float y[32];
         for (unsigned i = 0; i < 32u; ++i) y[i] = op(x[i], x[i ^ o]);
@@ -102,26 +106,30 @@ inline unsigned to_tf32(float x) {
 }
 // mma.sync.m16n8kK: the warp's fragments meet in emu::mma_a / mma_b, then each lane sums its
 // four C elements, c_i at (g + 8(i/2), 2c + i%2) with g = lane/4, c = lane%4 (the same for both
-// shapes); `a_at(w, row, k)` and `b_at(w, k, n)` read an operand by the shape's fragment layout.
-template <unsigned KDIM, class A, class B>
-inline void mma_emulated(float* c, const unsigned* a, const unsigned* b, A a_at, B b_at) {
-    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u;
-    for (int i = 0; i < 4; ++i) emu::mma_a[w][l][i] = a[i];
-    emu::mma_b[w][l][0] = b[0]; emu::mma_b[w][l][1] = b[1];
+// shapes); `a_at(A, row, k)` and `b_at(B, k, n)` read an operand from the warp's lanes'
+// registers A[lane][i], B[lane][i] by the shape's fragment layout.
+typedef const unsigned (*emu_frag_a)[4];
+typedef const unsigned (*emu_frag_b)[2];
+template <unsigned KDIM, class FA, class FB>
+inline void mma_emulated(float* c, const unsigned* a, const unsigned* b, FA a_at, FB b_at) {
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, p = emu::next_buffer();
+    for (int i = 0; i < 4; ++i) emu::mma_a[p][w][l][i] = a[i];
+    emu::mma_b[p][w][l][0] = b[0]; emu::mma_b[p][w][l][1] = b[1];
     emu::warp_bars[w]->arrive_and_wait();
+    const emu_frag_a A = emu::mma_a[p][w];
+    const emu_frag_b B = emu::mma_b[p][w];
     for (unsigned i = 0; i < 4; ++i) {
         const unsigned row = l / 4 + 8 * (i / 2), col = 2 * (l % 4) + i % 2;
         float acc = c[i];
-        for (unsigned k = 0; k < KDIM; ++k) acc += a_at(w, row, k) * b_at(w, k, col);
+        for (unsigned k = 0; k < KDIM; ++k) acc += a_at(A, row, k) * b_at(B, k, col);
         c[i] = acc;
     }
-    emu::warp_bars[w]->arrive_and_wait();
 }
 // .tf32, m16n8k8 (PTX ISA layout): A a_i at (g + 8(i%2), c + 4(i/2)); B b_i at (k = c + 4i, n = g).
 inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
     mma_emulated<8>(c, a, b,
-        [](unsigned w, unsigned row, unsigned k) { return __uint_as_float(emu::mma_a[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]); },
-        [](unsigned w, unsigned k, unsigned n) { return __uint_as_float(emu::mma_b[w][n * 4 + k % 4][k / 4]); });
+        [](emu_frag_a A, unsigned row, unsigned k) { return __uint_as_float(A[(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]); },
+        [](emu_frag_b B, unsigned k, unsigned n) { return __uint_as_float(B[n * 4 + k % 4][k / 4]); });
 }
 // cvt.rn.f16x2.f32: lo in the low half, hi in the high half, round to nearest even.
 inline unsigned pack_h2(float lo, float hi) {
@@ -135,8 +143,8 @@ inline float half_of(unsigned r, unsigned k) { return h2f((unsigned short)((r >>
 // half): A reg i at rows g + 8(i%2), cols 2c + 8(i/2) (+0, +1); B reg i at k = 2c + 8i (+0, +1), n = g.
 inline void mma_f16(float* c, const unsigned* a, const unsigned* b) {
     mma_emulated<16>(c, a, b,
-        [](unsigned w, unsigned row, unsigned k) { return half_of(emu::mma_a[w][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k); },
-        [](unsigned w, unsigned k, unsigned n) { return half_of(emu::mma_b[w][n * 4 + (k % 8) / 2][k / 8], k); });
+        [](emu_frag_a A, unsigned row, unsigned k) { return half_of(A[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k); },
+        [](emu_frag_b B, unsigned k, unsigned n) { return half_of(B[n * 4 + (k % 8) / 2][k / 8], k); });
 }
 namespace emu {
 static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, const std::function<void()>& k) {
