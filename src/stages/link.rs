@@ -585,6 +585,14 @@ fn kernel_dump_files(
     } else {
         BTreeMap::new()
     };
+    // A signature whose WGSL the library carries itself (MSL libraries' twins) gets it once.
+    let carried: std::collections::BTreeSet<&str> = lib
+        .header
+        .kernels
+        .iter()
+        .filter(|k| k.language == "wgsl")
+        .map(|k| k.signature.as_str())
+        .collect();
     for (n, k) in lib.header.kernels.iter().enumerate() {
         let stem = format!("debug/kernels/{target}/{n}-{}", op_name(&k.signature));
         let ext = match k.language.as_str() {
@@ -593,7 +601,7 @@ fn kernel_dump_files(
             other => other,
         };
         out.push((format!("{stem}.{ext}"), lib.kernel_bytes(k).to_vec()));
-        if k.language != "wgsl" {
+        if k.language != "wgsl" && !carried.contains(k.signature.as_str()) {
             if let Some(src) = wgsl.get(&k.signature) {
                 let src_ext = if k.language == "ptx" { "cu" } else { "wgsl" };
                 out.push((format!("{stem}.{src_ext}"), src.clone().into_bytes()));
