@@ -181,8 +181,9 @@ pub fn split_scratch_bytes(n_q_heads: usize, head_dim: usize, splits: usize) -> 
 /// the cache keeps them, `kv_load`), earlier ones from the cache, so no block reads a cache slot
 /// another one writes. The warps run an online softmax ([`ATTEND`], runs of
 /// [`DECODE_KEYS_PER_STEP`] keys per warp and step, `ceil(head_dim/32)` output dims per lane)
-/// over the cached keys, then this call's; their partial results merge in shared memory. Scores use warp-shuffle dot
-/// products over head_dim. Decode, and prefill of head dims the query-tiled kernel cannot hold.
+/// over the cached keys, then this call's; their partial results merge in shared memory. Scores
+/// use warp-shuffle dot products over head_dim. Decode, and prefill of head dims the query-tiled
+/// kernel cannot hold.
 ///
 /// With `rotary_dim` (decode only, `T = 1`: the one key of this call is the block's own row),
 /// the block rotates its query and its kv head's new key in shared memory as [`rotary`] does

@@ -572,13 +572,14 @@ mod tests {
     }
 
     /// Prefill of whole fixture models in two calls (30 rows, then 15 more at position 30), then
-    /// 4 decode steps (46–49 keys in the decode attention's cache): the
-    /// query-tiled attention over several query and key tiles, reading the KV cache the first
-    /// call wrote (head_dim 64 and 80); and the f16 tensor-core GEMM staging 16-byte chunks of
-    /// quantized NK rows (q4f16_1), raw f16 rows with biases (q0f16) and words of KN matrices
-    /// (q4f16_0); `quantized_matrices_of_every_scheme_match_the_cpu` covers decoded elements
-    /// (q3, or K = 70). Decode kernels are the f32 ones the other tests cover. f16 errors must stay inside the f16 bound and above f32
-    /// accuracy (so the test fails if the f16 kernel silently stops being used).
+    /// 4 decode steps (46–49 keys in the decode attention's cache, split over 8 blocks per
+    /// head): the query-tiled attention over several query and key tiles, reading the KV cache
+    /// the first call wrote (head_dim 64 and 80; f16 for the f16 schemes); and the f16
+    /// tensor-core GEMM staging 16-byte chunks of quantized NK rows (q4f16_1), raw f16 rows with
+    /// biases (q0f16) and words of KN matrices (q4f16_0);
+    /// `quantized_matrices_of_every_scheme_match_the_cpu` covers decoded elements (q3, or
+    /// K = 70). f16 errors must stay inside the f16 bound and above f32 accuracy (so the test
+    /// fails if the f16 kernel silently stops being used).
     #[test]
     fn prefill_of_fixture_plans_matches_the_cpu() {
         if !cxx_or_skip("prefill_of_fixture_plans_matches_the_cpu") {
