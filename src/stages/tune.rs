@@ -213,6 +213,13 @@ fn db_key(target: &TargetSpec, f16: bool, signature: &str) -> String {
     if target.preset.backend == "wgpu" && target.preset.subgroups {
         key.push_str("#subgroups");
     }
+    // A record measured over another candidate space (before a knob existed) is not reused.
+    if target.preset.backend == "cuda" {
+        key.push_str(&format!(
+            "#space{}",
+            crate::codegen::cuda::tune_space::SPACE_VERSION
+        ));
+    }
     if f16 {
         key.push_str("#f16");
     }
@@ -350,6 +357,42 @@ mod tests {
             }
         }
     }
+    /// Records an older mlcb measured over a smaller candidate space (no `kv_splits`) are not
+    /// taken for the current space's: the build stays untuned instead of using them.
+    #[test]
+    fn cuda_records_of_an_older_candidate_space_are_not_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let c = ctx(tmp.path(), TuneMode::Cached);
+        let mut cuda = target("cuda");
+        cuda.cuda_arch = Some("sm_86".into());
+        let db = TuningDb::open(&tmp.path().join("cache"), "test:fake-gpu:driver 1");
+        let old: BTreeMap<String, TunedRecord> = crate::codegen::signature::plan_signatures(&plan)
+            .into_iter()
+            .map(|sig| {
+                let rec = TunedRecord {
+                    config: serde_json::json!({"threads_per_block": 512, "rows_per_block": 1}),
+                    seconds: 1e-6,
+                    candidates: 4,
+                };
+                (sig, rec)
+            })
+            .collect();
+        db.insert(&old).unwrap();
+        let r = records(&c, &run(&c, &plan, &cuda, None, &[]).unwrap());
+        assert!(!r.tuned, "old-space records were used");
+        assert!(r.records.values().all(|v| v["threads_per_block"] != 512));
+        // The current space's key finds a record.
+        let key = db_key(&cuda, false, "decode:x");
+        assert_eq!(
+            key,
+            format!(
+                "decode:x#space{}",
+                crate::codegen::cuda::tune_space::SPACE_VERSION
+            )
+        );
+    }
+
     /// The fake device runs Vulkan kernels (vulkan and android), and CUDA kernels for sm_86.
     fn fake(target: &str, arch: Option<&str>) -> Result<Option<Box<dyn KernelTimer>>> {
         let runs =

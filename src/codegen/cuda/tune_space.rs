@@ -32,6 +32,10 @@ pub fn default_for(signature: &str) -> CudaTuning {
     }
 }
 
+/// Which candidate space this is, part of the tuning database's key: a record measured over
+/// another space is measured again. 1: threads × rows; 2: × `kv_splits`.
+pub const SPACE_VERSION: u32 = 2;
+
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of
 /// 8 warps × 4 keys) instead of 8 steps for one block.
