@@ -94,3 +94,32 @@ pub fn timer_for_target(
         gpu::timer::open_for_target(target)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kv_cache_elem_bytes;
+
+    #[test]
+    fn the_kv_cache_element_comes_from_the_attention_kernels() {
+        let k = |elem| ("state", Some("k"), elem);
+        let v = |elem| ("state", Some("v"), elem);
+        let rwkv = ("state", Some("rwkv"), "f32");
+        let act = ("activation", None, "f32");
+        assert_eq!(kv_cache_elem_bytes([act, rwkv].into_iter()).unwrap(), 4);
+        assert_eq!(
+            kv_cache_elem_bytes([act, k("f32"), v("f32")].into_iter()).unwrap(),
+            4
+        );
+        assert_eq!(
+            kv_cache_elem_bytes([k("f16"), v("f16"), rwkv].into_iter()).unwrap(),
+            2
+        );
+        let e = kv_cache_elem_bytes([k("f16"), v("f32")].into_iter()).unwrap_err();
+        assert!(e.to_string().contains("f16 and f32"), "{e}");
+        assert_eq!(
+            crate::error::class_of(&e).exit_code(),
+            2,
+            "a user error: rebuild it"
+        );
+    }
+}
