@@ -1,8 +1,8 @@
 //! The cuda target at build time (no GPU needed): every fixture × scheme builds for sm_80 and
 //! sm_90 with fused decode steps, each library carries one NVRTC-compiled PTX kernel per distinct
-//! plan signature with
-//! `.target sm_XX` and its launch description; an arch change reruns codegen only; running a
-//! CUDA artifact on a machine without a GPU fails cleanly (exit 3). Tests that need NVRTC print a
+//! plan signature with `.target sm_XX` and its launch description (an f16 KV cache for f16
+//! schemes; sm_90 decode kernels ready for programmatic dependent launch); an arch change reruns
+//! codegen only; running a CUDA artifact on a machine without a GPU fails cleanly (exit 3). Tests that need NVRTC print a
 //! loud SKIP line when mlcb cannot find it (`pip install 'nvidia-cuda-nvrtc==13.0.*'`).
 
 mod common;
@@ -88,6 +88,24 @@ fn check_library(lib: &ModelLibrary, arch: &str) {
             "{}: {params} parameter uses for {args} args",
             k.signature
         );
+        // f16 schemes keep an f16 KV cache (the fixtures' heads are at most 128 wide).
+        let f16 = lib.header.plan.model_dtype == mlcb::formats::dtype::DType::F16;
+        for a in launch["args"].as_array().unwrap() {
+            if a["role"] == "state" && a["part"] != "rwkv" {
+                let want = if f16 { "f16" } else { "f32" };
+                assert_eq!(a["elem"], want, "{}", k.signature);
+            }
+        }
+        // sm_90 decode kernels wait for the kernel before them themselves (programmatic
+        // dependent launch); nothing else carries the instruction.
+        let pdl = arch == "sm_90" && k.signature.starts_with("decode:");
+        assert_eq!(
+            launch["pdl"].as_bool().unwrap_or(false),
+            pdl,
+            "{}",
+            k.signature
+        );
+        assert_eq!(ptx.contains("griddepcontrol.wait"), pdl, "{}", k.signature);
         if k.signature.starts_with("prefill:matmul") || k.signature.starts_with("prefill:logits") {
             // f16 schemes multiply on f16 tensor cores, f32 schemes with 3xTF32 products.
             let f16 = lib.header.plan.model_dtype == mlcb::formats::dtype::DType::F16;
