@@ -22,6 +22,15 @@ pub fn read_config(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A fixture's execution plan for `scheme` and `max_seq_len` (no weights needed): what the
+/// codegen, tuning and binding tests work on.
+pub fn lowered_plan(fx: &str, arch: &str, scheme_name: &str, max_seq_len: usize) -> Plan {
+    let a = crate::model::by_name(arch).unwrap_or_else(|| panic!("architecture {arch}"));
+    let config = a.parse_config(&read_config(fx)).unwrap();
+    a.lower(&config, scheme(scheme_name).unwrap(), max_seq_len)
+        .unwrap()
+}
+
 /// The weights of a fixture folder, whichever format it ships.
 pub fn open_weights(name: &str) -> Box<dyn TensorSource> {
     crate::formats::open_model_weights(&fixture(name)).unwrap()

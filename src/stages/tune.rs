@@ -417,12 +417,7 @@ mod tests {
     }
 
     fn plan() -> Plan {
-        let arch = crate::model::by_name("llama").unwrap();
-        let config = arch
-            .parse_config(&crate::model::testing::read_config("tiny-llama"))
-            .unwrap();
-        let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
-        arch.lower(&config, scheme, 32).unwrap()
+        crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 32)
     }
 
     fn target(name: &str) -> TargetSpec {

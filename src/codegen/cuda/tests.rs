@@ -462,19 +462,13 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
 /// kernels and every kernel for older architectures do neither (the instruction needs sm_90).
 #[test]
 fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
-    let arch = crate::model::by_name("llama").unwrap();
-    let config = arch
-        .parse_config(&crate::model::testing::read_config("tiny-llama"))
-        .unwrap();
-    let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
-    let plan = crate::codegen::fuse::fuse_decode(arch.lower(&config, scheme, 32).unwrap());
-    let records = crate::codegen::signature::plan_signatures(&plan)
-        .into_iter()
-        .map(|s| {
-            let t = super::tune_space::default_for(&s);
-            (s, serde_json::to_value(t).unwrap())
-        })
-        .collect();
+    let plan = crate::codegen::fuse::fuse_decode(crate::model::testing::lowered_plan(
+        "tiny-llama",
+        "llama",
+        "q4f16_1",
+        32,
+    ));
+    let records = super::tune_space::default_records(&plan);
     for cuda_arch in ["sm_80", "sm_89", "sm_90"] {
         let kernels = super::generate_plan(&plan, &records, cuda_arch).unwrap();
         for k in &kernels {

@@ -120,6 +120,20 @@ pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
     out
 }
 
+/// The preset default of every signature of `plan`: the records of an untuned build.
+#[cfg(test)]
+pub fn default_records(
+    plan: &crate::formats::model_lib::plan::Plan,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    crate::codegen::signature::plan_signatures(plan)
+        .into_iter()
+        .map(|s| {
+            let t = serde_json::to_value(default_for(&s)).expect("a tuning serialises");
+            (s, t)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,12 +141,7 @@ mod tests {
 
     #[test]
     fn candidates_cover_the_knobs_each_kernel_reads() {
-        let arch = crate::model::by_name("llama").unwrap();
-        let config = arch
-            .parse_config(&crate::model::testing::read_config("tiny-llama"))
-            .unwrap();
-        let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
-        let plan = arch.lower(&config, scheme, 32).unwrap();
+        let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
         let specs = specs_by_signature(&plan).unwrap();
         let (mut seen_gemv, mut seen_decode_attention) = (false, false);
         for (sig, spec) in &specs {

@@ -216,6 +216,19 @@ mod tests {
     use crate::codegen::cuda::generate_plan;
     use crate::runtime::artifact::tests::tiny_plan;
 
+    /// The plan's kernels for sm_80 as the runtime tables them: signature → (index, launch).
+    fn kernel_table(
+        plan: &Plan,
+        records: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> HashMap<String, (usize, CudaLaunch)> {
+        generate_plan(plan, records, "sm_80")
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k.signature, (i, k.launch)))
+            .collect()
+    }
+
     /// The tiny plan's kernels, bound without a GPU: every argument resolves to the op's own
     /// buffers and weights in the documented order.
     #[test]
@@ -230,12 +243,7 @@ mod tests {
                 )
             })
             .collect();
-        let kernels: HashMap<String, (usize, CudaLaunch)> = generate_plan(&plan, &records, "sm_80")
-            .unwrap()
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| (k.signature, (i, k.launch)))
-            .collect();
+        let kernels = kernel_table(&plan, &records);
         for (phase, ops) in [("prefill", &plan.prefill), ("decode", &plan.decode)] {
             for op in ops.iter() {
                 let step = bind(&plan, op, phase, &kernels, "cuda").unwrap();
@@ -290,25 +298,14 @@ mod tests {
     /// attention has none.
     #[test]
     fn split_decode_attention_binds_its_scratch() {
-        let arch = crate::model::by_name("llama").unwrap();
-        let config = arch
-            .parse_config(&crate::model::testing::read_config("tiny-llama"))
-            .unwrap();
-        let scheme = crate::quant::scheme::scheme("q4f16_1").unwrap();
-        let plan = crate::codegen::fuse::fuse_decode(arch.lower(&config, scheme, 32).unwrap());
-        let records = crate::codegen::signature::plan_signatures(&plan)
-            .into_iter()
-            .map(|s| {
-                let t = crate::codegen::cuda::tune_space::default_for(&s);
-                (s, serde_json::to_value(t).unwrap())
-            })
-            .collect();
-        let kernels: HashMap<String, (usize, CudaLaunch)> = generate_plan(&plan, &records, "sm_80")
-            .unwrap()
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| (k.signature, (i, k.launch)))
-            .collect();
+        let plan = crate::codegen::fuse::fuse_decode(crate::model::testing::lowered_plan(
+            "tiny-llama",
+            "llama",
+            "q4f16_1",
+            32,
+        ));
+        let records = crate::codegen::cuda::tune_space::default_records(&plan);
+        let kernels = kernel_table(&plan, &records);
         let mut seen = 0;
         for (phase, ops) in [("prefill", &plan.prefill), ("decode", &plan.decode)] {
             for op in ops.iter() {
