@@ -155,6 +155,17 @@ pub struct CudaLaunch {
     pub pdl: bool,
 }
 
+impl CudaLaunch {
+    /// Bytes of the kernel's scratch, if it declares one (0 when its size is missing, which
+    /// binding refuses as a corrupt library).
+    pub fn scratch_bytes(&self) -> Option<u64> {
+        self.args
+            .iter()
+            .find(|a| a.role == "scratch")
+            .map(|a| a.bytes.unwrap_or(0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

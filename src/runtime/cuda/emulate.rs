@@ -360,10 +360,7 @@ impl<'k> EmuSession<'k> {
             scratch: k
                 .kernels
                 .iter()
-                .map(|k| {
-                    let a = k.launch.args.iter().find(|a| a.role == "scratch")?;
-                    Some(Mem::zeroed(a.bytes? as usize))
-                })
+                .map(|k| Some(Mem::zeroed(k.launch.scratch_bytes()? as usize)))
                 .collect(),
             pos: 0,
         }

@@ -199,14 +199,9 @@ impl CudaModel {
             .iter()
             .map(|k| {
                 k.launch
-                    .args
-                    .iter()
-                    .find(|a| a.role == "scratch")
-                    .map(|a| {
-                        DeviceMem::zeroed(
-                            a.bytes.unwrap_or(0) as usize,
-                            &format!("the scratch of {}", k.signature),
-                        )
+                    .scratch_bytes()
+                    .map(|b| {
+                        DeviceMem::zeroed(b as usize, &format!("the scratch of {}", k.signature))
                     })
                     .transpose()
             })
