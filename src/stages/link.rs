@@ -561,7 +561,21 @@ fn kernel_dump_files(
     if lib.header.kernels.is_empty() {
         return Ok(out);
     }
-    let wgsl: BTreeMap<String, String> = if lib.header.target.backend == "wgpu" {
+    // A signature whose WGSL the library carries itself (MSL libraries' twins) gets it once,
+    // and the WGSL is regenerated only for kernels without such a twin (SPIR-V).
+    let carried: std::collections::BTreeSet<&str> = lib
+        .header
+        .kernels
+        .iter()
+        .filter(|k| k.language == "wgsl")
+        .map(|k| k.signature.as_str())
+        .collect();
+    let uncarried = lib
+        .header
+        .kernels
+        .iter()
+        .any(|k| k.language != "wgsl" && !carried.contains(k.signature.as_str()));
+    let wgsl: BTreeMap<String, String> = if lib.header.target.backend == "wgpu" && uncarried {
         let records = crate::codegen::gpu::tuning_records(&lib.header.tuning)?;
         let f16 = lib.header.target.options.get("shader_f16") == Some(&true.into());
         crate::codegen::wgsl::generate_plan(&lib.header.plan, &records, f16)?
@@ -585,14 +599,6 @@ fn kernel_dump_files(
     } else {
         BTreeMap::new()
     };
-    // A signature whose WGSL the library carries itself (MSL libraries' twins) gets it once.
-    let carried: std::collections::BTreeSet<&str> = lib
-        .header
-        .kernels
-        .iter()
-        .filter(|k| k.language == "wgsl")
-        .map(|k| k.signature.as_str())
-        .collect();
     for (n, k) in lib.header.kernels.iter().enumerate() {
         let stem = format!("debug/kernels/{target}/{n}-{}", op_name(&k.signature));
         let ext = match k.language.as_str() {
