@@ -30,8 +30,9 @@ use std::collections::BTreeMap;
 /// the silu gate and the residual add into the GEMV before them); decode attention scores 4 keys
 /// per warp and step. 8: cuda decode attention splits each head's keys over `kv_splits` blocks
 /// (a tuning knob, default 8) merged by the last block to finish; kernels may own a scratch;
-/// cuda libraries of f16 schemes keep an f16 KV cache (`attention::kv_f16`).
-pub const VERSION: u32 = 8;
+/// cuda libraries of f16 schemes keep an f16 KV cache (`attention::kv_f16`). 9: the cuda f16
+/// prefill GEMM runs 128×128 tiles fed by `ldmatrix` and decodes sym 4/8-bit codes in f16 pairs.
+pub const VERSION: u32 = 9;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

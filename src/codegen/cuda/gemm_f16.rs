@@ -3,37 +3,54 @@
 //! `mma.sync.m16n8k16` with f16 operands and f32 accumulation — one tensor-core instruction per
 //! 16×8×16 products where the f32 path's 3xTF32 needs six (`matmul::gemm`).
 //!
-//! - Tile: 64 rows (tokens) × 128 columns (features) per block of 8 warps in a 2×4
-//!   arrangement, each warp 32×32 (2×4 mma tiles); K in steps of 32.
+//! - Tile: 128 rows (tokens) × 128 columns (features) per block of 8 warps in a 2×4
+//!   arrangement, each warp 64×32 (4×4 mma tiles); K in steps of 32. A warp's fragments come
+//!   from shared memory by `ldmatrix.x4` (one instruction per 16×16 operand tile): per 16 K, 6
+//!   loads feed 16 mma.
 //! - Operands are staged in shared memory as f16: activations (f32 in global memory) rounded to
-//!   f16, saturating at ±65504 instead of overflowing; weights decoded in registers (group
-//!   scale, code, min in f32, the artifact's value) and rounded to f16. Rows are padded to 40
-//!   halves, so the fragment loads (32-bit, `g` rows × `c` pairs) hit 32 distinct banks.
+//!   f16 by `cvt.rn.satfinite` (saturating at ±65504 instead of overflowing); weights decoded
+//!   in registers. Rows are padded to 40 halves, so each 8-row `ldmatrix` phase hits 32
+//!   distinct banks.
 //! - Pipelining: the next K step's global loads go to registers before the current step's
 //!   products, and are decoded into the other shared buffer after them (two buffers, one
 //!   barrier per step), so memory latency overlaps the tensor-core work.
-//! - Weight loads, by what the storage allows: one 16-byte chunk of a row-major (NK) row
-//!   (quantized words of whole groups, or raw values), one word of a K-major (KN) matrix
-//!   (consecutive threads read consecutive columns), else one decoded element (`w_at`).
+//! - Why the weight decoding is specialised: a prefill block decodes its 128×32 weight tile
+//!   every K step, and decoding one value at a time in f32 (shift, mask, convert, multiply,
+//!   range checks, f16 pack: ~7 instructions) made the kernel issue-bound at ~450 instructions
+//!   per warp per step for 16 mma (measured in the SASS of Llama-2-7B's q4f16_1 kernels). Sym
+//!   codes with f16 scales (every quantized f16 scheme but q3) are decoded two at a time in f16
+//!   arithmetic instead: a 4- or 8-bit code OR-ed into the mantissa of 1024.0 is the f16
+//!   `1024 + q`; subtracting `1024 + maxq` is exact, and the one multiply by the f16 scale
+//!   rounds once, so the operand is bit-identical to `(q − maxq)·s` computed in f32 (where it
+//!   is exact) and rounded to f16: the artifact's f16 value. Raw f16 weights are stored as they
+//!   are.
+//!   Bounds checks are emitted only for a dimension that is not a multiple of the tile.
 //!
 //! Every variant reads activation row `ROW0 + t` and writes output row `t`, for `t < ROWS`.
 
 use super::builder::CudaBuilder;
 use super::launch::{CudaLaunch, GridDim};
-use crate::codegen::wgsl::spec::{Codec, MatrixSpec, MatrixStorage};
+use crate::codegen::wgsl::spec::{Codec, MatrixSpec, MatrixStorage, QuantSpec};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
 /// Output tile rows (tokens), columns (features), K per step, and threads per block.
-pub const F16_BM: u32 = 64;
+pub const F16_BM: u32 = 128;
 pub const F16_BN: u32 = 128;
 pub const F16_BK: u32 = 32;
 pub const F16_THREADS: u32 = 256;
+/// mma tiles per warp along M (16 rows each) and N (8 columns each).
+const WARP_MI: usize = 4;
+const WARP_NJ: usize = 4;
 
 const HELPERS: &str = r#"#ifndef MLCB_EMULATE
 // {lo, hi} rounded to f16 (round to nearest even) in one register, lo in the low half.
 __device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
     unsigned r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+// The same, saturating at ±65504 instead of overflowing to infinity (NaN stays NaN).
+__device__ __forceinline__ unsigned pack_h2_sat(float lo, float hi) {
+    unsigned r; asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
 }
 __device__ __forceinline__ void mma_f16(float* c, const unsigned* a, const unsigned* b) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -41,165 +58,366 @@ __device__ __forceinline__ void mma_f16(float* c, const unsigned* a, const unsig
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-#endif
-// Activations saturate at the largest f16 instead of becoming infinite.
-__device__ __forceinline__ unsigned pack_h2_sat(float lo, float hi) {
-    return pack_h2(fminf(fmaxf(lo, -65504.0f), 65504.0f), fminf(fmaxf(hi, -65504.0f), 65504.0f));
+// ldmatrix.x4: lane l gives the address of row l % 8 of 8×8 matrix l / 8 (16 bytes of f16);
+// register i receives matrix i's row lane / 4, columns 2(lane % 4) and +1.
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const unsigned short* p) {
+    unsigned a;
+    asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
+// f16x2 arithmetic, each half rounded once (`.rn`: never contracted into an fma).
+__device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
+    unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
+    unsigned r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+    unsigned r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+#endif
 "#;
+
+/// The f16 bits of `v` in both halves of a word, as a C literal.
+fn h2_lit(v: f32) -> String {
+    let h = half::f16::from_f32(v);
+    assert_eq!(h.to_f32(), v, "{v} is not exact in f16");
+    let b = h.to_bits() as u32;
+    format!("0x{:08X}u", b | (b << 16))
+}
+
+/// Device functions decoding one storage word of sym codes with an f16 scale (`s2`: the scale
+/// in both halves) into f16 pairs in K order, `h[0] = (v0, v1)`, … For 4 and 8 bits (whole
+/// u32 words, codes below 1024); see the module comment for why this is exact.
+fn sym_f16_decoder(q: &QuantSpec, maxq: u32) -> String {
+    match q.bits {
+        // Codes i at bits 4i. Masking 0x000F000F picks codes 0 and 4 (one per half), 0x00F000F0
+        // codes 1 and 5 times 16; the same of the word shifted by 8 gives codes 2, 6 and 3, 7.
+        // `(1024 + 16q)/16 − (64 + maxq)` is exact too. Then the pairs are regrouped by bytes.
+        4 => format!(
+            "__device__ __forceinline__ void dq_word(unsigned w, unsigned s2, unsigned* h) {{
+    const unsigned w8 = w >> 8;
+    const unsigned q04 = hsub2((w & 0x000F000Fu) | 0x64006400u, {lo_bias});
+    const unsigned q15 = hfma2((w & 0x00F000F0u) | 0x64006400u, {sixteenth}, {hi_bias});
+    const unsigned q26 = hsub2((w8 & 0x000F000Fu) | 0x64006400u, {lo_bias});
+    const unsigned q37 = hfma2((w8 & 0x00F000F0u) | 0x64006400u, {sixteenth}, {hi_bias});
+    const unsigned m04 = hmul2(q04, s2), m15 = hmul2(q15, s2);
+    const unsigned m26 = hmul2(q26, s2), m37 = hmul2(q37, s2);
+    h[0] = __byte_perm(m04, m15, 0x5410u);
+    h[1] = __byte_perm(m26, m37, 0x5410u);
+    h[2] = __byte_perm(m04, m15, 0x7632u);
+    h[3] = __byte_perm(m26, m37, 0x7632u);
+}}
+",
+            lo_bias = h2_lit(1024.0 + maxq as f32),
+            sixteenth = h2_lit(1.0 / 16.0),
+            hi_bias = h2_lit(-(64.0 + maxq as f32)),
+        ),
+        // Codes i at bits 8i: byte i under the f16 exponent byte 0x64 is `1024 + q`.
+        8 => format!(
+            "__device__ __forceinline__ void dq_word(unsigned w, unsigned s2, unsigned* h) {{
+    h[0] = hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4140u), {bias}), s2);
+    h[1] = hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4342u), {bias}), s2);
+}}
+",
+            bias = h2_lit(1024.0 + maxq as f32),
+        ),
+        b => unreachable!("no f16 decoder for {b}-bit codes"),
+    }
+}
 
 /// How a thread stages its share of the weight tile: `units` units of `vpu` consecutive values
 /// of one row along K, with the code that fetches one (`fetch`, into registers `wr*[j]`), and
-/// the code that decodes it into `vals[]` (`decode`).
+/// the code that turns it into f16 pairs `h[]` in K order (`decode`).
 struct WeightStaging {
     /// Values per unit.
     vpu: usize,
+    /// Device functions the decode calls.
+    functions: String,
     /// Register declarations for `UPT` units.
     regs: String,
-    /// Unit `u` → `n` (row) and `kk` (offset in the K step); then loads into `…[j]`.
-    fetch: String,
-    /// `vals[VPU]` from registers `…[j]`, values at `k ≥ W_K` or rows `n ≥ W_N` zero.
-    decode: String,
-    /// Maps unit `u` to `n`, `kk`.
+    /// Maps unit `u` to `n` (tile row) and `kk` (offset in the K step).
     map: String,
+    /// Loads unit `j` (row `n` of the matrix, K offset `k0 + kk`) into registers `…[j]`.
+    fetch: String,
+    /// `h[(VPU + 1) / 2]` from registers `…[j]`.
+    decode: String,
+}
+
+/// `code` under a bounds check when `needed`, else `code` alone; `zero` fills the registers
+/// of a unit outside the matrix.
+fn guarded(needed: bool, cond: &str, code: &str, zero: &str) -> String {
+    if needed {
+        format!("if ({cond}) {{ {code} }} else {{ {zero} }}")
+    } else {
+        code.to_string()
+    }
+}
+
+/// Map of units of `vpu` values for a row-major (NK) matrix: consecutive units walk a row's K
+/// step (adjacent threads read adjacent bytes), then the next row.
+fn nk_map(vpu: usize) -> String {
+    format!(
+        "const unsigned n = u / {upr}u, kk = (u % {upr}u) * VPU;",
+        upr = F16_BK as usize / vpu
+    )
+}
+
+/// Map for a K-major (KN) matrix: consecutive units are consecutive columns (coalesced words).
+fn kn_map() -> String {
+    format!(
+        "const unsigned n = u % {bn}u, kk = (u / {bn}u) * VPU;",
+        bn = F16_BN
+    )
+}
+
+/// Units of sym 4/8-bit codes with f16 scales, decoded in f16 pairs; `None` when the storage
+/// has another shape.
+fn sym_f16_staging(m: &MatrixSpec, q: &QuantSpec, edges: &Edges) -> Option<WeightStaging> {
+    let Codec::Sym {
+        maxq,
+        scale: DType::F16,
+    } = q.codec
+    else {
+        return None;
+    };
+    if q.word16 || !(q.bits == 4 || q.bits == 8) || q.per_word * q.bits as usize != 32 {
+        return None;
+    }
+    let bk = F16_BK as usize;
+    // Words per unit: every thread one unit per K step where the tile allows (NK), else one
+    // word (KN, whose words of a row are a column apart).
+    let uw = match q.layout {
+        Layout::NK => {
+            let words_per_step = bk / q.per_word;
+            (words_per_step * F16_BN as usize / F16_THREADS as usize).clamp(1, 4)
+        }
+        Layout::KN => 1,
+    };
+    let vpu = uw * q.per_word;
+    let whole = q.words_per_group * q.per_word == q.group
+        && q.words_per_group % uw == 0
+        && bk % vpu == 0
+        && m.k % vpu == 0;
+    if !whole || !matches!(uw, 1 | 2 | 4) {
+        return None;
+    }
+    let (vec, zero, words) = match uw {
+        1 => ("unsigned", "0u", "const unsigned u[1] = {wr_v[j]};"),
+        2 => (
+            "uint2",
+            "uint2{0u, 0u}",
+            "const unsigned u[2] = {wr_v[j].x, wr_v[j].y};",
+        ),
+        _ => (
+            "uint4",
+            "uint4{0u, 0u, 0u, 0u}",
+            "const unsigned u[4] = {wr_v[j].x, wr_v[j].y, wr_v[j].z, wr_v[j].w};",
+        ),
+    };
+    let (map, load) = match q.layout {
+        Layout::NK => (
+            nk_map(vpu),
+            format!(
+                "wr_v[j] = reinterpret_cast<const {vec}*>(w_q)[((u64)n * W_WPR + (k0 + kk) / W_PER_WORD) / {uw}u];
+                wr_s[j] = w_s[(u64)n * W_NG + (k0 + kk) / W_GROUP];"
+            ),
+        ),
+        Layout::KN => (
+            kn_map(),
+            "wr_v[j] = w_q[(u64)((k0 + kk) / W_PER_WORD) * W_N + n];
+                wr_s[j] = w_s[(u64)((k0 + kk) / W_GROUP) * W_N + n];"
+                .to_string(),
+        ),
+    };
+    let pairs = q.per_word / 2;
+    Some(WeightStaging {
+        vpu,
+        functions: sym_f16_decoder(q, maxq),
+        regs: format!("{vec} wr_v[UPT]; unsigned short wr_s[UPT];"),
+        map,
+        fetch: guarded(
+            edges.n || edges.k,
+            "n < W_N && k0 + kk < W_K",
+            &load,
+            &format!("wr_v[j] = {zero}; wr_s[j] = 0;"),
+        ),
+        decode: format!(
+            "{words}
+                const unsigned s2 = (unsigned)wr_s[j] * 0x10001u;
+                #pragma unroll
+                for (unsigned wi = 0; wi < {uw}u; ++wi) dq_word(u[wi], s2, h + wi * {pairs}u);"
+        ),
+    })
+}
+
+/// Which tile edges need bounds checks: N or K not a multiple of the tile's.
+struct Edges {
+    n: bool,
+    k: bool,
 }
 
 fn staging(m: &MatrixSpec) -> WeightStaging {
     let bk = F16_BK as usize;
-    let bn = F16_BN as usize;
+    let edges = Edges {
+        n: m.n % F16_BN as usize != 0,
+        k: m.k % bk != 0,
+    };
+    // An odd last value pairs with zero.
+    let pack_vals = "#pragma unroll
+                for (unsigned i = 0; i < HPU; ++i) h[i] = pack_h2(vals[2 * i], 2 * i + 1 < VPU ? vals[2 * i + 1] : 0.0f);";
     match m.storage {
         MatrixStorage::Raw(dtype) => {
             let es = dtype.size();
             let vpu = 16 / es;
             if (m.k * es) % 16 == 0 && bk % vpu == 0 {
-                let conv = match dtype {
-                    DType::F16 => {
-                        "h2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))"
-                    }
-                    DType::BF16 => {
-                        "bf2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu))"
-                    }
-                    _ => "__uint_as_float(u[i])",
+                let decode = match dtype {
+                    // Already the operand's format.
+                    DType::F16 => "const uint4 v = wr_v[j];
+                h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;"
+                        .to_string(),
+                    DType::BF16 => format!(
+                        "const uint4 v = wr_v[j];
+                const unsigned u[4] = {{v.x, v.y, v.z, v.w}};
+                float vals[VPU];
+                #pragma unroll
+                for (unsigned i = 0; i < VPU; ++i) vals[i] = bf2f((unsigned short)((u[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu));
+                {pack_vals}"
+                    ),
+                    _ => format!(
+                        "const uint4 v = wr_v[j];
+                const float vals[4] = {{__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)}};
+                {pack_vals}"
+                    ),
                 };
                 return WeightStaging {
                     vpu,
+                    functions: String::new(),
                     regs: "uint4 wr_v[UPT];".into(),
-                    map: format!(
-                        "const unsigned n = u / {upr}u, kk = (u % {upr}u) * VPU;",
-                        upr = bk / vpu
+                    map: nk_map(vpu),
+                    fetch: guarded(
+                        edges.n || edges.k,
+                        "n < W_N && k0 + kk < W_K",
+                        "wr_v[j] = reinterpret_cast<const uint4*>(w_raw)[((u64)n * W_K + k0 + kk) / VPU];",
+                        "wr_v[j] = uint4{0u, 0u, 0u, 0u};",
                     ),
-                    fetch: "wr_v[j] = (n < W_N && k0 + kk < W_K)
-                    ? reinterpret_cast<const uint4*>(w_raw)[((u64)n * W_K + k0 + kk) / VPU]
-                    : uint4{0u, 0u, 0u, 0u};"
-                        .into(),
-                    decode: format!(
-                        "const uint4 v = wr_v[j];
-                const unsigned u[4] = {{v.x, v.y, v.z, v.w}};
-                #pragma unroll
-                for (unsigned i = 0; i < VPU; ++i) vals[i] = {conv};"
-                    ),
+                    decode,
                 };
             }
         }
         MatrixStorage::Quant(q) => {
-            let whole_words =
-                q.group % q.per_word == 0 && q.words_per_group * q.per_word == q.group;
-            let (sym, minv) = match q.codec {
-                Codec::Sym { .. } => (true, "0.0f"),
-                Codec::AsymBf16x2 => (false, "wr_m[j]"),
-            };
-            let decode_values = |words: &str, n_words: usize| {
-                format!(
-                    "{words}
-                #pragma unroll
-                for (unsigned wi = 0; wi < {n_words}u; ++wi)
-                    #pragma unroll
-                    for (unsigned i = 0; i < W_PER_WORD; ++i) {{
-                        const unsigned v = wi * W_PER_WORD + i;
-                        vals[v] = (k0 + kk + v < W_K) ? w_decode((u[wi] >> (i * W_BITS)) & W_MASK, wr_s[j], {minv}) : 0.0f;
-                    }}"
-                )
-            };
-            // The unit's words (`load`) and its group's scale (and min), or zeros (`zero`) for a
-            // unit past the matrix's rows or K.
-            let (min_load, min_zero) = if sym {
-                ("", "")
-            } else {
-                (" wr_m[j] = w_min(n, grp);", " wr_m[j] = 0.0f;")
-            };
-            let guarded_fetch = |load: &str, zero: &str| {
-                format!(
-                    "if (n < W_N && k0 + kk < W_K) {{
-                    const unsigned grp = (k0 + kk) / W_GROUP;
-                    {load}
-                    wr_s[j] = w_scale(n, grp);{min_load}
-                }} else {{
-                    {zero} wr_s[j] = 0.0f;{min_zero}
-                }}"
-                )
-            };
-            let scale_regs = if sym {
-                "float wr_s[UPT];"
-            } else {
-                "float wr_s[UPT], wr_m[UPT];"
-            };
-            match q.layout {
-                Layout::NK => {
-                    let wb = if q.word16 { 2 } else { 4 };
-                    let wpc = 16 / wb;
-                    let vpu = wpc * q.per_word;
-                    if whole_words && q.words_per_group % wpc == 0 && bk % vpu == 0 {
-                        let words = if q.word16 {
-                            "const unsigned u[8] = {v.x & 0xFFFFu, v.x >> 16, v.y & 0xFFFFu, v.y >> 16, v.z & 0xFFFFu, v.z >> 16, v.w & 0xFFFFu, v.w >> 16};"
-                        } else {
-                            "const unsigned u[4] = {v.x, v.y, v.z, v.w};"
-                        };
-                        // A chunk of whole words inside one group: its first word is
-                        // `k / W_PER_WORD` of the row (no padding between groups).
-                        return WeightStaging {
-                            vpu,
-                            regs: format!("uint4 wr_v[UPT]; {scale_regs}"),
-                            map: format!(
-                                "const unsigned n = u / {upr}u, kk = (u % {upr}u) * VPU;",
-                                upr = bk / vpu
-                            ),
-                            fetch: guarded_fetch(
-                                &format!("wr_v[j] = reinterpret_cast<const uint4*>(w_q)[((u64)n * W_WPR + (k0 + kk) / W_PER_WORD) / {wpc}u];"),
-                                "wr_v[j] = uint4{0u, 0u, 0u, 0u};",
-                            ),
-                            decode: format!(
-                                "const uint4 v = wr_v[j];\n                {}",
-                                decode_values(words, wpc)
-                            ),
-                        };
-                    }
-                }
-                Layout::KN => {
-                    if whole_words && bk % q.per_word == 0 {
-                        // One word per unit; consecutive units are consecutive columns.
-                        return WeightStaging {
-                            vpu: q.per_word,
-                            regs: format!("unsigned wr_w[UPT]; {scale_regs}"),
-                            map: format!("const unsigned n = u % {bn}u, kk = (u / {bn}u) * VPU;"),
-                            fetch: guarded_fetch(
-                                "wr_w[j] = w_word(n, (k0 + kk) / W_PER_WORD);",
-                                "wr_w[j] = 0u;",
-                            ),
-                            decode: decode_values("const unsigned u[1] = {wr_w[j]};", 1),
-                        };
-                    }
-                }
+            if let Some(s) = sym_f16_staging(m, &q, &edges) {
+                return s;
+            }
+            if let Some(s) = generic_quant_staging(&q, pack_vals) {
+                return s;
             }
         }
     }
     // Anything else: one decoded element per unit.
     WeightStaging {
         vpu: 1,
+        functions: String::new(),
         regs: "float wr_f[UPT];".into(),
         map: format!("const unsigned n = u / {bk}u, kk = u % {bk}u;"),
         fetch: "wr_f[j] = (n < W_N && k0 + kk < W_K) ? w_at(n, k0 + kk) : 0.0f;".into(),
-        decode: "vals[0] = wr_f[j];".into(),
+        decode: "h[0] = pack_h2(wr_f[j], 0.0f);".into(),
     }
+}
+
+/// Quantized storage the f16 decoder does not cover (3-bit u16 words; any codec), decoded value
+/// by value in f32 from whole 16-byte chunks (NK) or words (KN): `None` when neither fits.
+fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging> {
+    let bk = F16_BK as usize;
+    let whole_words = q.group % q.per_word == 0 && q.words_per_group * q.per_word == q.group;
+    let (sym, minv) = match q.codec {
+        Codec::Sym { .. } => (true, "0.0f"),
+        Codec::AsymBf16x2 => (false, "wr_m[j]"),
+    };
+    let decode_values = |words: &str, n_words: usize| {
+        format!(
+            "{words}
+                float vals[VPU];
+                #pragma unroll
+                for (unsigned wi = 0; wi < {n_words}u; ++wi)
+                    #pragma unroll
+                    for (unsigned i = 0; i < W_PER_WORD; ++i) {{
+                        const unsigned v = wi * W_PER_WORD + i;
+                        vals[v] = (k0 + kk + v < W_K) ? w_decode((u[wi] >> (i * W_BITS)) & W_MASK, wr_s[j], {minv}) : 0.0f;
+                    }}
+                {pack_vals}"
+        )
+    };
+    // The unit's words (`load`) and its group's scale (and min), or zeros for a unit past the
+    // matrix's rows or K.
+    let (min_load, min_zero) = if sym {
+        ("", "")
+    } else {
+        (" wr_m[j] = w_min(n, grp);", " wr_m[j] = 0.0f;")
+    };
+    let guarded_fetch = |load: &str, zero: &str| {
+        format!(
+            "if (n < W_N && k0 + kk < W_K) {{
+                    const unsigned grp = (k0 + kk) / W_GROUP;
+                    {load}
+                    wr_s[j] = w_scale(n, grp);{min_load}
+                }} else {{
+                    {zero} wr_s[j] = 0.0f;{min_zero}
+                }}"
+        )
+    };
+    let scale_regs = if sym {
+        "float wr_s[UPT];"
+    } else {
+        "float wr_s[UPT], wr_m[UPT];"
+    };
+    match q.layout {
+        Layout::NK => {
+            let wb = if q.word16 { 2 } else { 4 };
+            let wpc = 16 / wb;
+            let vpu = wpc * q.per_word;
+            if whole_words && q.words_per_group % wpc == 0 && bk % vpu == 0 {
+                let words = if q.word16 {
+                    "const uint4 v = wr_v[j];
+                const unsigned u[8] = {v.x & 0xFFFFu, v.x >> 16, v.y & 0xFFFFu, v.y >> 16, v.z & 0xFFFFu, v.z >> 16, v.w & 0xFFFFu, v.w >> 16};"
+                } else {
+                    "const uint4 v = wr_v[j];
+                const unsigned u[4] = {v.x, v.y, v.z, v.w};"
+                };
+                // A chunk of whole words inside one group: its first word is `k / W_PER_WORD`
+                // of the row (no padding between groups).
+                return Some(WeightStaging {
+                    vpu,
+                    functions: String::new(),
+                    regs: format!("uint4 wr_v[UPT]; {scale_regs}"),
+                    map: nk_map(vpu),
+                    fetch: guarded_fetch(
+                        &format!("wr_v[j] = reinterpret_cast<const uint4*>(w_q)[((u64)n * W_WPR + (k0 + kk) / W_PER_WORD) / {wpc}u];"),
+                        "wr_v[j] = uint4{0u, 0u, 0u, 0u};",
+                    ),
+                    decode: decode_values(words, wpc),
+                });
+            }
+        }
+        Layout::KN => {
+            if whole_words && bk % q.per_word == 0 {
+                // One word per unit; consecutive units are consecutive columns.
+                return Some(WeightStaging {
+                    vpu: q.per_word,
+                    functions: String::new(),
+                    regs: format!("unsigned wr_w[UPT]; {scale_regs}"),
+                    map: kn_map(),
+                    fetch: guarded_fetch(
+                        "wr_w[j] = w_word(n, (k0 + kk) / W_PER_WORD);",
+                        "wr_w[j] = 0u;",
+                    ),
+                    decode: decode_values("const unsigned u[1] = {wr_w[j]};", 1),
+                });
+            }
+        }
+    }
+    None
 }
 
 /// The GEMM (`y = x · Wᵀ (+ bias)`); the caller declared `x`, the weight, the bias and `y`.
@@ -213,49 +431,53 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     b.const_u32("PAD", F16_BK as usize + 8);
     b.const_u32("GT", threads);
     b.const_u32("VPU", st.vpu);
+    b.const_u32("HPU", st.vpu.div_ceil(2));
     b.const_u32("UNITS", units);
     b.const_u32("UPT", units.div_ceil(threads));
     // Activations: units of 4 values (float4 when rows are 16-byte aligned).
     let x_units = (F16_BM * F16_BK / 4) as usize;
     b.const_u32("XPT", x_units.div_ceil(threads));
-    let x_vec = m.k % 4 == 0;
-    let x_fetch = if x_vec {
-        "xr[j] = (t < ROWS && k < W_K) ? *reinterpret_cast<const float4*>(x + (u64)(ROW0 + t) * W_K + k) : float4{0.0f, 0.0f, 0.0f, 0.0f};"
+    let k_edge = m.k % F16_BK as usize != 0;
+    let x_fetch = if m.k % 4 == 0 {
+        let in_k = if k_edge { " && k < W_K" } else { "" };
+        format!("xr[j] = (t < ROWS{in_k}) ? *reinterpret_cast<const float4*>(x + (u64)(ROW0 + t) * W_K + k) : float4{{0.0f, 0.0f, 0.0f, 0.0f}};")
     } else {
         "const float* xp = x + (u64)(ROW0 + t) * W_K;
                 const bool in = t < ROWS;
                 xr[j] = float4{(in && k < W_K) ? xp[k] : 0.0f, (in && k + 1u < W_K) ? xp[k + 1u] : 0.0f,
                                (in && k + 2u < W_K) ? xp[k + 2u] : 0.0f, (in && k + 3u < W_K) ? xp[k + 3u] : 0.0f};"
+            .to_string()
     };
-    // Stores of one unit's values into ws: 16 bytes at a time where the unit allows it.
+    // Stores of one unit's f16 pairs into ws: 16 bytes at a time where the unit allows it.
     let w_store = if st.vpu % 8 == 0 {
         "#pragma unroll
-                for (unsigned i = 0; i < VPU / 8u; ++i) {
-                    uint4 h;
-                    h.x = pack_h2(vals[8 * i], vals[8 * i + 1]); h.y = pack_h2(vals[8 * i + 2], vals[8 * i + 3]);
-                    h.z = pack_h2(vals[8 * i + 4], vals[8 * i + 5]); h.w = pack_h2(vals[8 * i + 6], vals[8 * i + 7]);
-                    *reinterpret_cast<uint4*>(&ws[buf][n][kk + 8 * i]) = h;
-                }"
+                for (unsigned i = 0; i < VPU / 8u; ++i)
+                    *reinterpret_cast<uint4*>(&ws[buf][n][kk + 8 * i]) = uint4{h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]};"
     } else if st.vpu % 2 == 0 {
         "#pragma unroll
                 for (unsigned i = 0; i < VPU / 2u; ++i)
-                    *reinterpret_cast<unsigned*>(&ws[buf][n][kk + 2 * i]) = pack_h2(vals[2 * i], vals[2 * i + 1]);"
+                    *reinterpret_cast<unsigned*>(&ws[buf][n][kk + 2 * i]) = h[i];"
     } else {
         "#pragma unroll
-                for (unsigned i = 0; i < VPU; ++i) ws[buf][n][kk + i] = (unsigned short)(pack_h2(vals[i], 0.0f) & 0xFFFFu);"
+                for (unsigned i = 0; i < VPU; ++i) ws[buf][n][kk + i] = (unsigned short)((h[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu);"
     };
-    // Fragment layouts of m16n8k16 .f16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+    // The mma operands of m16n8k16 .f16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
     // floating point type"), g = lane / 4, c = lane % 4, each register two halves (lower index
     // in the low half): A (16×16, row-major) a0 (g, 2c..), a1 (g+8, 2c..), a2 (g, 2c+8..),
-    // a3 (g+8, 2c+8..); B (16×8, k × n) b0 (k = 2c.., n = g), b1 (k = 2c+8.., n = g);
-    // C/D (16×8) c0 (g, 2c), c1 (g, 2c+1), c2 (g+8, 2c), c3 (g+8, 2c+1).
+    // a3 (g+8, 2c+8..) — ldmatrix's matrices 0–3 when lanes 0–15 address rows 0–15 at column 0
+    // and lanes 16–31 the same rows at column 8; B (16×8, k × n, stored n-major) b0 (k = 2c..,
+    // n = g), b1 (k = 2c+8.., n = g) — matrices 0 and 1 for lanes 0–7 / 8–15 addressing the 8
+    // columns' rows at k 0 / 8, and 2, 3 the next 8 columns (lanes 16–31).
     let body = format!(
         "    __shared__ __align__(16) unsigned short xs[2][BM][PAD];
     __shared__ __align__(16) unsigned short ws[2][BN][PAD];
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
-    const unsigned wm = (warp >> 2) * 32u, wn = (warp & 3u) * 32u;
+    const unsigned wm = (warp >> 2) * {wtm}u, wn = (warp & 3u) * {wtn}u;
     const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    // This lane's ldmatrix row addresses (see the fragment layouts above).
+    const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
+    const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
     float4 xr[XPT];
     {regs}
     // Global memory → registers for the K step at k0.
@@ -263,7 +485,7 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         #pragma unroll
         for (unsigned j = 0; j < XPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (u < BM * BK / 4u) {{
+            if (BM * BK / 4u % GT == 0u || u < BM * BK / 4u) {{
                 const unsigned t = t0 + u / (BK / 4u), k = k0 + (u % (BK / 4u)) * 4u;
                 {x_fetch}
             }}
@@ -271,7 +493,7 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         #pragma unroll
         for (unsigned j = 0; j < UPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (u < UNITS) {{
+            if (UNITS % GT == 0u || u < UNITS) {{
                 {map}
                 (void)kk;
                 // `map` gives the tile's row; the loads index the matrix's row.
@@ -289,19 +511,18 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         #pragma unroll
         for (unsigned j = 0; j < XPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (u < BM * BK / 4u) {{
+            if (BM * BK / 4u % GT == 0u || u < BM * BK / 4u) {{
                 const unsigned r = u / (BK / 4u), kk = (u % (BK / 4u)) * 4u;
                 const float4 f = xr[j];
-                *reinterpret_cast<unsigned*>(&xs[buf][r][kk]) = pack_h2_sat(f.x, f.y);
-                *reinterpret_cast<unsigned*>(&xs[buf][r][kk + 2u]) = pack_h2_sat(f.z, f.w);
+                *reinterpret_cast<uint2*>(&xs[buf][r][kk]) = uint2{{pack_h2_sat(f.x, f.y), pack_h2_sat(f.z, f.w)}};
             }}
         }}
         #pragma unroll
         for (unsigned j = 0; j < UPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (u < UNITS) {{
+            if (UNITS % GT == 0u || u < UNITS) {{
                 {map}
-                float vals[VPU];
+                unsigned h[HPU];
                 {decode}
                 {w_store}
             }}
@@ -317,25 +538,19 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         if (more) fetch(k0 + BK);
         #pragma unroll
         for (unsigned ks = 0; ks < BK; ks += 16u) {{
-            unsigned a[2][4], bf[4][2];
+            unsigned a[{mi}][4], bf[{nj}][2];
             #pragma unroll
-            for (unsigned i = 0; i < 2u; ++i) {{
-                const unsigned r0 = wm + i * 16u + g;
-                a[i][0] = *reinterpret_cast<const unsigned*>(&xs[buf][r0][ks + 2u * c]);
-                a[i][1] = *reinterpret_cast<const unsigned*>(&xs[buf][r0 + 8u][ks + 2u * c]);
-                a[i][2] = *reinterpret_cast<const unsigned*>(&xs[buf][r0][ks + 2u * c + 8u]);
-                a[i][3] = *reinterpret_cast<const unsigned*>(&xs[buf][r0 + 8u][ks + 2u * c + 8u]);
+            for (unsigned i = 0; i < {mi}u; ++i) ldsm_x4(a[i], &xs[buf][wm + i * 16u + a_row][ks + a_col]);
+            #pragma unroll
+            for (unsigned j = 0; j < {nj}u; j += 2u) {{
+                unsigned r[4];
+                ldsm_x4(r, &ws[buf][wn + j * 8u + b_row][ks + b_col]);
+                bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
             }}
             #pragma unroll
-            for (unsigned j = 0; j < 4u; ++j) {{
-                const unsigned nn = wn + j * 8u + g;
-                bf[j][0] = *reinterpret_cast<const unsigned*>(&ws[buf][nn][ks + 2u * c]);
-                bf[j][1] = *reinterpret_cast<const unsigned*>(&ws[buf][nn][ks + 2u * c + 8u]);
-            }}
-            #pragma unroll
-            for (unsigned i = 0; i < 2u; ++i)
+            for (unsigned i = 0; i < {mi}u; ++i)
                 #pragma unroll
-                for (unsigned j = 0; j < 4u; ++j) mma_f16(acc[i][j], a[i], bf[j]);
+                for (unsigned j = 0; j < {nj}u; ++j) mma_f16(acc[i][j], a[i], bf[j]);
         }}
         // The other buffer was last read before the previous barrier: safe to fill now.
         if (more) stash(buf ^ 1u, k0 + BK);
@@ -343,8 +558,12 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         buf ^= 1u;
     }}
 {store}",
-        acc = super::matmul::WARP_TILE_ACC,
-        store = super::matmul::warp_tile_store(plus_bias),
+        wtm = WARP_MI * 16,
+        wtn = WARP_NJ * 8,
+        mi = WARP_MI,
+        nj = WARP_NJ,
+        acc = super::matmul::warp_tile_acc(WARP_MI, WARP_NJ),
+        store = super::matmul::warp_tile_store(WARP_MI, WARP_NJ, plus_bias),
         regs = st.regs,
         map = st.map,
         fetch = st.fetch,
@@ -355,5 +574,6 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         GridDim::rows(F16_BM as u64),
         GridDim::one(),
     ];
-    b.finish(HELPERS, &body, F16_THREADS, grid)
+    let helpers = format!("{HELPERS}{}", st.functions);
+    b.finish(&helpers, &body, F16_THREADS, grid)
 }

@@ -504,18 +504,20 @@ __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) 
 }
 "#;
 
-/// The accumulators of a warp's 32×32 output tile: 2×4 m16n8 C fragments of four floats, zeroed.
-pub(super) const WARP_TILE_ACC: &str = "float acc[2][4][4] = {};";
+/// A warp's accumulators, zeroed: `mi` × `nj` mma tiles of 16×8 (C fragments of four floats).
+pub(super) fn warp_tile_acc(mi: usize, nj: usize) -> String {
+    format!("float acc[{mi}][{nj}][4] = {{}};")
+}
 
-/// Stores [`WARP_TILE_ACC`] to `y` (+ bias), rows `t0 + wm …`, columns `n0 + wn …`, ragged edges
-/// skipped. The C fragment layout is the same for the m16n8k8 and m16n8k16 shapes: `c_r` of a
-/// 16×8 tile at (g + 8(r/2), 2c + r%2). Shared by [`gemm`] and `gemm_f16`.
-pub(super) fn warp_tile_store(plus_bias: &str) -> String {
+/// Stores [`warp_tile_acc`] to `y` (+ bias), rows `t0 + wm …`, columns `n0 + wn …`, ragged
+/// edges skipped. The C fragment layout is the same for the m16n8k8 and m16n8k16 shapes: `c_r`
+/// of a 16×8 tile at (g + 8(r/2), 2c + r%2). Shared by [`gemm`] and `gemm_f16`.
+pub(super) fn warp_tile_store(mi: usize, nj: usize, plus_bias: &str) -> String {
     format!(
         "    #pragma unroll
-    for (unsigned i = 0; i < 2u; ++i)
+    for (unsigned i = 0; i < {mi}u; ++i)
         #pragma unroll
-        for (unsigned j = 0; j < 4u; ++j)
+        for (unsigned j = 0; j < {nj}u; ++j)
             #pragma unroll
             for (unsigned r = 0; r < 4u; ++r) {{
                 const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
@@ -582,8 +584,8 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLau
         __syncthreads();
     }}
 {store}",
-        acc = WARP_TILE_ACC,
-        store = warp_tile_store(plus_bias),
+        acc = warp_tile_acc(2, 4),
+        store = warp_tile_store(2, 4, plus_bias),
     );
     let grid = [
         GridDim::fixed(m.n as u64, GEMM_BN as u64),

@@ -37,6 +37,7 @@ const EMU_HEADER: &str = r#"
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
 // Internal linkage: `inline` variables would be GNU-unique symbols, shared by every emulator
@@ -52,6 +53,7 @@ static std::vector<std::barrier<>*> warp_bars;
 // barrier per collective is enough (every lane of a warp runs the same collectives).
 static float shfl[2][32][32];
 static unsigned mma_a[2][32][32][4], mma_b[2][32][32][2];
+static const void* ldsm_row[2][32][32];
 static thread_local unsigned parity = 0;
 // This lane's buffer for its next collective.
 inline unsigned next_buffer() { const unsigned p = parity; parity ^= 1u; return p; }
@@ -139,6 +141,44 @@ inline unsigned pack_h2(float lo, float hi) {
     return (unsigned)a | ((unsigned)b << 16);
 }
 inline float half_of(unsigned r, unsigned k) { return h2f((unsigned short)((r >> (16 * (k & 1u))) & 0xFFFFu)); }
+// cvt.rn.satfinite.f16x2.f32: a value past ±65504 saturates there, NaN stays NaN.
+inline unsigned pack_h2_sat(float lo, float hi) {
+    auto sat = [](float v) { return std::isnan(v) ? v : fminf(fmaxf(v, -65504.0f), 65504.0f); };
+    return pack_h2(sat(lo), sat(hi));
+}
+// ldmatrix.sync.m8n8.x4.b16: every lane publishes its row address; register i of lane l is
+// 32 bits at column 2(l % 4) of row l / 4 of matrix i, i.e. the row lane 8i + l / 4 gave.
+inline void ldsm_x4(unsigned* r, const unsigned short* p) {
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
+    emu::ldsm_row[q][w][l] = p;
+    emu::warp_bars[w]->arrive_and_wait();
+    for (unsigned i = 0; i < 4u; ++i)
+        std::memcpy(&r[i], static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + l / 4]) + 2 * (l % 4), 4);
+}
+// f16x2 arithmetic rounded once per half: f16 sums, products and fmas are exact in double, so
+// one rounding of the double result is IEEE's f16 operation.
+template <class F>
+inline unsigned emu_h2_op(unsigned a, unsigned b, unsigned c, F f) {
+    unsigned r = 0;
+    for (unsigned i = 0; i < 2u; ++i) {
+        const double x = half_of(a, i), y = half_of(b, i), z = half_of(c, i);
+        const _Float16 v = (_Float16)f(x, y, z);
+        unsigned short bits;
+        std::memcpy(&bits, &v, 2);
+        r |= (unsigned)bits << (16 * i);
+    }
+    return r;
+}
+inline unsigned hsub2(unsigned a, unsigned b) { return emu_h2_op(a, b, 0u, [](double x, double y, double) { return x - y; }); }
+inline unsigned hmul2(unsigned a, unsigned b) { return emu_h2_op(a, b, 0u, [](double x, double y, double) { return x * y; }); }
+inline unsigned hfma2(unsigned a, unsigned b, unsigned c) { return emu_h2_op(a, b, c, [](double x, double y, double z) { return x * y + z; }); }
+// __byte_perm: byte i of the result is byte (selector nibble i) & 7 of {y:x}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (unsigned i = 0; i < 4u; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+    return r;
+}
 // .f16 → f32, m16n8k16 (PTX ISA layout; two halves per register, the lower index in the low
 // half): A reg i at rows g + 8(i%2), cols 2c + 8(i/2) (+0, +1); B reg i at k = 2c + 8i (+0, +1), n = g.
 inline void mma_f16(float* c, const unsigned* a, const unsigned* b) {
@@ -770,6 +810,146 @@ mod tests {
         (plan, records)
     }
 
+    /// embedding (`[n, k]`: row t is `e_t`, the identity's row t quantized, for t < k) → logits
+    /// (`[n, k]` random, `scheme`'s lm_head storage). In the prefill of tokens 0..k, logit
+    /// `[t, c]` is one product, `x[t]·W[c, t]`, with `x[t]` the gathered (f16) embedding value.
+    fn one_hot_plan(scheme: &str, n: usize, k: usize) -> (Plan, Vec<Vec<Vec<u8>>>) {
+        use crate::quant::scheme::TensorRole;
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let mut x = 0x9E37_79B9u32;
+        let head: Vec<f32> = (0..n * k)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let embed: Vec<f32> = (0..n * k)
+            .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
+            .collect();
+        let mut weights = Vec::new();
+        let mut records = Vec::new();
+        for (name, role, values) in [
+            ("embed.weight", TensorRole::Embedding, &embed),
+            ("head.weight", TensorRole::LmHead, &head),
+        ] {
+            let enc = crate::quant::quantize_param(s, role, name, &[n, k], values).unwrap();
+            let storage = match s.layout_for(role) {
+                Some(layout) => WeightStorage::Quantized {
+                    scheme: scheme.into(),
+                    layout,
+                },
+                None => WeightStorage::Raw {
+                    dtype: enc[0].dtype,
+                },
+            };
+            weights.push(WeightDecl {
+                name: name.into(),
+                shape: vec![n, k],
+                storage,
+                records: enc.iter().map(|r| r.name.clone()).collect(),
+            });
+            records.push(enc.into_iter().map(|r| r.bytes).collect());
+        }
+        let ops = vec![
+            Op::Embedding { weight: 0, out: 0 },
+            Op::Logits {
+                input: 0,
+                weight: 1,
+            },
+        ];
+        let plan = Plan {
+            format_version: PLAN_FORMAT_BASE,
+            arch: "test".into(),
+            quantization: scheme.into(),
+            model_dtype: s.model_dtype,
+            vocab_size: n,
+            hidden_size: k,
+            max_seq_len: k,
+            stop_tokens: vec![0],
+            weights,
+            buffers: vec![
+                BufferDecl {
+                    name: "h".into(),
+                    cols: k,
+                },
+                BufferDecl {
+                    name: "logits".into(),
+                    cols: n,
+                },
+            ],
+            states: vec![],
+            prefill: ops.clone(),
+            decode: ops,
+            logits: 1,
+        };
+        (plan, records)
+    }
+
+    /// The f16 tensor-core GEMM, exactly (see [`one_hot_plan`]): its operands are f16, so logit
+    /// `[t, c]` must be `x[t] · W[c, t]` with the artifact's f16 values of both (the CPU's
+    /// `dequantize_param`), a product exact in f32. Covers every weight staging path (sym 4/8-bit codes decoded in f16 pairs,
+    /// NK and KN; raw f16 stored as is; 3-bit codes value by value), the ldmatrix fragments and
+    /// 128-row tiles (tokens 0..k span two), with tile-multiple shapes (no bounds checks
+    /// generated) and ragged ones (N and K past a tile; K not a multiple of 16 for the
+    /// value-by-value paths).
+    #[test]
+    fn f16_gemm_of_one_hot_rows_is_exact() {
+        if !cxx_or_skip("f16_gemm_of_one_hot_rows_is_exact") {
+            return;
+        }
+        for (scheme, n, k) in [
+            ("q4f16_1", 256, 256),
+            ("q4f16_1", 264, 208),
+            ("q4f16_0", 256, 256),
+            ("q4f16_0", 264, 200),
+            ("q8f16_1", 256, 256),
+            ("q8f16_0", 264, 200),
+            ("q0f16", 256, 256),
+            ("q0f16", 264, 204),
+            ("q3f16_1", 264, 200),
+            ("q3f16_0", 264, 200),
+        ] {
+            let (plan, records) = one_hot_plan(scheme, n, k);
+            assert!(crate::codegen::cuda::f16_prefill(&plan), "{scheme}");
+            // The artifact's values (f16-rounded decodes) of both matrices.
+            let s = crate::quant::scheme::scheme(scheme).unwrap();
+            use crate::quant::scheme::TensorRole;
+            let values = |i: usize, role| {
+                let recs: Vec<&[u8]> = records[i].iter().map(|r| r.as_slice()).collect();
+                crate::quant::dequantize_param(s, role, &[n, k], &recs).unwrap()
+            };
+            let (e, w) = (
+                values(0, TensorRole::Embedding),
+                values(1, TensorRole::LmHead),
+            );
+            let mut want = Vec::with_capacity(n * k);
+            for t in 0..k {
+                let x = &e[t * k..(t + 1) * k];
+                assert!(x.iter().enumerate().all(|(i, v)| (i == t) == (*v != 0.0)));
+                want.extend((0..n).map(|c| x[t] * w[c * k + t]));
+            }
+            let kernels = EmuKernels::compile(
+                generate_plan(&plan, &tuning_records(&plan, (128, 4, 1)), "sm_80").unwrap(),
+            );
+            let ids: Vec<u32> = (0..k as u32).collect();
+            let got = EmuSession::new(&plan, &kernels, &records).forward(&ids, true);
+            assert_eq!(got.len(), want.len());
+            let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+            if let Some(i) = bad {
+                panic!(
+                    "{scheme} [{n}, {k}]: row {}, column {}: {} on the GPU, {} expected",
+                    i / n,
+                    i % n,
+                    got[i],
+                    want[i]
+                );
+            }
+            assert!(want.iter().filter(|v| **v != 0.0).count() > n * k / 2);
+        }
+    }
+
     #[test]
     fn quantized_matrices_of_every_scheme_match_the_cpu() {
         if !cxx_or_skip("quantized_matrices_of_every_scheme_match_the_cpu") {
@@ -777,7 +957,8 @@ mod tests {
         }
         for s in crate::quant::scheme::SCHEMES {
             let (plan, records) = quant_plan(s.name);
-            // 67 rows: two 64-row GEMM tiles, the second ragged.
+            // 67 rows: two 64-row tiles of the f32 schemes' GEMM, the second ragged (the f16
+            // GEMM's 128-row tiles: `f16_gemm_of_one_hot_rows_is_exact`).
             let ids: Vec<u32> = (0..67u32).map(|i| (i * 7 + 3) % 40).collect();
             // The default, and tune-space corners (codegen::cuda::tune_space): the fewest
             // threads with the most rows, and the most threads with few rows.
