@@ -15,20 +15,16 @@
 //!   products, and are decoded into the other shared buffer after them (two buffers, one
 //!   barrier per step), so memory latency overlaps the tensor-core work.
 //! - Why the weight decoding is specialised: a prefill block decodes its 128×32 weight tile
-//!   every K step, and decoding one value at a time in f32 (shift, mask, convert, multiply,
-//!   range checks, f16 pack: ~7 instructions) made the kernel issue-bound at ~450 instructions
-//!   per warp per step for 16 mma (measured in the SASS of Llama-2-7B's q4f16_1 kernels). Sym
+//!   every K step, and decoding one value at a time in f32 made the kernel issue-bound at ~450
+//!   SASS instructions per warp per step for 16 mma (Llama-2-7B's q4f16_1 kernels). Sym 4/8-bit
 //!   codes with f16 scales (every quantized f16 scheme but q3) are decoded two at a time in f16
-//!   arithmetic instead: a 4- or 8-bit code OR-ed into the mantissa of 1024.0 is the f16
-//!   `1024 + q`; subtracting `1024 + maxq` is exact, and the one multiply by the f16 scale
-//!   rounds once, so the operand is bit-identical to `(q − maxq)·s` computed in f32 (where it
-//!   is exact) and rounded to f16: the artifact's f16 value. Raw f16 weights are stored as they
-//!   are.
+//!   arithmetic, bit-identical ([`super::f16_ops`]); raw f16 weights are stored as they are.
 //!   Bounds checks are emitted only for a dimension that is not a multiple of the tile.
 //!
 //! Every variant reads activation row `ROW0 + t` and writes output row `t`, for `t < ROWS`.
 
 use super::builder::CudaBuilder;
+use super::f16_ops::{f16_decodable, sym_f16_decoder, F16_OPS};
 use super::launch::{CudaLaunch, GridDim};
 use crate::codegen::wgsl::spec::{Codec, MatrixSpec, MatrixStorage, QuantSpec};
 use crate::formats::dtype::DType;
@@ -42,90 +38,6 @@ pub const F16_THREADS: u32 = 256;
 /// mma tiles per warp along M (16 rows each) and N (8 columns each).
 const WARP_MI: usize = 4;
 const WARP_NJ: usize = 4;
-
-const HELPERS: &str = r#"#ifndef MLCB_EMULATE
-// {lo, hi} rounded to f16 (round to nearest even) in one register, lo in the low half.
-__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
-    unsigned r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
-}
-// The same, saturating at ±65504 instead of overflowing to infinity (NaN stays NaN).
-__device__ __forceinline__ unsigned pack_h2_sat(float lo, float hi) {
-    unsigned r; asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
-}
-__device__ __forceinline__ void mma_f16(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-// ldmatrix.x4: lane l gives the address of row l % 8 of 8×8 matrix l / 8 (16 bytes of f16);
-// register i receives matrix i's row lane / 4, columns 2(lane % 4) and +1.
-__device__ __forceinline__ void ldsm_x4(unsigned* r, const unsigned short* p) {
-    unsigned a;
-    asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-// f16x2 arithmetic, each half rounded once (`.rn`: never contracted into an fma).
-__device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
-    unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
-}
-__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
-    unsigned r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
-}
-__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
-    unsigned r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
-}
-#endif
-"#;
-
-/// The f16 bits of `v` in both halves of a word, as a C literal.
-fn h2_lit(v: f32) -> String {
-    let h = half::f16::from_f32(v);
-    assert_eq!(h.to_f32(), v, "{v} is not exact in f16");
-    let b = h.to_bits() as u32;
-    format!("0x{:08X}u", b | (b << 16))
-}
-
-/// Device functions decoding one storage word of sym codes with an f16 scale (`s2`: the scale
-/// in both halves) into f16 pairs in K order, `h[0] = (v0, v1)`, … For 4 and 8 bits (whole
-/// u32 words, codes below 1024); see the module comment for why this is exact.
-fn sym_f16_decoder(q: &QuantSpec, maxq: u32) -> String {
-    match q.bits {
-        // Codes i at bits 4i. Masking 0x000F000F picks codes 0 and 4 (one per half), 0x00F000F0
-        // codes 1 and 5 times 16; the same of the word shifted by 8 gives codes 2, 6 and 3, 7.
-        // `(1024 + 16q)/16 − (64 + maxq)` is exact too. Then the pairs are regrouped by bytes.
-        4 => format!(
-            "__device__ __forceinline__ void dq_word(unsigned w, unsigned s2, unsigned* h) {{
-    const unsigned w8 = w >> 8;
-    const unsigned q04 = hsub2((w & 0x000F000Fu) | 0x64006400u, {lo_bias});
-    const unsigned q15 = hfma2((w & 0x00F000F0u) | 0x64006400u, {sixteenth}, {hi_bias});
-    const unsigned q26 = hsub2((w8 & 0x000F000Fu) | 0x64006400u, {lo_bias});
-    const unsigned q37 = hfma2((w8 & 0x00F000F0u) | 0x64006400u, {sixteenth}, {hi_bias});
-    const unsigned m04 = hmul2(q04, s2), m15 = hmul2(q15, s2);
-    const unsigned m26 = hmul2(q26, s2), m37 = hmul2(q37, s2);
-    h[0] = __byte_perm(m04, m15, 0x5410u);
-    h[1] = __byte_perm(m26, m37, 0x5410u);
-    h[2] = __byte_perm(m04, m15, 0x7632u);
-    h[3] = __byte_perm(m26, m37, 0x7632u);
-}}
-",
-            lo_bias = h2_lit(1024.0 + maxq as f32),
-            sixteenth = h2_lit(1.0 / 16.0),
-            hi_bias = h2_lit(-(64.0 + maxq as f32)),
-        ),
-        // Codes i at bits 8i: byte i under the f16 exponent byte 0x64 is `1024 + q`.
-        8 => format!(
-            "__device__ __forceinline__ void dq_word(unsigned w, unsigned s2, unsigned* h) {{
-    h[0] = hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4140u), {bias}), s2);
-    h[1] = hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4342u), {bias}), s2);
-}}
-",
-            bias = h2_lit(1024.0 + maxq as f32),
-        ),
-        b => unreachable!("no f16 decoder for {b}-bit codes"),
-    }
-}
 
 /// How a thread stages its share of the weight tile: `units` units of `vpu` consecutive values
 /// of one row along K, with the code that fetches one (`fetch`, into registers `wr*[j]`), and
@@ -172,17 +84,13 @@ fn kn_map() -> String {
     )
 }
 
-/// Units of sym 4/8-bit codes with f16 scales, decoded in f16 pairs; `None` when the storage
-/// has another shape.
+/// Units of sym 4/8-bit codes with f16 scales, decoded in f16 pairs (`dq_word`); `None` when
+/// the storage has another shape.
 fn sym_f16_staging(m: &MatrixSpec, q: &QuantSpec, edges: &Edges) -> Option<WeightStaging> {
-    let Codec::Sym {
-        maxq,
-        scale: DType::F16,
-    } = q.codec
-    else {
+    let Codec::Sym { maxq, .. } = q.codec else {
         return None;
     };
-    if q.word16 || !(q.bits == 4 || q.bits == 8) || q.per_word * q.bits as usize != 32 {
+    if !f16_decodable(q) {
         return None;
     }
     let bk = F16_BK as usize;
@@ -574,6 +482,6 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         GridDim::rows(F16_BM as u64),
         GridDim::one(),
     ];
-    let helpers = format!("{HELPERS}{}", st.functions);
+    let helpers = format!("{F16_OPS}{}", st.functions);
     b.finish(&helpers, &body, F16_THREADS, grid)
 }

@@ -25,6 +25,7 @@
 mod attention;
 pub mod builder;
 mod elementwise;
+mod f16_ops;
 pub mod gemm_f16;
 pub mod launch;
 mod matmul;
