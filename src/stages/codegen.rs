@@ -32,7 +32,8 @@ use std::collections::BTreeMap;
 /// (a tuning knob, default 8) merged by the last block to finish; kernels may own a scratch;
 /// cuda libraries of f16 schemes keep an f16 KV cache (`attention::kv_f16`). 9: the cuda f16
 /// prefill GEMM runs 128×128 tiles fed by `ldmatrix` and decodes sym 4/8-bit codes in f16 pairs.
-pub const VERSION: u32 = 9;
+/// 10: cuda decode GEMVs over q4 NK weights of f16 schemes run on tensor cores (`gemv_mma`).
+pub const VERSION: u32 = 10;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -130,6 +130,10 @@ pub struct CudaBuilder {
     pub tuning: CudaTuning,
     /// Start with [`PDL_ENTER`]: the kernel may be launched before the one it depends on ends.
     pub pdl: bool,
+    /// `__launch_bounds__`'s second argument: the blocks per SM the register allocation must
+    /// allow. Without it ptxas may squeeze a kernel's registers (and spill) for an occupancy it
+    /// does not need.
+    pub min_blocks: Option<u32>,
     arch: String,
     consts: String,
     lambdas: String,
@@ -145,6 +149,7 @@ impl CudaBuilder {
             entry_point: entry_point.to_string(),
             tuning,
             pdl: false,
+            min_blocks: None,
             arch: arch.to_string(),
             consts: String::new(),
             lambdas: String::new(),
@@ -299,9 +304,13 @@ impl CudaBuilder {
         params.push("float scalar".into());
         params.push("unsigned index".into());
         let pdl = if self.pdl { PDL_ENTER } else { "" };
+        let bounds = match self.min_blocks {
+            Some(m) => format!("{block}, {m}"),
+            None => block.to_string(),
+        };
         let src = format!(
             "// mlcb kernel `{ep}` (generated; arguments: see the launch JSON)\n{PRELUDE}\n{consts}\n{shared}\n\
-extern \"C\" __global__ void __launch_bounds__({block}) {ep}(\n    {params})\n{{\n{pdl}    \
+extern \"C\" __global__ void __launch_bounds__({bounds}) {ep}(\n    {params})\n{{\n{pdl}    \
 const unsigned T = meta[0], POS = meta[1], ROWS = meta[2], ROW0 = meta[3];\n    \
 (void)T; (void)POS; (void)ROWS; (void)ROW0; (void)scalar; (void)index;\n{lambdas}{body}}}\n",
             ep = self.entry_point,

@@ -45,7 +45,15 @@ __device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
 __device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
     unsigned r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
 }
+// Any function of three words, bit by bit: bit i of the result is bit (4a_i + 2b_i + c_i) of
+// LUT. One instruction for `(a & b) | c`, which C compiles to two when b and c are constants.
+template <unsigned LUT>
+__device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
+    unsigned r; asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(LUT)); return r;
+}
 #endif
+// (a & b) | c: LUT (0xF0 & 0xCC) | 0xAA.
+__device__ __forceinline__ unsigned and_or(unsigned a, unsigned b, unsigned c) { return lop3<0xEAu>(a, b, c); }
 "#;
 
 /// The f16 bits of `v` in both halves of a word, as a C literal.
@@ -85,10 +93,10 @@ pub fn sym_f16_decoder(q: &QuantSpec, maxq: u32) -> String {
         4 => format!(
             "__device__ __forceinline__ void dq_pairs(unsigned w, unsigned s2, unsigned* h) {{
     const unsigned w8 = w >> 8;
-    h[0] = hmul2(hsub2((w & 0x000F000Fu) | 0x64006400u, {lo_bias}), s2);
-    h[1] = hmul2(hfma2((w & 0x00F000F0u) | 0x64006400u, {sixteenth}, {hi_bias}), s2);
-    h[2] = hmul2(hsub2((w8 & 0x000F000Fu) | 0x64006400u, {lo_bias}), s2);
-    h[3] = hmul2(hfma2((w8 & 0x00F000F0u) | 0x64006400u, {sixteenth}, {hi_bias}), s2);
+    h[0] = hmul2(hsub2(and_or(w, 0x000F000Fu, 0x64006400u), {lo_bias}), s2);
+    h[1] = hmul2(hfma2(and_or(w, 0x00F000F0u, 0x64006400u), {sixteenth}, {hi_bias}), s2);
+    h[2] = hmul2(hsub2(and_or(w8, 0x000F000Fu, 0x64006400u), {lo_bias}), s2);
+    h[3] = hmul2(hfma2(and_or(w8, 0x00F000F0u, 0x64006400u), {sixteenth}, {hi_bias}), s2);
 }}
 __device__ __forceinline__ void dq_word(unsigned w, unsigned s2, unsigned* h) {{
     unsigned p[4];

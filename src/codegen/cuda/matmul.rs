@@ -84,6 +84,13 @@ pub fn matmul(
     let plus_bias = if bias.is_some() { " + bias_at(n)" } else { "" };
     let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
     match (phase, kn) {
+        (Phase::Decode, false) if super::gemv_mma::fits(m) => Ok(super::gemv_mma::gemv_mma(
+            b,
+            m,
+            plus_bias,
+            fusion,
+            |v, u| store_output(fusion, "o", v, u),
+        )),
         (Phase::Decode, false) => gemv_nk(b, m, plus_bias, fusion),
         (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, fusion)),
         (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias)),

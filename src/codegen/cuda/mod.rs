@@ -27,6 +27,7 @@ pub mod builder;
 mod elementwise;
 mod f16_ops;
 pub mod gemm_f16;
+mod gemv_mma;
 pub mod launch;
 mod matmul;
 mod norm;
@@ -98,6 +99,16 @@ fn check_dims(signature: &str, spec: &KernelSpec) -> Result<()> {
 /// schemes (their model computes in f16); f32 schemes keep the f32-accurate 3xTF32 GEMM.
 pub fn f16_prefill(plan: &Plan) -> bool {
     plan.model_dtype == crate::formats::dtype::DType::F16
+}
+
+/// Whether some decode matmul of `plan` runs on f16 tensor cores ([`gemv_mma`]): its operands
+/// are then rounded to f16 as prefill's are (q4 row-major weights of f16 schemes).
+pub fn f16_decode(plan: &Plan) -> Result<bool> {
+    Ok(crate::codegen::wgsl::spec::specs_by_signature(plan)?
+        .values()
+        .any(|spec| {
+            matches!(spec, KernelSpec::Matmul { m, phase: Phase::Decode, .. } if gemv_mma::fits(m))
+        }))
 }
 
 /// Generate the CUDA C of one spec (`f16`: see [`f16_prefill`]).

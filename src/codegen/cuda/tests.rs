@@ -253,15 +253,16 @@ fn arguments_follow_the_documented_order() {
     assert_eq!(k.entry_point, entry_point(&spec));
     assert_eq!(k.entry_point, "mlcb_matmul_gemv_nk");
     assert_eq!(k.launch.block, [256, 1, 1]);
-    // 64 rows, 4 per block; one activation row.
-    assert_eq!(k.launch.grid[0].workgroups(1, 1), 16);
+    // q4 rows of an f16 scheme: the tensor-core GEMV, 16 rows (the mma's M) per block of the
+    // 64; one activation row.
+    assert!(k.source.contains("mma.sync"));
+    assert_eq!(k.launch.grid[0].workgroups(1, 1), 4);
     assert_eq!(k.launch.grid[1].workgroups(1, 1), 1);
     assert_eq!(k.launch.arch, "sm_80");
     assert!(k.source.contains(
         "mlcb_matmul_gemv_nk(\n    const float* __restrict__ x,\n    const unsigned* __restrict__ w_q,\n    const unsigned short* __restrict__ w_s,\n    const unsigned short* __restrict__ bias,\n    float* __restrict__ y,\n    const unsigned* __restrict__ meta,\n    float scalar,\n    unsigned index)"
     ), "{}", k.source);
     // q4: one 16-byte chunk is one group of 32 codes; 2 chunks per row of 64.
-    assert!(k.source.contains("constexpr unsigned VPC = 32u;"));
     assert!(k.source.contains("constexpr unsigned CPR = 2u;"));
 
     // Fused steps: the norm weight follows the input (eps is the scalar); the residual comes
@@ -302,19 +303,16 @@ fn arguments_follow_the_documented_order() {
         k.source
     );
     assert!(k.source.contains("constexpr unsigned OUT_N = 32u;"));
-    assert!(k.source.contains("constexpr unsigned NR = 8u;"));
-    assert_eq!(k.launch.grid[0].workgroups(1, 1), 8);
+    // 8 gate and 8 up rows per block.
+    assert!(k.source.contains("constexpr unsigned RPB = 8u;"));
+    assert_eq!(k.launch.grid[0].workgroups(1, 1), 4);
 }
 
 #[test]
 fn gemv_chunks_cover_each_scheme_group() {
-    // (scheme, values per 16-byte chunk) for K = 64: q3 = 8 u16 words × 5, q4 = 4 × 8, q8 = 4 × 4.
-    for (scheme, vpc) in [
-        ("q3f16_1", 40),
-        ("q4f16_1", 32),
-        ("q4f32_1", 32),
-        ("q8f16_1", 16),
-    ] {
+    // (scheme, values per 16-byte chunk) for K = 64: q3 = 8 u16 words × 5, q4 = 4 × 8, q8 = 4 × 4
+    // (q4f16_1 runs on tensor cores: `tensor_core_gemv_takes_q4_rows_of_f16_schemes`).
+    for (scheme, vpc) in [("q3f16_1", 40), ("q4f32_1", 32), ("q8f16_1", 16)] {
         let s = crate::quant::scheme::scheme(scheme).unwrap();
         let m = matrix_spec(
             &WeightStorage::Quantized {
@@ -344,12 +342,56 @@ fn gemv_chunks_cover_each_scheme_group() {
 }
 
 #[test]
+fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
+    // Which decode GEMV each storage gets (K = 64): q4 row-major codes of an f16 scheme, the
+    // tensor-core one; f32 schemes, other widths and K-major words, the f32 one.
+    // (scheme, tensor cores, rows per block: 16 on tensor cores, a lane per row for K-major
+    // words, else the tuning's 4)
+    for (scheme, tensor_cores, rows) in [
+        ("q4f16_1", true, 16),
+        ("q4f32_1", false, 4),
+        ("q4f16_0", false, 32),
+        ("q8f16_1", false, 4),
+        ("q3f16_1", false, 4),
+        ("q0f16", false, 4),
+    ] {
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let storage = match s.layout_for(crate::quant::scheme::TensorRole::Linear) {
+            Some(layout) => WeightStorage::Quantized {
+                scheme: scheme.into(),
+                layout,
+            },
+            None => WeightStorage::Raw { dtype: DType::F16 },
+        };
+        let m = matrix_spec(&storage, 40, 64, s.model_dtype).unwrap();
+        let spec = KernelSpec::Matmul {
+            m,
+            bias: None,
+            phase: Phase::Decode,
+            logits: false,
+            fusion: Default::default(),
+        };
+        let f16 = s.model_dtype == DType::F16;
+        let k = generate("x", &spec, tunings()[0], "sm_80", f16).unwrap();
+        assert_eq!(k.source.contains("mma.sync"), tensor_cores, "{scheme}");
+        assert_eq!(tunings()[0].rows_per_block, 4);
+        assert_eq!(
+            k.launch.grid[0].workgroups(1, 1),
+            40u64.div_ceil(rows as u64),
+            "{scheme}"
+        );
+    }
+}
+
+#[test]
 fn f16_prefill_stages_weights_as_the_storage_allows() {
-    // (scheme, how a thread stages weights, values per unit) for K = 64.
+    // (scheme, how a thread stages weights, values per unit) for K = 64: sym 4/8-bit codes a
+    // thread's equal share of the 128×32 tile (q4 NK: 8 bytes; q8 NK: 16) or one word (KN),
+    // decoded in f16 pairs; raw f16 in 16-byte chunks; q3 value by value.
     for (scheme, regs, vpu) in [
-        ("q4f16_1", "uint4 wr_v[UPT]; float wr_s[UPT];", 32),
-        ("q8f16_1", "uint4 wr_v[UPT]; float wr_s[UPT];", 16),
-        ("q4f16_0", "unsigned wr_w[UPT]; float wr_s[UPT];", 8),
+        ("q4f16_1", "uint2 wr_v[UPT]; unsigned short wr_s[UPT];", 16),
+        ("q8f16_1", "uint4 wr_v[UPT]; unsigned short wr_s[UPT];", 16),
+        ("q4f16_0", "unsigned wr_v[UPT]; unsigned short wr_s[UPT];", 8),
         ("q0f16", "uint4 wr_v[UPT];", 8),
         // 5 codes per 16-bit word, 40 per chunk: not a divisor of the 32-wide K step.
         ("q3f16_1", "float wr_f[UPT];", 1),
@@ -378,9 +420,10 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
             "{scheme}"
         );
         assert_eq!(k.launch.block, [256, 1, 1], "{scheme}");
-        // 200 columns in tiles of 128; 70 rows in tiles of 64.
+        // 200 columns in tiles of 128; 70 rows, then 130, in tiles of 128.
         assert_eq!(k.launch.grid[0].workgroups(70, 70), 2);
-        assert_eq!(k.launch.grid[1].workgroups(70, 70), 2);
+        assert_eq!(k.launch.grid[1].workgroups(70, 70), 1);
+        assert_eq!(k.launch.grid[1].workgroups(130, 130), 2);
         // The f32 schemes' kernel for the same spec is the 3xTF32 one.
         let f32k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
         assert!(f32k.source.contains("m16n8k8") && !f32k.source.contains("m16n8k16"));

@@ -1,5 +1,6 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
-//! kernel, crossed with rows per block for the decode GEMV over row-major (NK) weights and with
+//! kernel, crossed with rows per block for the f32 decode GEMV over row-major (NK) weights (the
+//! tensor-core one's blocks are the mma's 8 rows) and with
 //! key splits for decode attention, the only kernels that read them. The tensor-core GEMMs and
 //! the query-tiled attention of prefill have fixed blocks, so they have one candidate. Knobs a
 //! kernel ignores stay at its default, so no two candidates generate the same kernel.
@@ -33,8 +34,9 @@ pub fn default_for(signature: &str) -> CudaTuning {
 }
 
 /// Which candidate space this is, part of the tuning database's key: a record measured over
-/// another space is measured again. 1: threads × rows; 2: × `kv_splits`.
-pub const SPACE_VERSION: u32 = 2;
+/// another space is measured again. 1: threads × rows; 2: × `kv_splits`; 3: the tensor-core
+/// decode GEMV (q4 NK weights of f16 schemes) has no rows knob.
+pub const SPACE_VERSION: u32 = 3;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of
@@ -74,8 +76,9 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
             phase: Phase::Decode,
             ..
         } => {
+            // The tensor-core GEMV's blocks are the mma's 8 rows.
             let nk = !matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
-            (true, nk, false)
+            (true, nk && !super::gemv_mma::fits(m), false)
         }
         _ => (true, false, false),
     };
@@ -161,10 +164,13 @@ mod tests {
                     ..
                 } => assert_eq!(c.len(), 1, "{sig}"),
                 KernelSpec::Matmul {
+                    m,
                     phase: Phase::Decode,
                     ..
                 } => {
-                    assert_eq!(c.len(), 16, "{sig}");
+                    // Threads × rows; the tensor-core GEMV's rows are fixed.
+                    let n = if super::super::gemv_mma::fits(m) { 4 } else { 16 };
+                    assert_eq!(c.len(), n, "{sig}");
                     seen_gemv = true;
                 }
                 KernelSpec::Attention { .. } if sig.starts_with("prefill:") => {

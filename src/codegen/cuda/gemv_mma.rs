@@ -1,0 +1,228 @@
+//! Decode GEMV on f16 tensor cores, for 4-bit row-major (NK) weights of f16 schemes (q4f16_1).
+//!
+//! Why: a decode step reads every weight once, so the GEMV should run at the memory bandwidth;
+//! on an H200 that is ~18 bytes per SM clock, i.e. at most ~7 instructions per weight byte at
+//! the issue limit of 4 warp-instructions per clock. The f32 GEMV (`matmul::gemv_nk`) spends
+//! ~14 per byte on 4-bit codes (shift, mask, a quarter-rate integer-to-float conversion and an
+//! fma per weight; Llama-2-7B's q4f16_1 kernels, sm_90 SASS), capping decode near half the
+//! bandwidth. Here a weight costs ~2: codes are decoded two at a time into f16
+//! ([`super::f16_ops`]) and the products and sums are `mma.sync.m16n8k16`.
+//!
+//! How: a warp's mma multiplies 16 weight rows (A: lane `lr = lane / 4` decodes rows `lr` and
+//! `lr + 8` of the block's, each a 16-byte chunk — one group of 32 codes — at chunk `c = lane
+//! % 4` of the warp's 4) by the activation (B: every one of its 8 columns, so every column of
+//! the result holds the 16 dot products). Decoded pairs land in the A registers and staged
+//! activation pairs in the B registers as they are: no moves. The K order inside an mma is
+//! free as long as both operands use it: the weights stay in the pair order the decoder
+//! produces (`(v0, v4) (v1, v5) …` per word), and the activation is staged once per block in
+//! shared memory as f16 pairs in that same order, after the fused RMS norm if any (rounded as
+//! the prefill GEMM rounds its operands, so decode and prefill of f16 schemes share their
+//! numerics). The block's warps split K; the mma accumulators are the per-lane sums, and the
+//! warps' sums meet in shared memory in warp order (deterministic).
+
+use super::builder::CudaBuilder;
+use super::f16_ops::{f16_decodable, sym_f16_decoder, F16_OPS};
+use super::launch::{CudaLaunch, GridDim};
+use crate::codegen::wgsl::spec::{Codec, Fusion, MatrixSpec, MatrixStorage};
+use crate::formats::dtype::DType;
+use crate::quant::scheme::Layout;
+
+/// Weight rows per block: the mma's M.
+const ROWS: usize = 16;
+/// Warp steps whose loads are issued together.
+const BATCH: usize = 4;
+/// The most staged activation chunks (64 bytes of f16 each) a block may hold: 40 KiB of shared
+/// memory.
+const MAX_STAGED_CHUNKS: usize = 40 * 1024 / 64;
+
+/// Whether a decode matmul over `m` runs here: an f16 model, sym 4-bit codes with f16 scales in
+/// u32 words, row-major, groups of 32 (one 16-byte chunk each), K small enough to stage.
+pub fn fits(m: &MatrixSpec) -> bool {
+    let MatrixStorage::Quant(q) = m.storage else {
+        return false;
+    };
+    m.model_dtype == DType::F16
+        && q.layout == Layout::NK
+        && f16_decodable(&q)
+        && q.bits == 4
+        && q.group == 32
+        && q.words_per_group == 4
+        && q.n_group <= MAX_STAGED_CHUNKS
+}
+
+/// The GEMV (`fits(m)`); the caller declared `x`, the norm weight `g` (with a fused norm), the
+/// weight, the bias, the residual and `y`, and the constants `OUT_N`, `NWARPS`, `TPB`.
+pub fn gemv_mma(
+    mut b: CudaBuilder,
+    m: &MatrixSpec,
+    plus_bias: &str,
+    fusion: Fusion,
+    store: impl Fn(&str, &str) -> String,
+) -> (String, CudaLaunch) {
+    let MatrixStorage::Quant(q) = m.storage else {
+        unreachable!("gemv_mma of a raw matrix (fits() says no)")
+    };
+    let Codec::Sym { maxq, .. } = q.codec else {
+        unreachable!("gemv_mma of asym codes (fits() says no)")
+    };
+    let warps = b.tuning.warps() as usize;
+    let per_step = 4 * warps;
+    let steps = q.n_group.div_ceil(per_step);
+    let batch = steps.min(BATCH);
+    let rpb = if fusion.silu_gate { ROWS / 2 } else { ROWS };
+    b.const_u32("RPB", rpb);
+    b.const_u32("CPR", q.n_group);
+    b.const_u32("STEPS", steps);
+    b.const_u32("BATCH", batch);
+    b.const_u32("STRIDE", per_step);
+    let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
+    b.const_bool("ROWS_EXACT", out_n % rpb == 0);
+    b.const_bool(
+        "CHUNKS_EXACT",
+        q.n_group % per_step == 0 && steps % batch == 0,
+    );
+    let x_chunk = if m.k % 4 == 0 {
+        "if (k0 + 32u <= W_K) {
+            #pragma unroll
+            for (unsigned i = 0; i < 8u; ++i) {
+                const float4 f = reinterpret_cast<const float4*>(xr + k0)[i];
+                v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+            }
+        } else {
+            #pragma unroll
+            for (unsigned i = 0; i < 32u; ++i) v[i] = k0 + i < W_K ? xr[k0 + i] : 0.0f;
+        }"
+    } else {
+        "#pragma unroll
+        for (unsigned i = 0; i < 32u; ++i) v[i] = k0 + i < W_K ? xr[k0 + i] : 0.0f;"
+    };
+    let (norm, scale_x) = if fusion.rms_norm.is_some() {
+        (
+            "    __shared__ float ss_sh[NWARPS];
+    float ss = 0.0f;
+    for (unsigned k = threadIdx.x; k < W_K; k += TPB) ss = fmaf(xr[k], xr[k], ss);
+    ss = warp_sum(ss);
+    if (lane == 0u) ss_sh[warp] = ss;
+    __syncthreads();
+    float ss_total = 0.0f;
+    for (unsigned w = 0; w < NWARPS; ++w) ss_total += ss_sh[w];
+    const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);",
+            "#pragma unroll
+        for (unsigned i = 0; i < 32u; ++i) if (k0 + i < W_K) v[i] = v[i] * rs * g_at(k0 + i);",
+        )
+    } else {
+        ("", "")
+    };
+    let row_of = if fusion.silu_gate {
+        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
+    } else {
+        "n0 + r"
+    };
+    let store = store("out_val(r)", "out_val(r + RPB)");
+    let body = format!(
+        "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
+    // 32ch + 8w + 0..7) as (0, 4) (1, 5) (2, 6) (3, 7), at [ch][w ^ (ch % 4)] so the 4 chunks
+    // a quarter-warp reads lie in distinct banks. Values past K are zero.
+    __shared__ uint4 xh[CPR][4];
+    __shared__ float part[NWARPS][{rows}];
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const unsigned t = blockIdx.y;
+    if (t >= ROWS) return;
+    const float* xr = x + (u64)(ROW0 + t) * W_K;
+{norm}
+    for (unsigned ch = threadIdx.x; ch < CPR; ch += TPB) {{
+        const unsigned k0 = ch * 32u;
+        float v[32];
+        {x_chunk}
+        {scale_x}
+        #pragma unroll
+        for (unsigned w = 0; w < 4u; ++w)
+            xh[ch][w ^ (ch & 3u)] = uint4{{pack_h2_sat(v[8 * w], v[8 * w + 4]), pack_h2_sat(v[8 * w + 1], v[8 * w + 5]),
+                                          pack_h2_sat(v[8 * w + 2], v[8 * w + 6]), pack_h2_sat(v[8 * w + 3], v[8 * w + 7])}};
+    }}
+    __syncthreads();
+    // This lane: weight rows lr and lr + 8 of the block's (`g` is the norm weight), chunk c
+    // of each warp step's 4.
+    const unsigned n0 = blockIdx.x * RPB;
+    auto row_n = [&](unsigned r) -> unsigned {{ return {row_of}; }};
+    auto row_ok = [&](unsigned r) -> bool {{ return n0 + r % RPB < OUT_N; }};
+    const unsigned lr = lane >> 2, c = lane & 3u;
+    // Rows past the output (only when OUT_N is not a multiple of RPB) read nothing.
+    const bool ok0 = ROWS_EXACT || row_ok(lr), ok1 = ROWS_EXACT || row_ok(lr + 8u);
+    // This lane's chunk at step s is cbase + s·STRIDE; the pointers advance one batch at a
+    // time, so the loads inside a batch have constant offsets.
+    const unsigned cbase = warp * 4u + c;
+    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr) * CPR + cbase;
+    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr + 8u) * CPR + cbase;
+    const unsigned short* q0 = w_s + (u64)row_n(lr) * W_NG + cbase;
+    const unsigned short* q1 = w_s + (u64)row_n(lr + 8u) * W_NG + cbase;
+    const uint4* xp = &xh[0][0];
+    float acc[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
+    // 2·BATCH 16-byte loads in flight (the compiler does not hoist them that far by itself).
+    for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
+        uint4 v0[BATCH], v1[BATCH];
+        unsigned short sc0[BATCH], sc1[BATCH];
+        #pragma unroll
+        for (unsigned i = 0; i < BATCH; ++i) {{
+            // Chunks past the row (only when the steps do not divide it) read nothing.
+            const bool in = CHUNKS_EXACT || cbase + (s0 + i) * STRIDE < CPR;
+            v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
+            sc0[i] = sc1[i] = 0;
+            if (ok0 && in) {{ v0[i] = p0[i * STRIDE]; sc0[i] = q0[i * STRIDE]; }}
+            if (ok1 && in) {{ v1[i] = p1[i * STRIDE]; sc1[i] = q1[i * STRIDE]; }}
+        }}
+        #pragma unroll
+        for (unsigned i = 0; i < BATCH; ++i) {{
+            // Past the last chunk the weights are zero: any staged (finite) activation will do.
+            const unsigned ch = cbase + (s0 + i) * STRIDE;
+            const uint4* xc = xp + 4u * (CHUNKS_EXACT || ch < CPR ? ch : 0u);
+            const unsigned s20 = (unsigned)sc0[i] * 0x10001u, s21 = (unsigned)sc1[i] * 0x10001u;
+            const unsigned u0[4] = {{v0[i].x, v0[i].y, v0[i].z, v0[i].w}};
+            const unsigned u1[4] = {{v1[i].x, v1[i].y, v1[i].z, v1[i].w}};
+            #pragma unroll
+            for (unsigned w = 0; w < 4u; ++w) {{
+                unsigned p[4], q[4];
+                dq_pairs(u0[w], s20, p);
+                dq_pairs(u1[w], s21, q);
+                const uint4 xa = xc[w ^ c];
+                const unsigned xb[4] = {{xa.x, xa.y, xa.z, xa.w}};
+                // A: a0 (row lr, k 2c..), a1 (row lr + 8, k 2c..), a2 (row lr, k 2c + 8..),
+                // a3 (row lr + 8, k 2c + 8..); B: b0 (k 2c.., column lr), b1 (k 2c + 8..).
+                const unsigned lo[4] = {{p[0], q[0], p[1], q[1]}}, hi[4] = {{p[2], q[2], p[3], q[3]}};
+                mma_f16(acc, lo, xb);
+                mma_f16(acc, hi, xb + 2);
+            }}
+        }}
+        p0 += BATCH * STRIDE; p1 += BATCH * STRIDE; q0 += BATCH * STRIDE; q1 += BATCH * STRIDE;
+    }}
+    // Every column of the result is the same: rows lr (c0) and lr + 8 (c2) from lanes c = 0.
+    if (c == 0u) {{ part[warp][lr] = acc[0]; part[warp][lr + 8u] = acc[2]; }}
+    __syncthreads();
+    auto out_val = [&](unsigned r) -> float {{
+        const unsigned n = row_n(r);
+        (void)n;
+        float total = 0.0f;
+        for (unsigned w = 0; w < NWARPS; ++w) total += part[w][r];
+        return total{plus_bias};
+    }};
+    for (unsigned r = threadIdx.x; r < RPB; r += TPB) {{
+        const unsigned o = n0 + r;
+        if (o >= OUT_N) continue;
+        {store}
+    }}
+",
+        rows = ROWS,
+    );
+    let tpb = b.tuning.threads_per_block;
+    let grid = [
+        GridDim::fixed(out_n as u64, rpb as u64),
+        GridDim::rows(1),
+        GridDim::one(),
+    ];
+    // Four blocks (16 warps at the default 128 threads) per SM keep enough loads in flight;
+    // left alone, ptxas caps this kernel at 48 registers and spills in the loop.
+    b.min_blocks = Some(4);
+    let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
+    b.finish(&helpers, &body, tpb, grid)
+}
