@@ -482,6 +482,9 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         GridDim::rows(F16_BM as u64),
         GridDim::one(),
     ];
+    // Two blocks (16 warps) per SM: one block's barrier waits are covered by the other's work.
+    // Left alone, ptxas gives the raw-f16 variant 155 registers, i.e. one block per SM.
+    b.min_blocks = Some(2);
     let helpers = format!("{F16_OPS}{}", st.functions);
     b.finish(&helpers, &body, F16_THREADS, grid)
 }

@@ -96,22 +96,53 @@ pub fn gemv_mma(
         "#pragma unroll
         for (unsigned i = 0; i < 32u; ++i) v[i] = k0 + i < W_K ? xr[k0 + i] : 0.0f;"
     };
-    let (norm, scale_x) = if fusion.rms_norm.is_some() {
-        (
-            "    __shared__ float ss_sh[NWARPS];
+    let (norm, scale_x) = match fusion.rms_norm {
+        Some(dtype) => {
+            let ss = if m.k % 4 == 0 {
+                "for (unsigned i = threadIdx.x; i < W_K / 4u; i += TPB) {
+        const float4 f = reinterpret_cast<const float4*>(xr)[i];
+        ss = fmaf(f.x, f.x, fmaf(f.y, f.y, fmaf(f.z, f.z, fmaf(f.w, f.w, ss))));
+    }"
+            } else {
+                "for (unsigned k = threadIdx.x; k < W_K; k += TPB) ss = fmaf(xr[k], xr[k], ss);"
+            };
+            // A whole chunk's f16 norm weights in four 16-byte loads where rows allow.
+            let full = if dtype == DType::F16 && m.k % 8 == 0 {
+                "#pragma unroll
+            for (unsigned i = 0; i < 4u; ++i) {
+                const uint4 gv = reinterpret_cast<const uint4*>(g + k0)[i];
+                const unsigned gw[4] = {gv.x, gv.y, gv.z, gv.w};
+                #pragma unroll
+                for (unsigned j = 0; j < 8u; ++j)
+                    v[8 * i + j] = v[8 * i + j] * rs * h2f((unsigned short)((gw[j >> 1] >> ((j & 1u) * 16u)) & 0xFFFFu));
+            }"
+            } else {
+                "#pragma unroll
+            for (unsigned i = 0; i < 32u; ++i) v[i] = v[i] * rs * g_at(k0 + i);"
+            };
+            (
+                format!(
+                    "    __shared__ float ss_sh[NWARPS];
     float ss = 0.0f;
-    for (unsigned k = threadIdx.x; k < W_K; k += TPB) ss = fmaf(xr[k], xr[k], ss);
+    {ss}
     ss = warp_sum(ss);
     if (lane == 0u) ss_sh[warp] = ss;
     __syncthreads();
     float ss_total = 0.0f;
     for (unsigned w = 0; w < NWARPS; ++w) ss_total += ss_sh[w];
-    const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);",
-            "#pragma unroll
-        for (unsigned i = 0; i < 32u; ++i) if (k0 + i < W_K) v[i] = v[i] * rs * g_at(k0 + i);",
-        )
-    } else {
-        ("", "")
+    const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);"
+                ),
+                format!(
+                    "if (k0 + 32u <= W_K) {{
+            {full}
+        }} else {{
+            #pragma unroll
+            for (unsigned i = 0; i < 32u; ++i) if (k0 + i < W_K) v[i] = v[i] * rs * g_at(k0 + i);
+        }}"
+                ),
+            )
+        }
+        None => (String::new(), String::new()),
     };
     let row_of = if fusion.silu_gate {
         "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"

@@ -391,7 +391,11 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
     for (scheme, regs, vpu) in [
         ("q4f16_1", "uint2 wr_v[UPT]; unsigned short wr_s[UPT];", 16),
         ("q8f16_1", "uint4 wr_v[UPT]; unsigned short wr_s[UPT];", 16),
-        ("q4f16_0", "unsigned wr_v[UPT]; unsigned short wr_s[UPT];", 8),
+        (
+            "q4f16_0",
+            "unsigned wr_v[UPT]; unsigned short wr_s[UPT];",
+            8,
+        ),
         ("q0f16", "uint4 wr_v[UPT];", 8),
         // 5 codes per 16-bit word, 40 per chunk: not a divisor of the 32-wide K step.
         ("q3f16_1", "float wr_f[UPT];", 1),

@@ -169,7 +169,11 @@ mod tests {
                     ..
                 } => {
                     // Threads × rows; the tensor-core GEMV's rows are fixed.
-                    let n = if super::super::gemv_mma::fits(m) { 4 } else { 16 };
+                    let n = if super::super::gemv_mma::fits(m) {
+                        4
+                    } else {
+                        16
+                    };
                     assert_eq!(c.len(), n, "{sig}");
                     seen_gemv = true;
                 }
