@@ -251,9 +251,10 @@ pub fn gemv_mma(
         GridDim::rows(1),
         GridDim::one(),
     ];
-    // Four blocks (16 warps at the default 128 threads) per SM keep enough loads in flight;
-    // left alone, ptxas caps this kernel at 48 registers and spills in the loop.
-    b.min_blocks = Some(4);
+    // 16 warps per SM keep enough loads in flight (4 blocks at the default 128 threads; the
+    // cap on registers this implies is 128 at any block size). Left alone, ptxas gives this
+    // kernel 48 registers and spills in the loop.
+    b.min_blocks = Some((512 / tpb).max(1));
     let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
     b.finish(&helpers, &body, tpb, grid)
 }
