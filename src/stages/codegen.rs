@@ -34,8 +34,9 @@ use std::collections::BTreeMap;
 /// prefill GEMM runs 128×128 tiles fed by `ldmatrix` and decodes sym 4/8-bit codes in f16 pairs.
 /// 10: cuda decode GEMVs over q4 NK weights of f16 schemes run on tensor cores (`gemv_mma`).
 /// 11: those and the f16 GEMM state the blocks per SM their registers must allow; vectorised
-/// norm staging. 12: the tensor-core GEMV's blocks per SM follow its block size.
-pub const VERSION: u32 = 12;
+/// norm staging. 12: the tensor-core GEMV's blocks per SM follow its block size. 13: it also
+/// takes q4 K-major weights (q4f16_0).
+pub const VERSION: u32 = 13;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -1,4 +1,4 @@
-//! Decode GEMV on f16 tensor cores, for 4-bit row-major (NK) weights of f16 schemes (q4f16_1).
+//! Decode GEMV on f16 tensor cores, for the 4-bit weights of f16 schemes (q4f16_1, q4f16_0).
 //!
 //! Why: a decode step reads every weight once, so the GEMV should run at the memory bandwidth;
 //! on an H200 that is ~18 bytes per SM clock, i.e. at most ~7 instructions per weight byte at
@@ -36,13 +36,13 @@ const BATCH: usize = 4;
 const MAX_STAGED_CHUNKS: usize = 40 * 1024 / 64;
 
 /// Whether a decode matmul over `m` runs here: an f16 model, sym 4-bit codes with f16 scales in
-/// u32 words, row-major, groups of 32 (one 16-byte chunk each), K small enough to stage.
+/// u32 words, groups of 32 (4 words: one 16-byte chunk of a row-major matrix, or 4 words a row
+/// of words apart in a K-major one), K small enough to stage.
 pub fn fits(m: &MatrixSpec) -> bool {
     let MatrixStorage::Quant(q) = m.storage else {
         return false;
     };
     m.model_dtype == DType::F16
-        && q.layout == Layout::NK
         && f16_decodable(&q)
         && q.bits == 4
         && q.group == 32
@@ -149,6 +149,31 @@ pub fn gemv_mma(
     } else {
         "n0 + r"
     };
+    // Chunk ch of row n: row-major, one 16-byte load; K-major, words 4ch … 4ch + 3 of column n,
+    // a row of words (W_N) apart — each a 32-byte run across the 8 lanes of a word index.
+    let (pointers, load, wstep, sstep) = match q.layout {
+        Layout::NK => (
+            "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr) * CPR + cbase;
+    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr + 8u) * CPR + cbase;
+    const unsigned short* q0 = w_s + (u64)row_n(lr) * W_NG + cbase;
+    const unsigned short* q1 = w_s + (u64)row_n(lr + 8u) * W_NG + cbase;",
+            "v$[i] = p$[i * STRIDE]; sc$[i] = q$[i * STRIDE];",
+            "BATCH * STRIDE",
+            "BATCH * STRIDE",
+        ),
+        Layout::KN => (
+            "    const unsigned* p0 = w_q + (u64)cbase * 4u * W_N + row_n(lr);
+    const unsigned* p1 = w_q + (u64)cbase * 4u * W_N + row_n(lr + 8u);
+    const unsigned short* q0 = w_s + (u64)cbase * W_N + row_n(lr);
+    const unsigned short* q1 = w_s + (u64)cbase * W_N + row_n(lr + 8u);",
+            "const unsigned* w = p$ + (u64)i * STRIDE * 4u * W_N;
+                v$[i] = uint4{w[0], w[W_N], w[2u * W_N], w[3u * W_N]};
+                sc$[i] = q$[(u64)i * STRIDE * W_N];",
+            "(u64)BATCH * STRIDE * 4u * W_N",
+            "(u64)BATCH * STRIDE * W_N",
+        ),
+    };
+    let (load0, load1) = (load.replace('$', "0"), load.replace('$', "1"));
     let store = store("out_val(r)", "out_val(r + RPB)");
     let body = format!(
         "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
@@ -183,10 +208,7 @@ pub fn gemv_mma(
     // This lane's chunk at step s is cbase + s·STRIDE; the pointers advance one batch at a
     // time, so the loads inside a batch have constant offsets.
     const unsigned cbase = warp * 4u + c;
-    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr) * CPR + cbase;
-    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr + 8u) * CPR + cbase;
-    const unsigned short* q0 = w_s + (u64)row_n(lr) * W_NG + cbase;
-    const unsigned short* q1 = w_s + (u64)row_n(lr + 8u) * W_NG + cbase;
+{pointers}
     const uint4* xp = &xh[0][0];
     float acc[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
     // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
@@ -200,8 +222,8 @@ pub fn gemv_mma(
             const bool in = CHUNKS_EXACT || cbase + (s0 + i) * STRIDE < CPR;
             v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
             sc0[i] = sc1[i] = 0;
-            if (ok0 && in) {{ v0[i] = p0[i * STRIDE]; sc0[i] = q0[i * STRIDE]; }}
-            if (ok1 && in) {{ v1[i] = p1[i * STRIDE]; sc1[i] = q1[i * STRIDE]; }}
+            if (ok0 && in) {{ {load0} }}
+            if (ok1 && in) {{ {load1} }}
         }}
         #pragma unroll
         for (unsigned i = 0; i < BATCH; ++i) {{
@@ -225,7 +247,7 @@ pub fn gemv_mma(
                 mma_f16(acc, hi, xb + 2);
             }}
         }}
-        p0 += BATCH * STRIDE; p1 += BATCH * STRIDE; q0 += BATCH * STRIDE; q1 += BATCH * STRIDE;
+        p0 += {wstep}; p1 += {wstep}; q0 += {sstep}; q1 += {sstep};
     }}
     // Every column of the result is the same: rows lr (c0) and lr + 8 (c2) from lanes c = 0.
     if (c == 0u) {{ part[warp][lr] = acc[0]; part[warp][lr + 8u] = acc[2]; }}

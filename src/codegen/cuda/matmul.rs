@@ -84,7 +84,7 @@ pub fn matmul(
     let plus_bias = if bias.is_some() { " + bias_at(n)" } else { "" };
     let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
     match (phase, kn) {
-        (Phase::Decode, false) if super::gemv_mma::fits(m) => Ok(super::gemv_mma::gemv_mma(
+        (Phase::Decode, _) if super::gemv_mma::fits(m) => Ok(super::gemv_mma::gemv_mma(
             b,
             m,
             plus_bias,

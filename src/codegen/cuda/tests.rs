@@ -343,14 +343,15 @@ fn gemv_chunks_cover_each_scheme_group() {
 
 #[test]
 fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
-    // Which decode GEMV each storage gets (K = 64): q4 row-major codes of an f16 scheme, the
-    // tensor-core one; f32 schemes, other widths and K-major words, the f32 one.
-    // (scheme, tensor cores, rows per block: 16 on tensor cores, a lane per row for K-major
-    // words, else the tuning's 4)
+    // Which decode GEMV each storage gets (K = 64): q4 codes of an f16 scheme (row-major or
+    // K-major words), the tensor-core one; f32 schemes and other widths, the f32 ones.
+    // (scheme, tensor cores, rows per block: 16 on tensor cores, a lane per row for the f32
+    // GEMV over K-major words, else the tuning's 4)
     for (scheme, tensor_cores, rows) in [
         ("q4f16_1", true, 16),
+        ("q4f16_0", true, 16),
+        ("q4f32_0", false, 32),
         ("q4f32_1", false, 4),
-        ("q4f16_0", false, 32),
         ("q8f16_1", false, 4),
         ("q3f16_1", false, 4),
         ("q0f16", false, 4),

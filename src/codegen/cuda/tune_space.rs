@@ -76,7 +76,7 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
             phase: Phase::Decode,
             ..
         } => {
-            // The tensor-core GEMV's blocks are the mma's 8 rows.
+            // The tensor-core GEMV's blocks are the mma's 16 rows.
             let nk = !matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
             (true, nk && !super::gemv_mma::fits(m), false)
         }

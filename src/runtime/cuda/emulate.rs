@@ -530,7 +530,7 @@ mod tests {
     }
 
     /// The bound on logits (relative to the CPU's) of kernels that multiply on f16 tensor cores:
-    /// prefill of f16 schemes, and their decode over q4 row-major weights (`f16_decode`); other
+    /// prefill of f16 schemes, and their decode over q4 weights (`f16_decode`); other
     /// decode steps are f32 and keep the caller's bound.
     const F16_TOL: f64 = 5e-3;
 
@@ -958,7 +958,7 @@ mod tests {
         }
     }
 
-    /// The tensor-core decode GEMV (q4 row-major weights of f16 schemes), exactly, as
+    /// The tensor-core decode GEMV (q4 weights of f16 schemes, row-major and K-major), exactly, as
     /// [`f16_gemm_of_one_hot_rows_is_exact`] checks prefill: decoding token t gives logit
     /// `[c] = x[t] · W[c, t]`. Shapes: several batches of load steps that divide K exactly
     /// (2048: 64 chunks, 2 warps), K past the last step (200 at 128 threads: 7 chunks for 16
@@ -969,13 +969,15 @@ mod tests {
         if !cxx_or_skip("f16_gemv_of_one_hot_rows_is_exact") {
             return;
         }
-        for (n, k, threads, tokens) in [
-            (2056, 2048, 64, &[0u32, 37, 1000, 2047][..]),
-            (264, 200, 128, &[0, 5, 199][..]),
+        for (scheme, n, k, threads, tokens) in [
+            ("q4f16_1", 2056, 2048, 64, &[0u32, 37, 1000, 2047][..]),
+            ("q4f16_1", 264, 200, 128, &[0, 5, 199][..]),
+            ("q4f16_0", 2056, 2048, 64, &[0, 37, 1000, 2047][..]),
+            ("q4f16_0", 264, 200, 128, &[0, 5, 199][..]),
         ] {
-            let (plan, records) = one_hot_plan("q4f16_1", n, k);
+            let (plan, records) = one_hot_plan(scheme, n, k);
             assert!(crate::codegen::cuda::f16_decode(&plan).unwrap());
-            let s = crate::quant::scheme::scheme("q4f16_1").unwrap();
+            let s = crate::quant::scheme::scheme(scheme).unwrap();
             use crate::quant::scheme::TensorRole;
             let values = |i: usize, role| {
                 let recs: Vec<&[u8]> = records[i].iter().map(|r| r.as_slice()).collect();
@@ -995,7 +997,7 @@ mod tests {
                 let want: Vec<f32> = (0..n).map(|c| e[t * k + t] * w[c * k + t]).collect();
                 if let Some(c) = got.iter().zip(&want).position(|(a, b)| a != b) {
                     panic!(
-                        "[{n}, {k}] token {t}: column {c}: {} on the GPU, {} expected",
+                        "{scheme} [{n}, {k}] token {t}: column {c}: {} on the GPU, {} expected",
                         got[c], want[c]
                     );
                 }
