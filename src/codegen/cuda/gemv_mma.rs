@@ -5,12 +5,14 @@
 //! the issue limit of 4 warp-instructions per clock. The f32 GEMV (`matmul::gemv_nk`) spends
 //! ~14 per byte on 4-bit codes (shift, mask, a quarter-rate integer-to-float conversion and an
 //! fma per weight; Llama-2-7B's q4f16_1 kernels, sm_90 SASS), capping decode near half the
-//! bandwidth. Here a weight costs ~2: codes are decoded two at a time into f16
-//! ([`super::f16_ops`]) and the products and sums are `mma.sync.m16n8k16`.
+//! bandwidth, and `gemv_kn` (q4f16_0) ~27. Here a weight costs ~2: codes are decoded two at a
+//! time into f16 ([`super::f16_ops`]) and the products and sums are `mma.sync.m16n8k16`
+//! (`benches/cuda_sass_profile.sh`: ~4.4 instructions per byte for both layouts).
 //!
 //! How: a warp's mma multiplies 16 weight rows (A: lane `lr = lane / 4` decodes rows `lr` and
-//! `lr + 8` of the block's, each a 16-byte chunk — one group of 32 codes — at chunk `c = lane
-//! % 4` of the warp's 4) by the activation (B: every one of its 8 columns, so every column of
+//! `lr + 8` of the block's, each a chunk of 4 words — one group of 32 codes; one 16-byte load
+//! row-major, 4 word loads a row of words apart K-major — at chunk `c = lane % 4` of the
+//! warp's 4) by the activation (B: every one of its 8 columns, so every column of
 //! the result holds the 16 dot products). Decoded pairs land in the A registers and staged
 //! activation pairs in the B registers as they are: no moves. The K order inside an mma is
 //! free as long as both operands use it: the weights stay in the pair order the decoder
