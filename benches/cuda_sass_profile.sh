@@ -27,10 +27,9 @@ mkdir -p "$WORK"
 if [ -z "${MLCB_BIN:-}" ]; then
     cargo build --release --bin mlcb --example synth_model >&2
     MLCB_BIN=target/release/mlcb
-    SYNTH=target/release/examples/synth_model
-else
-    SYNTH=${SYNTH:-$(dirname "$MLCB_BIN")/examples/synth_model}
 fi
+MLCB_BIN=$(realpath "$MLCB_BIN")
+SYNTH=${SYNTH:-$(dirname "$MLCB_BIN")/examples/synth_model}
 
 if [ -z "${TOOLS_DIR:-}" ]; then
     TOOLS_DIR=$WORK/tools
@@ -76,8 +75,10 @@ for scheme in $SCHEMES; do
     for arch in $ARCHS; do
         out=$WORK/dist-$scheme-$arch
         rm -rf "$out"
-        "$MLCB_BIN" build --model "$model" --target cuda --quantization "$scheme" --cuda-arch "$arch" \
-            --calibration none --debug-dump --artifact-path "$out" --cache-dir "$WORK/cache" >&2
+        # From WORK: a --model build writes its mlcb.lock in the current folder.
+        (cd "$WORK" && "$MLCB_BIN" build --model "$model" --target cuda --quantization "$scheme" \
+            --cuda-arch "$arch" --calibration none --debug-dump --artifact-path "$out" \
+            --cache-dir "$WORK/cache" >&2)
         for ptx in "$out"/*/debug/kernels/cuda/*.ptx; do
             name=$(basename "$ptx" .ptx)
             cubin=$WORK/k.cubin
