@@ -7,8 +7,9 @@
 //!
 //! What it checks: kernel indexing, dequantization, reductions, the attention/KV-cache logic,
 //! argument order, grids derived from the launch JSON, the meta convention. What it cannot check:
-//! the real hardware (the `mma` fragment layout is emulated from the PTX ISA's description, and
-//! the f16/tf32 conversions are host code), memory-model races, and performance. Tests skip when
+//! the real hardware (the `mma` and `ldmatrix` fragment layouts are emulated from the PTX ISA's
+//! description; the f16/tf32 conversions, f16x2 arithmetic, `lop3` and `prmt` are host code
+//! written from it), memory-model races, and performance. Tests skip when
 //! `g++` (C++20) is missing.
 
 use super::bind::{bind, ArgRef, Step};
@@ -155,8 +156,9 @@ inline void ldsm_x4(unsigned* r, const unsigned short* p) {
     for (unsigned i = 0; i < 4u; ++i)
         std::memcpy(&r[i], static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + l / 4]) + 2 * (l % 4), 4);
 }
-// f16x2 arithmetic rounded once per half: f16 sums, products and fmas are exact in double, so
-// one rounding of the double result is IEEE's f16 operation.
+// f16x2 arithmetic rounded once per half: sums and products of f16 values are exact in double
+// (an fma too unless its product and addend lie some 30 binades apart — never in these
+// kernels), so one rounding of the double result is IEEE's f16 operation.
 template <class F>
 inline unsigned emu_h2_op(unsigned a, unsigned b, unsigned c, F f) {
     unsigned r = 0;
