@@ -308,29 +308,31 @@ fn arguments_follow_the_documented_order() {
     assert_eq!(k.launch.grid[0].workgroups(1, 1), 4);
 }
 
+/// A plain `[n, k]` matmul of `phase` over a linear weight stored as `scheme` stores it.
+fn linear_matmul(scheme: &str, n: usize, k: usize, phase: Phase) -> KernelSpec {
+    let s = crate::quant::scheme::scheme(scheme).unwrap();
+    let storage = match s.layout_for(crate::quant::scheme::TensorRole::Linear) {
+        Some(layout) => WeightStorage::Quantized {
+            scheme: scheme.into(),
+            layout,
+        },
+        None => WeightStorage::Raw { dtype: DType::F16 },
+    };
+    KernelSpec::Matmul {
+        m: matrix_spec(&storage, n, k, s.model_dtype).unwrap(),
+        bias: None,
+        phase,
+        logits: false,
+        fusion: Default::default(),
+    }
+}
+
 #[test]
 fn gemv_chunks_cover_each_scheme_group() {
     // (scheme, values per 16-byte chunk) for K = 64: q3 = 8 u16 words × 5, q4 = 4 × 8, q8 = 4 × 4
     // (q4f16_1 runs on tensor cores: `tensor_core_gemv_takes_q4_rows_of_f16_schemes`).
     for (scheme, vpc) in [("q3f16_1", 40), ("q4f32_1", 32), ("q8f16_1", 16)] {
-        let s = crate::quant::scheme::scheme(scheme).unwrap();
-        let m = matrix_spec(
-            &WeightStorage::Quantized {
-                scheme: scheme.into(),
-                layout: s.linear_layout,
-            },
-            8,
-            64,
-            s.model_dtype,
-        )
-        .unwrap();
-        let spec = KernelSpec::Matmul {
-            m,
-            bias: None,
-            phase: Phase::Decode,
-            logits: false,
-            fusion: Default::default(),
-        };
+        let spec = linear_matmul(scheme, 8, 64, Phase::Decode);
         let k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
         assert!(
             k.source
@@ -356,23 +358,8 @@ fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
         ("q3f16_1", false, 4),
         ("q0f16", false, 4),
     ] {
-        let s = crate::quant::scheme::scheme(scheme).unwrap();
-        let storage = match s.layout_for(crate::quant::scheme::TensorRole::Linear) {
-            Some(layout) => WeightStorage::Quantized {
-                scheme: scheme.into(),
-                layout,
-            },
-            None => WeightStorage::Raw { dtype: DType::F16 },
-        };
-        let m = matrix_spec(&storage, 40, 64, s.model_dtype).unwrap();
-        let spec = KernelSpec::Matmul {
-            m,
-            bias: None,
-            phase: Phase::Decode,
-            logits: false,
-            fusion: Default::default(),
-        };
-        let f16 = s.model_dtype == DType::F16;
+        let spec = linear_matmul(scheme, 40, 64, Phase::Decode);
+        let f16 = crate::quant::scheme::scheme(scheme).unwrap().model_dtype == DType::F16;
         let k = generate("x", &spec, tunings()[0], "sm_80", f16).unwrap();
         assert_eq!(k.source.contains("mma.sync"), tensor_cores, "{scheme}");
         assert_eq!(tunings()[0].rows_per_block, 4);
@@ -401,22 +388,7 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
         // 5 codes per 16-bit word, 40 per chunk: not a divisor of the 32-wide K step.
         ("q3f16_1", "float wr_f[UPT];", 1),
     ] {
-        let s = crate::quant::scheme::scheme(scheme).unwrap();
-        let storage = match s.layout_for(crate::quant::scheme::TensorRole::Linear) {
-            Some(layout) => WeightStorage::Quantized {
-                scheme: scheme.into(),
-                layout,
-            },
-            None => WeightStorage::Raw { dtype: DType::F16 },
-        };
-        let m = matrix_spec(&storage, 200, 64, s.model_dtype).unwrap();
-        let spec = KernelSpec::Matmul {
-            m,
-            bias: None,
-            phase: Phase::Prefill,
-            logits: false,
-            fusion: Default::default(),
-        };
+        let spec = linear_matmul(scheme, 200, 64, Phase::Prefill);
         let k = generate("x", &spec, tunings()[0], "sm_80", true).unwrap();
         assert!(k.source.contains(regs), "{scheme}:\n{}", k.source);
         assert!(

@@ -703,6 +703,47 @@ mod tests {
         }
     }
 
+    /// `len` values in [-1, 1) from an xorshift seeded by `seed`.
+    fn random_values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Weight `name` of `shape` quantized by `scheme` for `role`: its declaration and records.
+    fn quantized_weight(
+        scheme: &str,
+        role: crate::quant::scheme::TensorRole,
+        name: &str,
+        shape: Vec<usize>,
+        values: &[f32],
+    ) -> (WeightDecl, Vec<Vec<u8>>) {
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let enc = crate::quant::quantize_param(s, role, name, &shape, values).unwrap();
+        let storage = match s.layout_for(role) {
+            Some(layout) => WeightStorage::Quantized {
+                scheme: scheme.into(),
+                layout,
+            },
+            None => WeightStorage::Raw {
+                dtype: enc[0].dtype,
+            },
+        };
+        let decl = WeightDecl {
+            name: name.into(),
+            shape,
+            storage,
+            records: enc.iter().map(|r| r.name.clone()).collect(),
+        };
+        (decl, enc.into_iter().map(|r| r.bytes).collect())
+    }
+
     /// embedding → a gated MLP with a residual (rms_norm, gate/up matmul with bias, silu_mul, down
     /// matmul, gelu, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda
     /// target fuses it (gate/up with the norm and the silu gate, down with the gelu and the
@@ -710,48 +751,21 @@ mod tests {
     fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
         let s = crate::quant::scheme::scheme(scheme).unwrap();
         let (v, h, f) = (40usize, 70usize, 19usize);
-        let rnd = |len: usize, seed: u32| -> Vec<f32> {
-            let mut x = seed.wrapping_mul(2654435761) | 1;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    (x as f32 / u32::MAX as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
         use crate::quant::scheme::TensorRole;
-        let mut weights = Vec::new();
-        let mut records = Vec::new();
-        for (name, shape, role, seed) in [
+        let (weights, records): (Vec<_>, Vec<_>) = [
             ("embed.weight", vec![v, h], TensorRole::Embedding, 1),
             ("gate_up.weight", vec![2 * f, h], TensorRole::Linear, 2),
             ("gate_up.bias", vec![2 * f], TensorRole::Raw, 3),
             ("down.weight", vec![h, f], TensorRole::Linear, 5),
             ("head.weight", vec![v, h], TensorRole::LmHead, 4),
             ("norm.weight", vec![h], TensorRole::Raw, 6),
-        ] {
+        ]
+        .into_iter()
+        .map(|(name, shape, role, seed)| {
             let numel = shape.iter().product();
-            let enc =
-                crate::quant::quantize_param(s, role, name, &shape, &rnd(numel, seed)).unwrap();
-            let storage = match s.layout_for(role) {
-                Some(layout) => WeightStorage::Quantized {
-                    scheme: scheme.into(),
-                    layout,
-                },
-                None => WeightStorage::Raw {
-                    dtype: enc[0].dtype,
-                },
-            };
-            weights.push(WeightDecl {
-                name: name.into(),
-                shape,
-                storage,
-                records: enc.iter().map(|r| r.name.clone()).collect(),
-            });
-            records.push(enc.into_iter().map(|r| r.bytes).collect());
-        }
+            quantized_weight(scheme, role, name, shape, &random_values(numel, seed))
+        })
+        .unzip();
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
             Op::RmsNorm {
@@ -826,42 +840,16 @@ mod tests {
     fn one_hot_plan(scheme: &str, n: usize, k: usize) -> (Plan, Vec<Vec<Vec<u8>>>) {
         use crate::quant::scheme::TensorRole;
         let s = crate::quant::scheme::scheme(scheme).unwrap();
-        let mut x = 0x9E37_79B9u32;
-        let head: Vec<f32> = (0..n * k)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect();
         let embed: Vec<f32> = (0..n * k)
             .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
             .collect();
-        let mut weights = Vec::new();
-        let mut records = Vec::new();
-        for (name, role, values) in [
-            ("embed.weight", TensorRole::Embedding, &embed),
-            ("head.weight", TensorRole::LmHead, &head),
-        ] {
-            let enc = crate::quant::quantize_param(s, role, name, &[n, k], values).unwrap();
-            let storage = match s.layout_for(role) {
-                Some(layout) => WeightStorage::Quantized {
-                    scheme: scheme.into(),
-                    layout,
-                },
-                None => WeightStorage::Raw {
-                    dtype: enc[0].dtype,
-                },
-            };
-            weights.push(WeightDecl {
-                name: name.into(),
-                shape: vec![n, k],
-                storage,
-                records: enc.iter().map(|r| r.name.clone()).collect(),
-            });
-            records.push(enc.into_iter().map(|r| r.bytes).collect());
-        }
+        let (weights, records): (Vec<_>, Vec<_>) = [
+            ("embed.weight", TensorRole::Embedding, embed),
+            ("head.weight", TensorRole::LmHead, random_values(n * k, 7)),
+        ]
+        .into_iter()
+        .map(|(name, role, values)| quantized_weight(scheme, role, name, vec![n, k], &values))
+        .unzip();
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
             Op::Logits {
@@ -897,6 +885,25 @@ mod tests {
         (plan, records)
     }
 
+    /// The artifact's values (f16-rounded decodes) of [`one_hot_plan`]'s embedding and head.
+    fn one_hot_values(
+        scheme: &str,
+        records: &[Vec<Vec<u8>>],
+        n: usize,
+        k: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        use crate::quant::scheme::TensorRole;
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let values = |i: usize, role| {
+            let recs: Vec<&[u8]> = records[i].iter().map(|r| r.as_slice()).collect();
+            crate::quant::dequantize_param(s, role, &[n, k], &recs).unwrap()
+        };
+        (
+            values(0, TensorRole::Embedding),
+            values(1, TensorRole::LmHead),
+        )
+    }
+
     /// The f16 tensor-core GEMM, exactly (see [`one_hot_plan`]): its operands are f16, so logit
     /// `[t, c]` must be `x[t] · W[c, t]` with the artifact's f16 values of both (the CPU's
     /// `dequantize_param`), a product exact in f32. Covers every weight staging path (sym 4/8-bit codes decoded in f16 pairs,
@@ -923,17 +930,7 @@ mod tests {
         ] {
             let (plan, records) = one_hot_plan(scheme, n, k);
             assert!(crate::codegen::cuda::f16_prefill(&plan), "{scheme}");
-            // The artifact's values (f16-rounded decodes) of both matrices.
-            let s = crate::quant::scheme::scheme(scheme).unwrap();
-            use crate::quant::scheme::TensorRole;
-            let values = |i: usize, role| {
-                let recs: Vec<&[u8]> = records[i].iter().map(|r| r.as_slice()).collect();
-                crate::quant::dequantize_param(s, role, &[n, k], &recs).unwrap()
-            };
-            let (e, w) = (
-                values(0, TensorRole::Embedding),
-                values(1, TensorRole::LmHead),
-            );
+            let (e, w) = one_hot_values(scheme, &records, n, k);
             let mut want = Vec::with_capacity(n * k);
             for t in 0..k {
                 let x = &e[t * k..(t + 1) * k];
@@ -979,16 +976,7 @@ mod tests {
         ] {
             let (plan, records) = one_hot_plan(scheme, n, k);
             assert!(crate::codegen::cuda::f16_decode(&plan).unwrap());
-            let s = crate::quant::scheme::scheme(scheme).unwrap();
-            use crate::quant::scheme::TensorRole;
-            let values = |i: usize, role| {
-                let recs: Vec<&[u8]> = records[i].iter().map(|r| r.as_slice()).collect();
-                crate::quant::dequantize_param(s, role, &[n, k], &recs).unwrap()
-            };
-            let (e, w) = (
-                values(0, TensorRole::Embedding),
-                values(1, TensorRole::LmHead),
-            );
+            let (e, w) = one_hot_values(scheme, &records, n, k);
             let kernels = EmuKernels::compile(
                 generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), "sm_80").unwrap(),
             );
