@@ -35,8 +35,9 @@ use std::collections::BTreeMap;
 /// 10: cuda decode GEMVs over q4 NK weights of f16 schemes run on tensor cores (`gemv_mma`).
 /// 11: those and the f16 GEMM state the blocks per SM their registers must allow; vectorised
 /// norm staging. 12: the tensor-core GEMV's blocks per SM follow its block size. 13: it also
-/// takes q4 K-major weights (q4f16_0).
-pub const VERSION: u32 = 13;
+/// takes q4 K-major weights (q4f16_0). 14: cuda prefill attention of f16 schemes runs on f16
+/// tensor cores (`attention_mma`).
+pub const VERSION: u32 = 14;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

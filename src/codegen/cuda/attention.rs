@@ -6,6 +6,7 @@
 //! `pos + T ≤ max_seq_len`.
 
 use super::builder::{CudaBuilder, Elem};
+use super::f16_ops::F16_OPS;
 use super::launch::{CudaLaunch, GridDim};
 
 /// Rotary embedding of one pair: the rotary kernel and the decode attention that fuses it share
@@ -35,19 +36,24 @@ pub fn kv_f16(f16: bool, head_dim: usize) -> bool {
 /// one from an f32, `kv_load` reads one back, and `kv_load` of an f32 (a key or value of this
 /// call, read from qkv) rounds it as the cache would: every key and value counts with the same
 /// value whether it came from this call or an earlier one, so logits do not depend on how a
-/// prompt was split into calls. f16 values saturate at ±65504 rather than becoming infinite.
-fn kv_helpers(f16: bool) -> &'static str {
+/// prompt was split into calls. f16 values saturate at ±65504 rather than becoming infinite (NaN
+/// stays NaN): the rounding of `cvt.rn.satfinite`, which turns two values into a word of the
+/// cache in one instruction (`pack_h2_sat`; the f16 helpers are included with these).
+pub(super) fn kv_helpers(f16: bool) -> String {
     if f16 {
-        "typedef unsigned short kv_t;
-__device__ __forceinline__ unsigned short kv_store(float x) { return f2h(fminf(fmaxf(x, -65504.0f), 65504.0f)); }
-__device__ __forceinline__ float kv_load(unsigned short h) { return h2f(h); }
-__device__ __forceinline__ float kv_load(float x) { return h2f(kv_store(x)); }
+        format!(
+            "{F16_OPS}typedef unsigned short kv_t;
+__device__ __forceinline__ unsigned short kv_store(float x) {{ return (unsigned short)(pack_h2_sat(x, 0.0f) & 0xFFFFu); }}
+__device__ __forceinline__ float kv_load(unsigned short h) {{ return h2f(h); }}
+__device__ __forceinline__ float kv_load(float x) {{ return h2f(kv_store(x)); }}
 "
+        )
     } else {
         "typedef float kv_t;
 __device__ __forceinline__ float kv_store(float x) { return x; }
 __device__ __forceinline__ float kv_load(float x) { return x; }
 "
+        .to_string()
     }
 }
 
@@ -91,7 +97,7 @@ pub fn rotary(
 /// What both attention kernels declare: the shape constants (kv group size, head_dim, the q, kv
 /// and fused qkv widths, output dims per lane, the softmax scale) and the arguments, in the order
 /// the launch JSON records (qkv, KV cache k and v, output).
-fn declare_attention(
+pub(super) fn declare_attention(
     b: &mut CudaBuilder,
     n_q_heads: usize,
     n_kv_heads: usize,
@@ -501,5 +507,5 @@ pub fn attention_tiled(
         GridDim::tokens(TILE_Q as u64),
         GridDim::one(),
     ];
-    b.finish(kv_helpers(kv_f16), body, TILE_THREADS, grid)
+    b.finish(&kv_helpers(kv_f16), body, TILE_THREADS, grid)
 }

@@ -1,5 +1,5 @@
-//! What the f16 tensor-core kernels share (the prefill GEMM, `gemm_f16`, and the decode GEMV
-//! of f16 schemes, `gemv_mma`): f16 packing, `mma.sync.m16n8k16`, `ldmatrix`, f16x2
+//! What the f16 tensor-core kernels share (the prefill GEMM, `gemm_f16`, the decode GEMV of f16
+//! schemes, `gemv_mma`, and the prefill attention, `attention_mma`): f16 packing, `mma.sync.m16n8k16`, `ldmatrix`, f16x2
 //! arithmetic, and the decoders of sym 4/8-bit codes into f16 pairs.
 //!
 //! Why decode in f16 pairs: one value at a time in f32 costs shift, mask, integer-to-float
@@ -33,6 +33,14 @@ __device__ __forceinline__ void ldsm_x4(unsigned* r, const unsigned short* p) {
     unsigned a;
     asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// The same with `.trans`: register i receives matrix i's column lane / 4, rows 2(lane % 4) and
+// +1 (an operand stored K-major becomes an mma B fragment).
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const unsigned short* p) {
+    unsigned a;
+    asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 // f16x2 arithmetic, each half rounded once (`.rn`: never contracted into an fma).

@@ -13,16 +13,19 @@
 //! | matmul, logits (prefill, f16 schemes) | `…_gemm` (f16 tensor cores, [`gemm_f16`]) | 256 | `[ceil(N/128), ceil(rows/64), 1]` |
 //! | rotary | `mlcb_rotary` | TPB | `[ceil((nq+nkv)·rd/2 / TPB), T, 1]` |
 //! | attention (decode; prefill with head_dim > 128) | `mlcb_attention` | TPB | `[n_q_heads, T, 1]` |
-//! | attention (prefill, head_dim ≤ 128) | `mlcb_attention` (query tiles) | 128 | `[n_q_heads, ceil(T/16), 1]` |
+//! | attention (prefill, f16 schemes, head_dim a multiple of 16 ≤ 128) | `mlcb_attention` (f16 tensor cores, [`attention_mma`]) | 128 | `[n_q_heads, ceil(T/64), 1]` |
+//! | attention (prefill, other head_dim ≤ 128) | `mlcb_attention` (query tiles) | 128 | `[n_q_heads, ceil(T/16), 1]` |
 //! | silu_mul, gelu, relu_square, sigmoid, scale, add, mul | `mlcb_<op>` | TPB | `[ceil(cols/TPB), T, 1]` |
 //! | rwkv_token_shift, rwkv_wkv | `mlcb_rwkv_token_shift`, `mlcb_rwkv_wkv` | TPB | `[ceil(hidden/TPB), 1, 1]` |
 //!
 //! The argument list, the grid and the block are stored in the kernel's launch JSON
 //! ([`launch::CudaLaunch`]); the runtime derives every launch from it. Arithmetic is f32
 //! (decode GEMVs accumulate in f32) except the prefill matmuls: f16 tensor-core products with f32
-//! sums in libraries of f16 schemes, 3xTF32 (f32-accurate) products otherwise.
+//! sums in libraries of f16 schemes, 3xTF32 (f32-accurate) products otherwise; in libraries of
+//! f16 schemes also prefill attention's two products and the decode GEMV over q4 weights.
 
 mod attention;
+mod attention_mma;
 pub mod builder;
 mod elementwise;
 mod f16_ops;
@@ -158,6 +161,14 @@ pub fn generate(
             ..
         } if phase_of(signature) != Some(Phase::Decode) => {
             bail!("kernel {signature}: only decode attention applies rotary itself (an mlcb bug)")
+        }
+        KernelSpec::Attention {
+            n_q_heads,
+            n_kv_heads,
+            head_dim,
+            ..
+        } if phase_of(signature) == Some(Phase::Prefill) && attention_mma::fits(f16, *head_dim) => {
+            attention_mma::attention_mma(b, *n_q_heads, *n_kv_heads, *head_dim)
         }
         KernelSpec::Attention {
             n_q_heads,

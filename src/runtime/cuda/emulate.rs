@@ -39,6 +39,7 @@ const EMU_HEADER: &str = r#"
 #define __align__(n) __attribute__((aligned(n)))
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
 struct uint2 { unsigned x, y; };
+struct float2 { float x, y; };
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
 // Internal linkage: `inline` variables would be GNU-unique symbols, shared by every emulator
@@ -155,6 +156,18 @@ inline void ldsm_x4(unsigned* r, const unsigned short* p) {
     emu::warp_bars[w]->arrive_and_wait();
     for (unsigned i = 0; i < 4u; ++i)
         std::memcpy(&r[i], static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + l / 4]) + 2 * (l % 4), 4);
+}
+// .trans: register i of lane l is rows 2(l % 4) and +1 of column l / 4 of matrix i (lower row
+// in the low half).
+inline void ldsm_x4_trans(unsigned* r, const unsigned short* p) {
+    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
+    emu::ldsm_row[q][w][l] = p;
+    emu::warp_bars[w]->arrive_and_wait();
+    for (unsigned i = 0; i < 4u; ++i) {
+        const unsigned short lo = static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + 2 * (l % 4)])[l / 4];
+        const unsigned short hi = static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + 2 * (l % 4) + 1])[l / 4];
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
 }
 // f16x2 arithmetic rounded once per half: sums and products of f16 values are exact in double
 // (an fma too unless its product and addend lie some 30 binades apart — never in these
@@ -993,6 +1006,119 @@ mod tests {
                 }
                 assert!(want.iter().filter(|v| **v != 0.0).count() > n / 2);
             }
+        }
+    }
+
+    /// embedding (`[256, cols]`: a token's row is its q, k and v, random in ±3 so the softmax is
+    /// far from uniform) → attention (`n_q` heads over `n_kv` key/value heads of `head_dim`,
+    /// no rotary) → logits (`[v, n_q·head_dim]` random), `scheme`'s storage.
+    fn attention_plan(
+        scheme: &str,
+        n_q: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> (Plan, Vec<Vec<Vec<u8>>>) {
+        use crate::quant::scheme::TensorRole;
+        let s = crate::quant::scheme::scheme(scheme).unwrap();
+        let (v, qc) = (256usize, n_q * head_dim);
+        let cols = qc + 2 * n_kv * head_dim;
+        let embed: Vec<f32> = random_values(v * cols, 11)
+            .iter()
+            .map(|x| 3.0 * x)
+            .collect();
+        let (weights, records): (Vec<_>, Vec<_>) = [
+            ("embed.weight", TensorRole::Embedding, vec![v, cols], embed),
+            (
+                "head.weight",
+                TensorRole::LmHead,
+                vec![v, qc],
+                random_values(v * qc, 12),
+            ),
+        ]
+        .into_iter()
+        .map(|(name, role, shape, values)| quantized_weight(scheme, role, name, shape, &values))
+        .unzip();
+        let ops = vec![
+            Op::Embedding { weight: 0, out: 0 },
+            Op::Attention {
+                qkv: 0,
+                state: 0,
+                n_q_heads: n_q,
+                n_kv_heads: n_kv,
+                head_dim,
+                out: 1,
+                rotary: None,
+            },
+            Op::Logits {
+                input: 1,
+                weight: 1,
+            },
+        ];
+        let buffer = |name: &str, cols| BufferDecl {
+            name: name.into(),
+            cols,
+        };
+        let plan = Plan {
+            format_version: PLAN_FORMAT_BASE,
+            arch: "test".into(),
+            quantization: scheme.into(),
+            model_dtype: s.model_dtype,
+            vocab_size: v,
+            hidden_size: cols,
+            max_seq_len: 256,
+            stop_tokens: vec![0],
+            weights,
+            buffers: vec![buffer("qkv", cols), buffer("y", qc), buffer("logits", v)],
+            states: vec![StateDecl::KvCache {
+                layer: 0,
+                n_kv_heads: n_kv,
+                head_dim,
+            }],
+            prefill: ops.clone(),
+            decode: ops,
+            logits: 2,
+        };
+        (plan, records)
+    }
+
+    /// Prefill attention of f16 schemes on tensor cores (`codegen::cuda::attention_mma`) against
+    /// the CPU: 150 rows (three 64-query tiles, the last ragged; keys over three 64-key tiles),
+    /// then 70 more at position 150 (earlier keys from the f16 cache the first call wrote), then
+    /// two decode steps over that cache; grouped (4 query heads over 2, head_dim 64) and not
+    /// (head_dim 80: an odd number of 16-dim steps). f16 error, inside the f16 bound.
+    #[test]
+    fn prefill_attention_on_tensor_cores_matches_the_cpu() {
+        if !cxx_or_skip("prefill_attention_on_tensor_cores_matches_the_cpu") {
+            return;
+        }
+        for (n_q, n_kv, head_dim) in [(4, 2, 64), (2, 2, 80)] {
+            let (plan, records) = attention_plan("q0f16", n_q, n_kv, head_dim);
+            // Distinct tokens: a later key tile holds new maxima (the online softmax rescales).
+            let ids: Vec<u32> = (0..222u32).map(|i| (i * 29 + 7) % 256).collect();
+            let want = cpu_logits(&plan, &records, &ids);
+            let kernels = EmuKernels::compile(
+                generate_plan(&plan, &tuning_records(&plan, (128, 4, 2)), "sm_80").unwrap(),
+            );
+            assert!(
+                kernels
+                    .kernels
+                    .iter()
+                    .any(|k| k.signature.starts_with("prefill:attention")
+                        && k.source.contains("ldsm_x4_trans(")),
+                "prefill attention on tensor cores"
+            );
+            let mut s = EmuSession::new(&plan, &kernels, &records);
+            let mut got = s.forward(&ids[..150], true);
+            got.extend(s.forward(&ids[150..220], true));
+            for id in &ids[220..] {
+                got.extend(s.forward(&[*id], false));
+            }
+            let e = rel_err(&got, &want);
+            eprintln!("attention {n_q}/{n_kv} heads of {head_dim}: rel err {e:.2e}");
+            assert!(
+                e < F16_TOL && e > 1e-5,
+                "{n_q}/{n_kv}×{head_dim}: rel err {e:e}"
+            );
         }
     }
 
