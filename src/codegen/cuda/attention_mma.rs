@@ -66,6 +66,10 @@ pub fn attention_mma(
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
     const float NEG_INF = __uint_as_float(0xFF800000u);
+    // This lane's ldmatrix row addresses (shared window), before the tiles' constant offsets:
+    // keys (matrices: keys +0 dims lo, +0 hi, +8 lo, +8 hi), values (keys lo, hi; dims +0, +8).
+    const unsigned k_lane = smem_u32(&k_sh[(lane >> 4) * 8u + (lane & 7u)][((lane >> 3) & 1u) * 8u]);
+    const unsigned v_lane = smem_u32(&v_sh[((lane >> 3) & 1u) * 8u + (lane & 7u)][(lane >> 4) * 8u]);
     const unsigned h = blockIdx.x, t0 = blockIdx.y * QT;
     if (t0 >= T) return;
     const unsigned t_end = t0 + QT < T ? t0 + QT : T;
@@ -130,7 +134,7 @@ pub fn attention_mma(
             #pragma unroll
             for (unsigned nt = 0; nt < KT / 8u; nt += 2u) {
                 unsigned kb[4];
-                ldsm_x4(kb, &k_sh[nt * 8u + (lane >> 4) * 8u + (lane & 7u)][kc * 16u + ((lane >> 3) & 1u) * 8u]);
+                ldsm_x4(kb, k_lane + (nt * 8u * HDP + kc * 16u) * 2u);
                 mma_f16(s[nt], qf[kc], kb);
                 mma_f16(s[nt + 1u], qf[kc], kb + 2);
             }
@@ -179,7 +183,7 @@ pub fn attention_mma(
             #pragma unroll
             for (unsigned dt = 0; dt < DT; dt += 2u) {
                 unsigned vb[4];
-                ldsm_x4_trans(vb, &v_sh[kc * 16u + ((lane >> 3) & 1u) * 8u + (lane & 7u)][(dt + (lane >> 4)) * 8u]);
+                ldsm_x4_trans(vb, v_lane + (kc * 16u * HDP + dt * 8u) * 2u);
                 mma_f16(o[dt], pa, vb);
                 mma_f16(o[dt + 1u], pa, vb + 2);
             }

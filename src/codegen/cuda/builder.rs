@@ -40,6 +40,8 @@ __device__ __forceinline__ float bf16_round(float v) {
     return __uint_as_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
 }
 #ifndef MLCB_EMULATE
+// A hint: start moving the 128-byte line at p into L2 (no register, no fault past the end).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -130,6 +132,9 @@ pub struct CudaBuilder {
     pub tuning: CudaTuning,
     /// Start with [`PDL_ENTER`]: the kernel may be launched before the one it depends on ends.
     pub pdl: bool,
+    /// With `pdl`: statements before the wait, which must not read anything the kernels before
+    /// write (nor `meta`): independent work that overlaps their end.
+    pub pre_wait: String,
     /// `__launch_bounds__`'s second argument: the blocks per SM the register allocation must
     /// allow. Without it ptxas may squeeze a kernel's registers (and spill) for an occupancy it
     /// does not need.
@@ -149,6 +154,7 @@ impl CudaBuilder {
             entry_point: entry_point.to_string(),
             tuning,
             pdl: false,
+            pre_wait: String::new(),
             min_blocks: None,
             arch: arch.to_string(),
             consts: String::new(),
@@ -303,7 +309,11 @@ impl CudaBuilder {
         params.push("const unsigned* __restrict__ meta".into());
         params.push("float scalar".into());
         params.push("unsigned index".into());
-        let pdl = if self.pdl { PDL_ENTER } else { "" };
+        let pdl = if self.pdl {
+            format!("{}{PDL_ENTER}", self.pre_wait)
+        } else {
+            String::new()
+        };
         let bounds = match self.min_blocks {
             Some(m) => format!("{block}, {m}"),
             None => block.to_string(),

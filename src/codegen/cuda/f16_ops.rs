@@ -27,19 +27,23 @@ __device__ __forceinline__ void mma_f16(float* c, const unsigned* a, const unsig
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-// ldmatrix.x4: lane l gives the address of row l % 8 of 8×8 matrix l / 8 (16 bytes of f16);
-// register i receives matrix i's row lane / 4, columns 2(lane % 4) and +1.
-__device__ __forceinline__ void ldsm_x4(unsigned* r, const unsigned short* p) {
+// The shared-memory window address of a `__shared__` object: ldmatrix takes 32-bit addresses,
+// so a kernel converts its base once and adds constant offsets (immediates of the
+// instruction) instead of forming 64-bit generic pointers per load.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned a;
     asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// ldmatrix.x4 at shared address a: lane l gives the address of row l % 8 of 8×8 matrix l / 8
+// (16 bytes of f16); register i receives matrix i's row lane / 4, columns 2(lane % 4) and +1.
+__device__ __forceinline__ void ldsm_x4(unsigned* r, unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 // The same with `.trans`: register i receives matrix i's column lane / 4, rows 2(lane % 4) and
 // +1 (an operand stored K-major becomes an mma B fragment).
-__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const unsigned short* p) {
-    unsigned a;
-    asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }

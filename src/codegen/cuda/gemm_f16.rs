@@ -346,9 +346,13 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     let x_units = (F16_BM * F16_BK / 4) as usize;
     b.const_u32("XPT", x_units.div_ceil(threads));
     let k_edge = m.k % F16_BK as usize != 0;
+    // A thread's activation units are rows `tid / 8 + 32j` at the same K offset: one pointer,
+    // advanced by k0, plus constant row offsets (the loads' immediates).
+    const _: () =
+        assert!((F16_BM * F16_BK / 4) % F16_THREADS == 0 && F16_THREADS % (F16_BK / 4) == 0);
     let x_fetch = if m.k % 4 == 0 {
         let in_k = if k_edge { " && k < W_K" } else { "" };
-        format!("xr[j] = (t < ROWS{in_k}) ? *reinterpret_cast<const float4*>(x + (u64)(ROW0 + t) * W_K + k) : float4{{0.0f, 0.0f, 0.0f, 0.0f}};")
+        format!("xr[j] = (t < ROWS{in_k}) ? *reinterpret_cast<const float4*>(x_lane + (u64)j * (GT / (BK / 4u)) * W_K + k0) : float4{{0.0f, 0.0f, 0.0f, 0.0f}};")
     } else {
         "const float* xp = x + (u64)(ROW0 + t) * W_K;
                 const bool in = t < ROWS;
@@ -386,7 +390,11 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     // This lane's ldmatrix row addresses (see the fragment layouts above).
     const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
     const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
+    // ... as shared-window addresses in buffer 0 (a buffer is the next PAD · rows halves).
+    const unsigned xs_lane = smem_u32(&xs[0][wm + a_row][a_col]), ws_lane = smem_u32(&ws[0][wn + b_row][b_col]);
     float4 xr[XPT];
+    const float* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / 4u)) * W_K + (tid % (BK / 4u)) * 4u;
+    (void)x_lane;
     {regs}
     // Global memory → registers for the K step at k0.
     auto fetch = [&](unsigned k0) {{
@@ -444,15 +452,16 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
         const bool more = k0 + BK < W_K;
         if (more) fetch(k0 + BK);
+        const unsigned xa = xs_lane + buf * (BM * PAD * 2u), wa = ws_lane + buf * (BN * PAD * 2u);
         #pragma unroll
         for (unsigned ks = 0; ks < BK; ks += 16u) {{
             unsigned a[{mi}][4], bf[{nj}][2];
             #pragma unroll
-            for (unsigned i = 0; i < {mi}u; ++i) ldsm_x4(a[i], &xs[buf][wm + i * 16u + a_row][ks + a_col]);
+            for (unsigned i = 0; i < {mi}u; ++i) ldsm_x4(a[i], xa + (i * 16u * PAD + ks) * 2u);
             #pragma unroll
             for (unsigned j = 0; j < {nj}u; j += 2u) {{
                 unsigned r[4];
-                ldsm_x4(r, &ws[buf][wn + j * 8u + b_row][ks + b_col]);
+                ldsm_x4(r, wa + (j * 8u * PAD + ks) * 2u);
                 bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
             }}
             #pragma unroll

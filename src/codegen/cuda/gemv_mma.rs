@@ -279,6 +279,7 @@ pub fn gemv_mma(
     // cap on registers this implies is 128 at any block size). Left alone, ptxas gives this
     // kernel 48 registers and spills in the loop.
     b.min_blocks = Some((512 / tpb).max(1));
+    b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate);
     let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
     b.finish(&helpers, &body, tpb, grid)
 }

@@ -230,6 +230,44 @@ fn nk_scalar(m: &MatrixSpec) -> String {
 /// Decode GEMV over NK rows: the block's threads split each row's 16-byte chunks; a thread
 /// loads a chunk's activations once and uses them for all `rows_per_block` rows (activation
 /// reads per block are K floats, not K per row), then warp shuffles and shared memory sum.
+/// Bytes of its weight rows a decode GEMV block asks L2 for before it waits ([`prefetch_rows`]):
+/// 32 KiB, two 128-byte lines per thread of a 128-thread block.
+const PREFETCH_BYTES: usize = 32 << 10;
+
+/// Statements for [`CudaBuilder::pre_wait`] of a decode GEMV whose block reads weight rows
+/// `row_n(r)` for `r < rows` (`RPB` output rows; with a silu gate `r < RPB` the gate rows and
+/// the rest the up rows, `OUT_N` apart): prefetch the start of each row, up to
+/// [`PREFETCH_BYTES`] in all, into L2. Under programmatic dependent launch the block becomes
+/// resident while the kernel before it finishes; its weights do not depend on that kernel, so
+/// their first bytes stream in during what would be the gap between the two. Nothing for
+/// K-major weights (a block's rows are short runs of many lines).
+pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool) -> String {
+    let Some((ptr, row_bytes)) = super::weights::nk_rows(m) else {
+        return String::new();
+    };
+    let lines = row_bytes
+        .div_ceil(128)
+        .min(PREFETCH_BYTES / 128 / rows)
+        .max(1);
+    let row_of = if silu_gate {
+        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
+    } else {
+        "n0 + r"
+    };
+    format!(
+        "    {{
+        // Before waiting for the kernel before: the start of this block's weight rows into L2.
+        const unsigned n0 = blockIdx.x * RPB;
+        for (unsigned i = threadIdx.x; i < {rows}u * {lines}u; i += TPB) {{
+            const unsigned r = i / {lines}u;
+            if (n0 + r % RPB >= OUT_N) continue;
+            prefetch_l2(reinterpret_cast<const char*>({ptr}) + (u64)({row_of}) * {row_bytes}u + (i % {lines}u) * 128u);
+        }}
+    }}
+"
+    )
+}
+
 fn gemv_nk(
     mut b: CudaBuilder,
     m: &MatrixSpec,
@@ -326,6 +364,11 @@ fn gemv_nk(
         GridDim::rows(1),
         GridDim::one(),
     ];
+    b.pre_wait = prefetch_rows(
+        m,
+        rpb as usize * (1 + fusion.silu_gate as usize),
+        fusion.silu_gate,
+    );
     Ok(b.finish("", &body, tpb, grid))
 }
 

@@ -478,8 +478,9 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
 }
 
 /// Decode kernels for sm_90 start by waiting for the kernel before them (so the runtime may
-/// launch them early, programmatic dependent launch) and say so in their launch JSON; prefill
-/// kernels and every kernel for older architectures do neither (the instruction needs sm_90).
+/// launch them early, programmatic dependent launch) and say so in their launch JSON, the
+/// decode GEMVs after prefetching the start of their weight rows; prefill kernels and every
+/// kernel for older architectures do neither (the instruction needs sm_90).
 #[test]
 fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
     let plan = crate::codegen::fuse::fuse_decode(crate::model::testing::lowered_plan(
@@ -500,6 +501,22 @@ fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
                 "{cuda_arch} {}",
                 k.signature
             );
+            // Decode GEMVs over row-major weights ask L2 for their rows before they wait.
+            let gemv = k.signature.contains(":matmul") || k.signature.contains(":logits");
+            let prefetch = k.source.find("prefetch_l2(reinterpret_cast");
+            assert_eq!(
+                prefetch.is_some(),
+                want && gemv,
+                "{cuda_arch} {}",
+                k.signature
+            );
+            if let Some(at) = prefetch {
+                assert!(
+                    at < k.source.find("griddepcontrol.wait").unwrap(),
+                    "{}",
+                    k.signature
+                );
+            }
         }
         if cuda_arch == "sm_90"
             && nvrtc_or_skip("decode_kernels_for_sm_90_wait_for_the_kernel_before")

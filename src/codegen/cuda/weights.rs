@@ -12,6 +12,18 @@ use crate::codegen::wgsl::spec::{Codec, MatrixSpec, MatrixStorage};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
+/// Where row `n` of a row-major (NK) matrix's data starts: the record pointer and the bytes per
+/// row (`n · bytes` from the pointer); `None` for K-major storage, whose rows are columns.
+pub fn nk_rows(m: &MatrixSpec) -> Option<(&'static str, usize)> {
+    match m.storage {
+        MatrixStorage::Raw(dtype) => Some(("w_raw", m.k * dtype.size())),
+        MatrixStorage::Quant(q) if q.layout == Layout::NK => {
+            Some(("w_q", q.words_per_row * if q.word16 { 2 } else { 4 }))
+        }
+        MatrixStorage::Quant(_) => None,
+    }
+}
+
 /// Declare the weight's records (argument order: record 0, record 1) and its accessors.
 pub fn declare_matrix(b: &mut CudaBuilder, op_field: &str, m: &MatrixSpec) {
     b.const_u32("W_N", m.n);

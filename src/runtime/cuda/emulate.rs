@@ -24,6 +24,7 @@ const EMU_HEADER: &str = r#"
 #define MLCB_EMULATE 1
 #include <cmath>
 #include <cstring>
+#include <cstdint>
 #include <thread>
 #include <barrier>
 #include <vector>
@@ -65,6 +66,8 @@ inline unsigned next_buffer() { const unsigned p = parity; parity ^= 1u; return 
 #define blockDim (emu::bdim)
 #define gridDim (emu::gdim)
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+// A cache hint: nothing to emulate.
+inline void prefetch_l2(const void*) {}
 // Blocks run one after another, so device-wide ordering holds by construction; the atomic
 // still is one (a block's threads are host threads).
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -148,20 +151,29 @@ inline unsigned pack_h2_sat(float lo, float hi) {
     auto sat = [](float v) { return std::isnan(v) ? v : fminf(fmaxf(v, -65504.0f), 65504.0f); };
     return pack_h2(sat(lo), sat(hi));
 }
+// Shared-window addresses: offsets from an anchor in the same image (a kernel's `__shared__`
+// arrays are statics beside it, well within ±2 GiB).
+namespace emu { static char smem_anchor; }
+inline unsigned smem_u32(const void* p) {
+    return (unsigned)(std::intptr_t)(static_cast<const char*>(p) - &emu::smem_anchor);
+}
+inline const unsigned short* emu_smem(unsigned a) {
+    return reinterpret_cast<const unsigned short*>(&emu::smem_anchor + (std::intptr_t)(int)a);
+}
 // ldmatrix.sync.m8n8.x4.b16: every lane publishes its row address; register i of lane l is
 // 32 bits at column 2(l % 4) of row l / 4 of matrix i, i.e. the row lane 8i + l / 4 gave.
-inline void ldsm_x4(unsigned* r, const unsigned short* p) {
+inline void ldsm_x4(unsigned* r, unsigned a) {
     const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
-    emu::ldsm_row[q][w][l] = p;
+    emu::ldsm_row[q][w][l] = emu_smem(a);
     emu::warp_bars[w]->arrive_and_wait();
     for (unsigned i = 0; i < 4u; ++i)
         std::memcpy(&r[i], static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + l / 4]) + 2 * (l % 4), 4);
 }
 // .trans: register i of lane l is rows 2(l % 4) and +1 of column l / 4 of matrix i (lower row
 // in the low half).
-inline void ldsm_x4_trans(unsigned* r, const unsigned short* p) {
+inline void ldsm_x4_trans(unsigned* r, unsigned a) {
     const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
-    emu::ldsm_row[q][w][l] = p;
+    emu::ldsm_row[q][w][l] = emu_smem(a);
     emu::warp_bars[w]->arrive_and_wait();
     for (unsigned i = 0; i < 4u; ++i) {
         const unsigned short lo = static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + 2 * (l % 4)])[l / 4];
