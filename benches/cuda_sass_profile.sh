@@ -16,7 +16,9 @@
 #
 # Reading the loop columns: the prefill GEMM's loop is one K step of its 128×128 tile (32 HMMA
 # per warp); the tensor-core decode GEMV's loop is BATCH (4) steps of 32 weight bytes per lane
-# (8 HMMA each), so instructions per weight byte = loop instructions / (loop HMMA × 4).
+# (8 HMMA each), so instructions per weight byte = loop instructions / (loop HMMA × 4); the
+# tensor-core prefill attention's loop is one 64-key tile of a warp's 16 queries (128 HMMA at
+# head_dim 128: scores, then probabilities times values).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCHEMES=${1:-"q4f16_1 q0f16"}

@@ -20,6 +20,9 @@
 //!   codes with f16 scales (every quantized f16 scheme but q3) are decoded two at a time in f16
 //!   arithmetic, bit-identical ([`super::f16_ops`]); raw f16 weights are stored as they are.
 //!   Bounds checks are emitted only for a dimension that is not a multiple of the tile.
+//!   Addresses are formed once: `ldmatrix` takes a lane's 32-bit shared address plus constant
+//!   offsets, and a thread's activation rows are one pointer plus constant row offsets (64-bit
+//!   address arithmetic per load had been a third of the loop's instructions).
 //!
 //! Every variant reads activation row `ROW0 + t` and writes output row `t`, for `t < ROWS`.
 
