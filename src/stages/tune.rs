@@ -30,8 +30,9 @@ use std::path::Path;
 
 /// 2: the CUDA architecture is no longer a key input (preset defaults do not depend on it, so an
 /// arch change rebuilds codegen only; measured records come in a pinned tuning file). 3: cuda
-/// records carry `kv_splits` (decode attention's default is 8 blocks per head).
-pub const VERSION: u32 = 3;
+/// records carry `kv_splits` (decode attention's default is 8 blocks per head). 4: the default
+/// threads of a cuda tensor-core decode GEMV follow its grid (`tune_space::gemv_mma_threads`).
+pub const VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningRecords {
@@ -59,18 +60,29 @@ pub use crate::codegen::tune::{KernelTimer, TimerFactory};
 /// One device's measurements at a time: timing two kernels at once would disturb both.
 static MEASURE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// The preset's default configuration for a signature.
-fn default_config(target: &TargetSpec, signature: &str) -> serde_json::Value {
-    match target.preset.backend {
+/// The preset's default configuration for a signature; `spec`, its kernel, is needed for cuda.
+fn default_config(
+    target: &TargetSpec,
+    signature: &str,
+    spec: Option<&KernelSpec>,
+) -> Result<serde_json::Value> {
+    Ok(match target.preset.backend {
         // The CPU kernels split matrix rows into tasks for the thread pool.
         "cpu" => serde_json::json!({ "rows_per_task": 64 }),
-        "cuda" => serde_json::to_value(crate::codegen::cuda::tune_space::default_for(signature))
-            .expect("a tuning serialises"),
+        "cuda" => {
+            let spec = spec.ok_or_else(|| {
+                anyhow::anyhow!("signature {signature} has no kernel spec (an mlcb bug)")
+            })?;
+            serde_json::to_value(crate::codegen::cuda::tune_space::default_for(
+                signature, spec,
+            ))
+            .expect("a tuning serialises")
+        }
         _ => serde_json::to_value(crate::codegen::wgsl::tune_space::preset_default(
             target.preset.subgroups,
         ))
         .expect("a tuning serialises"),
-    }
+    })
 }
 
 /// Times every candidate of `spec` on `timer` (for the target's kernel language) and returns the
@@ -282,9 +294,15 @@ pub fn run(
         );
     }
     cached_or_run(ctx, inputs, scope, || {
+        // The cuda defaults depend on the kernel's shape.
+        let specs = match target.preset.backend {
+            "cuda" => Some(crate::codegen::wgsl::spec::specs_by_signature(plan)?),
+            _ => None,
+        };
         let mut records = BTreeMap::new();
         for s in &signatures {
-            records.insert(s.clone(), default_config(target, s));
+            let spec = specs.as_ref().and_then(|m| m.get(s));
+            records.insert(s.clone(), default_config(target, s, spec)?);
         }
         let (device, tuned) = match (&pinned, &measured) {
             (Some((_, p)), _) => {
@@ -469,7 +487,11 @@ mod tests {
             let v = &r.records[sig];
             // Fixed-block kernels (prefill GEMM and tiled attention) have one candidate.
             if crate::codegen::cuda::tune_space::candidates(sig, spec).len() == 1 {
-                assert_eq!(v, &default_config(&cuda, sig), "{sig}: one candidate");
+                assert_eq!(
+                    v,
+                    &default_config(&cuda, sig, Some(spec)).unwrap(),
+                    "{sig}: one candidate"
+                );
                 continue;
             }
             assert_eq!(v["threads_per_block"], 64, "{sig}");

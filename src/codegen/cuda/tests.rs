@@ -371,6 +371,33 @@ fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
     }
 }
 
+/// An untuned tensor-core GEMV gets more warps where its grid is small (Llama-2-7B shapes): the
+/// attention output and down projections (256 blocks) 8, the rest 4; a tiny matrix 4 (its rows
+/// have no work for more); the f32 GEMV keeps 128 threads.
+#[test]
+fn untuned_tensor_core_gemvs_fill_the_gpu() {
+    let sig = "decode:matmul[x]";
+    for (scheme, n, k, silu, threads) in [
+        ("q4f16_1", 4096, 4096, false, 256),
+        ("q4f16_1", 4096, 11008, false, 256),
+        ("q4f16_1", 12288, 4096, false, 128),
+        ("q4f16_1", 22016, 4096, true, 128),
+        ("q4f16_1", 32000, 4096, false, 128),
+        ("q4f16_1", 256, 64, false, 128),
+        ("q4f16_0", 4096, 4096, false, 256),
+        ("q4f32_1", 4096, 4096, false, 128),
+        ("q0f16", 4096, 4096, false, 128),
+    ] {
+        let mut spec = linear_matmul(scheme, n, k, Phase::Decode);
+        if let KernelSpec::Matmul { fusion, .. } = &mut spec {
+            fusion.silu_gate = silu;
+        }
+        let t = super::tune_space::default_for(sig, &spec);
+        assert_eq!(t.threads_per_block, threads, "{scheme} [{n}, {k}]");
+        assert!(super::tune_space::candidates(sig, &spec).contains(&t));
+    }
+}
+
 #[test]
 fn f16_prefill_stages_weights_as_the_storage_allows() {
     // (scheme, how a thread stages weights, values per unit) for K = 64: sym 4/8-bit codes a

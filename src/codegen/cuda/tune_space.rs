@@ -9,14 +9,24 @@ use super::launch::CudaTuning;
 use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};
 use crate::quant::scheme::Layout;
 
-/// The preset default for a signature (what an untuned build uses): decode GEMVs run 4 rows per
-/// block of 4 warps (128 threads cover the 128 16-byte chunks of a 4096-wide q4 row; each
-/// activation chunk is loaded once for the 4 rows); decode attention splits each head's keys
-/// over [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
-pub fn default_for(signature: &str) -> CudaTuning {
+/// The preset default for a signature whose kernel is `spec` (what an untuned build uses):
+/// decode GEMVs run 4 rows per block of 4 warps (128 threads cover the 128 16-byte chunks of a
+/// 4096-wide q4 row; each activation chunk is loaded once for the 4 rows), the tensor-core GEMV
+/// enough warps per block for [`GEMV_WARPS_PER_SM`] ([`gemv_mma_threads`]); decode attention
+/// splits each head's keys over [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
+pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
     if signature.contains("matmul") || signature.contains("logits") {
+        let threads_per_block = match spec {
+            KernelSpec::Matmul {
+                m,
+                phase: Phase::Decode,
+                fusion,
+                ..
+            } if super::gemv_mma::fits(m) => gemv_mma_threads(m, fusion.silu_gate),
+            _ => 128,
+        };
         CudaTuning {
-            threads_per_block: 128,
+            threads_per_block,
             rows_per_block: 4,
             kv_splits: 1,
         }
@@ -31,6 +41,31 @@ pub fn default_for(signature: &str) -> CudaTuning {
             },
         }
     }
+}
+
+/// Warps per SM an untuned tensor-core GEMV's grid should supply on a GPU of [`TYPICAL_SMS`]
+/// SMs: each lane keeps 8 16-byte loads in flight, and an H200 needs ~55 KB in flight per SM
+/// (its bandwidth per SM times a loaded DRAM latency of ~1.5 µs), i.e. ~12 warps.
+pub const GEMV_WARPS_PER_SM: usize = 12;
+/// SMs of the GPUs the cuda presets aim at (H100/H200: 132; A100: 108).
+const TYPICAL_SMS: usize = 132;
+
+/// Threads per block of an untuned tensor-core GEMV: 4 warps, or more where its grid (16 rows
+/// per block, 8 with a silu gate) is too small to give [`GEMV_WARPS_PER_SM`] — Llama-2-7B's
+/// attention output and down projections (4096 rows: 256 blocks) get 8 — but no more warps than
+/// the row's 16-byte chunks give work (4 per warp and step), and at most 16.
+pub fn gemv_mma_threads(m: &crate::codegen::wgsl::spec::MatrixSpec, silu_gate: bool) -> u32 {
+    let rows = if silu_gate { 8 } else { 16 };
+    let blocks = (if silu_gate { m.n / 2 } else { m.n })
+        .div_ceil(rows)
+        .max(1);
+    let chunks = m.k.div_ceil(32);
+    let want = (GEMV_WARPS_PER_SM * TYPICAL_SMS).div_ceil(blocks);
+    // Powers of two (the candidate space's): the largest not past the chunks' work.
+    let work = (chunks / 4).max(1);
+    let cap = 1usize << (usize::BITS - 1 - work.leading_zeros());
+    let warps = want.next_power_of_two().min(16).min(cap);
+    (warps.max(4) as u32) * 32
 }
 
 /// Which candidate space this is, part of the tuning database's key: a record measured over
@@ -93,7 +128,7 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
 /// generate for every shape (attention's shared memory grows with the warps): the tune stage
 /// skips those.
 pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
-    let default = default_for(signature);
+    let default = default_for(signature, spec);
     let k = knobs(signature, spec);
     let values = |on: bool, all: &'static [u32], default: &u32| -> Vec<u32> {
         if on {
@@ -128,10 +163,11 @@ pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
 pub fn default_records(
     plan: &crate::formats::model_lib::plan::Plan,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    crate::codegen::signature::plan_signatures(plan)
+    crate::codegen::wgsl::spec::specs_by_signature(plan)
+        .expect("the plan's kernels have specs")
         .into_iter()
-        .map(|s| {
-            let t = serde_json::to_value(default_for(&s)).expect("a tuning serialises");
+        .map(|(s, spec)| {
+            let t = serde_json::to_value(default_for(&s, &spec)).expect("a tuning serialises");
             (s, t)
         })
         .collect()
@@ -149,7 +185,7 @@ mod tests {
         let (mut seen_gemv, mut seen_decode_attention) = (false, false);
         for (sig, spec) in &specs {
             let c = candidates(sig, spec);
-            assert_eq!(c[0], default_for(sig), "{sig}");
+            assert_eq!(c[0], default_for(sig, spec), "{sig}");
             let mut dedup = c.clone();
             dedup.sort_by_key(|t| (t.threads_per_block, t.rows_per_block, t.kv_splits));
             dedup.dedup();
