@@ -1096,14 +1096,15 @@ mod tests {
     /// Prefill attention of f16 schemes on tensor cores (`codegen::cuda::attention_mma`) against
     /// the CPU: 150 rows (three 64-query tiles, the last ragged; keys over three 64-key tiles),
     /// then 70 more at position 150 (earlier keys from the f16 cache the first call wrote), then
-    /// two decode steps over that cache; grouped (4 query heads over 2, head_dim 64) and not
-    /// (head_dim 80: an odd number of 16-dim steps). f16 error, inside the f16 bound.
+    /// two decode steps over that cache; grouped (4 query heads over 2, head_dim 64; 2 over 1,
+    /// head_dim 128 as Llama-2-7B's) and not (head_dim 80: an odd number of 16-dim steps). f16
+    /// error, inside the f16 bound.
     #[test]
     fn prefill_attention_on_tensor_cores_matches_the_cpu() {
         if !cxx_or_skip("prefill_attention_on_tensor_cores_matches_the_cpu") {
             return;
         }
-        for (n_q, n_kv, head_dim) in [(4, 2, 64), (2, 2, 80)] {
+        for (n_q, n_kv, head_dim) in [(4, 2, 64), (2, 2, 80), (2, 1, 128)] {
             let (plan, records) = attention_plan("q0f16", n_q, n_kv, head_dim);
             // Distinct tokens: a later key tile holds new maxima (the online softmax rescales).
             let ids: Vec<u32> = (0..222u32).map(|i| (i * 29 + 7) % 256).collect();
