@@ -23,6 +23,9 @@
 //!   Addresses are formed once: `ldmatrix` takes a lane's 32-bit shared address plus constant
 //!   offsets, and a thread's activation rows are one pointer plus constant row offsets (64-bit
 //!   address arithmetic per load had been a third of the loop's instructions).
+//! - A call's last row tile may be short (a 16-token prompt fills 16 of its 128 rows): its warps
+//!   run a copy of the K loop that multiplies only their 16-row mma tiles holding rows of the
+//!   call, instead of 8× the tensor-core work; full tiles run the loop without those branches.
 //!
 //! Every variant reads activation row `ROW0 + t` and writes output row `t`, for `t < ROWS`.
 
@@ -332,6 +335,47 @@ fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging
 }
 
 /// The GEMM (`y = x · Wᵀ (+ bias)`); the caller declared `x`, the weight, the bias and `y`.
+/// The K loop over double-buffered tiles; `partial`: only the warp's first `live` mma row tiles
+/// are loaded and multiplied (warp-uniform branches, in a copy of the loop that full tiles do not
+/// run).
+fn k_loop(partial: bool) -> String {
+    let (any, row) = if partial {
+        ("if (live > 0u) ", "if (i < live) ")
+    } else {
+        ("", "")
+    };
+    format!(
+        "    unsigned buf = 0u;
+    for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
+        const bool more = k0 + BK < W_K;
+        if (more) fetch(k0 + BK);
+        const unsigned xa = xs_lane + buf * (BM * PAD * 2u), wa = ws_lane + buf * (BN * PAD * 2u);
+        #pragma unroll
+        for (unsigned ks = 0; ks < BK; ks += 16u) {any}{{
+            unsigned a[{mi}][4], bf[{nj}][2];
+            #pragma unroll
+            for (unsigned i = 0; i < {mi}u; ++i) {row}ldsm_x4(a[i], xa + (i * 16u * PAD + ks) * 2u);
+            #pragma unroll
+            for (unsigned j = 0; j < {nj}u; j += 2u) {{
+                unsigned r[4];
+                ldsm_x4(r, wa + (j * 8u * PAD + ks) * 2u);
+                bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
+            }}
+            #pragma unroll
+            for (unsigned i = 0; i < {mi}u; ++i)
+                #pragma unroll
+                for (unsigned j = 0; j < {nj}u; ++j) {row}mma_f16(acc[i][j], a[i], bf[j]);
+        }}
+        // The other buffer was last read before the previous barrier: safe to fill now.
+        if (more) stash(buf ^ 1u, k0 + BK);
+        __syncthreads();
+        buf ^= 1u;
+    }}",
+        mi = WARP_MI,
+        nj = WARP_NJ,
+    )
+}
+
 pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
     let st = staging(m);
     let units = (F16_BN * F16_BK) as usize / st.vpu;
@@ -451,37 +495,21 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     fetch(0u);
     stash(0u, 0u);
     __syncthreads();
-    unsigned buf = 0u;
-    for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
-        const bool more = k0 + BK < W_K;
-        if (more) fetch(k0 + BK);
-        const unsigned xa = xs_lane + buf * (BM * PAD * 2u), wa = ws_lane + buf * (BN * PAD * 2u);
-        #pragma unroll
-        for (unsigned ks = 0; ks < BK; ks += 16u) {{
-            unsigned a[{mi}][4], bf[{nj}][2];
-            #pragma unroll
-            for (unsigned i = 0; i < {mi}u; ++i) ldsm_x4(a[i], xa + (i * 16u * PAD + ks) * 2u);
-            #pragma unroll
-            for (unsigned j = 0; j < {nj}u; j += 2u) {{
-                unsigned r[4];
-                ldsm_x4(r, wa + (j * 8u * PAD + ks) * 2u);
-                bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
-            }}
-            #pragma unroll
-            for (unsigned i = 0; i < {mi}u; ++i)
-                #pragma unroll
-                for (unsigned j = 0; j < {nj}u; ++j) mma_f16(acc[i][j], a[i], bf[j]);
-        }}
-        // The other buffer was last read before the previous barrier: safe to fill now.
-        if (more) stash(buf ^ 1u, k0 + BK);
-        __syncthreads();
-        buf ^= 1u;
+    // The warp's 16-row mma tiles that hold rows of the call: all {mi} but in the last row tile
+    // of a short call (a 16-token prompt needs one of the block's eight), where the loop that
+    // skips the others runs instead.
+    const unsigned live = t0 + wm >= ROWS ? 0u : (ROWS - t0 - wm + 15u) / 16u;
+    if (live >= {mi}u) {{
+{full_loop}
+    }} else {{
+{partial_loop}
     }}
 {store}",
+        full_loop = k_loop(false),
+        partial_loop = k_loop(true),
         wtm = WARP_MI * 16,
         wtn = WARP_NJ * 8,
         mi = WARP_MI,
-        nj = WARP_NJ,
         acc = super::matmul::warp_tile_acc(WARP_MI, WARP_NJ),
         store = super::matmul::warp_tile_store(WARP_MI, WARP_NJ, plus_bias),
         regs = st.regs,

@@ -933,7 +933,9 @@ mod tests {
     /// `[t, c]` must be `x[t] · W[c, t]` with the artifact's f16 values of both (the CPU's
     /// `dequantize_param`), a product exact in f32. Covers every weight staging path (sym 4/8-bit codes decoded in f16 pairs,
     /// NK and KN; raw f16 stored as is; 3-bit codes value by value), the ldmatrix fragments and
-    /// 128-row tiles (tokens 0..k span two), with tile-multiple shapes (no bounds checks
+    /// 128-row tiles (tokens 0..k span two; where k is not a multiple of 128 the second is
+    /// partial, and its warps multiply only their mma tiles that hold tokens), with tile-multiple
+    /// shapes (no bounds checks
     /// generated) and ragged ones (N and K past a tile; K not a multiple of 16 for the
     /// value-by-value paths).
     #[test]
