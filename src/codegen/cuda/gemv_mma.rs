@@ -1,4 +1,5 @@
-//! Decode GEMV on f16 tensor cores, for the 4-bit weights of f16 schemes (q4f16_1, q4f16_0).
+//! Decode GEMV on f16 tensor cores, for the 4-bit weights of f16 schemes (q4f16_1, q4f16_0) and
+//! their row-major 8-bit ones (q8f16_1).
 //!
 //! Why: a decode step reads every weight once, so the GEMV should run at the memory bandwidth;
 //! on an H200 that is ~18 bytes per SM clock, i.e. at most ~7 instructions per weight byte at
@@ -7,16 +8,18 @@
 //! fma per weight; Llama-2-7B's q4f16_1 kernels, sm_90 SASS), capping decode near half the
 //! bandwidth, and `gemv_kn` (q4f16_0) ~27. Here a weight costs ~2: codes are decoded two at a
 //! time into f16 ([`super::f16_ops`]) and the products and sums are `mma.sync.m16n8k16`
-//! (`benches/cuda_sass_profile.sh`: ~4.4 instructions per byte for both layouts).
+//! (`benches/cuda_sass_profile.sh`: ~4.4 instructions per byte for both layouts; 8-bit codes
+//! ~2.3, where the f32 GEMV spent ~6).
 //!
 //! How: a warp's mma multiplies 16 weight rows (A: lane `lr = lane / 4` decodes rows `lr` and
-//! `lr + 8` of the block's, each a chunk of 4 words — one group of 32 codes; one 16-byte load
-//! row-major, 4 word loads a row of words apart K-major — at chunk `c = lane % 4` of the
-//! warp's 4) by the activation (B: every one of its 8 columns, so every column of
+//! `lr + 8` of the block's, each one group of 32 codes — 4-bit: 4 words, one 16-byte load
+//! row-major, 4 word loads a row of words apart K-major; 8-bit: 8 words, two 16-byte loads —
+//! at group `c = lane % 4` of the warp's 4) by the activation (B: every one of its 8 columns, so every column of
 //! the result holds the 16 dot products). Decoded pairs land in the A registers and staged
 //! activation pairs in the B registers as they are: no moves. The K order inside an mma is
 //! free as long as both operands use it: the weights stay in the pair order the decoder
-//! produces (`(v0, v4) (v1, v5) …` per word), and the activation is staged once per block in
+//! produces (`(v0, v4) (v1, v5) …` per 4-bit word, `(v0, v1) (v2, v3)` per 8-bit one), and the
+//! activation is staged once per block in
 //! shared memory as f16 pairs in that same order, after the fused RMS norm if any (rounded as
 //! the prefill GEMM rounds its operands, so decode and prefill of f16 schemes share their
 //! numerics). The block's warps split K; the mma accumulators are the per-lane sums, and the
@@ -44,11 +47,16 @@ pub fn fits(m: &MatrixSpec) -> bool {
     let MatrixStorage::Quant(q) = m.storage else {
         return false;
     };
+    let codes = match (q.bits, q.layout) {
+        (4, _) => q.words_per_group == 4,
+        // 8-bit groups are two 16-byte chunks: row-major only (K-major words would be 8 loads).
+        (8, Layout::NK) => q.words_per_group == 8,
+        _ => false,
+    };
     m.model_dtype == DType::F16
         && f16_decodable(&q)
-        && q.bits == 4
+        && codes
         && q.group == 32
-        && q.words_per_group == 4
         && q.n_group <= MAX_STAGED_CHUNKS
 }
 
@@ -70,7 +78,9 @@ pub fn gemv_mma(
     let warps = b.tuning.warps() as usize;
     let per_step = 4 * warps;
     let steps = q.n_group.div_ceil(per_step);
-    let batch = steps.min(BATCH);
+    // 8-bit groups are 32 bytes: half the steps per batch keeps the same bytes in flight.
+    let wide = q.bits == 8;
+    let batch = steps.min(if wide { BATCH / 2 } else { BATCH });
     let rpb = if fusion.silu_gate { ROWS / 2 } else { ROWS };
     b.const_u32("RPB", rpb);
     b.const_u32("CPR", q.n_group);
@@ -154,6 +164,15 @@ pub fn gemv_mma(
     // Chunk ch of row n: row-major, one 16-byte load; K-major, words 4ch … 4ch + 3 of column n,
     // a row of words (W_N) apart — each a 32-byte run across the 8 lanes of a word index.
     let (pointers, load, wstep, sstep) = match q.layout {
+        Layout::NK if wide => (
+            "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr) * CPR + cbase) * 2u;
+    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr + 8u) * CPR + cbase) * 2u;
+    const unsigned short* q0 = w_s + (u64)row_n(lr) * W_NG + cbase;
+    const unsigned short* q1 = w_s + (u64)row_n(lr + 8u) * W_NG + cbase;",
+            "v$[i] = p$[i * STRIDE * 2u]; v$[BATCH + i] = p$[i * STRIDE * 2u + 1u]; sc$[i] = q$[i * STRIDE];",
+            "BATCH * STRIDE * 2u",
+            "BATCH * STRIDE",
+        ),
         Layout::NK => (
             "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr) * CPR + cbase;
     const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr + 8u) * CPR + cbase;
@@ -176,6 +195,52 @@ pub fn gemv_mma(
         ),
     };
     let (load0, load1) = (load.replace('$', "0"), load.replace('$', "1"));
+    // The products of step i: A: a0 (row lr, k 2c..), a1 (row lr + 8, k 2c..), a2 (row lr,
+    // k 2c + 8..), a3 (row lr + 8, k 2c + 8..); B: b0 (k 2c.., column lr), b1 (k 2c + 8..). A
+    // 4-bit word gives 4 pairs (two mma, with the 4 staged pairs of its uint4); an 8-bit word 2
+    // (one mma; a staged uint4 holds two words' pairs).
+    let products = if wide {
+        "            const uint4 w0[2] = {v0[i], v0[BATCH + i]}, w1[2] = {v1[i], v1[BATCH + i]};
+            #pragma unroll
+            for (unsigned j = 0; j < 4u; ++j) {
+                const uint4 xa = xc[j ^ c];
+                const unsigned xb[4] = {xa.x, xa.y, xa.z, xa.w};
+                const unsigned u0[2] = {j & 1u ? w0[j >> 1].z : w0[j >> 1].x, j & 1u ? w0[j >> 1].w : w0[j >> 1].y};
+                const unsigned u1[2] = {j & 1u ? w1[j >> 1].z : w1[j >> 1].x, j & 1u ? w1[j >> 1].w : w1[j >> 1].y};
+                #pragma unroll
+                for (unsigned h = 0; h < 2u; ++h) {
+                    unsigned p[2], q[2];
+                    dq_pairs(u0[h], s20, p);
+                    dq_pairs(u1[h], s21, q);
+                    const unsigned a[4] = {p[0], q[0], p[1], q[1]};
+                    mma_f16(acc, a, xb + 2u * h);
+                }
+            }"
+    } else {
+        "            const unsigned u0[4] = {v0[i].x, v0[i].y, v0[i].z, v0[i].w};
+            const unsigned u1[4] = {v1[i].x, v1[i].y, v1[i].z, v1[i].w};
+            #pragma unroll
+            for (unsigned w = 0; w < 4u; ++w) {
+                unsigned p[4], q[4];
+                dq_pairs(u0[w], s20, p);
+                dq_pairs(u1[w], s21, q);
+                const uint4 xa = xc[w ^ c];
+                const unsigned xb[4] = {xa.x, xa.y, xa.z, xa.w};
+                const unsigned lo[4] = {p[0], q[0], p[1], q[1]}, hi[4] = {p[2], q[2], p[3], q[3]};
+                mma_f16(acc, lo, xb);
+                mma_f16(acc, hi, xb + 2);
+            }"
+    };
+    // How a chunk's 32 staged values pair up: in the 4-bit decoder's order (v0, v4) (v1, v5) …
+    // per word, or in K order for 8-bit codes.
+    let x_pairs = if wide {
+        "uint4{pack_h2_sat(v[8 * w], v[8 * w + 1]), pack_h2_sat(v[8 * w + 2], v[8 * w + 3]),
+                                          pack_h2_sat(v[8 * w + 4], v[8 * w + 5]), pack_h2_sat(v[8 * w + 6], v[8 * w + 7])}"
+    } else {
+        "uint4{pack_h2_sat(v[8 * w], v[8 * w + 4]), pack_h2_sat(v[8 * w + 1], v[8 * w + 5]),
+                                          pack_h2_sat(v[8 * w + 2], v[8 * w + 6]), pack_h2_sat(v[8 * w + 3], v[8 * w + 7])}"
+    };
+    let loads = if wide { 2 * batch } else { batch };
     let store = store("out_val(r)", "out_val(r + RPB)");
     let body = format!(
         "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
@@ -195,8 +260,7 @@ pub fn gemv_mma(
         {scale_x}
         #pragma unroll
         for (unsigned w = 0; w < 4u; ++w)
-            xh[ch][w ^ (ch & 3u)] = uint4{{pack_h2_sat(v[8 * w], v[8 * w + 4]), pack_h2_sat(v[8 * w + 1], v[8 * w + 5]),
-                                          pack_h2_sat(v[8 * w + 2], v[8 * w + 6]), pack_h2_sat(v[8 * w + 3], v[8 * w + 7])}};
+            xh[ch][w ^ (ch & 3u)] = {x_pairs};
     }}
     __syncthreads();
     // This lane: weight rows lr and lr + 8 of the block's (`g` is the norm weight), chunk c
@@ -216,13 +280,14 @@ pub fn gemv_mma(
     // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
     // 2·BATCH 16-byte loads in flight (the compiler does not hoist them that far by itself).
     for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
-        uint4 v0[BATCH], v1[BATCH];
+        uint4 v0[{loads}], v1[{loads}];
         unsigned short sc0[BATCH], sc1[BATCH];
+        #pragma unroll
+        for (unsigned i = 0; i < {loads}u; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
         #pragma unroll
         for (unsigned i = 0; i < BATCH; ++i) {{
             // Chunks past the row (only when the steps do not divide it) read nothing.
             const bool in = CHUNKS_EXACT || cbase + (s0 + i) * STRIDE < CPR;
-            v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
             sc0[i] = sc1[i] = 0;
             if (ok0 && in) {{ {load0} }}
             if (ok1 && in) {{ {load1} }}
@@ -233,21 +298,7 @@ pub fn gemv_mma(
             const unsigned ch = cbase + (s0 + i) * STRIDE;
             const uint4* xc = xp + 4u * (CHUNKS_EXACT || ch < CPR ? ch : 0u);
             const unsigned s20 = (unsigned)sc0[i] * 0x10001u, s21 = (unsigned)sc1[i] * 0x10001u;
-            const unsigned u0[4] = {{v0[i].x, v0[i].y, v0[i].z, v0[i].w}};
-            const unsigned u1[4] = {{v1[i].x, v1[i].y, v1[i].z, v1[i].w}};
-            #pragma unroll
-            for (unsigned w = 0; w < 4u; ++w) {{
-                unsigned p[4], q[4];
-                dq_pairs(u0[w], s20, p);
-                dq_pairs(u1[w], s21, q);
-                const uint4 xa = xc[w ^ c];
-                const unsigned xb[4] = {{xa.x, xa.y, xa.z, xa.w}};
-                // A: a0 (row lr, k 2c..), a1 (row lr + 8, k 2c..), a2 (row lr, k 2c + 8..),
-                // a3 (row lr + 8, k 2c + 8..); B: b0 (k 2c.., column lr), b1 (k 2c + 8..).
-                const unsigned lo[4] = {{p[0], q[0], p[1], q[1]}}, hi[4] = {{p[2], q[2], p[3], q[3]}};
-                mma_f16(acc, lo, xb);
-                mma_f16(acc, hi, xb + 2);
-            }}
+{products}
         }}
         p0 += {wstep}; p1 += {wstep}; q0 += {sstep}; q1 += {sstep};
     }}

@@ -22,7 +22,8 @@
 //! ([`launch::CudaLaunch`]); the runtime derives every launch from it. Arithmetic is f32
 //! (decode GEMVs accumulate in f32) except the prefill matmuls: f16 tensor-core products with f32
 //! sums in libraries of f16 schemes, 3xTF32 (f32-accurate) products otherwise; in libraries of
-//! f16 schemes also prefill attention's two products and the decode GEMV over q4 weights.
+//! f16 schemes also prefill attention's two products and the decode GEMV over q4 weights and
+//! row-major q8 ones.
 
 mod attention;
 mod attention_mma;
@@ -105,7 +106,7 @@ pub fn f16_prefill(plan: &Plan) -> bool {
 }
 
 /// Whether some decode matmul of `plan` runs on f16 tensor cores ([`gemv_mma`]): its operands
-/// are then rounded to f16 as prefill's are (q4 weights of f16 schemes). The emulator's tests
+/// are then rounded to f16 as prefill's are (q4 weights of f16 schemes, row-major q8 ones). The emulator's tests
 /// choose their bound by it.
 #[cfg(test)]
 pub fn f16_decode(plan: &Plan) -> Result<bool> {

@@ -346,7 +346,8 @@ fn gemv_chunks_cover_each_scheme_group() {
 #[test]
 fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
     // Which decode GEMV each storage gets (K = 64): q4 codes of an f16 scheme (row-major or
-    // K-major words), the tensor-core one; f32 schemes and other widths, the f32 ones.
+    // K-major words) and q8 row-major ones, the tensor-core one; f32 schemes, other widths and
+    // K-major q8, the f32 ones.
     // (scheme, tensor cores, rows per block: 16 on tensor cores, a lane per row for the f32
     // GEMV over K-major words, else the tuning's 4)
     for (scheme, tensor_cores, rows) in [
@@ -354,7 +355,8 @@ fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
         ("q4f16_0", true, 16),
         ("q4f32_0", false, 32),
         ("q4f32_1", false, 4),
-        ("q8f16_1", false, 4),
+        ("q8f16_1", true, 16),
+        ("q8f16_0", false, 32),
         ("q3f16_1", false, 4),
         ("q0f16", false, 4),
     ] {
@@ -385,6 +387,7 @@ fn untuned_tensor_core_gemvs_fill_the_gpu() {
         ("q4f16_1", 32000, 4096, false, 128),
         ("q4f16_1", 256, 64, false, 128),
         ("q4f16_0", 4096, 4096, false, 256),
+        ("q8f16_1", 4096, 4096, false, 256),
         ("q4f32_1", 4096, 4096, false, 128),
         ("q0f16", 4096, 4096, false, 128),
     ] {

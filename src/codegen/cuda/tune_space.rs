@@ -70,8 +70,9 @@ pub fn gemv_mma_threads(m: &crate::codegen::wgsl::spec::MatrixSpec, silu_gate: b
 
 /// Which candidate space this is, part of the tuning database's key: a record measured over
 /// another space is measured again. 1: threads × rows; 2: × `kv_splits`; 3: the tensor-core
-/// decode GEMV (q4 NK weights of f16 schemes) has no rows knob.
-pub const SPACE_VERSION: u32 = 3;
+/// decode GEMV (q4 NK weights of f16 schemes) has no rows knob. 4: nor for q8 NK weights
+/// (q8f16_1), which it now takes.
+pub const SPACE_VERSION: u32 = 4;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of

@@ -557,7 +557,7 @@ mod tests {
     }
 
     /// The bound on logits (relative to the CPU's) of kernels that multiply on f16 tensor cores:
-    /// prefill of f16 schemes, and their decode over q4 weights (`f16_decode`); other
+    /// prefill of f16 schemes, and their decode over q4 and row-major q8 weights (`f16_decode`); other
     /// decode steps are f32 and keep the caller's bound.
     const F16_TOL: f64 = 5e-3;
 
@@ -984,7 +984,8 @@ mod tests {
         }
     }
 
-    /// The tensor-core decode GEMV (q4 weights of f16 schemes, row-major and K-major), exactly, as
+    /// The tensor-core decode GEMV (q4 weights of f16 schemes, row-major and K-major; q8
+    /// row-major), exactly, as
     /// [`f16_gemm_of_one_hot_rows_is_exact`] checks prefill: decoding token t gives logit
     /// `[c] = x[t] · W[c, t]`. Shapes: several batches of load steps that divide K exactly
     /// (2048: 64 chunks, 2 warps), K past the last step (200 at 128 threads: 7 chunks for 16
@@ -1000,6 +1001,8 @@ mod tests {
             ("q4f16_1", 264, 200, 128, &[0, 5, 199][..]),
             ("q4f16_0", 2056, 2048, 64, &[0, 37, 1000, 2047][..]),
             ("q4f16_0", 264, 200, 128, &[0, 5, 199][..]),
+            ("q8f16_1", 2056, 2048, 64, &[0, 37, 1000, 2047][..]),
+            ("q8f16_1", 264, 200, 128, &[0, 5, 199][..]),
         ] {
             let (plan, records) = one_hot_plan(scheme, n, k);
             assert!(crate::codegen::cuda::f16_decode(&plan).unwrap());
