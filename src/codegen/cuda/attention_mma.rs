@@ -4,8 +4,10 @@
 //! Why: the f32 query-tiled kernel ([`super::attention::attention_tiled`]) reads both operands
 //! of every multiply-add from shared memory (`q_sh`, `k_sh`), so it is bound by shared-memory
 //! loads at about an eighth of the f32 units' rate; Llama-2-7B's prefill of 512 tokens spends
-//! ~35 G multiply-adds in attention, several milliseconds that way. On tensor cores each
-//! 16×8×16 product is one instruction.
+//! ~35 G multiply-adds in attention, several milliseconds that way (an estimate from the
+//! instruction mix, not a measurement). On tensor cores each 16×8×16 product is one
+//! instruction (`benches/cuda_sass_profile.sh`, head_dim 128: ~5.4 SASS instructions per mma in
+//! the key-tile loop).
 //!
 //! - Block: 4 warps, each 16 query rows of one head (64 per block); grid `[n_q_heads,
 //!   ceil(T/64)]`. A warp's queries stay in registers as mma A fragments for the whole kernel

@@ -13,17 +13,17 @@
 //!
 //! How: a warp's mma multiplies 16 weight rows (A: lane `lr = lane / 4` decodes rows `lr` and
 //! `lr + 8` of the block's, each one group of 32 codes — 4-bit: 4 words, one 16-byte load
-//! row-major, 4 word loads a row of words apart K-major; 8-bit: 8 words, two 16-byte loads —
-//! at group `c = lane % 4` of the warp's 4) by the activation (B: every one of its 8 columns, so every column of
-//! the result holds the 16 dot products). Decoded pairs land in the A registers and staged
-//! activation pairs in the B registers as they are: no moves. The K order inside an mma is
-//! free as long as both operands use it: the weights stay in the pair order the decoder
+//! row-major, 4 word loads a row of words apart K-major; 8-bit: 8 words, two 16-byte loads — at
+//! group `c = lane % 4` of the warp's 4) by the activation (B: every one of its 8 columns, so
+//! every column of the result holds the 16 dot products). Decoded pairs land in the A registers
+//! and staged activation pairs in the B registers as they are: no moves. The K order inside an
+//! mma is free as long as both operands use it: the weights stay in the pair order the decoder
 //! produces (`(v0, v4) (v1, v5) …` per 4-bit word, `(v0, v1) (v2, v3)` per 8-bit one), and the
-//! activation is staged once per block in
-//! shared memory as f16 pairs in that same order, after the fused RMS norm if any (rounded as
-//! the prefill GEMM rounds its operands, so decode and prefill of f16 schemes share their
-//! numerics). The block's warps split K; the mma accumulators are the per-lane sums, and the
-//! warps' sums meet in shared memory in warp order (deterministic).
+//! activation is staged once per block in shared memory as f16 pairs in that same order, after
+//! the fused RMS norm if any (rounded as the prefill GEMM rounds its operands, so decode and
+//! prefill of f16 schemes share their numerics). The block's warps split K; the mma
+//! accumulators are the per-lane sums, and the warps' sums meet in shared memory in warp order
+//! (deterministic).
 
 use super::builder::CudaBuilder;
 use super::f16_ops::{f16_decodable, sym_f16_decoder, F16_OPS};
@@ -161,8 +161,9 @@ pub fn gemv_mma(
     } else {
         "n0 + r"
     };
-    // Chunk ch of row n: row-major, one 16-byte load; K-major, words 4ch … 4ch + 3 of column n,
-    // a row of words (W_N) apart — each a 32-byte run across the 8 lanes of a word index.
+    // Group ch of row n: 4-bit row-major, one 16-byte load (8-bit: two, into v[i] and
+    // v[BATCH + i]); 4-bit K-major, words 4ch … 4ch + 3 of column n, a row of words (W_N) apart —
+    // each a 32-byte run across the 8 lanes of a word index.
     let (pointers, load, wstep, sstep) = match q.layout {
         Layout::NK if wide => (
             "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr) * CPR + cbase) * 2u;

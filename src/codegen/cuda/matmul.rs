@@ -227,9 +227,6 @@ fn nk_scalar(m: &MatrixSpec) -> String {
     }
 }
 
-/// Decode GEMV over NK rows: the block's threads split each row's 16-byte chunks; a thread
-/// loads a chunk's activations once and uses them for all `rows_per_block` rows (activation
-/// reads per block are K floats, not K per row), then warp shuffles and shared memory sum.
 /// Bytes of its weight rows a decode GEMV block asks L2 for before it waits ([`prefetch_rows`]):
 /// 32 KiB, two 128-byte lines per thread of a 128-thread block.
 const PREFETCH_BYTES: usize = 32 << 10;
@@ -268,6 +265,9 @@ pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool) -> Str
     )
 }
 
+/// Decode GEMV over NK rows: the block's threads split each row's 16-byte chunks; a thread
+/// loads a chunk's activations once and uses them for all `rows_per_block` rows (activation
+/// reads per block are K floats, not K per row), then warp shuffles and shared memory sum.
 fn gemv_nk(
     mut b: CudaBuilder,
     m: &MatrixSpec,
