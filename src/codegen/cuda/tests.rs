@@ -329,10 +329,15 @@ fn linear_matmul(scheme: &str, n: usize, k: usize, phase: Phase) -> KernelSpec {
 
 #[test]
 fn gemv_chunks_cover_each_scheme_group() {
-    // (scheme, values per 16-byte chunk) for K = 64: q3 = 8 u16 words × 5, q4 = 4 × 8, q8 = 4 × 4
-    // (q4f16_1 runs on tensor cores: `tensor_core_gemv_takes_q4_rows_of_f16_schemes`).
-    for (scheme, vpc) in [("q3f16_1", 40), ("q4f32_1", 32), ("q8f16_1", 16)] {
-        let spec = linear_matmul(scheme, 8, 64, Phase::Decode);
+    // (scheme, values per 16-byte chunk, K): q3 = 8 u16 words × 5, q4 = 4 × 8, q8 = 4 × 4
+    // (q4f16_1 and q8f16_1 run on tensor cores, `tensor_core_gemv_takes_q4_rows_of_f16_schemes`,
+    // unless a row has more groups than that GEMV stages: q8f16_1 at K = 20512, 641 groups).
+    for (scheme, vpc, k) in [
+        ("q3f16_1", 40, 64),
+        ("q4f32_1", 32, 64),
+        ("q8f16_1", 16, 20512),
+    ] {
+        let spec = linear_matmul(scheme, 8, k, Phase::Decode);
         let k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
         assert!(
             k.source
