@@ -40,8 +40,9 @@ use std::collections::BTreeMap;
 /// activation loads from one pointer per thread; sm_90 decode GEMVs over row-major weights
 /// prefetch the start of their rows into L2 before waiting for the kernel before them. 16: the
 /// f16 GEMM's short last row tile multiplies only its mma tiles that hold rows. 17: the
-/// tensor-core decode GEMV also takes row-major q8 weights (q8f16_1).
-pub const VERSION: u32 = 17;
+/// tensor-core decode GEMV also takes row-major q8 weights (q8f16_1). 18: its row-major loads
+/// are one generated loop for 4- and 8-bit groups (the same machine code, another source).
+pub const VERSION: u32 = 18;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -1,6 +1,7 @@
 //! What the f16 tensor-core kernels share (the prefill GEMM, `gemm_f16`, the decode GEMV of f16
-//! schemes, `gemv_mma`, and the prefill attention, `attention_mma`): f16 packing, `mma.sync.m16n8k16`, `ldmatrix`, f16x2
-//! arithmetic, and the decoders of sym 4/8-bit codes into f16 pairs.
+//! schemes, `gemv_mma`, and the prefill attention, `attention_mma`): f16 packing,
+//! `mma.sync.m16n8k16`, `ldmatrix`, f16x2 arithmetic, and the decoders of sym 4/8-bit codes into
+//! f16 pairs.
 //!
 //! Why decode in f16 pairs: one value at a time in f32 costs shift, mask, integer-to-float
 //! conversion (a quarter-rate instruction), multiply and an f16 pack, and made both kernels

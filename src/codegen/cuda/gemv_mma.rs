@@ -34,6 +34,18 @@ use crate::quant::scheme::Layout;
 
 /// Weight rows per block: the mma's M.
 const ROWS: usize = 16;
+/// Groups a warp multiplies per step (one per lane `c = lane % 4`).
+pub const GROUPS_PER_WARP_STEP: usize = 4;
+
+/// Output rows per block: the mma's 16 weight rows, or with a silu gate 8 (their gate and up
+/// rows).
+pub fn rows_per_block(silu_gate: bool) -> usize {
+    if silu_gate {
+        ROWS / 2
+    } else {
+        ROWS
+    }
+}
 /// Warp steps whose loads are issued together.
 const BATCH: usize = 4;
 /// The most staged activation chunks (64 bytes of f16 each) a block may hold: 40 KiB of shared
@@ -76,17 +88,19 @@ pub fn gemv_mma(
         unreachable!("gemv_mma of asym codes (fits() says no)")
     };
     let warps = b.tuning.warps() as usize;
-    let per_step = 4 * warps;
+    let per_step = GROUPS_PER_WARP_STEP * warps;
     let steps = q.n_group.div_ceil(per_step);
     // 8-bit groups are 32 bytes: half the steps per batch keeps the same bytes in flight.
     let wide = q.bits == 8;
     let batch = steps.min(if wide { BATCH / 2 } else { BATCH });
-    let rpb = if fusion.silu_gate { ROWS / 2 } else { ROWS };
+    let rpb = rows_per_block(fusion.silu_gate);
     b.const_u32("RPB", rpb);
     b.const_u32("CPR", q.n_group);
     b.const_u32("STEPS", steps);
     b.const_u32("BATCH", batch);
     b.const_u32("STRIDE", per_step);
+    // 16-byte loads per group of a row-major matrix.
+    b.const_u32("LPG", if wide { 2 } else { 1 });
     let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
     b.const_bool("ROWS_EXACT", out_n % rpb == 0);
     b.const_bool(
@@ -156,31 +170,20 @@ pub fn gemv_mma(
         }
         None => (String::new(), String::new()),
     };
-    let row_of = if fusion.silu_gate {
-        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
-    } else {
-        "n0 + r"
-    };
-    // Group ch of row n: 4-bit row-major, one 16-byte load (8-bit: two, into v[i] and
-    // v[BATCH + i]); 4-bit K-major, words 4ch … 4ch + 3 of column n, a row of words (W_N) apart —
-    // each a 32-byte run across the 8 lanes of a word index.
+    let row_of = super::matmul::weight_row_of(fusion.silu_gate);
+    // Group ch of row n: row-major, one 16-byte load for 4-bit codes, two for 8-bit; 4-bit
+    // K-major, words 4ch … 4ch + 3 of column n, a row of words (W_N) apart — each a 32-byte run
+    // across the 8 lanes of a word index.
     let (pointers, load, wstep, sstep) = match q.layout {
-        Layout::NK if wide => (
-            "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr) * CPR + cbase) * 2u;
-    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr + 8u) * CPR + cbase) * 2u;
-    const unsigned short* q0 = w_s + (u64)row_n(lr) * W_NG + cbase;
-    const unsigned short* q1 = w_s + (u64)row_n(lr + 8u) * W_NG + cbase;",
-            "v$[i] = p$[i * STRIDE * 2u]; v$[BATCH + i] = p$[i * STRIDE * 2u + 1u]; sc$[i] = q$[i * STRIDE];",
-            "BATCH * STRIDE * 2u",
-            "BATCH * STRIDE",
-        ),
+        // A group is LPG 16-byte loads (v[i], then v[BATCH + i]).
         Layout::NK => (
-            "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr) * CPR + cbase;
-    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + (u64)row_n(lr + 8u) * CPR + cbase;
+            "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr) * CPR + cbase) * LPG;
+    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr + 8u) * CPR + cbase) * LPG;
     const unsigned short* q0 = w_s + (u64)row_n(lr) * W_NG + cbase;
     const unsigned short* q1 = w_s + (u64)row_n(lr + 8u) * W_NG + cbase;",
-            "v$[i] = p$[i * STRIDE]; sc$[i] = q$[i * STRIDE];",
-            "BATCH * STRIDE",
+            "for (unsigned h = 0; h < LPG; ++h) v$[h * BATCH + i] = p$[i * STRIDE * LPG + h];
+                sc$[i] = q$[i * STRIDE];",
+            "BATCH * STRIDE * LPG",
             "BATCH * STRIDE",
         ),
         Layout::KN => (
@@ -241,7 +244,6 @@ pub fn gemv_mma(
         "uint4{pack_h2_sat(v[8 * w], v[8 * w + 4]), pack_h2_sat(v[8 * w + 1], v[8 * w + 5]),
                                           pack_h2_sat(v[8 * w + 2], v[8 * w + 6]), pack_h2_sat(v[8 * w + 3], v[8 * w + 7])}"
     };
-    let loads = if wide { 2 * batch } else { batch };
     let store = store("out_val(r)", "out_val(r + RPB)");
     let body = format!(
         "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
@@ -281,10 +283,10 @@ pub fn gemv_mma(
     // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
     // 2·BATCH 16-byte loads in flight (the compiler does not hoist them that far by itself).
     for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
-        uint4 v0[{loads}], v1[{loads}];
+        uint4 v0[LPG * BATCH], v1[LPG * BATCH];
         unsigned short sc0[BATCH], sc1[BATCH];
         #pragma unroll
-        for (unsigned i = 0; i < {loads}u; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
+        for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
         #pragma unroll
         for (unsigned i = 0; i < BATCH; ++i) {{
             // Chunks past the row (only when the steps do not divide it) read nothing.

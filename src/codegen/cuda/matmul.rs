@@ -227,6 +227,17 @@ fn nk_scalar(m: &MatrixSpec) -> String {
     }
 }
 
+/// The weight row of a decode GEMV block's accumulator `r` (C, over `n0`, `RPB`, `OUT_N`): row
+/// `n0 + r`, or with a silu gate the gate rows for `r < RPB` and the up rows, `OUT_N` further,
+/// for the rest.
+pub(super) fn weight_row_of(silu_gate: bool) -> &'static str {
+    if silu_gate {
+        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
+    } else {
+        "n0 + r"
+    }
+}
+
 /// Bytes of its weight rows a decode GEMV block asks L2 for before it waits ([`prefetch_rows`]):
 /// 32 KiB, two 128-byte lines per thread of a 128-thread block.
 const PREFETCH_BYTES: usize = 32 << 10;
@@ -246,11 +257,7 @@ pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool) -> Str
         .div_ceil(128)
         .min(PREFETCH_BYTES / 128 / rows)
         .max(1);
-    let row_of = if silu_gate {
-        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
-    } else {
-        "n0 + r"
-    };
+    let row_of = weight_row_of(silu_gate);
     format!(
         "    {{
         // Before waiting for the kernel before: the start of this block's weight rows into L2.
@@ -310,11 +317,7 @@ fn gemv_nk(
         }
         None => nk_scalar(m),
     };
-    let row_of = if fusion.silu_gate {
-        "r < RPB ? n0 + r : OUT_N + n0 + (r - RPB)"
-    } else {
-        "n0 + r"
-    };
+    let row_of = weight_row_of(fusion.silu_gate);
     let store = store_output(fusion, "o", "out_val(r)", "out_val(r + RPB)");
     let norm = norm_code(fusion);
     let body = format!(

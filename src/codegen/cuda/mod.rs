@@ -106,8 +106,8 @@ pub fn f16_prefill(plan: &Plan) -> bool {
 }
 
 /// Whether some decode matmul of `plan` runs on f16 tensor cores ([`gemv_mma`]): its operands
-/// are then rounded to f16 as prefill's are (q4 weights of f16 schemes, row-major q8 ones). The emulator's tests
-/// choose their bound by it.
+/// are then rounded to f16 as prefill's are (q4 weights of f16 schemes, row-major q8 ones). The
+/// emulator's tests choose their bound by it.
 #[cfg(test)]
 pub fn f16_decode(plan: &Plan) -> Result<bool> {
     Ok(crate::codegen::wgsl::spec::specs_by_signature(plan)?

@@ -53,16 +53,19 @@ const TYPICAL_SMS: usize = 132;
 /// Threads per block of an untuned tensor-core GEMV: 4 warps, or more where its grid (16 rows
 /// per block, 8 with a silu gate) is too small to give [`GEMV_WARPS_PER_SM`] — Llama-2-7B's
 /// attention output and down projections (4096 rows: 256 blocks) get 8 — but no more warps than
-/// the row's 16-byte chunks give work (4 per warp and step), and at most 16.
+/// the row's groups of 32 codes give work (4 per warp and step), and at most 16.
 pub fn gemv_mma_threads(m: &crate::codegen::wgsl::spec::MatrixSpec, silu_gate: bool) -> u32 {
-    let rows = if silu_gate { 8 } else { 16 };
+    use super::gemv_mma::{rows_per_block, GROUPS_PER_WARP_STEP};
     let blocks = (if silu_gate { m.n / 2 } else { m.n })
-        .div_ceil(rows)
+        .div_ceil(rows_per_block(silu_gate))
         .max(1);
-    let chunks = m.k.div_ceil(32);
+    let groups = match m.storage {
+        MatrixStorage::Quant(q) => q.n_group,
+        MatrixStorage::Raw(_) => unreachable!("the tensor-core GEMV takes quantized weights"),
+    };
     let want = (GEMV_WARPS_PER_SM * TYPICAL_SMS).div_ceil(blocks);
-    // Powers of two (the candidate space's): the largest not past the chunks' work.
-    let work = (chunks / 4).max(1);
+    // Powers of two (the candidate space's): the largest not past the groups' work.
+    let work = (groups / GROUPS_PER_WARP_STEP).max(1);
     let cap = 1usize << (usize::BITS - 1 - work.leading_zeros());
     let warps = want.next_power_of_two().min(16).min(cap);
     (warps.max(4) as u32) * 32
