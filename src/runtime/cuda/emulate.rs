@@ -162,22 +162,27 @@ inline const unsigned short* emu_smem(unsigned a) {
 }
 // ldmatrix.sync.m8n8.x4.b16: every lane publishes its row address; register i of lane l is
 // 32 bits at column 2(l % 4) of row l / 4 of matrix i, i.e. the row lane 8i + l / 4 gave.
-inline void ldsm_x4(unsigned* r, unsigned a) {
+// The warp's 32 row addresses of an ldmatrix, once every lane has published its own.
+inline const void* const* emu_ldsm_rows(unsigned a) {
     const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
     emu::ldsm_row[q][w][l] = emu_smem(a);
     emu::warp_bars[w]->arrive_and_wait();
+    return emu::ldsm_row[q][w];
+}
+inline void ldsm_x4(unsigned* r, unsigned a) {
+    const void* const* rows = emu_ldsm_rows(a);
+    const unsigned l = emu::tid.x & 31u;
     for (unsigned i = 0; i < 4u; ++i)
-        std::memcpy(&r[i], static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + l / 4]) + 2 * (l % 4), 4);
+        std::memcpy(&r[i], static_cast<const unsigned short*>(rows[8 * i + l / 4]) + 2 * (l % 4), 4);
 }
 // .trans: register i of lane l is rows 2(l % 4) and +1 of column l / 4 of matrix i (lower row
 // in the low half).
 inline void ldsm_x4_trans(unsigned* r, unsigned a) {
-    const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
-    emu::ldsm_row[q][w][l] = emu_smem(a);
-    emu::warp_bars[w]->arrive_and_wait();
+    const void* const* rows = emu_ldsm_rows(a);
+    const unsigned l = emu::tid.x & 31u;
     for (unsigned i = 0; i < 4u; ++i) {
-        const unsigned short lo = static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + 2 * (l % 4)])[l / 4];
-        const unsigned short hi = static_cast<const unsigned short*>(emu::ldsm_row[q][w][8 * i + 2 * (l % 4) + 1])[l / 4];
+        const unsigned short lo = static_cast<const unsigned short*>(rows[8 * i + 2 * (l % 4)])[l / 4];
+        const unsigned short hi = static_cast<const unsigned short*>(rows[8 * i + 2 * (l % 4) + 1])[l / 4];
         r[i] = (unsigned)lo | ((unsigned)hi << 16);
     }
 }
@@ -769,28 +774,76 @@ mod tests {
         (decl, enc.into_iter().map(|r| r.bytes).collect())
     }
 
+    /// [`quantized_weight`] of each `(name, role, shape, values)`: declarations and records.
+    fn quantized_weights(
+        scheme: &str,
+        weights: Vec<(&str, crate::quant::scheme::TensorRole, Vec<usize>, Vec<f32>)>,
+    ) -> (Vec<WeightDecl>, Vec<Vec<Vec<u8>>>) {
+        weights
+            .into_iter()
+            .map(|(name, role, shape, values)| quantized_weight(scheme, role, name, shape, &values))
+            .unzip()
+    }
+
+    /// A plan of `scheme` running `ops` in prefill and decode over `buffers` (name, columns;
+    /// the first is the hidden state, `logits` the logits, whose columns are the vocabulary).
+    fn test_plan(
+        scheme: &str,
+        weights: Vec<WeightDecl>,
+        buffers: &[(&str, usize)],
+        states: Vec<StateDecl>,
+        ops: Vec<Op>,
+        logits: usize,
+        max_seq_len: usize,
+    ) -> Plan {
+        Plan {
+            format_version: PLAN_FORMAT_BASE,
+            arch: "test".into(),
+            quantization: scheme.into(),
+            model_dtype: crate::quant::scheme::scheme(scheme).unwrap().model_dtype,
+            vocab_size: buffers[logits].1,
+            hidden_size: buffers[0].1,
+            max_seq_len,
+            stop_tokens: vec![0],
+            weights,
+            buffers: buffers
+                .iter()
+                .map(|(name, cols)| BufferDecl {
+                    name: (*name).into(),
+                    cols: *cols,
+                })
+                .collect(),
+            states,
+            prefill: ops.clone(),
+            decode: ops,
+            logits,
+        }
+    }
+
     /// embedding → a gated MLP with a residual (rms_norm, gate/up matmul with bias, silu_mul, down
     /// matmul, gelu, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda
     /// target fuses it (gate/up with the norm and the silu gate, down with the gelu and the
     /// residual), prefill not.
     fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
-        let s = crate::quant::scheme::scheme(scheme).unwrap();
         let (v, h, f) = (40usize, 70usize, 19usize);
         use crate::quant::scheme::TensorRole;
-        let (weights, records): (Vec<_>, Vec<_>) = [
-            ("embed.weight", vec![v, h], TensorRole::Embedding, 1),
-            ("gate_up.weight", vec![2 * f, h], TensorRole::Linear, 2),
-            ("gate_up.bias", vec![2 * f], TensorRole::Raw, 3),
-            ("down.weight", vec![h, f], TensorRole::Linear, 5),
-            ("head.weight", vec![v, h], TensorRole::LmHead, 4),
-            ("norm.weight", vec![h], TensorRole::Raw, 6),
-        ]
-        .into_iter()
-        .map(|(name, shape, role, seed)| {
-            let numel = shape.iter().product();
-            quantized_weight(scheme, role, name, shape, &random_values(numel, seed))
-        })
-        .unzip();
+        let (weights, records) = quantized_weights(
+            scheme,
+            [
+                ("embed.weight", vec![v, h], TensorRole::Embedding, 1),
+                ("gate_up.weight", vec![2 * f, h], TensorRole::Linear, 2),
+                ("gate_up.bias", vec![2 * f], TensorRole::Raw, 3),
+                ("down.weight", vec![h, f], TensorRole::Linear, 5),
+                ("head.weight", vec![v, h], TensorRole::LmHead, 4),
+                ("norm.weight", vec![h], TensorRole::Raw, 6),
+            ]
+            .into_iter()
+            .map(|(name, shape, role, seed)| {
+                let values = random_values(shape.iter().product(), seed);
+                (name, role, shape, values)
+            })
+            .collect(),
+        );
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
             Op::RmsNorm {
@@ -809,47 +862,15 @@ mod tests {
                 weight: 4,
             },
         ];
-        let plan = Plan {
-            format_version: PLAN_FORMAT_BASE,
-            arch: "test".into(),
-            quantization: scheme.into(),
-            model_dtype: s.model_dtype,
-            vocab_size: v,
-            hidden_size: h,
-            max_seq_len: 80,
-            stop_tokens: vec![0],
-            weights,
-            buffers: vec![
-                BufferDecl {
-                    name: "h".into(),
-                    cols: h,
-                },
-                BufferDecl {
-                    name: "gate_up".into(),
-                    cols: 2 * f,
-                },
-                BufferDecl {
-                    name: "act".into(),
-                    cols: f,
-                },
-                BufferDecl {
-                    name: "proj".into(),
-                    cols: h,
-                },
-                BufferDecl {
-                    name: "logits".into(),
-                    cols: v,
-                },
-                BufferDecl {
-                    name: "normed".into(),
-                    cols: h,
-                },
-            ],
-            states: vec![],
-            prefill: ops.clone(),
-            decode: ops,
-            logits: 4,
-        };
+        let buffers = [
+            ("h", h),
+            ("gate_up", 2 * f),
+            ("act", f),
+            ("proj", h),
+            ("logits", v),
+            ("normed", h),
+        ];
+        let plan = test_plan(scheme, weights, &buffers, vec![], ops, 4, 80);
         let plan = crate::codegen::fuse::fuse_decode(plan);
         assert_eq!(
             plan.decode.len(),
@@ -864,17 +885,21 @@ mod tests {
     /// `[t, c]` is one product, `x[t]·W[c, t]`, with `x[t]` the gathered (f16) embedding value.
     fn one_hot_plan(scheme: &str, n: usize, k: usize) -> (Plan, Vec<Vec<Vec<u8>>>) {
         use crate::quant::scheme::TensorRole;
-        let s = crate::quant::scheme::scheme(scheme).unwrap();
         let embed: Vec<f32> = (0..n * k)
             .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
             .collect();
-        let (weights, records): (Vec<_>, Vec<_>) = [
-            ("embed.weight", TensorRole::Embedding, embed),
-            ("head.weight", TensorRole::LmHead, random_values(n * k, 7)),
-        ]
-        .into_iter()
-        .map(|(name, role, values)| quantized_weight(scheme, role, name, vec![n, k], &values))
-        .unzip();
+        let (weights, records) = quantized_weights(
+            scheme,
+            vec![
+                ("embed.weight", TensorRole::Embedding, vec![n, k], embed),
+                (
+                    "head.weight",
+                    TensorRole::LmHead,
+                    vec![n, k],
+                    random_values(n * k, 7),
+                ),
+            ],
+        );
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
             Op::Logits {
@@ -882,31 +907,15 @@ mod tests {
                 weight: 1,
             },
         ];
-        let plan = Plan {
-            format_version: PLAN_FORMAT_BASE,
-            arch: "test".into(),
-            quantization: scheme.into(),
-            model_dtype: s.model_dtype,
-            vocab_size: n,
-            hidden_size: k,
-            max_seq_len: k,
-            stop_tokens: vec![0],
+        let plan = test_plan(
+            scheme,
             weights,
-            buffers: vec![
-                BufferDecl {
-                    name: "h".into(),
-                    cols: k,
-                },
-                BufferDecl {
-                    name: "logits".into(),
-                    cols: n,
-                },
-            ],
-            states: vec![],
-            prefill: ops.clone(),
-            decode: ops,
-            logits: 1,
-        };
+            &[("h", k), ("logits", n)],
+            vec![],
+            ops,
+            1,
+            k,
+        );
         (plan, records)
     }
 
@@ -1036,25 +1045,24 @@ mod tests {
         head_dim: usize,
     ) -> (Plan, Vec<Vec<Vec<u8>>>) {
         use crate::quant::scheme::TensorRole;
-        let s = crate::quant::scheme::scheme(scheme).unwrap();
         let (v, qc) = (256usize, n_q * head_dim);
         let cols = qc + 2 * n_kv * head_dim;
         let embed: Vec<f32> = random_values(v * cols, 11)
             .iter()
             .map(|x| 3.0 * x)
             .collect();
-        let (weights, records): (Vec<_>, Vec<_>) = [
-            ("embed.weight", TensorRole::Embedding, vec![v, cols], embed),
-            (
-                "head.weight",
-                TensorRole::LmHead,
-                vec![v, qc],
-                random_values(v * qc, 12),
-            ),
-        ]
-        .into_iter()
-        .map(|(name, role, shape, values)| quantized_weight(scheme, role, name, shape, &values))
-        .unzip();
+        let (weights, records) = quantized_weights(
+            scheme,
+            vec![
+                ("embed.weight", TensorRole::Embedding, vec![v, cols], embed),
+                (
+                    "head.weight",
+                    TensorRole::LmHead,
+                    vec![v, qc],
+                    random_values(v * qc, 12),
+                ),
+            ],
+        );
         let ops = vec![
             Op::Embedding { weight: 0, out: 0 },
             Op::Attention {
@@ -1071,30 +1079,13 @@ mod tests {
                 weight: 1,
             },
         ];
-        let buffer = |name: &str, cols| BufferDecl {
-            name: name.into(),
-            cols,
+        let kv_cache = StateDecl::KvCache {
+            layer: 0,
+            n_kv_heads: n_kv,
+            head_dim,
         };
-        let plan = Plan {
-            format_version: PLAN_FORMAT_BASE,
-            arch: "test".into(),
-            quantization: scheme.into(),
-            model_dtype: s.model_dtype,
-            vocab_size: v,
-            hidden_size: cols,
-            max_seq_len: 256,
-            stop_tokens: vec![0],
-            weights,
-            buffers: vec![buffer("qkv", cols), buffer("y", qc), buffer("logits", v)],
-            states: vec![StateDecl::KvCache {
-                layer: 0,
-                n_kv_heads: n_kv,
-                head_dim,
-            }],
-            prefill: ops.clone(),
-            decode: ops,
-            logits: 2,
-        };
+        let buffers = [("qkv", cols), ("y", qc), ("logits", v)];
+        let plan = test_plan(scheme, weights, &buffers, vec![kv_cache], ops, 2, 256);
         (plan, records)
     }
 
