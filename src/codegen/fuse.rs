@@ -28,27 +28,6 @@ use crate::formats::model_lib::plan::{
     Activation, BufId, FusedRmsNorm, FusedRotary, MatmulFusion, Op, Plan, PLAN_FORMAT_VERSION,
 };
 
-/// The buffers an op reads.
-fn reads(op: &Op) -> Vec<BufId> {
-    match op {
-        Op::Embedding { .. } => vec![],
-        Op::RmsNorm { input, .. } | Op::LayerNorm { input, .. } | Op::Logits { input, .. } => {
-            vec![*input]
-        }
-        Op::Matmul { input, fusion, .. } => {
-            std::iter::once(*input).chain(fusion.residual).collect()
-        }
-        Op::Rotary { qkv, .. } | Op::Attention { qkv, .. } => vec![*qkv],
-        Op::SiluMul { input, .. } => vec![*input],
-        Op::Gelu { buf } | Op::ReluSquare { buf } | Op::Sigmoid { buf } | Op::Scale { buf, .. } => {
-            vec![*buf]
-        }
-        Op::Add { a, b, .. } | Op::Mul { a, b, .. } => vec![*a, *b],
-        Op::RwkvTokenShift { input, .. } => vec![*input],
-        Op::RwkvWkv { k, v, .. } => vec![*k, *v],
-    }
-}
-
 /// Whether `buf`'s value after `ops[at]` is never read: the first later op touching it
 /// overwrites it without reading it, or no later op touches it.
 fn dead_after(plan: &Plan, ops: &[Op], at: usize, buf: BufId) -> bool {
@@ -56,35 +35,14 @@ fn dead_after(plan: &Plan, ops: &[Op], at: usize, buf: BufId) -> bool {
         return false;
     }
     for op in &ops[at + 1..] {
-        if reads(op).contains(&buf) {
+        if op.reads().contains(&buf) {
             return false;
         }
-        if writes(op).contains(&buf) {
+        if op.writes().contains(&buf) {
             return true;
         }
     }
     true
-}
-
-/// The buffers an op writes.
-fn writes(op: &Op) -> Vec<BufId> {
-    match op {
-        Op::Embedding { out, .. }
-        | Op::RmsNorm { out, .. }
-        | Op::LayerNorm { out, .. }
-        | Op::Matmul { out, .. }
-        | Op::Attention { out, .. }
-        | Op::SiluMul { out, .. }
-        | Op::Add { out, .. }
-        | Op::Mul { out, .. }
-        | Op::RwkvWkv { out, .. } => vec![*out],
-        Op::Rotary { qkv, .. } => vec![*qkv],
-        Op::Gelu { buf } | Op::ReluSquare { buf } | Op::Sigmoid { buf } | Op::Scale { buf, .. } => {
-            vec![*buf]
-        }
-        Op::RwkvTokenShift { outs, .. } => outs.clone(),
-        Op::Logits { .. } => vec![],
-    }
 }
 
 /// `first` and `second` (= `ops[at]`, `ops[at + 1]`) as one op, if a rewrite of the module's

@@ -41,8 +41,10 @@ use std::collections::BTreeMap;
 /// prefetch the start of their rows into L2 before waiting for the kernel before them. 16: the
 /// f16 GEMM's short last row tile multiplies only its mma tiles that hold rows. 17: the
 /// tensor-core decode GEMV also takes row-major q8 weights (q8f16_1). 18: its row-major loads
-/// are one generated loop for 4- and 8-bit groups (the same machine code, another source).
-pub const VERSION: u32 = 18;
+/// are one generated loop for 4- and 8-bit groups (the same machine code, another source). 19:
+/// cuda libraries of f16 schemes keep the prefill buffers that only feed a GEMM in f16
+/// (`half_activations`).
+pub const VERSION: u32 = 19;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

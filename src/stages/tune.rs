@@ -19,6 +19,7 @@
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
 use crate::cache::key::KeyInputs;
 use crate::cache::tuning_db::{TunedRecord, TuningDb};
+use crate::codegen::cuda::half_activations::HalfIo;
 use crate::codegen::tune::TimedKernel;
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::formats::model_lib::plan::Plan;
@@ -91,6 +92,7 @@ fn measure(
     timer: &mut dyn KernelTimer,
     target: &TargetSpec,
     f16: bool,
+    half: HalfIo,
     signature: &str,
     spec: &KernelSpec,
 ) -> Result<TunedRecord> {
@@ -99,7 +101,8 @@ fn measure(
         let candidates = crate::codegen::cuda::tune_space::candidates(signature, spec);
         fastest(signature, &candidates, |t| {
             // A candidate the shape cannot take (attention's shared memory) is skipped.
-            let Ok(kernel) = crate::codegen::cuda::generate(signature, spec, *t, arch, f16) else {
+            let Ok(kernel) = crate::codegen::cuda::generate(signature, spec, *t, arch, f16, half)
+            else {
                 return Ok(None);
             };
             let ptx = crate::codegen::cuda::compile(&kernel, arch)?;
@@ -169,6 +172,7 @@ fn device_records(
         return Ok(None);
     }
     let _guard = MEASURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let half_io = crate::codegen::cuda::half_activations::half_io(plan);
     let arch = (target.preset.backend == "cuda").then(|| cuda_arch(target));
     let Some(mut timer) = (ctx.timer_factory)(target.preset.name, arch)? else {
         tracing::info!(
@@ -179,7 +183,8 @@ fn device_records(
     };
     let device = timer.device_id();
     let db = TuningDb::open(&ctx.cache.root, &device);
-    let key = |sig: &str| db_key(target, f16, sig);
+    let half = |sig: &str| half_io.get(sig).copied().unwrap_or_default();
+    let key = |sig: &str| db_key(target, f16, half(sig), sig);
     let mut stored = db.load()?;
     let missing: Vec<&String> = signatures
         .iter()
@@ -193,7 +198,10 @@ fn device_records(
             let spec = specs.get(*sig).ok_or_else(|| {
                 anyhow::anyhow!("kernel signature {sig} has no spec (an mlcb bug)")
             })?;
-            measured.insert(key(sig), measure(timer.as_mut(), target, f16, sig, spec)?);
+            measured.insert(
+                key(sig),
+                measure(timer.as_mut(), target, f16, half(sig), sig, spec)?,
+            );
         }
         db.insert(&measured)?;
         eprintln!(
@@ -218,9 +226,10 @@ fn device_records(
 }
 
 /// A signature's key in the device's tuning database: wgpu kernels with subgroup reductions
-/// (the preset's choice) or libraries computing in f16 have other kernels than the same signature
-/// without, so they are timed and stored apart.
-fn db_key(target: &TargetSpec, f16: bool, signature: &str) -> String {
+/// (the preset's choice), libraries computing in f16 and cuda kernels with f16 activations
+/// ([`HalfIo`]) have other kernels than the same signature without, so they are timed and
+/// stored apart.
+fn db_key(target: &TargetSpec, f16: bool, half: HalfIo, signature: &str) -> String {
     let mut key = signature.to_string();
     if target.preset.backend == "wgpu" && target.preset.subgroups {
         key.push_str("#subgroups");
@@ -234,6 +243,12 @@ fn db_key(target: &TargetSpec, f16: bool, signature: &str) -> String {
     }
     if f16 {
         key.push_str("#f16");
+    }
+    if half.input {
+        key.push_str("#f16-input");
+    }
+    if half.out {
+        key.push_str("#f16-out");
     }
     key
 }
@@ -401,7 +416,7 @@ mod tests {
         assert!(!r.tuned, "old-space records were used");
         assert!(r.records.values().all(|v| v["threads_per_block"] != 512));
         // The current space's key finds a record.
-        let key = db_key(&cuda, false, "decode:x");
+        let key = db_key(&cuda, false, HalfIo::default(), "decode:x");
         assert_eq!(
             key,
             format!(

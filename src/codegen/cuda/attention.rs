@@ -103,6 +103,7 @@ pub(super) fn declare_attention(
     n_kv_heads: usize,
     head_dim: usize,
     kv_f16: bool,
+    half_out: bool,
 ) {
     b.const_u32("GROUP", n_q_heads / n_kv_heads);
     b.const_u32("HD", head_dim);
@@ -115,7 +116,7 @@ pub(super) fn declare_attention(
     let kv = if kv_f16 { Elem::F16 } else { Elem::F32 };
     b.state("k", kv, "k_cache");
     b.state("v", kv, "v_cache");
-    b.activation("out", true, "y");
+    b.activation_of("out", true, "y", half_out);
 }
 
 /// Keys each warp of [`attention`] scores per step.
@@ -212,7 +213,7 @@ pub fn attention(
     splits: usize,
     kv_f16: bool,
 ) -> (String, CudaLaunch) {
-    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16);
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16, false);
     b.const_u32("KU", DECODE_KEYS_PER_STEP);
     let split = splits > 1;
     if split {
@@ -409,7 +410,7 @@ pub fn attention_tiled(
     head_dim: usize,
     kv_f16: bool,
 ) -> (String, CudaLaunch) {
-    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16);
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16, false);
     b.const_u32("QT", TILE_Q);
     b.const_u32("KT", TILE_K);
     b.const_u32("AT", TILE_THREADS as usize);

@@ -50,9 +50,10 @@ pub fn attention_mma(
     n_q_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    half_out: bool,
 ) -> (String, CudaLaunch) {
     assert!(fits(true, head_dim), "head_dim {head_dim}");
-    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, true);
+    declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, true, half_out);
     b.const_u32("QT", MMA_TILE_Q);
     b.const_u32("KT", TILE_KEYS);
     b.const_u32("AT", MMA_THREADS as usize);
@@ -63,6 +64,12 @@ pub fn attention_mma(
         "SCALE_LOG2",
         1.0 / (head_dim as f32).sqrt() * std::f32::consts::LOG2_E,
     );
+    // The output pair (f16 when `half_out`, rounded as the GEMM reading it used to round).
+    let store = if half_out {
+        "*(unsigned*)(y + (u64)t * QC + h * HD + dt * 8u + 2u * c) = pack_h2_sat(v.x, v.y);"
+    } else {
+        "*(float2*)(y + (u64)t * QC + h * HD + dt * 8u + 2u * c) = v;"
+    };
     let body = "    __shared__ __align__(16) unsigned short k_sh[KT][HDP];
     __shared__ __align__(16) unsigned short v_sh[KT][HDP];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -205,10 +212,11 @@ pub fn attention_mma(
         #pragma unroll
         for (unsigned dt = 0; dt < DT; ++dt) {
             const float2 v = {o[dt][2u * r] * inv, o[dt][2u * r + 1u] * inv};
-            *(float2*)(y + (u64)t * QC + h * HD + dt * 8u + 2u * c) = v;
+            {store}
         }
     }
-";
+"
+    .replace("{store}", store);
     // Eight f32 values (16-byte aligned) as the cache keeps them (`kv_store`'s rounding, two
     // at a time): one uint4 of f16. `ex2`: 2^x in one instruction (the probabilities are
     // rounded to f16 next; the emulator's libm agrees to a few ulp).
@@ -229,5 +237,5 @@ inline float ex2(float x) { return exp2f(x); }
         GridDim::one(),
     ];
     let shared = format!("{}{helpers}", kv_helpers(true));
-    b.finish(&shared, body, MMA_THREADS, grid)
+    b.finish(&shared, &body, MMA_THREADS, grid)
 }

@@ -217,7 +217,7 @@ impl CudaBuilder {
         });
     }
 
-    /// An f32 activation buffer `[T, cols]`.
+    /// An f32 activation buffer `[T, cols]` (f16 ones: [`Self::activation_of`]).
     pub fn activation(&mut self, op_field: &str, write: bool, name: &str) {
         self.pointer(
             "activation",
@@ -229,6 +229,13 @@ impl CudaBuilder {
             Elem::F32,
             name,
         );
+    }
+
+    /// An activation buffer `[T, cols]` held as f16 (`unsigned short` bits; see
+    /// [`super::half_activations`]) when `half`, else f32.
+    pub fn activation_of(&mut self, op_field: &str, write: bool, name: &str, half: bool) {
+        let elem = if half { Elem::F16 } else { Elem::F32 };
+        self.pointer("activation", op_field, None, None, write, true, elem, name);
     }
 
     /// An activation that may alias another argument of the same kernel (no `__restrict__`).

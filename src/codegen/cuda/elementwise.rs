@@ -2,10 +2,11 @@
 //! element, neighbouring threads on neighbouring columns.
 
 use super::builder::CudaBuilder;
+use super::f16_ops::F16_OPS;
 use super::launch::{CudaLaunch, GridDim};
 use crate::codegen::wgsl::spec::{Binary, Unary};
 
-fn finish(mut b: CudaBuilder, cols: usize, stmt: &str) -> (String, CudaLaunch) {
+fn finish(mut b: CudaBuilder, cols: usize, stmt: &str, shared: &str) -> (String, CudaLaunch) {
     b.const_u32("COLS", cols);
     let body = format!(
         "    const unsigned t = blockIdx.y, c = blockIdx.x * TPB + threadIdx.x;
@@ -19,7 +20,7 @@ fn finish(mut b: CudaBuilder, cols: usize, stmt: &str) -> (String, CudaLaunch) {
         GridDim::tokens(1),
         GridDim::one(),
     ];
-    b.finish("", &body, tpb, grid)
+    b.finish(shared, &body, tpb, grid)
 }
 
 /// The C expression of `op` applied to the float variable `v` (Scale multiplies by `scalar`).
@@ -42,7 +43,7 @@ pub fn unary(mut b: CudaBuilder, op: Unary, cols: usize) -> (String, CudaLaunch)
         "const u64 i = (u64)t * COLS + c; const float v = buf[i]; buf[i] = {};",
         unary_expr(op)
     );
-    finish(b, cols, &stmt)
+    finish(b, cols, &stmt, "")
 }
 
 /// `out = a + b` / `a * b`. `out` may be the same buffer as `a` or `b` (each thread reads and
@@ -56,13 +57,20 @@ pub fn binary(mut b: CudaBuilder, op: Binary, cols: usize) -> (String, CudaLaunc
         Binary::Mul => "*",
     };
     let stmt = format!("const u64 i = (u64)t * COLS + c; y[i] = a[i] {sym} b[i];");
-    finish(b, cols, &stmt)
+    finish(b, cols, &stmt, "")
 }
 
-/// `out[t, c] = silu(x[t, c]) * x[t, COLS + c]` with `x = [gate | up]` (`2·COLS` columns).
-pub fn silu_mul(mut b: CudaBuilder, cols: usize) -> (String, CudaLaunch) {
+/// `out[t, c] = silu(x[t, c]) * x[t, COLS + c]` with `x = [gate | up]` (`2·COLS` columns);
+/// `half`: `out` is f16 (see [`super::half_activations`]).
+pub fn silu_mul(mut b: CudaBuilder, cols: usize, half: bool) -> (String, CudaLaunch) {
     b.activation("input", false, "x");
-    b.activation("out", true, "y");
-    let stmt = "const float g = x[(u64)t * 2u * COLS + c], u = x[(u64)t * 2u * COLS + COLS + c]; y[(u64)t * COLS + c] = silu_gate(g, u);";
-    finish(b, cols, stmt)
+    b.activation_of("out", true, "y", half);
+    let store = if half {
+        "(unsigned short)(pack_h2_sat(v, 0.0f) & 0xFFFFu)"
+    } else {
+        "v"
+    };
+    let stmt = format!("const float g = x[(u64)t * 2u * COLS + c], u = x[(u64)t * 2u * COLS + COLS + c]; const float v = silu_gate(g, u); y[(u64)t * COLS + c] = {store};");
+    let shared = if half { F16_OPS } else { "" };
+    finish(b, cols, &stmt, shared)
 }

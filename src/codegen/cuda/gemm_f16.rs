@@ -7,9 +7,10 @@
 //!   arrangement, each warp 64×32 (4×4 mma tiles); K in steps of 32. A warp's fragments come
 //!   from shared memory by `ldmatrix.x4` (one instruction per 16×16 operand tile): per 16 K, 6
 //!   loads feed 16 mma.
-//! - Operands are staged in shared memory as f16: activations (f32 in global memory) rounded to
-//!   f16 by `cvt.rn.satfinite` (saturating at ±65504 instead of overflowing); weights decoded
-//!   in registers. Rows are padded to 40 halves, so each 8-row `ldmatrix` phase hits 32
+//! - Operands are staged in shared memory as f16: activations copied as they are where the
+//!   kernel before wrote them in f16 ([`super::half_activations`]), else f32 rounded to f16 by
+//!   `cvt.rn.satfinite` (saturating at ±65504 instead of overflowing), the same rounding;
+//!   weights decoded in registers. Rows are padded to 40 halves, so each 8-row `ldmatrix` phase hits 32
 //!   distinct banks.
 //! - Pipelining: the next K step's global loads go to registers before the current step's
 //!   products, and are decoded into the other shared buffer after them (two buffers, one
@@ -376,7 +377,14 @@ fn k_loop(partial: bool) -> String {
     )
 }
 
-pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
+/// `half_input`: the activations are f16 already ([`super::half_activations`]), copied to shared
+/// memory as they are; else f32, rounded to f16 as they are staged.
+pub fn gemm_f16(
+    mut b: CudaBuilder,
+    m: &MatrixSpec,
+    plus_bias: &str,
+    half_input: bool,
+) -> (String, CudaLaunch) {
     let st = staging(m);
     let units = (F16_BN * F16_BK) as usize / st.vpu;
     let threads = F16_THREADS as usize;
@@ -389,23 +397,60 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     b.const_u32("HPU", st.vpu.div_ceil(2));
     b.const_u32("UNITS", units);
     b.const_u32("UPT", units.div_ceil(threads));
-    // Activations: units of 4 values (float4 when rows are 16-byte aligned).
-    let x_units = (F16_BM * F16_BK / 4) as usize;
+    // Activations: units of XV values, 16 bytes (float4 of f32, uint4 of f16) where rows are
+    // 16-byte aligned.
+    let xv = if half_input { 8 } else { 4 };
+    b.const_u32("XV", xv);
+    let x_units = F16_BM as usize * F16_BK as usize / xv;
     b.const_u32("XPT", x_units.div_ceil(threads));
     let k_edge = m.k % F16_BK as usize != 0;
-    // A thread's activation units are rows `tid / 8 + 32j` at the same K offset: one pointer,
-    // advanced by k0, plus constant row offsets (the loads' immediates).
-    const _: () =
-        assert!((F16_BM * F16_BK / 4) % F16_THREADS == 0 && F16_THREADS % (F16_BK / 4) == 0);
-    let x_fetch = if m.k % 4 == 0 {
-        let in_k = if k_edge { " && k < W_K" } else { "" };
-        format!("xr[j] = (t < ROWS{in_k}) ? *reinterpret_cast<const float4*>(x_lane + (u64)j * (GT / (BK / 4u)) * W_K + k0) : float4{{0.0f, 0.0f, 0.0f, 0.0f}};")
+    // A thread's activation units are rows `tid / (BK / XV) + j · GT / (BK / XV)` at the same K
+    // offset: one pointer, advanced by k0, plus constant row offsets (the loads' immediates).
+    const _: () = assert!(
+        (F16_BM * F16_BK / 8) % F16_THREADS == 0
+            && (F16_BM * F16_BK / 4) % F16_THREADS == 0
+            && F16_THREADS % (F16_BK / 4) == 0
+    );
+    let in_k = if k_edge { " && k < W_K" } else { "" };
+    let (x_type, x_reg, x_fetch, x_stash) = if half_input {
+        let fetch = if m.k % 8 == 0 {
+            format!("xr[j] = (t < ROWS{in_k}) ? *reinterpret_cast<const uint4*>(x_lane + (u64)j * (GT / (BK / XV)) * W_K + k0) : uint4{{0u, 0u, 0u, 0u}};")
+        } else {
+            "const unsigned short* xp = x + (u64)(ROW0 + t) * W_K;
+                const bool in = t < ROWS;
+                unsigned w[4];
+                #pragma unroll
+                for (unsigned i = 0; i < 4u; ++i) {
+                    const unsigned lo = (in && k + 2u * i < W_K) ? xp[k + 2u * i] : 0u;
+                    const unsigned hi = (in && k + 2u * i + 1u < W_K) ? xp[k + 2u * i + 1u] : 0u;
+                    w[i] = lo | (hi << 16);
+                }
+                xr[j] = uint4{w[0], w[1], w[2], w[3]};"
+                .to_string()
+        };
+        (
+            "unsigned short",
+            "uint4",
+            fetch,
+            "*reinterpret_cast<uint4*>(&xs[buf][r][kk]) = xr[j];",
+        )
     } else {
-        "const float* xp = x + (u64)(ROW0 + t) * W_K;
+        let fetch = if m.k % 4 == 0 {
+            format!("xr[j] = (t < ROWS{in_k}) ? *reinterpret_cast<const float4*>(x_lane + (u64)j * (GT / (BK / XV)) * W_K + k0) : float4{{0.0f, 0.0f, 0.0f, 0.0f}};")
+        } else {
+            "const float* xp = x + (u64)(ROW0 + t) * W_K;
                 const bool in = t < ROWS;
                 xr[j] = float4{(in && k < W_K) ? xp[k] : 0.0f, (in && k + 1u < W_K) ? xp[k + 1u] : 0.0f,
                                (in && k + 2u < W_K) ? xp[k + 2u] : 0.0f, (in && k + 3u < W_K) ? xp[k + 3u] : 0.0f};"
-            .to_string()
+                .to_string()
+        };
+        (
+            "float",
+            "float4",
+            fetch,
+            "const float4 f = xr[j];
+                *reinterpret_cast<uint2*>(&xs[buf][r][kk]) = uint2{pack_h2_sat(f.x, f.y), pack_h2_sat(f.z, f.w)};",
+        )
     };
     // Stores of one unit's f16 pairs into ws: 16 bytes at a time where the unit allows it.
     let w_store = if st.vpu % 8 == 0 {
@@ -439,8 +484,8 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
     const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
     // ... as shared-window addresses in buffer 0 (a buffer is the next PAD · rows halves).
     const unsigned xs_lane = smem_u32(&xs[0][wm + a_row][a_col]), ws_lane = smem_u32(&ws[0][wn + b_row][b_col]);
-    float4 xr[XPT];
-    const float* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / 4u)) * W_K + (tid % (BK / 4u)) * 4u;
+    {x_reg} xr[XPT];
+    const {x_type}* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / XV)) * W_K + (tid % (BK / XV)) * XV;
     (void)x_lane;
     {regs}
     // Global memory → registers for the K step at k0.
@@ -448,8 +493,8 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         #pragma unroll
         for (unsigned j = 0; j < XPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (BM * BK / 4u % GT == 0u || u < BM * BK / 4u) {{
-                const unsigned t = t0 + u / (BK / 4u), k = k0 + (u % (BK / 4u)) * 4u;
+            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
+                const unsigned t = t0 + u / (BK / XV), k = k0 + (u % (BK / XV)) * XV;
                 {x_fetch}
             }}
         }}
@@ -474,10 +519,9 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         #pragma unroll
         for (unsigned j = 0; j < XPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (BM * BK / 4u % GT == 0u || u < BM * BK / 4u) {{
-                const unsigned r = u / (BK / 4u), kk = (u % (BK / 4u)) * 4u;
-                const float4 f = xr[j];
-                *reinterpret_cast<uint2*>(&xs[buf][r][kk]) = uint2{{pack_h2_sat(f.x, f.y), pack_h2_sat(f.z, f.w)}};
+            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
+                const unsigned r = u / (BK / XV), kk = (u % (BK / XV)) * XV;
+                {x_stash}
             }}
         }}
         #pragma unroll
@@ -514,6 +558,9 @@ pub fn gemm_f16(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String,
         store = super::matmul::warp_tile_store(WARP_MI, WARP_NJ, plus_bias),
         regs = st.regs,
         map = st.map,
+        x_reg = x_reg,
+        x_type = x_type,
+        x_stash = x_stash,
         fetch = st.fetch,
         decode = st.decode,
     );

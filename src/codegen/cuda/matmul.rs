@@ -51,7 +51,10 @@ pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
 
 /// Matmul or logits. Arguments: input, a fused norm's weight, weight records, bias record, a
 /// fused residual, output. Only the decode GEMVs implement `fusion` (`generate` refuses a fused
-/// prefill spec before it gets here).
+/// prefill spec before it gets here). `f16`: prefill runs on f16 tensor cores
+/// ([`super::f16_prefill`]); `half_input`: the input is an f16 buffer
+/// ([`super::half_activations`]; only then).
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     mut b: CudaBuilder,
     m: &MatrixSpec,
@@ -59,9 +62,13 @@ pub fn matmul(
     phase: Phase,
     logits: bool,
     f16: bool,
+    half_input: bool,
     fusion: Fusion,
 ) -> Result<(String, CudaLaunch), String> {
-    b.activation("input", false, "x");
+    if half_input && !(f16 && phase == Phase::Prefill) {
+        return Err("an f16 input needs the f16 prefill GEMM (an mlcb bug)".into());
+    }
+    b.activation_of("input", false, "x", half_input);
     if let Some(d) = fusion.rms_norm {
         declare_vector(&mut b, "norm", d, "g");
         b.params_scalar("eps");
@@ -93,7 +100,7 @@ pub fn matmul(
         )),
         (Phase::Decode, false) => gemv_nk(b, m, plus_bias, fusion),
         (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, fusion)),
-        (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias)),
+        (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias, half_input)),
         (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
     }
 }

@@ -10,7 +10,7 @@
 //! | matmul, logits (decode, NK) | `mlcb_matmul_gemv_nk`, `mlcb_logits_gemv_nk` | TPB | `[ceil(N/rows_per_block), rows, 1]` |
 //! | matmul, logits (decode, KN) | `…_gemv_kn` | TPB | `[ceil(N/32), rows, 1]` |
 //! | matmul, logits (prefill, f32 schemes) | `…_gemm` (3xTF32 tensor cores) | 128 | `[ceil(N/64), ceil(rows/64), 1]` |
-//! | matmul, logits (prefill, f16 schemes) | `…_gemm` (f16 tensor cores, [`gemm_f16`]) | 256 | `[ceil(N/128), ceil(rows/64), 1]` |
+//! | matmul, logits (prefill, f16 schemes) | `…_gemm` (f16 tensor cores, [`gemm_f16`]) | 256 | `[ceil(N/128), ceil(rows/128), 1]` |
 //! | rotary | `mlcb_rotary` | TPB | `[ceil((nq+nkv)·rd/2 / TPB), T, 1]` |
 //! | attention (decode; prefill with head_dim > 128) | `mlcb_attention` | TPB | `[n_q_heads, T, 1]` |
 //! | attention (prefill, f16 schemes, head_dim a multiple of 16 ≤ 128) | `mlcb_attention` (f16 tensor cores, [`attention_mma`]) | 128 | `[n_q_heads, ceil(T/64), 1]` |
@@ -23,7 +23,8 @@
 //! (decode GEMVs accumulate in f32) except the prefill matmuls: f16 tensor-core products with f32
 //! sums in libraries of f16 schemes, 3xTF32 (f32-accurate) products otherwise; in libraries of
 //! f16 schemes also prefill attention's two products and the decode GEMV over q4 weights and
-//! row-major q8 ones.
+//! row-major q8 ones. Activations are f32 but, in libraries of f16 schemes, the prefill buffers
+//! that only feed a GEMM ([`half_activations`]).
 
 mod attention;
 mod attention_mma;
@@ -32,6 +33,7 @@ mod elementwise;
 mod f16_ops;
 pub mod gemm_f16;
 mod gemv_mma;
+pub mod half_activations;
 pub mod launch;
 mod matmul;
 mod norm;
@@ -45,6 +47,7 @@ use crate::formats::model_lib::plan::Plan;
 use crate::formats::model_lib::KernelEntry;
 use anyhow::{bail, Result};
 use builder::CudaBuilder;
+use half_activations::HalfIo;
 use launch::{CudaLaunch, CudaTuning};
 use std::collections::BTreeMap;
 
@@ -117,13 +120,15 @@ pub fn f16_decode(plan: &Plan) -> Result<bool> {
         }))
 }
 
-/// Generate the CUDA C of one spec (`f16`: see [`f16_prefill`]).
+/// Generate the CUDA C of one spec (`f16`: see [`f16_prefill`]; `half`: which of its
+/// activations are f16, see [`half_activations`]).
 pub fn generate(
     signature: &str,
     spec: &KernelSpec,
     tuning: CudaTuning,
     arch: &str,
     f16: bool,
+    half: HalfIo,
 ) -> Result<CudaKernel> {
     check_dims(signature, spec)?;
     let ep = entry_point(spec);
@@ -146,11 +151,15 @@ pub fn generate(
             phase,
             logits,
             fusion,
-        } => matmul::matmul(b, m, *bias, *phase, *logits, f16, *fusion).map_err(|e| {
-            crate::error::user(format!("tuning record for kernel {signature}: {e}"))
-        })?,
-        KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight),
-        KernelSpec::LayerNorm { cols, weight, bias } => norm::layer_norm(b, *cols, *weight, *bias),
+        } => {
+            matmul::matmul(b, m, *bias, *phase, *logits, f16, half.input, *fusion).map_err(|e| {
+                crate::error::user(format!("tuning record for kernel {signature}: {e}"))
+            })?
+        }
+        KernelSpec::RmsNorm { cols, weight } => norm::rms_norm(b, *cols, *weight, half.out),
+        KernelSpec::LayerNorm { cols, weight, bias } => {
+            norm::layer_norm(b, *cols, *weight, *bias, half.out)
+        }
         KernelSpec::Rotary {
             n_q_heads,
             n_kv_heads,
@@ -169,7 +178,7 @@ pub fn generate(
             head_dim,
             ..
         } if phase_of(signature) == Some(Phase::Prefill) && attention_mma::fits(f16, *head_dim) => {
-            attention_mma::attention_mma(b, *n_q_heads, *n_kv_heads, *head_dim)
+            attention_mma::attention_mma(b, *n_q_heads, *n_kv_heads, *head_dim, half.out)
         }
         KernelSpec::Attention {
             n_q_heads,
@@ -211,7 +220,7 @@ pub fn generate(
                 attention::kv_f16(f16, *head_dim),
             )
         }
-        KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols),
+        KernelSpec::SiluMul { cols } => elementwise::silu_mul(b, *cols, half.out),
         KernelSpec::Unary { op, cols } => elementwise::unary(b, *op, *cols),
         KernelSpec::Binary { op, cols } => elementwise::binary(b, *op, *cols),
         KernelSpec::TokenShift { hidden, mixes } => rwkv::token_shift(b, *hidden, mixes),
@@ -235,10 +244,24 @@ pub fn generate_plan(
     records: &BTreeMap<String, serde_json::Value>,
     arch: &str,
 ) -> Result<Vec<CudaKernel>> {
+    generate_plan_with(plan, records, arch, &half_activations::half_io(plan))
+}
+
+/// [`generate_plan`] with the f16 activations of `half` (signature → which); the tests compare
+/// the results with and without them.
+pub(crate) fn generate_plan_with(
+    plan: &Plan,
+    records: &BTreeMap<String, serde_json::Value>,
+    arch: &str,
+    half: &BTreeMap<String, HalfIo>,
+) -> Result<Vec<CudaKernel>> {
     let f16 = f16_prefill(plan);
     spec::specs_with_tuning(plan, records, CudaTuning::from_record)?
         .into_iter()
-        .map(|(sig, spec, tuning)| generate(&sig, &spec, tuning, arch, f16))
+        .map(|(sig, spec, tuning)| {
+            let h = half.get(&sig).copied().unwrap_or_default();
+            generate(&sig, &spec, tuning, arch, f16, h)
+        })
         .collect()
 }
 

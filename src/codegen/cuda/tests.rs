@@ -2,6 +2,7 @@
 //! tuning records) generates CUDA C that NVRTC compiles to PTX for the requested arch. Tests that
 //! need NVRTC print a loud SKIP line when it cannot be found.
 
+use super::half_activations::HalfIo;
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
 use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, Phase, Unary};
@@ -175,12 +176,43 @@ fn every_variant_compiles_to_ptx() {
                 .iter()
                 .flat_map(|f| sigs.iter().map(move |s| (f, s)))
                 .flat_map(|(f, s)| splits.iter().map(move |k| (*f, *s, *k)));
-            for (f16, sig, kv_splits) in variants {
+            // And with f16 activations where the kernel may hold them (`half_activations`).
+            let variants = variants.flat_map(|(f16, sig, kv_splits)| {
+                let half = match spec {
+                    KernelSpec::Matmul {
+                        phase: Phase::Prefill,
+                        ..
+                    } if f16 => Some(HalfIo {
+                        input: true,
+                        out: false,
+                    }),
+                    KernelSpec::RmsNorm { .. }
+                    | KernelSpec::LayerNorm { .. }
+                    | KernelSpec::SiluMul { .. } => Some(HalfIo {
+                        input: false,
+                        out: true,
+                    }),
+                    KernelSpec::Attention { head_dim, .. }
+                        if sig == "prefill:attention"
+                            && super::attention_mma::fits(f16, *head_dim) =>
+                    {
+                        Some(HalfIo {
+                            input: false,
+                            out: true,
+                        })
+                    }
+                    _ => None,
+                };
+                std::iter::once(HalfIo::default())
+                    .chain(half)
+                    .map(move |h| (f16, sig, kv_splits, h))
+            });
+            for (f16, sig, kv_splits, half) in variants {
                 let tuning = CudaTuning {
                     kv_splits,
                     ..tuning
                 };
-                let k = generate(sig, spec, tuning, arch, f16).unwrap();
+                let k = generate(sig, spec, tuning, arch, f16, half).unwrap();
                 let ptx = compile(&k, arch).unwrap_or_else(|e| {
                     panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
                 });
@@ -225,7 +257,15 @@ fn every_variant_compiles_to_ptx() {
 #[test]
 fn arguments_follow_the_documented_order() {
     let spec = crate::codegen::gpu_tests::q4_decode_matmul_with_bias();
-    let k = generate("decode:matmul[x]", &spec, tunings()[0], "sm_80", false).unwrap();
+    let k = generate(
+        "decode:matmul[x]",
+        &spec,
+        tunings()[0],
+        "sm_80",
+        false,
+        HalfIo::default(),
+    )
+    .unwrap();
     let roles: Vec<(&str, &str, Option<usize>, &str, bool)> = k
         .launch
         .args
@@ -290,7 +330,15 @@ fn arguments_follow_the_documented_order() {
             residual: true,
         },
     };
-    let k = generate("decode:matmul[x]", &gated, tunings()[0], "sm_80", false).unwrap();
+    let k = generate(
+        "decode:matmul[x]",
+        &gated,
+        tunings()[0],
+        "sm_80",
+        false,
+        HalfIo::default(),
+    )
+    .unwrap();
     let fields: Vec<&str> = k.launch.args.iter().map(|a| a.op_field.as_str()).collect();
     assert_eq!(
         fields,
@@ -338,7 +386,7 @@ fn gemv_chunks_cover_each_scheme_group() {
         ("q8f16_1", 16, 20512),
     ] {
         let spec = linear_matmul(scheme, 8, k, Phase::Decode);
-        let k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
+        let k = generate("x", &spec, tunings()[0], "sm_80", false, HalfIo::default()).unwrap();
         assert!(
             k.source
                 .contains(&format!("constexpr unsigned VPC = {vpc}u;")),
@@ -367,7 +415,7 @@ fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
     ] {
         let spec = linear_matmul(scheme, 40, 64, Phase::Decode);
         let f16 = crate::quant::scheme::scheme(scheme).unwrap().model_dtype == DType::F16;
-        let k = generate("x", &spec, tunings()[0], "sm_80", f16).unwrap();
+        let k = generate("x", &spec, tunings()[0], "sm_80", f16, HalfIo::default()).unwrap();
         assert_eq!(k.source.contains("mma.sync"), tensor_cores, "{scheme}");
         assert_eq!(tunings()[0].rows_per_block, 4);
         assert_eq!(
@@ -424,7 +472,7 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
         ("q3f16_1", "float wr_f[UPT];", 1),
     ] {
         let spec = linear_matmul(scheme, 200, 64, Phase::Prefill);
-        let k = generate("x", &spec, tunings()[0], "sm_80", true).unwrap();
+        let k = generate("x", &spec, tunings()[0], "sm_80", true, HalfIo::default()).unwrap();
         assert!(k.source.contains(regs), "{scheme}:\n{}", k.source);
         assert!(
             k.source
@@ -437,7 +485,7 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
         assert_eq!(k.launch.grid[1].workgroups(70, 70), 1);
         assert_eq!(k.launch.grid[1].workgroups(130, 130), 2);
         // The f32 schemes' kernel for the same spec is the 3xTF32 one.
-        let f32k = generate("x", &spec, tunings()[0], "sm_80", false).unwrap();
+        let f32k = generate("x", &spec, tunings()[0], "sm_80", false, HalfIo::default()).unwrap();
         assert!(f32k.source.contains("m16n8k8") && !f32k.source.contains("m16n8k16"));
         assert!(k.source.contains("m16n8k16"));
     }
@@ -459,7 +507,7 @@ fn bad_tunings_are_refused() {
         rows_per_block: 64,
         kv_splits: 1,
     };
-    assert!(generate("x", &spec, ok, "sm_80", false).is_ok());
+    assert!(generate("x", &spec, ok, "sm_80", false, HalfIo::default()).is_ok());
     let big = KernelSpec::Attention {
         n_q_heads: 2,
         n_kv_heads: 1,
@@ -471,7 +519,7 @@ fn bad_tunings_are_refused() {
         rows_per_block: 1,
         kv_splits: 1,
     };
-    let e = generate("a", &big, t, "sm_80", false).unwrap_err();
+    let e = generate("a", &big, t, "sm_80", false, HalfIo::default()).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");
     assert!(super::arch_str("sm_70").is_err());
 }
@@ -489,7 +537,7 @@ fn ptx_is_deterministic_and_nvrtc_is_versioned() {
         head_dim: 64,
         rotary_dim: None,
     };
-    let k = generate("a", &spec, tunings()[0], "sm_90", false).unwrap();
+    let k = generate("a", &spec, tunings()[0], "sm_90", false, HalfIo::default()).unwrap();
     assert_eq!(compile(&k, "sm_90").unwrap(), compile(&k, "sm_90").unwrap());
 }
 

@@ -83,7 +83,9 @@ pub enum WeightStorage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BufferDecl {
     pub name: String,
-    /// Columns; the buffer is `[T, cols]` f32 (or `[rows, vocab]` for logits).
+    /// Columns; the buffer is `[T, cols]` f32 (or `[rows, vocab]` for logits). A backend may
+    /// hold one its own kernels alone touch in a narrower type inside that space (the cuda
+    /// target's f16 prefill activations).
     pub cols: usize,
 }
 
@@ -295,6 +297,54 @@ impl Op {
             bias,
             out,
             fusion: MatmulFusion::default(),
+        }
+    }
+
+    /// The buffers an op reads.
+    pub fn reads(&self) -> Vec<BufId> {
+        match self {
+            Op::Embedding { .. } => vec![],
+            Op::RmsNorm { input, .. } | Op::LayerNorm { input, .. } | Op::Logits { input, .. } => {
+                vec![*input]
+            }
+            Op::Matmul { input, fusion, .. } => {
+                std::iter::once(*input).chain(fusion.residual).collect()
+            }
+            Op::Rotary { qkv, .. } | Op::Attention { qkv, .. } => vec![*qkv],
+            Op::SiluMul { input, .. } => vec![*input],
+            Op::Gelu { buf }
+            | Op::ReluSquare { buf }
+            | Op::Sigmoid { buf }
+            | Op::Scale { buf, .. } => {
+                vec![*buf]
+            }
+            Op::Add { a, b, .. } | Op::Mul { a, b, .. } => vec![*a, *b],
+            Op::RwkvTokenShift { input, .. } => vec![*input],
+            Op::RwkvWkv { k, v, .. } => vec![*k, *v],
+        }
+    }
+
+    /// The buffers an op writes.
+    pub fn writes(&self) -> Vec<BufId> {
+        match self {
+            Op::Embedding { out, .. }
+            | Op::RmsNorm { out, .. }
+            | Op::LayerNorm { out, .. }
+            | Op::Matmul { out, .. }
+            | Op::Attention { out, .. }
+            | Op::SiluMul { out, .. }
+            | Op::Add { out, .. }
+            | Op::Mul { out, .. }
+            | Op::RwkvWkv { out, .. } => vec![*out],
+            Op::Rotary { qkv, .. } => vec![*qkv],
+            Op::Gelu { buf }
+            | Op::ReluSquare { buf }
+            | Op::Sigmoid { buf }
+            | Op::Scale { buf, .. } => {
+                vec![*buf]
+            }
+            Op::RwkvTokenShift { outs, .. } => outs.clone(),
+            Op::Logits { .. } => vec![],
         }
     }
 }

@@ -122,6 +122,53 @@ pub fn kv_elem_bytes<'a>(launches: impl Iterator<Item = &'a CudaLaunch>) -> Resu
     }))
 }
 
+/// Bind a phase's ops to their kernels ([`bind`]), checking that the kernels agree on how each
+/// activation buffer is held: a library of f16 schemes keeps some prefill buffers in f16
+/// (`"elem": "f16"` in the launch JSON: `codegen::cuda::half_activations`), and every kernel
+/// of the phase that touches such a buffer must say so. A library that disagrees was not made
+/// by this mlcb's codegen.
+pub fn bind_phase(
+    plan: &Plan,
+    ops: &[Op],
+    phase: &str,
+    kernels: &HashMap<String, (usize, CudaLaunch)>,
+    target: &str,
+) -> Result<Vec<Step>> {
+    let mut held: HashMap<BufId, (&str, String)> = HashMap::new();
+    let mut steps = Vec::with_capacity(ops.len());
+    for op in ops {
+        let step = bind(plan, op, phase, kernels, target)?;
+        let sig = format!("{phase}:{}", op_signature(plan, op));
+        let launch = &kernels[&sig].1;
+        for (a, r) in launch.args.iter().zip(&step.args) {
+            let (ArgRef::Buffer(b), "activation") = (r, a.role.as_str()) else {
+                continue;
+            };
+            let elem = a.elem.as_str();
+            if !matches!(elem, "f32" | "f16") {
+                return Err(crate::error::user(format!(
+                    "kernel {sig}: activation {} is {elem}, not f32 or f16; the library is corrupt, rebuild it",
+                    a.name
+                )));
+            }
+            match held.get(b) {
+                Some((e, first)) if *e != elem => {
+                    return Err(crate::error::user(format!(
+                        "the library's {phase} kernels disagree on buffer '{}': {first} holds it as {e}, {sig} as {elem}; the library is corrupt or from another mlcb, rebuild it",
+                        plan.buffers[*b].name
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    held.insert(*b, (elem, sig.clone()));
+                }
+            }
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
 /// Bind one op to its kernel (`kernels`: signature → (index, launch)).
 pub fn bind(
     plan: &Plan,

@@ -12,7 +12,7 @@
 //! written from it), memory-model races, and performance. Tests skip when
 //! `g++` (C++20) is missing.
 
-use super::bind::{bind, ArgRef, Step};
+use super::bind::{bind_phase, ArgRef, Step};
 use crate::codegen::cuda::launch::CudaLaunch;
 use crate::codegen::cuda::{generate_plan, CudaKernel};
 use crate::formats::model_lib::plan::{Plan, StateDecl};
@@ -399,9 +399,7 @@ impl<'k> EmuSession<'k> {
             .map(|(i, k)| (k.signature.clone(), (i, k.launch.clone())))
             .collect();
         let steps = |ops: &[crate::formats::model_lib::plan::Op], phase: &str| {
-            ops.iter()
-                .map(|op| bind(plan, op, phase, &table, "cuda").unwrap())
-                .collect::<Vec<_>>()
+            bind_phase(plan, ops, phase, &table, "cuda").unwrap()
         };
         let s = plan.max_seq_len;
         let kv_elem = super::bind::kv_elem_bytes(k.kernels.iter().map(|k| &k.launch)).unwrap();
@@ -729,6 +727,67 @@ mod tests {
             } else {
                 assert!(e < 1e-4, "{fx} {scheme}: rel err {e:e}");
                 assert!(e_dec < 1e-4, "{fx} {scheme}: decode rel err {e_dec:e}");
+            }
+        }
+    }
+
+    /// f16 activations between prefill kernels (`codegen::cuda::half_activations`) are rounded
+    /// exactly where the f16 GEMM used to round its f32 activations, so they change no bit of
+    /// any logit: Llama q4f16_1 (its normed, attention and silu·mul outputs), GPT-NeoX q0f16
+    /// (its two norms' and its attention's) and the matrix plan (K = 70 and 19: rows that are
+    /// not 16-byte aligned, read half by half), each with and without them, in one 45-row
+    /// prefill.
+    #[test]
+    fn f16_activations_change_no_bit_of_the_logits() {
+        if !cxx_or_skip("f16_activations_change_no_bit_of_the_logits") {
+            return;
+        }
+        let fixture = |fx, arch, scheme| {
+            let (plan, records, _) = fixture_plan(fx, arch, scheme);
+            (format!("{fx} {scheme}"), plan, records)
+        };
+        let (plan, records) = quant_plan("q4f16_1");
+        for (name, plan, records) in [
+            fixture("tiny-llama", "llama", "q4f16_1"),
+            fixture("tiny-neox", "gpt_neox", "q0f16"),
+            ("matrices q4f16_1".to_string(), plan, records),
+        ] {
+            let ids: Vec<u32> = (0..45u32)
+                .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
+                .collect();
+            let recs = tuning_records(&plan, (64, 16, 8));
+            let with = EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap());
+            let f16_args = |k: &EmuKernels| {
+                k.kernels
+                    .iter()
+                    .flat_map(|k| &k.launch.args)
+                    .filter(|a| a.role == "activation" && a.elem == "f16")
+                    .count()
+            };
+            // Each f16 buffer has a writer and a reader at least.
+            assert!(f16_args(&with) >= 4, "{name}: {}", f16_args(&with));
+            let without = EmuKernels::compile(
+                crate::codegen::cuda::generate_plan_with(
+                    &plan,
+                    &recs,
+                    "sm_90",
+                    &Default::default(),
+                )
+                .unwrap(),
+            );
+            assert_eq!(f16_args(&without), 0);
+            let a = EmuSession::new(&plan, &with, &records).forward(&ids, true);
+            let b = EmuSession::new(&plan, &without, &records).forward(&ids, true);
+            assert_eq!(a.len(), b.len());
+            if let Some(i) = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x.to_bits() != y.to_bits())
+            {
+                panic!(
+                    "{name}: logit {i} is {} with f16 activations, {} without",
+                    a[i], b[i]
+                );
             }
         }
     }

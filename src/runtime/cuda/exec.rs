@@ -12,7 +12,7 @@
 //! With `MLCB_CUDA_PROFILE=1` every kernel is launched on its own between two events and timed
 //! ([`super::profile`]); the table goes to stderr when the session ends.
 
-use super::bind::{bind, ArgRef, Step};
+use super::bind::{bind_phase, ArgRef, Step};
 use super::driver::{launch, Device, DeviceMem, Event, Graph, Kernel, Stream};
 use super::profile::{self, KernelProfile};
 use crate::codegen::cuda::launch::CudaLaunch;
@@ -67,16 +67,8 @@ impl CudaModel {
                 )));
             }
         }
-        let prefill = plan
-            .prefill
-            .iter()
-            .map(|op| bind(&plan, op, "prefill", &table, &target))
-            .collect::<Result<Vec<_>>>()?;
-        let decode = plan
-            .decode
-            .iter()
-            .map(|op| bind(&plan, op, "decode", &table, &target))
-            .collect::<Result<Vec<_>>>()?;
+        let prefill = bind_phase(&plan, &plan.prefill, "prefill", &table, &target)?;
+        let decode = bind_phase(&plan, &plan.decode, "decode", &table, &target)?;
         // The PTX was compiled for one arch; the driver JIT-compiles it for this GPU or newer.
         if let Some(arch) = lib
             .header

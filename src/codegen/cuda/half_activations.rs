@@ -1,0 +1,206 @@
+//! Prefill activations kept in f16 between kernels, in libraries of f16 schemes.
+//!
+//! Why: the f16 prefill GEMM ([`super::gemm_f16`]) reads a block's whole activation tile for
+//! every 128 output columns, so activations are most of what it reads: per K step a 128×128
+//! block of Llama-2-7B's q4f16_1 matmuls read 16 KiB of f32 activations against 2.3 KiB of
+//! weights and scales, ~17 KB per million flops, i.e. ~7 TB/s from L2 at 400 TFLOP/s (~9 TB/s
+//! for q0f16) — about what an H100/H200's L2 delivers, so the GEMM would wait on L2 instead of
+//! its tensor cores (an estimate from the tile shape, not measured). Kept in f16 the tile is
+//! half the bytes, and the GEMM copies it to shared memory without converting it.
+//!
+//! The GEMM rounded its activations to f16 (`cvt.rn.satfinite`) as it staged them; the kernel
+//! writing such a buffer now rounds exactly so as it stores, so the products, and every result,
+//! are bit for bit what they were.
+//!
+//! Which buffers: in prefill, those that every op touching them either writes whole from other
+//! buffers (RMS/layer norm, silu·mul, tensor-core attention) or reads as an f16 GEMM's
+//! activations (matmul, logits) — nothing else reads them and nothing updates them in place
+//! (Llama's normed, attention and silu·mul outputs; GPT-NeoX's two normed buffers and its
+//! attention output, not its in-place GELU one; none of RWKV's, whose matmuls read token-shift
+//! mixes). Kernels are shared per signature, so every op of one signature must agree on whether
+//! its activation is f16: a buffer whose ops would not stays f32, until nothing changes. Decode
+//! is left in f32: activations do not live across calls, so a decode kernel never reads what
+//! prefill wrote. A kernel's launch JSON says `"elem": "f16"` for such an argument, and the
+//! runtime checks that a buffer's writers and readers agree (`runtime::cuda::bind::bind_phase`).
+
+use crate::codegen::signature::op_signature;
+use crate::formats::model_lib::plan::{BufId, Op, Plan};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Which of a kernel's activations are f16: its input (an f16 GEMM's) or its output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HalfIo {
+    pub input: bool,
+    pub out: bool,
+}
+
+/// The activation an op may hold in f16: its input (`true`) or its output (`false`), with the
+/// buffer.
+fn half_slot(op: &Op) -> Option<(bool, BufId)> {
+    match op {
+        Op::Matmul { input, .. } | Op::Logits { input, .. } => Some((true, *input)),
+        Op::RmsNorm { out, .. } | Op::LayerNorm { out, .. } | Op::SiluMul { out, .. } => {
+            Some((false, *out))
+        }
+        Op::Attention {
+            head_dim,
+            out,
+            rotary: None,
+            ..
+        } if super::attention_mma::fits(true, *head_dim) => Some((false, *out)),
+        _ => None,
+    }
+}
+
+/// The prefill signature of every op of `plan` that holds an activation in f16, with which one;
+/// empty for plans of f32 schemes (their GEMM is f32-accurate).
+pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
+    if !super::f16_prefill(plan) {
+        return BTreeMap::new();
+    }
+    let ops = &plan.prefill;
+    let touches = |op: &Op, b: BufId| {
+        op.reads()
+            .iter()
+            .chain(op.writes().iter())
+            .filter(|&&x| x == b)
+            .count()
+    };
+    // Buffers every op touches only through its half slot.
+    let mut half: BTreeSet<BufId> = (0..plan.buffers.len())
+        .filter(|&b| b != plan.logits)
+        .filter(|&b| {
+            let mut any = false;
+            let only_slots = ops.iter().all(|op| match touches(op, b) {
+                0 => true,
+                n => {
+                    any = true;
+                    n == 1 && half_slot(op).is_some_and(|(_, s)| s == b)
+                }
+            });
+            any && only_slots
+        })
+        .collect();
+    let sig = |op: &Op| format!("prefill:{}", op_signature(plan, op));
+    loop {
+        // Each signature's buffers, and whether they are f16.
+        let mut by_sig: BTreeMap<String, Vec<BufId>> = BTreeMap::new();
+        for op in ops {
+            if let Some((_, b)) = half_slot(op) {
+                by_sig.entry(sig(op)).or_default().push(b);
+            }
+        }
+        let mixed: Vec<BufId> = by_sig
+            .values()
+            .filter(|bufs| {
+                let n = bufs.iter().filter(|b| half.contains(b)).count();
+                n > 0 && n < bufs.len()
+            })
+            .flatten()
+            .copied()
+            .collect();
+        if mixed.iter().all(|b| !half.contains(b)) {
+            break;
+        }
+        for b in mixed {
+            half.remove(&b);
+        }
+    }
+    ops.iter()
+        .filter_map(|op| {
+            let (is_input, b) = half_slot(op)?;
+            half.contains(&b).then(|| {
+                let io = HalfIo {
+                    input: is_input,
+                    out: !is_input,
+                };
+                (sig(op), io)
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::lowered_plan;
+
+    /// The names of the buffers held in f16, and the signatures that hold them.
+    fn half_names(plan: &Plan) -> BTreeSet<String> {
+        let io = half_io(plan);
+        plan.prefill
+            .iter()
+            .filter_map(|op| {
+                let (_, b) = half_slot(op)?;
+                io.contains_key(&format!("prefill:{}", op_signature(plan, op)))
+                    .then(|| plan.buffers[b].name.clone())
+            })
+            .collect()
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn f16_schemes_keep_the_gemm_inputs_of_norms_attention_and_silu_in_f16() {
+        let llama = lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+        assert_eq!(half_names(&llama), set(&["normed", "attn", "act"]));
+        // GPT-NeoX's GELU works in place on the up projection's output: that one stays f32.
+        let neox = lowered_plan("tiny-neox", "gpt_neox", "q0f16", 32);
+        assert_eq!(half_names(&neox), set(&["normed", "normed_mlp", "attn"]));
+        // RWKV's matmuls read token-shift mixes, and its norms feed token shifts.
+        let rwkv = lowered_plan("tiny-rwkv", "rwkv", "q4f16_1", 32);
+        assert!(half_io(&rwkv).is_empty());
+        // f32 schemes: nothing.
+        let f32 = lowered_plan("tiny-llama", "llama", "q4f32_1", 32);
+        assert!(half_io(&f32).is_empty());
+    }
+
+    #[test]
+    fn a_signature_shared_with_an_f32_activation_keeps_its_buffers_in_f32() {
+        let mut plan = lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+        // A second rms_norm into a new buffer that a residual add reads: that buffer cannot be
+        // f16, so neither can `normed`, which the same rms_norm kernel writes.
+        let normed = plan
+            .buffers
+            .iter()
+            .position(|b| b.name == "normed")
+            .unwrap();
+        let hidden = plan
+            .buffers
+            .iter()
+            .position(|b| b.name == "hidden")
+            .unwrap();
+        let mut extra = plan.buffers[normed].clone();
+        extra.name = "extra".into();
+        plan.buffers.push(extra);
+        let e = plan.buffers.len() - 1;
+        let Some(Op::RmsNorm { weight, eps, .. }) = plan
+            .prefill
+            .iter()
+            .find(|op| matches!(op, Op::RmsNorm { .. }))
+            .cloned()
+        else {
+            panic!("no rms_norm")
+        };
+        plan.prefill.insert(
+            1,
+            Op::RmsNorm {
+                input: hidden,
+                weight,
+                eps,
+                out: e,
+            },
+        );
+        plan.prefill.insert(
+            2,
+            Op::Add {
+                a: hidden,
+                b: e,
+                out: hidden,
+            },
+        );
+        assert_eq!(half_names(&plan), set(&["attn", "act"]));
+    }
+}
