@@ -4,7 +4,7 @@
 # assembles each kernel's PTX with ptxas and disassembles it with nvdisasm (both from NVIDIA's
 # pip wheels), and prints per kernel: registers, spilled bytes, shared memory, SASS
 # instructions, tensor-core instructions (HMMA), and the same two counts inside the kernel's
-# largest loop — the figures that say whether a kernel can keep up with the memory (decode) or
+# main loop (`largest_loop`) — the figures that say whether a kernel can keep up with the memory (decode) or
 # the tensor cores (prefill). Static counts, not timings: they say what a kernel issues, not how
 # long it waits.
 #
@@ -54,7 +54,9 @@ if [ ! -f "$model/config.json" ]; then
         --vocab 32000 >&2
 fi
 
-# The loop with the most instructions: a branch back to an earlier label.
+# The kernel's main loop (a branch back to an earlier label): the one with the most HMMA, then
+# the most instructions (a kernel may hold copies of its loop: the f16 GEMM's for a short last
+# row tile issues fewer HMMA).
 largest_loop() {
     awk '
         /^\.L_x_[0-9]+:/ { label[substr($1, 1, length($1) - 1)] = n; next }
@@ -62,14 +64,14 @@ largest_loop() {
             n++; line[n] = $0
             if (match($0, /BRA `\(\.L_x_[0-9]+\)/)) {
                 t = substr($0, RSTART + 6, RLENGTH - 7)
-                if (t in label && label[t] < n && n - label[t] > best) { best = n - label[t]; from = label[t] + 1; to = n }
+                if (t in label && label[t] < n) {
+                    h = 0
+                    for (i = label[t] + 1; i <= n; i++) if (line[i] ~ /HMMA/) h++
+                    if (h > best_h || (h == best_h && n - label[t] > best)) { best = n - label[t]; best_h = h }
+                }
             }
         }
-        END {
-            h = 0
-            for (i = from; i <= to; i++) if (line[i] ~ /HMMA/) h++
-            printf "%d %d\n", best, h
-        }' "$1"
+        END { printf "%d %d\n", best, best_h }' "$1"
 }
 
 printf '%-8s %-6s %-34s %5s %6s %6s %6s %5s %10s %9s\n' scheme arch kernel regs spill smem instr hmma loop_instr loop_hmma
