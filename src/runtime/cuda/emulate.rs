@@ -736,7 +736,7 @@ mod tests {
     /// any logit: Llama q4f16_1 (its normed, attention and silu·mul outputs), GPT-NeoX q0f16
     /// (its two norms' and its attention's) and the matrix plan (K = 70 and 19: rows that are
     /// not 16-byte aligned, read half by half), each with and without them, in one 45-row
-    /// prefill.
+    /// prefill; and the last row's logits alone, as a generating call asks for them.
     #[test]
     fn f16_activations_change_no_bit_of_the_logits() {
         if !cxx_or_skip("f16_activations_change_no_bit_of_the_logits") {
@@ -789,6 +789,16 @@ mod tests {
                     a[i], b[i]
                 );
             }
+            // A generating call's prefill computes the last row's logits alone (the GEMM reads
+            // that one row of the f16 buffer).
+            let last = EmuSession::new(&plan, &with, &records).forward(&ids, false);
+            let v = plan.vocab_size;
+            assert!(
+                last.iter()
+                    .zip(&a[a.len() - v..])
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name}: the last row's logits alone differ"
+            );
         }
     }
 
