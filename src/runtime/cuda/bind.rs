@@ -341,6 +341,35 @@ mod tests {
         assert!(e.to_string().contains("--target cuda"), "{e}");
     }
 
+    /// A library of an f16 scheme keeps `normed` in f16 in prefill (its rms_norm kernel writes
+    /// it so, its GEMMs read it so); kernels that disagree on a buffer, or an activation of
+    /// another element, are refused as a user error (rebuild).
+    #[test]
+    fn kernels_that_disagree_on_a_buffer_are_refused() {
+        let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+        let records = crate::codegen::cuda::tune_space::default_records(&plan);
+        let mut kernels = kernel_table(&plan, &records);
+        bind_phase(&plan, &plan.prefill, "prefill", &kernels, "cuda").unwrap();
+        bind_phase(&plan, &plan.decode, "decode", &kernels, "cuda").unwrap();
+        let norm = kernels
+            .keys()
+            .find(|s| s.starts_with("prefill:rms_norm"))
+            .unwrap()
+            .clone();
+        let set_out = |kernels: &mut HashMap<String, (usize, CudaLaunch)>, elem: &str| {
+            let mut args = kernels.get_mut(&norm).unwrap().1.args.iter_mut();
+            let arg = args.find(|a| a.op_field == "out").unwrap();
+            std::mem::replace(&mut arg.elem, elem.to_string())
+        };
+        assert_eq!(set_out(&mut kernels, "f32"), "f16");
+        let e = bind_phase(&plan, &plan.prefill, "prefill", &kernels, "cuda").unwrap_err();
+        assert!(e.to_string().contains("on buffer 'normed'"), "{e}");
+        assert_eq!(crate::error::class_of(&e).exit_code(), 2);
+        set_out(&mut kernels, "bf16");
+        let e = bind_phase(&plan, &plan.prefill, "prefill", &kernels, "cuda").unwrap_err();
+        assert!(e.to_string().contains("not f32 or f16"), "{e}");
+    }
+
     /// Decode attention split over blocks binds its scratch (the kernel's own index); prefill
     /// attention has none.
     #[test]
