@@ -469,6 +469,7 @@ impl CudaSession<'_> {
         }
         .map_err(|e| env(format!("CUDA download of the logits: {e:?}")))?;
         self.stream.synchronize()?;
+        let ops = if t > 1 { &plan.prefill } else { &plan.decode };
         let timed = match &self.profile {
             Some(p) => launched
                 .iter()
@@ -479,14 +480,15 @@ impl CudaSession<'_> {
                         self.model.kernels[step.kernel].signature.as_str(),
                         Event::elapsed_s(start, end)?,
                         self.weight_bytes(step),
+                        profile::op_flops(plan, &ops[i], t, self.pos, rows),
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
         if let Some(p) = &mut self.profile {
-            for (sig, secs, bytes) in timed {
-                p.table.add(phase, sig, secs, bytes);
+            for (sig, secs, bytes, flops) in timed {
+                p.table.add(phase, sig, secs, bytes, flops);
             }
             p.table.call(phase);
         }
