@@ -1,5 +1,5 @@
-//! Fusing neighbouring decode steps into one kernel, for backends whose kernels implement the
-//! fused forms (the cuda target; see [`fuse_decode`]).
+//! Fusing neighbouring steps into one kernel, for backends whose kernels implement the fused
+//! forms (the cuda target; see [`fuse_for_cuda`]).
 //!
 //! Why: a decode step runs one token, so most of its kernels are tiny (a norm, a residual add,
 //! rotary on one row) and cost their launch and the gap between kernels more than their work: a
@@ -20,7 +20,11 @@
 //! `p` itself, as the in-place op did) is dead afterwards: the
 //! next op that touches it overwrites it without reading it, or none does (activations do not
 //! live across calls; the logits buffer, which the caller reads, is never an intermediate).
-//! Prefill is left as it is: its kernels are large, so the elementwise ones are a small share.
+//! In prefill, whose kernels are large (the elementwise ones a small share), only the last row
+//! applies: the GEMM's epilogue applies the activation, so the product does not go to memory
+//! and back in f32 before it, and in libraries of f16 schemes the activation's output, which
+//! only the next GEMM reads, can be written in f16 ([`crate::codegen::cuda::half_activations`]:
+//! GPT-NeoX's GELU and RWKV's relu² outputs).
 //! A plan that fused anything is written as plan format version 2
 //! ([`crate::formats::model_lib::plan::PLAN_FORMAT_VERSION`]).
 
@@ -145,24 +149,28 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
             };
             rewired(first, input, out, fusion)
         }
-        (
-            first @ &Op::Matmul {
-                input, out, fusion, ..
-            },
-            second,
-        ) if fusion.activation.is_none()
-            && !fusion.silu_gate
-            && fusion.residual.is_none()
-            && Activation::of(second).is_some_and(|(_, buf)| buf == out) =>
-        {
-            let fusion = MatmulFusion {
-                activation: Activation::of(second).map(|(a, _)| a),
-                ..fusion
-            };
-            rewired(first, input, out, fusion)
-        }
-        _ => None,
+        (first, second) => fuse_activation(first, second),
     }
+}
+
+/// `first`, a matmul, with the in-place activation `second` of its output in its epilogue (the
+/// table's last row; the one rewrite prefill takes too).
+fn fuse_activation(first: &Op, second: &Op) -> Option<Op> {
+    let &Op::Matmul {
+        input, out, fusion, ..
+    } = first
+    else {
+        return None;
+    };
+    let (activation, buf) = Activation::of(second)?;
+    if fusion.activation.is_some() || fusion.silu_gate || fusion.residual.is_some() || buf != out {
+        return None;
+    }
+    let fusion = MatmulFusion {
+        activation: Some(activation),
+        ..fusion
+    };
+    rewired(first, input, out, fusion)
 }
 
 /// Matmul `op` (its weight and bias) reading `input` and writing `out` with `fusion`: what each
@@ -180,13 +188,29 @@ fn rewired(op: &Op, input: BufId, out: BufId, fusion: MatmulFusion) -> Option<Op
     })
 }
 
-/// The plan with its decode steps fused as the module's table says (prefill unchanged).
-pub fn fuse_decode(mut plan: Plan) -> Plan {
-    let mut ops = std::mem::take(&mut plan.decode);
+/// The plan with its decode steps fused as the module's table says, and in prefill each
+/// matmul with the activation after it.
+pub fn fuse_for_cuda(mut plan: Plan) -> Plan {
+    let decode = std::mem::take(&mut plan.decode);
+    let (decode, fused_decode) = fuse_ops(decode, |ops, at| fuse_pair(&plan, ops, at));
+    let prefill = std::mem::take(&mut plan.prefill);
+    let (prefill, fused_prefill) =
+        fuse_ops(prefill, |ops, at| fuse_activation(&ops[at], &ops[at + 1]));
+    plan.decode = decode;
+    plan.prefill = prefill;
+    if fused_decode || fused_prefill {
+        plan.format_version = PLAN_FORMAT_VERSION;
+    }
+    plan
+}
+
+/// `ops` with every neighbouring pair that `fuse` (given the ops and the pair's first index)
+/// turns into one op replaced by it; and whether any was.
+fn fuse_ops(mut ops: Vec<Op>, fuse: impl Fn(&[Op], usize) -> Option<Op>) -> (Vec<Op>, bool) {
     let mut fused_any = false;
     let mut at = 0;
     while at + 1 < ops.len() {
-        match fuse_pair(&plan, &ops, at) {
+        match fuse(&ops, at) {
             // The fused op may fuse again with its new neighbour (matmul → silu → add).
             Some(op) => {
                 ops.splice(at..at + 2, [op]);
@@ -195,11 +219,7 @@ pub fn fuse_decode(mut plan: Plan) -> Plan {
             None => at += 1,
         }
     }
-    plan.decode = ops;
-    if fused_any {
-        plan.format_version = PLAN_FORMAT_VERSION;
-    }
-    plan
+    (ops, fused_any)
 }
 
 #[cfg(test)]

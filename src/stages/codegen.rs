@@ -43,8 +43,9 @@ use std::collections::BTreeMap;
 /// tensor-core decode GEMV also takes row-major q8 weights (q8f16_1). 18: its row-major loads
 /// are one generated loop for 4- and 8-bit groups (the same machine code, another source). 19:
 /// cuda libraries of f16 schemes keep the prefill buffers that only feed a GEMM in f16
-/// (`half_activations`).
-pub const VERSION: u32 = 19;
+/// (`half_activations`). 20: cuda prefill GEMMs apply the activation after them in their
+/// epilogue (`fuse_for_cuda`), and may write f16.
+pub const VERSION: u32 = 20;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
@@ -59,7 +60,7 @@ pub fn lower(desc: &ModelDescription, scheme: &QuantScheme, max_seq_len: usize) 
     arch.lower(&desc.config, scheme, max_seq_len)
 }
 
-/// The plan a target's library carries: the lowered plan, with its decode steps fused where the
+/// The plan a target's library carries: the lowered plan, with its steps fused where the
 /// target's kernels implement the fused forms (cuda: [`crate::codegen::fuse`]). Tune and codegen
 /// both key on this plan, so a change in what fuses rebuilds them.
 pub fn plan_for_target(
@@ -70,7 +71,7 @@ pub fn plan_for_target(
 ) -> Result<Plan> {
     let plan = lower(desc, scheme, max_seq_len)?;
     Ok(match target.preset.backend {
-        "cuda" => crate::codegen::fuse::fuse_decode(plan),
+        "cuda" => crate::codegen::fuse::fuse_for_cuda(plan),
         _ => plan,
     })
 }

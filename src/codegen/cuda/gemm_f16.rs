@@ -335,7 +335,8 @@ fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging
     None
 }
 
-/// The GEMM (`y = x · Wᵀ (+ bias)`); the caller declared `x`, the weight, the bias and `y`.
+/// The GEMM (`y = x · Wᵀ (+ bias)`, through `epilogue`); the caller declared `x`, the weight,
+/// the bias and `y`.
 /// The K loop over double-buffered tiles; `partial`: only the warp's first `live` mma row tiles
 /// are loaded and multiplied (warp-uniform branches, in a copy of the loop that full tiles do not
 /// run).
@@ -379,10 +380,10 @@ fn k_loop(partial: bool) -> String {
 
 /// `half_input`: the activations are f16 already ([`super::half_activations`]), copied to shared
 /// memory as they are; else f32, rounded to f16 as they are staged.
-pub fn gemm_f16(
+pub(super) fn gemm_f16(
     mut b: CudaBuilder,
     m: &MatrixSpec,
-    plus_bias: &str,
+    epilogue: &super::matmul::GemmEpilogue,
     half_input: bool,
 ) -> (String, CudaLaunch) {
     let st = staging(m);
@@ -555,7 +556,7 @@ pub fn gemm_f16(
         wtn = WARP_NJ * 8,
         mi = WARP_MI,
         acc = super::matmul::warp_tile_acc(WARP_MI, WARP_NJ),
-        store = super::matmul::warp_tile_store(WARP_MI, WARP_NJ, plus_bias),
+        store = super::matmul::warp_tile_store(WARP_MI, WARP_NJ, epilogue),
         regs = st.regs,
         map = st.map,
         x_reg = x_reg,

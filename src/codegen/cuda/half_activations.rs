@@ -13,18 +13,20 @@
 //! are bit for bit what they were.
 //!
 //! Which buffers: in prefill, those that every op touching them either writes whole from other
-//! buffers (RMS/layer norm, silu·mul, tensor-core attention) or reads as an f16 GEMM's
-//! activations (matmul, logits) — nothing else reads them and nothing updates them in place
-//! (Llama's normed, attention and silu·mul outputs; GPT-NeoX's two normed buffers and its
-//! attention output, not its in-place GELU one; none of RWKV's, whose matmuls read token-shift
-//! mixes). Kernels are shared per signature, so every op of one signature must agree on whether
-//! its activation is f16: a buffer whose ops would not stays f32, until nothing changes. Decode
-//! is left in f32: activations do not live across calls, so a decode kernel never reads what
-//! prefill wrote. A kernel's launch JSON says `"elem": "f16"` for such an argument, and the
-//! runtime checks that a buffer's writers and readers agree (`runtime::cuda::bind::bind_phase`).
+//! buffers (RMS/layer norm, silu·mul, tensor-core attention, a GEMM through its epilogue, with
+//! the activation fused into it: `codegen::fuse`) or reads as an f16 GEMM's activations
+//! (matmul, logits) — nothing else reads them and nothing updates them in place (Llama's
+//! normed, attention and silu·mul outputs; GPT-NeoX's two normed buffers, its attention output
+//! and its up projection's GELU; RWKV's channel-mix relu² key, not its other matmuls' inputs,
+//! which are token-shift mixes). Kernels are shared per signature, so every op of one signature
+//! must agree on whether its input, and its output, is f16: a buffer whose ops would not stays
+//! f32, until nothing changes. Decode is left in f32: activations do not live across calls, so
+//! a decode kernel never reads what prefill wrote. A kernel's launch JSON says `"elem": "f16"`
+//! for such an argument, and the runtime checks that a buffer's writers and readers agree
+//! (`runtime::cuda::bind::bind_phase`).
 
 use crate::codegen::signature::op_signature;
-use crate::formats::model_lib::plan::{BufId, Op, Plan};
+use crate::formats::model_lib::plan::{BufId, MatmulFusion, Op, Plan};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Which of a kernel's activations are f16: its input (an f16 GEMM's) or its output.
@@ -34,21 +36,36 @@ pub struct HalfIo {
     pub out: bool,
 }
 
-/// The activation an op may hold in f16: its input (`true`) or its output (`false`), with the
+/// The activations an op may hold in f16: its input (`true`) or its output (`false`), with the
 /// buffer.
-fn half_slot(op: &Op) -> Option<(bool, BufId)> {
+fn half_slots(op: &Op) -> Vec<(bool, BufId)> {
     match op {
-        Op::Matmul { input, .. } | Op::Logits { input, .. } => Some((true, *input)),
+        Op::Matmul {
+            input, out, fusion, ..
+        } => {
+            // A GEMM writes f16 through its epilogue (an activation at most: prefill fuses no
+            // more).
+            let plain = MatmulFusion {
+                activation: fusion.activation,
+                ..Default::default()
+            };
+            let mut slots = vec![(true, *input)];
+            if *fusion == plain {
+                slots.push((false, *out));
+            }
+            slots
+        }
+        Op::Logits { input, .. } => vec![(true, *input)],
         Op::RmsNorm { out, .. } | Op::LayerNorm { out, .. } | Op::SiluMul { out, .. } => {
-            Some((false, *out))
+            vec![(false, *out)]
         }
         Op::Attention {
             head_dim,
             out,
             rotary: None,
             ..
-        } if super::attention_mma::fits(true, *head_dim) => Some((false, *out)),
-        _ => None,
+        } if super::attention_mma::fits(true, *head_dim) => vec![(false, *out)],
+        _ => vec![],
     }
 }
 
@@ -66,7 +83,7 @@ pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
             .filter(|&&x| x == b)
             .count()
     };
-    // Buffers every op touches only through its half slot.
+    // Buffers every op touches only through a half slot.
     let mut half: BTreeSet<BufId> = (0..plan.buffers.len())
         .filter(|&b| b != plan.logits)
         .filter(|&b| {
@@ -75,7 +92,7 @@ pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
                 0 => true,
                 n => {
                     any = true;
-                    n == 1 && half_slot(op).is_some_and(|(_, s)| s == b)
+                    n == 1 && half_slots(op).iter().any(|&(_, s)| s == b)
                 }
             });
             any && only_slots
@@ -83,11 +100,11 @@ pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
         .collect();
     let sig = |op: &Op| format!("prefill:{}", op_signature(plan, op));
     loop {
-        // Each signature's buffers, and whether they are f16.
-        let mut by_sig: BTreeMap<String, Vec<BufId>> = BTreeMap::new();
+        // Each signature's slot's buffers, and whether they are f16.
+        let mut by_sig: BTreeMap<(String, bool), Vec<BufId>> = BTreeMap::new();
         for op in ops {
-            if let Some((_, b)) = half_slot(op) {
-                by_sig.entry(sig(op)).or_default().push(b);
+            for (is_input, b) in half_slots(op) {
+                by_sig.entry((sig(op), is_input)).or_default().push(b);
             }
         }
         let mixed: Vec<BufId> = by_sig
@@ -106,18 +123,20 @@ pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
             half.remove(&b);
         }
     }
-    ops.iter()
-        .filter_map(|op| {
-            let (is_input, b) = half_slot(op)?;
-            half.contains(&b).then(|| {
-                let io = HalfIo {
-                    input: is_input,
-                    out: !is_input,
-                };
-                (sig(op), io)
-            })
-        })
-        .collect()
+    let mut io: BTreeMap<String, HalfIo> = BTreeMap::new();
+    for op in ops {
+        for (is_input, b) in half_slots(op) {
+            if half.contains(&b) {
+                let e = io.entry(sig(op)).or_default();
+                if is_input {
+                    e.input = true;
+                } else {
+                    e.out = true;
+                }
+            }
+        }
+    }
+    io
 }
 
 #[cfg(test)]
@@ -125,17 +144,22 @@ mod tests {
     use super::*;
     use crate::model::testing::lowered_plan;
 
-    /// The names of the buffers held in f16, and the signatures that hold them.
+    /// The names of the buffers held in f16.
     fn half_names(plan: &Plan) -> BTreeSet<String> {
         let io = half_io(plan);
-        plan.prefill
-            .iter()
-            .filter_map(|op| {
-                let (_, b) = half_slot(op)?;
-                io.contains_key(&format!("prefill:{}", op_signature(plan, op)))
-                    .then(|| plan.buffers[b].name.clone())
-            })
-            .collect()
+        let mut names = BTreeSet::new();
+        for op in &plan.prefill {
+            let h = io
+                .get(&format!("prefill:{}", op_signature(plan, op)))
+                .copied()
+                .unwrap_or_default();
+            for (is_input, b) in half_slots(op) {
+                if (is_input && h.input) || (!is_input && h.out) {
+                    names.insert(plan.buffers[b].name.clone());
+                }
+            }
+        }
+        names
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {
@@ -143,17 +167,27 @@ mod tests {
     }
 
     #[test]
-    fn f16_schemes_keep_the_gemm_inputs_of_norms_attention_and_silu_in_f16() {
-        let llama = lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+    fn f16_schemes_keep_the_gemm_inputs_of_norms_attention_and_activations_in_f16() {
+        let cuda = |fx, arch, scheme| {
+            crate::codegen::fuse::fuse_for_cuda(lowered_plan(fx, arch, scheme, 32))
+        };
+        let llama = cuda("tiny-llama", "llama", "q4f16_1");
         assert_eq!(half_names(&llama), set(&["normed", "attn", "act"]));
-        // GPT-NeoX's GELU works in place on the up projection's output: that one stays f32.
-        let neox = lowered_plan("tiny-neox", "gpt_neox", "q0f16", 32);
-        assert_eq!(half_names(&neox), set(&["normed", "normed_mlp", "attn"]));
-        // RWKV's matmuls read token-shift mixes, and its norms feed token shifts.
-        let rwkv = lowered_plan("tiny-rwkv", "rwkv", "q4f16_1", 32);
-        assert!(half_io(&rwkv).is_empty());
+        // GPT-NeoX's up projection applies its GELU (fused) and writes f16 for the down one.
+        let neox = cuda("tiny-neox", "gpt_neox", "q0f16");
+        assert_eq!(
+            half_names(&neox),
+            set(&["normed", "normed_mlp", "attn", "ff"])
+        );
+        // Unfused, the in-place GELU reads and writes it: f32.
+        let unfused = lowered_plan("tiny-neox", "gpt_neox", "q0f16", 32);
+        assert_eq!(half_names(&unfused), set(&["normed", "normed_mlp", "attn"]));
+        // RWKV: the channel mix's relu² key (fused) feeds only its value matmul; its other
+        // matmuls read token-shift mixes, and its norms feed token shifts.
+        let rwkv = cuda("tiny-rwkv", "rwkv", "q4f16_1");
+        assert_eq!(half_names(&rwkv), set(&["ffn_key"]));
         // f32 schemes: nothing.
-        let f32 = lowered_plan("tiny-llama", "llama", "q4f32_1", 32);
+        let f32 = cuda("tiny-llama", "llama", "q4f32_1");
         assert!(half_io(&f32).is_empty());
     }
 

@@ -21,9 +21,10 @@
 //! Every variant reads activation row `ROW0 + t` and writes output row `t`, for `t < ROWS`.
 
 use super::builder::CudaBuilder;
+use super::half_activations::HalfIo;
 use super::launch::{CudaLaunch, GridDim, GEMM_THREADS};
 use super::weights::{declare_matrix, declare_round, declare_vector};
-use crate::codegen::wgsl::spec::{Fusion, MatrixSpec, MatrixStorage, Phase};
+use crate::codegen::wgsl::spec::{Fusion, MatrixSpec, MatrixStorage, Phase, Unary};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
@@ -50,10 +51,10 @@ pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
 }
 
 /// Matmul or logits. Arguments: input, a fused norm's weight, weight records, bias record, a
-/// fused residual, output. Only the decode GEMVs implement `fusion` (`generate` refuses a fused
-/// prefill spec before it gets here). `f16`: prefill runs on f16 tensor cores
-/// ([`super::f16_prefill`]); `half_input`: the input is an f16 buffer
-/// ([`super::half_activations`]; only then).
+/// fused residual, output. The decode GEMVs implement every `fusion`, the prefill GEMMs an
+/// activation (`generate` refuses other fused prefill specs before they get here). `f16`:
+/// prefill runs on f16 tensor cores ([`super::f16_prefill`]); `half`: the input or the output
+/// is an f16 buffer ([`super::half_activations`]; only then).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     mut b: CudaBuilder,
@@ -62,13 +63,16 @@ pub fn matmul(
     phase: Phase,
     logits: bool,
     f16: bool,
-    half_input: bool,
+    half: HalfIo,
     fusion: Fusion,
 ) -> Result<(String, CudaLaunch), String> {
-    if half_input && !(f16 && phase == Phase::Prefill) {
-        return Err("an f16 input needs the f16 prefill GEMM (an mlcb bug)".into());
+    if (half.input || half.out) && !(f16 && phase == Phase::Prefill) {
+        return Err("f16 activations need the f16 prefill GEMM (an mlcb bug)".into());
     }
-    b.activation_of("input", false, "x", half_input);
+    if half.out && (logits || fusion.residual) {
+        return Err("the logits and a residual stay f32 (an mlcb bug)".into());
+    }
+    b.activation_of("input", false, "x", half.input);
     if let Some(d) = fusion.rms_norm {
         declare_vector(&mut b, "norm", d, "g");
         b.params_scalar("eps");
@@ -84,12 +88,17 @@ pub fn matmul(
     } else if logits {
         b.logits("y");
     } else {
-        b.activation("out", true, "y");
+        b.activation_of("out", true, "y", half.out);
     }
     let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
     b.const_u32("OUT_N", out_n);
     let plus_bias = if bias.is_some() { " + bias_at(n)" } else { "" };
     let kn = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
+    let epilogue = GemmEpilogue {
+        plus_bias,
+        activation: fusion.activation,
+        half: half.out,
+    };
     match (phase, kn) {
         (Phase::Decode, _) if super::gemv_mma::fits(m) => Ok(super::gemv_mma::gemv_mma(
             b,
@@ -100,8 +109,39 @@ pub fn matmul(
         )),
         (Phase::Decode, false) => gemv_nk(b, m, plus_bias, fusion),
         (Phase::Decode, true) => Ok(gemv_kn(b, m, plus_bias, fusion)),
-        (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, plus_bias, half_input)),
-        (Phase::Prefill, _) => Ok(gemm(b, m, plus_bias)),
+        (Phase::Prefill, _) if f16 => Ok(super::gemm_f16::gemm_f16(b, m, &epilogue, half.input)),
+        (Phase::Prefill, _) => Ok(gemm(b, m, &epilogue)),
+    }
+}
+
+/// How a prefill GEMM stores its output `[t, n]` from the accumulator: plus the bias, through
+/// the fused activation, as f32 or (`half`) f16 rounded as the GEMM reading it would round it.
+pub(super) struct GemmEpilogue<'a> {
+    pub plus_bias: &'a str,
+    pub activation: Option<Unary>,
+    pub half: bool,
+}
+
+impl GemmEpilogue<'_> {
+    /// The statement storing `acc` (an f32 expression) at `y[t, n]`.
+    fn store(&self, acc: &str) -> String {
+        let value = activated(self.activation, format!("{acc}{}", self.plus_bias));
+        if self.half {
+            format!("y[(u64)t * W_N + n] = (unsigned short)(pack_h2_sat({value}, 0.0f) & 0xFFFFu);")
+        } else {
+            format!("y[(u64)t * W_N + n] = {value};")
+        }
+    }
+}
+
+/// `value` through `activation` (an f32 expression).
+fn activated(activation: Option<Unary>, value: String) -> String {
+    match activation {
+        Some(op) => format!(
+            "([](float v) -> float {{ return {}; }})({value})",
+            super::elementwise::unary_expr(op)
+        ),
+        None => value,
     }
 }
 
@@ -525,13 +565,7 @@ fn norm_code(fusion: Fusion) -> NormCode {
 /// (bias added) and, for a silu gate, `u` of its up row: the activation of `v`, or `silu(v)·u`,
 /// then `+ res` (as the CPU's activation op, `SiluMul` and `Add`, in that order), else `v`.
 fn store_output(e: Fusion, o: &str, v: &str, u: &str) -> String {
-    let mut value = v.to_string();
-    if let Some(op) = e.activation {
-        value = format!(
-            "([](float v) -> float {{ return {}; }})({value})",
-            super::elementwise::unary_expr(op)
-        );
-    }
+    let mut value = activated(e.activation, v.to_string());
     if e.silu_gate {
         value = format!("silu_gate({value}, {u})");
     }
@@ -572,7 +606,8 @@ pub(super) fn warp_tile_acc(mi: usize, nj: usize) -> String {
 /// Stores [`warp_tile_acc`] to `y` (+ bias), rows `t0 + wm …`, columns `n0 + wn …`, ragged
 /// edges skipped. The C fragment layout is the same for the m16n8k8 and m16n8k16 shapes: `c_r`
 /// of a 16×8 tile at (g + 8(r/2), 2c + r%2). Shared by [`gemm`] and `gemm_f16`.
-pub(super) fn warp_tile_store(mi: usize, nj: usize, plus_bias: &str) -> String {
+pub(super) fn warp_tile_store(mi: usize, nj: usize, epilogue: &GemmEpilogue) -> String {
+    let store = epilogue.store("acc[i][j][r]");
     format!(
         "    #pragma unroll
     for (unsigned i = 0; i < {mi}u; ++i)
@@ -582,13 +617,13 @@ pub(super) fn warp_tile_store(mi: usize, nj: usize, plus_bias: &str) -> String {
             for (unsigned r = 0; r < 4u; ++r) {{
                 const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
                 const unsigned n = n0 + wn + j * 8u + 2u * c + (r & 1u);
-                if (t < ROWS && n < W_N) y[(u64)t * W_N + n] = acc[i][j][r]{plus_bias};
+                if (t < ROWS && n < W_N) {{ {store} }}
             }}
 "
     )
 }
 
-fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLaunch) {
+fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String, CudaLaunch) {
     b.const_u32("BM", GEMM_BM as usize);
     b.const_u32("BN", GEMM_BN as usize);
     b.const_u32("BK", GEMM_BK as usize);
@@ -645,7 +680,7 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, plus_bias: &str) -> (String, CudaLau
     }}
 {store}",
         acc = warp_tile_acc(2, 4),
-        store = warp_tile_store(2, 4, plus_bias),
+        store = warp_tile_store(2, 4, epilogue),
     );
     let grid = [
         GridDim::fixed(m.n as u64, GEMM_BN as u64),

@@ -73,6 +73,18 @@ fn all_specs() -> Vec<KernelSpec> {
                     fused.push(s);
                 }
             }
+            KernelSpec::Matmul {
+                phase: Phase::Prefill,
+                logits: false,
+                ..
+            } => {
+                // Prefill fuses only an activation (GPT-NeoX's GELU, RWKV's relu² and sigmoid).
+                let mut s = spec.clone();
+                if let KernelSpec::Matmul { fusion, .. } = &mut s {
+                    fusion.activation = act;
+                }
+                fused.push(s);
+            }
             KernelSpec::Attention { head_dim, .. } => {
                 let mut s = spec.clone();
                 if let KernelSpec::Attention { rotary_dim, .. } = &mut s {
@@ -179,12 +191,14 @@ fn every_variant_compiles_to_ptx() {
             // And with f16 activations where the kernel may hold them (`half_activations`).
             let variants = variants.flat_map(|(f16, sig, kv_splits)| {
                 let half = match spec {
+                    // Both sides: the output of a fused activation feeds the next GEMM.
                     KernelSpec::Matmul {
                         phase: Phase::Prefill,
+                        logits,
                         ..
                     } if f16 => Some(HalfIo {
                         input: true,
-                        out: false,
+                        out: !logits,
                     }),
                     KernelSpec::RmsNorm { .. }
                     | KernelSpec::LayerNorm { .. }
@@ -566,7 +580,7 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
 /// kernel for older architectures do neither (the instruction needs sm_90).
 #[test]
 fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
-    let plan = crate::codegen::fuse::fuse_decode(crate::model::testing::lowered_plan(
+    let plan = crate::codegen::fuse::fuse_for_cuda(crate::model::testing::lowered_plan(
         "tiny-llama",
         "llama",
         "q4f16_1",

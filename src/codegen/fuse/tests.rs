@@ -30,7 +30,7 @@ fn a_llama_layer_decodes_in_five_kernels() {
         .count();
     assert!(layers >= 2);
     let before = built.plan.decode.len();
-    let fused = fuse_decode(built.plan.clone());
+    let fused = fuse_for_cuda(built.plan.clone());
     assert_eq!(
         fused.prefill, built.plan.prefill,
         "prefill is left as it is"
@@ -98,24 +98,25 @@ fn a_llama_layer_decodes_in_five_kernels() {
         }
     }
     // Fusing is idempotent, and a plan without fused steps keeps format version 1.
-    assert_eq!(fuse_decode(fused.clone()), fused);
+    assert_eq!(fuse_for_cuda(fused.clone()), fused);
     let mut plain = built.plan.clone();
     plain
         .decode
         .retain(|op| matches!(op, Op::Embedding { .. } | Op::Logits { .. }));
-    assert_eq!(fuse_decode(plain.clone()), plain);
+    assert_eq!(fuse_for_cuda(plain.clone()), plain);
 }
 
 /// Kernels fused away per decode layer: GPT-NeoX (parallel residual: 2 LayerNorms, qkv, rotary,
 /// attention, dense, add, up, gelu, down, add) 4 of 11: rotary, gelu and both adds; RWKV-4
 /// 4 of 19: both sigmoids and the relu² fold into the matmuls before them, the time-mix
 /// residual into its output matmul (the channel-mix residual adds a product, not a matmul).
+/// Prefill: only the activations fold into the matmuls before them.
 #[test]
 fn neox_and_rwkv_layers_fuse_their_activations_and_residuals() {
     for (fx, arch) in [("tiny-neox", "gpt_neox"), ("tiny-rwkv", "rwkv")] {
         let built = fixture(fx, arch, "q4f16_1");
         let layers = built.plan.states.len();
-        let fused = fuse_decode(built.plan.clone());
+        let fused = fuse_for_cuda(built.plan.clone());
         assert_eq!(
             built.plan.decode.len() - fused.decode.len(),
             4 * layers,
@@ -133,6 +134,23 @@ fn neox_and_rwkv_layers_fuse_their_activations_and_residuals() {
         );
         let adds = left(|op| matches!(op, Op::Add { .. }));
         assert_eq!(adds, if arch == "rwkv" { layers } else { 0 }, "{fx}");
+        // Prefill fuses only the activations (GELU; RWKV's two sigmoids and relu²).
+        let activations = |ops: &[Op]| {
+            count(ops, |op| {
+                matches!(
+                    op,
+                    Op::Gelu { .. } | Op::Sigmoid { .. } | Op::ReluSquare { .. }
+                )
+            })
+        };
+        let per_layer = if arch == "rwkv" { 3 } else { 1 };
+        assert_eq!(activations(&built.plan.prefill), per_layer * layers, "{fx}");
+        assert_eq!(activations(&fused.prefill), 0, "{fx}");
+        assert_eq!(
+            built.plan.prefill.len() - fused.prefill.len(),
+            per_layer * layers,
+            "{fx}"
+        );
     }
 }
 
@@ -173,13 +191,13 @@ fn live_intermediates_are_not_fused() {
             },
         ],
     );
-    assert_eq!(fuse_decode(read_later.clone()), read_later);
+    assert_eq!(fuse_for_cuda(read_later.clone()), read_later);
     // Overwritten without being read: fused.
     let overwritten = with_decode(
         plan,
         vec![mm.clone(), add.clone(), Op::matmul(attn, wo, None, proj)],
     );
-    assert_eq!(fuse_decode(overwritten).decode.len(), 2);
+    assert_eq!(fuse_for_cuda(overwritten).decode.len(), 2);
     // proj added to itself: nothing to fuse (the product is both operands).
     let doubled = with_decode(
         plan,
@@ -192,7 +210,7 @@ fn live_intermediates_are_not_fused() {
             },
         ],
     );
-    assert_eq!(fuse_decode(doubled.clone()), doubled);
+    assert_eq!(fuse_for_cuda(doubled.clone()), doubled);
     // The add writing the matmul's input: a matmul may not write its input.
     let into_input = with_decode(
         plan,
@@ -205,7 +223,7 @@ fn live_intermediates_are_not_fused() {
             },
         ],
     );
-    assert_eq!(fuse_decode(into_input.clone()), into_input);
+    assert_eq!(fuse_for_cuda(into_input.clone()), into_input);
 }
 
 /// CPU logits of a prefill of 5 tokens then 4 decode steps.
@@ -236,7 +254,7 @@ fn fused_plans_compute_what_the_unfused_ones_do() {
         ("tiny-rwkv", "rwkv"),
     ] {
         let built = fixture(fx, arch, "q4f16_1");
-        let fused = fuse_decode(built.plan.clone());
+        let fused = fuse_for_cuda(built.plan.clone());
         assert!(
             fused.decode.len() < built.plan.decode.len(),
             "{fx}: nothing fused"

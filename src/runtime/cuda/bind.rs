@@ -374,7 +374,7 @@ mod tests {
     /// attention has none.
     #[test]
     fn split_decode_attention_binds_its_scratch() {
-        let plan = crate::codegen::fuse::fuse_decode(crate::model::testing::lowered_plan(
+        let plan = crate::codegen::fuse::fuse_for_cuda(crate::model::testing::lowered_plan(
             "tiny-llama",
             "llama",
             "q4f16_1",
