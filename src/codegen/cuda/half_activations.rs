@@ -26,7 +26,9 @@
 //! (`runtime::cuda::bind::bind_phase`).
 
 use crate::codegen::signature::op_signature;
+use crate::codegen::wgsl::spec::{KernelSpec, Phase};
 use crate::formats::model_lib::plan::{BufId, MatmulFusion, Op, Plan};
+use anyhow::{bail, Result};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Which of a kernel's activations are f16: its input (an f16 GEMM's) or its output.
@@ -36,9 +38,15 @@ pub struct HalfIo {
     pub out: bool,
 }
 
-/// The activations an op may hold in f16: its input (`true`) or its output (`false`), with the
-/// buffer.
-fn half_slots(op: &Op) -> Vec<(bool, BufId)> {
+/// Which of an op's activations: its input or its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Input,
+    Output,
+}
+
+/// The activations an op may hold in f16, with their buffers.
+fn half_slots(op: &Op) -> Vec<(Side, BufId)> {
     match op {
         Op::Matmul {
             input, out, fusion, ..
@@ -49,22 +57,22 @@ fn half_slots(op: &Op) -> Vec<(bool, BufId)> {
                 activation: fusion.activation,
                 ..Default::default()
             };
-            let mut slots = vec![(true, *input)];
+            let mut slots = vec![(Side::Input, *input)];
             if *fusion == plain {
-                slots.push((false, *out));
+                slots.push((Side::Output, *out));
             }
             slots
         }
-        Op::Logits { input, .. } => vec![(true, *input)],
+        Op::Logits { input, .. } => vec![(Side::Input, *input)],
         Op::RmsNorm { out, .. } | Op::LayerNorm { out, .. } | Op::SiluMul { out, .. } => {
-            vec![(false, *out)]
+            vec![(Side::Output, *out)]
         }
         Op::Attention {
             head_dim,
             out,
             rotary: None,
             ..
-        } if super::attention_mma::fits(true, *head_dim) => vec![(false, *out)],
+        } if super::attention_mma::fits(true, *head_dim) => vec![(Side::Output, *out)],
         _ => vec![],
     }
 }
@@ -100,11 +108,11 @@ pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
         .collect();
     let sig = |op: &Op| format!("prefill:{}", op_signature(plan, op));
     loop {
-        // Each signature's slot's buffers, and whether they are f16.
-        let mut by_sig: BTreeMap<(String, bool), Vec<BufId>> = BTreeMap::new();
+        // Each signature's side's buffers, and whether they are f16.
+        let mut by_sig: BTreeMap<(String, Side), Vec<BufId>> = BTreeMap::new();
         for op in ops {
-            for (is_input, b) in half_slots(op) {
-                by_sig.entry((sig(op), is_input)).or_default().push(b);
+            for (side, b) in half_slots(op) {
+                by_sig.entry((sig(op), side)).or_default().push(b);
             }
         }
         let mixed: Vec<BufId> = by_sig
@@ -125,18 +133,49 @@ pub fn half_io(plan: &Plan) -> BTreeMap<String, HalfIo> {
     }
     let mut io: BTreeMap<String, HalfIo> = BTreeMap::new();
     for op in ops {
-        for (is_input, b) in half_slots(op) {
+        for (side, b) in half_slots(op) {
             if half.contains(&b) {
                 let e = io.entry(sig(op)).or_default();
-                if is_input {
-                    e.input = true;
-                } else {
-                    e.out = true;
+                match side {
+                    Side::Input => e.input = true,
+                    Side::Output => e.out = true,
                 }
             }
         }
     }
     io
+}
+
+/// Refuses `half` where `spec`'s kernel (signature `signature`; `f16`: the library's prefill
+/// GEMMs are f16) cannot hold those activations in f16: a GEMM's only in prefill on f16 tensor
+/// cores, and never its logits or a residual's output; a norm's, silu·mul's and tensor-core
+/// prefill attention's output; nothing else.
+pub fn check(signature: &str, spec: &KernelSpec, f16: bool, half: HalfIo) -> Result<()> {
+    if half == HalfIo::default() {
+        return Ok(());
+    }
+    let prefill = super::phase_of(signature) == Some(Phase::Prefill);
+    let ok = match spec {
+        KernelSpec::Matmul {
+            phase,
+            logits,
+            fusion,
+            ..
+        } => f16 && *phase == Phase::Prefill && !(half.out && (*logits || fusion.residual)),
+        KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } | KernelSpec::SiluMul { .. } => {
+            !half.input
+        }
+        KernelSpec::Attention {
+            head_dim,
+            rotary_dim: None,
+            ..
+        } => !half.input && prefill && super::attention_mma::fits(f16, *head_dim),
+        _ => false,
+    };
+    if !ok {
+        bail!("kernel {signature}: cannot hold its activations in f16 ({half:?}; an mlcb bug)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -153,8 +192,8 @@ mod tests {
                 .get(&format!("prefill:{}", op_signature(plan, op)))
                 .copied()
                 .unwrap_or_default();
-            for (is_input, b) in half_slots(op) {
-                if (is_input && h.input) || (!is_input && h.out) {
+            for (side, b) in half_slots(op) {
+                if (side == Side::Input && h.input) || (side == Side::Output && h.out) {
                     names.insert(plan.buffers[b].name.clone());
                 }
             }
@@ -189,6 +228,60 @@ mod tests {
         // f32 schemes: nothing.
         let f32 = cuda("tiny-llama", "llama", "q4f32_1");
         assert!(half_io(&f32).is_empty());
+    }
+
+    /// What the analysis picks, the kernels take; what they cannot hold is refused.
+    #[test]
+    fn kernels_take_the_f16_activations_the_analysis_picks_and_refuse_others() {
+        use crate::codegen::wgsl::spec::specs_by_signature;
+        let (ins, outs) = (
+            HalfIo {
+                input: true,
+                out: false,
+            },
+            HalfIo {
+                input: false,
+                out: true,
+            },
+        );
+        for (fx, arch, scheme) in [
+            ("tiny-llama", "llama", "q4f16_1"),
+            ("tiny-neox", "gpt_neox", "q0f16"),
+            ("tiny-rwkv", "rwkv", "q4f16_1"),
+        ] {
+            let plan = crate::codegen::fuse::fuse_for_cuda(lowered_plan(fx, arch, scheme, 32));
+            let specs = specs_by_signature(&plan).unwrap();
+            let io = half_io(&plan);
+            assert!(!io.is_empty(), "{fx}");
+            for (sig, h) in &io {
+                check(sig, &specs[sig], true, *h).unwrap();
+            }
+            for (sig, spec) in &specs {
+                let refused = |h| check(sig, spec, true, h).is_err();
+                match spec {
+                    KernelSpec::Matmul {
+                        phase: Phase::Decode,
+                        ..
+                    }
+                    | KernelSpec::Rotary { .. }
+                    | KernelSpec::Embedding { .. }
+                    | KernelSpec::Unary { .. }
+                    | KernelSpec::Binary { .. } => assert!(refused(ins) && refused(outs), "{sig}"),
+                    KernelSpec::Matmul { logits: true, .. } => assert!(refused(outs), "{sig}"),
+                    KernelSpec::Matmul { .. } => {
+                        // Not without the f16 GEMM.
+                        assert!(check(sig, spec, false, ins).is_err(), "{sig}")
+                    }
+                    KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => {
+                        assert!(refused(ins) && !refused(outs), "{sig}")
+                    }
+                    KernelSpec::Attention { .. } if sig.starts_with("decode:") => {
+                        assert!(refused(outs), "{sig}")
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
 /// fused residual, output. The decode GEMVs implement every `fusion`, the prefill GEMMs an
 /// activation (`generate` refuses other fused prefill specs before they get here). `f16`:
 /// prefill runs on f16 tensor cores ([`super::f16_prefill`]); `half`: the input or the output
-/// is an f16 buffer ([`super::half_activations`]; only then).
+/// is an f16 buffer ([`super::half_activations`]; only then, `generate` checks).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     mut b: CudaBuilder,
@@ -66,12 +66,6 @@ pub fn matmul(
     half: HalfIo,
     fusion: Fusion,
 ) -> Result<(String, CudaLaunch), String> {
-    if (half.input || half.out) && !(f16 && phase == Phase::Prefill) {
-        return Err("f16 activations need the f16 prefill GEMM (an mlcb bug)".into());
-    }
-    if half.out && (logits || fusion.residual) {
-        return Err("the logits and a residual stay f32 (an mlcb bug)".into());
-    }
     b.activation_of("input", false, "x", half.input);
     if let Some(d) = fusion.rms_norm {
         declare_vector(&mut b, "norm", d, "g");

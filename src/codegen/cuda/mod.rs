@@ -131,6 +131,7 @@ pub fn generate(
     half: HalfIo,
 ) -> Result<CudaKernel> {
     check_dims(signature, spec)?;
+    half_activations::check(signature, spec, f16, half)?;
     let ep = entry_point(spec);
     let mut b = CudaBuilder::new(&ep, tuning, arch);
     // Decode steps are short kernels one after another: on sm_90 and newer their launches may
