@@ -65,11 +65,7 @@ pub fn binary(mut b: CudaBuilder, op: Binary, cols: usize) -> (String, CudaLaunc
 pub fn silu_mul(mut b: CudaBuilder, cols: usize, half: bool) -> (String, CudaLaunch) {
     b.activation("input", false, "x");
     b.activation_of("out", true, "y", half);
-    let store = if half {
-        "(unsigned short)(pack_h2_sat(v, 0.0f) & 0xFFFFu)"
-    } else {
-        "v"
-    };
+    let store = if half { "f2h_sat(v)" } else { "v" };
     let stmt = format!("const float g = x[(u64)t * 2u * COLS + c], u = x[(u64)t * 2u * COLS + COLS + c]; const float v = silu_gate(g, u); y[(u64)t * COLS + c] = {store};");
     let shared = if half { F16_OPS } else { "" };
     finish(b, cols, &stmt, shared)

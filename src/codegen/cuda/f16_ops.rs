@@ -65,6 +65,8 @@ __device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
     unsigned r; asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(LUT)); return r;
 }
 #endif
+// One f16 (its bits) as `pack_h2_sat` rounds it: how kernels store f16 activations.
+__device__ __forceinline__ unsigned short f2h_sat(float v) { return (unsigned short)(pack_h2_sat(v, 0.0f) & 0xFFFFu); }
 // (a & b) | c: LUT (0xF0 & 0xCC) | 0xAA.
 __device__ __forceinline__ unsigned and_or(unsigned a, unsigned b, unsigned c) { return lop3<0xEAu>(a, b, c); }
 "#;

@@ -10,8 +10,8 @@
 //! - Operands are staged in shared memory as f16: activations copied as they are where the
 //!   kernel before wrote them in f16 ([`super::half_activations`]), else f32 rounded to f16 by
 //!   `cvt.rn.satfinite` (saturating at ±65504 instead of overflowing), the same rounding;
-//!   weights decoded in registers. Rows are padded to 40 halves, so each 8-row `ldmatrix` phase hits 32
-//!   distinct banks.
+//!   weights decoded in registers. Rows are padded to 40 halves, so each 8-row `ldmatrix`
+//!   phase hits 32 distinct banks.
 //! - Pipelining: the next K step's global loads go to registers before the current step's
 //!   products, and are decoded into the other shared buffer after them (two buffers, one
 //!   barrier per step), so memory latency overlaps the tensor-core work.

@@ -121,7 +121,7 @@ impl GemmEpilogue<'_> {
     fn store(&self, acc: &str) -> String {
         let value = activated(self.activation, format!("{acc}{}", self.plus_bias));
         if self.half {
-            format!("y[(u64)t * W_N + n] = (unsigned short)(pack_h2_sat({value}, 0.0f) & 0xFFFFu);")
+            format!("y[(u64)t * W_N + n] = f2h_sat({value});")
         } else {
             format!("y[(u64)t * W_N + n] = {value};")
         }

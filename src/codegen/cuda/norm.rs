@@ -17,10 +17,7 @@ fn output(b: &mut CudaBuilder, half: bool) -> (&'static str, &'static str) {
     b.activation_of("out", true, "y", half);
     if half {
         // Rounded as the f16 GEMM that reads it used to round (see `half_activations`).
-        (
-            "y[(u64)t * COLS + c] = (unsigned short)(pack_h2_sat(v, 0.0f) & 0xFFFFu);",
-            F16_OPS,
-        )
+        ("y[(u64)t * COLS + c] = f2h_sat(v);", F16_OPS)
     } else {
         ("y[(u64)t * COLS + c] = v;", "")
     }
