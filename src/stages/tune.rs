@@ -172,7 +172,11 @@ fn device_records(
         return Ok(None);
     }
     let _guard = MEASURE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let half_io = crate::codegen::cuda::half_activations::half_io(plan);
+    // Which cuda kernels hold activations in f16 (their records are kept apart).
+    let half_io = match target.preset.backend {
+        "cuda" => crate::codegen::cuda::half_activations::half_io(plan),
+        _ => BTreeMap::new(),
+    };
     let arch = (target.preset.backend == "cuda").then(|| cuda_arch(target));
     let Some(mut timer) = (ctx.timer_factory)(target.preset.name, arch)? else {
         tracing::info!(
