@@ -423,10 +423,11 @@ impl CudaSession<'_> {
                 .and_then(|_| result::memcpy_htod_async(self.meta.ptr, &meta, self.stream.0))
         }
         .map_err(|e| env(format!("CUDA upload of the call parameters: {e:?}")))?;
-        let (steps, phase) = if t > 1 {
-            (&self.model.prefill, "prefill")
+        // The phase's bound steps and the plan's ops they run (one step per op).
+        let (steps, ops, phase) = if t > 1 {
+            (&self.model.prefill, &plan.prefill, "prefill")
         } else {
-            (&self.model.decode, "decode")
+            (&self.model.decode, &plan.decode, "decode")
         };
         let mut launched = Vec::new();
         if t == 1 && self.use_graph {
@@ -469,7 +470,6 @@ impl CudaSession<'_> {
         }
         .map_err(|e| env(format!("CUDA download of the logits: {e:?}")))?;
         self.stream.synchronize()?;
-        let ops = if t > 1 { &plan.prefill } else { &plan.decode };
         let timed = match &self.profile {
             Some(p) => launched
                 .iter()
