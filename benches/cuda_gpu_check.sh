@@ -31,11 +31,11 @@
 #                programmatic dependent launch; reported); its kernel profile (PROFILE [1]:
 #                MLCB_CUDA_PROFILE=1, each kernel timed alone; the top rows per phase go to the
 #                summary); transformers fp16 on the same config (HF [1],
-#                benches/hf_transformers_bench.py; not gated); q4f16_1 after
-#                `mlcb build --tune on` (TUNE [1]); q4f16_1 for the vulkan preset through wgpu on
-#                the NVIDIA Vulkan driver (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not
-#                gated; VK_LOADER_DIR: a folder holding libvulkan.so.1 when the image has none);
-#                q0f16 (skipped, saying so, without twice its weights of free disk).
+#                benches/hf_transformers_bench.py; not gated); q0f16 (skipped, saying so, without
+#                twice its weights of free disk); q4f16_1 after `mlcb build --tune on` (TUNE [1]);
+#                q4f16_1 for the vulkan preset through wgpu on the NVIDIA Vulkan driver
+#                (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not gated; VK_LOADER_DIR: a
+#                folder holding libvulkan.so.1 when the image has none).
 # NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected to
 #   fail with exit 3; used to check this script itself).
 #
@@ -242,6 +242,19 @@ if [ "$FIXTURES" = 1 ] && in_time "fixtures"; then
             fi
         done
     done
+    # The first failing pair once more under compute-sanitizer (memcheck), for the logs: an
+    # out-of-bounds access or a misaligned load is then named by kernel and address.
+    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    first_bad=$(cat "$WORK"/rec/*.fail 2>/dev/null | head -1)
+    if [ -n "$first_bad" ] && [ -n "$san" ] && [ "$have_gpu" = 1 ]; then
+        read -r fx q _ <<< "$first_bad"
+        ids=$(python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["prompts"][0]; print(",".join(map(str, p["input_ids"] + p["greedy"])))' "$repo/tests/fixtures/$fx/reference.json")
+        for flag in "" --decode; do
+            timeout 120 "$san" --tool memcheck --print-limit 20 "$mlcb" logits "$WORK/dist-cuda/$fx-$q" --input-ids "$ids" \
+                --out "$WORK/sanitizer.st" --device cuda $flag > "$logs/sanitizer-$fx-$q${flag:+-decode}.txt" 2>&1
+            say "compute-sanitizer on $fx $q ${flag:-prefill}: exit $? ($(grep -m1 -E 'ERROR SUMMARY|Invalid|Misaligned' "$logs/sanitizer-$fx-$q${flag:+-decode}.txt"))"
+        done
+    fi
     # Worst relative error per scheme and mode over fixtures and prompts, and greedy agreement.
     python3 - "$results" <<'EOF' | tee -a "$summary" >&2
 import json, sys
@@ -309,14 +322,15 @@ bench_pair() { # dist label [device args…; default --device cuda]
     echo "$rc1 $rc2 $d $p"
 }
 # Build SCHEME of the synthetic model for PRESET (extra build flags after): dist path on stdout.
+cache7b="$WORK/cache7b"; dist7b="$WORK/dist7b"
 build_7b() { # scheme preset label [flags…]
     local q="$1" preset="$2" label="$3"
     shift 3
     printf 'quantization = "%s"\nmax_seq_len = 2048\n[model]\nname = "synth-7b-%s"\nsource = "%s"\n[target]\npreset = "%s"\n' \
         "$q" "$preset" "$model" "$preset" > "$WORK/synth-$preset-$q.toml"
-    run_t "$mlcb" build "$WORK/synth-$preset-$q.toml" "$@" -j "$JOBS" --cache-dir "$WORK/cache7b" \
-        --artifact-path "$WORK/dist7b" > "$logs/build-7b-$label.txt" 2>&1 || return 1
-    echo "$WORK/dist7b/synth-7b-$preset-$q"
+    run_t "$mlcb" build "$WORK/synth-$preset-$q.toml" "$@" -j "$JOBS" --cache-dir "$cache7b" \
+        --artifact-path "$dist7b" > "$logs/build-7b-$label.txt" 2>&1 || return 1
+    echo "$dist7b/synth-7b-$preset-$q"
 }
 floor_json() { # dist: weight bytes, bandwidth, floor
     python3 -c '
@@ -378,6 +392,31 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             say "transformers benchmark failed or unavailable (logs/hf-7b.txt: $(tail -1 "$logs/hf-7b.txt"); not gated)"
         fi
     fi
+    # q0f16 (the issue's second scheme) before the optional phases. It needs its weights twice
+    # (cache blob and dist copy) in folders of its own; the q4f16_1 files go first only when the
+    # disk is short (the tuned build then quantizes again).
+    if in_time "q0f16"; then
+        need=$(( $(du -sb "$model" | cut -f1) * 2 + (2 << 30) ))
+        free=$(( $(df -Pk "$WORK" | awk 'NR == 2 {print $4}') * 1024 ))
+        if [ "$free" -lt "$need" ]; then
+            rm -rf "$WORK/dist7b" "$WORK/cache7b"
+            free=$(( $(df -Pk "$WORK" | awk 'NR == 2 {print $4}') * 1024 ))
+        fi
+        if [ "$free" -lt "$need" ]; then
+            say "7B q0f16: skipped, $((free >> 30)) GiB free, $((need >> 30)) GiB needed"
+            record "{\"skipped\":\"q0f16: disk\",\"free\":$free,\"need\":$need}"
+        else
+            say "7B q0f16: building"
+            cache7b="$WORK/cache7b-q0"; dist7b="$WORK/dist7b-q0"
+            if q0=$(build_7b q0f16 cuda q0f16 "${arch_flag[@]}"); then
+                bench_cuda q0f16 "$q0" q0f16 false
+            else
+                fail "7B q0f16: build failed (logs/build-7b-q0f16.txt: $(tail -1 "$logs/build-7b-q0f16.txt"))"
+            fi
+            rm -rf "$cache7b" "$dist7b"
+            cache7b="$WORK/cache7b"; dist7b="$WORK/dist7b"
+        fi
+    fi
     if [ -n "$q4" ] && [ "$TUNE" = 1 ] && [ "$have_gpu" = 1 ] && in_time "tuned q4f16_1"; then
         say "7B q4f16_1: --tune on for sm_$gpu_arch"
         t0=$(date +%s)
@@ -409,24 +448,6 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             rm -rf "$vk"
         else
             say "7B vulkan: build failed (logs/build-7b-vk-q4f16_1.txt; not gated)"
-        fi
-    fi
-    # q0f16 needs its weights twice (cache blob and dist copy): drop the q4 files first.
-    rm -rf "$WORK/dist7b" "$WORK/cache7b"
-    if in_time "q0f16"; then
-        need=$(( $(du -sb "$model" | cut -f1) * 2 + (2 << 30) ))
-        free=$(( $(df -Pk "$WORK" | awk 'NR == 2 {print $4}') * 1024 ))
-        if [ "$free" -lt "$need" ]; then
-            say "7B q0f16: skipped, $((free >> 30)) GiB free, $((need >> 30)) GiB needed"
-            record "{\"skipped\":\"q0f16: disk\",\"free\":$free,\"need\":$need}"
-        else
-            say "7B q0f16: building"
-            if q0=$(build_7b q0f16 cuda q0f16 "${arch_flag[@]}"); then
-                bench_cuda q0f16 "$q0" q0f16 false
-            else
-                fail "7B q0f16: build failed (logs/build-7b-q0f16.txt: $(tail -1 "$logs/build-7b-q0f16.txt"))"
-            fi
-            rm -rf "$WORK/dist7b" "$WORK/cache7b"
         fi
     fi
 fi
