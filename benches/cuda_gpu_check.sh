@@ -17,8 +17,7 @@
 #                (extended by its greedy tokens) `mlcb logits` on cuda (one prefill) and on cuda
 #                with --decode (one token per call: GEMV kernels, KV cache, replayed CUDA graph)
 #                against the CPU's prefill: max|cuda-cpu| / max|cpu| ≤ TOL [1e-3], except f16
-#                schemes ≤ TOL_F16 [5e-3] in prefill (it multiplies on f16 tensor cores) and, but
-#                for RWKV, in decode (an f16 KV cache);
+#                schemes ≤ TOL_F16 [5e-3] (f16 operands on tensor cores, an f16 KV cache);
 #                greedy continuations (`mlcb run --greedy`) cuda vs cpu (reported, not gated: the
 #                CPU decodes q4/q8 with int8 activations). JOBS_GPU [6] (fixture, scheme) pairs at once.
 #   3. SMOLLM2   [1] if GGUF [dist/models/SmolLM2-135M-Instruct/…Q4_1.gguf] exists: "The capital
@@ -30,9 +29,11 @@
 #                bytes / bandwidth). In this order: q4f16_1; its decode with MLCB_CUDA_PDL=0 (no
 #                programmatic dependent launch; reported); its kernel profile (PROFILE [1]:
 #                MLCB_CUDA_PROFILE=1, each kernel timed alone; the top rows per phase go to the
-#                summary); transformers fp16 on the same config (HF [1],
-#                benches/hf_transformers_bench.py; not gated); q0f16 (skipped, saying so, without
-#                twice its weights of free disk); q4f16_1 after `mlcb build --tune on` (TUNE [1]);
+#                summary); the decode GEMVs under Nsight Compute (NCU [1], where `ncu` is
+#                found: DRAM throughput, occupancy, warp stalls of one decode step's first
+#                NCU_KERNELS [5]; logs/ncu-decode-gemv.txt); transformers fp16 (HF [1],
+#                on the same config, benches/hf_transformers_bench.py; not gated); q0f16 (Q0F16
+#                [1]; skipped, saying so, without twice its weights of free disk); q4f16_1 after `mlcb build --tune on` (TUNE [1]);
 #                q4f16_1 for the vulkan preset through wgpu on the NVIDIA Vulkan driver
 #                (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not gated; VK_LOADER_DIR: a
 #                folder holding libvulkan.so.1 when the image has none).
@@ -54,6 +55,7 @@ LAYERS="${LAYERS:-32}"
 HIDDEN="${HIDDEN:-4096}"; INTERMEDIATE="${INTERMEDIATE:-11008}"; VOCAB="${VOCAB:-32000}"
 DECODE_PROMPT="${DECODE_PROMPT:-16}"; GEN_LEN="${GEN_LEN:-256}"; PREFILL_LEN="${PREFILL_LEN:-512}"
 TUNE="${TUNE:-1}"; HF="${HF:-1}"; PROFILE="${PROFILE:-1}"; VULKAN7B="${VULKAN7B:-1}"; VK_ADAPTER="${VK_ADAPTER:-nvidia}"
+NCU="${NCU:-1}"; NCU_KERNELS="${NCU_KERNELS:-5}"; Q0F16="${Q0F16:-1}"
 JOBS="${JOBS:-$(nproc)}"; JOBS_GPU="${JOBS_GPU:-6}"
 SCHEMES="${SCHEMES:-q0f16 q0f32 q3f16_0 q3f16_1 q4f16_0 q4f16_1 q4f32_0 q4f32_1 q8f16_0 q8f16_1}"
 GGUF="${GGUF:-$repo/dist/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
@@ -162,10 +164,10 @@ check_scheme() { # fixture scheme
             || { echo "$fx $q prompt $i: cpu logits failed" >> "$bad"; continue; }
         for mode in prefill decode; do
             flag=""; [ "$mode" = decode ] && flag="--decode"
-            # f16 schemes: prefill multiplies on f16 tensor cores, and attention models keep an
-            # f16 KV cache (read by decode too; RWKV has none); everything else is f32.
+            # f16 schemes multiply f16 operands on tensor cores (prefill GEMMs, decode GEMVs of
+            # 4- and 8-bit codes) and keep an f16 KV cache; everything else is f32.
             tol="$TOL"
-            if [[ "$q" == *f16* ]] && { [ "$mode" = prefill ] || [[ "$fx" != *rwkv* ]]; }; then tol="$TOL_F16"; fi
+            [[ "$q" == *f16* ]] && tol="$TOL_F16"
             log="$logs/logits-$fx-$q-$i-cuda-$mode.txt"
             run_t "$mlcb" logits "$dist" --input-ids "$ids" --out "$ldir/$i-cuda-$mode.st" --device cuda $flag > "$log" 2>&1
             rc=$?
@@ -379,6 +381,19 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             sed -n '/cuda kernel profile/,$p' "$logs/profile-7b-q4f16_1.txt" | grep -v '^mlcb: cuda kernel profile' \
                 | awk '/^  [a-z]+:/ {n=0} {if (n++ < 14) print}' | tee -a "$summary" >&2
         fi
+        ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode GEMVs"; then
+            # Hardware counters of the decode GEMVs (launched one by one: no graph); the clocks
+            # left alone. Prefill runs GEMMs, so the first matches are one decode step's.
+            MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemv -c "$NCU_KERNELS" \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+                --section LaunchStats --section WarpStateStats --section SchedulerStats \
+                "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len 2 --device cuda \
+                > "$logs/ncu-decode-gemv.txt" 2>&1
+            say "ncu on the decode GEMVs: exit $? (logs/ncu-decode-gemv.txt):"
+            grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy' \
+                "$logs/ncu-decode-gemv.txt" | head -60 | tee -a "$summary" >&2
+        fi
     else
         fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""
     fi
@@ -395,7 +410,7 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
     # q0f16 (the issue's second scheme) before the optional phases. It needs its weights twice
     # (cache blob and dist copy) in folders of its own; the q4f16_1 files go first only when the
     # disk is short (the tuned build then quantizes again).
-    if in_time "q0f16"; then
+    if [ "$Q0F16" = 1 ] && in_time "q0f16"; then
         need=$(( $(du -sb "$model" | cut -f1) * 2 + (2 << 30) ))
         free=$(( $(df -Pk "$WORK" | awk 'NR == 2 {print $4}') * 1024 ))
         if [ "$free" -lt "$need" ]; then
@@ -420,10 +435,13 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
     if [ -n "$q4" ] && [ "$TUNE" = 1 ] && [ "$have_gpu" = 1 ] && in_time "tuned q4f16_1"; then
         say "7B q4f16_1: --tune on for sm_$gpu_arch"
         t0=$(date +%s)
-        if build_7b q4f16_1 cuda q4f16_1-tuned "${arch_flag[@]}" --tune on > /dev/null; then
+        # mlcb's debug log: every candidate's time goes to the build log.
+        if RUST_LOG=mlcb=debug build_7b q4f16_1 cuda q4f16_1-tuned "${arch_flag[@]}" --tune on > /dev/null; then
             tune_s=$(( $(date +%s) - t0 ))
             tuned=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["tuned"]))' "$q4/build-manifest.json" 2>/dev/null || echo null)
-            say "tuned build took ${tune_s}s (manifest tuned: $tuned)"
+            say "tuned build took ${tune_s}s (manifest tuned: $tuned); the decode GEMVs' candidates:"
+            grep -E 'tune decode:(matmul|logits)' "$logs/build-7b-q4f16_1-tuned.txt" | sed 's/^.*tune decode/  decode/' \
+                | head -90 | tee -a "$summary" >&2
             bench_cuda q4f16_1 "$q4" q4f16_1-tuned "$tuned"
         else
             fail "7B q4f16_1: tuned build failed (logs/build-7b-q4f16_1-tuned.txt: $(tail -1 "$logs/build-7b-q4f16_1-tuned.txt"))"

@@ -33,7 +33,8 @@ use std::path::Path;
 /// arch change rebuilds codegen only; measured records come in a pinned tuning file). 3: cuda
 /// records carry `kv_splits` (decode attention's default is 8 blocks per head). 4: the default
 /// threads of a cuda tensor-core decode GEMV follow its grid (`tune_space::gemv_mma_threads`).
-pub const VERSION: u32 = 4;
+/// 5: its default `rows_per_block` is 1 (its runs of 16 rows per block, now a knob).
+pub const VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningRecords {
@@ -145,6 +146,7 @@ fn fastest<T: Serialize + std::fmt::Debug>(
         if !s.is_finite() || s < 0.0 {
             anyhow::bail!("timing kernel {signature} with {t:?} gave {s} s");
         }
+        tracing::debug!("tune {signature}: {t:?}: {:.2} µs", s * 1e6);
         timed += 1;
         // Strictly faster only: ties keep the earlier (default-first) candidate.
         if best.is_none_or(|(b, _)| s < b) {
@@ -238,7 +240,8 @@ fn db_key(target: &TargetSpec, f16: bool, half: HalfIo, signature: &str) -> Stri
     if target.preset.backend == "wgpu" && target.preset.subgroups {
         key.push_str("#subgroups");
     }
-    // A record measured over another candidate space (before a knob existed) is not reused.
+    // A record measured over another candidate space (before a knob existed) or timed another
+    // way is not reused.
     if target.preset.backend == "cuda" {
         key.push_str(&format!(
             "#space{}",

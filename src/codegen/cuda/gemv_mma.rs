@@ -94,7 +94,12 @@ pub fn gemv_mma(
     let wide = q.bits == 8;
     let batch = steps.min(if wide { BATCH / 2 } else { BATCH });
     let rpb = rows_per_block(fusion.silu_gate);
+    // The tuning's rows_per_block is, here, the block's runs of RPB rows (mma tiles), one after
+    // another: more weight bytes per block for its fixed costs (staging the activation, the
+    // norm), in fewer blocks.
+    let tiles = b.tuning.rows_per_block as usize;
     b.const_u32("RPB", rpb);
+    b.const_u32("TILES", tiles);
     b.const_u32("CPR", q.n_group);
     b.const_u32("STEPS", steps);
     b.const_u32("BATCH", batch);
@@ -102,7 +107,7 @@ pub fn gemv_mma(
     // 16-byte loads per group of a row-major matrix.
     b.const_u32("LPG", if wide { 2 } else { 1 });
     let out_n = if fusion.silu_gate { m.n / 2 } else { m.n };
-    b.const_bool("ROWS_EXACT", out_n % rpb == 0);
+    b.const_bool("ROWS_EXACT", out_n % (rpb * tiles) == 0);
     b.const_bool(
         "CHUNKS_EXACT",
         q.n_group % per_step == 0 && steps % batch == 0,
@@ -266,19 +271,22 @@ pub fn gemv_mma(
             xh[ch][w ^ (ch & 3u)] = {x_pairs};
     }}
     __syncthreads();
-    // This lane: weight rows lr and lr + 8 of the block's (`g` is the norm weight), chunk c
+    // This lane: weight rows lr and lr + 8 of the tile's (`g` is the norm weight), chunk c
     // of each warp step's 4.
-    const unsigned n0 = blockIdx.x * RPB;
+    unsigned n0 = 0u;
     auto row_n = [&](unsigned r) -> unsigned {{ return {row_of}; }};
     auto row_ok = [&](unsigned r) -> bool {{ return n0 + r % RPB < OUT_N; }};
     const unsigned lr = lane >> 2, c = lane & 3u;
-    // Rows past the output (only when OUT_N is not a multiple of RPB) read nothing.
-    const bool ok0 = ROWS_EXACT || row_ok(lr), ok1 = ROWS_EXACT || row_ok(lr + 8u);
     // This lane's chunk at step s is cbase + s·STRIDE; the pointers advance one batch at a
     // time, so the loads inside a batch have constant offsets.
     const unsigned cbase = warp * 4u + c;
-{pointers}
     const uint4* xp = &xh[0][0];
+    for (unsigned tile = 0; tile < TILES; ++tile) {{
+    n0 = (blockIdx.x * TILES + tile) * RPB;
+    if (n0 >= OUT_N) break; // the same for the whole block
+    // Rows past the output (only when OUT_N is not a multiple of RPB·TILES) read nothing.
+    const bool ok0 = ROWS_EXACT || row_ok(lr), ok1 = ROWS_EXACT || row_ok(lr + 8u);
+{pointers}
     float acc[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
     // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
     // 2·BATCH 16-byte loads in flight (the compiler does not hoist them that far by itself).
@@ -320,12 +328,14 @@ pub fn gemv_mma(
         if (o >= OUT_N) continue;
         {store}
     }}
+    __syncthreads(); // the next tile writes `part` again
+    }}
 ",
         rows = ROWS,
     );
     let tpb = b.tuning.threads_per_block;
     let grid = [
-        GridDim::fixed(out_n as u64, rpb as u64),
+        GridDim::fixed(out_n as u64, (rpb * tiles) as u64),
         GridDim::rows(1),
         GridDim::one(),
     ];
@@ -333,7 +343,7 @@ pub fn gemv_mma(
     // cap on registers this implies is 128 at any block size). Left alone, ptxas gives this
     // kernel 48 registers and spills in the loop.
     b.min_blocks = Some((512 / tpb).max(1));
-    b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate);
+    b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate, tiles);
     let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
     b.finish(&helpers, &body, tpb, grid)
 }

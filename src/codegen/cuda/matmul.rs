@@ -286,11 +286,11 @@ const PREFETCH_BYTES: usize = 32 << 10;
 /// Statements for [`CudaBuilder::pre_wait`] of a decode GEMV whose block reads weight rows
 /// `row_n(r)` for `r < rows` (`RPB` output rows; with a silu gate `r < RPB` the gate rows and
 /// the rest the up rows, `OUT_N` apart): prefetch the start of each row, up to
-/// [`PREFETCH_BYTES`] in all, into L2. Under programmatic dependent launch the block becomes
+/// [`PREFETCH_BYTES`] per tile, into L2, for each of the block's `tiles` runs of `RPB` rows. Under programmatic dependent launch the block becomes
 /// resident while the kernel before it finishes; its weights do not depend on that kernel, so
 /// their first bytes stream in during what would be the gap between the two. Nothing for
 /// K-major weights (a block's rows are short runs of many lines).
-pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool) -> String {
+pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool, tiles: usize) -> String {
     let Some((ptr, row_bytes)) = super::weights::nk_rows(m) else {
         return String::new();
     };
@@ -300,9 +300,9 @@ pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool) -> Str
         .max(1);
     let row_of = weight_row_of(silu_gate);
     format!(
-        "    {{
-        // Before waiting for the kernel before: the start of this block's weight rows into L2.
-        const unsigned n0 = blockIdx.x * RPB;
+        "    // Before waiting for the kernel before: the start of this block's weight rows into L2.
+    for (unsigned tile = 0; tile < {tiles}u; ++tile) {{
+        const unsigned n0 = (blockIdx.x * {tiles}u + tile) * RPB;
         for (unsigned i = threadIdx.x; i < {rows}u * {lines}u; i += TPB) {{
             const unsigned r = i / {lines}u;
             if (n0 + r % RPB >= OUT_N) continue;
@@ -412,6 +412,7 @@ fn gemv_nk(
         m,
         rpb as usize * (1 + fusion.silu_gate as usize),
         fusion.silu_gate,
+        1,
     );
     Ok(b.finish("", &body, tpb, grid))
 }

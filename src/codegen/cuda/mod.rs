@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | embedding | `mlcb_embedding` | TPB | `[ceil(K/TPB), T, 1]` |
 //! | rms_norm, layer_norm | `mlcb_rms_norm`, `mlcb_layer_norm` | TPB | `[1, T, 1]` |
-//! | matmul, logits (decode, NK) | `mlcb_matmul_gemv_nk`, `mlcb_logits_gemv_nk` | TPB | `[ceil(N/rows_per_block), rows, 1]` |
+//! | matmul, logits (decode, NK) | `mlcb_matmul_gemv_nk`, `mlcb_logits_gemv_nk` | TPB | `[ceil(N/rows_per_block), rows, 1]` (tensor-core GEMV: `[ceil(N/(16·rows_per_block)), rows, 1]`, 8 output rows per 16 with a silu gate) |
 //! | matmul, logits (decode, KN) | `…_gemv_kn` | TPB | `[ceil(N/32), rows, 1]` |
 //! | matmul, logits (prefill, f32 schemes) | `…_gemm` (3xTF32 tensor cores) | 128 | `[ceil(N/64), ceil(rows/64), 1]` |
 //! | matmul, logits (prefill, f16 schemes) | `…_gemm` (f16 tensor cores, [`gemm_f16`]) | 256 | `[ceil(N/128), ceil(rows/128), 1]` |

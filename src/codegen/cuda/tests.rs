@@ -307,10 +307,10 @@ fn arguments_follow_the_documented_order() {
     assert_eq!(k.entry_point, entry_point(&spec));
     assert_eq!(k.entry_point, "mlcb_matmul_gemv_nk");
     assert_eq!(k.launch.block, [256, 1, 1]);
-    // q4 rows of an f16 scheme: the tensor-core GEMV, 16 rows (the mma's M) per block of the
-    // 64; one activation row.
+    // q4 rows of an f16 scheme: the tensor-core GEMV, the tuning's 4 runs of 16 rows (the
+    // mma's M) per block: all 64 rows in one; one activation row.
     assert!(k.source.contains("mma.sync"));
-    assert_eq!(k.launch.grid[0].workgroups(1, 1), 4);
+    assert_eq!(k.launch.grid[0].workgroups(1, 1), 1);
     assert_eq!(k.launch.grid[1].workgroups(1, 1), 1);
     assert_eq!(k.launch.arch, "sm_80");
     assert!(k.source.contains(
@@ -365,9 +365,10 @@ fn arguments_follow_the_documented_order() {
         k.source
     );
     assert!(k.source.contains("constexpr unsigned OUT_N = 32u;"));
-    // 8 gate and 8 up rows per block.
+    // 8 gate and 8 up rows per mma tile, the tuning's 4 tiles per block: the 32 rows in one.
     assert!(k.source.contains("constexpr unsigned RPB = 8u;"));
-    assert_eq!(k.launch.grid[0].workgroups(1, 1), 4);
+    assert!(k.source.contains("constexpr unsigned TILES = 4u;"));
+    assert_eq!(k.launch.grid[0].workgroups(1, 1), 1);
 }
 
 /// A plain `[n, k]` matmul of `phase` over a linear weight stored as `scheme` stores it.
@@ -415,14 +416,14 @@ fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
     // Which decode GEMV each storage gets (K = 64): q4 codes of an f16 scheme (row-major or
     // K-major words) and q8 row-major ones, the tensor-core one; f32 schemes, other widths and
     // K-major q8, the f32 ones.
-    // (scheme, tensor cores, rows per block: 16 on tensor cores, a lane per row for the f32
-    // GEMV over K-major words, else the tuning's 4)
+    // (scheme, tensor cores, rows per block: on tensor cores the tuning's 4 runs of 16, a lane
+    // per row for the f32 GEMV over K-major words, else the tuning's 4)
     for (scheme, tensor_cores, rows) in [
-        ("q4f16_1", true, 16),
-        ("q4f16_0", true, 16),
+        ("q4f16_1", true, 64),
+        ("q4f16_0", true, 64),
         ("q4f32_0", false, 32),
         ("q4f32_1", false, 4),
-        ("q8f16_1", true, 16),
+        ("q8f16_1", true, 64),
         ("q8f16_0", false, 32),
         ("q3f16_1", false, 4),
         ("q0f16", false, 4),

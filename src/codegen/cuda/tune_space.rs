@@ -1,6 +1,6 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
-//! kernel, crossed with rows per block for the f32 decode GEMV over row-major (NK) weights (the
-//! tensor-core one's blocks are the mma's 8 rows) and with
+//! kernel, crossed with rows per block for the f32 decode GEMV over row-major (NK) weights, with
+//! runs of 16-row mma tiles per block for the tensor-core decode GEMV (the same knob) and with
 //! key splits for decode attention, the only kernels that read them. The tensor-core GEMMs and
 //! the query-tiled attention of prefill have fixed blocks, so they have one candidate. Knobs a
 //! kernel ignores stay at its default, so no two candidates generate the same kernel.
@@ -25,9 +25,18 @@ pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
             } if super::gemv_mma::fits(m) => gemv_mma_threads(m, fusion.silu_gate),
             _ => 128,
         };
+        // The tensor-core GEMV reads rows_per_block as its runs of mma rows: one.
+        let rows_per_block = match spec {
+            KernelSpec::Matmul {
+                m,
+                phase: Phase::Decode,
+                ..
+            } if super::gemv_mma::fits(m) => 1,
+            _ => 4,
+        };
         CudaTuning {
             threads_per_block,
-            rows_per_block: 4,
+            rows_per_block,
             kv_splits: 1,
         }
     } else {
@@ -74,8 +83,10 @@ pub fn gemv_mma_threads(m: &crate::codegen::wgsl::spec::MatrixSpec, silu_gate: b
 /// Which candidate space this is, part of the tuning database's key: a record measured over
 /// another space is measured again. 1: threads × rows; 2: × `kv_splits`; 3: the tensor-core
 /// decode GEMV (q4 NK weights of f16 schemes) has no rows knob. 4: nor for q8 NK weights
-/// (q8f16_1), which it now takes.
-pub const SPACE_VERSION: u32 = 4;
+/// (q8f16_1), which it now takes. 5: the tensor-core GEMV has a rows knob again (its runs of
+/// mma rows per block), and kernels are timed with their buffers out of the L2 cache
+/// (`runtime::cuda::timer`), as a forward pass runs them; earlier records were timed from L2.
+pub const SPACE_VERSION: u32 = 5;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of
@@ -115,9 +126,10 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
             phase: Phase::Decode,
             ..
         } => {
-            // The tensor-core GEMV's blocks are the mma's 16 rows.
+            // The f32 GEMV takes rows per block over row-major weights; the tensor-core one
+            // (either layout) its runs of the mma's 16 rows.
             let nk = !matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
-            (true, nk && !super::gemv_mma::fits(m), false)
+            (true, nk || super::gemv_mma::fits(m), false)
         }
         _ => (true, false, false),
     };
@@ -208,8 +220,10 @@ mod tests {
                     phase: Phase::Decode,
                     ..
                 } => {
-                    // Threads × rows; the tensor-core GEMV's rows are fixed.
-                    let n = if super::super::gemv_mma::fits(m) {
+                    // Threads × rows (the tensor-core GEMV's runs of mma rows), but for the
+                    // f32 GEMV over K-major words (a lane per row).
+                    let km = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
+                    let n = if km && !super::super::gemv_mma::fits(m) {
                         4
                     } else {
                         16

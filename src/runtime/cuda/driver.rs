@@ -87,11 +87,7 @@ impl DeviceMem {
     /// A copy of `data` in device memory.
     pub fn from_bytes(data: &[u8], what: &str) -> Result<DeviceMem> {
         let m = DeviceMem::alloc(data.len(), what)?;
-        if !data.is_empty() {
-            // SAFETY: `m` holds at least `data.len()` bytes.
-            unsafe { result::memcpy_htod_sync(m.ptr, data) }
-                .map_err(|e| driver_err(&format!("upload of {what}"), e))?;
-        }
+        m.write(data, what)?;
         Ok(m)
     }
 
@@ -101,8 +97,35 @@ impl DeviceMem {
         // SAFETY: `m` holds `m.bytes` bytes.
         unsafe { result::memset_d8_sync(m.ptr, 0, m.bytes) }
             .map_err(|e| driver_err(&format!("clearing {what}"), e))?;
+        settle(what)?;
         Ok(m)
     }
+
+    /// Overwrite the start of this memory with `data` (at most `self.bytes`), done on return.
+    pub fn write<T: Copy>(&self, data: &[T], what: &str) -> Result<()> {
+        assert!(
+            std::mem::size_of_val(data) <= self.bytes,
+            "write past the end of {what}"
+        );
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the memory holds at least `size_of_val(data)` bytes (checked above).
+        unsafe { result::memcpy_htod_sync(self.ptr, data) }
+            .map_err(|e| driver_err(&format!("upload of {what}"), e))?;
+        settle(what)
+    }
+}
+
+/// Waits until everything the context was asked to do has been done. The "synchronous" copy from
+/// pageable memory and memset run on the legacy default stream and may return before the data
+/// lands (the copy once it is staged; the memset at once), and the kernels run on a non-blocking
+/// stream, which is not ordered after the legacy one: without this, a kernel could read weights
+/// or a zeroed counter before they arrive. (Seen on an H200: attention models' first calls,
+/// several processes sharing the GPU, read not-yet-uploaded weights as zeros.)
+fn settle(what: &str) -> Result<()> {
+    result::ctx::synchronize()
+        .map_err(|e| driver_err(&format!("completing the upload of {what}"), e))
 }
 
 impl Drop for DeviceMem {

@@ -287,9 +287,7 @@ impl CudaSession<'_> {
             if let State::Rwkv(m, hidden) = s {
                 let mut init = vec![0f32; 5 * hidden];
                 init[3 * hidden..4 * hidden].fill(-1e38);
-                // SAFETY: the buffer holds 5·hidden f32.
-                unsafe { result::memcpy_htod_sync(m.ptr, &init) }
-                    .map_err(|e| env(format!("CUDA upload of the RWKV state: {e:?}")))?;
+                m.write(&init, "the RWKV state")?;
             }
         }
         Ok(())
