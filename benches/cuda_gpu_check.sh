@@ -21,7 +21,9 @@
 #                greedy continuations (`mlcb run --greedy`) cuda vs cpu (reported, not gated: the
 #                CPU decodes q4/q8 with int8 activations). JOBS_GPU [6] (fixture, scheme) pairs at once.
 #   3. SMOLLM2   [1] if GGUF [dist/models/SmolLM2-135M-Instruct/…Q4_1.gguf] exists: "The capital
-#                of France is" must continue with " Paris" on cuda (q4f16_1, q0f16, q8f16_1, q4f32_1).
+#                of France is" must continue with " Paris" on cuda (q0f16, q8f16_1, q4f32_1, and
+#                q4f16_1 with GPTQ calibration); q4f16_1 rounded to nearest (which cannot say it,
+#                even on the CPU) must give the CPU's tokens.
 #   4. BENCH7B   [1] a Llama-2-7B-shaped model with random weights (examples/synth_model, LAYERS [32];
 #                HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
 #                architecture; `mlcb bench --device cuda`: decode tok/s (GEN_LEN [256] tokens after
@@ -278,20 +280,42 @@ fi
 
 # --- 3. SmolLM2 ---------------------------------------------------------------------------------
 if [ "$SMOLLM2" = 1 ] && [ -f "$GGUF" ] && in_time "SmolLM2"; then
-    say "SmolLM2: building for cuda"
+    say "SmolLM2: building for cuda (and q4f16_1 for cpu)"
+    # name scheme preset extra-toml: a recipe file.
+    smol_recipe() {
+        printf 'quantization = "%s"\n%s[model]\nname = "%s"\nsource = { gguf = "%s" }\n[target]\npreset = "%s"\n' \
+            "$2" "$4" "$1" "$GGUF" "$3" > "$WORK/$1-$2-$3.toml"
+        echo "$WORK/$1-$2-$3.toml"
+    }
     recipes=()
-    for q in q4f16_1 q0f16 q8f16_1 q4f32_1; do
-        printf 'quantization = "%s"\n[model]\nname = "smollm2"\nsource = { gguf = "%s" }\n[target]\npreset = "cuda"\n' "$q" "$GGUF" > "$WORK/smollm2-$q.toml"
-        recipes+=("$WORK/smollm2-$q.toml")
-    done
-    if run_t "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" --artifact-path "$WORK/dist" > "$logs/build-smollm2.txt" 2>&1; then
-        for q in q4f16_1 q0f16 q8f16_1 q4f32_1; do
-            run_t "$mlcb" run "$WORK/dist/smollm2-$q" --prompt "The capital of France is" --greedy --max-tokens 4 --json --device cuda \
-                > "$logs/smollm2-$q.json" 2> "$logs/smollm2-$q.txt"
+    for q in q4f16_1 q0f16 q8f16_1 q4f32_1; do recipes+=("$(smol_recipe smollm2 "$q" cuda "")"); done
+    # q4f16_1 rounded to nearest cannot say " Paris" even on the CPU (tests/smollm2.rs): it must
+    # give the CPU's tokens; the GPTQ-calibrated q4f16_1 must say " Paris".
+    recipes+=("$(smol_recipe smollm2-gptq q4f16_1 cuda $'[calibration]\nmethod = "gptq"\n')")
+    mkdir -p "$WORK/dist-smol-cpu"
+    if run_t "$mlcb" build "${recipes[@]}" -j "$JOBS" --cache-dir "$WORK/cache" --artifact-path "$WORK/dist" > "$logs/build-smollm2.txt" 2>&1 \
+        && run_t "$mlcb" build "$(smol_recipe smollm2 q4f16_1 cpu "")" -j "$JOBS" --cache-dir "$WORK/cache" \
+            --artifact-path "$WORK/dist-smol-cpu" >> "$logs/build-smollm2.txt" 2>&1; then
+        smol_run() { # dist label device
+            run_t "$mlcb" run "$1" --prompt "The capital of France is" --greedy --max-tokens 4 --json --device "$3" \
+                > "$logs/smollm2-$2.json" 2> "$logs/smollm2-$2.txt"
+        }
+        smol_run "$WORK/dist-smol-cpu/smollm2-q4f16_1" q4f16_1-cpu cpu
+        for q in q4f16_1 q0f16 q8f16_1 q4f32_1 gptq-q4f16_1; do
+            d="$WORK/dist/smollm2-$q"; [ "$q" = gptq-q4f16_1 ] && d="$WORK/dist/smollm2-gptq-q4f16_1"
+            smol_run "$d" "$q" cuda
             rc=$?
             t=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["text"]))' "$logs/smollm2-$q.json" 2>/dev/null || echo null)
             record "{\"check\":\"smollm2\",\"scheme\":\"$q\",\"exit\":$rc,\"text\":$t}"
-            if [[ "$t" == '" Paris'* ]]; then
+            if [ "$q" = q4f16_1 ] && [ "$rc" = 0 ]; then
+                same=$(python3 -c 'import json,sys; a, b = (json.load(open(p))["generated_ids"] for p in sys.argv[1:]); print(int(a == b))' \
+                    "$logs/smollm2-q4f16_1.json" "$logs/smollm2-q4f16_1-cpu.json" 2>/dev/null || echo 0)
+                if [ "$same" = 1 ]; then
+                    say "SmolLM2 q4f16_1 (rounded to nearest): $t, the CPU's tokens"
+                else
+                    fail "SmolLM2 q4f16_1: $t, not the CPU's tokens (logs/smollm2-q4f16_1*.json)"
+                fi
+            elif [[ "$t" == '" Paris'* ]]; then
                 say "SmolLM2 $q: $t"
             elif [ "$rc" != 0 ] && cuda_ok_rc "$rc"; then
                 say "SmolLM2 $q: exit $rc without a GPU, as expected"

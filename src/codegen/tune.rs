@@ -32,8 +32,12 @@ pub type TimerFactory = fn(&str, Option<&str>) -> anyhow::Result<Option<Box<dyn 
 pub const PREFILL_TOKENS: u64 = 16;
 /// Tokens already in the KV cache when attention is timed.
 pub const POSITION: u64 = 64;
+/// A longer context at which the CUDA timer also times decode attention: how many blocks share a
+/// head's keys (`kv_splits`) pays off with the context's length, and a split count chosen at 64
+/// keys alone (seen on an H200: one block per head) is slow for a few hundred.
+pub const LONG_POSITION: u64 = 512;
 /// KV-cache capacity of the timed state buffers.
-pub const STATE_TOKENS: u64 = POSITION + PREFILL_TOKENS;
+pub const STATE_TOKENS: u64 = LONG_POSITION + PREFILL_TOKENS;
 
 /// Tokens of a timed call of `spec` (signature `signature`): one for decode kernels.
 pub fn timed_tokens(spec: &KernelSpec, signature: &str) -> u64 {

@@ -3,7 +3,8 @@
 //! Only a GPU whose compute capability is the target's architecture counts as matching: records
 //! measured on an sm_90 part would be wrong for an sm_80 build. A kernel is timed alone on
 //! zero-filled buffers sized by [`buffer_bytes`] for a typical call (one token for decode, a
-//! 16-token block for prefill, attention at position 64): a warm-up launch, then five batches of
+//! 16-token block for prefill, attention at position 64, and decode attention at 512 too, the two
+//! times summed): a warm-up launch, then five batches of
 //! launches between two CUDA events; the median batch, per launch, is the result.
 //!
 //! A model's forward pass streams every weight once, so each of its kernels starts with its
@@ -16,7 +17,9 @@
 
 use super::driver::{self, Device, DeviceMem, Event, Kernel, Stream};
 use crate::codegen::cuda::launch::META_FIELDS;
-use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
+use crate::codegen::tune::{
+    buffer_bytes, timed_tokens, KernelTimer, TimedKernel, LONG_POSITION, POSITION,
+};
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::error::env;
 use anyhow::Result;
@@ -118,74 +121,99 @@ impl KernelTimer for CudaTimer {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let meta_values: Vec<u32> = META_FIELDS
-            .iter()
-            .map(|f| match *f {
-                "pos" => POSITION as u32,
-                "row0" => 0,
-                _ => t as u32, // t and rows
-            })
-            .collect();
-        let meta = DeviceMem::from_bytes(bytemuck::cast_slice(&meta_values), "call parameters")?;
-        let grid: Vec<u64> = kernel
-            .launch
-            .grid
-            .iter()
-            .map(|d| d.workgroups(t, t))
-            .collect();
-        if grid.iter().zip(MAX_GRID).any(|(g, m)| *g > m) {
-            anyhow::bail!("kernel {sig}: grid {grid:?} exceeds CUDA's limits");
+        // Decode attention is timed at a short and a long context (the sum of the two), every
+        // other kernel at POSITION (its work does not depend on it).
+        let positions: &[u64] = if sig.starts_with("decode:attention") {
+            &[POSITION, LONG_POSITION]
+        } else {
+            &[POSITION]
+        };
+        let mut total = 0.0;
+        for &pos in positions {
+            total += time_at(kernel, &module, &buffers, t, pos)?;
         }
-        let grid = (grid[0] as u32, grid[1] as u32, grid[2] as u32);
-        let b = kernel.launch.block;
-        let block = (b[0], b[1], b[2]);
-        // Kernel parameters, per copy: one pointer per arg, then meta, scalar, index (launch.rs).
-        let mut ptrs: Vec<Vec<sys::CUdeviceptr>> = buffers
-            .iter()
-            .map(|copy| copy.iter().map(|m| m.ptr).collect())
-            .collect();
-        let mut meta_ptr = meta.ptr;
-        let mut scalar = 1e-5f32;
-        let mut index = 0u32;
-        let mut params: Vec<Vec<*mut c_void>> = ptrs
-            .iter_mut()
-            .map(|copy| {
-                let mut p: Vec<*mut c_void> = copy
-                    .iter_mut()
-                    .map(|p| p as *mut sys::CUdeviceptr as *mut c_void)
-                    .collect();
-                p.push(&mut meta_ptr as *mut sys::CUdeviceptr as *mut c_void);
-                p.push(&mut scalar as *mut f32 as *mut c_void);
-                p.push(&mut index as *mut u32 as *mut c_void);
-                p
-            })
-            .collect();
-        let stream = Stream::new()?;
-        let (start, end) = (Event::new()?, Event::new()?);
-        for p in &mut params {
-            driver::launch(&module, grid, block, &stream, p, sig, false)?; // warm-up
-        }
-        stream.synchronize()?;
-        let launches = LAUNCHES_PER_BATCH.max(copies);
-        let mut runs = Vec::with_capacity(BATCHES);
-        for _ in 0..BATCHES {
-            start.record(&stream)?;
-            for i in 0..launches {
-                driver::launch(
-                    &module,
-                    grid,
-                    block,
-                    &stream,
-                    &mut params[i % copies],
-                    sig,
-                    false,
-                )?;
-            }
-            end.record(&stream)?;
-            stream.synchronize()?;
-            runs.push(Event::elapsed_s(&start, &end)? / launches as f64);
-        }
-        runs.sort_by(f64::total_cmp);
-        Ok(runs[BATCHES / 2])
+        Ok(total)
     }
+}
+
+/// Seconds per launch of `kernel` (loaded as `module`) with `t` tokens at position `pos`, each
+/// launch on the next copy of its `buffers`: the median batch.
+fn time_at(
+    kernel: &crate::codegen::cuda::CudaKernel,
+    module: &Kernel,
+    buffers: &[Vec<DeviceMem>],
+    t: u64,
+    pos: u64,
+) -> Result<f64> {
+    let sig = &kernel.signature;
+    let copies = buffers.len();
+    let meta_values: Vec<u32> = META_FIELDS
+        .iter()
+        .map(|f| match *f {
+            "pos" => pos as u32,
+            "row0" => 0,
+            _ => t as u32, // t and rows
+        })
+        .collect();
+    let meta = DeviceMem::from_bytes(bytemuck::cast_slice(&meta_values), "call parameters")?;
+    let grid: Vec<u64> = kernel
+        .launch
+        .grid
+        .iter()
+        .map(|d| d.workgroups(t, t))
+        .collect();
+    if grid.iter().zip(MAX_GRID).any(|(g, m)| *g > m) {
+        anyhow::bail!("kernel {sig}: grid {grid:?} exceeds CUDA's limits");
+    }
+    let grid = (grid[0] as u32, grid[1] as u32, grid[2] as u32);
+    let b = kernel.launch.block;
+    let block = (b[0], b[1], b[2]);
+    // Kernel parameters, per copy: one pointer per arg, then meta, scalar, index (launch.rs).
+    let mut ptrs: Vec<Vec<sys::CUdeviceptr>> = buffers
+        .iter()
+        .map(|copy| copy.iter().map(|m| m.ptr).collect())
+        .collect();
+    let mut meta_ptr = meta.ptr;
+    let mut scalar = 1e-5f32;
+    let mut index = 0u32;
+    let mut params: Vec<Vec<*mut c_void>> = ptrs
+        .iter_mut()
+        .map(|copy| {
+            let mut p: Vec<*mut c_void> = copy
+                .iter_mut()
+                .map(|p| p as *mut sys::CUdeviceptr as *mut c_void)
+                .collect();
+            p.push(&mut meta_ptr as *mut sys::CUdeviceptr as *mut c_void);
+            p.push(&mut scalar as *mut f32 as *mut c_void);
+            p.push(&mut index as *mut u32 as *mut c_void);
+            p
+        })
+        .collect();
+    let stream = Stream::new()?;
+    let (start, end) = (Event::new()?, Event::new()?);
+    for p in &mut params {
+        driver::launch(module, grid, block, &stream, p, sig, false)?; // warm-up
+    }
+    stream.synchronize()?;
+    let launches = LAUNCHES_PER_BATCH.max(copies);
+    let mut runs = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        start.record(&stream)?;
+        for i in 0..launches {
+            driver::launch(
+                module,
+                grid,
+                block,
+                &stream,
+                &mut params[i % copies],
+                sig,
+                false,
+            )?;
+        }
+        end.record(&stream)?;
+        stream.synchronize()?;
+        runs.push(Event::elapsed_s(&start, &end)? / launches as f64);
+    }
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[BATCHES / 2])
 }
