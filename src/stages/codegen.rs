@@ -45,8 +45,9 @@ use std::collections::BTreeMap;
 /// cuda libraries of f16 schemes keep the prefill buffers that only feed a GEMM in f16
 /// (`half_activations`). 20: cuda prefill GEMMs apply the activation after them in their
 /// epilogue (`fuse_for_cuda`), and may write f16. 21: the tensor-core decode GEMV runs its
-/// tuning's `rows_per_block` runs of 16 rows per block (`gemv_mma`).
-pub const VERSION: u32 = 21;
+/// tuning's `rows_per_block` runs of 16 rows per block (`gemv_mma`). 22: it asks ptxas for 32
+/// warps per SM (64 registers).
+pub const VERSION: u32 = 22;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {
