@@ -286,10 +286,11 @@ const PREFETCH_BYTES: usize = 32 << 10;
 /// Statements for [`CudaBuilder::pre_wait`] of a decode GEMV whose block reads weight rows
 /// `row_n(r)` for `r < rows` (`RPB` output rows; with a silu gate `r < RPB` the gate rows and
 /// the rest the up rows, `OUT_N` apart): prefetch the start of each row, up to
-/// [`PREFETCH_BYTES`] per tile, into L2, for each of the block's `tiles` runs of `RPB` rows. Under programmatic dependent launch the block becomes
-/// resident while the kernel before it finishes; its weights do not depend on that kernel, so
-/// their first bytes stream in during what would be the gap between the two. Nothing for
-/// K-major weights (a block's rows are short runs of many lines).
+/// [`PREFETCH_BYTES`] per run, into L2, for each of the block's `tiles` runs of `RPB` rows.
+/// Under programmatic dependent launch the block becomes resident while the kernel before it
+/// finishes; its weights do not depend on that kernel, so their first bytes stream in during
+/// what would be the gap between the two. Nothing for K-major weights (a block's rows are short
+/// runs of many lines).
 pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool, tiles: usize) -> String {
     let Some((ptr, row_bytes)) = super::weights::nk_rows(m) else {
         return String::new();

@@ -84,8 +84,9 @@ pub fn gemv_mma_threads(m: &crate::codegen::wgsl::spec::MatrixSpec, silu_gate: b
 /// another space is measured again. 1: threads × rows; 2: × `kv_splits`; 3: the tensor-core
 /// decode GEMV (q4 NK weights of f16 schemes) has no rows knob. 4: nor for q8 NK weights
 /// (q8f16_1), which it now takes. 5: the tensor-core GEMV has a rows knob again (its runs of
-/// mma rows per block), decode attention is timed at 64 and 512 keys, and kernels are timed with their buffers out of the L2 cache
-/// (`runtime::cuda::timer`), as a forward pass runs them; earlier records were timed from L2.
+/// mma rows per block), decode attention is timed at 64 and 512 keys, and kernels are timed
+/// with their buffers out of the L2 cache (`runtime::cuda::timer`), as a forward pass runs
+/// them; earlier records were timed from L2.
 pub const SPACE_VERSION: u32 = 5;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256

@@ -4,14 +4,14 @@
 //! measured on an sm_90 part would be wrong for an sm_80 build. A kernel is timed alone on
 //! zero-filled buffers sized by [`buffer_bytes`] for a typical call (one token for decode, a
 //! 16-token block for prefill, attention at position 64, and decode attention at 512 too, the two
-//! times summed): a warm-up launch, then five batches of
-//! launches between two CUDA events; the median batch, per launch, is the result.
+//! times summed): a warm-up launch, then five batches of launches between two CUDA events; the
+//! median batch, per launch, is the result.
 //!
 //! A model's forward pass streams every weight once, so each of its kernels starts with its
 //! weights out of the L2 cache. Launched again and again on the same buffers, a kernel whose
 //! buffers fit in the L2 (an H200's 60 MB holds a Llama-2-7B q4 attention projection) would be
-//! timed reading from L2 instead, which favours other configurations than DRAM does (seen on an
-//! H200: a build tuned that way decoded 5% slower than the untuned one). So the timer keeps
+//! timed reading from L2 instead, which favours other configurations than DRAM does (on an
+//! H200 a build tuned that way decoded 5% slower than the untuned one). So the timer keeps
 //! enough copies of the kernel's buffers to fill [`COLD_BYTES`], and each launch of a batch uses
 //! the next copy.
 
