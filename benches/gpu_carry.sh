@@ -12,7 +12,12 @@
 #                                 warm), unpacks the binaries, reassembles the GGUF once every part
 #                                 arrived (sha256-checked) and prints what is still missing;
 #   benches/gpu_carry.sh run      (there, last call) unpack, then cuda_gpu_check.sh with MLCB_BIN,
-#                                 GGUF and the Vulkan loader set from CARRY_HOME.
+#                                 GGUF and the Vulkan loader set from CARRY_HOME;
+#   benches/gpu_carry.sh slim     (here, before pack) moves tracked files the check does not need
+#                                 (fuzz/corpus: ~7000 small files, 9 MiB as a tar; the Vicuna
+#                                 delta fixtures, 7 MiB) to .gpucarry-stash/, so every call
+#                                 carries ~16 MiB more of the GGUF (3 calls instead of 4);
+#   benches/gpu_carry.sh restore  (here, after the last call) moves them back.
 #
 # Each call carries one folder `.gpucarry/callK`; calls 1 … N-1 run `unpack`, call N runs `run`
 # (with OUT, DEADLINE, … in its environment). Budget per call: LIMIT_MIB [64] minus the bytes of
@@ -34,9 +39,11 @@ pack() {
     cp target/release/mlcb "$stage/bin/"
     cp target/release/examples/synth_model target/release/examples/cuda_bandwidth "$stage/bin/examples/"
     strip "$stage/bin/mlcb" "$stage/bin/examples/"*
-    # The device image may lack the Vulkan loader (wgpu dlopens libvulkan.so.1).
-    (cd "$stage/vk" && apt-get download libvulkan1 >/dev/null 2>&1) \
-        || echo "note: apt-get download libvulkan1 failed; the Vulkan 7B figure needs the device's own loader" >&2
+    # The device image may lack the Vulkan loader (wgpu dlopens libvulkan.so.1) and the GL
+    # dispatch libraries NVIDIA's Vulkan driver (libGLX_nvidia) needs: without them the first
+    # H200 run found no adapter. (The device's README names the same packages.)
+    (cd "$stage/vk" && apt-get download libvulkan1 libglvnd0 libglx0 libgl1 libegl1 libopengl0 libgles2 >/dev/null 2>&1) \
+        || echo "note: apt-get download of the Vulkan loader failed; the Vulkan 7B figure needs the device's own" >&2
     tar -C "$stage" -cJf "$dir/call1/bin.tar.xz" bin vk
     # What travels anyway: tracked files and untracked files git does not ignore, measured as a
     # tar of them (the transfer counts each file's header and padding: fuzz/corpus alone has
@@ -107,8 +114,32 @@ unpack() {
     fi
 }
 
+# Tracked paths the GPU check does not read.
+SLIM_PATHS=(fuzz/corpus tests/fixtures/tiny-vicuna-base tests/fixtures/tiny-vicuna-delta)
+
+slim() {
+    local p
+    for p in "${SLIM_PATHS[@]}"; do
+        [ -e "$repo/$p" ] || continue
+        mkdir -p "$(dirname "$repo/.gpucarry-stash/$p")"
+        mv "$repo/$p" "$repo/.gpucarry-stash/$p"
+    done
+    echo "moved ${SLIM_PATHS[*]} to .gpucarry-stash/ (benches/gpu_carry.sh restore puts them back)"
+}
+
+restore() {
+    local p
+    for p in "${SLIM_PATHS[@]}"; do
+        [ -e "$repo/.gpucarry-stash/$p" ] && [ ! -e "$repo/$p" ] && mv "$repo/.gpucarry-stash/$p" "$repo/$p"
+    done
+    git -C "$repo" status --short -- "${SLIM_PATHS[@]}" | head -5
+    echo "restored ${SLIM_PATHS[*]}"
+}
+
 case "${1:-}" in
     pack) pack ;;
+    slim) slim ;;
+    restore) restore ;;
     unpack) unpack ;;
     run)
         unpack
@@ -120,5 +151,5 @@ case "${1:-}" in
         fi
         MLCB_BIN="$CARRY_HOME/bin/mlcb" GGUF="${GGUF:-$CARRY_HOME/$gguf_name}" exec benches/cuda_gpu_check.sh
         ;;
-    *) echo "usage: benches/gpu_carry.sh pack|unpack|run" >&2; exit 2 ;;
+    *) echo "usage: benches/gpu_carry.sh slim|pack|unpack|run|restore" >&2; exit 2 ;;
 esac
