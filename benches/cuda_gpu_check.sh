@@ -467,6 +467,14 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             grep -E 'tune decode:(matmul|logits)' "$logs/build-7b-q4f16_1-tuned.txt" | sed 's/^.*tune decode/  decode/' \
                 | head -90 | tee -a "$summary" >&2
             bench_cuda q4f16_1 "$q4" q4f16_1-tuned "$tuned"
+            if [ "$PROFILE" = 1 ] && in_time "tuned kernel profile"; then
+                # Beside the untuned profile: which kernels the tuned choices made faster or slower.
+                MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \
+                    > "$logs/profile-7b-q4f16_1-tuned.json" 2> "$logs/profile-7b-q4f16_1-tuned.txt"
+                say "7B q4f16_1 tuned kernel profile (exit $?; decode rows):"
+                sed -n '/^  decode:/,/^  prefill:/p' "$logs/profile-7b-q4f16_1-tuned.txt" | grep -v '^  prefill:' \
+                    | head -12 | tee -a "$summary" >&2
+            fi
         else
             fail "7B q4f16_1: tuned build failed (logs/build-7b-q4f16_1-tuned.txt: $(tail -1 "$logs/build-7b-q4f16_1-tuned.txt"))"
         fi
