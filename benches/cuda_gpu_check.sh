@@ -35,10 +35,11 @@
 #                found: DRAM throughput, occupancy, warp stalls of one decode step's first
 #                NCU_KERNELS [5]; logs/ncu-decode-gemv.txt); transformers fp16 (HF [1],
 #                on the same config, benches/hf_transformers_bench.py; not gated); q0f16 (Q0F16
-#                [1]; skipped, saying so, without twice its weights of free disk); q4f16_1 after `mlcb build --tune on` (TUNE [1]);
-#                q4f16_1 for the vulkan preset through wgpu on the NVIDIA Vulkan driver
-#                (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not gated; VK_LOADER_DIR: a
-#                folder holding libvulkan.so.1 when the image has none).
+#                [1]; skipped, saying so, without twice its weights of free disk); q4f16_1 after
+#                `mlcb build --tune on` (TUNE [1]; every candidate's time in its build log, and
+#                its kernel profile); q4f16_1 for the vulkan preset through wgpu on the NVIDIA
+#                Vulkan driver (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not gated;
+#                VK_LOADER_DIR: a folder holding libvulkan.so.1 when the image has none).
 # NO_GPU_OK [0]: 1 runs the phases on a machine without a GPU (the cuda runs are then expected to
 #   fail with exit 3; used to check this script itself).
 #
