@@ -12,27 +12,20 @@ use crate::quant::scheme::Layout;
 /// The preset default for a signature whose kernel is `spec` (what an untuned build uses):
 /// decode GEMVs run 4 rows per block of 4 warps (128 threads cover the 128 16-byte chunks of a
 /// 4096-wide q4 row; each activation chunk is loaded once for the 4 rows), the tensor-core GEMV
-/// enough warps per block for [`GEMV_WARPS_PER_SM`] ([`gemv_mma_threads`]); decode attention
+/// one run of 16 rows per block and enough warps for [`GEMV_WARPS_PER_SM`]
+/// ([`gemv_mma_threads`]); decode attention
 /// splits each head's keys over [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
 pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
     if signature.contains("matmul") || signature.contains("logits") {
-        let threads_per_block = match spec {
+        // The tensor-core GEMV reads rows_per_block as its runs of mma rows: one.
+        let (threads_per_block, rows_per_block) = match spec {
             KernelSpec::Matmul {
                 m,
                 phase: Phase::Decode,
                 fusion,
                 ..
-            } if super::gemv_mma::fits(m) => gemv_mma_threads(m, fusion.silu_gate),
-            _ => 128,
-        };
-        // The tensor-core GEMV reads rows_per_block as its runs of mma rows: one.
-        let rows_per_block = match spec {
-            KernelSpec::Matmul {
-                m,
-                phase: Phase::Decode,
-                ..
-            } if super::gemv_mma::fits(m) => 1,
-            _ => 4,
+            } if super::gemv_mma::fits(m) => (gemv_mma_threads(m, fusion.silu_gate), 1),
+            _ => (128, 4),
         };
         CudaTuning {
             threads_per_block,
