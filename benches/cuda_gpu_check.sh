@@ -413,11 +413,14 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemv -c "$NCU_KERNELS" \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
                 --section LaunchStats --section WarpStateStats --section SchedulerStats \
+                --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum \
                 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len 2 --device cuda \
                 > "$logs/ncu-decode-gemv.txt" 2>&1
             say "ncu on the decode GEMVs: exit $? (logs/ncu-decode-gemv.txt):"
-            grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy' \
-                "$logs/ncu-decode-gemv.txt" | head -60 | tee -a "$summary" >&2
+            # L1 requests, sectors and wavefronts per kernel: row blocks (codegen::cuda::row_blocks)
+            # are meant to cut the global ones per weight byte ~3×.
+            grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy|l1tex__|smsp__inst_executed' \
+                "$logs/ncu-decode-gemv.txt" | head -90 | tee -a "$summary" >&2
         fi
     else
         fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""

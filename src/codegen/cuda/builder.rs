@@ -214,6 +214,7 @@ impl CudaBuilder {
             elem: elem.name().into(),
             write,
             name: name.into(),
+            row_blocks: None,
         });
     }
 
@@ -273,6 +274,19 @@ impl CudaBuilder {
             elem,
             name,
         );
+    }
+
+    /// A weight record the runtime uploads in row blocks ([`super::row_blocks`]).
+    pub fn weight_in_row_blocks(
+        &mut self,
+        op_field: &str,
+        record: usize,
+        elem: Elem,
+        name: &str,
+        layout: super::row_blocks::RowBlocks,
+    ) {
+        self.weight(op_field, record, elem, name);
+        self.args.last_mut().expect("just pushed").row_blocks = Some(layout);
     }
 
     /// A part of the op's state (`elem`: the KV cache's element; the RWKV state is f32).

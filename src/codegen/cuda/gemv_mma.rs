@@ -24,6 +24,10 @@
 //! prefill of f16 schemes share their numerics). The block's warps split K; the mma
 //! accumulators are the per-lane sums, and the warps' sums meet in shared memory in warp order
 //! (deterministic).
+//!
+//! Row-major matrices whose rows fill the 16-row tiles are on the device in row blocks
+//! ([`super::row_blocks`]): a warp step's codes are then one 512-byte piece per 16-byte load
+//! (8 rows × 4 groups) instead of 8 rows' 64-byte pieces, and its scales one 64-byte piece.
 
 use super::builder::CudaBuilder;
 use super::f16_ops::{f16_decodable, sym_f16_decoder, F16_OPS};
@@ -179,7 +183,32 @@ pub fn gemv_mma(
     // Group ch of row n: row-major, one 16-byte load for 4-bit codes, two for 8-bit; 4-bit
     // K-major, words 4ch … 4ch + 3 of column n, a row of words (W_N) apart — each a 32-byte run
     // across the 8 lanes of a word index.
+    let blocked = super::row_blocks::row_blocks(m).is_some();
+    b.const_bool("RUNS_EXACT", q.n_group % super::row_blocks::RUN_GROUPS == 0);
+    b.const_u32("WL", q.n_group % super::row_blocks::RUN_GROUPS);
+    // Where this lane's unit of a step's run is, relative to a whole run's `lane` (row blocks):
+    // the last run of a row holds fewer groups (WL), its rows closer together.
+    let mut pre_load = "";
     let (pointers, load, wstep, sstep) = match q.layout {
+        // Row blocks: the warp's run at step 0 is its index, the next step's NWARPS runs on;
+        // unit h of this lane's group in a whole run is h·32 + lane (one 512-byte load per h
+        // for the warp, one 64-byte one for the scales).
+        Layout::NK if blocked => {
+            pre_load = "const bool whole = RUNS_EXACT || cbase + (s0 + i) * STRIDE < CPR / 4u * 4u;
+            const int du = whole ? 0 : (int)(lr * WL + c) - (int)lane;
+            const unsigned lh = whole ? 32u : 8u * WL;";
+            (
+                "    const u64 rb0 = (u64)(row_n(0u) >> 3) * 8u * CPR, rb1 = (u64)(row_n(8u) >> 3) * 8u * CPR;
+    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + (rb0 + 32u * warp) * LPG + lane;
+    const uint4* p1 = reinterpret_cast<const uint4*>(w_q) + (rb1 + 32u * warp) * LPG + lane;
+    const unsigned short* q0 = w_s + rb0 + 32u * warp + lane;
+    const unsigned short* q1 = w_s + rb1 + 32u * warp + lane;",
+                "for (unsigned h = 0; h < LPG; ++h) v$[h * BATCH + i] = (p$ + du)[i * STRIDE * 8u * LPG + h * lh];
+                sc$[i] = (q$ + du)[i * STRIDE * 8u];",
+                "BATCH * STRIDE * 8u * LPG",
+                "BATCH * STRIDE * 8u",
+            )
+        }
         // A group is LPG 16-byte loads (v[i], then v[BATCH + i]).
         Layout::NK => (
             "    const uint4* p0 = reinterpret_cast<const uint4*>(w_q) + ((u64)row_n(lr) * CPR + cbase) * LPG;
@@ -299,6 +328,7 @@ pub fn gemv_mma(
         for (unsigned i = 0; i < BATCH; ++i) {{
             // Chunks past the row (only when the steps do not divide it) read nothing.
             const bool in = CHUNKS_EXACT || cbase + (s0 + i) * STRIDE < CPR;
+            {pre_load}
             sc0[i] = sc1[i] = 0;
             if (ok0 && in) {{ {load0} }}
             if (ok1 && in) {{ {load1} }}

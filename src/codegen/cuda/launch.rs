@@ -22,6 +22,8 @@
 //!   aligned): activations `[T, cols]` f32, weight records as stored (16-bit data as `u16`),
 //!   state parts (`k`, `v`: `[max_seq_len, n_kv_heads, head_dim]` of the arg's `elem`, f16 or
 //!   f32; `rwkv`: five `hidden` f32).
+//! - A weight argument with `row_blocks` is the record permuted into that layout
+//!   ([`super::row_blocks`]); every kernel reading the record declares the same.
 //! - A `scratch` argument (role "scratch", `bytes` long) is the kernel's own device workspace: the
 //!   runtime allocates it zeroed, once per session and kernel, and the kernel leaves it in a state
 //!   the next launch accepts (the split decode attention's counters return to zero).
@@ -68,6 +70,10 @@ pub struct Arg {
     pub write: bool,
     /// The C parameter name.
     pub name: String,
+    /// For weights: the record goes to the device in row blocks
+    /// ([`super::row_blocks::RowBlocks::permute`]), as every kernel reading it expects.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub row_blocks: Option<super::row_blocks::RowBlocks>,
 }
 
 /// What `scalar` and `index` carry.

@@ -290,22 +290,30 @@ const PREFETCH_BYTES: usize = 32 << 10;
 /// Under programmatic dependent launch the block becomes resident while the kernel before it
 /// finishes; its weights do not depend on that kernel, so their first bytes stream in during
 /// what would be the gap between the two. Nothing for K-major weights (a block's rows are short
-/// runs of many lines).
+/// runs of many lines). A matrix in row blocks ([`super::row_blocks`]) is prefetched by blocks of
+/// 8 rows, each contiguous from where row-major order would start its first row.
 pub(super) fn prefetch_rows(m: &MatrixSpec, rows: usize, silu_gate: bool, tiles: usize) -> String {
     let Some((ptr, row_bytes)) = super::weights::nk_rows(m) else {
         return String::new();
     };
-    let lines = row_bytes
+    // Prefetched pieces: rows, or blocks of 8 rows.
+    let per_piece = if super::row_blocks::row_blocks(m).is_some() {
+        super::row_blocks::BLOCK_ROWS
+    } else {
+        1
+    };
+    let pieces = rows.div_ceil(per_piece);
+    let lines = (row_bytes * per_piece)
         .div_ceil(128)
-        .min(PREFETCH_BYTES / 128 / rows)
+        .min(PREFETCH_BYTES / 128 / pieces)
         .max(1);
     let row_of = weight_row_of(silu_gate);
     format!(
         "    // Before waiting for the kernel before: the start of this block's weight rows into L2.
     for (unsigned tile = 0; tile < {tiles}u; ++tile) {{
         const unsigned n0 = (blockIdx.x * {tiles}u + tile) * RPB;
-        for (unsigned i = threadIdx.x; i < {rows}u * {lines}u; i += TPB) {{
-            const unsigned r = i / {lines}u;
+        for (unsigned i = threadIdx.x; i < {pieces}u * {lines}u; i += TPB) {{
+            const unsigned r = i / {lines}u * {per_piece}u;
             if (n0 + r % RPB >= OUT_N) continue;
             prefetch_l2(reinterpret_cast<const char*>({ptr}) + (u64)({row_of}) * {row_bytes}u + (i % {lines}u) * 128u);
         }}
@@ -323,6 +331,9 @@ fn gemv_nk(
     plus_bias: &str,
     fusion: Fusion,
 ) -> Result<(String, CudaLaunch), String> {
+    if super::row_blocks::row_blocks(m).is_some() {
+        return Err("the f32 decode GEMV reads row-major weights, but this matrix is in row blocks for the tensor-core one (an mlcb bug)".into());
+    }
     let rpb = b.tuning.rows_per_block;
     b.const_u32("RPB", rpb as usize);
     // Weight rows per block: with a silu gate, each output row needs its gate and its up row.

@@ -38,6 +38,7 @@ pub mod launch;
 mod matmul;
 mod norm;
 pub mod nvrtc;
+pub mod row_blocks;
 mod rwkv;
 pub mod tune_space;
 mod weights;

@@ -2,12 +2,14 @@
 //! `runtime::cpu::kernels::matrix` (word and scale indexing per layout, decoding per codec):
 //!
 //! - `w_at(n, k) -> float`: element `[n, k]` of the logical `[N, K]` matrix, decoded in f32.
+//! - records in row blocks ([`super::row_blocks`]) are addressed through `row_block_unit`.
 //! - quantized only: `w_word(n, w)` (storage word `w` along K of row `n`), `w_scale(n, g)` and
 //!   `w_min(n, g)` (group parameters; min is 0 for sym), `w_decode(q, s, mn)` (`(q - maxq)·s` or
 //!   `q·s + min`), plus the constants `W_BITS W_MASK W_GROUP W_PER_WORD W_WPG W_NG W_WPR`, and
 //!   `W_SYM` / `W_MAXQ` for the group-sum form `s·(Σq·x − maxq·Σx)` (sym) or `s·Σq·x + min·Σx`.
 
 use super::builder::{float_read, CudaBuilder, Elem};
+use super::row_blocks::{row_blocks, ROW_BLOCK_UNIT};
 use crate::codegen::wgsl::spec::{Codec, MatrixSpec, MatrixStorage};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
@@ -46,14 +48,22 @@ pub fn declare_matrix(b: &mut CudaBuilder, op_field: &str, m: &MatrixSpec) {
             b.const_u32("W_NG", q.n_group);
             b.const_u32("W_WPR", q.words_per_row);
             let words = if q.word16 { Elem::U16 } else { Elem::U32 };
-            b.weight(op_field, 0, words, "w_q");
-            let word_index = match q.layout {
-                Layout::NK => "(u64)n * W_WPR + w",
-                Layout::KN => "(u64)w * W_N + n",
-            };
-            let scale_index = match q.layout {
-                Layout::NK => "(u64)n * W_NG + g",
-                Layout::KN => "(u64)g * W_N + n",
+            let blocks = row_blocks(m);
+            match blocks {
+                Some((codes, _)) => b.weight_in_row_blocks(op_field, 0, words, "w_q", codes),
+                None => b.weight(op_field, 0, words, "w_q"),
+            }
+            let (word_index, scale_index) = match (q.layout, blocks) {
+                // Word w of row n: word w % 4 of 16-byte unit (w / 4) % U of group w / 4U.
+                (_, Some(_)) => {
+                    b.lambda(ROW_BLOCK_UNIT);
+                    (
+                        "row_block_unit(n, w / W_WPG, (w / 4u) % (W_WPG / 4u), W_NG, W_WPG / 4u) * 4u + (w & 3u)",
+                        "row_block_unit(n, g, 0u, W_NG, 1u)",
+                    )
+                }
+                (Layout::NK, None) => ("(u64)n * W_WPR + w", "(u64)n * W_NG + g"),
+                (Layout::KN, None) => ("(u64)w * W_N + n", "(u64)g * W_N + n"),
             };
             b.lambda(&format!(
                 "auto w_word = [&](unsigned n, unsigned w) -> unsigned {{ return (unsigned)w_q[{word_index}]; }};"
@@ -61,7 +71,12 @@ pub fn declare_matrix(b: &mut CudaBuilder, op_field: &str, m: &MatrixSpec) {
             match q.codec {
                 Codec::Sym { maxq, scale } => {
                     let elem = Elem::float(scale);
-                    b.weight(op_field, 1, elem, "w_s");
+                    match blocks {
+                        Some((_, scales)) => {
+                            b.weight_in_row_blocks(op_field, 1, elem, "w_s", scales)
+                        }
+                        None => b.weight(op_field, 1, elem, "w_s"),
+                    }
                     b.const_bool("W_SYM", true);
                     b.const_f32("W_MAXQ", maxq as f32);
                     b.lambda(&format!(

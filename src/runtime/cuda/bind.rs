@@ -4,6 +4,7 @@
 //! only looks up pointers.
 
 use crate::codegen::cuda::launch::CudaLaunch;
+use crate::codegen::cuda::row_blocks::RowBlocks;
 use crate::codegen::signature::op_signature;
 use crate::formats::model_lib::plan::{BufId, Op, Plan, ShiftSlot, StateDecl, StateId, WeightId};
 use anyhow::Result;
@@ -257,6 +258,65 @@ pub fn bind(
     })
 }
 
+/// How each weight record (`[weight][record]`) goes to the device: as stored (`None`) or in
+/// row blocks, as every kernel argument reading it declares (`Arg::row_blocks`); kernels that
+/// disagree, or a record whose size is not its layout's, make the library corrupt.
+pub fn weight_layouts(
+    plan: &Plan,
+    phases: &[&[Step]],
+    launches: &[&CudaLaunch],
+    records: &[Vec<usize>],
+) -> Result<Vec<Vec<Option<RowBlocks>>>> {
+    // Per record: unseen (None), or the layout its first reader declared.
+    let mut layouts: Vec<Vec<Option<Option<RowBlocks>>>> =
+        records.iter().map(|w| vec![None; w.len()]).collect();
+    for step in phases.iter().flat_map(|p| p.iter()) {
+        let launch = launches[step.kernel];
+        for (a, r) in launch.args.iter().zip(&step.args) {
+            let ArgRef::Weight(w, i) = *r else { continue };
+            let name = &plan.weights[w].records[i];
+            match &layouts[w][i] {
+                Some(l) if *l == a.row_blocks => {}
+                Some(_) => {
+                    return Err(crate::error::user(format!(
+                        "the library's kernels disagree on the device layout of weight record {name}; the library is corrupt or from another mlcb, rebuild it"
+                    )))
+                }
+                None => {
+                    if let Some(l) = a.row_blocks {
+                        if l.bytes() != records[w][i] {
+                            return Err(crate::error::user(format!(
+                                "weight record {name} has {} bytes, but the library's kernels read it as {l:?} ({} bytes); the library and the weights do not belong together, rebuild",
+                                records[w][i],
+                                l.bytes()
+                            )));
+                        }
+                    }
+                    layouts[w][i] = Some(a.row_blocks);
+                }
+            }
+        }
+    }
+    Ok(layouts
+        .into_iter()
+        .map(|w| w.into_iter().map(Option::flatten).collect())
+        .collect())
+}
+
+/// A record's bytes as they go to the device (see [`weight_layouts`]).
+pub fn device_bytes<'a>(
+    bytes: &'a [u8],
+    layout: Option<RowBlocks>,
+    name: &str,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    match layout {
+        None => Ok(std::borrow::Cow::Borrowed(bytes)),
+        Some(l) => l.permute(bytes).map(std::borrow::Cow::Owned).map_err(|e| {
+            crate::error::user(format!("weight record {name}: {e}; rebuild the library"))
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +399,62 @@ mod tests {
         // A library without the kernel names the target to rebuild for.
         let e = bind(&plan, &plan.decode[0], "decode", &HashMap::new(), "cpu").unwrap_err();
         assert!(e.to_string().contains("--target cuda"), "{e}");
+    }
+
+    /// The row-major q4 matrices of an f16 scheme go to the device in row blocks, as every
+    /// kernel reading them says; kernels that disagree on a record's layout, or a record of
+    /// another size than its layout's, are refused as a user error (rebuild).
+    #[test]
+    fn weight_layouts_agree_across_kernels_or_the_library_is_refused() {
+        let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+        let records = crate::codegen::cuda::tune_space::default_records(&plan);
+        let mut kernels = kernel_table(&plan, &records);
+        let layouts = |kernels: &HashMap<String, (usize, CudaLaunch)>, grow: usize| {
+            let prefill = bind_phase(&plan, &plan.prefill, "prefill", kernels, "cuda").unwrap();
+            let decode = bind_phase(&plan, &plan.decode, "decode", kernels, "cuda").unwrap();
+            let mut launches: Vec<(usize, &CudaLaunch)> =
+                kernels.values().map(|(i, l)| (*i, l)).collect();
+            launches.sort_by_key(|(i, _)| *i);
+            let launches: Vec<&CudaLaunch> = launches.into_iter().map(|(_, l)| l).collect();
+            // Record sizes as the layouts say (others are not checked).
+            let mut sizes: Vec<Vec<usize>> = plan
+                .weights
+                .iter()
+                .map(|w| vec![0; w.records.len()])
+                .collect();
+            for step in prefill.iter().chain(&decode) {
+                for (a, r) in launches[step.kernel].args.iter().zip(&step.args) {
+                    if let (ArgRef::Weight(w, i), Some(l)) = (*r, a.row_blocks) {
+                        sizes[w][i] = l.bytes() + grow;
+                    }
+                }
+            }
+            weight_layouts(&plan, &[&prefill, &decode], &launches, &sizes)
+        };
+        let ok = layouts(&kernels, 0).unwrap();
+        let in_blocks = ok.iter().flatten().filter(|l| l.is_some()).count();
+        // q, k, v (fused), o, gate/up, down and the head: codes and scales; not the norms.
+        assert!(in_blocks >= 4, "{ok:?}");
+        assert!(ok.iter().flatten().any(|l| l.is_none()));
+        let e = layouts(&kernels, 1).unwrap_err();
+        assert!(e.to_string().contains("do not belong together"), "{e}");
+        assert_eq!(crate::error::class_of(&e).exit_code(), 2);
+        let gemv = kernels
+            .iter_mut()
+            .find(|(s, (_, l))| {
+                s.starts_with("decode:matmul") && l.args.iter().any(|a| a.row_blocks.is_some())
+            })
+            .unwrap()
+            .1;
+        for a in &mut gemv.1.args {
+            a.row_blocks = None;
+        }
+        let e = layouts(&kernels, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("disagree on the device layout"),
+            "{e}"
+        );
+        assert_eq!(crate::error::class_of(&e).exit_code(), 2);
     }
 
     /// A library of an f16 scheme keeps `normed` in f16 in prefill (its rms_norm kernel writes

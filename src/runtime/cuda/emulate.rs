@@ -426,15 +426,33 @@ impl<'k> EmuSession<'k> {
                 }
             }
         }
+        let (prefill, decode) = (
+            steps(&plan.prefill, "prefill"),
+            steps(&plan.decode, "decode"),
+        );
+        let launches: Vec<&CudaLaunch> = k.kernels.iter().map(|k| &k.launch).collect();
+        let sizes: Vec<Vec<usize>> = records
+            .iter()
+            .map(|w| w.iter().map(|r| r.len()).collect())
+            .collect();
+        let layouts =
+            super::bind::weight_layouts(plan, &[&prefill, &decode], &launches, &sizes).unwrap();
+        let weights = records
+            .iter()
+            .zip(&layouts)
+            .map(|(w, l)| {
+                w.iter()
+                    .zip(l)
+                    .map(|(r, l)| Mem::from_bytes(&super::bind::device_bytes(r, *l, "").unwrap()))
+                    .collect()
+            })
+            .collect();
         EmuSession {
             plan: plan.clone(),
             k,
-            prefill: steps(&plan.prefill, "prefill"),
-            decode: steps(&plan.decode, "decode"),
-            weights: records
-                .iter()
-                .map(|w| w.iter().map(|r| Mem::from_bytes(r)).collect())
-                .collect(),
+            prefill,
+            decode,
+            weights,
             kv,
             rwkv,
             scratch: k
@@ -748,7 +766,7 @@ mod tests {
             let (plan, records, _) = fixture_plan(fx, arch, scheme);
             (format!("{fx} {scheme}"), plan, records)
         };
-        let (plan, records) = quant_plan("q4f16_1");
+        let (plan, records) = quant_plan("q4f16_1", (40, 70, 19));
         for (name, plan, records) in [
             fixture("tiny-llama", "llama", "q4f16_1"),
             fixture("tiny-neox", "gpt_neox", "q0f16"),
@@ -895,8 +913,7 @@ mod tests {
     /// matmul, gelu, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda
     /// target fuses it (gate/up with the norm and the silu gate, down with the gelu and the
     /// residual), prefill not.
-    fn quant_plan(scheme: &str) -> (Plan, Vec<Vec<Vec<u8>>>) {
-        let (v, h, f) = (40usize, 70usize, 19usize);
+    fn quant_plan(scheme: &str, (v, h, f): (usize, usize, usize)) -> (Plan, Vec<Vec<Vec<u8>>>) {
         use crate::quant::scheme::TensorRole;
         let (weights, records) = quantized_weights(
             scheme,
@@ -1026,9 +1043,11 @@ mod tests {
         for (scheme, n, k) in [
             ("q4f16_1", 256, 256),
             ("q4f16_1", 264, 208),
+            ("q4f16_1", 272, 224),
             ("q4f16_0", 256, 256),
             ("q4f16_0", 264, 200),
             ("q8f16_1", 256, 256),
+            ("q8f16_1", 272, 224),
             ("q8f16_0", 264, 200),
             ("q0f16", 256, 256),
             ("q0f16", 264, 204),
@@ -1069,20 +1088,25 @@ mod tests {
     /// [`f16_gemm_of_one_hot_rows_is_exact`] checks prefill: decoding token t gives logit
     /// `[c] = x[t] · W[c, t]`. Shapes: several batches of load steps that divide K exactly
     /// (2048: 64 chunks, 2 warps), K past the last step (200 at 128 threads: 7 chunks for 16
-    /// lanes per step), N past the last block (2056 and 264); the logits GEMV only (fusions
-    /// share the f32 GEMV's epilogue, covered by the fixture and matrix tests).
+    /// lanes per step), N past the last block (2064 at 4 tiles a block, 264); row-major
+    /// matrices whose rows fill 16-row tiles (2064, 272) in row blocks
+    /// (`codegen::cuda::row_blocks`), 272 × 200 with a ragged last run of groups; the logits
+    /// GEMV only (fusions share the f32 GEMV's epilogue, covered by the fixture and matrix
+    /// tests).
     #[test]
     fn f16_gemv_of_one_hot_rows_is_exact() {
         if !cxx_or_skip("f16_gemv_of_one_hot_rows_is_exact") {
             return;
         }
         for (scheme, n, k, threads, tokens) in [
-            ("q4f16_1", 2056, 2048, 64, &[0u32, 37, 1000, 2047][..]),
+            ("q4f16_1", 2064, 2048, 64, &[0u32, 37, 1000, 2047][..]),
             ("q4f16_1", 264, 200, 128, &[0, 5, 199][..]),
+            ("q4f16_1", 272, 200, 128, &[0, 5, 199][..]),
             ("q4f16_0", 2056, 2048, 64, &[0, 37, 1000, 2047][..]),
             ("q4f16_0", 264, 200, 128, &[0, 5, 199][..]),
-            ("q8f16_1", 2056, 2048, 64, &[0, 37, 1000, 2047][..]),
+            ("q8f16_1", 2064, 2048, 64, &[0, 37, 1000, 2047][..]),
             ("q8f16_1", 264, 200, 128, &[0, 5, 199][..]),
+            ("q8f16_1", 272, 200, 128, &[0, 5, 199][..]),
         ] {
             let (plan, records) = one_hot_plan(scheme, n, k);
             assert!(crate::codegen::cuda::f16_decode(&plan).unwrap());
@@ -1207,20 +1231,47 @@ mod tests {
         if !cxx_or_skip("quantized_matrices_of_every_scheme_match_the_cpu") {
             return;
         }
-        for s in crate::quant::scheme::SCHEMES {
-            let (plan, records) = quant_plan(s.name);
+        // Shapes: vocabulary, hidden, intermediate. The second gives the q4 and row-major q8
+        // matrices of f16 schemes rows in whole 16-row tiles, so they go to the device in row
+        // blocks (codegen::cuda::row_blocks): the embedding, the silu-gated matrix (8 gate and
+        // 8 up rows a tile) and the head over 7 groups (the last run of each row block
+        // ragged), the down projection over one.
+        let blocked = [("q4f16_1", (48, 224, 24)), ("q8f16_1", (48, 224, 24))];
+        let plans = crate::quant::scheme::SCHEMES
+            .iter()
+            .map(|s| (s.name, (40, 70, 19)))
+            .chain(blocked);
+        for (name, shape) in plans {
+            let (plan, records) = quant_plan(name, shape);
             // 67 rows: two 64-row tiles of the f32 schemes' GEMM, the second ragged (the f16
             // GEMM's 128-row tiles: `f16_gemm_of_one_hot_rows_is_exact`).
-            let ids: Vec<u32> = (0..67u32).map(|i| (i * 7 + 3) % 40).collect();
+            let ids: Vec<u32> = (0..67u32).map(|i| (i * 7 + 3) % shape.0 as u32).collect();
             // The default, and tune-space corners (codegen::cuda::tune_space): the fewest
             // threads with the most rows, and the most threads with few rows.
             // (No attention here: key splits do not apply.)
-            let tunings: &[(u32, u32, u32)] = match s.name {
+            let tunings: &[(u32, u32, u32)] = match name {
                 "q4f16_1" => &[(128, 4, 1), (64, 8, 1), (512, 2, 1)],
                 n if n.ends_with("_1") => &[(128, 4, 1), (64, 8, 1)],
                 _ => &[(128, 4, 1)],
             };
-            check_plan(&plan, &records, &ids, 3, tunings, 1e-5, s.name);
+            let what = format!("{name} {shape:?}");
+            let in_blocks = generate_plan(&plan, &tuning_records(&plan, (128, 4, 1)), "sm_80")
+                .unwrap()
+                .iter()
+                .flat_map(|k| k.launch.args.iter())
+                .filter(|a| a.row_blocks.is_some())
+                .count();
+            // Embedding, gate/up, down and head: two records each, read by prefill and decode.
+            let expected = if blocked.contains(&(name, shape)) {
+                16
+            } else {
+                0
+            };
+            assert_eq!(
+                in_blocks, expected,
+                "{what}: weight arguments in row blocks"
+            );
+            check_plan(&plan, &records, &ids, 3, tunings, 1e-5, &what);
         }
         let _ = DType::F32;
     }

@@ -12,7 +12,7 @@
 //! With `MLCB_CUDA_PROFILE=1` every kernel is launched on its own between two events and timed
 //! ([`super::profile`]); the table goes to stderr when the session ends.
 
-use super::bind::{bind_phase, ArgRef, Step};
+use super::bind::{bind_phase, device_bytes, weight_layouts, ArgRef, Step};
 use super::driver::{launch, Device, DeviceMem, Event, Graph, Kernel, Stream};
 use super::profile::{self, KernelProfile};
 use crate::codegen::cuda::launch::CudaLaunch;
@@ -99,7 +99,7 @@ impl CudaModel {
                 launch,
             });
         }
-        let kernels = kernels
+        let kernels: Vec<LoadedKernel> = kernels
             .into_iter()
             .map(|k| k.expect("every table entry loaded"))
             .collect();
@@ -118,14 +118,24 @@ impl CudaModel {
                 free as f64 / (1u64 << 30) as f64
             )));
         }
+        let launches: Vec<&CudaLaunch> = kernels.iter().map(|k| &k.launch).collect();
+        let sizes: Vec<Vec<usize>> = weights
+            .iter()
+            .map(|w| w.records.iter().map(|r| r.len()).collect())
+            .collect();
+        let layouts = weight_layouts(&plan, &[&prefill, &decode], &launches, &sizes)?;
         let weights = weights
             .iter()
             .zip(&plan.weights)
-            .map(|(w, d)| {
+            .zip(&layouts)
+            .map(|((w, d), l)| {
                 w.records
                     .iter()
                     .zip(&d.records)
-                    .map(|(bytes, name)| DeviceMem::from_bytes(bytes, name))
+                    .zip(l)
+                    .map(|((bytes, name), l)| {
+                        DeviceMem::from_bytes(&device_bytes(bytes, *l, name)?, name)
+                    })
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
