@@ -70,15 +70,25 @@ impl RowBlocks {
                 self.unit_bytes
             ));
         }
-        let ub = self.unit_bytes as usize;
+        use rayon::prelude::*;
+        let (ub, gs, us) = (
+            self.unit_bytes as usize,
+            self.groups as usize,
+            self.units as usize,
+        );
+        // A block of 8 rows is contiguous in both orders: blocks in parallel (a 7B model's
+        // records are gigabytes, permuted at every session start).
+        let block = BLOCK_ROWS * gs * us * ub;
         let mut out = vec![0u8; row_major.len()];
-        for (i, unit) in row_major.chunks_exact(ub).enumerate() {
-            let h = i % self.units as usize;
-            let g = i / self.units as usize % self.groups as usize;
-            let n = i / self.units as usize / self.groups as usize;
-            let p = self.position(n, g, h) * ub;
-            out[p..p + ub].copy_from_slice(unit);
-        }
+        out.par_chunks_mut(block)
+            .zip(row_major.par_chunks(block))
+            .for_each(|(dst, src)| {
+                for (i, unit) in src.chunks_exact(ub).enumerate() {
+                    let (h, g, r) = (i % us, i / us % gs, i / us / gs);
+                    let p = self.position(r, g, h) * ub;
+                    dst[p..p + ub].copy_from_slice(unit);
+                }
+            });
         Ok(out)
     }
 }
