@@ -16,6 +16,29 @@ pub fn dequantize_param(
     shape: &[usize],
     records: &[&[u8]],
 ) -> Result<Vec<f32>> {
+    decode(scheme, role, shape, records, true)
+}
+
+/// [`dequantize_param`] without the final rounding of sym values: `(q − maxq)·s` exactly (in
+/// f32 for f16 scales and codes up to 8 bits) — what a kernel that scales its sums of codes
+/// times activations in f32 applies (the CUDA decode GEMV over 4-bit codes).
+#[cfg(test)]
+pub(crate) fn sym_values_unrounded(
+    scheme: &QuantScheme,
+    role: TensorRole,
+    shape: &[usize],
+    records: &[&[u8]],
+) -> Result<Vec<f32>> {
+    decode(scheme, role, shape, records, false)
+}
+
+fn decode(
+    scheme: &QuantScheme,
+    role: TensorRole,
+    shape: &[usize],
+    records: &[&[u8]],
+    round: bool,
+) -> Result<Vec<f32>> {
     let numel = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -65,7 +88,8 @@ pub fn dequantize_param(
             for row in 0..n {
                 for p in 0..k {
                     let s = read_float(dtype, records[1], geo.scale_index(row, p / geo.group));
-                    out.push(round_to(dtype, (code(row, p) as f32 - maxq) * s));
+                    let v = (code(row, p) as f32 - maxq) * s;
+                    out.push(if round { round_to(dtype, v) } else { v });
                 }
             }
         }

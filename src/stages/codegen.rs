@@ -47,8 +47,10 @@ use std::collections::BTreeMap;
 /// epilogue (`fuse_for_cuda`), and may write f16. 21: the tensor-core decode GEMV runs its
 /// tuning's `rows_per_block` runs of 16 rows per block (`gemv_mma`). 22: it asks ptxas for 32
 /// warps per SM (64 registers). 23: cuda kernels read the row-major matrices of that GEMV in
-/// row blocks, which the runtime lays out as it uploads them (`codegen::cuda::row_blocks`).
-pub const VERSION: u32 = 23;
+/// row blocks, which the runtime lays out as it uploads them (`codegen::cuda::row_blocks`). 24:
+/// it feeds 4-bit codes to the mma biased and scales each group's sum in f32, at 80 registers,
+/// and its fused norm reads the row once where a thread holds at most one chunk.
+pub const VERSION: u32 = 24;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

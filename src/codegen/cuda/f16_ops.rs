@@ -67,6 +67,14 @@ __device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
 #endif
 // One f16 (its bits) as `pack_h2_sat` rounds it: how kernels store f16 activations.
 __device__ __forceinline__ unsigned short f2h_sat(float v) { return (unsigned short)(pack_h2_sat(v, 0.0f) & 0xFFFFu); }
+// The 8 f16 values of 4 pairs summed in f32, in a fixed order.
+__device__ __forceinline__ float pair_sum(uint4 p) {
+    const unsigned u[4] = {p.x, p.y, p.z, p.w};
+    float s = 0.0f;
+    #pragma unroll
+    for (unsigned i = 0; i < 4u; ++i) s += h2f((unsigned short)(u[i] & 0xFFFFu)) + h2f((unsigned short)(u[i] >> 16));
+    return s;
+}
 // (a & b) | c: LUT (0xF0 & 0xCC) | 0xAA.
 __device__ __forceinline__ unsigned and_or(unsigned a, unsigned b, unsigned c) { return lop3<0xEAu>(a, b, c); }
 "#;
@@ -112,6 +120,14 @@ pub fn sym_f16_decoder(q: &QuantSpec, maxq: u32) -> String {
     h[1] = hmul2(hfma2(and_or(w, 0x00F000F0u, 0x64006400u), {sixteenth}, {hi_bias}), s2);
     h[2] = hmul2(hsub2(and_or(w8, 0x000F000Fu, 0x64006400u), {lo_bias}), s2);
     h[3] = hmul2(hfma2(and_or(w8, 0x00F000F0u, 0x64006400u), {sixteenth}, {hi_bias}), s2);
+}}
+// The same pairs, biased and unscaled: `1024 + 16q` (each code under the mantissa's top nibble,
+// one LOP3 a pair: no subtraction, no scale; the decode GEMV's order, see `gemv_mma`).
+__device__ __forceinline__ void dq_biased(unsigned w, unsigned* h) {{
+    h[0] = and_or(w << 4, 0x00F000F0u, 0x64006400u);
+    h[1] = and_or(w, 0x00F000F0u, 0x64006400u);
+    h[2] = and_or(w >> 4, 0x00F000F0u, 0x64006400u);
+    h[3] = and_or(w >> 8, 0x00F000F0u, 0x64006400u);
 }}
 __device__ __forceinline__ void dq_word(unsigned w, unsigned s2, unsigned* h) {{
     unsigned p[4];

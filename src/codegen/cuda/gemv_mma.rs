@@ -6,10 +6,11 @@
 //! the issue limit of 4 warp-instructions per clock. The f32 GEMV (`matmul::gemv_nk`) spends
 //! ~14 per byte on 4-bit codes (shift, mask, a quarter-rate integer-to-float conversion and an
 //! fma per weight; Llama-2-7B's q4f16_1 kernels, sm_90 SASS), capping decode near half the
-//! bandwidth, and `gemv_kn` (q4f16_0) ~27. Here a weight costs ~2: codes are decoded two at a
-//! time into f16 ([`super::f16_ops`]) and the products and sums are `mma.sync.m16n8k16`
-//! (`benches/cuda_sass_profile.sh`: ~4.4 instructions per byte for both layouts; 8-bit codes
-//! ~2.3, where the f32 GEMV spent ~6).
+//! bandwidth, and `gemv_kn` (q4f16_0) ~27. Here codes are decoded two at a time into f16
+//! ([`super::f16_ops`]) and the products and sums are `mma.sync.m16n8k16`
+//! (`benches/cuda_sass_profile.sh`, sm_90: ~3.0–3.5 instructions per byte for 4-bit codes,
+//! ~4.2–4.4 when they were decoded to scaled values; 8-bit codes ~2.3, where the f32 GEMV spent
+//! ~6).
 //!
 //! How: a warp's mma multiplies 16 weight rows (A: lane `lr = lane / 4` decodes rows `lr` and
 //! `lr + 8` of the block's, each one group of 32 codes — 4-bit: 4 words, one 16-byte load
@@ -20,10 +21,14 @@
 //! mma is free as long as both operands use it: the weights stay in the pair order the decoder
 //! produces (`(v0, v4) (v1, v5) …` per 4-bit word, `(v0, v1) (v2, v3)` per 8-bit one), and the
 //! activation is staged once per block in shared memory as f16 pairs in that same order, after
-//! the fused RMS norm if any (rounded as the prefill GEMM rounds its operands, so decode and
-//! prefill of f16 schemes share their numerics). The block's warps split K; the mma
-//! accumulators are the per-lane sums, and the warps' sums meet in shared memory in warp order
-//! (deterministic).
+//! the fused RMS norm if any (rounded as the prefill GEMM rounds its operands). 8-bit codes are
+//! decoded to their f16 values `(q − maxq)·s` as the GEMM decodes them; 4-bit codes enter the
+//! mma biased and unscaled (`1024 + 16q`: one instruction a pair instead of three), each lane's
+//! group sum is kept apart in its own column of the result, and the scale and bias are applied
+//! to it in f32 — exact products, the scale rounded once per group rather than per weight, so
+//! 4-bit decode is a little closer to the f32 reference than prefill. The block's warps split K;
+//! per-lane sums meet over a row's 4 lanes by shuffles, then the warps' in shared memory in warp
+//! order (deterministic).
 //!
 //! Row-major matrices whose rows fill the 16-row tiles are on the device in row blocks
 //! ([`super::row_blocks`]): a warp step's codes are then one 512-byte piece per 16-byte load
@@ -50,7 +55,7 @@ pub fn rows_per_block(silu_gate: bool) -> usize {
         ROWS
     }
 }
-/// Warp steps whose loads are issued together.
+/// Warp steps whose loads are issued together (8-bit codes: half as many).
 const BATCH: usize = 4;
 /// The most staged activation chunks (64 bytes of f16 each) a block may hold: 40 KiB of shared
 /// memory.
@@ -131,15 +136,26 @@ pub fn gemv_mma(
         "#pragma unroll
         for (unsigned i = 0; i < 32u; ++i) v[i] = k0 + i < W_K ? xr[k0 + i] : 0.0f;"
     };
+    // With a fused norm and at most one 32-value chunk per thread, each thread keeps its chunk
+    // in registers between the sum of squares and the scaling: the f32 row is read once, one
+    // L2 round trip before the block's weights instead of two (Nsight Compute on an H200: the
+    // two passes and the norm weights were 40 KB of a gate/up block's L1 traffic, its weights
+    // 32 KB).
+    let one_pass = fusion.rms_norm.is_some() && q.n_group <= b.tuning.threads_per_block as usize;
     let (norm, scale_x) = match fusion.rms_norm {
         Some(dtype) => {
-            let ss = if m.k % 4 == 0 {
+            let ss = if one_pass {
+                // Summed after the chunk is loaded (below): nothing to read here.
+                String::new()
+            } else if m.k % 4 == 0 {
                 "for (unsigned i = threadIdx.x; i < W_K / 4u; i += TPB) {
         const float4 f = reinterpret_cast<const float4*>(xr)[i];
         ss = fmaf(f.x, f.x, fmaf(f.y, f.y, fmaf(f.z, f.z, fmaf(f.w, f.w, ss))));
     }"
+                .to_string()
             } else {
                 "for (unsigned k = threadIdx.x; k < W_K; k += TPB) ss = fmaf(xr[k], xr[k], ss);"
+                    .to_string()
             };
             // A whole chunk's f16 norm weights in four 16-byte loads where rows allow.
             let full = if dtype == DType::F16 && m.k % 8 == 0 {
@@ -155,20 +171,38 @@ pub fn gemv_mma(
                 "#pragma unroll
             for (unsigned i = 0; i < 32u; ++i) v[i] = v[i] * rs * g_at(k0 + i);"
             };
-            (
-                format!(
-                    "    __shared__ float ss_sh[NWARPS];
-    float ss = 0.0f;
-    {ss}
-    ss = warp_sum(ss);
+            let reduce = "ss = warp_sum(ss);
     if (lane == 0u) ss_sh[warp] = ss;
     __syncthreads();
     float ss_total = 0.0f;
     for (unsigned w = 0; w < NWARPS; ++w) ss_total += ss_sh[w];
-    const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);"
-                ),
+    const float rs = 1.0f / sqrtf(ss_total / (float)W_K + scalar);";
+            let (norm, reduce_in_chunk) = if one_pass {
+                (
+                    "    __shared__ float ss_sh[NWARPS];".to_string(),
+                    format!(
+                        "float ss = 0.0f;
+        #pragma unroll
+        for (unsigned i = 0; i < 32u; ++i) ss = fmaf(v[i], v[i], ss);
+        {reduce}"
+                    ),
+                )
+            } else {
+                (
+                    format!(
+                        "    __shared__ float ss_sh[NWARPS];
+    float ss = 0.0f;
+    {ss}
+    {reduce}"
+                    ),
+                    String::new(),
+                )
+            };
+            (
+                norm,
                 format!(
-                    "if (k0 + 32u <= W_K) {{
+                    "{reduce_in_chunk}
+        if (k0 + 32u <= W_K) {{
             {full}
         }} else {{
             #pragma unroll
@@ -238,7 +272,8 @@ pub fn gemv_mma(
     // 4-bit word gives 4 pairs (two mma, with the 4 staged pairs of its uint4); an 8-bit word 2
     // (one mma; a staged uint4 holds two words' pairs).
     let products = if wide {
-        "            const uint4 w0[2] = {v0[i], v0[BATCH + i]}, w1[2] = {v1[i], v1[BATCH + i]};
+        "            const unsigned s20 = (unsigned)sc0[i] * 0x10001u, s21 = (unsigned)sc1[i] * 0x10001u;
+            const uint4 w0[2] = {v0[i], v0[BATCH + i]}, w1[2] = {v1[i], v1[BATCH + i]};
             #pragma unroll
             for (unsigned j = 0; j < 4u; ++j) {
                 const uint4 xa = xc[j ^ c];
@@ -255,19 +290,56 @@ pub fn gemv_mma(
                 }
             }"
     } else {
+        // 4-bit: the codes go to the mma as they are, biased (`1024 + 16q`, one LOP3 a pair),
+        // and each group's sums are scaled after it, in f32. For that a step's mma must not
+        // add the 4 lanes' groups together: column n of B holds the activation only in the K
+        // slots of lane column n / 2 (the lanes with c = lr / 2 supply theirs, the others
+        // zeros), so lane c finds its own group's sums in its column 2c: C[lr][2c] (c4[0]) and
+        // C[lr + 8][2c] (c4[2]). Then `Σ(q − maxq)·x = Σ(1024 + 16q)·x / 16 − (64 + maxq)·Σx`:
+        // the products are exact in f32 and the bias costs ~6 of its 24 bits.
         "            const unsigned u0[4] = {v0[i].x, v0[i].y, v0[i].z, v0[i].w};
             const unsigned u1[4] = {v1[i].x, v1[i].y, v1[i].z, v1[i].w};
+            const uint4* xl = c == (lr >> 1) ? xc : xp + 4u * CPR;
+            float c4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             #pragma unroll
             for (unsigned w = 0; w < 4u; ++w) {
                 unsigned p[4], q[4];
-                dq_pairs(u0[w], s20, p);
-                dq_pairs(u1[w], s21, q);
-                const uint4 xa = xc[w ^ c];
+                dq_biased(u0[w], p);
+                dq_biased(u1[w], q);
+                const uint4 xa = xl[w ^ c];
                 const unsigned xb[4] = {xa.x, xa.y, xa.z, xa.w};
                 const unsigned lo[4] = {p[0], q[0], p[1], q[1]}, hi[4] = {p[2], q[2], p[3], q[3]};
-                mma_f16(acc, lo, xb);
-                mma_f16(acc, hi, xb + 2);
-            }"
+                mma_f16(c4, lo, xb);
+                mma_f16(c4, hi, xb + 2);
+            }
+            const float sx = xsum[CHUNKS_EXACT || ch < CPR ? ch : 0u];
+            acc[0] = fmaf(h2f(sc0[i]), fmaf(-W_BIAS16, sx, c4[0] * 0.0625f), acc[0]);
+            acc[2] = fmaf(h2f(sc1[i]), fmaf(-W_BIAS16, sx, c4[2] * 0.0625f), acc[2]);"
+    };
+    if !wide {
+        b.const_f32("W_BIAS16", 64.0 + maxq as f32);
+    }
+    // Where the 4-bit sums of a lane's groups meet: over the 4 lanes of a row (its 4 groups of
+    // each step), in a fixed order. (8-bit: the mma already summed them.)
+    let lane_sum = if wide {
+        ""
+    } else {
+        "#pragma unroll
+    for (unsigned o = 1u; o < 4u; o <<= 1) {
+        acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+        acc[2] += __shfl_xor_sync(0xffffffffu, acc[2], o);
+    }"
+    };
+    // 4-bit: each chunk's sum of its staged (f16) values, for the bias above.
+    let (sum_decl, sum_init, sum_add, sum_store) = if wide {
+        ("", "", "", "")
+    } else {
+        (
+            "__shared__ float xsum[CPR];",
+            "float sx = 0.0f;",
+            "sx += pair_sum(pr);",
+            "xsum[ch] = sx;",
+        )
     };
     // How a chunk's 32 staged values pair up: in the 4-bit decoder's order (v0, v4) (v1, v5) …
     // per word, or in K order for 8-bit codes.
@@ -279,26 +351,42 @@ pub fn gemv_mma(
                                           pack_h2_sat(v[8 * w + 2], v[8 * w + 6]), pack_h2_sat(v[8 * w + 3], v[8 * w + 7])}"
     };
     let store = store("out_val(r)", "out_val(r + RPB)");
+    let stage_loop = if one_pass {
+        // Every thread its one chunk (past the row: zeros, for the block's sum of squares).
+        "for (unsigned ch = threadIdx.x, once = 1u; once; once = 0u)"
+    } else {
+        "for (unsigned ch = threadIdx.x; ch < CPR; ch += TPB)"
+    };
     let body = format!(
         "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
     // 32ch + 8w + 0..7) as (0, 4) (1, 5) (2, 6) (3, 7), at [ch][w ^ (ch % 4)] so the 4 chunks
     // a quarter-warp reads lie in distinct banks. Values past K are zero.
-    __shared__ uint4 xh[CPR][4];
+    // Chunk CPR is zeros (the activation of lanes that supply none, 4-bit).
+    __shared__ uint4 xh[CPR + 1][4];
+    {sum_decl}
     __shared__ float part[NWARPS][{rows}];
     const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const unsigned t = blockIdx.y;
     if (t >= ROWS) return;
     const float* xr = x + (u64)(ROW0 + t) * W_K;
 {norm}
-    for (unsigned ch = threadIdx.x; ch < CPR; ch += TPB) {{
+    {stage_loop} {{
         const unsigned k0 = ch * 32u;
         float v[32];
         {x_chunk}
         {scale_x}
-        #pragma unroll
-        for (unsigned w = 0; w < 4u; ++w)
-            xh[ch][w ^ (ch & 3u)] = {x_pairs};
+        if (ch < CPR) {{
+            {sum_init}
+            #pragma unroll
+            for (unsigned w = 0; w < 4u; ++w) {{
+                const uint4 pr = {x_pairs};
+                xh[ch][w ^ (ch & 3u)] = pr;
+                {sum_add}
+            }}
+            {sum_store}
+        }}
     }}
+    if (threadIdx.x < 4u) xh[CPR][threadIdx.x] = uint4{{0u, 0u, 0u, 0u}};
     __syncthreads();
     // This lane: weight rows lr and lr + 8 of the tile's (`g` is the norm weight), chunk c
     // of each warp step's 4.
@@ -322,8 +410,11 @@ pub fn gemv_mma(
     for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
         uint4 v0[LPG * BATCH], v1[LPG * BATCH];
         unsigned short sc0[BATCH], sc1[BATCH];
-        #pragma unroll
-        for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
+        // Zeros where a load may be skipped (ragged rows or chunks) — only then: registers.
+        if (!(ROWS_EXACT && CHUNKS_EXACT)) {{
+            #pragma unroll
+            for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
+        }}
         #pragma unroll
         for (unsigned i = 0; i < BATCH; ++i) {{
             // Chunks past the row (only when the steps do not divide it) read nothing.
@@ -338,12 +429,12 @@ pub fn gemv_mma(
             // Past the last chunk the weights are zero: any staged (finite) activation will do.
             const unsigned ch = cbase + (s0 + i) * STRIDE;
             const uint4* xc = xp + 4u * (CHUNKS_EXACT || ch < CPR ? ch : 0u);
-            const unsigned s20 = (unsigned)sc0[i] * 0x10001u, s21 = (unsigned)sc1[i] * 0x10001u;
 {products}
         }}
         p0 += {wstep}; p1 += {wstep}; q0 += {sstep}; q1 += {sstep};
     }}
-    // Every column of the result is the same: rows lr (c0) and lr + 8 (c2) from lanes c = 0.
+    {lane_sum}
+    // Rows lr (c0) and lr + 8 (c2) from lanes c = 0.
     if (c == 0u) {{ part[warp][lr] = acc[0]; part[warp][lr + 8u] = acc[2]; }}
     __syncthreads();
     auto out_val = [&](unsigned r) -> float {{
@@ -376,7 +467,13 @@ pub fn gemv_mma(
     // loop has 2% more instructions and no spills on sm_90 (sm_80: one 8-byte spill in the
     // loop of the 256-thread down projection). Left alone, ptxas gives this kernel 48
     // registers and spills in the loop.
-    b.min_blocks = Some((1024 / tpb).max(1));
+    //
+    // 4-bit codes (biased, their group sums scaled per step) hold more registers: at 64, sm_90
+    // spilled 24–64 bytes inside the loop (Llama-2-7B shapes, `benches/cuda_sass_profile.sh`;
+    // 3 steps a batch instead of 4 still spilled, and no longer divided K's steps), so they get
+    // 80 (24 warps per SM, the occupancy measured before the bound).
+    let warps_per_sm = if wide { 1024 } else { 768 };
+    b.min_blocks = Some((warps_per_sm / tpb).max(1));
     b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate, tiles);
     let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
     b.finish(&helpers, &body, tpb, grid)

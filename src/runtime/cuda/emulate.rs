@@ -1110,7 +1110,21 @@ mod tests {
         ] {
             let (plan, records) = one_hot_plan(scheme, n, k);
             assert!(crate::codegen::cuda::f16_decode(&plan).unwrap());
-            let (e, w) = one_hot_values(scheme, &records, n, k);
+            let (e, mut w) = one_hot_values(scheme, &records, n, k);
+            // 4-bit codes: the GEMV scales each group's sum in f32, so a weight counts as
+            // `(q − maxq)·s` exactly (not rounded to f16), and the one product with the token's
+            // activation is rounded once.
+            if scheme.starts_with("q4") {
+                let s = crate::quant::scheme::scheme(scheme).unwrap();
+                let recs: Vec<&[u8]> = records[1].iter().map(|r| r.as_slice()).collect();
+                w = crate::quant::sym_values_unrounded(
+                    s,
+                    crate::quant::scheme::TensorRole::LmHead,
+                    &[n, k],
+                    &recs,
+                )
+                .unwrap();
+            }
             let kernels = EmuKernels::compile(
                 generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), "sm_80").unwrap(),
             );
@@ -1236,7 +1250,13 @@ mod tests {
         // blocks (codegen::cuda::row_blocks): the embedding, the silu-gated matrix (8 gate and
         // 8 up rows a tile) and the head over 7 groups (the last run of each row block
         // ragged), the down projection over one.
-        let blocked = [("q4f16_1", (48, 224, 24)), ("q8f16_1", (48, 224, 24))];
+        // The third: 65 groups per row, more than 64 threads' chunks, so the fused norm reads
+        // the row twice there (sum of squares, then staging) and once at 128 and 512 threads.
+        let blocked = [
+            ("q4f16_1", (48, 224, 24)),
+            ("q8f16_1", (48, 224, 24)),
+            ("q4f16_1", (48, 2080, 24)),
+        ];
         let plans = crate::quant::scheme::SCHEMES
             .iter()
             .map(|s| (s.name, (40, 70, 19)))
