@@ -33,8 +33,9 @@ use std::path::Path;
 /// arch change rebuilds codegen only; measured records come in a pinned tuning file). 3: cuda
 /// records carry `kv_splits` (decode attention's default is 8 blocks per head). 4: the default
 /// threads of a cuda tensor-core decode GEMV follow its grid (`tune_space::gemv_mma_threads`).
-/// 5: its default `rows_per_block` is 1 (its runs of 16 rows per block, now a knob).
-pub const VERSION: u32 = 5;
+/// 5: its default `rows_per_block` is 1 (its runs of 16 rows per block, now a knob). 6: 2 where
+/// one run per block would take more than a wave of blocks (`tune_space::gemv_mma_runs`).
+pub const VERSION: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningRecords {

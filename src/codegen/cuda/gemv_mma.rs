@@ -81,6 +81,15 @@ pub fn fits(m: &MatrixSpec) -> bool {
         && q.n_group <= MAX_STAGED_CHUNKS
 }
 
+/// Warps per SM the GEMV over `m` asks ptxas to fit (its register bound, see `gemv_mma`): 32
+/// (64 registers) for 8-bit codes, 24 (80 registers) for 4-bit ones.
+pub fn warps_per_sm(m: &MatrixSpec) -> usize {
+    match m.storage {
+        MatrixStorage::Quant(q) if q.bits == 8 => 32,
+        _ => 24,
+    }
+}
+
 /// The GEMV (`fits(m)`); the caller declared `x`, the norm weight `g` (with a fused norm), the
 /// weight, the bias, the residual and `y`, and the constants `OUT_N`, `NWARPS`, `TPB`.
 pub fn gemv_mma(
@@ -472,8 +481,7 @@ pub fn gemv_mma(
     // spilled 24–64 bytes inside the loop (Llama-2-7B shapes, `benches/cuda_sass_profile.sh`;
     // 3 steps a batch instead of 4 still spilled, and no longer divided K's steps), so they get
     // 80 (24 warps per SM, the occupancy measured before the bound).
-    let warps_per_sm = if wide { 1024 } else { 768 };
-    b.min_blocks = Some((warps_per_sm / tpb).max(1));
+    b.min_blocks = Some((warps_per_sm(m) as u32 * 32 / tpb).max(1));
     b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate, tiles);
     let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
     b.finish(&helpers, &body, tpb, grid)

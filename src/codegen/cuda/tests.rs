@@ -447,17 +447,19 @@ fn tensor_core_gemv_takes_q4_rows_of_f16_schemes() {
 #[test]
 fn untuned_tensor_core_gemvs_fill_the_gpu() {
     let sig = "decode:matmul[x]";
-    for (scheme, n, k, silu, threads) in [
-        ("q4f16_1", 4096, 4096, false, 256),
-        ("q4f16_1", 4096, 11008, false, 256),
-        ("q4f16_1", 12288, 4096, false, 128),
-        ("q4f16_1", 22016, 4096, true, 128),
-        ("q4f16_1", 32000, 4096, false, 128),
-        ("q4f16_1", 256, 64, false, 128),
-        ("q4f16_0", 4096, 4096, false, 256),
-        ("q8f16_1", 4096, 4096, false, 256),
-        ("q4f32_1", 4096, 4096, false, 128),
-        ("q0f16", 4096, 4096, false, 128),
+    // Runs of mma rows: 2 where one wave of blocks (132 SMs × 6 blocks of 4 warps, 4-bit) does
+    // not hold the grid (gate/up: 1376 blocks; the head: 2000), else 1 (qkv: 768).
+    for (scheme, n, k, silu, threads, runs) in [
+        ("q4f16_1", 4096, 4096, false, 256, 1),
+        ("q4f16_1", 4096, 11008, false, 256, 1),
+        ("q4f16_1", 12288, 4096, false, 128, 1),
+        ("q4f16_1", 22016, 4096, true, 128, 2),
+        ("q4f16_1", 32000, 4096, false, 128, 2),
+        ("q4f16_1", 256, 64, false, 128, 1),
+        ("q4f16_0", 4096, 4096, false, 256, 1),
+        ("q8f16_1", 4096, 4096, false, 256, 1),
+        ("q4f32_1", 4096, 4096, false, 128, 4),
+        ("q0f16", 4096, 4096, false, 128, 4),
     ] {
         let mut spec = linear_matmul(scheme, n, k, Phase::Decode);
         if let KernelSpec::Matmul { fusion, .. } = &mut spec {
@@ -465,6 +467,7 @@ fn untuned_tensor_core_gemvs_fill_the_gpu() {
         }
         let t = super::tune_space::default_for(sig, &spec);
         assert_eq!(t.threads_per_block, threads, "{scheme} [{n}, {k}]");
+        assert_eq!(t.rows_per_block, runs, "{scheme} [{n}, {k}]");
         assert!(super::tune_space::candidates(sig, &spec).contains(&t));
     }
 }

@@ -17,14 +17,17 @@ use crate::quant::scheme::Layout;
 /// splits each head's keys over [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
 pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
     if signature.contains("matmul") || signature.contains("logits") {
-        // The tensor-core GEMV reads rows_per_block as its runs of mma rows: one.
+        // The tensor-core GEMV reads rows_per_block as its runs of mma rows.
         let (threads_per_block, rows_per_block) = match spec {
             KernelSpec::Matmul {
                 m,
                 phase: Phase::Decode,
                 fusion,
                 ..
-            } if super::gemv_mma::fits(m) => (gemv_mma_threads(m, fusion.silu_gate), 1),
+            } if super::gemv_mma::fits(m) => {
+                let threads = gemv_mma_threads(m, fusion.silu_gate);
+                (threads, gemv_mma_runs(m, fusion.silu_gate, threads))
+            }
             _ => (128, 4),
         };
         CudaTuning {
@@ -71,6 +74,26 @@ pub fn gemv_mma_threads(m: &crate::codegen::wgsl::spec::MatrixSpec, silu_gate: b
     let cap = 1usize << (usize::BITS - 1 - work.leading_zeros());
     let warps = want.next_power_of_two().min(16).min(cap);
     (warps.max(4) as u32) * 32
+}
+
+/// Runs of mma rows per block of an untuned tensor-core GEMV: 2 where one per block would take
+/// more than one wave of blocks on a GPU of [`TYPICAL_SMS`] SMs (as many as its register bound
+/// lets in, [`super::gemv_mma::warps_per_sm`]), else 1. On an H200 Llama-2-7B's gate/up GEMV
+/// (1376 blocks of 4 warps, 1.74 waves at 24 warps per SM) ran in 27.98 µs with 2 runs and
+/// 31.11 with 1 (the tune stage's timings, cold L2): the second, partial wave left SMs idle.
+pub fn gemv_mma_runs(
+    m: &crate::codegen::wgsl::spec::MatrixSpec,
+    silu_gate: bool,
+    threads: u32,
+) -> u32 {
+    use super::gemv_mma::rows_per_block;
+    let blocks = (if silu_gate { m.n / 2 } else { m.n }).div_ceil(rows_per_block(silu_gate));
+    let per_sm = (super::gemv_mma::warps_per_sm(m) / (threads as usize / 32)).max(1);
+    if blocks > TYPICAL_SMS * per_sm {
+        2
+    } else {
+        1
+    }
 }
 
 /// Which candidate space this is, part of the tuning database's key: a record measured over
