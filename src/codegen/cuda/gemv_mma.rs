@@ -15,8 +15,8 @@
 //! How: a warp's mma multiplies 16 weight rows (A: lane `lr = lane / 4` decodes rows `lr` and
 //! `lr + 8` of the block's, each one group of 32 codes — 4-bit: 4 words, one 16-byte load
 //! row-major, 4 word loads a row of words apart K-major; 8-bit: 8 words, two 16-byte loads — at
-//! group `c = lane % 4` of the warp's 4) by the activation (B: every one of its 8 columns, so
-//! every column of the result holds the 16 dot products). Decoded pairs land in the A registers
+//! group `c = lane % 4` of the warp's 4) by the activation (B: 8-bit codes, every one of its 8
+//! columns, so every column of the result holds the 16 dot products; 4-bit codes, see below). Decoded pairs land in the A registers
 //! and staged activation pairs in the B registers as they are: no moves. The K order inside an
 //! mma is free as long as both operands use it: the weights stay in the pair order the decoder
 //! produces (`(v0, v4) (v1, v5) …` per 4-bit word, `(v0, v1) (v2, v3)` per 8-bit one), and the
