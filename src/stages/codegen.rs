@@ -49,8 +49,10 @@ use std::collections::BTreeMap;
 /// warps per SM (64 registers). 23: cuda kernels read the row-major matrices of that GEMV in
 /// row blocks, which the runtime lays out as it uploads them (`codegen::cuda::row_blocks`). 24:
 /// it feeds 4-bit codes to the mma biased and scales each group's sum in f32, at 80 registers,
-/// and its fused norm reads the row once where a thread holds at most one chunk.
-pub const VERSION: u32 = 24;
+/// and its fused norm reads the row once where a thread holds at most one chunk. 25: the prefill
+/// GEMM finds words and scales through `w_word_index`/`w_scale_index` (the same addresses, other
+/// PTX text).
+pub const VERSION: u32 = 25;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

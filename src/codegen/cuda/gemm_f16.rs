@@ -132,20 +132,13 @@ fn sym_f16_staging(m: &MatrixSpec, q: &QuantSpec, edges: &Edges) -> Option<Weigh
         ),
     };
     let (map, load) = match q.layout {
-        // Row blocks ([`super::row_blocks`]): a unit of uw words lies inside one 16-byte unit.
-        Layout::NK if super::row_blocks::row_blocks(m).is_some() => (
-            nk_map(vpu),
-            format!(
-                "const unsigned w = (k0 + kk) / W_PER_WORD;
-                wr_v[j] = reinterpret_cast<const {vec}*>(w_q)[(row_block_unit(n, w / W_WPG, (w / 4u) % (W_WPG / 4u), W_NG, W_WPG / 4u) * 4u + (w & 3u)) / {uw}u];
-                wr_s[j] = w_s[row_block_unit(n, (k0 + kk) / W_GROUP, 0u, W_NG, 1u)];"
-            ),
-        ),
+        // `w_word_index` is also right for row blocks ([`super::row_blocks`]): a unit of uw
+        // words lies inside one 16-byte unit.
         Layout::NK => (
             nk_map(vpu),
             format!(
-                "wr_v[j] = reinterpret_cast<const {vec}*>(w_q)[((u64)n * W_WPR + (k0 + kk) / W_PER_WORD) / {uw}u];
-                wr_s[j] = w_s[(u64)n * W_NG + (k0 + kk) / W_GROUP];"
+                "wr_v[j] = reinterpret_cast<const {vec}*>(w_q)[w_word_index(n, (k0 + kk) / W_PER_WORD) / {uw}u];
+                wr_s[j] = w_s[w_scale_index(n, (k0 + kk) / W_GROUP)];"
             ),
         ),
         Layout::KN => (
@@ -234,7 +227,7 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
             if let Some(s) = sym_f16_staging(m, &q, &edges) {
                 return s;
             }
-            if let Some(s) = generic_quant_staging(m, &q, pack_vals) {
+            if let Some(s) = generic_quant_staging(&q, pack_vals) {
                 return s;
             }
         }
@@ -252,7 +245,7 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
 
 /// Quantized storage the f16 decoder does not cover (3-bit u16 words; any codec), decoded value
 /// by value in f32 from whole 16-byte chunks (NK) or words (KN): `None` when neither fits.
-fn generic_quant_staging(m: &MatrixSpec, q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging> {
+fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging> {
     let bk = F16_BK as usize;
     let whole_words = q.group % q.per_word == 0 && q.words_per_group * q.per_word == q.group;
     let (sym, minv) = match q.codec {
@@ -310,24 +303,14 @@ fn generic_quant_staging(m: &MatrixSpec, q: &QuantSpec, pack_vals: &str) -> Opti
                 const unsigned u[4] = {v.x, v.y, v.z, v.w};"
                 };
                 // A chunk of whole words inside one group: its first word is `k / W_PER_WORD`
-                // of the row (no padding between groups); in row blocks, 16-byte unit
-                // (w / 4) % U of its group.
-                let chunk = if super::row_blocks::row_blocks(m).is_some() {
-                    "row_block_unit(n, w / W_WPG, (w / 4u) % (W_WPG / 4u), W_NG, W_WPG / 4u)"
-                        .to_string()
-                } else {
-                    format!("((u64)n * W_WPR + w) / {wpc}u")
-                };
+                // of the row (no padding between groups; in row blocks too, one 16-byte unit).
                 return Some(WeightStaging {
                     vpu,
                     functions: String::new(),
                     regs: format!("uint4 wr_v[UPT]; {scale_regs}"),
                     map: nk_map(vpu),
                     fetch: guarded_fetch(
-                        &format!(
-                            "const unsigned w = (k0 + kk) / W_PER_WORD;
-                    wr_v[j] = reinterpret_cast<const uint4*>(w_q)[{chunk}];"
-                        ),
+                        &format!("wr_v[j] = reinterpret_cast<const uint4*>(w_q)[w_word_index(n, (k0 + kk) / W_PER_WORD) / {wpc}u];"),
                         "wr_v[j] = uint4{0u, 0u, 0u, 0u};",
                     ),
                     decode: decode_values(words, wpc),

@@ -321,7 +321,7 @@ pub fn gemv_mma(
                 mma_f16(c4, lo, xb);
                 mma_f16(c4, hi, xb + 2);
             }
-            const float sx = xsum[CHUNKS_EXACT || ch < CPR ? ch : 0u];
+            const float sx = xsum[chx];
             acc[0] = fmaf(h2f(sc0[i]), fmaf(-W_BIAS16, sx, c4[0] * 0.0625f), acc[0]);
             acc[2] = fmaf(h2f(sc1[i]), fmaf(-W_BIAS16, sx, c4[2] * 0.0625f), acc[2]);"
     };
@@ -419,11 +419,8 @@ pub fn gemv_mma(
     for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
         uint4 v0[LPG * BATCH], v1[LPG * BATCH];
         unsigned short sc0[BATCH], sc1[BATCH];
-        // Zeros where a load may be skipped (ragged rows or chunks) — only then: registers.
-        if (!(ROWS_EXACT && CHUNKS_EXACT)) {{
-            #pragma unroll
-            for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
-        }}
+        #pragma unroll
+        for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
         #pragma unroll
         for (unsigned i = 0; i < BATCH; ++i) {{
             // Chunks past the row (only when the steps do not divide it) read nothing.
@@ -436,8 +433,8 @@ pub fn gemv_mma(
         #pragma unroll
         for (unsigned i = 0; i < BATCH; ++i) {{
             // Past the last chunk the weights are zero: any staged (finite) activation will do.
-            const unsigned ch = cbase + (s0 + i) * STRIDE;
-            const uint4* xc = xp + 4u * (CHUNKS_EXACT || ch < CPR ? ch : 0u);
+            const unsigned ch = cbase + (s0 + i) * STRIDE, chx = CHUNKS_EXACT || ch < CPR ? ch : 0u;
+            const uint4* xc = xp + 4u * chx;
 {products}
         }}
         p0 += {wstep}; p1 += {wstep}; q0 += {sstep}; q1 += {sstep};

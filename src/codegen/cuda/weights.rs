@@ -3,7 +3,8 @@
 //!
 //! - `w_at(n, k) -> float`: element `[n, k]` of the logical `[N, K]` matrix, decoded in f32.
 //! - records in row blocks ([`super::row_blocks`]) are addressed through `row_block_unit`.
-//! - quantized only: `w_word(n, w)` (storage word `w` along K of row `n`), `w_scale(n, g)` and
+//! - quantized only: `w_word(n, w)` (storage word `w` along K of row `n`; its index in the
+//!   record: `w_word_index(n, w)`, as `w_scale_index(n, g)` is a scale's), `w_scale(n, g)` and
 //!   `w_min(n, g)` (group parameters; min is 0 for sym), `w_decode(q, s, mn)` (`(q - maxq)·s` or
 //!   `q·s + min`), plus the constants `W_BITS W_MASK W_GROUP W_PER_WORD W_WPG W_NG W_WPR`, and
 //!   `W_SYM` / `W_MAXQ` for the group-sum form `s·(Σq·x − maxq·Σx)` (sym) or `s·Σq·x + min·Σx`.
@@ -66,8 +67,12 @@ pub fn declare_matrix(b: &mut CudaBuilder, op_field: &str, m: &MatrixSpec) {
                 (Layout::KN, None) => ("(u64)w * W_N + n", "(u64)g * W_N + n"),
             };
             b.lambda(&format!(
-                "auto w_word = [&](unsigned n, unsigned w) -> unsigned {{ return (unsigned)w_q[{word_index}]; }};"
+                "auto w_word_index = [&](unsigned n, unsigned w) -> u64 {{ return {word_index}; }};"
             ));
+            b.lambda(&format!(
+                "auto w_scale_index = [&](unsigned n, unsigned g) -> u64 {{ return {scale_index}; }};"
+            ));
+            b.lambda("auto w_word = [&](unsigned n, unsigned w) -> unsigned { return (unsigned)w_q[w_word_index(n, w)]; };");
             match q.codec {
                 Codec::Sym { maxq, scale } => {
                     let elem = Elem::float(scale);
@@ -81,7 +86,7 @@ pub fn declare_matrix(b: &mut CudaBuilder, op_field: &str, m: &MatrixSpec) {
                     b.const_f32("W_MAXQ", maxq as f32);
                     b.lambda(&format!(
                         "auto w_scale = [&](unsigned n, unsigned g) -> float {{ return {}; }};",
-                        float_read("w_s", elem, scale_index)
+                        float_read("w_s", elem, "w_scale_index(n, g)")
                     ));
                     b.lambda("auto w_min = [&](unsigned, unsigned) -> float { return 0.0f; };");
                     b.lambda("auto w_decode = [&](unsigned q, float s, float) -> float { return ((float)q - W_MAXQ) * s; };");
@@ -90,12 +95,12 @@ pub fn declare_matrix(b: &mut CudaBuilder, op_field: &str, m: &MatrixSpec) {
                     b.weight(op_field, 1, Elem::U32, "w_s");
                     b.const_bool("W_SYM", false);
                     b.const_f32("W_MAXQ", 0.0);
-                    b.lambda(&format!(
-                        "auto w_scale = [&](unsigned n, unsigned g) -> float {{ return __uint_as_float(w_s[{scale_index}] << 16); }};"
-                    ));
-                    b.lambda(&format!(
-                        "auto w_min = [&](unsigned n, unsigned g) -> float {{ return __uint_as_float(w_s[{scale_index}] & 0xFFFF0000u); }};"
-                    ));
+                    b.lambda(
+                        "auto w_scale = [&](unsigned n, unsigned g) -> float { return __uint_as_float(w_s[w_scale_index(n, g)] << 16); };",
+                    );
+                    b.lambda(
+                        "auto w_min = [&](unsigned n, unsigned g) -> float { return __uint_as_float(w_s[w_scale_index(n, g)] & 0xFFFF0000u); };",
+                    );
                     b.lambda("auto w_decode = [&](unsigned q, float s, float mn) -> float { return (float)q * s + mn; };");
                 }
             }
