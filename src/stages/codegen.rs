@@ -51,8 +51,9 @@ use std::collections::BTreeMap;
 /// it feeds 4-bit codes to the mma biased and scales each group's sum in f32, at 80 registers,
 /// and its fused norm reads the row once where a thread holds at most one chunk. 25: the prefill
 /// GEMM finds words and scales through `w_word_index`/`w_scale_index` (the same addresses, other
-/// PTX text).
-pub const VERSION: u32 = 25;
+/// PTX text). 26: cuda decode attention reads whole 16-byte chunks of a key per lane where a
+/// key row is at most 32 of them (`attention::ChunkedKeys`).
+pub const VERSION: u32 = 26;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

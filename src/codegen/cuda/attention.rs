@@ -119,7 +119,7 @@ pub(super) fn declare_attention(
     b.activation_of("out", true, "y", half_out);
 }
 
-/// Keys each warp of [`attention`] scores per step.
+/// Keys each warp of [`attention`] scores per step (each sub-warp, in [`ATTEND_CHUNKED`]).
 pub const DECODE_KEYS_PER_STEP: usize = 4;
 
 /// [`attention`]'s scan: a warp's online softmax (running max `m`, sum `l`, `acc`: its lanes'
@@ -177,6 +177,122 @@ __device__ __forceinline__ void attend(unsigned jb, unsigned je, KeyAt key_at, V
 }
 ";
 
+/// How [`attention`] splits a warp over keys where a key row is a whole number of 16-byte chunks
+/// and at most 32 of them (`head_dim · element size`): lanes in groups of `lanes_per_key` (the
+/// chunks per key rounded up to a power of two; lanes past the last chunk idle), each lane one
+/// 16-byte chunk of `elems_per_chunk` values, so a warp reads `32 / lanes_per_key` whole keys and
+/// values per load instruction. Where it does not fit, one lane per dimension (`lane + 32r`,
+/// 2- or 4-byte loads, [`ATTEND`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkedKeys {
+    pub elems_per_chunk: usize,
+    pub chunks_per_key: usize,
+    pub lanes_per_key: usize,
+}
+
+impl ChunkedKeys {
+    pub fn fits(head_dim: usize, kv_f16: bool) -> Option<ChunkedKeys> {
+        let es = if kv_f16 { 2 } else { 4 };
+        let bytes = head_dim * es;
+        if head_dim == 0 || bytes % 16 != 0 || bytes / 16 > 32 {
+            return None;
+        }
+        let chunks_per_key = bytes / 16;
+        Some(ChunkedKeys {
+            elems_per_chunk: 16 / es,
+            chunks_per_key,
+            lanes_per_key: chunks_per_key.next_power_of_two(),
+        })
+    }
+}
+
+/// Loads of one lane's chunk of a key or value row as f32 (`in`: else zeros): `load_chunk` of a
+/// cache row (one 16-byte load), and of an f32 row of this call (qkv, or the rotated key in
+/// shared memory) rounded as the cache keeps it (`kv_load`). With an f32 cache both are the same
+/// 16-byte load.
+fn chunk_loaders(kv_f16: bool) -> &'static str {
+    if kv_f16 {
+        "__device__ __forceinline__ void load_chunk(const unsigned short* p, unsigned cl, bool in, float (&x)[EPC]) {
+    const uint4 w = in ? *reinterpret_cast<const uint4*>(p + cl * EPC) : uint4{0u, 0u, 0u, 0u};
+    const unsigned u[4] = {w.x, w.y, w.z, w.w};
+    #pragma unroll
+    for (unsigned i = 0; i < 4u; ++i) {
+        x[2u * i] = h2f((unsigned short)(u[i] & 0xFFFFu));
+        x[2u * i + 1u] = h2f((unsigned short)(u[i] >> 16));
+    }
+}
+__device__ __forceinline__ void load_chunk(const float* p, unsigned cl, bool in, float (&x)[EPC]) {
+    #pragma unroll
+    for (unsigned e = 0; e < EPC; ++e) x[e] = in ? kv_load(p[cl * EPC + e]) : 0.0f;
+}
+"
+    } else {
+        "__device__ __forceinline__ void load_chunk(const float* p, unsigned cl, bool in, float (&x)[EPC]) {
+    const float4 w = in ? *reinterpret_cast<const float4*>(p + cl * EPC) : float4{0.0f, 0.0f, 0.0f, 0.0f};
+    x[0] = w.x; x[1] = w.y; x[2] = w.z; x[3] = w.w;
+}
+"
+    }
+}
+
+/// [`ATTEND`] over whole 16-byte chunks ([`ChunkedKeys`]): sub-warp `sub` (lanes
+/// `sub · LPK …`) scores keys `j0 + u · KPW + sub`, lane `cl` holding chunk `cl` of the query
+/// (`qr`) and accumulating chunk `cl` of the output (`acc`). All KU keys' and values' loads of a
+/// step are issued before any is used; a score is summed over its sub-warp's lanes, and the
+/// running max is the warp's (so the sub-warps' sums `l` and `acc` add at the end, each lane of
+/// a sub-warp holding the same `l`).
+const ATTEND_CHUNKED: &str = "template <class KeyAt, class ValAt>
+__device__ __forceinline__ void attend_chunked(unsigned jb, unsigned je, KeyAt key_at, ValAt val_at,
+        const float (&qr)[EPC], unsigned warp, unsigned sub, unsigned cl, float& m, float& l, float (&acc)[EPC]) {
+    for (unsigned j0 = jb + warp * (KPW * KU); j0 < je; j0 += NWARPS * KPW * KU) {
+        float kx[KU][EPC], vx[KU][EPC];
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            const unsigned j = j0 + u * KPW + sub;
+            const bool in = j < je && cl < CPK;
+            load_chunk(key_at(in ? j : jb), cl, in, kx[u]);
+            load_chunk(val_at(in ? j : jb), cl, in, vx[u]);
+        }
+        float s[KU];
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            float d = 0.0f;
+            #pragma unroll
+            for (unsigned e = 0; e < EPC; ++e) d = fmaf(qr[e], kx[u][e], d);
+            s[u] = d;
+        }
+        #pragma unroll
+        for (unsigned o = LPK / 2u; o > 0u; o >>= 1)
+            #pragma unroll
+            for (unsigned u = 0; u < KU; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mn = m;
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            s[u] = j0 + u * KPW + sub < je ? s[u] * SCALE : -3.0e38f;
+            mn = fmaxf(mn, s[u]);
+        }
+        #pragma unroll
+        for (unsigned o = LPK; o < 32u; o <<= 1) mn = fmaxf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+        const float corr = expf(m - mn);
+        float p[KU];
+        l *= corr;
+        #pragma unroll
+        for (unsigned u = 0; u < KU; ++u) {
+            p[u] = j0 + u * KPW + sub < je ? expf(s[u] - mn) : 0.0f;
+            l += p[u];
+        }
+        #pragma unroll
+        for (unsigned e = 0; e < EPC; ++e) {
+            float a = acc[e] * corr;
+            #pragma unroll
+            for (unsigned u = 0; u < KU; ++u) a = fmaf(p[u], vx[u][e], a);
+            acc[e] = a;
+        }
+        m = mn;
+    }
+}
+";
+
 /// Bytes of [`attention`]'s scratch with `splits` key splits: one arrival counter per query head
 /// (padded to 16 bytes), then per (head, split) the partial result `[max, sum, out[head_dim]]`.
 pub fn split_scratch_bytes(n_q_heads: usize, head_dim: usize, splits: usize) -> u64 {
@@ -189,8 +305,12 @@ pub fn split_scratch_bytes(n_q_heads: usize, head_dim: usize, splits: usize) -> 
 /// another one writes. The warps run an online softmax ([`ATTEND`], runs of
 /// [`DECODE_KEYS_PER_STEP`] keys per warp and step, `ceil(head_dim/32)` output dims per lane)
 /// over the cached keys, then this call's; their partial results merge in shared memory. Scores
-/// use warp-shuffle dot products over head_dim. Decode, and prefill of head dims the query-tiled
-/// kernel cannot hold.
+/// use warp-shuffle dot products over head_dim. Where a key row is a whole number of 16-byte
+/// chunks, at most 32 ([`ChunkedKeys`]: every f16 head_dim that is a multiple of 8 up to 256,
+/// f32 up to 128), a warp scores several keys at once, a lane per chunk, with 16-byte loads
+/// ([`ATTEND_CHUNKED`]): Llama-2-7B's f16 head of 128 is 16 lanes, so one load instruction of a
+/// warp reads two whole keys, where one lane per dimension took 8 two-byte loads per key and lane.
+/// Decode, and prefill of head dims the query-tiled kernel cannot hold.
 ///
 /// With `rotary_dim` (decode only, `T = 1`: the one key of this call is the block's own row),
 /// the block rotates its query and its kv head's new key in shared memory as [`rotary`] does
@@ -215,6 +335,13 @@ pub fn attention(
 ) -> (String, CudaLaunch) {
     declare_attention(&mut b, n_q_heads, n_kv_heads, head_dim, kv_f16, false);
     b.const_u32("KU", DECODE_KEYS_PER_STEP);
+    let chunked = ChunkedKeys::fits(head_dim, kv_f16);
+    if let Some(c) = chunked {
+        b.const_u32("EPC", c.elems_per_chunk);
+        b.const_u32("CPK", c.chunks_per_key);
+        b.const_u32("LPK", c.lanes_per_key);
+        b.const_u32("KPW", 32 / c.lanes_per_key);
+    }
     let split = splits > 1;
     if split {
         b.const_u32("SPLITS", splits);
@@ -246,7 +373,7 @@ pub fn attention(
             b.params_scalar("theta");
             (
                 format!(
-                    "    __shared__ float k_sh[HD];
+                    "    __shared__ __align__(16) float k_sh[HD];
     for (unsigned d = threadIdx.x; d < HD; d += TPB) {{
         q_sh[d] = qkv_t[h * HD + d];
         k_sh[d] = qkv_t[QC + kv_off + d];
@@ -324,6 +451,43 @@ pub fn attention(
     }
 "
     };
+    // The warp's scan: its registers, the two runs of keys (cached, then this call's), and its
+    // partial output into acc_sh.
+    let (regs, scan_args, partial) = match chunked {
+        Some(_) => (
+            "    const unsigned sub = lane / LPK, cl = lane % LPK;
+    float qr[EPC];
+    #pragma unroll
+    for (unsigned e = 0; e < EPC; ++e) qr[e] = cl < CPK ? q_sh[cl * EPC + e] : 0.0f;
+    float m = -3.0e38f, l = 0.0f, acc[EPC];
+    #pragma unroll
+    for (unsigned e = 0; e < EPC; ++e) acc[e] = 0.0f;",
+            ("attend_chunked", "qr, warp, sub, cl, m, l, acc"),
+            "    // The sub-warps share the warp's running max: their sums add.
+    #pragma unroll
+    for (unsigned o = LPK; o < 32u; o <<= 1) {
+        l += __shfl_xor_sync(0xffffffffu, l, o);
+        #pragma unroll
+        for (unsigned e = 0; e < EPC; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    }
+    if (sub == 0u && cl < CPK) {
+        #pragma unroll
+        for (unsigned e = 0; e < EPC; ++e) acc_sh[warp][cl * EPC + e] = acc[e];
+    }",
+        ),
+        None => (
+            "    float m = -3.0e38f, l = 0.0f, acc[DPL];
+    #pragma unroll
+    for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;",
+            ("attend", "q_sh, warp, lane, m, l, acc"),
+            "    #pragma unroll
+    for (unsigned r = 0; r < DPL; ++r) {
+        const unsigned d = lane + 32u * r;
+        if (d < HD) acc_sh[warp][d] = acc[r];
+    }",
+        ),
+    };
+    let (scan, args) = scan_args;
     let body = format!(
         "    __shared__ float q_sh[HD];
     __shared__ float m_sh[NWARPS], l_sh[NWARPS];
@@ -335,23 +499,17 @@ pub fn attention(
 {load}
     const unsigned n_ctx = POS + t + 1u;
 {range}
-    float m = -3.0e38f, l = 0.0f, acc[DPL];
-    #pragma unroll
-    for (unsigned r = 0; r < DPL; ++r) acc[r] = 0.0f;
+{regs}
     // Cached keys, then this call's.
-    attend(j_begin, j_end < POS ? j_end : POS,
+    {scan}(j_begin, j_end < POS ? j_end : POS,
            [&](unsigned j) {{ return k_cache + (u64)j * KVC + kv_off; }},
            [&](unsigned j) {{ return v_cache + (u64)j * KVC + kv_off; }},
-           q_sh, warp, lane, m, l, acc);
-    attend(j_begin > POS ? j_begin : POS, j_end,
+           {args});
+    {scan}(j_begin > POS ? j_begin : POS, j_end,
            [&](unsigned j) {{ return {new_key}; }},
            [&](unsigned j) {{ return qkv + (u64)(j - POS) * COLS + QC + KVC + kv_off; }},
-           q_sh, warp, lane, m, l, acc);
-    #pragma unroll
-    for (unsigned r = 0; r < DPL; ++r) {{
-        const unsigned d = lane + 32u * r;
-        if (d < HD) acc_sh[warp][d] = acc[r];
-    }}
+           {args});
+{partial}
     if (lane == 0u) {{ m_sh[warp] = m; l_sh[warp] = l; }}
     __syncthreads();
     float mx = -3.0e38f;
@@ -370,7 +528,13 @@ pub fn attention(
         },
         GridDim::one(),
     ];
-    let mut shared = format!("{}{ATTEND}", kv_helpers(kv_f16));
+    let mut shared = kv_helpers(kv_f16);
+    if chunked.is_some() {
+        shared.push_str(chunk_loaders(kv_f16));
+        shared.push_str(ATTEND_CHUNKED);
+    } else {
+        shared.push_str(ATTEND);
+    }
     if rotary_dim.is_some() {
         shared.push_str(ROPE_HELPERS);
     }

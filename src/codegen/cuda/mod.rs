@@ -26,7 +26,7 @@
 //! row-major q8 ones. Activations are f32 but, in libraries of f16 schemes, the prefill buffers
 //! that only feed a GEMM ([`half_activations`]).
 
-mod attention;
+pub(crate) mod attention;
 mod attention_mma;
 pub mod builder;
 mod elementwise;

@@ -1147,11 +1147,15 @@ mod tests {
     /// embedding (`[256, cols]`: a token's row is its q, k and v, random in ±3 so the softmax is
     /// far from uniform) → attention (`n_q` heads over `n_kv` key/value heads of `head_dim`,
     /// no rotary) → logits (`[v, n_q·head_dim]` random), `scheme`'s storage.
+    /// embedding (a token's row is its qkv) → (rotary over `rotary_dim`) → attention → logits,
+    /// every weight `scheme`'s; with rotary, decode fused as the cuda target fuses it (the
+    /// attention rotates q and the new key itself).
     fn attention_plan(
         scheme: &str,
         n_q: usize,
         n_kv: usize,
         head_dim: usize,
+        rotary_dim: Option<usize>,
     ) -> (Plan, Vec<Vec<Vec<u8>>>) {
         use crate::quant::scheme::TensorRole;
         let (v, qc) = (256usize, n_q * head_dim);
@@ -1172,8 +1176,18 @@ mod tests {
                 ),
             ],
         );
-        let ops = vec![
-            Op::Embedding { weight: 0, out: 0 },
+        let mut ops = vec![Op::Embedding { weight: 0, out: 0 }];
+        if let Some(rotary_dim) = rotary_dim {
+            ops.push(Op::Rotary {
+                qkv: 0,
+                n_q_heads: n_q,
+                n_kv_heads: n_kv,
+                head_dim,
+                rotary_dim,
+                theta: 10000.0,
+            });
+        }
+        ops.extend([
             Op::Attention {
                 qkv: 0,
                 state: 0,
@@ -1187,7 +1201,7 @@ mod tests {
                 input: 1,
                 weight: 1,
             },
-        ];
+        ]);
         let kv_cache = StateDecl::KvCache {
             layer: 0,
             n_kv_heads: n_kv,
@@ -1195,7 +1209,7 @@ mod tests {
         };
         let buffers = [("qkv", cols), ("y", qc), ("logits", v)];
         let plan = test_plan(scheme, weights, &buffers, vec![kv_cache], ops, 2, 256);
-        (plan, records)
+        (crate::codegen::fuse::fuse_for_cuda(plan), records)
     }
 
     /// Prefill attention of f16 schemes on tensor cores (`codegen::cuda::attention_mma`) against
@@ -1210,7 +1224,7 @@ mod tests {
             return;
         }
         for (n_q, n_kv, head_dim) in [(4, 2, 64), (2, 2, 80), (2, 1, 128)] {
-            let (plan, records) = attention_plan("q0f16", n_q, n_kv, head_dim);
+            let (plan, records) = attention_plan("q0f16", n_q, n_kv, head_dim, None);
             // Distinct tokens: a later key tile holds new maxima (the online softmax rescales).
             let ids: Vec<u32> = (0..222u32).map(|i| (i * 29 + 7) % 256).collect();
             let want = cpu_logits(&plan, &records, &ids);
@@ -1237,6 +1251,68 @@ mod tests {
                 e < F16_TOL && e > 1e-5,
                 "{n_q}/{n_kv}×{head_dim}: rel err {e:e}"
             );
+        }
+    }
+
+    /// Decode attention against the CPU, after a 100-row prefill: 8 decode steps over 101–108
+    /// keys, rotary fused, in one block per head (8 warps: several steps of keys per warp, a
+    /// ragged last one) and split over 4 blocks per head (64 threads). Shapes for both scans:
+    /// whole 16-byte chunks per key (`attention::ChunkedKeys`) with every lane busy (f16 64 and
+    /// 128: 8 and 16 lanes a key; f32 32: 8), with idle lanes (f16 80: 10 chunks on 16 lanes;
+    /// f32 24: 6 on 8), and one lane per dimension (f32 34: 136-byte rows); grouped heads.
+    #[test]
+    fn decode_attention_matches_the_cpu() {
+        if !cxx_or_skip("decode_attention_matches_the_cpu") {
+            return;
+        }
+        use crate::codegen::cuda::attention::ChunkedKeys;
+        for (scheme, n_q, n_kv, head_dim, chunked) in [
+            ("q0f16", 4, 2, 64, true),
+            ("q0f16", 2, 1, 128, true),
+            ("q0f16", 2, 2, 80, true),
+            ("q0f32", 4, 1, 32, true),
+            ("q0f32", 2, 2, 24, true),
+            ("q0f32", 3, 1, 34, false),
+        ] {
+            let f16 = scheme == "q0f16";
+            assert_eq!(
+                ChunkedKeys::fits(head_dim, f16).is_some(),
+                chunked,
+                "{scheme} head_dim {head_dim}"
+            );
+            let (plan, records) = attention_plan(scheme, n_q, n_kv, head_dim, Some(head_dim));
+            let ids: Vec<u32> = (0..108u32).map(|i| (i * 29 + 7) % 256).collect();
+            let want = cpu_logits(&plan, &records, &ids);
+            let v = plan.vocab_size;
+            for (tpb, splits) in [(256, 1), (64, 4)] {
+                let kernels = EmuKernels::compile(
+                    generate_plan(&plan, &tuning_records(&plan, (tpb, 1, splits)), "sm_80")
+                        .unwrap(),
+                );
+                let decode = kernels
+                    .kernels
+                    .iter()
+                    .find(|k| k.signature.starts_with("decode:attention"))
+                    .expect("a decode attention");
+                assert_eq!(
+                    decode.source.contains("attend_chunked("),
+                    chunked,
+                    "{scheme} head_dim {head_dim}"
+                );
+                let mut s = EmuSession::new(&plan, &kernels, &records);
+                s.forward(&ids[..100], false);
+                let mut got = Vec::new();
+                for id in &ids[100..] {
+                    got.extend(s.forward(&[*id], false));
+                }
+                let e = rel_err(&got, &want[100 * v..]);
+                eprintln!("decode attention {scheme} {n_q}/{n_kv}×{head_dim}, {tpb} threads, {splits} splits: rel err {e:.2e}");
+                let tol = if f16 { F16_TOL } else { 1e-4 };
+                assert!(
+                    e < tol,
+                    "{scheme} {n_q}/{n_kv}×{head_dim} ({tpb}/{splits}): rel err {e:e}"
+                );
+            }
         }
     }
 
