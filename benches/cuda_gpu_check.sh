@@ -33,7 +33,8 @@
 #                MLCB_CUDA_PROFILE=1, each kernel timed alone; the top rows per phase go to the
 #                summary); the decode GEMVs under Nsight Compute (NCU [1], where `ncu` is
 #                found: DRAM throughput, occupancy, warp stalls of one decode step's first
-#                NCU_KERNELS [5]; logs/ncu-decode-gemv.txt); transformers fp16 (HF [1],
+#                NCU_KERNELS [5]; logs/ncu-decode-gemv.txt; and decode attention at
+#                PREFILL_LEN keys, logs/ncu-decode-attention.txt); transformers fp16 (HF [1],
 #                on the same config, benches/hf_transformers_bench.py; not gated); q0f16 (Q0F16
 #                [1]; skipped, saying so, without twice its weights of free disk); q4f16_1 after
 #                `mlcb build --tune on` (TUNE [1]; every candidate's time in its build log, and
@@ -421,6 +422,19 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             # are meant to cut the global ones per weight byte ~3×.
             grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy|l1tex__|smsp__inst_executed' \
                 "$logs/ncu-decode-gemv.txt" | head -90 | tee -a "$summary" >&2
+        fi
+        if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode attention"; then
+            # Decode attention at PREFILL_LEN cached keys (the prefill's LAYERS attention
+            # launches skipped): latency-bound, so the warp stall reasons say which round trip
+            # (query load and rotary, the key scan, the split merge's fence and atomic) waits.
+            MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:attention -s "$LAYERS" -c 2 \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+                --section LaunchStats --section WarpStateStats \
+                "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 2 --device cuda \
+                > "$logs/ncu-decode-attention.txt" 2>&1
+            say "ncu on decode attention at $PREFILL_LEN keys: exit $? (logs/ncu-decode-attention.txt):"
+            grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|Warp Cycles Per' \
+                "$logs/ncu-decode-attention.txt" | head -40 | tee -a "$summary" >&2
         fi
     else
         fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""
