@@ -52,8 +52,9 @@ use std::collections::BTreeMap;
 /// and its fused norm reads the row once where a thread holds at most one chunk. 25: the prefill
 /// GEMM finds words and scales through `w_word_index`/`w_scale_index` (the same addresses, other
 /// PTX text). 26: cuda decode attention reads whole 16-byte chunks of a key per lane where a
-/// key row is at most 32 of them (`attention::ChunkedKeys`).
-pub const VERSION: u32 = 26;
+/// key row is at most 32 of them (`attention::ChunkedKeys`). 27: on sm_90 it prefetches its
+/// cached keys and values into L2 before its PDL wait.
+pub const VERSION: u32 = 27;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -293,6 +293,42 @@ __device__ __forceinline__ void attend_chunked(unsigned jb, unsigned je, KeyAt k
 }
 ";
 
+/// Statements for [`CudaBuilder::pre_wait`] of decode attention (`T = 1`): the block's cached
+/// keys and values (its split's run of the positions before `POS`, its kv head's row of each)
+/// into L2, while the qkv projection before it still runs. They do not depend on that kernel:
+/// earlier calls wrote them, and `meta` is written by a copy ordered before the call's first
+/// kernel, which every kernel of the call starts after. The key scan then waits on L2 rather
+/// than DRAM. Each row's lines are prefetched from its start (the last at its last byte, so
+/// no address leaves the row).
+fn prefetch_cached_keys(head_dim: usize, kv_f16: bool, split: bool) -> String {
+    let row_bytes = head_dim * if kv_f16 { 2 } else { 4 };
+    // Lines a row can touch: one more where it need not start on a 128-byte line.
+    let lines = row_bytes.div_ceil(128) + usize::from(row_bytes % 128 != 0);
+    let range = if split {
+        "const unsigned chunk = (pos + 1u + SPLITS - 1u) / SPLITS;
+        const unsigned jb = blockIdx.y * chunk < pos ? blockIdx.y * chunk : pos;
+        const unsigned je = jb + chunk < pos ? jb + chunk : pos;"
+    } else {
+        "const unsigned jb = 0u, je = pos;"
+    };
+    format!(
+        "    // Before waiting for the kernel before: this block's cached keys and values into L2.
+    {{
+        const unsigned pos = meta[1];
+        {range}
+        const unsigned kv_off = (blockIdx.x / GROUP) * HD;
+        for (unsigned i = threadIdx.x; i < (je - jb) * {per_key}u; i += TPB) {{
+            const unsigned j = jb + i / {per_key}u, line = i % {lines}u;
+            const kv_t* row = ((i / {lines}u) % 2u == 0u ? k_cache : v_cache) + (u64)j * KVC + kv_off;
+            const unsigned at = line * 128u < {row_bytes}u ? line * 128u : {row_bytes}u - 1u;
+            prefetch_l2(reinterpret_cast<const char*>(row) + at);
+        }}
+    }}
+",
+        per_key = 2 * lines,
+    )
+}
+
 /// Bytes of [`attention`]'s scratch with `splits` key splits: one arrival counter per query head
 /// (padded to 16 bytes), then per (head, split) the partial result `[max, sum, out[head_dim]]`.
 pub fn split_scratch_bytes(n_q_heads: usize, head_dim: usize, splits: usize) -> u64 {
@@ -397,6 +433,9 @@ pub fn attention(
             )
         }
     };
+    if b.pdl {
+        b.pre_wait = prefetch_cached_keys(head_dim, kv_f16, split);
+    }
     let (rows, range) = if split {
         (
             "const unsigned h = blockIdx.x, t = 0u;",

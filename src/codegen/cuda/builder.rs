@@ -72,8 +72,9 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 /// First statements of a kernel that may be launched with programmatic dependent launch (sm_90):
 /// wait until the grids it depends on have finished and their writes are visible (before
-/// anything is read, `meta` included), then allow the next kernel to be launched, so its launch
-/// overlaps this kernel's work. Without such a launch the wait returns at once.
+/// anything they write is read; only [`CudaBuilder::pre_wait`] comes before it), then allow the
+/// next kernel to be launched, so its launch overlaps this kernel's work. Without such a launch
+/// the wait returns at once.
 pub const PDL_ENTER: &str = "#ifndef MLCB_EMULATE
     asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");
     asm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");
@@ -133,7 +134,9 @@ pub struct CudaBuilder {
     /// Start with [`PDL_ENTER`]: the kernel may be launched before the one it depends on ends.
     pub pdl: bool,
     /// With `pdl`: statements before the wait, which must not read anything the kernels before
-    /// write (nor `meta`): independent work that overlaps their end.
+    /// write: independent work that overlaps their end. `meta` may be read (`meta[1]` is `POS`):
+    /// the runtime writes it by a copy ordered before the call's first kernel, which every later
+    /// kernel of the call starts after.
     pub pre_wait: String,
     /// `__launch_bounds__`'s second argument: the blocks per SM the register allocation must
     /// allow. Without it ptxas may squeeze a kernel's registers (and spill) for an occupancy it

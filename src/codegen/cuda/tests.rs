@@ -580,8 +580,9 @@ fn compile_errors_name_the_kernel_and_carry_the_log() {
 
 /// Decode kernels for sm_90 start by waiting for the kernel before them (so the runtime may
 /// launch them early, programmatic dependent launch) and say so in their launch JSON, the
-/// decode GEMVs after prefetching the start of their weight rows; prefill kernels and every
-/// kernel for older architectures do neither (the instruction needs sm_90).
+/// decode GEMVs after prefetching the start of their weight rows and decode attention its
+/// cached keys and values; prefill kernels and every kernel for older architectures do neither
+/// (the instruction needs sm_90).
 #[test]
 fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
     let plan = crate::codegen::fuse::fuse_for_cuda(crate::model::testing::lowered_plan(
@@ -602,12 +603,15 @@ fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
                 "{cuda_arch} {}",
                 k.signature
             );
-            // Decode GEMVs over row-major weights ask L2 for their rows before they wait.
-            let gemv = k.signature.contains(":matmul") || k.signature.contains(":logits");
+            // Decode GEMVs over row-major weights ask L2 for their rows before they wait, and
+            // decode attention for its cached keys and values.
+            let prefetches = k.signature.contains(":matmul")
+                || k.signature.contains(":logits")
+                || k.signature.contains(":attention");
             let prefetch = k.source.find("prefetch_l2(reinterpret_cast");
             assert_eq!(
                 prefetch.is_some(),
-                want && gemv,
+                want && prefetches,
                 "{cuda_arch} {}",
                 k.signature
             );

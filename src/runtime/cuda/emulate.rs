@@ -1256,7 +1256,8 @@ mod tests {
 
     /// Decode attention against the CPU, after a 100-row prefill: 8 decode steps over 101–108
     /// keys, rotary fused, in one block per head (8 warps: several steps of keys per warp, a
-    /// ragged last one) and split over 4 blocks per head (64 threads). Shapes for both scans:
+    /// ragged last one) and split over 4 blocks per head (64 threads, sm_90: with the L2 prefetch of
+    /// the cached keys before the PDL wait). Shapes for both scans:
     /// whole 16-byte chunks per key (`attention::ChunkedKeys`) with every lane busy (f16 64 and
     /// 128: 8 and 16 lanes a key; f32 32: 8), with idle lanes (f16 80: 10 chunks on 16 lanes;
     /// f32 24: 6 on 8), and one lane per dimension (f32 34: 136-byte rows); grouped heads.
@@ -1284,10 +1285,10 @@ mod tests {
             let ids: Vec<u32> = (0..108u32).map(|i| (i * 29 + 7) % 256).collect();
             let want = cpu_logits(&plan, &records, &ids);
             let v = plan.vocab_size;
-            for (tpb, splits) in [(256, 1), (64, 4)] {
+            // sm_90: the split kernel also prefetches its cached keys before its PDL wait.
+            for (tpb, splits, arch) in [(256, 1, "sm_80"), (64, 4, "sm_90")] {
                 let kernels = EmuKernels::compile(
-                    generate_plan(&plan, &tuning_records(&plan, (tpb, 1, splits)), "sm_80")
-                        .unwrap(),
+                    generate_plan(&plan, &tuning_records(&plan, (tpb, 1, splits)), arch).unwrap(),
                 );
                 let decode = kernels
                     .kernels
@@ -1298,6 +1299,10 @@ mod tests {
                     decode.source.contains("attend_chunked("),
                     chunked,
                     "{scheme} head_dim {head_dim}"
+                );
+                assert_eq!(
+                    decode.source.contains("cached keys and values into L2"),
+                    arch == "sm_90"
                 );
                 let mut s = EmuSession::new(&plan, &kernels, &records);
                 s.forward(&ids[..100], false);
