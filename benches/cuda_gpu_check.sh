@@ -388,7 +388,8 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
     fi
     arch_flag=(); [ -n "$gpu_arch" ] && arch_flag=(--cuda-arch "sm_$gpu_arch")
     say "7B q4f16_1: building for ${gpu_arch:+sm_$gpu_arch}"
-    if q4=$(build_7b q4f16_1 cuda q4f16_1 "${arch_flag[@]}"); then
+    # --debug-dump: its tuning records (debug/tuning-cuda.json) seed the warp-tile A/B below.
+    if q4=$(build_7b q4f16_1 cuda q4f16_1 "${arch_flag[@]}" --debug-dump); then
         bench_cuda q4f16_1 "$q4" q4f16_1 false
         grep -h "capturing without it" "$logs"/bench-q4f16_1-*.txt 2>/dev/null | head -1 | sed 's/^/note: /' | tee -a "$summary" >&2
         if [ "$have_gpu" = 1 ] && in_time "decode without PDL"; then
@@ -398,6 +399,33 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             nopdl=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$logs/bench-nopdl-decode.json" 2>/dev/null || echo null)
             record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
             say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
+        fi
+        if [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "prefill GEMMs with 64x64 warp tiles"; then
+            # A/B: the prefill GEMMs with 4 warps of 64×64 tiles (a tuning record of 128 threads,
+            # codegen::cuda::gemm_f16::WarpTiles) instead of the default 8 of 64×32, pinned by a
+            # tuning file; the same weights (cached stages), prefill only.
+            python3 - "$q4/debug/tuning-cuda.json" "$WORK/tiles128.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+recs = {s: dict(c, threads_per_block=128) for s, c in t["records"].items()
+        if s.startswith("prefill:") and ("matmul" in s or "logits" in s)}
+json.dump({"device": "gpu check: prefill GEMMs in 64x64 warp tiles", "tuned": False, "records": recs},
+          open(sys.argv[2], "w"))
+PY
+            printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "synth-7b-tiles128"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
+                "$WORK/tiles128.json" "$model" > "$WORK/synth-tiles128.toml"
+            if run_t "$mlcb" build "$WORK/synth-tiles128.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$cache7b" \
+                --artifact-path "$dist7b" > "$logs/build-7b-tiles128.txt" 2>&1; then
+                run_t "$mlcb" bench "$dist7b/synth-7b-tiles128-q4f16_1" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
+                    > "$logs/bench-tiles128-prefill.json" 2> "$logs/bench-tiles128-prefill.txt"
+                p128=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$logs/bench-tiles128-prefill.json" 2>/dev/null || echo null)
+                p256=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$logs/bench-q4f16_1-prefill.json" 2>/dev/null || echo null)
+                record "{\"check\":\"bench7b_tiles128\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p128,\"default_prefill_tok_s\":$p256}"
+                say "7B q4f16_1 prefill with 64×64 warp tiles (128 threads, pinned): $p128 tok/s; default 64×32: $p256 tok/s"
+            else
+                say "7B q4f16_1 with 64×64 warp tiles: build failed (logs/build-7b-tiles128.txt; not gated)"
+            fi
+            rm -rf "$dist7b/synth-7b-tiles128-q4f16_1"
         fi
         if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
             # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.

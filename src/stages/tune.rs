@@ -34,8 +34,10 @@ use std::path::Path;
 /// records carry `kv_splits` (decode attention's default is 8 blocks per head). 4: the default
 /// threads of a cuda tensor-core decode GEMV follow its grid (`tune_space::gemv_mma_threads`).
 /// 5: its default `rows_per_block` is 1 (its runs of 16 rows per block, now a knob). 6: 2 where
-/// one run per block would take more than a wave of blocks (`tune_space::gemv_mma_runs`).
-pub const VERSION: u32 = 6;
+/// one run per block would take more than a wave of blocks (`tune_space::gemv_mma_runs`). 7: a
+/// cuda prefill matmul's default threads are its block's, 256 (128 picks the f16 GEMM's 64×64
+/// warp tiles, `gemm_f16::WarpTiles`).
+pub const VERSION: u32 = 7;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningRecords {

@@ -3,10 +3,11 @@
 //! `mma.sync.m16n8k16` with f16 operands and f32 accumulation — one tensor-core instruction per
 //! 16×8×16 products where the f32 path's 3xTF32 needs six (`matmul::gemm`).
 //!
-//! - Tile: 128 rows (tokens) × 128 columns (features) per block of 8 warps in a 2×4
-//!   arrangement, each warp 64×32 (4×4 mma tiles); K in steps of 32. A warp's fragments come
-//!   from shared memory by `ldmatrix.x4` (one instruction per 16×16 operand tile): per 16 K, 6
-//!   loads feed 16 mma.
+//! - Tile: 128 rows (tokens) × 128 columns (features) per block; K in steps of 32. By default 8
+//!   warps in a 2×4 arrangement, each warp 64×32 (4×4 mma tiles); with a tuning record of 128
+//!   threads 4 warps of 64×64 ([`WarpTiles`]). A warp's fragments come from shared memory by
+//!   `ldmatrix.x4` (one instruction per 16×16 operand tile): per 16 K, 6 loads feed 16 mma (64×32)
+//!   or 8 feed 32 (64×64).
 //! - Operands are staged in shared memory as f16: activations copied as they are where the
 //!   kernel before wrote them in f16 ([`super::half_activations`]), else f32 rounded to f16 by
 //!   `cvt.rn.satfinite` (saturating at ±65504 instead of overflowing), the same rounding;
@@ -37,14 +38,52 @@ use crate::codegen::wgsl::spec::{Codec, MatrixSpec, MatrixStorage, QuantSpec};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
-/// Output tile rows (tokens), columns (features), K per step, and threads per block.
+/// Output tile rows (tokens), columns (features) and K per step.
 pub const F16_BM: u32 = 128;
 pub const F16_BN: u32 = 128;
 pub const F16_BK: u32 = 32;
-pub const F16_THREADS: u32 = 256;
-/// mma tiles per warp along M (16 rows each) and N (8 columns each).
+/// mma tiles per warp along M (16 rows each).
 const WARP_MI: usize = 4;
-const WARP_NJ: usize = 4;
+
+/// How a block's warps share its 128×128 tile. The tuning's `threads_per_block` picks it: 128
+/// gives [`WarpTiles::Square`], anything else the default [`WarpTiles::Wide`] (the kernel's
+/// block is fixed otherwise; records of other values predate the knob).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarpTiles {
+    /// 8 warps in 2 (M) × 4 (N), each 64×32 (4×4 mma tiles): per 16 K a warp's 6 `ldmatrix`
+    /// feed 16 mma. Two blocks (16 warps) per SM.
+    Wide,
+    /// 4 warps in 2 × 2, each 64×64 (4×8 mma tiles): 8 `ldmatrix` feed 32 mma, a third less
+    /// shared-memory traffic per product, for 128 accumulators a thread (CUTLASS's usual warp
+    /// tile for f16 on sm_80). Two blocks (8 warps) per SM.
+    Square,
+}
+
+impl WarpTiles {
+    pub fn for_threads(threads_per_block: u32) -> WarpTiles {
+        if threads_per_block == 128 {
+            WarpTiles::Square
+        } else {
+            WarpTiles::Wide
+        }
+    }
+    pub fn threads(self) -> u32 {
+        32 * self.warps_m() * self.warps_n()
+    }
+    fn warps_m(self) -> u32 {
+        2
+    }
+    fn warps_n(self) -> u32 {
+        match self {
+            WarpTiles::Wide => 4,
+            WarpTiles::Square => 2,
+        }
+    }
+    /// mma tiles per warp along N (8 columns each).
+    fn nj(self) -> usize {
+        (F16_BN / self.warps_n()) as usize / 8
+    }
+}
 
 /// How a thread stages its share of the weight tile: `units` units of `vpu` consecutive values
 /// of one row along K, with the code that fetches one (`fetch`, into registers `wr*[j]`), and
@@ -93,7 +132,12 @@ fn kn_map() -> String {
 
 /// Units of sym 4/8-bit codes with f16 scales, decoded in f16 pairs (`dq_word`); `None` when
 /// the storage has another shape.
-fn sym_f16_staging(m: &MatrixSpec, q: &QuantSpec, edges: &Edges) -> Option<WeightStaging> {
+fn sym_f16_staging(
+    m: &MatrixSpec,
+    q: &QuantSpec,
+    edges: &Edges,
+    threads: usize,
+) -> Option<WeightStaging> {
     let Codec::Sym { maxq, .. } = q.codec else {
         return None;
     };
@@ -106,7 +150,7 @@ fn sym_f16_staging(m: &MatrixSpec, q: &QuantSpec, edges: &Edges) -> Option<Weigh
     let uw = match q.layout {
         Layout::NK => {
             let words_per_step = bk / q.per_word;
-            (words_per_step * F16_BN as usize / F16_THREADS as usize).clamp(1, 4)
+            (words_per_step * F16_BN as usize / threads).clamp(1, 4)
         }
         Layout::KN => 1,
     };
@@ -175,7 +219,7 @@ struct Edges {
     k: bool,
 }
 
-fn staging(m: &MatrixSpec) -> WeightStaging {
+fn staging(m: &MatrixSpec, threads: usize) -> WeightStaging {
     let bk = F16_BK as usize;
     let edges = Edges {
         n: m.n % F16_BN as usize != 0,
@@ -224,7 +268,7 @@ fn staging(m: &MatrixSpec) -> WeightStaging {
             }
         }
         MatrixStorage::Quant(q) => {
-            if let Some(s) = sym_f16_staging(m, &q, &edges) {
+            if let Some(s) = sym_f16_staging(m, &q, &edges, threads) {
                 return s;
             }
             if let Some(s) = generic_quant_staging(&q, pack_vals) {
@@ -342,7 +386,7 @@ fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging
 /// The K loop over double-buffered tiles; `partial`: only the warp's first `live` mma row tiles
 /// are loaded and multiplied (warp-uniform branches, in a copy of the loop that full tiles do not
 /// run).
-fn k_loop(partial: bool) -> String {
+fn k_loop(partial: bool, nj: usize) -> String {
     let (any, row) = if partial {
         ("if (live > 0u) ", "if (i < live) ")
     } else {
@@ -376,7 +420,6 @@ fn k_loop(partial: bool) -> String {
         buf ^= 1u;
     }}",
         mi = WARP_MI,
-        nj = WARP_NJ,
     )
 }
 
@@ -388,9 +431,11 @@ pub(super) fn gemm_f16(
     epilogue: &super::matmul::GemmEpilogue,
     half_input: bool,
 ) -> (String, CudaLaunch) {
-    let st = staging(m);
+    let tiles = WarpTiles::for_threads(b.tuning.threads_per_block);
+    let threads = tiles.threads() as usize;
+    let nj = tiles.nj();
+    let st = staging(m, threads);
     let units = (F16_BN * F16_BK) as usize / st.vpu;
-    let threads = F16_THREADS as usize;
     b.const_u32("BM", F16_BM as usize);
     b.const_u32("BN", F16_BN as usize);
     b.const_u32("BK", F16_BK as usize);
@@ -409,10 +454,11 @@ pub(super) fn gemm_f16(
     let k_edge = m.k % F16_BK as usize != 0;
     // A thread's activation units are rows `tid / (BK / XV) + j · GT / (BK / XV)` at the same K
     // offset: one pointer, advanced by k0, plus constant row offsets (the loads' immediates).
-    const _: () = assert!(
-        (F16_BM * F16_BK / 8) % F16_THREADS == 0
-            && (F16_BM * F16_BK / 4) % F16_THREADS == 0
-            && F16_THREADS % (F16_BK / 4) == 0
+    assert!(
+        (F16_BM * F16_BK / 8) as usize % threads == 0
+            && (F16_BM * F16_BK / 4) as usize % threads == 0
+            && threads % (F16_BK / 4) as usize == 0,
+        "activation units per thread"
     );
     let in_k = if k_edge { " && k < W_K" } else { "" };
     let (x_type, x_reg, x_fetch, x_stash) = if half_input {
@@ -480,7 +526,7 @@ pub(super) fn gemm_f16(
     __shared__ __align__(16) unsigned short ws[2][BN][PAD];
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
-    const unsigned wm = (warp >> 2) * {wtm}u, wn = (warp & 3u) * {wtn}u;
+    const unsigned wm = (warp / {warps_n}u) * {wtm}u, wn = (warp % {warps_n}u) * {wtn}u;
     const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     // This lane's ldmatrix row addresses (see the fragment layouts above).
     const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
@@ -552,13 +598,14 @@ pub(super) fn gemm_f16(
 {partial_loop}
     }}
 {store}",
-        full_loop = k_loop(false),
-        partial_loop = k_loop(true),
+        full_loop = k_loop(false, nj),
+        partial_loop = k_loop(true, nj),
+        warps_n = tiles.warps_n(),
         wtm = WARP_MI * 16,
-        wtn = WARP_NJ * 8,
+        wtn = nj * 8,
         mi = WARP_MI,
-        acc = super::matmul::warp_tile_acc(WARP_MI, WARP_NJ),
-        store = super::matmul::warp_tile_store(WARP_MI, WARP_NJ, epilogue),
+        acc = super::matmul::warp_tile_acc(WARP_MI, nj),
+        store = super::matmul::warp_tile_store(WARP_MI, nj, epilogue),
         regs = st.regs,
         map = st.map,
         x_reg = x_reg,
@@ -576,5 +623,5 @@ pub(super) fn gemm_f16(
     // Left alone, ptxas gives the raw-f16 variant 155 registers, i.e. one block per SM.
     b.min_blocks = Some(2);
     let helpers = format!("{F16_OPS}{}", st.functions);
-    b.finish(&helpers, &body, F16_THREADS, grid)
+    b.finish(&helpers, &body, threads as u32, grid)
 }

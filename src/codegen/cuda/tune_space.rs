@@ -10,11 +10,11 @@ use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};
 use crate::quant::scheme::Layout;
 
 /// The preset default for a signature whose kernel is `spec` (what an untuned build uses):
-/// decode GEMVs run 4 rows per block of 4 warps (128 threads cover the 128 16-byte chunks of a
-/// 4096-wide q4 row; each activation chunk is loaded once for the 4 rows), the tensor-core GEMV
-/// one run of 16 rows per block and enough warps for [`GEMV_WARPS_PER_SM`]
-/// ([`gemv_mma_threads`]); decode attention
-/// splits each head's keys over [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
+/// prefill GEMMs 256 threads (their block); f32 decode GEMVs 4 rows per block of 4 warps (128
+/// threads cover the 128 16-byte chunks of a 4096-wide q4 row; each activation chunk is loaded
+/// once for the 4 rows), the tensor-core GEMV one run of 16 rows per block and enough warps for
+/// [`GEMV_WARPS_PER_SM`] ([`gemv_mma_threads`]); decode attention splits each head's keys over
+/// [`DEFAULT_KV_SPLITS`] blocks; everything else 256 threads.
 pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
     if signature.contains("matmul") || signature.contains("logits") {
         // The tensor-core GEMV reads rows_per_block as its runs of mma rows.
@@ -28,6 +28,12 @@ pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
                 let threads = gemv_mma_threads(m, fusion.silu_gate);
                 (threads, gemv_mma_runs(m, fusion.silu_gate, threads))
             }
+            // The prefill GEMMs' block: the f16 one reads 128 as its 64×64 warp tiles
+            // (`gemm_f16::WarpTiles`), a choice a pinned tuning file makes; the f32 one is fixed.
+            KernelSpec::Matmul {
+                phase: Phase::Prefill,
+                ..
+            } => (256, 1),
             _ => (128, 4),
         };
         CudaTuning {

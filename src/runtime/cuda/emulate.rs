@@ -1028,7 +1028,8 @@ mod tests {
 
     /// The f16 tensor-core GEMM, exactly (see [`one_hot_plan`]): its operands are f16, so logit
     /// `[t, c]` must be `x[t] · W[c, t]` with the artifact's f16 values of both (the CPU's
-    /// `dequantize_param`), a product exact in f32. Covers every weight staging path (sym 4/8-bit codes decoded in f16 pairs,
+    /// `dequantize_param`), a product exact in f32. Covers both warp tilings, every weight
+    /// staging path (sym 4/8-bit codes decoded in f16 pairs,
     /// NK and KN; raw f16 stored as is; 3-bit codes value by value), the ldmatrix fragments and
     /// 128-row tiles (tokens 0..k span two; where k is not a multiple of 128 the second is
     /// partial, and its warps multiply only their mma tiles that hold tokens), with tile-multiple
@@ -1063,21 +1064,31 @@ mod tests {
                 assert!(x.iter().enumerate().all(|(i, v)| (i == t) == (*v != 0.0)));
                 want.extend((0..n).map(|c| x[t] * w[c * k + t]));
             }
-            let kernels = EmuKernels::compile(
-                generate_plan(&plan, &tuning_records(&plan, (128, 4, 1)), "sm_80").unwrap(),
-            );
-            let ids: Vec<u32> = (0..k as u32).collect();
-            let got = EmuSession::new(&plan, &kernels, &records).forward(&ids, true);
-            assert_eq!(got.len(), want.len());
-            let bad = got.iter().zip(&want).position(|(a, b)| a != b);
-            if let Some(i) = bad {
-                panic!(
-                    "{scheme} [{n}, {k}]: row {}, column {}: {} on the GPU, {} expected",
-                    i / n,
-                    i % n,
-                    got[i],
-                    want[i]
+            // Both warp tilings (`gemm_f16::WarpTiles`): 256 threads (64×32 warp tiles), 128
+            // (64×64); their weight staging differs too (units of 8 or 4 words per thread).
+            for threads in [256, 128] {
+                let kernels = EmuKernels::compile(
+                    generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), "sm_80").unwrap(),
                 );
+                let gemm = kernels
+                    .kernels
+                    .iter()
+                    .find(|k| k.signature.starts_with("prefill:logits"))
+                    .expect("a prefill GEMM");
+                assert_eq!(gemm.launch.block[0], threads, "{scheme}");
+                let ids: Vec<u32> = (0..k as u32).collect();
+                let got = EmuSession::new(&plan, &kernels, &records).forward(&ids, true);
+                assert_eq!(got.len(), want.len());
+                let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+                if let Some(i) = bad {
+                    panic!(
+                        "{scheme} [{n}, {k}] ({threads} threads): row {}, column {}: {} on the GPU, {} expected",
+                        i / n,
+                        i % n,
+                        got[i],
+                        want[i]
+                    );
+                }
             }
             assert!(want.iter().filter(|v| **v != 0.0).count() > n * k / 2);
         }
