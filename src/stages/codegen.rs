@@ -53,8 +53,10 @@ use std::collections::BTreeMap;
 /// GEMM finds words and scales through `w_word_index`/`w_scale_index` (the same addresses, other
 /// PTX text). 26: cuda decode attention reads whole 16-byte chunks of a key per lane where a
 /// key row is at most 32 of them (`attention::ChunkedKeys`). 27: on sm_90 it prefetches its
-/// cached keys and values into L2 before its PDL wait.
-pub const VERSION: u32 = 27;
+/// cached keys and values into L2 before its PDL wait. 28: cuda prefill GEMMs take 128-thread
+/// tuning records as 64×64 warp tiles, and add the residual after them in their epilogue
+/// (`fuse_for_cuda`).
+pub const VERSION: u32 = 28;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

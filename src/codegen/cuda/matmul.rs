@@ -52,7 +52,8 @@ pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
 
 /// Matmul or logits. Arguments: input, a fused norm's weight, weight records, bias record, a
 /// fused residual, output. The decode GEMVs implement every `fusion`, the prefill GEMMs an
-/// activation (`generate` refuses other fused prefill specs before they get here). `f16`:
+/// activation and a residual (`generate` refuses other fused prefill specs before they get
+/// here). `f16`:
 /// prefill runs on f16 tensor cores ([`super::f16_prefill`]); `half`: the input or the output
 /// is an f16 buffer ([`super::half_activations`]; only then, `generate` checks).
 #[allow(clippy::too_many_arguments)]
@@ -91,6 +92,7 @@ pub fn matmul(
     let epilogue = GemmEpilogue {
         plus_bias,
         activation: fusion.activation,
+        residual: fusion.residual,
         half: half.out,
     };
     match (phase, kn) {
@@ -113,13 +115,19 @@ pub fn matmul(
 pub(super) struct GemmEpilogue<'a> {
     pub plus_bias: &'a str,
     pub activation: Option<Unary>,
+    /// `+ res[t, n]` after the activation (the residual is f32: `half` is false).
+    pub residual: bool,
     pub half: bool,
 }
 
 impl GemmEpilogue<'_> {
     /// The statement storing `acc` (an f32 expression) at `y[t, n]`.
     fn store(&self, acc: &str) -> String {
-        let value = activated(self.activation, format!("{acc}{}", self.plus_bias));
+        let mut value = activated(self.activation, format!("{acc}{}", self.plus_bias));
+        if self.residual {
+            // The same element of `res` (usually `y` itself), read by the thread that writes it.
+            value = format!("res[(u64)t * W_N + n] + {value}");
+        }
         if self.half {
             format!("y[(u64)t * W_N + n] = f2h_sat({value});")
         } else {

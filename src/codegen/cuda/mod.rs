@@ -148,10 +148,11 @@ pub fn generate(
         } if *fusion
             != (spec::Fusion {
                 activation: fusion.activation,
+                residual: fusion.residual,
                 ..Default::default()
             }) =>
         {
-            bail!("kernel {signature}: the prefill GEMMs fuse only an activation (an mlcb bug)")
+            bail!("kernel {signature}: the prefill GEMMs fuse only an activation and a residual (an mlcb bug)")
         }
         KernelSpec::Matmul {
             m,

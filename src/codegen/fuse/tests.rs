@@ -31,9 +31,19 @@ fn a_llama_layer_decodes_in_five_kernels() {
     assert!(layers >= 2);
     let before = built.plan.decode.len();
     let fused = fuse_for_cuda(built.plan.clone());
+    // Prefill: the two residual adds of each layer go into the GEMMs before them (o, down).
     assert_eq!(
-        fused.prefill, built.plan.prefill,
-        "prefill is left as it is"
+        built.plan.prefill.len() - fused.prefill.len(),
+        2 * layers,
+        "prefill"
+    );
+    assert_eq!(count(&fused.prefill, |op| matches!(op, Op::Add { .. })), 0);
+    assert_eq!(
+        count(
+            &fused.prefill,
+            |op| matches!(op, Op::Matmul { fusion, .. } if fusion.residual.is_some())
+        ),
+        2 * layers
     );
     assert_eq!(fused.format_version, PLAN_FORMAT_VERSION);
     assert_eq!(
@@ -99,10 +109,7 @@ fn a_llama_layer_decodes_in_five_kernels() {
     }
     // Fusing is idempotent, and a plan without fused steps keeps format version 1.
     assert_eq!(fuse_for_cuda(fused.clone()), fused);
-    let mut plain = built.plan.clone();
-    plain
-        .decode
-        .retain(|op| matches!(op, Op::Embedding { .. } | Op::Logits { .. }));
+    let plain = with_decode(&built.plan, vec![]);
     assert_eq!(fuse_for_cuda(plain.clone()), plain);
 }
 
@@ -134,7 +141,12 @@ fn neox_and_rwkv_layers_fuse_their_activations_and_residuals() {
         );
         let adds = left(|op| matches!(op, Op::Add { .. }));
         assert_eq!(adds, if arch == "rwkv" { layers } else { 0 }, "{fx}");
-        // Prefill fuses only the activations (GELU; RWKV's two sigmoids and relu²).
+        // Prefill fuses the activations (GELU; RWKV's two sigmoids and relu²) and the residual
+        // adds after a matmul: the same adds are left as in decode.
+        let prefill_adds = count(&fused.prefill, |op| matches!(op, Op::Add { .. }));
+        assert_eq!(prefill_adds, adds, "{fx}");
+        let fused_adds = count(&built.plan.prefill, |op| matches!(op, Op::Add { .. })) - adds;
+        assert!(fused_adds >= layers, "{fx}");
         let activations = |ops: &[Op]| {
             count(ops, |op| {
                 matches!(
@@ -148,16 +160,19 @@ fn neox_and_rwkv_layers_fuse_their_activations_and_residuals() {
         assert_eq!(activations(&fused.prefill), 0, "{fx}");
         assert_eq!(
             built.plan.prefill.len() - fused.prefill.len(),
-            per_layer * layers,
+            per_layer * layers + fused_adds,
             "{fx}"
         );
     }
 }
 
-/// Hand-made decode steps around one matmul `p = x·Wᵀ` of the tiny plan.
+/// Hand-made decode steps around one matmul `p = x·Wᵀ` of the tiny plan (its prefill cut to the
+/// embedding and the logits, so only these steps can fuse).
 fn with_decode(plan: &Plan, ops: Vec<Op>) -> Plan {
     let mut p = plan.clone();
     p.decode = ops;
+    p.prefill
+        .retain(|op| matches!(op, Op::Embedding { .. } | Op::Logits { .. }));
     p
 }
 
