@@ -20,10 +20,11 @@
 //! `p` itself, as the in-place op did) is dead afterwards: the
 //! next op that touches it overwrites it without reading it, or none does (activations do not
 //! live across calls; the logits buffer, which the caller reads, is never an intermediate).
-//! In prefill, whose kernels are large (the elementwise ones a small share), only the last two
-//! rows apply: the GEMM's epilogue applies the activation and adds the residual, so the product
-//! does not go to memory and back in f32 before them (a Llama-2-7B prefill of 512 tokens spent
-//! 0.68 of 41.7 ms in its 64 separate residual adds), and in libraries of f16 schemes the
+//! In prefill, whose kernels are large (the elementwise ones a small share), the last three rows
+//! apply: the GEMM's epilogue applies SiLU·up or the activation and adds the residual, so the
+//! product does not go to memory and back before them (a Llama-2-7B prefill of 512 tokens spent
+//! 0.68 of 41.7 ms in its 64 separate residual adds and 1.0 in its SiLU·up), and in libraries
+//! of f16 schemes the
 //! activation's output, which only the next GEMM reads, can be written in f16
 //! ([`crate::codegen::cuda::half_activations`]: GPT-NeoX's GELU and RWKV's relu² outputs).
 //! A plan that fused anything is written as plan format version 2
@@ -86,26 +87,7 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
                 rotary: Some(FusedRotary { rotary_dim, theta }),
             })
         }
-        (
-            first @ &Op::Matmul {
-                input,
-                out: p,
-                fusion,
-                ..
-            },
-            &Op::SiluMul { input: gated, out },
-        ) if !fusion.silu_gate
-            && fusion.residual.is_none()
-            && gated == p
-            && out != input
-            && dead_after(plan, ops, at + 1, p) =>
-        {
-            let fusion = MatmulFusion {
-                silu_gate: true,
-                ..fusion
-            };
-            rewired(first, input, out, fusion)
-        }
+        (&Op::Matmul { .. }, &Op::SiluMul { .. }) => fuse_silu(plan, ops, at),
         (
             &Op::RmsNorm {
                 input,
@@ -135,12 +117,43 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
     }
 }
 
-/// Prefill's rewrites: the residual add and the activation into the GEMM's epilogue.
+/// Prefill's rewrites: SiLU·up, the residual add and the activation into the GEMM's epilogue.
 fn fuse_prefill_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
     match (&ops[at], &ops[at + 1]) {
+        (&Op::Matmul { .. }, &Op::SiluMul { .. }) => fuse_silu(plan, ops, at),
         (&Op::Matmul { .. }, &Op::Add { .. }) => fuse_residual(plan, ops, at),
         (first, second) => fuse_activation(first, second),
     }
+}
+
+/// `ops[at]`, a matmul writing `p`, with `ops[at + 1]`, `SiluMul{p → a}`, as one matmul writing
+/// `a` with `fusion.silu_gate`.
+fn fuse_silu(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
+    let (
+        first @ &Op::Matmul {
+            input,
+            out: p,
+            fusion,
+            ..
+        },
+        &Op::SiluMul { input: gated, out },
+    ) = (&ops[at], &ops[at + 1])
+    else {
+        return None;
+    };
+    if fusion.silu_gate
+        || fusion.residual.is_some()
+        || gated != p
+        || out == input
+        || !dead_after(plan, ops, at + 1, p)
+    {
+        return None;
+    }
+    let fusion = MatmulFusion {
+        silu_gate: true,
+        ..fusion
+    };
+    rewired(first, input, out, fusion)
 }
 
 /// `ops[at]`, a matmul writing `p`, with `ops[at + 1]`, `Add{p, r → o}`, as one matmul writing
@@ -209,7 +222,7 @@ fn rewired(op: &Op, input: BufId, out: BufId, fusion: MatmulFusion) -> Option<Op
 }
 
 /// The plan with its decode steps fused as the module's table says, and in prefill each
-/// matmul with the activation and the residual add after it.
+/// matmul with the SiLU·up, the activation and the residual add after it.
 pub fn fuse_for_cuda(mut plan: Plan) -> Plan {
     let decode = std::mem::take(&mut plan.decode);
     let (decode, fused_decode) = fuse_ops(decode, |ops, at| fuse_pair(&plan, ops, at));

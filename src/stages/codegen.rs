@@ -55,8 +55,9 @@ use std::collections::BTreeMap;
 /// key row is at most 32 of them (`attention::ChunkedKeys`). 27: on sm_90 it prefetches its
 /// cached keys and values into L2 before its PDL wait. 28: cuda prefill GEMMs take 128-thread
 /// tuning records as 64×64 warp tiles, and add the residual after them in their epilogue
-/// (`fuse_for_cuda`).
-pub const VERSION: u32 = 28;
+/// (`fuse_for_cuda`). 29: and SiLU·up after the gate/up GEMM, whose f16 output the down GEMM
+/// reads.
+pub const VERSION: u32 = 29;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

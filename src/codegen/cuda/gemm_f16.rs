@@ -528,6 +528,7 @@ pub(super) fn gemm_f16(
     const unsigned g = lane >> 2, c = lane & 3u;
     const unsigned wm = (warp / {warps_n}u) * {wtm}u, wn = (warp % {warps_n}u) * {wtn}u;
     const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    (void)n0;
     // This lane's ldmatrix row addresses (see the fragment layouts above).
     const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
     const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
@@ -556,7 +557,7 @@ pub(super) fn gemm_f16(
                 // `map` gives the tile's row; the loads index the matrix's row.
                 const unsigned nl = n;
                 {{
-                    const unsigned n = n0 + nl;
+                    const unsigned n = {row};
                     {fetch}
                 }}
             }}
@@ -598,6 +599,7 @@ pub(super) fn gemm_f16(
 {partial_loop}
     }}
 {store}",
+        row = super::matmul::gemm_tile_row(epilogue.silu_gate, F16_BN, "nl"),
         full_loop = k_loop(false, nj),
         partial_loop = k_loop(true, nj),
         warps_n = tiles.warps_n(),
@@ -615,7 +617,7 @@ pub(super) fn gemm_f16(
         decode = st.decode,
     );
     let grid = [
-        GridDim::fixed(m.n as u64, F16_BN as u64),
+        super::matmul::gemm_grid_x(m, epilogue.silu_gate, F16_BN),
         GridDim::rows(F16_BM as u64),
         GridDim::one(),
     ];

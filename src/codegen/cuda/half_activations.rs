@@ -14,9 +14,9 @@
 //!
 //! Which buffers: in prefill, those that every op touching them either writes whole from other
 //! buffers (RMS/layer norm, silu·mul, tensor-core attention, a GEMM through its epilogue, with
-//! the activation fused into it: `codegen::fuse`) or reads as an f16 GEMM's activations
-//! (matmul, logits) — nothing else reads them and nothing updates them in place (Llama's
-//! normed, attention and silu·mul outputs; GPT-NeoX's two normed buffers, its attention output
+//! the activation or SiLU·up fused into it: `codegen::fuse`) or reads as an f16 GEMM's
+//! activations (matmul, logits) — nothing else reads them and nothing updates them in place
+//! (Llama's normed, attention and SiLU·up outputs; GPT-NeoX's two normed buffers, its attention output
 //! and its up projection's GELU; RWKV's channel-mix relu² key, not its other matmuls' inputs,
 //! which are token-shift mixes). Kernels are shared per signature, so every op of one signature
 //! must agree on whether its input, and its output, is f16: a buffer whose ops would not stays
@@ -51,10 +51,11 @@ fn half_slots(op: &Op) -> Vec<(Side, BufId)> {
         Op::Matmul {
             input, out, fusion, ..
         } => {
-            // A GEMM writes f16 through its epilogue (an activation at most: prefill fuses no
-            // more).
+            // A GEMM writes f16 through its epilogue (an activation or SiLU·up); not the sum
+            // of a fused residual (the f32 hidden state).
             let plain = MatmulFusion {
                 activation: fusion.activation,
+                silu_gate: fusion.silu_gate,
                 ..Default::default()
             };
             let mut slots = vec![(Side::Input, *input)];

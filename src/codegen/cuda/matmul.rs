@@ -93,6 +93,7 @@ pub fn matmul(
         plus_bias,
         activation: fusion.activation,
         residual: fusion.residual,
+        silu_gate: fusion.silu_gate,
         half: half.out,
     };
     match (phase, kn) {
@@ -117,7 +118,37 @@ pub(super) struct GemmEpilogue<'a> {
     pub activation: Option<Unary>,
     /// `+ res[t, n]` after the activation (the residual is f32: `half` is false).
     pub residual: bool,
+    /// `silu(gate) · up` of the weight's two halves (`W_N = 2·OUT_N`): the block's tile rows
+    /// interleave 8 gate rows with the same features' 8 up rows ([`gemm_tile_row`]), so a
+    /// thread's mma tiles `j` (even) and `j + 1` hold a feature's gate and up sums.
+    pub silu_gate: bool,
     pub half: bool,
+}
+
+/// The matrix row a prefill GEMM block stages as its tile row `nl` (`bn`: the block's tile
+/// columns), as a C expression: `n0 + nl`; with a silu gate, 8 gate rows then the same 8
+/// features' up rows (`OUT_N` further on), the block covering features `f0 …` (`f0 =
+/// blockIdx.x · bn/2`), and `W_N` (outside the matrix: staged as zeros) for a feature past
+/// `OUT_N`.
+pub(super) fn gemm_tile_row(silu_gate: bool, bn: u32, nl: &str) -> String {
+    if silu_gate {
+        format!(
+            "([](unsigned nl) -> unsigned {{ const unsigned f = blockIdx.x * {half}u + ((nl >> 4) << 3) + (nl & 7u); return f < OUT_N ? ((nl >> 3) & 1u) * OUT_N + f : W_N; }})({nl})",
+            half = bn / 2
+        )
+    } else {
+        format!("(blockIdx.x * {bn}u + {nl})")
+    }
+}
+
+/// A prefill GEMM's grid along x: its tiles of `bn` matrix rows (`bn / 2` features with a silu
+/// gate).
+pub(super) fn gemm_grid_x(m: &MatrixSpec, silu_gate: bool, bn: u32) -> GridDim {
+    if silu_gate {
+        GridDim::fixed((m.n / 2) as u64, (bn / 2) as u64)
+    } else {
+        GridDim::fixed(m.n as u64, bn as u64)
+    }
 }
 
 impl GemmEpilogue<'_> {
@@ -622,6 +653,9 @@ pub(super) fn warp_tile_acc(mi: usize, nj: usize) -> String {
 /// edges skipped. The C fragment layout is the same for the m16n8k8 and m16n8k16 shapes: `c_r`
 /// of a 16×8 tile at (g + 8(r/2), 2c + r%2). Shared by [`gemm`] and `gemm_f16`.
 pub(super) fn warp_tile_store(mi: usize, nj: usize, epilogue: &GemmEpilogue) -> String {
+    if epilogue.silu_gate {
+        return warp_tile_store_silu(mi, nj, epilogue);
+    }
     let store = epilogue.store("acc[i][j][r]");
     format!(
         "    #pragma unroll
@@ -635,6 +669,44 @@ pub(super) fn warp_tile_store(mi: usize, nj: usize, epilogue: &GemmEpilogue) -> 
                 if (t < ROWS && n < W_N) {{ {store} }}
             }}
 "
+    )
+}
+
+/// [`warp_tile_store`] of a silu-gated GEMM ([`GemmEpilogue::silu_gate`]): mma tile `j` (even)
+/// holds gate sums and `j + 1` the up sums of the same features (the warp's first tile column
+/// `wn` is a multiple of 16), feature `f0 + (wn + 8j)/2 + 2c + r%2`; each gets its bias, the
+/// activation of the gate's, then `silu(gate)·up` (+ the residual), as the decode GEMV stores
+/// it.
+fn warp_tile_store_silu(mi: usize, nj: usize, e: &GemmEpilogue) -> String {
+    let bias = |n: &str| e.plus_bias.replace("(n)", &format!("({n})"));
+    let mut value = format!(
+        "silu_gate({}, u)",
+        activated(e.activation, format!("acc[i][j][r]{}", bias("f")))
+    );
+    if e.residual {
+        value = format!("res[(u64)t * OUT_N + f] + {value}");
+    }
+    let store = if e.half {
+        format!("y[(u64)t * OUT_N + f] = f2h_sat({value});")
+    } else {
+        format!("y[(u64)t * OUT_N + f] = {value};")
+    };
+    format!(
+        "    #pragma unroll
+    for (unsigned i = 0; i < {mi}u; ++i)
+        #pragma unroll
+        for (unsigned j = 0; j < {nj}u; j += 2u)
+            #pragma unroll
+            for (unsigned r = 0; r < 4u; ++r) {{
+                const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
+                const unsigned f = blockIdx.x * (BN / 2u) + (wn + j * 8u) / 2u + 2u * c + (r & 1u);
+                if (t < ROWS && f < OUT_N) {{
+                    const float u = acc[i][j + 1u][r]{up_bias};
+                    {store}
+                }}
+            }}
+",
+        up_bias = bias("OUT_N + f"),
     )
 }
 
@@ -654,6 +726,7 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String,
     const unsigned g = lane >> 2, c = lane & 3u;
     const unsigned wm = (warp >> 1) * 32u, wn = (warp & 1u) * 32u;
     const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    (void)n0;
     {acc}
     for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
         for (unsigned i = tid; i < BM * BK; i += GT) {{
@@ -661,7 +734,7 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String,
             xs[r][kk] = (t < ROWS && k < W_K) ? x[(u64)(ROW0 + t) * W_K + k] : 0.0f;
         }}
         for (unsigned i = tid; i < BN * BK; i += GT) {{
-            const unsigned r = i / BK, kk = i % BK, n = n0 + r, k = k0 + kk;
+            const unsigned r = i / BK, kk = i % BK, n = {row}, k = k0 + kk;
             ws[r][kk] = (n < W_N && k < W_K) ? w_at(n, k) : 0.0f;
         }}
         __syncthreads();
@@ -696,9 +769,10 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String,
 {store}",
         acc = warp_tile_acc(2, 4),
         store = warp_tile_store(2, 4, epilogue),
+        row = gemm_tile_row(epilogue.silu_gate, GEMM_BN, "r"),
     );
     let grid = [
-        GridDim::fixed(m.n as u64, GEMM_BN as u64),
+        gemm_grid_x(m, epilogue.silu_gate, GEMM_BN),
         GridDim::rows(GEMM_BM as u64),
         GridDim::one(),
     ];

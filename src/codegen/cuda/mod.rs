@@ -149,10 +149,11 @@ pub fn generate(
             != (spec::Fusion {
                 activation: fusion.activation,
                 residual: fusion.residual,
+                silu_gate: fusion.silu_gate,
                 ..Default::default()
             }) =>
         {
-            bail!("kernel {signature}: the prefill GEMMs fuse only an activation and a residual (an mlcb bug)")
+            bail!("kernel {signature}: the prefill GEMMs fuse no norm (an mlcb bug)")
         }
         KernelSpec::Matmul {
             m,

@@ -108,8 +108,10 @@ pub fn gemv_mma_runs(
 /// (q8f16_1), which it now takes. 5: the tensor-core GEMV has a rows knob again (its runs of
 /// mma rows per block), decode attention is timed at 64 and 512 keys, and kernels are timed
 /// with their buffers out of the L2 cache (`runtime::cuda::timer`), as a forward pass runs
-/// them; earlier records were timed from L2.
-pub const SPACE_VERSION: u32 = 5;
+/// them; earlier records were timed from L2. 6: a prefill GEMM's `threads_per_block` means its
+/// warp tiling (128: 64×64, `gemm_f16::WarpTiles`), and its default is 256 (records of 128
+/// measured before would now pick the other tiling).
+pub const SPACE_VERSION: u32 = 6;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of

@@ -31,13 +31,20 @@ fn a_llama_layer_decodes_in_five_kernels() {
     assert!(layers >= 2);
     let before = built.plan.decode.len();
     let fused = fuse_for_cuda(built.plan.clone());
-    // Prefill: the two residual adds of each layer go into the GEMMs before them (o, down).
+    // Prefill: SiLU·up and the two residual adds of each layer go into the GEMMs before them
+    // (gate/up; o, down).
     assert_eq!(
         built.plan.prefill.len() - fused.prefill.len(),
-        2 * layers,
+        3 * layers,
         "prefill"
     );
-    assert_eq!(count(&fused.prefill, |op| matches!(op, Op::Add { .. })), 0);
+    assert_eq!(
+        count(&fused.prefill, |op| matches!(
+            op,
+            Op::Add { .. } | Op::SiluMul { .. }
+        )),
+        0
+    );
     assert_eq!(
         count(
             &fused.prefill,
