@@ -49,13 +49,29 @@ fn check_library(lib: &ModelLibrary, arch: &str) {
     assert_eq!(got, want, "one kernel per distinct signature");
     assert_eq!(got.len(), lib.header.kernels.len(), "no duplicate kernels");
     assert_eq!(lib.header.target.backend, "cuda");
-    // Decode steps fused (mlcb::codegen::fuse): fewer kernels per token than prefill's ops.
+    // Decode steps fused (mlcb::codegen::fuse): a norm or an activation into a GEMV.
     let plan = &lib.header.plan;
     assert_eq!(
         plan.format_version,
         mlcb::formats::model_lib::plan::PLAN_FORMAT_VERSION
     );
-    assert!(plan.decode.len() < plan.prefill.len(), "decode not fused");
+    use mlcb::formats::model_lib::plan::{MatmulFusion, Op};
+    let fused = |ops: &[Op], pred: fn(&MatmulFusion) -> bool| {
+        ops.iter()
+            .any(|op| matches!(op, Op::Matmul { fusion, .. } if pred(fusion)))
+    };
+    assert!(
+        fused(&plan.decode, |f| f.rms_norm.is_some()
+            || f.activation.is_some()
+            || f.silu_gate),
+        "decode not fused"
+    );
+    // Prefill GEMMs take the residual adds (all three architectures have them), and no norm.
+    assert!(
+        fused(&plan.prefill, |f| f.residual.is_some()),
+        "prefill residuals not fused"
+    );
+    assert!(!fused(&plan.prefill, |f| f.rms_norm.is_some()));
     assert_eq!(lib.header.target.options["cuda_arch"], arch);
     assert!(lib.header.target.options["nvrtc_version"].is_string());
     assert_eq!(
