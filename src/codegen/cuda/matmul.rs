@@ -51,11 +51,10 @@ pub fn embedding(mut b: CudaBuilder, m: &MatrixSpec) -> (String, CudaLaunch) {
 }
 
 /// Matmul or logits. Arguments: input, a fused norm's weight, weight records, bias record, a
-/// fused residual, output. The decode GEMVs implement every `fusion`, the prefill GEMMs an
-/// activation and a residual (`generate` refuses other fused prefill specs before they get
-/// here). `f16`:
-/// prefill runs on f16 tensor cores ([`super::f16_prefill`]); `half`: the input or the output
-/// is an f16 buffer ([`super::half_activations`]; only then, `generate` checks).
+/// fused residual, output. The decode GEMVs implement every `fusion`, the prefill GEMMs all but
+/// a norm (`generate` refuses a fused norm in prefill before it gets here). `f16`: prefill runs
+/// on f16 tensor cores ([`super::f16_prefill`]); `half`: the input or the output is an f16
+/// buffer ([`super::half_activations`]; only then, `generate` checks).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     mut b: CudaBuilder,
