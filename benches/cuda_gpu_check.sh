@@ -337,6 +337,9 @@ fi
 # token prompt, prefill = a PREFILL_LEN-token prompt. Prints "rc_decode rc_prefill decode prefill".
 # bench_env: VAR=value words for the bench processes (the Vulkan loader's).
 bench_env=()
+json_field() { # file key: the JSON file's top-level field, or null
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2" 2>/dev/null || echo null
+}
 bench_pair() { # dist label [device args…; default --device cuda]
     local dist="$1" label="$2" rc1 rc2 d p
     shift 2
@@ -345,8 +348,8 @@ bench_pair() { # dist label [device args…; default --device cuda]
         > "$logs/bench-$label-decode.json" 2> "$logs/bench-$label-decode.txt"; rc1=$?
     run_t env "${bench_env[@]}" "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json "${dev[@]}" \
         > "$logs/bench-$label-prefill.json" 2> "$logs/bench-$label-prefill.txt"; rc2=$?
-    d=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$logs/bench-$label-decode.json" 2>/dev/null || echo null)
-    p=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$logs/bench-$label-prefill.json" 2>/dev/null || echo null)
+    d=$(json_field "$logs/bench-$label-decode.json" decode_tok_s)
+    p=$(json_field "$logs/bench-$label-prefill.json" prefill_tok_s)
     echo "$rc1 $rc2 $d $p"
 }
 # Build SCHEME of the synthetic model for PRESET (extra build flags after): dist path on stdout.
@@ -396,7 +399,7 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
             # A/B: the decode graph without programmatic dependent launch (sm_90 kernels).
             run_t env MLCB_CUDA_PDL=0 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json \
                 --device cuda > "$logs/bench-nopdl-decode.json" 2> "$logs/bench-nopdl-decode.txt"
-            nopdl=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["decode_tok_s"])' "$logs/bench-nopdl-decode.json" 2>/dev/null || echo null)
+            nopdl=$(json_field "$logs/bench-nopdl-decode.json" decode_tok_s)
             record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
             say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
         fi
@@ -418,8 +421,8 @@ PY
                 --artifact-path "$dist7b" > "$logs/build-7b-tiles128.txt" 2>&1; then
                 run_t "$mlcb" bench "$dist7b/synth-7b-tiles128-q4f16_1" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
                     > "$logs/bench-tiles128-prefill.json" 2> "$logs/bench-tiles128-prefill.txt"
-                p128=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$logs/bench-tiles128-prefill.json" 2>/dev/null || echo null)
-                p256=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prefill_tok_s"])' "$logs/bench-q4f16_1-prefill.json" 2>/dev/null || echo null)
+                p128=$(json_field "$logs/bench-tiles128-prefill.json" prefill_tok_s)
+                p256=$(json_field "$logs/bench-q4f16_1-prefill.json" prefill_tok_s)
                 record "{\"check\":\"bench7b_tiles128\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p128,\"default_prefill_tok_s\":$p256}"
                 say "7B q4f16_1 prefill with 64×64 warp tiles (128 threads, pinned): $p128 tok/s; default 64×32: $p256 tok/s"
             else

@@ -87,7 +87,6 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
                 rotary: Some(FusedRotary { rotary_dim, theta }),
             })
         }
-        (&Op::Matmul { .. }, &Op::SiluMul { .. }) => fuse_silu(plan, ops, at),
         (
             &Op::RmsNorm {
                 input,
@@ -112,7 +111,7 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
             };
             rewired(second, input, out, fusion)
         }
-        (&Op::Matmul { .. }, &Op::Add { .. }) => fuse_residual(plan, ops, at),
+        (&Op::Matmul { .. }, &Op::SiluMul { .. } | &Op::Add { .. }) => fuse_epilogue(plan, ops, at),
         (first, second) => fuse_activation(first, second),
     }
 }
@@ -120,74 +119,52 @@ fn fuse_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
 /// Prefill's rewrites: SiLU·up, the residual add and the activation into the GEMM's epilogue.
 fn fuse_prefill_pair(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
     match (&ops[at], &ops[at + 1]) {
-        (&Op::Matmul { .. }, &Op::SiluMul { .. }) => fuse_silu(plan, ops, at),
-        (&Op::Matmul { .. }, &Op::Add { .. }) => fuse_residual(plan, ops, at),
+        (&Op::Matmul { .. }, &Op::SiluMul { .. } | &Op::Add { .. }) => fuse_epilogue(plan, ops, at),
         (first, second) => fuse_activation(first, second),
     }
 }
 
-/// `ops[at]`, a matmul writing `p`, with `ops[at + 1]`, `SiluMul{p → a}`, as one matmul writing
-/// `a` with `fusion.silu_gate`.
-fn fuse_silu(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
-    let (
-        first @ &Op::Matmul {
-            input,
-            out: p,
-            fusion,
-            ..
-        },
-        &Op::SiluMul { input: gated, out },
-    ) = (&ops[at], &ops[at + 1])
+/// `ops[at]`, a matmul writing `p`, with `ops[at + 1]` in its epilogue (the table's third and
+/// fourth rows): `SiluMul{p → a}` as one matmul writing `a` with `fusion.silu_gate`, or
+/// `Add{p, r → o}` as one writing `o` with `fusion.residual: r`.
+fn fuse_epilogue(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
+    let first @ &Op::Matmul {
+        input,
+        out: p,
+        fusion,
+        ..
+    } = &ops[at]
     else {
         return None;
     };
-    if fusion.silu_gate
-        || fusion.residual.is_some()
-        || gated != p
-        || out == input
-        || !dead_after(plan, ops, at + 1, p)
-    {
+    if fusion.residual.is_some() {
         return None;
     }
-    let fusion = MatmulFusion {
-        silu_gate: true,
-        ..fusion
+    let (out, fusion) = match ops[at + 1] {
+        Op::SiluMul { input: gated, out } if !fusion.silu_gate && gated == p => (
+            out,
+            MatmulFusion {
+                silu_gate: true,
+                ..fusion
+            },
+        ),
+        Op::Add { a, b, out } if (a == p) != (b == p) => (
+            out,
+            MatmulFusion {
+                residual: Some(if a == p { b } else { a }),
+                ..fusion
+            },
+        ),
+        _ => return None,
     };
-    rewired(first, input, out, fusion)
-}
-
-/// `ops[at]`, a matmul writing `p`, with `ops[at + 1]`, `Add{p, r → o}`, as one matmul writing
-/// `o` with `fusion.residual: r`.
-fn fuse_residual(plan: &Plan, ops: &[Op], at: usize) -> Option<Op> {
-    let (
-        first @ &Op::Matmul {
-            input,
-            out: p,
-            fusion,
-            ..
-        },
-        &Op::Add { a, b, out },
-    ) = (&ops[at], &ops[at + 1])
-    else {
-        return None;
-    };
-    if fusion.residual.is_some()
-        || (a == p) == (b == p)
-        || out == input
-        || !dead_after(plan, ops, at + 1, p)
-    {
+    if out == input || !dead_after(plan, ops, at + 1, p) {
         return None;
     }
-    let residual = if a == p { b } else { a };
-    let fusion = MatmulFusion {
-        residual: Some(residual),
-        ..fusion
-    };
     rewired(first, input, out, fusion)
 }
 
 /// `first`, a matmul, with the in-place activation `second` of its output in its epilogue (the
-/// table's last row; the one rewrite prefill takes too).
+/// table's last row).
 fn fuse_activation(first: &Op, second: &Op) -> Option<Op> {
     let &Op::Matmul {
         input, out, fusion, ..

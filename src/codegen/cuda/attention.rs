@@ -293,6 +293,28 @@ __device__ __forceinline__ void attend_chunked(unsigned jb, unsigned je, KeyAt k
 }
 ";
 
+/// C statements declaring `begin` and `end`, a block of [`attention`]'s run of keys over a
+/// context of `n_ctx` keys, cut at `limit`: with `split`, run `blockIdx.y` of
+/// `ceil(n_ctx / SPLITS)` keys (empty for the last splits of a short context); else all,
+/// `[0, limit)`. Each line starts with `indent`.
+fn key_run(
+    split: bool,
+    n_ctx: &str,
+    limit: &str,
+    (begin, end): (&str, &str),
+    indent: &str,
+) -> String {
+    if split {
+        format!(
+            "{indent}const unsigned chunk = ({n_ctx} + SPLITS - 1u) / SPLITS;
+{indent}const unsigned {begin} = blockIdx.y * chunk < {limit} ? blockIdx.y * chunk : {limit};
+{indent}const unsigned {end} = {begin} + chunk < {limit} ? {begin} + chunk : {limit};"
+        )
+    } else {
+        format!("{indent}const unsigned {begin} = 0u, {end} = {limit};")
+    }
+}
+
 /// Statements for [`CudaBuilder::pre_wait`] of decode attention (`T = 1`): the block's cached
 /// keys and values (its split's run of the positions before `POS`, its kv head's row of each)
 /// into L2, while the qkv projection before it still runs. They do not depend on that kernel:
@@ -304,18 +326,13 @@ fn prefetch_cached_keys(head_dim: usize, kv_f16: bool, split: bool) -> String {
     let row_bytes = head_dim * if kv_f16 { 2 } else { 4 };
     // Lines a row can touch: one more where it need not start on a 128-byte line.
     let lines = row_bytes.div_ceil(128) + usize::from(row_bytes % 128 != 0);
-    let range = if split {
-        "const unsigned chunk = (pos + 1u + SPLITS - 1u) / SPLITS;
-        const unsigned jb = blockIdx.y * chunk < pos ? blockIdx.y * chunk : pos;
-        const unsigned je = jb + chunk < pos ? jb + chunk : pos;"
-    } else {
-        "const unsigned jb = 0u, je = pos;"
-    };
+    // The body's run of keys ([`key_run`]) for `n_ctx = pos + 1`, cut at the cached ones.
+    let range = key_run(split, "pos + 1u", "pos", ("jb", "je"), "        ");
     format!(
         "    // Before waiting for the kernel before: this block's cached keys and values into L2.
     {{
         const unsigned pos = meta[1];
-        {range}
+{range}
         const unsigned kv_off = (blockIdx.x / GROUP) * HD;
         for (unsigned i = threadIdx.x; i < (je - jb) * {per_key}u; i += TPB) {{
             const unsigned j = jb + i / {per_key}u, line = i % {lines}u;
@@ -436,19 +453,19 @@ pub fn attention(
     if b.pdl {
         b.pre_wait = prefetch_cached_keys(head_dim, kv_f16, split);
     }
+    let run = key_run(split, "n_ctx", "n_ctx", ("j_begin", "j_end"), "    ");
     let (rows, range) = if split {
         (
             "const unsigned h = blockIdx.x, t = 0u;",
-            "    // This block's run of keys (empty for the last splits of a short context).
-    const unsigned chunk = (n_ctx + SPLITS - 1u) / SPLITS;
-    const unsigned j_begin = blockIdx.y * chunk < n_ctx ? blockIdx.y * chunk : n_ctx;
-    const unsigned j_end = j_begin + chunk < n_ctx ? j_begin + chunk : n_ctx;",
+            format!(
+                "    // This block's run of keys (empty for the last splits of a short context).\n{run}"
+            ),
         )
     } else {
         (
             "const unsigned h = blockIdx.x, t = blockIdx.y;
     if (t >= T) return;",
-            "    const unsigned j_begin = 0u, j_end = n_ctx;",
+            run,
         )
     };
     let store = if split {
