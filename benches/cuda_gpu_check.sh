@@ -512,9 +512,9 @@ PY
         if RUST_LOG=mlcb=debug build_7b q4f16_1 cuda q4f16_1-tuned "${arch_flag[@]}" --tune on > /dev/null; then
             tune_s=$(( $(date +%s) - t0 ))
             tuned=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["tuned"]))' "$q4/build-manifest.json" 2>/dev/null || echo null)
-            say "tuned build took ${tune_s}s (manifest tuned: $tuned); the decode GEMVs' candidates:"
-            grep -E 'tune decode:(matmul|logits)' "$logs/build-7b-q4f16_1-tuned.txt" | sed 's/^.*tune decode/  decode/' \
-                | head -90 | tee -a "$summary" >&2
+            say "tuned build took ${tune_s}s (manifest tuned: $tuned); the matmuls' candidates (decode GEMVs; prefill GEMMs' warp tilings, 16 + 512 tokens):"
+            grep -E 'tune (decode|prefill):(matmul|logits)' "$logs/build-7b-q4f16_1-tuned.txt" | sed -E 's/^.*tune (decode|prefill)/  \1/' \
+                | head -110 | tee -a "$summary" >&2
             bench_cuda q4f16_1 "$q4" q4f16_1-tuned "$tuned"
             if [ "$PROFILE" = 1 ] && in_time "tuned kernel profile"; then
                 # Beside the untuned profile: which kernels the tuned choices made faster or slower.

@@ -36,6 +36,11 @@ pub const POSITION: u64 = 64;
 /// head's keys (`kv_splits`) pays off with the context's length, and a split count chosen at 64
 /// keys alone (seen on an H200: one block per head) is slow for a few hundred.
 pub const LONG_POSITION: u64 = 512;
+/// A longer prompt at which the CUDA timer also times prefill matmuls: a 16-token call fills one
+/// 16-row mma tile of a GEMM block's 128 rows, which says nothing of how the f16 GEMM's warp
+/// tilings (`cuda::gemm_f16::WarpTiles`, its candidates) compare on the full tiles of a real
+/// prompt.
+pub const LONG_PROMPT: u64 = 512;
 /// KV-cache capacity of the timed state buffers.
 pub const STATE_TOKENS: u64 = LONG_POSITION + PREFILL_TOKENS;
 
@@ -52,16 +57,18 @@ pub fn timed_tokens(spec: &KernelSpec, signature: &str) -> u64 {
 }
 
 /// Upper bound of the bytes an argument of `spec` with `role` ("weight", "state", "params",
-/// activations otherwise) and weight `record` may touch in a timed call. Generous on purpose:
-/// kernels bound-check every access, so a larger buffer never changes the work done.
-pub fn buffer_bytes(spec: &KernelSpec, role: &str, record: Option<usize>) -> u64 {
+/// activations otherwise) and weight `record` may touch in a timed call of at most `tokens`
+/// tokens. Generous on purpose: kernels bound-check every access, so a larger buffer never
+/// changes the work done.
+pub fn buffer_bytes(spec: &KernelSpec, role: &str, record: Option<usize>, tokens: u64) -> u64 {
     let t = match spec {
         KernelSpec::Matmul {
             phase: Phase::Decode,
             ..
         } => 1,
         _ => PREFILL_TOKENS,
-    };
+    }
+    .max(tokens);
     let widest = widest(spec);
     let bytes = match role {
         // A matmul's vectors (bias, a fused norm's weight) are no longer than its widest row.

@@ -45,6 +45,16 @@ pub const F16_BK: u32 = 32;
 /// mma tiles per warp along M (16 rows each).
 const WARP_MI: usize = 4;
 
+/// Whether a prefill matmul over `m` runs here: the model computes in f16 (the scheme's
+/// choice, [`super::f16_prefill`] of its plan); else the 3xTF32 GEMM (`matmul::gemm`).
+pub fn runs(m: &MatrixSpec) -> bool {
+    m.model_dtype == DType::F16
+}
+
+/// The tuning's `threads_per_block` values that pick the warp tilings ([`WarpTiles::for_threads`]):
+/// the tune stage's candidates, the default first.
+pub const TILING_THREADS: [u32; 2] = [256, 128];
+
 /// How a block's warps share its 128×128 tile. The tuning's `threads_per_block` picks it: 128
 /// gives [`WarpTiles::Square`], anything else the default [`WarpTiles::Wide`] (the kernel's
 /// block is fixed otherwise; records of other values predate the knob).

@@ -1,9 +1,10 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
 //! kernel, crossed with rows per block for the f32 decode GEMV over row-major (NK) weights, with
 //! runs of 16-row mma tiles per block for the tensor-core decode GEMV (the same knob) and with
-//! key splits for decode attention, the only kernels that read them. The tensor-core GEMMs and
-//! the query-tiled attention of prefill have fixed blocks, so they have one candidate. Knobs a
-//! kernel ignores stay at its default, so no two candidates generate the same kernel.
+//! key splits for decode attention, the only kernels that read them. The f16 prefill GEMM's
+//! threads pick one of its two warp tilings (two candidates); the 3xTF32 GEMM and the
+//! query-tiled attention of prefill have fixed blocks, so they have one. Knobs a kernel ignores
+//! stay at its default, so no two candidates generate the same kernel.
 
 use super::launch::CudaTuning;
 use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};
@@ -29,7 +30,7 @@ pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
                 (threads, gemv_mma_runs(m, fusion.silu_gate, threads))
             }
             // The prefill GEMMs' block: the f16 one reads 128 as its 64×64 warp tiles
-            // (`gemm_f16::WarpTiles`), a choice a pinned tuning file makes; the f32 one is fixed.
+            // (`gemm_f16::WarpTiles`, the tune stage's other candidate); the f32 one is fixed.
             KernelSpec::Matmul {
                 phase: Phase::Prefill,
                 ..
@@ -110,8 +111,10 @@ pub fn gemv_mma_runs(
 /// with their buffers out of the L2 cache (`runtime::cuda::timer`), as a forward pass runs
 /// them; earlier records were timed from L2. 6: a prefill GEMM's `threads_per_block` means its
 /// warp tiling (128: 64×64, `gemm_f16::WarpTiles`), and its default is 256 (records of 128
-/// measured before would now pick the other tiling).
-pub const SPACE_VERSION: u32 = 6;
+/// measured before would now pick the other tiling). 7: the f16 prefill GEMM's two warp tilings
+/// are candidates, and prefill matmuls are timed at a 512-token prompt too
+/// (`runtime::cuda::timer`; a 16-token call fills a sixteenth of a block's rows).
+pub const SPACE_VERSION: u32 = 7;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of
@@ -122,27 +125,35 @@ const THREADS: [u32; 4] = [64, 128, 256, 512];
 const ROWS: [u32; 4] = [1, 2, 4, 8];
 const KV_SPLITS: [u32; 6] = [1, 2, 4, 8, 16, 32];
 
-/// Which knobs `spec`'s kernel (signature `signature`) reads.
+/// Which knobs `spec`'s kernel (signature `signature`) reads: the threads values it tells apart
+/// (none: the knob is off), and whether it reads rows and key splits.
 struct Knobs {
-    threads: bool,
+    threads: &'static [u32],
     rows: bool,
     kv_splits: bool,
 }
 
 fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
-    let (threads, rows, kv_splits) = match spec {
+    let (threads, rows, kv_splits): (&'static [u32], bool, bool) = match spec {
+        // The f16 GEMM's threads choose its warp tiling (its two blocks); the 3xTF32 one has
+        // a fixed block.
+        KernelSpec::Matmul {
+            m,
+            phase: Phase::Prefill,
+            ..
+        } if super::gemm_f16::runs(m) => (&super::gemm_f16::TILING_THREADS, false, false),
         KernelSpec::Matmul {
             phase: Phase::Prefill,
             ..
-        } => (false, false, false),
+        } => (&[], false, false),
         // The query-tiled prefill attention has a fixed block.
         KernelSpec::Attention { head_dim, .. }
             if super::attention::tiled(super::phase_of(signature), *head_dim) =>
         {
-            (false, false, false)
+            (&[], false, false)
         }
         KernelSpec::Attention { .. } => (
-            true,
+            &THREADS,
             false,
             super::phase_of(signature) == Some(Phase::Decode),
         ),
@@ -154,9 +165,9 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
             // The f32 GEMV takes rows per block over row-major weights; the tensor-core one
             // (either layout) its runs of the mma's 16 rows.
             let nk = !matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
-            (true, nk || super::gemv_mma::fits(m), false)
+            (&THREADS, nk || super::gemv_mma::fits(m), false)
         }
-        _ => (true, false, false),
+        _ => (&THREADS, false, false),
     };
     Knobs {
         threads,
@@ -178,7 +189,7 @@ pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
             vec![*default]
         }
     };
-    let threads = values(k.threads, &THREADS, &default.threads_per_block);
+    let threads = values(!k.threads.is_empty(), k.threads, &default.threads_per_block);
     let rows = values(k.rows, &ROWS, &default.rows_per_block);
     let splits = values(k.kv_splits, &KV_SPLITS, &default.kv_splits);
     let mut out = vec![default];
@@ -221,7 +232,13 @@ mod tests {
 
     #[test]
     fn candidates_cover_the_knobs_each_kernel_reads() {
-        let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+        for scheme in ["q4f16_1", "q4f32_1"] {
+            candidates_of(scheme);
+        }
+    }
+
+    fn candidates_of(scheme: &str) {
+        let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", scheme, 32);
         let specs = specs_by_signature(&plan).unwrap();
         let (mut seen_gemv, mut seen_decode_attention) = (false, false);
         for (sig, spec) in &specs {
@@ -236,6 +253,26 @@ mod tests {
                 assert_eq!(CudaTuning::from_record(&v).unwrap(), *t, "{sig}: invalid");
             }
             match spec {
+                // f16 schemes: the f16 GEMM's two warp tilings; f32: the 3xTF32 GEMM's block.
+                KernelSpec::Matmul {
+                    phase: Phase::Prefill,
+                    ..
+                } if scheme.contains("f16") => {
+                    let tilings: Vec<_> = c
+                        .iter()
+                        .map(|t| {
+                            super::super::gemm_f16::WarpTiles::for_threads(t.threads_per_block)
+                        })
+                        .collect();
+                    assert_eq!(
+                        tilings,
+                        [
+                            super::super::gemm_f16::WarpTiles::Wide,
+                            super::super::gemm_f16::WarpTiles::Square
+                        ],
+                        "{sig}"
+                    );
+                }
                 KernelSpec::Matmul {
                     phase: Phase::Prefill,
                     ..

@@ -2,10 +2,11 @@
 //!
 //! Only a GPU whose compute capability is the target's architecture counts as matching: records
 //! measured on an sm_90 part would be wrong for an sm_80 build. A kernel is timed alone on
-//! zero-filled buffers sized by [`buffer_bytes`] for a typical call (one token for decode, a
-//! 16-token block for prefill, attention at position 64, and decode attention at 512 too, the two
-//! times summed): a warm-up launch, then five batches of launches between two CUDA events; the
-//! median batch, per launch, is the result.
+//! zero-filled buffers sized by [`buffer_bytes`] for typical calls ([`timed_calls`]: one token
+//! for decode, a 16-token block for prefill, attention at position 64; decode attention at 512
+//! too, and prefill matmuls at a 512-token prompt too, the two times summed): a warm-up launch,
+//! then five batches of launches between two CUDA events; the median batch, per launch, is the
+//! result.
 //!
 //! A model's forward pass streams every weight once, so each of its kernels starts with its
 //! weights out of the L2 cache. Launched again and again on the same buffers, a kernel whose
@@ -18,9 +19,11 @@
 use super::driver::{self, Device, DeviceMem, Event, Kernel, Stream};
 use crate::codegen::cuda::launch::META_FIELDS;
 use crate::codegen::tune::{
-    buffer_bytes, timed_tokens, KernelTimer, TimedKernel, LONG_POSITION, POSITION,
+    buffer_bytes, timed_tokens, KernelTimer, TimedKernel, LONG_POSITION, LONG_PROMPT, POSITION,
+    PREFILL_TOKENS,
 };
 use crate::codegen::wgsl::spec::KernelSpec;
+use crate::codegen::wgsl::spec::Phase;
 use crate::error::env;
 use anyhow::Result;
 use cudarc::driver::sys;
@@ -95,7 +98,8 @@ impl KernelTimer for CudaTimer {
             .bind_to_thread()
             .map_err(|e| env(format!("binding the CUDA context: {e:?}")))?;
         let sig = &kernel.signature;
-        let t = timed_tokens(spec, sig);
+        let calls = timed_calls(spec, sig);
+        let most_tokens = calls.iter().map(|&(t, _)| t).max().unwrap_or(1);
         let module = Kernel::load(ptx, &kernel.entry_point, sig)?;
         // A scratch has its own size (zeroed: the kernel expects that of a first launch).
         let sizes: Vec<u64> = kernel
@@ -104,7 +108,7 @@ impl KernelTimer for CudaTimer {
             .iter()
             .map(|a| match a.bytes {
                 Some(b) if a.role == "scratch" => b,
-                _ => buffer_bytes(spec, &a.role, a.record),
+                _ => buffer_bytes(spec, &a.role, a.record, most_tokens),
             })
             .collect();
         let copies = COLD_BYTES
@@ -121,18 +125,28 @@ impl KernelTimer for CudaTimer {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        // Decode attention is timed at a short and a long context (the sum of the two), every
-        // other kernel at POSITION (its work does not depend on it).
-        let positions: &[u64] = if sig.starts_with("decode:attention") {
-            &[POSITION, LONG_POSITION]
-        } else {
-            &[POSITION]
-        };
         let mut total = 0.0;
-        for &pos in positions {
+        for (t, pos) in calls {
             total += time_at(kernel, &module, &buffers, t, pos)?;
         }
         Ok(total)
+    }
+}
+
+/// The calls, (tokens, position), a kernel of `spec` (signature `sig`) is timed at, its time the
+/// sum: decode attention at a short and a long context (how many blocks share a head's keys pays
+/// off with its length), prefill matmuls at a short and a long prompt (a 16-token call fills a
+/// sixteenth of a GEMM block's rows, so it cannot tell the f16 GEMM's warp tilings apart),
+/// every other kernel at [`timed_tokens`] and POSITION (its work does not depend on it).
+fn timed_calls(spec: &KernelSpec, sig: &str) -> Vec<(u64, u64)> {
+    let t = timed_tokens(spec, sig);
+    match spec {
+        KernelSpec::Matmul {
+            phase: Phase::Prefill,
+            ..
+        } => vec![(PREFILL_TOKENS, POSITION), (LONG_PROMPT, POSITION)],
+        _ if sig.starts_with("decode:attention") => vec![(t, POSITION), (t, LONG_POSITION)],
+        _ => vec![(t, POSITION)],
     }
 }
 
@@ -216,4 +230,52 @@ fn time_at(
     }
     runs.sort_by(f64::total_cmp);
     Ok(runs[BATCHES / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codegen::wgsl::spec::specs_by_signature;
+
+    #[test]
+    fn prefill_matmuls_and_decode_attention_are_timed_at_a_short_and_a_long_call() {
+        let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 32);
+        let mut seen = [false; 3];
+        for (sig, spec) in specs_by_signature(&plan).unwrap() {
+            let calls = timed_calls(&spec, &sig);
+            match &spec {
+                KernelSpec::Matmul {
+                    phase: Phase::Prefill,
+                    ..
+                } => {
+                    assert_eq!(calls, [(16, POSITION), (LONG_PROMPT, POSITION)], "{sig}");
+                    seen[0] = true;
+                }
+                _ if sig.starts_with("decode:attention") => {
+                    assert_eq!(calls, [(1, POSITION), (1, LONG_POSITION)], "{sig}");
+                    seen[1] = true;
+                }
+                KernelSpec::Matmul {
+                    phase: Phase::Decode,
+                    ..
+                } => {
+                    assert_eq!(calls, [(1, POSITION)], "{sig}");
+                    seen[2] = true;
+                }
+                _ => assert_eq!(calls.len(), 1, "{sig}"),
+            }
+        }
+        assert_eq!(seen, [true; 3]);
+        // The long prompt's activations fit the buffers the timer allocates.
+        let specs = specs_by_signature(&plan).unwrap();
+        let (_, gemm) = specs
+            .iter()
+            .find(|(s, _)| s.starts_with("prefill:matmul"))
+            .expect("a prefill matmul");
+        let KernelSpec::Matmul { m, .. } = gemm else {
+            unreachable!()
+        };
+        let wide = m.n.max(m.k) as u64;
+        assert!(buffer_bytes(gemm, "input", None, LONG_PROMPT) >= LONG_PROMPT * wide * 4);
+    }
 }

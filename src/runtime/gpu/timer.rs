@@ -9,7 +9,9 @@
 use super::adapter::{self, GpuContext};
 use super::bind::Params;
 use super::kernels::{layout_entries, PARAMS_BYTES};
-use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
+use crate::codegen::tune::{
+    buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION, PREFILL_TOKENS,
+};
 use crate::codegen::wgsl::launch::Binding;
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::codegen::wgsl::WgslKernel;
@@ -47,7 +49,7 @@ fn binding_bytes(spec: &KernelSpec, b: &Binding) -> u64 {
     match (b.range, b.role.as_str()) {
         (Some([_, len]), _) => len.max(4),
         (None, "params") => PARAMS_BYTES,
-        (None, role) => buffer_bytes(spec, role, b.record),
+        (None, role) => buffer_bytes(spec, role, b.record, PREFILL_TOKENS),
     }
 }
 
