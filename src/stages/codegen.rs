@@ -56,8 +56,10 @@ use std::collections::BTreeMap;
 /// cached keys and values into L2 before its PDL wait. 28: cuda prefill GEMMs take 128-thread
 /// tuning records as 64×64 warp tiles, and add the residual after them in their epilogue
 /// (`fuse_for_cuda`). 29: and SiLU·up after the gate/up GEMM, whose f16 output the down GEMM
-/// reads.
-pub const VERSION: u32 = 29;
+/// reads. 30: the f16 helpers of cuda kernels include `cp.async`, and a prefill GEMM record of
+/// `rows_per_block` 2 copies the f16 activation tile two K steps ahead through a ring of shared
+/// buffers (`gemm_f16::x_ring`).
+pub const VERSION: u32 = 30;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

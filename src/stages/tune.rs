@@ -103,12 +103,19 @@ fn measure(
     if target.preset.backend == "cuda" {
         let arch = cuda_arch(target);
         let candidates = crate::codegen::cuda::tune_space::candidates(signature, spec);
+        let mut generated = std::collections::HashSet::new();
         fastest(signature, &candidates, |t| {
-            // A candidate the shape cannot take (attention's shared memory) is skipped.
+            // A candidate the shape cannot take (attention's shared memory) is skipped, and so
+            // is one whose kernel an earlier candidate generated (a knob this instance of the
+            // kernel cannot use: the f16 GEMM's activation ring over an f32 activation).
             let Ok(kernel) = crate::codegen::cuda::generate(signature, spec, *t, arch, f16, half)
             else {
                 return Ok(None);
             };
+            if !generated.insert(blake3::hash(kernel.source.as_bytes())) {
+                tracing::debug!("tune {signature}: {t:?}: the kernel of an earlier candidate");
+                return Ok(None);
+            }
             let ptx = crate::codegen::cuda::compile(&kernel, arch)?;
             timer
                 .time(

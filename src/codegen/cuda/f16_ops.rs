@@ -48,6 +48,17 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, unsigned a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
+// 16 bytes from global memory to shared address `dst` by cp.async (L2 only, `.cg`): zeros when
+// `full` is false (the source is then not read). Then: close the thread's group of copies, and
+// wait until at most N of its groups are in flight (the copies of the others have landed; other
+// threads see them after a barrier).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(full ? 16u : 0u) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
 // f16x2 arithmetic, each half rounded once (`.rn`: never contracted into an fma).
 __device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
     unsigned r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;

@@ -15,7 +15,9 @@
 //!   phase hits 32 distinct banks.
 //! - Pipelining: the next K step's global loads go to registers before the current step's
 //!   products, and are decoded into the other shared buffer after them (two buffers, one
-//!   barrier per step), so memory latency overlaps the tensor-core work.
+//!   barrier per step), so memory latency overlaps the tensor-core work. With a tuning record of
+//!   `rows_per_block` 2, an f16 activation tile instead goes by `cp.async` into a ring of three
+//!   buffers, two steps ahead ([`x_ring`]); the tune stage times both.
 //! - Why the weight decoding is specialised: a prefill block decodes its 128×32 weight tile
 //!   every K step, and decoding one value at a time in f32 made the kernel issue-bound at ~450
 //!   SASS instructions per warp per step for 16 mma (Llama-2-7B's q4f16_1 kernels). Sym 4/8-bit
@@ -54,6 +56,30 @@ pub fn runs(m: &MatrixSpec) -> bool {
 /// The tuning's `threads_per_block` values that pick the warp tilings ([`WarpTiles::for_threads`]):
 /// the tune stage's candidates, the default first.
 pub const TILING_THREADS: [u32; 2] = [256, 128];
+
+/// The tuning's `rows_per_block` values, read as how many K steps ahead the activation tile is
+/// fetched: 1 (the default) stages both operands through registers one step ahead;
+/// [`X_RING_AHEAD`] copies the activation by `cp.async` into a ring of shared buffers
+/// ([`x_ring`]).
+pub const STAGING_ROWS: [u32; 2] = [1, X_RING_AHEAD];
+/// K steps ahead the activation ring is filled; it has one buffer more.
+pub const X_RING_AHEAD: u32 = 2;
+const X_RING_STAGES: u32 = X_RING_AHEAD + 1;
+
+/// Whether the GEMM with tuning `rows_per_block` copies its activation tile through the ring:
+/// the record asks for it ([`X_RING_AHEAD`]), and the activation is f16 in rows of whole 16-byte
+/// chunks (`cp.async` copies bytes as they are; a chunk is wholly inside K or past it).
+///
+/// Why: with one step of register staging, a K step's loads must land within one step's products
+/// (per SM ~512 tensor-core cycles for two blocks of 128×128×32), about an L2 round trip under
+/// load; two steps ahead they have twice that, and the activation needs no registers on the way
+/// (their 16-byte units were a tenth of the default tiling's 126 registers). In rows of 64 bytes
+/// (no padding, 8 KiB a buffer: three buffers and the two padded weight buffers fit the 48 KiB
+/// of static shared memory), 16-byte chunk `c` of row `r` lies at chunk `c ^ ((r / 2) % 4)`, so
+/// an `ldmatrix` phase's 8 rows still hit 32 distinct banks.
+pub fn x_ring(rows_per_block: u32, half_input: bool, k: usize) -> bool {
+    rows_per_block == X_RING_AHEAD && half_input && k % 8 == 0
+}
 
 /// How a block's warps share its 128×128 tile. The tuning's `threads_per_block` picks it: 128
 /// gives [`WarpTiles::Square`], anything else the default [`WarpTiles::Wide`] (the kernel's
@@ -396,23 +422,48 @@ fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging
 /// The K loop over double-buffered tiles; `partial`: only the warp's first `live` mma row tiles
 /// are loaded and multiplied (warp-uniform branches, in a copy of the loop that full tiles do not
 /// run).
-fn k_loop(partial: bool, nj: usize) -> String {
+///
+/// With the activation ring ([`x_ring`]) the step reading ring buffer `xsl` first issues the
+/// copies of the step two ahead into the buffer read one step before (free since that step's
+/// barrier; past K they zero-fill), and ends by waiting for all but those newest copies (the
+/// next step's), then the barrier that makes every thread's copies visible.
+fn k_loop(partial: bool, nj: usize, ring: bool) -> String {
     let (any, row) = if partial {
         ("if (live > 0u) ", "if (i < live) ")
     } else {
         ("", "")
     };
+    let (issue, x_addr, a_addr, wait, next) = if ring {
+        (
+            "x_issue(xsl == 0u ? XSTAGES - 1u : xsl - 1u, k0 + 2u * BK);",
+            "const unsigned xa0 = xs_lane0 + xsl * (BM * BK * 2u), xa1 = xs_lane1 + xsl * (BM * BK * 2u);",
+            "(ks == 0u ? xa0 : xa1) + i * 16u * BK * 2u",
+            "cp_async_wait<1>();",
+            " xsl = xsl + 1u == XSTAGES ? 0u : xsl + 1u;",
+        )
+    } else {
+        (
+            "",
+            "const unsigned xa = xs_lane + buf * (BM * PAD * 2u);",
+            "xa + (i * 16u * PAD + ks) * 2u",
+            "",
+            "",
+        )
+    };
     format!(
-        "    unsigned buf = 0u;
+        "    unsigned buf = 0u, xsl = 0u;
+    (void)xsl;
     for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
         const bool more = k0 + BK < W_K;
+        {issue}
         if (more) fetch(k0 + BK);
-        const unsigned xa = xs_lane + buf * (BM * PAD * 2u), wa = ws_lane + buf * (BN * PAD * 2u);
+        {x_addr}
+        const unsigned wa = ws_lane + buf * (BN * PAD * 2u);
         #pragma unroll
         for (unsigned ks = 0; ks < BK; ks += 16u) {any}{{
             unsigned a[{mi}][4], bf[{nj}][2];
             #pragma unroll
-            for (unsigned i = 0; i < {mi}u; ++i) {row}ldsm_x4(a[i], xa + (i * 16u * PAD + ks) * 2u);
+            for (unsigned i = 0; i < {mi}u; ++i) {row}ldsm_x4(a[i], {a_addr});
             #pragma unroll
             for (unsigned j = 0; j < {nj}u; j += 2u) {{
                 unsigned r[4];
@@ -426,8 +477,9 @@ fn k_loop(partial: bool, nj: usize) -> String {
         }}
         // The other buffer was last read before the previous barrier: safe to fill now.
         if (more) stash(buf ^ 1u, k0 + BK);
+        {wait}
         __syncthreads();
-        buf ^= 1u;
+        buf ^= 1u;{next}
     }}",
         mi = WARP_MI,
     )
@@ -442,6 +494,7 @@ pub(super) fn gemm_f16(
     half_input: bool,
 ) -> (String, CudaLaunch) {
     let tiles = WarpTiles::for_threads(b.tuning.threads_per_block);
+    let ring = x_ring(b.tuning.rows_per_block, half_input, m.k);
     let threads = tiles.threads() as usize;
     let nj = tiles.nj();
     let st = staging(m, threads);
@@ -531,8 +584,75 @@ pub(super) fn gemm_f16(
     // and lanes 16–31 the same rows at column 8; B (16×8, k × n, stored n-major) b0 (k = 2c..,
     // n = g), b1 (k = 2c+8.., n = g) — matrices 0 and 1 for lanes 0–7 / 8–15 addressing the 8
     // columns' rows at k 0 / 8, and 2, 3 the next 8 columns (lanes 16–31).
+    // The activation tile: two padded buffers filled from registers, or the ring of XSTAGES
+    // swizzled ones filled by cp.async (see `x_ring`).
+    let (x_smem, x_lanes, x_fetch, x_stash, x_prologue) = if ring {
+        b.const_u32("XSTAGES", X_RING_STAGES as usize);
+        (
+            "__shared__ __align__(128) unsigned short xs[XSTAGES][BM][BK];".to_string(),
+            // Lane rows differ from a_row by multiples of 16, so (row / 2) % 4 is a_row's; the
+            // second 16 K of a step is chunk + 2, i.e. the swizzled chunk ^ 2.
+            "const unsigned x_swz = (a_row >> 1) & 3u, x_row = smem_u32(&xs[0][wm + a_row][0]);
+    const unsigned xs_lane0 = x_row + (((lane >> 4) ^ x_swz) * 16u), xs_lane1 = x_row + ((((lane >> 4) ^ x_swz) ^ 2u) * 16u);
+    // This thread's activation units: 16-byte chunk tid % 4 of rows tid / 4 + j · GT / 4 (whose
+    // (row / 2) % 4 is the same for every j).
+    const unsigned xs_dst = smem_u32(&xs[0][tid / 4u][((tid & 3u) ^ ((tid >> 3) & 3u)) * 8u]);
+    // Global memory → ring buffer `slot` for the K step at k0: zeros past the call's rows or K.
+    auto x_issue = [&](unsigned slot, unsigned k0) {
+        #pragma unroll
+        for (unsigned j = 0; j < XPT; ++j) {
+            const bool in = t0 + tid / 4u + j * (GT / 4u) < ROWS && k0 + (tid & 3u) * 8u < W_K;
+            const void* src = in ? (const void*)(x_lane + (u64)j * (GT / 4u) * W_K + k0) : (const void*)x;
+            cp_async16(xs_dst + slot * (BM * BK * 2u) + j * (GT / 4u) * (BK * 2u), src, in);
+        }
+        cp_async_commit();
+    };"
+            .to_string(),
+            String::new(),
+            String::new(),
+            "x_issue(0u, 0u);
+    x_issue(1u, BK);
+    fetch(0u);
+    stash(0u, 0u);
+    cp_async_wait<1>();",
+        )
+    } else {
+        (
+            "__shared__ __align__(16) unsigned short xs[2][BM][PAD];".to_string(),
+            "// ... as shared-window addresses in buffer 0 (a buffer is the next PAD · rows halves).
+    const unsigned xs_lane = smem_u32(&xs[0][wm + a_row][a_col]);"
+                .to_string(),
+            format!(
+                "#pragma unroll
+        for (unsigned j = 0; j < XPT; ++j) {{
+            const unsigned u = tid + j * GT;
+            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
+                const unsigned t = t0 + u / (BK / XV), k = k0 + (u % (BK / XV)) * XV;
+                {x_fetch}
+            }}
+        }}"
+            ),
+            format!(
+                "#pragma unroll
+        for (unsigned j = 0; j < XPT; ++j) {{
+            const unsigned u = tid + j * GT;
+            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
+                const unsigned r = u / (BK / XV), kk = (u % (BK / XV)) * XV;
+                {x_stash}
+            }}
+        }}"
+            ),
+            "fetch(0u);
+    stash(0u, 0u);",
+        )
+    };
+    let x_regs = if ring {
+        String::new()
+    } else {
+        format!("{x_reg} xr[XPT];")
+    };
     let body = format!(
-        "    __shared__ __align__(16) unsigned short xs[2][BM][PAD];
+        "    {x_smem}
     __shared__ __align__(16) unsigned short ws[2][BN][PAD];
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
@@ -541,23 +661,17 @@ pub(super) fn gemm_f16(
     (void)n0;
     // This lane's ldmatrix row addresses (see the fragment layouts above).
     const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
+    (void)a_col;
     const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
-    // ... as shared-window addresses in buffer 0 (a buffer is the next PAD · rows halves).
-    const unsigned xs_lane = smem_u32(&xs[0][wm + a_row][a_col]), ws_lane = smem_u32(&ws[0][wn + b_row][b_col]);
-    {x_reg} xr[XPT];
+    const unsigned ws_lane = smem_u32(&ws[0][wn + b_row][b_col]);
+    {x_regs}
     const {x_type}* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / XV)) * W_K + (tid % (BK / XV)) * XV;
     (void)x_lane;
+    {x_lanes}
     {regs}
     // Global memory → registers for the K step at k0.
     auto fetch = [&](unsigned k0) {{
-        #pragma unroll
-        for (unsigned j = 0; j < XPT; ++j) {{
-            const unsigned u = tid + j * GT;
-            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
-                const unsigned t = t0 + u / (BK / XV), k = k0 + (u % (BK / XV)) * XV;
-                {x_fetch}
-            }}
-        }}
+        {x_fetch}
         #pragma unroll
         for (unsigned j = 0; j < UPT; ++j) {{
             const unsigned u = tid + j * GT;
@@ -576,14 +690,7 @@ pub(super) fn gemm_f16(
     // Registers → f16 in shared buffer `buf`.
     auto stash = [&](unsigned buf, unsigned k0) {{
         (void)k0;
-        #pragma unroll
-        for (unsigned j = 0; j < XPT; ++j) {{
-            const unsigned u = tid + j * GT;
-            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
-                const unsigned r = u / (BK / XV), kk = (u % (BK / XV)) * XV;
-                {x_stash}
-            }}
-        }}
+        {x_stash}
         #pragma unroll
         for (unsigned j = 0; j < UPT; ++j) {{
             const unsigned u = tid + j * GT;
@@ -596,8 +703,7 @@ pub(super) fn gemm_f16(
         }}
     }};
     {acc}
-    fetch(0u);
-    stash(0u, 0u);
+    {x_prologue}
     __syncthreads();
     // The warp's 16-row mma tiles that hold rows of the call: all {mi} but in the last row tile
     // of a short call (a 16-token prompt needs one of the block's eight), where the loop that
@@ -608,10 +714,17 @@ pub(super) fn gemm_f16(
     }} else {{
 {partial_loop}
     }}
+    {drain}
 {store}",
+        drain = if ring {
+            // The last steps' zero fills: no copy outlives the kernel.
+            "cp_async_wait<0>();"
+        } else {
+            ""
+        },
         row = super::matmul::gemm_tile_row(epilogue.silu_gate, F16_BN, "nl"),
-        full_loop = k_loop(false, nj),
-        partial_loop = k_loop(true, nj),
+        full_loop = k_loop(false, nj, ring),
+        partial_loop = k_loop(true, nj, ring),
         warps_n = tiles.warps_n(),
         wtm = WARP_MI * 16,
         wtn = nj * 8,
@@ -620,9 +733,7 @@ pub(super) fn gemm_f16(
         store = super::matmul::warp_tile_store(WARP_MI, nj, epilogue),
         regs = st.regs,
         map = st.map,
-        x_reg = x_reg,
         x_type = x_type,
-        x_stash = x_stash,
         fetch = st.fetch,
         decode = st.decode,
     );

@@ -147,6 +147,26 @@ fn every_variant_compiles_to_ptx() {
     }
     // Each spec once, alternating tuning record and arch (NVRTC programs compile in parallel).
     let specs = all_specs();
+    // The f16 GEMM's candidates in turn (below) meet both archs.
+    let gemm_candidates: std::collections::BTreeSet<_> = specs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            matches!(
+                s,
+                KernelSpec::Matmul {
+                    phase: Phase::Prefill,
+                    ..
+                }
+            )
+        })
+        .map(|(i, s)| {
+            let c = super::tune_space::candidates("prefill:matmul", s);
+            let t = c[(i / 2) % c.len()];
+            (t.threads_per_block, t.rows_per_block, i % 2)
+        })
+        .collect();
+    assert_eq!(gemm_candidates.len(), 8, "{gemm_candidates:?}");
     let count = specs
         .par_iter()
         .enumerate()
@@ -221,11 +241,21 @@ fn every_variant_compiles_to_ptx() {
                     .chain(half)
                     .map(move |h| (f16, sig, kv_splits, h))
             });
-            for (f16, sig, kv_splits, half) in variants {
-                let tuning = CudaTuning {
-                    kv_splits,
-                    ..tuning
+            // An f16 GEMM over an f16 activation: one of its tuning candidates (warp tilings ×
+            // register or cp.async staging) in turn, so the specs cover each with both archs.
+            let variants = variants.map(|(f16, sig, kv_splits, half)| {
+                let tuning = if f16 && prefill && half.input {
+                    let c = super::tune_space::candidates("prefill:matmul", spec);
+                    c[(i / 2) % c.len()]
+                } else {
+                    CudaTuning {
+                        kv_splits,
+                        ..tuning
+                    }
                 };
+                (f16, sig, tuning, half)
+            });
+            for (f16, sig, tuning, half) in variants {
                 let k = generate(sig, spec, tuning, arch, f16, half).unwrap();
                 let ptx = compile(&k, arch).unwrap_or_else(|e| {
                     panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
@@ -266,6 +296,42 @@ fn every_variant_compiles_to_ptx() {
         })
         .count();
     assert!(count > 120, "{count}");
+}
+
+/// The f16 GEMM's activation ring (`gemm_f16::x_ring`) changes the kernel exactly where its
+/// activation is f16 in rows of whole 16-byte chunks; elsewhere the candidate asking for it
+/// generates the register-staged kernel (which the tune stage then times once).
+#[test]
+fn the_activation_ring_applies_to_f16_activations_only() {
+    use super::gemm_f16::X_RING_AHEAD;
+    for spec in all_specs() {
+        let KernelSpec::Matmul {
+            m,
+            phase: Phase::Prefill,
+            ..
+        } = &spec
+        else {
+            continue;
+        };
+        for input in [false, true] {
+            let half = HalfIo { input, out: false };
+            let gen = |rows_per_block| {
+                let t = CudaTuning {
+                    threads_per_block: 256,
+                    rows_per_block,
+                    kv_splits: 1,
+                };
+                generate("prefill:matmul", &spec, t, "sm_90", true, half)
+                    .unwrap()
+                    .source
+            };
+            let (regs, ring) = (gen(1), gen(X_RING_AHEAD));
+            let applies = input && m.k % 8 == 0;
+            assert_eq!(regs != ring, applies, "{spec:?} f16 input {input}");
+            assert_eq!(ring.contains("cp_async16(xs_dst"), applies, "{spec:?}");
+            assert!(!regs.contains("cp_async16(xs_dst"), "{spec:?}");
+        }
+    }
 }
 
 #[test]

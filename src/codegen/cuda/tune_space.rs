@@ -2,9 +2,12 @@
 //! kernel, crossed with rows per block for the f32 decode GEMV over row-major (NK) weights, with
 //! runs of 16-row mma tiles per block for the tensor-core decode GEMV (the same knob) and with
 //! key splits for decode attention, the only kernels that read them. The f16 prefill GEMM's
-//! threads pick one of its two warp tilings (two candidates); the 3xTF32 GEMM and the
-//! query-tiled attention of prefill have fixed blocks, so they have one. Knobs a kernel ignores
-//! stay at its default, so no two candidates generate the same kernel.
+//! threads pick one of its two warp tilings, crossed with its rows: how many K steps ahead it
+//! fetches the activation tile (registers one ahead, or a `cp.async` ring two ahead); the
+//! 3xTF32 GEMM and the query-tiled attention of prefill have fixed blocks, so they have one
+//! candidate. Knobs a kernel ignores stay at its default, so no two candidates differ only in
+//! them (where the ring cannot apply — an f32 activation — two of the GEMM's candidates generate
+//! the same kernel: the tune stage times that kernel once).
 
 use super::launch::CudaTuning;
 use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};
@@ -112,8 +115,9 @@ pub fn gemv_mma_runs(
 /// them; earlier records were timed from L2. 6: a prefill GEMM's `threads_per_block` means its
 /// warp tiling (128: 64×64, `gemm_f16::WarpTiles`), and its default is 256 (records of 128
 /// measured before would now pick the other tiling). 7: the f16 prefill GEMM's two warp tilings
-/// are candidates, and prefill matmuls are timed at a 512-token prompt too
-/// (`runtime::cuda::timer`; a 16-token call fills a sixteenth of a block's rows).
+/// and its activation ring (`gemm_f16::x_ring`) are candidates, and prefill matmuls are timed at
+/// a 512-token prompt too (`runtime::cuda::timer`; a 16-token call fills a sixteenth of a
+/// block's rows).
 pub const SPACE_VERSION: u32 = 7;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
@@ -125,36 +129,40 @@ const THREADS: [u32; 4] = [64, 128, 256, 512];
 const ROWS: [u32; 4] = [1, 2, 4, 8];
 const KV_SPLITS: [u32; 6] = [1, 2, 4, 8, 16, 32];
 
-/// Which knobs `spec`'s kernel (signature `signature`) reads: the threads values it tells apart
-/// (none: the knob is off), and whether it reads rows and key splits.
+/// Which knobs `spec`'s kernel (signature `signature`) reads: the threads and rows values it
+/// tells apart (none: the knob is off), and whether it reads key splits.
 struct Knobs {
     threads: &'static [u32],
-    rows: bool,
+    rows: &'static [u32],
     kv_splits: bool,
 }
 
 fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
-    let (threads, rows, kv_splits): (&'static [u32], bool, bool) = match spec {
-        // The f16 GEMM's threads choose its warp tiling (its two blocks); the 3xTF32 one has
-        // a fixed block.
+    let (threads, rows, kv_splits): (&'static [u32], &'static [u32], bool) = match spec {
+        // The f16 GEMM's threads choose its warp tiling (its two blocks), its rows how far ahead
+        // it fetches the activation tile; the 3xTF32 one has a fixed block.
         KernelSpec::Matmul {
             m,
             phase: Phase::Prefill,
             ..
-        } if super::gemm_f16::runs(m) => (&super::gemm_f16::TILING_THREADS, false, false),
+        } if super::gemm_f16::runs(m) => (
+            &super::gemm_f16::TILING_THREADS,
+            &super::gemm_f16::STAGING_ROWS,
+            false,
+        ),
         KernelSpec::Matmul {
             phase: Phase::Prefill,
             ..
-        } => (&[], false, false),
+        } => (&[], &[], false),
         // The query-tiled prefill attention has a fixed block.
         KernelSpec::Attention { head_dim, .. }
             if super::attention::tiled(super::phase_of(signature), *head_dim) =>
         {
-            (&[], false, false)
+            (&[], &[], false)
         }
         KernelSpec::Attention { .. } => (
             &THREADS,
-            false,
+            &[],
             super::phase_of(signature) == Some(Phase::Decode),
         ),
         KernelSpec::Matmul {
@@ -165,9 +173,14 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
             // The f32 GEMV takes rows per block over row-major weights; the tensor-core one
             // (either layout) its runs of the mma's 16 rows.
             let nk = !matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
-            (&THREADS, nk || super::gemv_mma::fits(m), false)
+            let rows: &'static [u32] = if nk || super::gemv_mma::fits(m) {
+                &ROWS
+            } else {
+                &[]
+            };
+            (&THREADS, rows, false)
         }
-        _ => (&THREADS, false, false),
+        _ => (&THREADS, &[], false),
     };
     Knobs {
         threads,
@@ -190,7 +203,7 @@ pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
         }
     };
     let threads = values(!k.threads.is_empty(), k.threads, &default.threads_per_block);
-    let rows = values(k.rows, &ROWS, &default.rows_per_block);
+    let rows = values(!k.rows.is_empty(), k.rows, &default.rows_per_block);
     let splits = values(k.kv_splits, &KV_SPLITS, &default.kv_splits);
     let mut out = vec![default];
     for &threads_per_block in &threads {
@@ -258,17 +271,23 @@ mod tests {
                     phase: Phase::Prefill,
                     ..
                 } if scheme.contains("f16") => {
-                    let tilings: Vec<_> = c
+                    use super::super::gemm_f16::{WarpTiles, X_RING_AHEAD};
+                    let kinds: Vec<_> = c
                         .iter()
                         .map(|t| {
-                            super::super::gemm_f16::WarpTiles::for_threads(t.threads_per_block)
+                            (
+                                WarpTiles::for_threads(t.threads_per_block),
+                                t.rows_per_block,
+                            )
                         })
                         .collect();
                     assert_eq!(
-                        tilings,
+                        kinds,
                         [
-                            super::super::gemm_f16::WarpTiles::Wide,
-                            super::super::gemm_f16::WarpTiles::Square
+                            (WarpTiles::Wide, 1),
+                            (WarpTiles::Wide, X_RING_AHEAD),
+                            (WarpTiles::Square, 1),
+                            (WarpTiles::Square, X_RING_AHEAD)
                         ],
                         "{sig}"
                     );

@@ -186,6 +186,30 @@ inline void ldsm_x4_trans(unsigned* r, unsigned a) {
         r[i] = (unsigned)lo | ((unsigned)hi << 16);
     }
 }
+// cp.async: a thread's copies wait in its groups until a wait_group lets them land, so a read
+// of the destination before that wait (or, for another thread's copies, before the barrier
+// after it) sees stale bytes, as it may on the GPU.
+namespace emu {
+struct pending_copy { unsigned short* dst; const void* src; bool full; };
+static thread_local std::vector<pending_copy> cp_open;
+static thread_local std::vector<std::vector<pending_copy>> cp_groups;
+}
+inline void cp_async16(unsigned dst, const void* src, bool full) {
+    emu::cp_open.push_back({const_cast<unsigned short*>(emu_smem(dst)), src, full});
+}
+inline void cp_async_commit() {
+    emu::cp_groups.push_back(std::move(emu::cp_open));
+    emu::cp_open.clear();
+}
+template <int N> inline void cp_async_wait() {
+    while (emu::cp_groups.size() > (std::size_t)N) {
+        for (const auto& c : emu::cp_groups.front()) {
+            if (c.full) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        }
+        emu::cp_groups.erase(emu::cp_groups.begin());
+    }
+}
 // f16x2 arithmetic rounded once per half: sums and products of f16 values are exact in double
 // (an fma too unless its product and addend lie some 30 binades apart — never in these
 // kernels), so one rounding of the double result is IEEE's f16 operation.
@@ -546,6 +570,25 @@ fn tuning_records(
         .collect()
 }
 
+/// [`tuning_records`] at `base`, but `t` for the signatures `pick` selects (the kernels a test
+/// is about; the others at a cheap-to-emulate shape).
+#[cfg(test)]
+fn tuning_records_where(
+    plan: &Plan,
+    base: (u32, u32, u32),
+    pick: impl Fn(&str) -> bool,
+    t: (u32, u32, u32),
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let picked = tuning_records(plan, t);
+    let mut records = tuning_records(plan, base);
+    for (sig, v) in records.iter_mut() {
+        if pick(sig) {
+            *v = picked[sig].clone();
+        }
+    }
+    records
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -822,6 +865,60 @@ mod tests {
         }
     }
 
+    /// The prefill GEMM's activation ring (`gemm_f16::x_ring`: the f16 activation tile copied
+    /// by cp.async two K steps ahead into swizzled buffers) stages the same values as the
+    /// register path, so every logit keeps its bits, with both warp tilings: the matrix plan
+    /// (norm → SiLU-gated gate/up GEMM → down GEMM, both reading f16 activations) with q4 codes
+    /// at K = 72 and 40 (16-byte chunks past K zero-filled) and raw f16 weights at K = 64 and
+    /// 96 (whole steps, 2 and 3 of them). 150 rows: a full row tile and a short one (the copy of
+    /// the loop for short tiles; rows past the call zero-filled). The emulated copies land only
+    /// at their wait, so a read before it, or before the barrier after another thread's, would
+    /// see stale bytes.
+    #[test]
+    fn the_activation_ring_changes_no_bit_of_the_logits() {
+        if !cxx_or_skip("the_activation_ring_changes_no_bit_of_the_logits") {
+            return;
+        }
+        use crate::codegen::cuda::gemm_f16::X_RING_AHEAD;
+        let gemm =
+            |sig: &str| sig.starts_with("prefill:matmul") || sig.starts_with("prefill:logits");
+        for (scheme, shape) in [("q4f16_1", (40, 72, 40)), ("q0f16", (40, 64, 96))] {
+            let (plan, records) = quant_plan_of(scheme, shape, 160);
+            let name = format!("{scheme} {shape:?}");
+            let ids: Vec<u32> = (0..150u32)
+                .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
+                .collect();
+            for threads in [256, 128] {
+                let compile = |rows| {
+                    let recs = tuning_records_where(&plan, (64, 16, 8), gemm, (threads, rows, 1));
+                    EmuKernels::compile(generate_plan(&plan, &recs, "sm_80").unwrap())
+                };
+                let (regs, ring) = (compile(1), compile(X_RING_AHEAD));
+                let ringed = |k: &EmuKernels| {
+                    k.kernels
+                        .iter()
+                        .filter(|k| k.source.contains("cp_async16(xs_dst"))
+                        .count()
+                };
+                assert_eq!(ringed(&regs), 0, "{name}");
+                assert!(ringed(&ring) >= 2, "{name}: {} ringed GEMMs", ringed(&ring));
+                let a = EmuSession::new(&plan, &regs, &records).forward(&ids, true);
+                let b = EmuSession::new(&plan, &ring, &records).forward(&ids, true);
+                assert_eq!(a.len(), b.len());
+                if let Some(i) = a
+                    .iter()
+                    .zip(&b)
+                    .position(|(x, y)| x.to_bits() != y.to_bits())
+                {
+                    panic!(
+                        "{name} ({threads} threads): logit {i} is {} with the ring, {} without",
+                        b[i], a[i]
+                    );
+                }
+            }
+        }
+    }
+
     /// `len` values in [-1, 1) from an xorshift seeded by `seed`.
     fn random_values(len: usize, seed: u32) -> Vec<f32> {
         let mut x = seed.wrapping_mul(2654435761) | 1;
@@ -913,7 +1010,16 @@ mod tests {
     /// matmul, gelu, add) → logits, every matrix quantized with `scheme`; decode fused as the cuda
     /// target fuses it (gate/up with the norm and the silu gate, down with the gelu and the
     /// residual), prefill not.
-    fn quant_plan(scheme: &str, (v, h, f): (usize, usize, usize)) -> (Plan, Vec<Vec<Vec<u8>>>) {
+    fn quant_plan(scheme: &str, shape: (usize, usize, usize)) -> (Plan, Vec<Vec<Vec<u8>>>) {
+        quant_plan_of(scheme, shape, 80)
+    }
+
+    /// [`quant_plan`] for prompts of up to `max_seq_len` tokens.
+    fn quant_plan_of(
+        scheme: &str,
+        (v, h, f): (usize, usize, usize),
+        max_seq_len: usize,
+    ) -> (Plan, Vec<Vec<Vec<u8>>>) {
         use crate::quant::scheme::TensorRole;
         let (weights, records) = quantized_weights(
             scheme,
@@ -958,7 +1064,7 @@ mod tests {
             ("logits", v),
             ("normed", h),
         ];
-        let plan = test_plan(scheme, weights, &buffers, vec![], ops, 4, 80);
+        let plan = test_plan(scheme, weights, &buffers, vec![], ops, 4, max_seq_len);
         let plan = crate::codegen::fuse::fuse_for_cuda(plan);
         assert_eq!(
             plan.decode.len(),
@@ -1301,12 +1407,12 @@ mod tests {
                 // Only decode attention takes the configuration under test; every other kernel
                 // runs at 64 threads (a block's threads are host threads: 256-thread norms and
                 // GEMVs made this test's decode steps 2× slower for nothing it checks).
-                let mut tuning = tuning_records(&plan, (64, 1, 1));
-                for (sig, t) in tuning.iter_mut() {
-                    if sig.starts_with("decode:attention") {
-                        *t = serde_json::json!({"threads_per_block": tpb, "rows_per_block": 1, "kv_splits": splits});
-                    }
-                }
+                let tuning = tuning_records_where(
+                    &plan,
+                    (64, 1, 1),
+                    |sig| sig.starts_with("decode:attention"),
+                    (tpb, 1, splits),
+                );
                 let kernels = EmuKernels::compile(generate_plan(&plan, &tuning, arch).unwrap());
                 let decode = kernels
                     .kernels
