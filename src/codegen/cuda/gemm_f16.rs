@@ -17,7 +17,8 @@
 //!   products, and are decoded into the other shared buffer after them (two buffers, one
 //!   barrier per step), so memory latency overlaps the tensor-core work. With a tuning record of
 //!   `rows_per_block` 2, an f16 activation tile instead goes by `cp.async` into a ring of three
-//!   buffers, two steps ahead ([`x_ring`]); the tune stage times both.
+//!   buffers, two steps ahead, and raw f16 weights into a ring of their own ([`x_ring`]); the
+//!   tune stage times both.
 //! - Why the weight decoding is specialised: a prefill block decodes its 128×32 weight tile
 //!   every K step, and decoding one value at a time in f32 made the kernel issue-bound at ~450
 //!   SASS instructions per warp per step for 16 mma (Llama-2-7B's q4f16_1 kernels). Sym 4/8-bit
@@ -73,10 +74,12 @@ const X_RING_STAGES: u32 = X_RING_AHEAD + 1;
 /// Why: with one step of register staging, a K step's loads must land within one step's products
 /// (per SM ~512 tensor-core cycles for two blocks of 128×128×32), about an L2 round trip under
 /// load; two steps ahead they have twice that, and the activation needs no registers on the way
-/// (their 16-byte units were a tenth of the default tiling's 126 registers). In rows of 64 bytes
-/// (no padding, 8 KiB a buffer: three buffers and the two padded weight buffers fit the 48 KiB
-/// of static shared memory), 16-byte chunk `c` of row `r` lies at chunk `c ^ ((r / 2) % 4)`, so
-/// an `ldmatrix` phase's 8 rows still hit 32 distinct banks.
+/// (their 16-byte units were a tenth of the default tiling's 126 registers). Raw f16 weights
+/// (q0f16) take a ring of their own, filled in the same groups of copies; other weights are
+/// decoded through registers as before. In rows of 64 bytes (no padding, 8 KiB a buffer: three
+/// buffers and the two padded weight buffers, or the weights' three, fit the 48 KiB of static
+/// shared memory), 16-byte chunk `c` of row `r` lies at chunk `c ^ ((r / 2) % 4)`, so an
+/// `ldmatrix` phase's 8 rows still hit 32 distinct banks.
 pub fn x_ring(rows_per_block: u32, half_input: bool, k: usize) -> bool {
     rows_per_block == X_RING_AHEAD && half_input && k % 8 == 0
 }
@@ -427,7 +430,7 @@ fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging
 /// copies of the step two ahead into the buffer read one step before (free since that step's
 /// barrier; past K they zero-fill), and ends by waiting for all but those newest copies (the
 /// next step's), then the barrier that makes every thread's copies visible.
-fn k_loop(partial: bool, nj: usize, ring: bool) -> String {
+fn k_loop(partial: bool, nj: usize, ring: bool, w_ring: bool) -> String {
     let (any, row) = if partial {
         ("if (live > 0u) ", "if (i < live) ")
     } else {
@@ -450,6 +453,17 @@ fn k_loop(partial: bool, nj: usize, ring: bool) -> String {
             "",
         )
     };
+    let (w_addr, b_addr) = if w_ring {
+        (
+            "const unsigned wa0 = ws_lane0 + xsl * (BN * BK * 2u), wa1 = ws_lane1 + xsl * (BN * BK * 2u);",
+            "(ks == 0u ? wa0 : wa1) + j * 8u * BK * 2u",
+        )
+    } else {
+        (
+            "const unsigned wa = ws_lane + buf * (BN * PAD * 2u);",
+            "wa + (j * 8u * PAD + ks) * 2u",
+        )
+    };
     format!(
         "    unsigned buf = 0u, xsl = 0u;
     (void)xsl;
@@ -458,7 +472,7 @@ fn k_loop(partial: bool, nj: usize, ring: bool) -> String {
         {issue}
         if (more) fetch(k0 + BK);
         {x_addr}
-        const unsigned wa = ws_lane + buf * (BN * PAD * 2u);
+        {w_addr}
         #pragma unroll
         for (unsigned ks = 0; ks < BK; ks += 16u) {any}{{
             unsigned a[{mi}][4], bf[{nj}][2];
@@ -467,7 +481,7 @@ fn k_loop(partial: bool, nj: usize, ring: bool) -> String {
             #pragma unroll
             for (unsigned j = 0; j < {nj}u; j += 2u) {{
                 unsigned r[4];
-                ldsm_x4(r, wa + (j * 8u * PAD + ks) * 2u);
+                ldsm_x4(r, {b_addr});
                 bf[j][0] = r[0]; bf[j][1] = r[1]; bf[j + 1][0] = r[2]; bf[j + 1][1] = r[3];
             }}
             #pragma unroll
@@ -495,6 +509,9 @@ pub(super) fn gemm_f16(
 ) -> (String, CudaLaunch) {
     let tiles = WarpTiles::for_threads(b.tuning.threads_per_block);
     let ring = x_ring(b.tuning.rows_per_block, half_input, m.k);
+    // Raw f16 weights are copied as they are too: through a ring of their own, in the same
+    // groups of copies.
+    let w_ring = ring && m.storage == MatrixStorage::Raw(DType::F16);
     let threads = tiles.threads() as usize;
     let nj = tiles.nj();
     let st = staging(m, threads);
@@ -592,22 +609,49 @@ pub(super) fn gemm_f16(
             "__shared__ __align__(128) unsigned short xs[XSTAGES][BM][BK];".to_string(),
             // Lane rows differ from a_row by multiples of 16, so (row / 2) % 4 is a_row's; the
             // second 16 K of a step is chunk + 2, i.e. the swizzled chunk ^ 2.
-            "const unsigned x_swz = (a_row >> 1) & 3u, x_row = smem_u32(&xs[0][wm + a_row][0]);
+            format!(
+                "const unsigned x_swz = (a_row >> 1) & 3u, x_row = smem_u32(&xs[0][wm + a_row][0]);
     const unsigned xs_lane0 = x_row + (((lane >> 4) ^ x_swz) * 16u), xs_lane1 = x_row + ((((lane >> 4) ^ x_swz) ^ 2u) * 16u);
     // This thread's activation units: 16-byte chunk tid % 4 of rows tid / 4 + j · GT / 4 (whose
     // (row / 2) % 4 is the same for every j).
     const unsigned xs_dst = smem_u32(&xs[0][tid / 4u][((tid & 3u) ^ ((tid >> 3) & 3u)) * 8u]);
+    {w_lanes}
     // Global memory → ring buffer `slot` for the K step at k0: zeros past the call's rows or K.
-    auto x_issue = [&](unsigned slot, unsigned k0) {
+    auto x_issue = [&](unsigned slot, unsigned k0) {{
         #pragma unroll
-        for (unsigned j = 0; j < XPT; ++j) {
+        for (unsigned j = 0; j < XPT; ++j) {{
             const bool in = t0 + tid / 4u + j * (GT / 4u) < ROWS && k0 + (tid & 3u) * 8u < W_K;
             const void* src = in ? (const void*)(x_lane + (u64)j * (GT / 4u) * W_K + k0) : (const void*)x;
             cp_async16(xs_dst + slot * (BM * BK * 2u) + j * (GT / 4u) * (BK * 2u), src, in);
-        }
+        }}
+        {w_issue}
         cp_async_commit();
-    };"
-            .to_string(),
+    }};",
+                w_lanes = if w_ring {
+                    // B rows differ from b_row by multiples of 8; its lanes' chunk is
+                    // (lane / 8) % 2, then + 2 for the second 16 K.
+                    "const unsigned w_swz = (lane >> 1) & 3u, w_row = smem_u32(&ws[0][wn + b_row][0]);
+    const unsigned ws_lane0 = w_row + ((((lane >> 3) & 1u) ^ w_swz) * 16u), ws_lane1 = w_row + (((((lane >> 3) & 1u) ^ w_swz) ^ 2u) * 16u);
+    const unsigned ws_dst = smem_u32(&ws[0][tid / 4u][((tid & 3u) ^ ((tid >> 3) & 3u)) * 8u]);"
+                } else {
+                    ""
+                },
+                w_issue = if w_ring {
+                    format!(
+                        "// The weight tile's rows tid / 4 + j · GT / 4 (the matrix's row `n`), the same chunk.
+        #pragma unroll
+        for (unsigned j = 0; j < UPT; ++j) {{
+            const unsigned nl = tid / 4u + j * (GT / 4u), n = {row}, kk = (tid & 3u) * 8u;
+            const bool in = n < W_N && k0 + kk < W_K;
+            const void* src = in ? (const void*)(w_raw + (u64)n * W_K + k0 + kk) : (const void*)w_raw;
+            cp_async16(ws_dst + slot * (BN * BK * 2u) + j * (GT / 4u) * (BK * 2u), src, in);
+        }}",
+                        row = super::matmul::gemm_tile_row(epilogue.silu_gate, F16_BN, "nl")
+                    )
+                } else {
+                    String::new()
+                }
+            ),
             String::new(),
             String::new(),
             "x_issue(0u, 0u);
@@ -646,6 +690,19 @@ pub(super) fn gemm_f16(
     stash(0u, 0u);",
         )
     };
+    // W_STAGED: the weight tile goes through registers (fetch, decode, stash); else its ring.
+    b.const_bool("W_STAGED", !w_ring);
+    let (w_smem, ws_lane) = if w_ring {
+        (
+            "__shared__ __align__(128) unsigned short ws[XSTAGES][BN][BK];",
+            "",
+        )
+    } else {
+        (
+            "__shared__ __align__(16) unsigned short ws[2][BN][PAD];",
+            "const unsigned ws_lane = smem_u32(&ws[0][wn + b_row][b_col]);",
+        )
+    };
     let x_regs = if ring {
         String::new()
     } else {
@@ -653,7 +710,7 @@ pub(super) fn gemm_f16(
     };
     let body = format!(
         "    {x_smem}
-    __shared__ __align__(16) unsigned short ws[2][BN][PAD];
+    {w_smem}
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
     const unsigned wm = (warp / {warps_n}u) * {wtm}u, wn = (warp % {warps_n}u) * {wtn}u;
@@ -663,7 +720,8 @@ pub(super) fn gemm_f16(
     const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
     (void)a_col;
     const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
-    const unsigned ws_lane = smem_u32(&ws[0][wn + b_row][b_col]);
+    (void)b_col;
+    {ws_lane}
     {x_regs}
     const {x_type}* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / XV)) * W_K + (tid % (BK / XV)) * XV;
     (void)x_lane;
@@ -675,7 +733,7 @@ pub(super) fn gemm_f16(
         #pragma unroll
         for (unsigned j = 0; j < UPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (UNITS % GT == 0u || u < UNITS) {{
+            if (W_STAGED && (UNITS % GT == 0u || u < UNITS)) {{
                 {map}
                 (void)kk;
                 // `map` gives the tile's row; the loads index the matrix's row.
@@ -694,7 +752,7 @@ pub(super) fn gemm_f16(
         #pragma unroll
         for (unsigned j = 0; j < UPT; ++j) {{
             const unsigned u = tid + j * GT;
-            if (UNITS % GT == 0u || u < UNITS) {{
+            if (W_STAGED && (UNITS % GT == 0u || u < UNITS)) {{
                 {map}
                 unsigned h[HPU];
                 {decode}
@@ -723,8 +781,8 @@ pub(super) fn gemm_f16(
             ""
         },
         row = super::matmul::gemm_tile_row(epilogue.silu_gate, F16_BN, "nl"),
-        full_loop = k_loop(false, nj, ring),
-        partial_loop = k_loop(true, nj, ring),
+        full_loop = k_loop(false, nj, ring, w_ring),
+        partial_loop = k_loop(true, nj, ring, w_ring),
         warps_n = tiles.warps_n(),
         wtm = WARP_MI * 16,
         wtn = nj * 8,

@@ -5,7 +5,7 @@
 use super::half_activations::HalfIo;
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
-use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, Phase, Unary};
+use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, MatrixStorage, Phase, Unary};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
 
@@ -329,6 +329,13 @@ fn the_activation_ring_applies_to_f16_activations_only() {
             let applies = input && m.k % 8 == 0;
             assert_eq!(regs != ring, applies, "{spec:?} f16 input {input}");
             assert_eq!(ring.contains("cp_async16(xs_dst"), applies, "{spec:?}");
+            // Raw f16 weights take their own ring with it.
+            let raw_f16 = m.storage == MatrixStorage::Raw(DType::F16);
+            assert_eq!(
+                ring.contains("cp_async16(ws_dst"),
+                applies && raw_f16,
+                "{spec:?}"
+            );
             assert!(!regs.contains("cp_async16(xs_dst"), "{spec:?}");
         }
     }

@@ -869,8 +869,8 @@ mod tests {
     /// by cp.async two K steps ahead into swizzled buffers) stages the same values as the
     /// register path, so every logit keeps its bits, with both warp tilings: the matrix plan
     /// (norm → SiLU-gated gate/up GEMM → down GEMM, both reading f16 activations) with q4 codes
-    /// at K = 72 and 40 (16-byte chunks past K zero-filled) and raw f16 weights at K = 64 and
-    /// 96 (whole steps, 2 and 3 of them). 150 rows: a full row tile and a short one (the copy of
+    /// at K = 72 and 40 (16-byte chunks past K zero-filled) and raw f16 weights, which take a
+    /// ring of their own, at K = 64 and 96 (whole steps, 2 and 3 of them). 150 rows: a full row tile and a short one (the copy of
     /// the loop for short tiles; rows past the call zero-filled). The emulated copies land only
     /// at their wait, so a read before it, or before the barrier after another thread's, would
     /// see stale bytes.
@@ -894,14 +894,17 @@ mod tests {
                     EmuKernels::compile(generate_plan(&plan, &recs, "sm_80").unwrap())
                 };
                 let (regs, ring) = (compile(1), compile(X_RING_AHEAD));
-                let ringed = |k: &EmuKernels| {
+                let ringed = |k: &EmuKernels, what: &str| {
                     k.kernels
                         .iter()
-                        .filter(|k| k.source.contains("cp_async16(xs_dst"))
+                        .filter(|k| k.source.contains(&format!("cp_async16({what}")))
                         .count()
                 };
-                assert_eq!(ringed(&regs), 0, "{name}");
-                assert!(ringed(&ring) >= 2, "{name}: {} ringed GEMMs", ringed(&ring));
+                assert_eq!(ringed(&regs, "xs_dst"), 0, "{name}");
+                assert!(ringed(&ring, "xs_dst") >= 2, "{name}");
+                // Raw f16 weights ring too.
+                let w = ringed(&ring, "ws_dst");
+                assert_eq!(w >= 2, scheme == "q0f16", "{name}: {w} weight rings");
                 let a = EmuSession::new(&plan, &regs, &records).forward(&ids, true);
                 let b = EmuSession::new(&plan, &ring, &records).forward(&ids, true);
                 assert_eq!(a.len(), b.len());
