@@ -22,8 +22,7 @@ use crate::codegen::tune::{
     buffer_bytes, timed_tokens, KernelTimer, TimedKernel, LONG_POSITION, LONG_PROMPT, POSITION,
     PREFILL_TOKENS,
 };
-use crate::codegen::wgsl::spec::KernelSpec;
-use crate::codegen::wgsl::spec::Phase;
+use crate::codegen::wgsl::spec::{KernelSpec, Phase};
 use crate::error::env;
 use anyhow::Result;
 use cudarc::driver::sys;
