@@ -33,7 +33,8 @@ pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
                 (threads, gemv_mma_runs(m, fusion.silu_gate, threads))
             }
             // The prefill GEMMs' block: the f16 one reads 128 as its 64×64 warp tiles
-            // (`gemm_f16::WarpTiles`, the tune stage's other candidate); the f32 one is fixed.
+            // (`gemm_f16::WarpTiles`) and rows 2 as its activation ring (`gemm_f16::x_ring`),
+            // the tune stage's other candidates; the f32 one is fixed.
             KernelSpec::Matmul {
                 phase: Phase::Prefill,
                 ..
