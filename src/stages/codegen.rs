@@ -58,8 +58,10 @@ use std::collections::BTreeMap;
 /// (`fuse_for_cuda`). 29: and SiLU·up after the gate/up GEMM, whose f16 output the down GEMM
 /// reads. 30: the f16 helpers of cuda kernels include `cp.async`, and a prefill GEMM record of
 /// `rows_per_block` 2 copies the f16 activation tile two K steps ahead through a ring of shared
-/// buffers (`gemm_f16::x_ring`). 31: raw f16 weights take a ring of their own with it.
-pub const VERSION: u32 = 31;
+/// buffers (`gemm_f16::x_ring`). 31: raw f16 weights take a ring of their own with it. 32: the
+/// GEMM's weight staging is left out of the source where that ring replaces it (the same PTX
+/// work, other text).
+pub const VERSION: u32 = 32;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

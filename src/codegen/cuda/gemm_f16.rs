@@ -690,8 +690,46 @@ pub(super) fn gemm_f16(
     stash(0u, 0u);",
         )
     };
-    // W_STAGED: the weight tile goes through registers (fetch, decode, stash); else its ring.
-    b.const_bool("W_STAGED", !w_ring);
+    // The weight tile through registers: fetched one K step ahead, decoded and stashed after
+    // the step's products (nothing, where raw f16 weights take their ring).
+    // A thread's weight units of the step: `body` with unit `u`'s tile row `n` and K offset `kk`.
+    let each_unit = |body: String| {
+        format!(
+            "#pragma unroll
+        for (unsigned j = 0; j < UPT; ++j) {{
+            const unsigned u = tid + j * GT;
+            if (UNITS % GT == 0u || u < UNITS) {{
+                {map}
+                {body}
+            }}
+        }}",
+            map = st.map
+        )
+    };
+    let (w_regs, w_fetch, w_stash) = if w_ring {
+        (String::new(), String::new(), String::new())
+    } else {
+        (
+            st.regs.clone(),
+            each_unit(format!(
+                "(void)kk;
+                // `map` gives the tile's row; the loads index the matrix's row.
+                const unsigned nl = n;
+                {{
+                    const unsigned n = {row};
+                    {fetch}
+                }}",
+                row = super::matmul::gemm_tile_row(epilogue.silu_gate, F16_BN, "nl"),
+                fetch = st.fetch,
+            )),
+            each_unit(format!(
+                "unsigned h[HPU];
+                {decode}
+                {w_store}",
+                decode = st.decode,
+            )),
+        )
+    };
     let (w_smem, ws_lane) = if w_ring {
         (
             "__shared__ __align__(128) unsigned short ws[XSTAGES][BN][BK];",
@@ -726,39 +764,18 @@ pub(super) fn gemm_f16(
     const {x_type}* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / XV)) * W_K + (tid % (BK / XV)) * XV;
     (void)x_lane;
     {x_lanes}
-    {regs}
+    {w_regs}
     // Global memory → registers for the K step at k0.
     auto fetch = [&](unsigned k0) {{
+        (void)k0;
         {x_fetch}
-        #pragma unroll
-        for (unsigned j = 0; j < UPT; ++j) {{
-            const unsigned u = tid + j * GT;
-            if (W_STAGED && (UNITS % GT == 0u || u < UNITS)) {{
-                {map}
-                (void)kk;
-                // `map` gives the tile's row; the loads index the matrix's row.
-                const unsigned nl = n;
-                {{
-                    const unsigned n = {row};
-                    {fetch}
-                }}
-            }}
-        }}
+        {w_fetch}
     }};
     // Registers → f16 in shared buffer `buf`.
     auto stash = [&](unsigned buf, unsigned k0) {{
-        (void)k0;
+        (void)buf; (void)k0;
         {x_stash}
-        #pragma unroll
-        for (unsigned j = 0; j < UPT; ++j) {{
-            const unsigned u = tid + j * GT;
-            if (W_STAGED && (UNITS % GT == 0u || u < UNITS)) {{
-                {map}
-                unsigned h[HPU];
-                {decode}
-                {w_store}
-            }}
-        }}
+        {w_stash}
     }};
     {acc}
     {x_prologue}
@@ -780,7 +797,6 @@ pub(super) fn gemm_f16(
         } else {
             ""
         },
-        row = super::matmul::gemm_tile_row(epilogue.silu_gate, F16_BN, "nl"),
         full_loop = k_loop(false, nj, ring, w_ring),
         partial_loop = k_loop(true, nj, ring, w_ring),
         warps_n = tiles.warps_n(),
@@ -789,11 +805,7 @@ pub(super) fn gemm_f16(
         mi = WARP_MI,
         acc = super::matmul::warp_tile_acc(WARP_MI, nj),
         store = super::matmul::warp_tile_store(WARP_MI, nj, epilogue),
-        regs = st.regs,
-        map = st.map,
         x_type = x_type,
-        fetch = st.fetch,
-        decode = st.decode,
     );
     let grid = [
         super::matmul::gemm_grid_x(m, epilogue.silu_gate, F16_BN),

@@ -196,16 +196,20 @@ fn knobs(signature: &str, spec: &KernelSpec) -> Knobs {
 pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
     let default = default_for(signature, spec);
     let k = knobs(signature, spec);
-    let values = |on: bool, all: &'static [u32], default: &u32| -> Vec<u32> {
-        if on {
-            all.to_vec()
+    // A knob's values, or its default where the kernel does not read it.
+    let values = |all: &'static [u32], default: u32| -> Vec<u32> {
+        if all.is_empty() {
+            vec![default]
         } else {
-            vec![*default]
+            all.to_vec()
         }
     };
-    let threads = values(!k.threads.is_empty(), k.threads, &default.threads_per_block);
-    let rows = values(!k.rows.is_empty(), k.rows, &default.rows_per_block);
-    let splits = values(k.kv_splits, &KV_SPLITS, &default.kv_splits);
+    let threads = values(k.threads, default.threads_per_block);
+    let rows = values(k.rows, default.rows_per_block);
+    let splits = values(
+        if k.kv_splits { &KV_SPLITS } else { &[] },
+        default.kv_splits,
+    );
     let mut out = vec![default];
     for &threads_per_block in &threads {
         for &rows_per_block in &rows {

@@ -842,11 +842,7 @@ mod tests {
             let a = EmuSession::new(&plan, &with, &records).forward(&ids, true);
             let b = EmuSession::new(&plan, &without, &records).forward(&ids, true);
             assert_eq!(a.len(), b.len());
-            if let Some(i) = a
-                .iter()
-                .zip(&b)
-                .position(|(x, y)| x.to_bits() != y.to_bits())
-            {
+            if let Some(i) = first_differing_bits(&a, &b) {
                 panic!(
                     "{name}: logit {i} is {} with f16 activations, {} without",
                     a[i], b[i]
@@ -856,10 +852,9 @@ mod tests {
             // that one row of the f16 buffer).
             let last = EmuSession::new(&plan, &with, &records).forward(&ids, false);
             let v = plan.vocab_size;
-            assert!(
-                last.iter()
-                    .zip(&a[a.len() - v..])
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+            assert_eq!(
+                first_differing_bits(&last, &a[a.len() - v..]),
+                None,
                 "{name}: the last row's logits alone differ"
             );
         }
@@ -870,10 +865,10 @@ mod tests {
     /// register path, so every logit keeps its bits, with both warp tilings: the matrix plan
     /// (norm → SiLU-gated gate/up GEMM → down GEMM, both reading f16 activations) with q4 codes
     /// at K = 72 and 40 (16-byte chunks past K zero-filled) and raw f16 weights, which take a
-    /// ring of their own, at K = 64 and 96 (whole steps, 2 and 3 of them). 150 rows: a full row tile and a short one (the copy of
-    /// the loop for short tiles; rows past the call zero-filled). The emulated copies land only
-    /// at their wait, so a read before it, or before the barrier after another thread's, would
-    /// see stale bytes.
+    /// ring of their own, at K = 64 and 96 (whole steps, 2 and 3 of them). 150 rows: a full row
+    /// tile and a short one (the copy of the loop for short tiles; rows past the call
+    /// zero-filled). The emulated copies land only at their wait, so a read before it, or before
+    /// the barrier after another thread's, would see stale bytes.
     #[test]
     fn the_activation_ring_changes_no_bit_of_the_logits() {
         if !cxx_or_skip("the_activation_ring_changes_no_bit_of_the_logits") {
@@ -908,11 +903,7 @@ mod tests {
                 let a = EmuSession::new(&plan, &regs, &records).forward(&ids, true);
                 let b = EmuSession::new(&plan, &ring, &records).forward(&ids, true);
                 assert_eq!(a.len(), b.len());
-                if let Some(i) = a
-                    .iter()
-                    .zip(&b)
-                    .position(|(x, y)| x.to_bits() != y.to_bits())
-                {
+                if let Some(i) = first_differing_bits(&a, &b) {
                     panic!(
                         "{name} ({threads} threads): logit {i} is {} with the ring, {} without",
                         b[i], a[i]
@@ -920,6 +911,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The first index (of the shorter's) where `a` and `b` differ in any bit, or `None`.
+    fn first_differing_bits(a: &[f32], b: &[f32]) -> Option<usize> {
+        a.iter()
+            .zip(b)
+            .position(|(x, y)| x.to_bits() != y.to_bits())
     }
 
     /// `len` values in [-1, 1) from an xorshift seeded by `seed`.

@@ -9,9 +9,7 @@
 use super::adapter::{self, GpuContext};
 use super::bind::Params;
 use super::kernels::{layout_entries, PARAMS_BYTES};
-use crate::codegen::tune::{
-    buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION, PREFILL_TOKENS,
-};
+use crate::codegen::tune::{buffer_bytes, timed_tokens, KernelTimer, TimedKernel, POSITION};
 use crate::codegen::wgsl::launch::Binding;
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::codegen::wgsl::WgslKernel;
@@ -44,12 +42,12 @@ pub fn open_for_target(target: &str) -> Result<Option<Box<dyn KernelTimer>>> {
     Ok(Some(Box::new(WgpuTimer { ctx })))
 }
 
-/// Bytes of a binding: its declared range, else the spec's upper bound.
-fn binding_bytes(spec: &KernelSpec, b: &Binding) -> u64 {
+/// Bytes of a binding: its declared range, else the spec's upper bound for a call of `tokens`.
+fn binding_bytes(spec: &KernelSpec, b: &Binding, tokens: u64) -> u64 {
     match (b.range, b.role.as_str()) {
         (Some([_, len]), _) => len.max(4),
         (None, "params") => PARAMS_BYTES,
-        (None, role) => buffer_bytes(spec, role, b.record, PREFILL_TOKENS),
+        (None, role) => buffer_bytes(spec, role, b.record, tokens),
     }
 }
 
@@ -105,7 +103,7 @@ impl KernelTimer for WgpuTimer {
             .bindings
             .iter()
             .map(|b| {
-                let size = binding_bytes(spec, b);
+                let size = binding_bytes(spec, b, t);
                 let buffer = device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(&b.name),
                     size,
