@@ -34,7 +34,8 @@
 #                summary); the decode GEMVs under Nsight Compute (NCU [1], where `ncu` is
 #                found: DRAM throughput, occupancy, warp stalls of one decode step's first
 #                NCU_KERNELS [5]; logs/ncu-decode-gemv.txt; and decode attention at
-#                PREFILL_LEN keys, logs/ncu-decode-attention.txt); transformers fp16 (HF [1],
+#                PREFILL_LEN keys, logs/ncu-decode-attention.txt; and the first layer's prefill
+#                GEMMs at PREFILL_LEN tokens, logs/ncu-prefill-gemm.txt); transformers fp16 (HF [1],
 #                on the same config, benches/hf_transformers_bench.py; not gated); q0f16 (Q0F16
 #                [1]; skipped, saying so, without twice its weights of free disk); q4f16_1 after
 #                `mlcb build --tune on` (TUNE [1]; every candidate's time in its build log, and
@@ -466,6 +467,21 @@ PY
             say "ncu on decode attention at $PREFILL_LEN keys: exit $? (logs/ncu-decode-attention.txt):"
             grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|Warp Cycles Per' \
                 "$logs/ncu-decode-attention.txt" | head -40 | tee -a "$summary" >&2
+        fi
+        if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu prefill GEMMs"; then
+            # The prefill GEMMs of the first layer at PREFILL_LEN tokens (qkv, o, gate/up, down):
+            # what bounds them — the tensor pipe's share of its peak, the issue slots, the shared
+            # memory wavefronts, or stalls waiting on loads (long scoreboard) or at barriers —
+            # decides between a deeper copy ring, larger tiles and wgmma.
+            MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemm -c 4 \
+                --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+                --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__average_warp_latency_issue_stalled_barrier.ratio,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio,smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio \
+                "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 1 --device cuda \
+                > "$logs/ncu-prefill-gemm.txt" 2>&1
+            say "ncu on the first prefill GEMMs at $PREFILL_LEN tokens: exit $? (logs/ncu-prefill-gemm.txt):"
+            grep -E '^  mlcb_|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Issue Slots Busy|Shared Memory Configuration Size|sm__pipe_tensor|bank_conflicts|stalled_' \
+                "$logs/ncu-prefill-gemm.txt" | head -60 | tee -a "$summary" >&2
         fi
     else
         fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""

@@ -25,6 +25,8 @@ const EMU_HEADER: &str = r#"
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
 #include <barrier>
 #include <vector>
@@ -39,10 +41,20 @@ const EMU_HEADER: &str = r#"
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-struct uint2 { unsigned x, y; };
-struct float2 { float x, y; };
-struct uint4 { unsigned x, y, z, w; };
-struct float4 { float x, y, z, w; };
+// CUDA's vector types with CUDA's alignment: compiled with `-fsanitize=alignment`, a vector
+// load or store at an address the GPU would fault on stops the test.
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+// cp.async of 16 bytes and ldmatrix's row addresses need 16-byte alignment on the GPU (a
+// misaligned address is a fault there); the emulator's memcpy would not mind, so it checks.
+inline void emu_need_aligned16(const void* p, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16u != 0) {
+        std::fprintf(stderr, "emulated CUDA: %s at %p is not 16-byte aligned (the GPU would fault)\n", what, p);
+        std::abort();
+    }
+}
 // Internal linkage: `inline` variables would be GNU-unique symbols, shared by every emulator
 // library loaded into the process.
 namespace emu {
@@ -165,6 +177,7 @@ inline const unsigned short* emu_smem(unsigned a) {
 // The warp's 32 row addresses of an ldmatrix, once every lane has published its own.
 inline const void* const* emu_ldsm_rows(unsigned a) {
     const unsigned t = emu::tid.x, w = t >> 5, l = t & 31u, q = emu::next_buffer();
+    emu_need_aligned16(emu_smem(a), "an ldmatrix row address");
     emu::ldsm_row[q][w][l] = emu_smem(a);
     emu::warp_bars[w]->arrive_and_wait();
     return emu::ldsm_row[q][w];
@@ -195,6 +208,8 @@ static thread_local std::vector<pending_copy> cp_open;
 static thread_local std::vector<std::vector<pending_copy>> cp_groups;
 }
 inline void cp_async16(unsigned dst, const void* src, bool full) {
+    emu_need_aligned16(emu_smem(dst), "a cp.async destination");
+    emu_need_aligned16(src, "a cp.async source");
     emu::cp_open.push_back({const_cast<unsigned short*>(emu_smem(dst)), src, full});
 }
 inline void cp_async_commit() {
@@ -342,8 +357,9 @@ impl EmuKernels {
                 "-fno-strict-aliasing",
                 "-w",
                 "-pthread",
-                "-o",
             ])
+            .args(alignment_check_flags())
+            .arg("-o")
             .arg(&so)
             .arg(&cpp)
             .output()
@@ -360,6 +376,35 @@ impl EmuKernels {
             kernels,
         }
     }
+}
+
+/// g++'s alignment sanitizer for the emulated kernels, with its runtime (a message naming the
+/// line) where the compiler has it, else as a trap; either way a misaligned vector access ends
+/// the test instead of passing on the host as it would not on the GPU.
+fn alignment_check_flags() -> &'static [&'static str] {
+    static FLAGS: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+    const WITH_RUNTIME: &[&str] = &["-fsanitize=alignment", "-fno-sanitize-recover=alignment"];
+    const TRAP: &[&str] = &["-fsanitize=alignment", "-fsanitize-trap=alignment"];
+    FLAGS.get_or_init(|| {
+        let Ok(dir) = tempfile::tempdir() else {
+            return TRAP;
+        };
+        let cpp = dir.path().join("probe.cpp");
+        let links = std::fs::write(&cpp, "extern \"C\" int probe(int* p) { return *p; }\n").is_ok()
+            && std::process::Command::new("g++")
+                .args(["-shared", "-fPIC"])
+                .args(WITH_RUNTIME)
+                .arg("-o")
+                .arg(dir.path().join("probe.so"))
+                .arg(&cpp)
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if links {
+            WITH_RUNTIME
+        } else {
+            TRAP
+        }
+    })
 }
 
 fn load(so: &Path, n: usize) -> Vec<LaunchFn> {
