@@ -28,16 +28,17 @@
 #                HIDDEN, INTERMEDIATE, VOCAB shrink it for a dry run), built for this GPU's
 #                architecture; `mlcb bench --device cuda`: decode tok/s (GEN_LEN [256] tokens after
 #                DECODE_PROMPT [16]) and prefill tok/s (PREFILL_LEN [512]), with the floor (weight
-#                bytes / bandwidth). In this order: q4f16_1; its decode with MLCB_CUDA_PDL=0 (no
-#                programmatic dependent launch; reported); its kernel profile (PROFILE [1]:
-#                MLCB_CUDA_PROFILE=1, each kernel timed alone; the top rows per phase go to the
-#                summary); the decode GEMVs under Nsight Compute (NCU [1], where `ncu` is
-#                found: DRAM throughput, occupancy, warp stalls of one decode step's first
-#                NCU_KERNELS [5]; logs/ncu-decode-gemv.txt; and decode attention at
-#                PREFILL_LEN keys, logs/ncu-decode-attention.txt; and the first layer's prefill
-#                GEMMs at PREFILL_LEN tokens, logs/ncu-prefill-gemm.txt); transformers fp16 (HF [1],
-#                on the same config, benches/hf_transformers_bench.py; not gated); q0f16 (Q0F16
-#                [1]; skipped, saying so, without twice its weights of free disk); q4f16_1 after
+#                bytes / bandwidth). In this order, the required figures first: q4f16_1;
+#                transformers fp16 (HF [1], on the same config, benches/hf_transformers_bench.py;
+#                not gated); q0f16 (Q0F16 [1]; skipped, saying so, without twice its weights of
+#                free disk). Then q4f16_1's diagnostics: its decode with MLCB_CUDA_PDL=0 (no
+#                programmatic dependent launch; reported); the prefill GEMMs in 64×64 warp tiles;
+#                its kernel profile (PROFILE [1]: MLCB_CUDA_PROFILE=1, each kernel timed alone;
+#                the top rows per phase go to the summary); Nsight Compute (NCU [1], where `ncu`
+#                is found) on one decode step's first NCU_KERNELS [5] GEMVs (DRAM throughput,
+#                occupancy, warp stalls; logs/ncu-decode-gemv.txt), on decode attention at
+#                PREFILL_LEN keys (logs/ncu-decode-attention.txt) and on the first layer's
+#                prefill GEMMs at PREFILL_LEN tokens (logs/ncu-prefill-gemm.txt). Then q4f16_1 after
 #                `mlcb build --tune on` (TUNE [1]; every candidate's time in its build log, and
 #                its kernel profile); q4f16_1 for the vulkan preset through wgpu on the NVIDIA
 #                Vulkan driver (VULKAN7B [1], `--adapter $VK_ADAPTER` [nvidia]; not gated;
@@ -383,6 +384,99 @@ bench_cuda() { # scheme dist label tuned
     cuda_ok_rc "$rc2" || fail "7B $q prefill bench exit $rc2 ($(tail -1 "$logs/bench-$label-prefill.txt"))"
 }
 
+# The q4f16_1 diagnostics, after the required figures (q4f16_1, transformers, q0f16): decode
+# without PDL, the 64×64 warp-tile A/B, the kernel profile, Nsight Compute on the decode GEMVs,
+# decode attention and the prefill GEMMs.
+q4_diagnostics() {
+    if [ "$have_gpu" = 1 ] && in_time "decode without PDL"; then
+        # A/B: the decode graph without programmatic dependent launch (sm_90 kernels).
+        run_t env MLCB_CUDA_PDL=0 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json \
+            --device cuda > "$logs/bench-nopdl-decode.json" 2> "$logs/bench-nopdl-decode.txt"
+        nopdl=$(json_field "$logs/bench-nopdl-decode.json" decode_tok_s)
+        record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
+        say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
+    fi
+    if [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "prefill GEMMs with 64x64 warp tiles"; then
+        # A/B: the prefill GEMMs with 4 warps of 64×64 tiles (a tuning record of 128 threads,
+        # codegen::cuda::gemm_f16::WarpTiles) instead of the default 8 of 64×32, pinned by a
+        # tuning file; the same weights (cached stages), prefill only.
+        python3 - "$q4/debug/tuning-cuda.json" "$WORK/tiles128.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+recs = {s: dict(c, threads_per_block=128) for s, c in t["records"].items()
+    if s.startswith("prefill:") and ("matmul" in s or "logits" in s)}
+json.dump({"device": "gpu check: prefill GEMMs in 64x64 warp tiles", "tuned": False, "records": recs},
+      open(sys.argv[2], "w"))
+PY
+        printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "synth-7b-tiles128"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
+            "$WORK/tiles128.json" "$model" > "$WORK/synth-tiles128.toml"
+        if run_t "$mlcb" build "$WORK/synth-tiles128.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$cache7b" \
+            --artifact-path "$dist7b" > "$logs/build-7b-tiles128.txt" 2>&1; then
+            run_t "$mlcb" bench "$dist7b/synth-7b-tiles128-q4f16_1" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
+                > "$logs/bench-tiles128-prefill.json" 2> "$logs/bench-tiles128-prefill.txt"
+            p128=$(json_field "$logs/bench-tiles128-prefill.json" prefill_tok_s)
+            p256=$(json_field "$logs/bench-q4f16_1-prefill.json" prefill_tok_s)
+            record "{\"check\":\"bench7b_tiles128\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p128,\"default_prefill_tok_s\":$p256}"
+            say "7B q4f16_1 prefill with 64×64 warp tiles (128 threads, pinned): $p128 tok/s; default 64×32: $p256 tok/s"
+        else
+            say "7B q4f16_1 with 64×64 warp tiles: build failed (logs/build-7b-tiles128.txt; not gated)"
+        fi
+        rm -rf "$dist7b/synth-7b-tiles128-q4f16_1"
+    fi
+    if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
+        # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
+        MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \
+            > "$logs/profile-7b-q4f16_1.json" 2> "$logs/profile-7b-q4f16_1.txt"
+        say "7B q4f16_1 kernel profile (exit $?; prefill $PREFILL_LEN tokens, 32 decode steps):"
+        sed -n '/cuda kernel profile/,$p' "$logs/profile-7b-q4f16_1.txt" | grep -v '^mlcb: cuda kernel profile' \
+            | awk '/^  [a-z]+:/ {n=0} {if (n++ < 14) print}' | tee -a "$summary" >&2
+    fi
+    ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode GEMVs"; then
+        # Hardware counters of the decode GEMVs (launched one by one: no graph); the clocks
+        # left alone. Prefill runs GEMMs, so the first matches are one decode step's.
+        MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemv -c "$NCU_KERNELS" \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats \
+            --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum \
+            "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len 2 --device cuda \
+            > "$logs/ncu-decode-gemv.txt" 2>&1
+        say "ncu on the decode GEMVs: exit $? (logs/ncu-decode-gemv.txt):"
+        # L1 requests, sectors and wavefronts per kernel: row blocks (codegen::cuda::row_blocks)
+        # are meant to cut the global ones per weight byte ~3×.
+        grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy|l1tex__|smsp__inst_executed' \
+            "$logs/ncu-decode-gemv.txt" | head -90 | tee -a "$summary" >&2
+    fi
+    if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode attention"; then
+        # Decode attention at PREFILL_LEN cached keys (the prefill's LAYERS attention
+        # launches skipped): latency-bound, so the warp stall reasons say which round trip
+        # (query load and rotary, the key scan, the split merge's fence and atomic) waits.
+        MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:attention -s "$LAYERS" -c 2 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats --section WarpStateStats \
+            "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 2 --device cuda \
+            > "$logs/ncu-decode-attention.txt" 2>&1
+        say "ncu on decode attention at $PREFILL_LEN keys: exit $? (logs/ncu-decode-attention.txt):"
+        grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|Warp Cycles Per' \
+            "$logs/ncu-decode-attention.txt" | head -40 | tee -a "$summary" >&2
+    fi
+    if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu prefill GEMMs"; then
+        # The prefill GEMMs of the first layer at PREFILL_LEN tokens (qkv, o, gate/up, down):
+        # what bounds them — the tensor pipe's share of its peak, the issue slots, the shared
+        # memory wavefronts, or stalls waiting on loads (long scoreboard) or at barriers —
+        # decides between a deeper copy ring, larger tiles and wgmma.
+        MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemm -c 4 \
+            --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+            --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+            --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__average_warp_latency_issue_stalled_barrier.ratio,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio,smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio \
+            "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 1 --device cuda \
+            > "$logs/ncu-prefill-gemm.txt" 2>&1
+        say "ncu on the first prefill GEMMs at $PREFILL_LEN tokens: exit $? (logs/ncu-prefill-gemm.txt):"
+        grep -E '^  mlcb_|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Issue Slots Busy|Shared Memory Configuration Size|sm__pipe_tensor|bank_conflicts|stalled_' \
+            "$logs/ncu-prefill-gemm.txt" | head -60 | tee -a "$summary" >&2
+    fi
+}
+
 if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
     model="$WORK/synth-7b"
     if [ ! -f "$model/config.json" ]; then
@@ -396,93 +490,6 @@ if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
     if q4=$(build_7b q4f16_1 cuda q4f16_1 "${arch_flag[@]}" --debug-dump); then
         bench_cuda q4f16_1 "$q4" q4f16_1 false
         grep -h "capturing without it" "$logs"/bench-q4f16_1-*.txt 2>/dev/null | head -1 | sed 's/^/note: /' | tee -a "$summary" >&2
-        if [ "$have_gpu" = 1 ] && in_time "decode without PDL"; then
-            # A/B: the decode graph without programmatic dependent launch (sm_90 kernels).
-            run_t env MLCB_CUDA_PDL=0 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json \
-                --device cuda > "$logs/bench-nopdl-decode.json" 2> "$logs/bench-nopdl-decode.txt"
-            nopdl=$(json_field "$logs/bench-nopdl-decode.json" decode_tok_s)
-            record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
-            say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
-        fi
-        if [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "prefill GEMMs with 64x64 warp tiles"; then
-            # A/B: the prefill GEMMs with 4 warps of 64×64 tiles (a tuning record of 128 threads,
-            # codegen::cuda::gemm_f16::WarpTiles) instead of the default 8 of 64×32, pinned by a
-            # tuning file; the same weights (cached stages), prefill only.
-            python3 - "$q4/debug/tuning-cuda.json" "$WORK/tiles128.json" <<'PY'
-import json, sys
-t = json.load(open(sys.argv[1]))
-recs = {s: dict(c, threads_per_block=128) for s, c in t["records"].items()
-        if s.startswith("prefill:") and ("matmul" in s or "logits" in s)}
-json.dump({"device": "gpu check: prefill GEMMs in 64x64 warp tiles", "tuned": False, "records": recs},
-          open(sys.argv[2], "w"))
-PY
-            printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "synth-7b-tiles128"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
-                "$WORK/tiles128.json" "$model" > "$WORK/synth-tiles128.toml"
-            if run_t "$mlcb" build "$WORK/synth-tiles128.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$cache7b" \
-                --artifact-path "$dist7b" > "$logs/build-7b-tiles128.txt" 2>&1; then
-                run_t "$mlcb" bench "$dist7b/synth-7b-tiles128-q4f16_1" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
-                    > "$logs/bench-tiles128-prefill.json" 2> "$logs/bench-tiles128-prefill.txt"
-                p128=$(json_field "$logs/bench-tiles128-prefill.json" prefill_tok_s)
-                p256=$(json_field "$logs/bench-q4f16_1-prefill.json" prefill_tok_s)
-                record "{\"check\":\"bench7b_tiles128\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p128,\"default_prefill_tok_s\":$p256}"
-                say "7B q4f16_1 prefill with 64×64 warp tiles (128 threads, pinned): $p128 tok/s; default 64×32: $p256 tok/s"
-            else
-                say "7B q4f16_1 with 64×64 warp tiles: build failed (logs/build-7b-tiles128.txt; not gated)"
-            fi
-            rm -rf "$dist7b/synth-7b-tiles128-q4f16_1"
-        fi
-        if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
-            # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
-            MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \
-                > "$logs/profile-7b-q4f16_1.json" 2> "$logs/profile-7b-q4f16_1.txt"
-            say "7B q4f16_1 kernel profile (exit $?; prefill $PREFILL_LEN tokens, 32 decode steps):"
-            sed -n '/cuda kernel profile/,$p' "$logs/profile-7b-q4f16_1.txt" | grep -v '^mlcb: cuda kernel profile' \
-                | awk '/^  [a-z]+:/ {n=0} {if (n++ < 14) print}' | tee -a "$summary" >&2
-        fi
-        ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-        if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode GEMVs"; then
-            # Hardware counters of the decode GEMVs (launched one by one: no graph); the clocks
-            # left alone. Prefill runs GEMMs, so the first matches are one decode step's.
-            MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemv -c "$NCU_KERNELS" \
-                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-                --section LaunchStats --section WarpStateStats --section SchedulerStats \
-                --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum \
-                "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len 2 --device cuda \
-                > "$logs/ncu-decode-gemv.txt" 2>&1
-            say "ncu on the decode GEMVs: exit $? (logs/ncu-decode-gemv.txt):"
-            # L1 requests, sectors and wavefronts per kernel: row blocks (codegen::cuda::row_blocks)
-            # are meant to cut the global ones per weight byte ~3×.
-            grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy|l1tex__|smsp__inst_executed' \
-                "$logs/ncu-decode-gemv.txt" | head -90 | tee -a "$summary" >&2
-        fi
-        if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode attention"; then
-            # Decode attention at PREFILL_LEN cached keys (the prefill's LAYERS attention
-            # launches skipped): latency-bound, so the warp stall reasons say which round trip
-            # (query load and rotary, the key scan, the split merge's fence and atomic) waits.
-            MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:attention -s "$LAYERS" -c 2 \
-                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-                --section LaunchStats --section WarpStateStats \
-                "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 2 --device cuda \
-                > "$logs/ncu-decode-attention.txt" 2>&1
-            say "ncu on decode attention at $PREFILL_LEN keys: exit $? (logs/ncu-decode-attention.txt):"
-            grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|Warp Cycles Per' \
-                "$logs/ncu-decode-attention.txt" | head -40 | tee -a "$summary" >&2
-        fi
-        if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu prefill GEMMs"; then
-            # The prefill GEMMs of the first layer at PREFILL_LEN tokens (qkv, o, gate/up, down):
-            # what bounds them — the tensor pipe's share of its peak, the issue slots, the shared
-            # memory wavefronts, or stalls waiting on loads (long scoreboard) or at barriers —
-            # decides between a deeper copy ring, larger tiles and wgmma.
-            MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemm -c 4 \
-                --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-                --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-                --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__average_warp_latency_issue_stalled_barrier.ratio,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio,smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio \
-                "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 1 --device cuda \
-                > "$logs/ncu-prefill-gemm.txt" 2>&1
-            say "ncu on the first prefill GEMMs at $PREFILL_LEN tokens: exit $? (logs/ncu-prefill-gemm.txt):"
-            grep -E '^  mlcb_|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Issue Slots Busy|Shared Memory Configuration Size|sm__pipe_tensor|bank_conflicts|stalled_' \
-                "$logs/ncu-prefill-gemm.txt" | head -60 | tee -a "$summary" >&2
-        fi
     else
         fail "7B q4f16_1: build failed (logs/build-7b-q4f16_1.txt: $(tail -1 "$logs/build-7b-q4f16_1.txt"))"; q4=""
     fi
@@ -520,6 +527,11 @@ PY
             rm -rf "$cache7b" "$dist7b"
             cache7b="$WORK/cache7b"; dist7b="$WORK/dist7b"
         fi
+    fi
+    if [ -n "$q4" ] && [ -d "$q4" ]; then
+        q4_diagnostics
+    elif [ -n "$q4" ]; then
+        say "7B q4f16_1 diagnostics: skipped (its files made room for q0f16)"
     fi
     if [ -n "$q4" ] && [ "$TUNE" = 1 ] && [ "$have_gpu" = 1 ] && in_time "tuned q4f16_1"; then
         say "7B q4f16_1: --tune on for sm_$gpu_arch"

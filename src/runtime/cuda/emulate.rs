@@ -292,12 +292,21 @@ inline void ldsm_x4_trans(unsigned* r, unsigned a) {
         r[i] = (unsigned)lo | ((unsigned)hi << 16);
     }
 }
-// cp.async: a thread's copies wait in its groups until a wait_group lets them land, so a read
-// of the destination before that wait (or, for another thread's copies, before the barrier
-// after it) sees stale bytes, as it may on the GPU.
+// cp.async: a copy lands on the GPU at any time between its issue and the wait_group that
+// covers it; the emulator takes one end or the other ([`CopyLanding`]). By default a thread's
+// copies wait in its groups until a wait_group lets them land, so a read of the destination
+// before that wait (or, for another thread's copies, before the barrier after it) sees stale
+// bytes.
 inline void cp_async16(unsigned dst, const void* src, bool full) {
     emu_need_aligned16(emu_smem(dst), "a cp.async destination");
     emu_need_aligned16(src, "a cp.async source");
+#ifdef EMU_CP_LAND_AT_ISSUE
+    // The other end of the window: landed at once, so a copy into a buffer that other threads
+    // still read (no barrier between their reads and this issue) changes what they read.
+    if (full) std::memcpy(const_cast<unsigned short*>(emu_smem(dst)), src, 16);
+    else std::memset(const_cast<unsigned short*>(emu_smem(dst)), 0, 16);
+    return;
+#endif
     emu::cp_group& g = emu::cur->cp_open;
     if (g.n == emu::CP_GROUP_COPIES) emu::fail("more cp.async copies in one group than the emulator holds");
     g.c[g.n++] = {const_cast<unsigned short*>(emu_smem(dst)), src, full};
@@ -457,8 +466,24 @@ pub fn have_cxx() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// When an emulated `cp.async` copy lands: on the GPU any time between its issue and the wait
+/// that covers it; the emulator takes one end, so a test run at each end catches both a read
+/// too early and an overwrite too early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyLanding {
+    /// At the wait: reading the destination before it (or before the barrier after another
+    /// thread's wait) sees stale bytes.
+    AtWait,
+    /// At the issue: a copy into a buffer another thread still reads changes what it reads.
+    AtIssue,
+}
+
 impl EmuKernels {
     pub fn compile(kernels: Vec<CudaKernel>) -> EmuKernels {
+        EmuKernels::compile_with(kernels, CopyLanding::AtWait)
+    }
+
+    pub fn compile_with(kernels: Vec<CudaKernel>, landing: CopyLanding) -> EmuKernels {
         let mut src = String::from(EMU_HEADER);
         for (i, k) in kernels.iter().enumerate() {
             src.push_str(&format!(
@@ -497,6 +522,7 @@ impl EmuKernels {
                 "-w",
             ])
             .args(alignment_check_flags())
+            .args((landing == CopyLanding::AtIssue).then_some("-DEMU_CP_LAND_AT_ISSUE"))
             .arg("-o")
             .arg(&so)
             .arg(&cpp)
@@ -1071,6 +1097,9 @@ mod tests {
                     EmuKernels::compile(generate_plan(&plan, &recs, "sm_80").unwrap())
                 };
                 let (regs, ring) = (compile(1), compile(X_RING_AHEAD));
+                // And with every copy landing at its issue: no buffer is refilled while a warp
+                // still reads it.
+                let early = EmuKernels::compile_with(ring.kernels.clone(), CopyLanding::AtIssue);
                 let ringed = |k: &EmuKernels, what: &str| {
                     k.kernels
                         .iter()
@@ -1083,13 +1112,15 @@ mod tests {
                 let w = ringed(&ring, "ws_dst");
                 assert_eq!(w >= 2, scheme == "q0f16", "{name}: {w} weight rings");
                 let a = EmuSession::new(&plan, &regs, &records).forward(&ids, true);
-                let b = EmuSession::new(&plan, &ring, &records).forward(&ids, true);
-                assert_eq!(a.len(), b.len());
-                if let Some(i) = first_differing_bits(&a, &b) {
-                    panic!(
-                        "{name} ({threads} threads): logit {i} is {} with the ring, {} without",
-                        b[i], a[i]
-                    );
+                for (k, landing) in [(&ring, "at the wait"), (&early, "at the issue")] {
+                    let b = EmuSession::new(&plan, k, &records).forward(&ids, true);
+                    assert_eq!(a.len(), b.len());
+                    if let Some(i) = first_differing_bits(&a, &b) {
+                        panic!(
+                            "{name} ({threads} threads, copies landing {landing}): logit {i} is {} with the ring, {} without",
+                            b[i], a[i]
+                        );
+                    }
                 }
             }
         }
