@@ -1,16 +1,20 @@
 //! Tests without a GPU: the generated CUDA C, compiled by the host C++ compiler against a small
 //! emulation of the CUDA execution model (one fiber per CUDA thread, all on the calling thread,
 //! switched at barriers: `__syncthreads` and the warp-synchronous shuffles and `mma.sync`;
-//! blocks run one after another), driven by the same step binding ([`super::bind`]) and launch descriptions the GPU
-//! runtime uses, and compared with the CPU executor on fixture plans and on quantized matrices
-//! of every scheme.
+//! blocks run one after another), driven by the same step binding ([`super::bind`]) and launch
+//! descriptions the GPU runtime uses, and compared with the CPU executor on fixture plans and on
+//! quantized matrices of every scheme.
 //!
 //! What it checks: kernel indexing, dequantization, reductions, the attention/KV-cache logic,
-//! argument order, grids derived from the launch JSON, the meta convention. What it cannot check:
-//! the real hardware (the `mma` and `ldmatrix` fragment layouts are emulated from the PTX ISA's
-//! description; the f16/tf32 conversions, f16x2 arithmetic, `lop3` and `prmt` are host code
-//! written from it), memory-model races, and performance. Tests skip when
-//! `g++` (C++20) is missing.
+//! argument order, grids derived from the launch JSON, the meta convention; the alignment the
+//! GPU demands of vector accesses, `cp.async` and `ldmatrix` (a misaligned one stops the test);
+//! some races: between barriers a block's threads run first to last, then last to first, so a
+//! read of another thread's write with no barrier between sees it one way and misses it the
+//! other, and `cp.async` copies land at their wait or, compiled with [`CopyLanding::AtIssue`],
+//! at their issue. What it cannot check: the real hardware (the `mma` and `ldmatrix` fragment
+//! layouts are emulated from the PTX ISA's description; the f16/tf32 conversions, f16x2
+//! arithmetic, `lop3` and `prmt` are host code written from it), the memory model beyond that,
+//! and performance. Tests skip when `g++` (C++20) is missing.
 
 use super::bind::{bind_phase, ArgRef, Step};
 use crate::codegen::cuda::launch::CudaLaunch;
@@ -22,6 +26,8 @@ use std::path::Path;
 
 const EMU_HEADER: &str = r#"
 #define MLCB_EMULATE 1
+// Only light C headers: every test compiles this header again with its kernels, and the C++
+// library's containers and <functional> took half of that time.
 #include <cmath>
 #include <cstring>
 #include <cstdint>
@@ -49,8 +55,6 @@ inline void emu_need_aligned16(const void* p, const char* what) {
         std::abort();
     }
 }
-// Only light C headers: every test compiles this header again with its kernels, and the C++
-// library's containers and <functional> took half of that time.
 // Internal linkage: `inline` variables would be GNU-unique symbols, shared by every emulator
 // library loaded into the process.
 namespace emu {
