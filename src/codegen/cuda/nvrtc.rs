@@ -223,5 +223,73 @@ pub fn compile(signature: &str, source: &str, arch: &'static str) -> Result<Stri
             "NVRTC failed to compile kernel {signature} for {arch} (an mlcb bug; please report it):\n{log}"
         )
     })?;
-    Ok(ptx.to_src())
+    let ptx = ptx.to_src();
+    // NVRTC accepts any size; the driver refuses to load a kernel over the limit, i.e. on the
+    // user's GPU, long after the build.
+    let smem = static_shared_bytes(&ptx);
+    if smem > MAX_STATIC_SHARED_BYTES {
+        anyhow::bail!(
+            "kernel {signature} declares {smem} bytes of static shared memory for {arch}, over the \
+             {MAX_STATIC_SHARED_BYTES} a CUDA kernel may declare statically (an mlcb bug; please report it)"
+        );
+    }
+    Ok(ptx)
+}
+
+/// The static shared memory a kernel may declare on every architecture (more needs dynamic
+/// shared memory and an opt-in at launch).
+pub const MAX_STATIC_SHARED_BYTES: usize = 48 * 1024;
+
+/// Bytes of the `.shared` variables a PTX module declares (one kernel per module here), e.g.
+/// `.shared .align 16 .b8 _ZZ…E2xs[20480];`.
+pub fn static_shared_bytes(ptx: &str) -> usize {
+    ptx.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(".shared"))
+        .map(|l| {
+            let elem = l
+                .split_whitespace()
+                .find_map(|w| match w {
+                    ".b8" | ".u8" | ".s8" => Some(1),
+                    ".b16" | ".u16" | ".s16" | ".f16" => Some(2),
+                    ".b32" | ".u32" | ".s32" | ".f32" => Some(4),
+                    ".b64" | ".u64" | ".s64" | ".f64" => Some(8),
+                    _ => None,
+                })
+                .unwrap_or(1);
+            // Every dimension `[n]` of the declaration; a scalar has none.
+            let count: usize = l
+                .split('[')
+                .skip(1)
+                .filter_map(|d| d.split(']').next()?.trim().parse::<usize>().ok())
+                .product();
+            elem * count
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_shared_bytes_sums_every_declaration() {
+        let ptx = "
+.version 8.8
+.target sm_90
+.address_size 64
+	// .globl	mlcb_matmul_gemm
+// _ZZ16mlcb_matmul_gemmE2xs has been demoted
+.shared .align 128 .b8 _ZZ16mlcb_matmul_gemmE2xs[24576];
+.shared .align 4 .b32 _ZZ16mlcb_matmul_gemmE4part[8][4];
+.shared .align 4 .f32 _ZZ16mlcb_matmul_gemmE2ss;
+.visible .entry mlcb_matmul_gemm(
+	.param .u64 mlcb_matmul_gemm_param_0
+)
+{
+	ld.shared.u32 	%r1, [_ZZ16mlcb_matmul_gemmE2xs+16];
+}";
+        assert_eq!(static_shared_bytes(ptx), 24576 + 8 * 4 * 4 + 4);
+        assert_eq!(static_shared_bytes(".visible .entry k()\n{\n}"), 0);
+    }
 }

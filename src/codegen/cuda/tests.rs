@@ -270,6 +270,13 @@ fn every_variant_compiles_to_ptx() {
                 );
                 if f16 && prefill {
                     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
+                    // Its tiles are in shared memory (read from the PTX as `compile` checks
+                    // them against the 48 KiB limit).
+                    let smem = nvrtc::static_shared_bytes(&ptx);
+                    assert!(
+                        smem > 16 * 1024,
+                        "{spec:?} {tuning:?}: {smem} bytes of shared memory"
+                    );
                 }
                 // The cache's element as the runtime sizes it.
                 if attention {
