@@ -33,6 +33,8 @@ const EMU_HEADER: &str = r#"
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <sys/mman.h>
+#include <unistd.h>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -397,10 +399,15 @@ static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void (*k)(vo
     constexpr unsigned long STACK = 256 * 1024;
     if (bx == 0 || bx > 1024 || bx % 32 != 0) fail("a block size the emulator does not run (1024 threads at most, whole warps)");
     // Freed at the end: the libraries stay loaded for the whole test process. Untouched stack
-    // pages cost no memory.
+    // pages cost no memory. Each stack has a guard page below it: an overflow faults instead
+    // of overwriting the next thread's stack.
     cuda_thread* ts = new cuda_thread[bx];
-    char* stacks = static_cast<char*>(std::malloc(STACK * bx));
-    if (!stacks) fail("no memory for the threads' stacks");
+    const unsigned long guard = static_cast<unsigned long>(sysconf(_SC_PAGESIZE)), slot = guard + STACK;
+    void* region = mmap(nullptr, slot * bx, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (region == MAP_FAILED) fail("no memory for the threads' stacks");
+    char* stacks = static_cast<char*>(region);
+    for (unsigned i = 0; i < bx; ++i)
+        if (mprotect(stacks + slot * i, guard, PROT_NONE) != 0) fail("cannot protect a stack's guard page");
     bdim = {bx, 1, 1};
     gdim = {gx, gy, gz};
     kernel = k;
@@ -415,7 +422,7 @@ static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void (*k)(vo
                     cuda_thread& t = ts[i];
                     t.tid = {i, 0, 0};
                     t.done = false;
-                    start_on(t.ctx, stacks + STACK * i, STACK, thread_main);
+                    start_on(t.ctx, stacks + slot * i + guard, STACK, thread_main);
                 }
                 unsigned left = bx;
                 for (bool reverse = false; left > 0; reverse = !reverse) {
@@ -436,7 +443,7 @@ static void run(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void (*k)(vo
             }
     cur = nullptr;
     delete[] ts;
-    std::free(stacks);
+    munmap(region, slot * bx);
 }
 }
 "#;
