@@ -303,19 +303,26 @@ inline void ldsm_x4_trans(unsigned* r, unsigned a) {
 // copies wait in its groups until a wait_group lets them land, so a read of the destination
 // before that wait (or, for another thread's copies, before the barrier after it) sees stale
 // bytes.
+namespace emu {
+// A copy's 16 bytes in place: the source's, or zeros (`full` false: past the data).
+inline void land(const pending_copy& c) {
+    if (c.full) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
+}
+}
 inline void cp_async16(unsigned dst, const void* src, bool full) {
-    emu_need_aligned16(emu_smem(dst), "a cp.async destination");
+    const emu::pending_copy c{const_cast<unsigned short*>(emu_smem(dst)), src, full};
+    emu_need_aligned16(c.dst, "a cp.async destination");
     emu_need_aligned16(src, "a cp.async source");
 #ifdef EMU_CP_LAND_AT_ISSUE
     // The other end of the window: landed at once, so a copy into a buffer that other threads
     // still read (no barrier between their reads and this issue) changes what they read.
-    if (full) std::memcpy(const_cast<unsigned short*>(emu_smem(dst)), src, 16);
-    else std::memset(const_cast<unsigned short*>(emu_smem(dst)), 0, 16);
-    return;
-#endif
+    emu::land(c);
+#else
     emu::cp_group& g = emu::cur->cp_open;
     if (g.n == emu::CP_GROUP_COPIES) emu::fail("more cp.async copies in one group than the emulator holds");
-    g.c[g.n++] = {const_cast<unsigned short*>(emu_smem(dst)), src, full};
+    g.c[g.n++] = c;
+#endif
 }
 inline void cp_async_commit() {
     emu::cuda_thread& t = *emu::cur;
@@ -327,10 +334,7 @@ template <int N> inline void cp_async_wait() {
     emu::cuda_thread& t = *emu::cur;
     while (t.cp_committed > (unsigned)N) {
         const emu::cp_group& g = t.cp_groups[0];
-        for (unsigned i = 0; i < g.n; ++i) {
-            if (g.c[i].full) std::memcpy(g.c[i].dst, g.c[i].src, 16);
-            else std::memset(g.c[i].dst, 0, 16);
-        }
+        for (unsigned i = 0; i < g.n; ++i) emu::land(g.c[i]);
         for (unsigned i = 1; i < t.cp_committed; ++i) t.cp_groups[i - 1] = t.cp_groups[i];
         --t.cp_committed;
     }
@@ -1104,8 +1108,9 @@ mod tests {
     /// at K = 72 and 40 (16-byte chunks past K zero-filled) and raw f16 weights, which take a
     /// ring of their own, at K = 64 and 96 (whole steps, 2 and 3 of them). 150 rows: a full row
     /// tile and a short one (the copy of the loop for short tiles; rows past the call
-    /// zero-filled). The emulated copies land only at their wait, so a read before it, or before
-    /// the barrier after another thread's, would see stale bytes.
+    /// zero-filled). The ring runs twice: with the emulated copies landing at their wait (a read
+    /// before it, or before the barrier after another thread's, sees stale bytes) and at their
+    /// issue (a buffer refilled while a warp still reads it changes what that warp reads).
     #[test]
     fn the_activation_ring_changes_no_bit_of_the_logits() {
         if !cxx_or_skip("the_activation_ring_changes_no_bit_of_the_logits") {
