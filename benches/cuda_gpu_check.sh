@@ -384,6 +384,21 @@ bench_cuda() { # scheme dist label tuned
     cuda_ok_rc "$rc2" || fail "7B $q prefill bench exit $rc2 ($(tail -1 "$logs/bench-$label-prefill.txt"))"
 }
 
+# Nsight Compute on one `mlcb bench` of the q4f16_1 library (kernels launched one by one: no
+# graph; the clocks left alone), where ncu is found and a GPU is present:
+#   ncu_phase WHAT LOG LINES PATTERN NCU-ARGS… -- BENCH-ARGS…
+# The report goes to logs/LOG; its first LINES lines matching PATTERN to the summary.
+ncu_phase() {
+    local what="$1" log="$2" lines="$3" pattern="$4" ncu_args=()
+    shift 4
+    while [ "$1" != -- ]; do ncu_args+=("$1"); shift; done
+    shift
+    { [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu $what"; } || return 0
+    MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none "${ncu_args[@]}" \
+        "$mlcb" bench "$q4" "$@" --device cuda > "$logs/$log" 2>&1
+    say "ncu on the $what: exit $? (logs/$log):"
+    grep -E "$pattern" "$logs/$log" | head -"$lines" | tee -a "$summary" >&2
+}
 # The q4f16_1 diagnostics, after the required figures (q4f16_1, transformers, q0f16): decode
 # without PDL, the 64×64 warp-tile A/B, the kernel profile, Nsight Compute on the decode GEMVs,
 # decode attention and the prefill GEMMs.
@@ -432,49 +447,36 @@ PY
             | awk '/^  [a-z]+:/ {n=0} {if (n++ < 14) print}' | tee -a "$summary" >&2
     fi
     ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-    if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode GEMVs"; then
-        # Hardware counters of the decode GEMVs (launched one by one: no graph); the clocks
-        # left alone. Prefill runs GEMMs, so the first matches are one decode step's.
-        MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemv -c "$NCU_KERNELS" \
-            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-            --section LaunchStats --section WarpStateStats --section SchedulerStats \
-            --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum \
-            "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len 2 --device cuda \
-            > "$logs/ncu-decode-gemv.txt" 2>&1
-        say "ncu on the decode GEMVs: exit $? (logs/ncu-decode-gemv.txt):"
-        # L1 requests, sectors and wavefronts per kernel: row blocks (codegen::cuda::row_blocks)
-        # are meant to cut the global ones per weight byte ~3×.
-        grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy|l1tex__|smsp__inst_executed' \
-            "$logs/ncu-decode-gemv.txt" | head -90 | tee -a "$summary" >&2
-    fi
-    if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu decode attention"; then
-        # Decode attention at PREFILL_LEN cached keys (the prefill's LAYERS attention
-        # launches skipped): latency-bound, so the warp stall reasons say which round trip
-        # (query load and rotary, the key scan, the split merge's fence and atomic) waits.
-        MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:attention -s "$LAYERS" -c 2 \
-            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-            --section LaunchStats --section WarpStateStats \
-            "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 2 --device cuda \
-            > "$logs/ncu-decode-attention.txt" 2>&1
-        say "ncu on decode attention at $PREFILL_LEN keys: exit $? (logs/ncu-decode-attention.txt):"
-        grep -E '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|Warp Cycles Per' \
-            "$logs/ncu-decode-attention.txt" | head -40 | tee -a "$summary" >&2
-    fi
-    if [ "$NCU" = 1 ] && [ -n "$ncu_bin" ] && [ "$have_gpu" = 1 ] && in_time "ncu prefill GEMMs"; then
-        # The prefill GEMMs of the first layer at PREFILL_LEN tokens (qkv, o, gate/up, down):
-        # what bounds them — the tensor pipe's share of its peak, the issue slots, the shared
-        # memory wavefronts, or stalls waiting on loads (long scoreboard) or at barriers —
-        # decides between a deeper copy ring, larger tiles and wgmma.
-        MLCB_CUDA_GRAPHS=0 run_t "$ncu_bin" --clock-control none -k regex:gemm -c 4 \
-            --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-            --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-            --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__average_warp_latency_issue_stalled_barrier.ratio,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio,smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio \
-            "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 1 --device cuda \
-            > "$logs/ncu-prefill-gemm.txt" 2>&1
-        say "ncu on the first prefill GEMMs at $PREFILL_LEN tokens: exit $? (logs/ncu-prefill-gemm.txt):"
-        grep -E '^  mlcb_|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Issue Slots Busy|Shared Memory Configuration Size|sm__pipe_tensor|bank_conflicts|stalled_' \
-            "$logs/ncu-prefill-gemm.txt" | head -60 | tee -a "$summary" >&2
-    fi
+    # Hardware counters of the decode GEMVs. Prefill runs GEMMs, so the first matches are one
+    # decode step's. L1 requests, sectors and wavefronts per kernel: row blocks
+    # (codegen::cuda::row_blocks) are meant to cut the global ones per weight byte ~3×.
+    ncu_phase "decode GEMVs" ncu-decode-gemv.txt 90 \
+        '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Block Limit Reg|Theoretical Occupancy|l1tex__|smsp__inst_executed' \
+        -k regex:gemv -c "$NCU_KERNELS" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        --metrics l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum \
+        -- --prompt-len "$DECODE_PROMPT" --gen-len 2
+    # Decode attention at PREFILL_LEN cached keys (the prefill's LAYERS attention launches
+    # skipped): latency-bound, so the warp stall reasons say which round trip (query load and
+    # rotary, the key scan, the split merge's fence and atomic) waits.
+    ncu_phase "decode attention at $PREFILL_LEN keys" ncu-decode-attention.txt 40 \
+        '^  mlcb_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|Warp Cycles Per' \
+        -k regex:attention -s "$LAYERS" -c 2 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats \
+        -- --prompt-len "$PREFILL_LEN" --gen-len 2
+    # The prefill GEMMs of the first layer at PREFILL_LEN tokens (qkv, o, gate/up, down): what
+    # bounds them — the tensor pipe's share of its peak, the issue slots, the shared memory
+    # wavefronts, or stalls waiting on loads (long scoreboard) or at barriers — decides between
+    # a deeper copy ring, larger tiles and wgmma.
+    ncu_phase "first prefill GEMMs at $PREFILL_LEN tokens" ncu-prefill-gemm.txt 60 \
+        '^  mlcb_|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Issue Slots Busy|Shared Memory Configuration Size|sm__pipe_tensor|bank_conflicts|stalled_' \
+        -k regex:gemm -c 4 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__average_warp_latency_issue_stalled_barrier.ratio,smsp__average_warp_latency_issue_stalled_mio_throttle.ratio,smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio \
+        -- --prompt-len "$PREFILL_LEN" --gen-len 1
 }
 
 if [ "$BENCH7B" = 1 ] && in_time "7B benchmark"; then
