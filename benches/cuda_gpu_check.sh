@@ -32,7 +32,8 @@
 #                transformers fp16 (HF [1], on the same config, benches/hf_transformers_bench.py;
 #                not gated); q0f16 (Q0F16 [1]; skipped, saying so, without twice its weights of
 #                free disk). Then q4f16_1's diagnostics: its decode with MLCB_CUDA_PDL=0 (no
-#                programmatic dependent launch; reported); the prefill GEMMs in 64×64 warp tiles;
+#                programmatic dependent launch; reported); the prefill GEMMs on wgmma (sm_90a) and
+#                in 64×64 warp tiles (each: prefill tok/s, logits vs the default build's ≤ TOL_F16);
 #                its kernel profile (PROFILE [1]: MLCB_CUDA_PROFILE=1, each kernel timed alone;
 #                the top rows per phase go to the summary); Nsight Compute (NCU [1], where `ncu`
 #                is found) on one decode step's first NCU_KERNELS [5] GEMVs (DRAM throughput,
@@ -399,6 +400,53 @@ ncu_phase() {
     say "ncu on the $what: exit $? (logs/$log):"
     grep -E "$pattern" "$logs/$log" | head -"$lines" | tee -a "$summary" >&2
 }
+# The 7B q4f16_1 built again with its prefill GEMMs' records pinned (a tuning file from the first
+# build's debug/tuning-cuda.json, FIELD set to VALUE), the same weights (cached stages): prefill
+# tok/s against the default, and its logits over a prompt of 300 tokens (two full 128-row tiles
+# and a short one) against the default build's (the same f16 products summed in another order:
+# gated at TOL_F16).
+pinned_prefill() { # name field value label
+    local name=$1 field=$2 value=$3 label=$4
+    { [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "prefill GEMMs: $label"; } || return 0
+    python3 - "$q4/debug/tuning-cuda.json" "$WORK/$name.json" "$field" "$value" "$label" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+recs = {s: dict(c, **{sys.argv[3]: int(sys.argv[4])}) for s, c in t["records"].items()
+    if s.startswith("prefill:") and ("matmul" in s or "logits" in s)}
+json.dump({"device": "gpu check: prefill GEMMs, " + sys.argv[5], "tuned": False, "records": recs},
+      open(sys.argv[2], "w"))
+PY
+    printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "synth-7b-%s"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
+        "$WORK/$name.json" "$name" "$model" > "$WORK/synth-$name.toml"
+    local dist="$dist7b/synth-7b-$name-q4f16_1"
+    if ! run_t "$mlcb" build "$WORK/synth-$name.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$cache7b" \
+        --artifact-path "$dist7b" > "$logs/build-7b-$name.txt" 2>&1; then
+        say "7B q4f16_1, prefill GEMMs with $label: build failed (logs/build-7b-$name.txt; not gated)"
+        return 0
+    fi
+    local ids
+    ids=$(python3 -c 'import json, sys; v = json.load(open(sys.argv[1]))["vocab_size"]; print(",".join(str((i * 7919 + 13) % v) for i in range(300)))' "$model/config.json")
+    run_t "$mlcb" logits "$q4" --input-ids "$ids" --out "$WORK/logits-7b-default.st" --device cuda \
+        > "$logs/logits-7b-default.txt" 2>&1
+    run_t "$mlcb" logits "$dist" --input-ids "$ids" --out "$WORK/logits-7b-$name.st" --device cuda \
+        > "$logs/logits-7b-$name.txt" 2>&1
+    local r
+    r=$(python3 -c "$compare_py" "$WORK/logits-7b-$name.st" "$WORK/logits-7b-default.st" 2>&1 | tail -1)
+    [ -n "$r" ] || r='{"error":"no comparison"}'
+    if rel_ok "$r" "$TOL_F16"; then
+        say "7B q4f16_1, prefill GEMMs with $label: logits match the default build's ($r)"
+    else
+        fail "7B q4f16_1, prefill GEMMs with $label: logits differ from the default build's ($r; logs/logits-7b-$name.txt)"
+    fi
+    run_t "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
+        > "$logs/bench-$name-prefill.json" 2> "$logs/bench-$name-prefill.txt"
+    local p pd
+    p=$(json_field "$logs/bench-$name-prefill.json" prefill_tok_s)
+    pd=$(json_field "$logs/bench-q4f16_1-prefill.json" prefill_tok_s)
+    record "{\"check\":\"bench7b_$name\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p,\"default_prefill_tok_s\":$pd,\"logits_vs_default\":$r}"
+    say "7B q4f16_1 prefill with $label (pinned): $p tok/s; default: $pd tok/s"
+    rm -rf "$dist" "$WORK/logits-7b-$name.st"
+}
 # The q4f16_1 diagnostics, after the required figures (q4f16_1, transformers, q0f16): decode
 # without PDL, the 64×64 warp-tile A/B, the kernel profile, Nsight Compute on the decode GEMVs,
 # decode attention and the prefill GEMMs.
@@ -411,33 +459,11 @@ q4_diagnostics() {
         record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
         say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
     fi
-    if [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "prefill GEMMs with 64x64 warp tiles"; then
-        # A/B: the prefill GEMMs with 4 warps of 64×64 tiles (a tuning record of 128 threads,
-        # codegen::cuda::gemm_f16::WarpTiles) instead of the default 8 of 64×32, pinned by a
-        # tuning file; the same weights (cached stages), prefill only.
-        python3 - "$q4/debug/tuning-cuda.json" "$WORK/tiles128.json" <<'PY'
-import json, sys
-t = json.load(open(sys.argv[1]))
-recs = {s: dict(c, threads_per_block=128) for s, c in t["records"].items()
-    if s.startswith("prefill:") and ("matmul" in s or "logits" in s)}
-json.dump({"device": "gpu check: prefill GEMMs in 64x64 warp tiles", "tuned": False, "records": recs},
-      open(sys.argv[2], "w"))
-PY
-        printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "synth-7b-tiles128"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
-            "$WORK/tiles128.json" "$model" > "$WORK/synth-tiles128.toml"
-        if run_t "$mlcb" build "$WORK/synth-tiles128.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$cache7b" \
-            --artifact-path "$dist7b" > "$logs/build-7b-tiles128.txt" 2>&1; then
-            run_t "$mlcb" bench "$dist7b/synth-7b-tiles128-q4f16_1" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
-                > "$logs/bench-tiles128-prefill.json" 2> "$logs/bench-tiles128-prefill.txt"
-            p128=$(json_field "$logs/bench-tiles128-prefill.json" prefill_tok_s)
-            p256=$(json_field "$logs/bench-q4f16_1-prefill.json" prefill_tok_s)
-            record "{\"check\":\"bench7b_tiles128\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p128,\"default_prefill_tok_s\":$p256}"
-            say "7B q4f16_1 prefill with 64×64 warp tiles (128 threads, pinned): $p128 tok/s; default 64×32: $p256 tok/s"
-        else
-            say "7B q4f16_1 with 64×64 warp tiles: build failed (logs/build-7b-tiles128.txt; not gated)"
-        fi
-        rm -rf "$dist7b/synth-7b-tiles128-q4f16_1"
-    fi
+    # A/B: the prefill GEMMs on wgmma (sm_90a warpgroup MMA, codegen::cuda::gemm_wgmma; a
+    # tuning record with rows_per_block 4), then in 4 warps of 64×64 tiles (threads 128,
+    # gemm_f16::WarpTiles) instead of the default 8 warps of 64×32 on mma.sync.
+    pinned_prefill wgmma rows_per_block 4 "wgmma (sm_90a warpgroup MMA)"
+    pinned_prefill tiles128 threads_per_block 128 "64×64 warp tiles (128 threads)"
     if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
         # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
         MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \

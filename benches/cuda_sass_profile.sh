@@ -3,7 +3,7 @@
 # Llama-2-7B-shaped model (random weights; the shapes decide the kernels) for the cuda target,
 # assembles each kernel's PTX with ptxas and disassembles it with nvdisasm (both from NVIDIA's
 # pip wheels), and prints per kernel: registers, spilled bytes, shared memory, SASS
-# instructions, tensor-core instructions (HMMA), and the same two counts inside the kernel's
+# instructions, tensor-core instructions (HMMA; HGMMA for wgmma), and the same two counts inside the kernel's
 # main loop (`largest_loop`) — the figures that say whether a kernel can keep up with the memory (decode) or
 # the tensor cores (prefill). Static counts, not timings: they say what a kernel issues, not how
 # long it waits.
@@ -66,7 +66,7 @@ largest_loop() {
                 t = substr($0, RSTART + 6, RLENGTH - 7)
                 if (t in label && label[t] < n) {
                     h = 0
-                    for (i = label[t] + 1; i <= n; i++) if (line[i] ~ /HMMA/) h++
+                    for (i = label[t] + 1; i <= n; i++) if (line[i] ~ /HG?MMA/) h++
                     if (h > best_h || (h == best_h && n - label[t] > best)) { best = n - label[t]; best_h = h }
                 }
             }
@@ -86,14 +86,16 @@ for scheme in $SCHEMES; do
         for ptx in "$out"/*/debug/kernels/cuda/*.ptx; do
             name=$(basename "$ptx" .ptx)
             cubin=$WORK/k.cubin
-            info=$("$TOOLS_DIR/ptxas" -arch="$arch" -v "$ptx" -o "$cubin" 2>&1)
+            # The PTX's own target: sm_90a for a wgmma kernel of an sm_90 library.
+            target=$(grep -m1 -oE '^\.target sm_[0-9]+a?' "$ptx" | cut -d' ' -f2)
+            info=$("$TOOLS_DIR/ptxas" -arch="${target:-$arch}" -v "$ptx" -o "$cubin" 2>&1)
             regs=$(grep -oE 'Used [0-9]+ registers' <<<"$info" | grep -oE '[0-9]+' || echo 0)
             spill=$(grep -oE '[0-9]+ bytes spill stores' <<<"$info" | grep -oE '^[0-9]+' || echo 0)
             smem=$(grep -oE '[0-9]+ bytes smem' <<<"$info" | grep -oE '^[0-9]+' || echo 0)
             sass=$WORK/k.sass
             "$TOOLS_DIR/nvdisasm" -c "$cubin" >"$sass"
             instr=$(grep -cE '/\*[0-9a-f]+\*/ ' "$sass" || true)
-            hmma=$(grep -c HMMA "$sass" || true)
+            hmma=$(grep -cE 'HMMA|HGMMA' "$sass" || true)
             read -r loop loop_hmma < <(largest_loop "$sass")
             # The kernel's role: its name in the source's first line.
             kind=$(head -1 "${ptx%.ptx}.cu" | grep -oE '`[a-z_0-9]+`' | tr -d '`' | sed 's/^mlcb_//')

@@ -60,8 +60,9 @@ use std::collections::BTreeMap;
 /// `rows_per_block` 2 copies the f16 activation tile two K steps ahead through a ring of shared
 /// buffers (`gemm_f16::x_ring`). 31: raw f16 weights take a ring of their own with it. 32: the
 /// GEMM's weight staging is left out of the source where that ring replaces it (the same PTX
-/// work, other text).
-pub const VERSION: u32 = 32;
+/// work, other text). 33: in sm_90 libraries a prefill GEMM record of `rows_per_block` 4 runs
+/// on wgmma (`gemm_wgmma`, PTX for sm_90a); kernels compile for their launch's arch.
+pub const VERSION: u32 = 33;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -116,7 +116,7 @@ fn measure(
                 tracing::debug!("tune {signature}: {t:?}: the kernel of an earlier candidate");
                 return Ok(None);
             }
-            let ptx = crate::codegen::cuda::compile(&kernel, arch)?;
+            let ptx = crate::codegen::cuda::compile(&kernel)?;
             timer
                 .time(
                     TimedKernel::Cuda {

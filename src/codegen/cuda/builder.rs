@@ -172,6 +172,18 @@ impl CudaBuilder {
         b
     }
 
+    /// The architecture the library is built for.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Compile this kernel for `arch` instead (an architecture-specific variant of the
+    /// library's, e.g. sm_90a for `wgmma`): the launch description records it, and the runtime
+    /// refuses a GPU of another architecture.
+    pub fn ptx_arch(&mut self, arch: &str) {
+        self.arch = arch.to_string();
+    }
+
     pub fn const_u32(&mut self, name: &str, v: usize) {
         let v = u32::try_from(v).expect("kernel dimension fits u32 (checked by the caller)");
         writeln!(self.consts, "constexpr unsigned {name} = {v}u;").unwrap();

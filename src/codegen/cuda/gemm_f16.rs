@@ -507,13 +507,36 @@ pub(super) fn gemm_f16(
     epilogue: &super::matmul::GemmEpilogue,
     half_input: bool,
 ) -> (String, CudaLaunch) {
-    let tiles = WarpTiles::for_threads(b.tuning.threads_per_block);
-    let ring = x_ring(b.tuning.rows_per_block, half_input, m.k);
+    // Warpgroup MMA (sm_90 libraries whose record asks for it) keeps the default block of 8
+    // warps, as 2 warpgroups of 64×128 ([`super::gemm_wgmma`]).
+    let wgmma = super::gemm_wgmma::applies(b.tuning.rows_per_block, b.arch());
+    let tiles = if wgmma {
+        WarpTiles::Wide
+    } else {
+        WarpTiles::for_threads(b.tuning.threads_per_block)
+    };
+    let ring = !wgmma && x_ring(b.tuning.rows_per_block, half_input, m.k);
     // Raw f16 weights are copied as they are too: through a ring of their own, in the same
     // groups of copies.
     let w_ring = ring && m.storage == MatrixStorage::Raw(DType::F16);
     let threads = tiles.threads() as usize;
-    let nj = tiles.nj();
+    // A warp's accumulators: mi × nj mma tiles of 16×8 (with wgmma, 16 rows × all 128 columns).
+    let (mi, nj) = if wgmma {
+        (1, 16)
+    } else {
+        (WARP_MI, tiles.nj())
+    };
+    // Shared tile elements: padded rows, or wgmma's core matrices.
+    let tile_at = |tile: &str, r: &str, k: &str| {
+        if wgmma {
+            format!(
+                "{tile}[buf][{}]",
+                super::gemm_wgmma::smem_index(r, k, F16_BK)
+            )
+        } else {
+            format!("{tile}[buf][{r}][{k}]")
+        }
+    };
     let st = staging(m, threads);
     let units = (F16_BN * F16_BK) as usize / st.vpu;
     b.const_u32("BM", F16_BM as usize);
@@ -561,7 +584,10 @@ pub(super) fn gemm_f16(
             "unsigned short",
             "uint4",
             fetch,
-            "*reinterpret_cast<uint4*>(&xs[buf][r][kk]) = xr[j];",
+            format!(
+                "*reinterpret_cast<uint4*>(&{}) = xr[j];",
+                tile_at("xs", "r", "kk")
+            ),
         )
     } else {
         let fetch = if m.k % 4 == 0 {
@@ -577,22 +603,34 @@ pub(super) fn gemm_f16(
             "float",
             "float4",
             fetch,
-            "const float4 f = xr[j];
-                *reinterpret_cast<uint2*>(&xs[buf][r][kk]) = uint2{pack_h2_sat(f.x, f.y), pack_h2_sat(f.z, f.w)};",
+            format!(
+                "const float4 f = xr[j];
+                *reinterpret_cast<uint2*>(&{}) = uint2{{pack_h2_sat(f.x, f.y), pack_h2_sat(f.z, f.w)}};",
+                tile_at("xs", "r", "kk")
+            ),
         )
     };
     // Stores of one unit's f16 pairs into ws: 16 bytes at a time where the unit allows it.
     let w_store = if st.vpu % 8 == 0 {
-        "#pragma unroll
+        format!(
+            "#pragma unroll
                 for (unsigned i = 0; i < VPU / 8u; ++i)
-                    *reinterpret_cast<uint4*>(&ws[buf][n][kk + 8 * i]) = uint4{h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]};"
+                    *reinterpret_cast<uint4*>(&{}) = uint4{{h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]}};",
+            tile_at("ws", "n", "kk + 8 * i")
+        )
     } else if st.vpu % 2 == 0 {
-        "#pragma unroll
+        format!(
+            "#pragma unroll
                 for (unsigned i = 0; i < VPU / 2u; ++i)
-                    *reinterpret_cast<unsigned*>(&ws[buf][n][kk + 2 * i]) = h[i];"
+                    *reinterpret_cast<unsigned*>(&{}) = h[i];",
+            tile_at("ws", "n", "kk + 2 * i")
+        )
     } else {
-        "#pragma unroll
-                for (unsigned i = 0; i < VPU; ++i) ws[buf][n][kk + i] = (unsigned short)((h[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu);"
+        format!(
+            "#pragma unroll
+                for (unsigned i = 0; i < VPU; ++i) {} = (unsigned short)((h[i >> 1] >> ((i & 1u) * 16u)) & 0xFFFFu);",
+            tile_at("ws", "n", "kk + i")
+        )
     };
     // The mma operands of m16n8k16 .f16 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
     // floating point type"), g = lane / 4, c = lane % 4, each register two halves (lower index
@@ -603,6 +641,28 @@ pub(super) fn gemm_f16(
     // columns' rows at k 0 / 8, and 2, 3 the next 8 columns (lanes 16–31).
     // The activation tile: two padded buffers filled from registers, or the ring of XSTAGES
     // swizzled ones filled by cp.async (see `x_ring`).
+    // The activation tile through registers: a thread's units of XV values, fetched one K step
+    // ahead and stashed as f16 after the step's products.
+    let x_fetch_units = format!(
+        "#pragma unroll
+        for (unsigned j = 0; j < XPT; ++j) {{
+            const unsigned u = tid + j * GT;
+            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
+                const unsigned t = t0 + u / (BK / XV), k = k0 + (u % (BK / XV)) * XV;
+                {x_fetch}
+            }}
+        }}"
+    );
+    let x_stash_units = format!(
+        "#pragma unroll
+        for (unsigned j = 0; j < XPT; ++j) {{
+            const unsigned u = tid + j * GT;
+            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
+                const unsigned r = u / (BK / XV), kk = (u % (BK / XV)) * XV;
+                {x_stash}
+            }}
+        }}"
+    );
     let (x_smem, x_lanes, x_fetch, x_stash, x_prologue) = if ring {
         b.const_u32("XSTAGES", X_RING_STAGES as usize);
         (
@@ -658,7 +718,19 @@ pub(super) fn gemm_f16(
     x_issue(1u, BK);
     fetch(0u);
     stash(0u, 0u);
-    cp_async_wait<1>();",
+    cp_async_wait<1>();"
+                .to_string(),
+        )
+    } else if wgmma {
+        (
+            "__shared__ __align__(128) unsigned short xs[2][BM * BK];".to_string(),
+            String::new(),
+            x_fetch_units,
+            x_stash_units,
+            "fetch(0u);
+    stash(0u, 0u);
+    async_proxy_fence();"
+                .to_string(),
         )
     } else {
         (
@@ -666,28 +738,11 @@ pub(super) fn gemm_f16(
             "// ... as shared-window addresses in buffer 0 (a buffer is the next PAD · rows halves).
     const unsigned xs_lane = smem_u32(&xs[0][wm + a_row][a_col]);"
                 .to_string(),
-            format!(
-                "#pragma unroll
-        for (unsigned j = 0; j < XPT; ++j) {{
-            const unsigned u = tid + j * GT;
-            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
-                const unsigned t = t0 + u / (BK / XV), k = k0 + (u % (BK / XV)) * XV;
-                {x_fetch}
-            }}
-        }}"
-            ),
-            format!(
-                "#pragma unroll
-        for (unsigned j = 0; j < XPT; ++j) {{
-            const unsigned u = tid + j * GT;
-            if (BM * BK / XV % GT == 0u || u < BM * BK / XV) {{
-                const unsigned r = u / (BK / XV), kk = (u % (BK / XV)) * XV;
-                {x_stash}
-            }}
-        }}"
-            ),
+            x_fetch_units,
+            x_stash_units,
             "fetch(0u);
-    stash(0u, 0u);",
+    stash(0u, 0u);"
+                .to_string(),
         )
     };
     // The weight tile through registers: fetched one K step ahead, decoded and stashed after
@@ -735,6 +790,11 @@ pub(super) fn gemm_f16(
             "__shared__ __align__(128) unsigned short ws[XSTAGES][BN][BK];",
             "",
         )
+    } else if wgmma {
+        (
+            "__shared__ __align__(128) unsigned short ws[2][BN * BK];",
+            "",
+        )
     } else {
         (
             "__shared__ __align__(16) unsigned short ws[2][BN][PAD];",
@@ -751,7 +811,7 @@ pub(super) fn gemm_f16(
     {w_smem}
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
-    const unsigned wm = (warp / {warps_n}u) * {wtm}u, wn = (warp % {warps_n}u) * {wtn}u;
+    {warp_origin}
     const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     (void)n0;
     // This lane's ldmatrix row addresses (see the fragment layouts above).
@@ -780,15 +840,7 @@ pub(super) fn gemm_f16(
     {acc}
     {x_prologue}
     __syncthreads();
-    // The warp's 16-row mma tiles that hold rows of the call: all {mi} but in the last row tile
-    // of a short call (a 16-token prompt needs one of the block's eight), where the loop that
-    // skips the others runs instead.
-    const unsigned live = t0 + wm >= ROWS ? 0u : (ROWS - t0 - wm + 15u) / 16u;
-    if (live >= {mi}u) {{
-{full_loop}
-    }} else {{
-{partial_loop}
-    }}
+{loops}
     {drain}
 {store}",
         drain = if ring {
@@ -797,14 +849,36 @@ pub(super) fn gemm_f16(
         } else {
             ""
         },
-        full_loop = k_loop(false, nj, ring, w_ring),
-        partial_loop = k_loop(true, nj, ring, w_ring),
-        warps_n = tiles.warps_n(),
-        wtm = WARP_MI * 16,
-        wtn = nj * 8,
-        mi = WARP_MI,
-        acc = super::matmul::warp_tile_acc(WARP_MI, nj),
-        store = super::matmul::warp_tile_store(WARP_MI, nj, epilogue),
+        warp_origin = if wgmma {
+            // Warp w of warpgroup w / 4 holds rows 16·(w % 4) of the group's 64.
+            "const unsigned wm = (warp >> 2) * 64u + (warp & 3u) * 16u, wn = 0u;".to_string()
+        } else {
+            format!(
+                "const unsigned wm = (warp / {warps_n}u) * {wtm}u, wn = (warp % {warps_n}u) * {wtn}u;",
+                warps_n = tiles.warps_n(),
+                wtm = WARP_MI * 16,
+                wtn = nj * 8,
+            )
+        },
+        loops = if wgmma {
+            super::gemm_wgmma::k_loop(F16_BK)
+        } else {
+            format!(
+                "    // The warp's 16-row mma tiles that hold rows of the call: all {mi} but in the last row tile
+    // of a short call (a 16-token prompt needs one of the block's eight), where the loop that
+    // skips the others runs instead.
+    const unsigned live = t0 + wm >= ROWS ? 0u : (ROWS - t0 - wm + 15u) / 16u;
+    if (live >= {mi}u) {{
+{full_loop}
+    }} else {{
+{partial_loop}
+    }}",
+                full_loop = k_loop(false, nj, ring, w_ring),
+                partial_loop = k_loop(true, nj, ring, w_ring),
+            )
+        },
+        acc = super::matmul::warp_tile_acc(mi, nj),
+        store = super::matmul::warp_tile_store(mi, nj, epilogue),
         x_type = x_type,
     );
     let grid = [
@@ -815,6 +889,10 @@ pub(super) fn gemm_f16(
     // Two blocks (16 warps) per SM: one block's barrier waits are covered by the other's work.
     // Left alone, ptxas gives the raw-f16 variant 155 registers, i.e. one block per SM.
     b.min_blocks = Some(2);
-    let helpers = format!("{F16_OPS}{}", st.functions);
+    let mut helpers = format!("{F16_OPS}{}", st.functions);
+    if wgmma {
+        helpers.push_str(&super::gemm_wgmma::helpers());
+        b.ptx_arch(super::gemm_wgmma::WGMMA_PTX_ARCH);
+    }
     b.finish(&helpers, &body, threads as u32, grid)
 }

@@ -32,6 +32,7 @@ pub mod builder;
 mod elementwise;
 mod f16_ops;
 pub mod gemm_f16;
+pub mod gemm_wgmma;
 mod gemv_mma;
 pub mod half_activations;
 pub mod launch;
@@ -273,9 +274,25 @@ pub(crate) fn generate_plan_with(
         .collect()
 }
 
-/// Compile one generated kernel to PTX.
-pub fn compile(k: &CudaKernel, arch: &str) -> Result<Vec<u8>> {
-    Ok(nvrtc::compile(&k.signature, &k.source, arch_str(arch)?)?.into_bytes())
+/// Compile one generated kernel to PTX, for the architecture its launch description names
+/// (the library's, or an architecture-specific variant of it, [`ptx_arch_str`]).
+pub fn compile(k: &CudaKernel) -> Result<Vec<u8>> {
+    Ok(nvrtc::compile(&k.signature, &k.source, ptx_arch_str(&k.launch.arch)?)?.into_bytes())
+}
+
+/// The `&'static str` of an architecture a kernel's PTX may target: a supported one, or
+/// [`gemm_wgmma::WGMMA_PTX_ARCH`].
+pub fn ptx_arch_str(arch: &str) -> Result<&'static str> {
+    if arch == gemm_wgmma::WGMMA_PTX_ARCH {
+        return Ok(gemm_wgmma::WGMMA_PTX_ARCH);
+    }
+    arch_str(arch)
+}
+
+/// For PTX of an architecture-specific target (`sm_90a`), the compute capability it runs on
+/// and nothing else (`Some(90)`); `None` for PTX any newer GPU can JIT-compile.
+pub fn arch_specific(arch: &str) -> Option<u32> {
+    arch_number(arch.strip_suffix('a')?)
 }
 
 /// Every kernel of a plan compiled to PTX for `arch`: entries (offsets into the returned blob
@@ -291,7 +308,7 @@ pub fn build_kernels(
     let mut blobs = Vec::new();
     let mut sources = Vec::with_capacity(kernels.len());
     for k in &kernels {
-        let ptx = compile(k, arch)?;
+        let ptx = compile(k)?;
         entries.push(KernelEntry {
             signature: k.signature.clone(),
             entry_point: k.entry_point.clone(),

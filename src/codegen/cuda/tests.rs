@@ -2,6 +2,7 @@
 //! tuning records) generates CUDA C that NVRTC compiles to PTX for the requested arch. Tests that
 //! need NVRTC print a loud SKIP line when it cannot be found.
 
+use super::gemm_wgmma::{self, WGMMA_PTX_ARCH, WGMMA_STAGING};
 use super::half_activations::HalfIo;
 use super::launch::CudaTuning;
 use super::{compile, entry_point, generate, nvrtc};
@@ -139,6 +140,17 @@ fn head_dim_of(spec: &KernelSpec) -> usize {
     }
 }
 
+/// The f16 GEMM's tuning candidates, then its wgmma staging (sm_90 only; not a candidate until
+/// it is measured on a GPU).
+fn f16_gemm_variants(spec: &KernelSpec) -> Vec<CudaTuning> {
+    let mut c = super::tune_space::candidates("prefill:matmul", spec);
+    c.push(CudaTuning {
+        rows_per_block: WGMMA_STAGING,
+        ..c[0]
+    });
+    c
+}
+
 #[test]
 fn every_variant_compiles_to_ptx() {
     use rayon::prelude::*;
@@ -161,12 +173,12 @@ fn every_variant_compiles_to_ptx() {
             )
         })
         .map(|(i, s)| {
-            let c = super::tune_space::candidates("prefill:matmul", s);
+            let c = f16_gemm_variants(s);
             let t = c[(i / 2) % c.len()];
             (t.threads_per_block, t.rows_per_block, i % 2)
         })
         .collect();
-    assert_eq!(gemm_candidates.len(), 8, "{gemm_candidates:?}");
+    assert_eq!(gemm_candidates.len(), 10, "{gemm_candidates:?}");
     let count = specs
         .par_iter()
         .enumerate()
@@ -242,11 +254,17 @@ fn every_variant_compiles_to_ptx() {
                     .map(move |h| (f16, sig, kv_splits, h))
             });
             // An f16 GEMM over an f16 activation: one of its tuning candidates (warp tilings ×
-            // register or cp.async staging) in turn, so the specs cover each with both archs.
+            // register or cp.async staging) or wgmma in turn, so the specs cover each with both
+            // archs; over an f32 one, wgmma where the arch takes it.
             let variants = variants.map(|(f16, sig, kv_splits, half)| {
                 let tuning = if f16 && prefill && half.input {
-                    let c = super::tune_space::candidates("prefill:matmul", spec);
+                    let c = f16_gemm_variants(spec);
                     c[(i / 2) % c.len()]
+                } else if f16 && prefill && gemm_wgmma::applies(WGMMA_STAGING, arch) {
+                    CudaTuning {
+                        rows_per_block: WGMMA_STAGING,
+                        ..tuning
+                    }
                 } else {
                     CudaTuning {
                         kv_splits,
@@ -257,18 +275,25 @@ fn every_variant_compiles_to_ptx() {
             });
             for (f16, sig, tuning, half) in variants {
                 let k = generate(sig, spec, tuning, arch, f16, half).unwrap();
-                let ptx = compile(&k, arch).unwrap_or_else(|e| {
+                let ptx = compile(&k).unwrap_or_else(|e| {
                     panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
                 });
                 let ptx = String::from_utf8(ptx).unwrap();
+                let wgmma = f16 && prefill && gemm_wgmma::applies(tuning.rows_per_block, arch);
                 check_ptx(
                     &ptx,
-                    arch,
+                    if wgmma { WGMMA_PTX_ARCH } else { arch },
                     &k.entry_point,
                     k.launch.args.len() + 3,
                     &format!("{spec:?} f16 {f16}"),
                 );
-                if f16 && prefill {
+                if wgmma {
+                    assert_eq!(k.launch.arch, WGMMA_PTX_ARCH);
+                    assert!(
+                        ptx.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16"),
+                        "{spec:?}"
+                    );
+                } else if f16 && prefill {
                     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{spec:?}");
                     // Its tiles are in shared memory (read from the PTX as `compile` checks
                     // them against the 48 KiB limit).
@@ -636,7 +661,7 @@ fn ptx_is_deterministic_and_nvrtc_is_versioned() {
         rotary_dim: None,
     };
     let k = generate("a", &spec, tunings()[0], "sm_90", false, HalfIo::default()).unwrap();
-    assert_eq!(compile(&k, "sm_90").unwrap(), compile(&k, "sm_90").unwrap());
+    assert_eq!(compile(&k).unwrap(), compile(&k).unwrap());
 }
 
 #[test]
@@ -710,7 +735,7 @@ fn decode_kernels_for_sm_90_wait_for_the_kernel_before() {
                 .iter()
                 .find(|k| k.signature.starts_with("decode:attention"))
                 .unwrap();
-            let ptx = String::from_utf8(compile(k, "sm_90").unwrap()).unwrap();
+            let ptx = String::from_utf8(compile(k).unwrap()).unwrap();
             assert!(ptx.contains("griddepcontrol.wait"), "{ptx}");
             assert!(ptx.contains("griddepcontrol.launch_dependents"), "{ptx}");
         }

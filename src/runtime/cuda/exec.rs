@@ -93,6 +93,15 @@ impl CudaModel {
         let mut kernels: Vec<Option<LoadedKernel>> = (0..table.len()).map(|_| None).collect();
         for k in lib.header.kernels.iter().filter(|k| k.language == "ptx") {
             let (i, launch) = table[&k.signature].clone();
+            // PTX of an architecture-specific target (sm_90a: wgmma) runs on that GPU only.
+            if let Some(n) = crate::codegen::cuda::arch_specific(&launch.arch) {
+                if device.sm != n {
+                    return Err(env(format!(
+                        "kernel {} was compiled for {} (instructions of that GPU generation only), but this GPU ({}) is sm_{}; rebuild for this GPU",
+                        k.signature, launch.arch, device.name, device.sm
+                    )));
+                }
+            }
             kernels[i] = Some(LoadedKernel {
                 signature: k.signature.clone(),
                 kernel: Kernel::load(lib.kernel_bytes(k), &k.entry_point, &k.signature)?,
