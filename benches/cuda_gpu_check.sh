@@ -153,7 +153,7 @@ argmax = lambda v, r: max(range(vocab), key=lambda i: v[r * vocab + i])
 same_top = sum(argmax(a, r) == argmax(b, r) for r in range(sa[0]))
 print(json.dumps({"shape": sa, "max_abs": diff, "scale": scale, "rel": diff / scale, "finite": finite, "same_argmax_rows": same_top}))
 '
-rel_ok() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r.get("finite") and r.get("rel", 1) <= float(sys.argv[2]) else 1)' "$1" "$2"; }
+rel_ok() { python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r.get("finite") and r.get("rel", 1) <= float(sys.argv[2]) else 1)' "$1" "$2" 2>/dev/null; }
 
 # One fixture × scheme on cuda against the cpu: its records go to rec/FX-Q.jsonl, its failures
 # (one line each) to rec/FX-Q.fail. Runs in the background, JOBS_GPU at a time.
@@ -432,7 +432,11 @@ PY
         > "$logs/logits-7b-$name.txt" 2>&1
     local r
     r=$(python3 -c "$compare_py" "$WORK/logits-7b-$name.st" "$WORK/logits-7b-default.st" 2>&1 | tail -1)
-    [ -n "$r" ] || r='{"error":"no comparison"}'
+    # Not a JSON object (a missing logits file): the error as one.
+    case "$r" in
+        "{"*) ;;
+        *) r=$(python3 -c 'import json, sys; print(json.dumps({"error": sys.argv[1] or "no comparison"}))' "$r") ;;
+    esac
     if rel_ok "$r" "$TOL_F16"; then
         say "7B q4f16_1, prefill GEMMs with $label: logits match the default build's ($r)"
     else
