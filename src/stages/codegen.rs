@@ -61,7 +61,8 @@ use std::collections::BTreeMap;
 /// buffers (`gemm_f16::x_ring`). 31: raw f16 weights take a ring of their own with it. 32: the
 /// GEMM's weight staging is left out of the source where that ring replaces it (the same PTX
 /// work, other text). 33: in sm_90 libraries a prefill GEMM record of `rows_per_block` 4 runs
-/// on wgmma (`gemm_wgmma`, PTX for sm_90a); kernels compile for their launch's arch.
+/// on wgmma (`gemm_wgmma`, PTX for sm_90a); kernels compile for their launch's arch; prefill
+/// GEMM blocks take their tiles in grouped column-major order (`matmul::GEMM_BLOCK_TILES`).
 pub const VERSION: u32 = 33;
 
 /// The context size a build uses: the recipe's, else the model's own.

@@ -539,6 +539,7 @@ pub(super) fn gemm_f16(
     };
     let st = staging(m, threads);
     let units = (F16_BN * F16_BK) as usize / st.vpu;
+    super::matmul::raster_group(&mut b);
     b.const_u32("BM", F16_BM as usize);
     b.const_u32("BN", F16_BN as usize);
     b.const_u32("BK", F16_BK as usize);
@@ -812,7 +813,8 @@ pub(super) fn gemm_f16(
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
     {warp_origin}
-    const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    {tiles}
+    const unsigned t0 = tile_m * BM, n0 = tile_n * BN;
     (void)n0;
     // This lane's ldmatrix row addresses (see the fragment layouts above).
     const unsigned a_row = lane & 15u, a_col = (lane >> 4) * 8u;
@@ -879,6 +881,7 @@ pub(super) fn gemm_f16(
         },
         acc = super::matmul::warp_tile_acc(mi, nj),
         store = super::matmul::warp_tile_store(mi, nj, epilogue),
+        tiles = super::matmul::GEMM_BLOCK_TILES,
         x_type = x_type,
     );
     let grid = [

@@ -124,19 +124,41 @@ pub(super) struct GemmEpilogue<'a> {
     pub half: bool,
 }
 
+/// Row tiles a prefill GEMM's blocks take in turn for one column tile ([`GEMM_BLOCK_TILES`]).
+const RASTER_GROUP: u32 = 8;
+
+/// The first statements of a prefill GEMM: its block's tile, `tile_m` (rows, i.e. tokens) and
+/// `tile_n` (columns: matrix rows), from the block index in grouped column-major order. Blocks
+/// start in launch order (x fastest); in the grid's own order a weight tile is read by blocks a
+/// whole row of tiles apart, so for a 512-token prompt each weight tile came from DRAM once per
+/// row tile (4 times). Here runs of [`RASTER_GROUP`] row tiles take each column tile in turn,
+/// so the blocks reading a weight tile run together (one DRAM read, the rest from L2) while a
+/// group's activation rows (8 × 128 rows) stay in L2 as the column tiles go by; a group of
+/// fewer row tiles (the last, or a short prompt's) the same way.
+pub(super) const GEMM_BLOCK_TILES: &str = "const unsigned raster_lin = blockIdx.y * gridDim.x + blockIdx.x, raster_per_group = RASTER_GROUP * gridDim.x;
+    const unsigned raster_first = raster_lin / raster_per_group * RASTER_GROUP, raster_left = gridDim.y - raster_first;
+    const unsigned raster_rows = raster_left < RASTER_GROUP ? raster_left : RASTER_GROUP;
+    const unsigned tile_m = raster_first + (raster_lin % raster_per_group) % raster_rows;
+    const unsigned tile_n = (raster_lin % raster_per_group) / raster_rows;";
+
+/// Declares [`RASTER_GROUP`] for [`GEMM_BLOCK_TILES`].
+pub(super) fn raster_group(b: &mut CudaBuilder) {
+    b.const_u32("RASTER_GROUP", RASTER_GROUP as usize);
+}
+
 /// The matrix row a prefill GEMM block stages as its tile row `nl` (`bn`: the block's tile
 /// columns), as a C expression: `n0 + nl`; with a silu gate, 8 gate rows then the same 8
 /// features' up rows (`OUT_N` further on), the block covering features `f0 …` (`f0 =
-/// blockIdx.x · bn/2`), and `W_N` (outside the matrix: staged as zeros) for a feature past
+/// tile_n · bn/2`), and `W_N` (outside the matrix: staged as zeros) for a feature past
 /// `OUT_N`.
 pub(super) fn gemm_tile_row(silu_gate: bool, bn: u32, nl: &str) -> String {
     if silu_gate {
         format!(
-            "([](unsigned nl) -> unsigned {{ const unsigned f = blockIdx.x * {half}u + ((nl >> 4) << 3) + (nl & 7u); return f < OUT_N ? ((nl >> 3) & 1u) * OUT_N + f : W_N; }})({nl})",
+            "([tile_n](unsigned nl) -> unsigned {{ const unsigned f = tile_n * {half}u + ((nl >> 4) << 3) + (nl & 7u); return f < OUT_N ? ((nl >> 3) & 1u) * OUT_N + f : W_N; }})({nl})",
             half = bn / 2
         )
     } else {
-        format!("(blockIdx.x * {bn}u + {nl})")
+        format!("(tile_n * {bn}u + {nl})")
     }
 }
 
@@ -698,7 +720,7 @@ fn warp_tile_store_silu(mi: usize, nj: usize, e: &GemmEpilogue) -> String {
             #pragma unroll
             for (unsigned r = 0; r < 4u; ++r) {{
                 const unsigned t = t0 + wm + i * 16u + g + (r >> 1) * 8u;
-                const unsigned f = blockIdx.x * (BN / 2u) + (wn + j * 8u) / 2u + 2u * c + (r & 1u);
+                const unsigned f = tile_n * (BN / 2u) + (wn + j * 8u) / 2u + 2u * c + (r & 1u);
                 if (t < ROWS && f < OUT_N) {{
                     const float u = acc[i][j + 1u][r]{up_bias};
                     {store}
@@ -710,6 +732,7 @@ fn warp_tile_store_silu(mi: usize, nj: usize, e: &GemmEpilogue) -> String {
 }
 
 fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String, CudaLaunch) {
+    raster_group(&mut b);
     b.const_u32("BM", GEMM_BM as usize);
     b.const_u32("BN", GEMM_BN as usize);
     b.const_u32("BK", GEMM_BK as usize);
@@ -724,7 +747,8 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String,
     const unsigned tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const unsigned g = lane >> 2, c = lane & 3u;
     const unsigned wm = (warp >> 1) * 32u, wn = (warp & 1u) * 32u;
-    const unsigned t0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    {tiles}
+    const unsigned t0 = tile_m * BM, n0 = tile_n * BN;
     (void)n0;
     {acc}
     for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
@@ -768,6 +792,7 @@ fn gemm(mut b: CudaBuilder, m: &MatrixSpec, epilogue: &GemmEpilogue) -> (String,
 {store}",
         acc = warp_tile_acc(2, 4),
         store = warp_tile_store(2, 4, epilogue),
+        tiles = GEMM_BLOCK_TILES,
         row = gemm_tile_row(epilogue.silu_gate, GEMM_BN, "r"),
     );
     let grid = [

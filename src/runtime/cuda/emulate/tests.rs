@@ -594,7 +594,7 @@ fn one_hot_values(
 
 /// The f16 tensor-core GEMM, exactly (see [`one_hot_plan`]): its operands are f16, so logit
 /// `[t, c]` must be `x[t] · W[c, t]` with the artifact's f16 values of both (the CPU's
-/// `dequantize_param`), a product exact in f32. Covers both warp tilings, every weight
+/// `dequantize_param`), a product exact in f32. Covers both warp tilings and wgmma, every weight
 /// staging path (sym 4/8-bit codes decoded in f16 pairs,
 /// NK and KN; raw f16 stored as is; 3-bit codes value by value), the ldmatrix fragments and
 /// 128-row tiles (tokens 0..k span two; where k is not a multiple of 128 the second is
@@ -620,6 +620,8 @@ fn f16_gemm_of_one_hot_rows_is_exact() {
         ("q0f16", 264, 204),
         ("q3f16_1", 264, 200),
         ("q3f16_0", 264, 200),
+        // 9 row tiles: a whole group of 8 in the grouped block order, then a group of one.
+        ("q4f16_1", 1048, 1040),
     ] {
         let (plan, records) = one_hot_plan(scheme, n, k);
         assert!(crate::codegen::cuda::f16_prefill(&plan), "{scheme}");
@@ -631,10 +633,11 @@ fn f16_gemm_of_one_hot_rows_is_exact() {
             want.extend((0..n).map(|c| x[t] * w[c * k + t]));
         }
         // Both warp tilings (`gemm_f16::WarpTiles`): 256 threads (64×32 warp tiles), 128
-        // (64×64); their weight staging differs too (units of 8 or 4 words per thread).
-        for threads in [256, 128] {
+        // (64×64); their weight staging differs too (units of 8 or 4 words per thread). And
+        // wgmma (a record of rows 4 in an sm_90 library, 256 threads).
+        for (threads, arch) in [(256, "sm_80"), (128, "sm_80"), (256, "sm_90")] {
             let kernels = EmuKernels::compile(
-                generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), "sm_80").unwrap(),
+                generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), arch).unwrap(),
             );
             let gemm = kernels
                 .kernels
@@ -648,7 +651,7 @@ fn f16_gemm_of_one_hot_rows_is_exact() {
             let bad = got.iter().zip(&want).position(|(a, b)| a != b);
             if let Some(i) = bad {
                 panic!(
-                    "{scheme} [{n}, {k}] ({threads} threads): row {}, column {}: {} on the GPU, {} expected",
+                    "{scheme} [{n}, {k}] ({threads} threads, {arch}): row {}, column {}: {} on the GPU, {} expected",
                     i / n,
                     i % n,
                     got[i],
