@@ -730,6 +730,7 @@ pub(super) fn gemm_f16(
             x_stash_units,
             "fetch(0u);
     stash(0u, 0u);
+    if (BK < W_K) fetch_b(BK);
     async_proxy_fence();"
                 .to_string(),
         )
@@ -807,6 +808,31 @@ pub(super) fn gemm_f16(
     } else {
         format!("{x_reg} xr[XPT];")
     };
+    let staging = format!(
+        "    {x_regs}
+    {w_regs}
+    // Global memory → registers for the K step at k0.
+    auto fetch = [&](unsigned k0) {{
+        (void)k0;
+        {x_fetch}
+        {w_fetch}
+    }};
+    // Registers → f16 in shared buffer `buf`.
+    auto stash = [&](unsigned buf, unsigned k0) {{
+        (void)buf; (void)k0;
+        {x_stash}
+        {w_stash}
+    }};"
+    );
+    // wgmma fetches two K steps ahead: a second set of staging registers, used in turn.
+    let staging = if wgmma {
+        format!(
+            "{staging}\n{}",
+            super::gemm_wgmma::second_register_set(&staging)
+        )
+    } else {
+        staging
+    };
     let body = format!(
         "    {x_smem}
     {w_smem}
@@ -822,23 +848,10 @@ pub(super) fn gemm_f16(
     const unsigned b_row = (lane & 7u) + ((lane >> 4) << 3), b_col = ((lane >> 3) & 1u) * 8u;
     (void)b_col;
     {ws_lane}
-    {x_regs}
     const {x_type}* x_lane = x + (u64)(ROW0 + t0 + tid / (BK / XV)) * W_K + (tid % (BK / XV)) * XV;
     (void)x_lane;
     {x_lanes}
-    {w_regs}
-    // Global memory → registers for the K step at k0.
-    auto fetch = [&](unsigned k0) {{
-        (void)k0;
-        {x_fetch}
-        {w_fetch}
-    }};
-    // Registers → f16 in shared buffer `buf`.
-    auto stash = [&](unsigned buf, unsigned k0) {{
-        (void)buf; (void)k0;
-        {x_stash}
-        {w_stash}
-    }};
+{staging}
     {acc}
     {x_prologue}
     __syncthreads();

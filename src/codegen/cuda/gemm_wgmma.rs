@@ -10,8 +10,8 @@
 //! asynchronously, so the next K step's operands are decoded and stored while it multiplies.
 //!
 //! How: the block is the same 128×128 tile, 256 threads, K in steps of 32, operands staged by
-//! the same register path (global → registers one step ahead → f16 in shared memory, two
-//! buffers). Warpgroup `wg` (warps 4wg…4wg+3) computes rows `64·wg …` of the tile × all 128
+//! the same register path (global → registers → f16 in shared memory, two buffers), but two
+//! steps ahead, in two sets of registers used in turn ([`k_loop`]). Warpgroup `wg` (warps 4wg…4wg+3) computes rows `64·wg …` of the tile × all 128
 //! columns: per K step two `wgmma.m64n128k16`, whose accumulators are the `mma.sync` C fragments
 //! of 16 tiles of 16×8 (warp `w % 4` of the group holds rows `16·(w % 4) …`), so the epilogue is
 //! the `mma.sync` one with a 16×128 warp tile. Shared memory holds the tiles in `wgmma`'s
@@ -19,8 +19,8 @@
 //! core matrix (row / 8, k / 8) at `((row / 8) · BK/8 + k / 8) · 128` bytes — the descriptor's
 //! leading byte offset (between core matrices adjacent in K) 128, stride byte offset (adjacent
 //! in M or N) 512. A step: fence, issue both products, commit; decode and store the next step
-//! into the other buffer (its products finished at the previous step's wait); wait for this
-//! step's products; `fence.proxy.async` (the stores become visible to `wgmma`'s reads, which go
+//! into the other buffer (its products finished at the previous step's wait), fetch the step
+//! after it; wait for this step's products; `fence.proxy.async` (the stores become visible to `wgmma`'s reads, which go
 //! through the async proxy); barrier.
 //!
 //! Not measured on a GPU yet (no Hopper machine was lent since it was written): the tests check
@@ -93,36 +93,68 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[16][4], u64 da, u64 db, co
     )
 }
 
-/// The K loop (see the module doc). Expects the gemm_f16 body's `fetch`/`stash` lambdas, the
-/// buffers `xs[2][BM * BK]` and `ws[2][BN * BK]`, `acc[1][16][4]`, `warp`, `t0` and `W_K`.
+/// Registers a thread stages an operand unit in (see `gemm_f16`'s staging code).
+const STAGING_REGISTERS: [&str; 6] = ["xr", "wr_v", "wr_s", "wr_m", "wr_f", "wr_w"];
+
+/// `staging` (the registers and the `fetch`/`stash` lambdas of `gemm_f16`) over a second set of
+/// registers, as `fetch_b`/`stash_b`.
+pub fn second_register_set(staging: &str) -> String {
+    let mut s = staging
+        .replace("auto fetch = ", "auto fetch_b = ")
+        .replace("auto stash = ", "auto stash_b = ");
+    for r in STAGING_REGISTERS {
+        s = s.replace(&format!("{r}["), &format!("{r}_b["));
+    }
+    s
+}
+
+/// The K loop (see the module doc), two steps per iteration: each step's products run while
+/// the next step's operands, fetched a step earlier into one set of registers, are decoded
+/// into the other buffer and the step after next is fetched into that set. A load thus has a
+/// whole step to arrive (one step ahead, as the `mma.sync` kernel stages, the step after a
+/// fetch waits for it). Expects `gemm_f16`'s `fetch`/`stash` and `fetch_b`/`stash_b` (the
+/// prologue stashed step 0 from the first set and fetched step 1 into the second), the buffers
+/// `xs[2][BM * BK]` and `ws[2][BN * BK]`, `acc[1][16][4]`, `warp` and `W_K`.
 pub fn k_loop(bk: u32) -> String {
     let (lbo, sbo) = descriptor_offsets(bk);
+    let step = |buf: u32, stash_next: &str, fetch_ahead: &str| {
+        format!(
+            "        {{
+            wg_fence();
+            #pragma unroll
+            for (unsigned ks = 0; ks < BK / 16u; ++ks)
+                wgmma_n128(acc[0],
+                           wg_desc(xs_wg + {buf}u * (BM * BK * 2u) + ks * 256u, {lbo}u, {sbo}u),
+                           wg_desc(ws_all + {buf}u * (BN * BK * 2u) + ks * 256u, {lbo}u, {sbo}u),
+                           &xs[0][0], &ws[0][0]);
+            wg_commit();
+            // The other buffer's products finished at the previous step's wait.
+            if (k + BK < W_K) {stash_next}({other}u, k + BK);
+            if (k + 2u * BK < W_K) {fetch_ahead}(k + 2u * BK);
+            wg_wait_all();
+            async_proxy_fence();
+            __syncthreads();
+        }}",
+            other = buf ^ 1,
+        )
+    };
     format!(
         "    // Warpgroup wg multiplies rows 64·wg … of the tile, every step, even where they are all
     // past the call's rows (zeros, in a short call's last tile): ptxas serializes wgmma issued
     // under a branch it cannot prove warpgroup-uniform (each product waited for at once).
     const unsigned wg = warp >> 2;
     const unsigned xs_wg = smem_u32(&xs[0][0]) + wg * (64u * BK * 2u), ws_all = smem_u32(&ws[0][0]);
-    unsigned buf = 0u;
-    for (unsigned k0 = 0; k0 < W_K; k0 += BK) {{
-        const bool more = k0 + BK < W_K;
-        if (more) fetch(k0 + BK);
-        wg_fence();
-        #pragma unroll
-        for (unsigned ks = 0; ks < BK / 16u; ++ks)
-            wgmma_n128(acc[0],
-                       wg_desc(xs_wg + buf * (BM * BK * 2u) + ks * 256u, {lbo}u, {sbo}u),
-                       wg_desc(ws_all + buf * (BN * BK * 2u) + ks * 256u, {lbo}u, {sbo}u),
-                       &xs[0][0], &ws[0][0]);
-        wg_commit();
-        // The other buffer's products finished at the previous step's wait: safe to fill now,
-        // while this step's run.
-        if (more) stash(buf ^ 1u, k0 + BK);
-        wg_wait_all();
-        async_proxy_fence();
-        __syncthreads();
-        buf ^= 1u;
-    }}"
+    for (unsigned k0 = 0; k0 < W_K; k0 += 2u * BK) {{
+        // Step k0 (buffer 0; the second set holds step k0 + BK), then step k0 + BK (buffer 1;
+        // the first set holds the step after).
+        unsigned k = k0;
+{even}
+        k = k0 + BK;
+        if (k < W_K)
+{odd}
+    }}",
+        even = step(0, "stash_b", "fetch"),
+        odd = step(1, "stash", "fetch_b"),
     )
 }
 
