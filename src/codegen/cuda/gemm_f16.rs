@@ -509,7 +509,11 @@ pub(super) fn gemm_f16(
 ) -> (String, CudaLaunch) {
     // Warpgroup MMA (sm_90 libraries whose record asks for it) keeps the default block of 8
     // warps, as 2 warpgroups of 64×128 ([`super::gemm_wgmma`]).
-    let wgmma = super::gemm_wgmma::applies(b.tuning.rows_per_block, b.arch());
+    // (Only where both operands stage in vector units: its two sets of staging registers
+    // would spill for the value-by-value decoders of ragged shapes.)
+    let wgmma = super::gemm_wgmma::applies(b.tuning.rows_per_block, b.arch())
+        && m.k % 8 == 0
+        && staging(m, WarpTiles::Wide.threads() as usize).vpu >= 4;
     let tiles = if wgmma {
         WarpTiles::Wide
     } else {

@@ -39,6 +39,8 @@ pub mod launch;
 mod matmul;
 mod norm;
 pub mod nvrtc;
+#[cfg(test)]
+pub mod ptxas;
 pub mod row_blocks;
 mod rwkv;
 pub mod tune_space;

@@ -103,7 +103,7 @@ fn builtins_beside(lib: &Path) -> Option<PathBuf> {
     found.pop()
 }
 
-fn python_site_packages() -> std::result::Result<Vec<PathBuf>, String> {
+pub(crate) fn python_site_packages() -> std::result::Result<Vec<PathBuf>, String> {
     let out = std::process::Command::new("python3")
         .args([
             "-c",

@@ -159,6 +159,16 @@ fn every_variant_compiles_to_ptx() {
     }
     // Each spec once, alternating tuning record and arch (NVRTC programs compile in parallel).
     let specs = all_specs();
+    // And ptxas, where installed, assembles every kernel's PTX (its inline PTX is text to
+    // NVRTC): no f16 prefill GEMM spills, no wgmma product waits at its issue.
+    let ptxas = super::ptxas::ptxas();
+    let assembled = std::sync::atomic::AtomicUsize::new(0);
+    let on_wgmma = std::sync::atomic::AtomicUsize::new(0);
+    if ptxas.is_none() {
+        eprintln!(
+            "SKIP every_variant_compiles_to_ptx's ptxas checks: no ptxas (pip install 'nvidia-cuda-nvcc==13.0.*', or MLCB_PTXAS)"
+        );
+    }
     // The f16 GEMM's candidates in turn (below) meet both archs.
     let gemm_candidates: std::collections::BTreeSet<_> = specs
         .iter()
@@ -279,7 +289,18 @@ fn every_variant_compiles_to_ptx() {
                     panic!("{spec:?} {tuning:?} f16 {f16}:\n{e}\n{}", k.source)
                 });
                 let ptx = String::from_utf8(ptx).unwrap();
-                let wgmma = f16 && prefill && gemm_wgmma::applies(tuning.rows_per_block, arch);
+                // wgmma where asked for, except for shapes whose operands stage value by value
+                // (ragged K, 3-bit codes): those keep mma.sync.
+                let wgmma = k.launch.arch == WGMMA_PTX_ARCH;
+                let main_weights = matches!(spec, KernelSpec::Matmul { m, .. }
+                    if m.k % 8 == 0 && (m.storage == MatrixStorage::Raw(DType::F16)
+                        || matches!(m.storage, MatrixStorage::Quant(q) if q.bits == 4 || q.bits == 8)));
+                if f16 && prefill && gemm_wgmma::applies(tuning.rows_per_block, arch) && main_weights {
+                    assert!(wgmma, "{spec:?}: no wgmma");
+                }
+                if wgmma {
+                    on_wgmma.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 check_ptx(
                     &ptx,
                     if wgmma { WGMMA_PTX_ARCH } else { arch },
@@ -287,6 +308,25 @@ fn every_variant_compiles_to_ptx() {
                     k.launch.args.len() + 3,
                     &format!("{spec:?} f16 {f16}"),
                 );
+                if let Some(ptxas) = &ptxas {
+                    let a =
+                        super::ptxas::assemble(ptxas, &ptx, &k.launch.arch).unwrap_or_else(|log| {
+                            panic!("{spec:?} {tuning:?} f16 {f16}: ptxas failed:\n{log}")
+                        });
+                    // The schemes' own weights (4/8-bit codes, raw f16, K a multiple of 8); the
+                    // value-by-value decoders (3-bit codes, f32 weights in an f16 GEMM, ragged
+                    // K) spill a little on sm_80.
+                    if f16 && prefill && main_weights {
+                        assert_eq!(a.spill_store_bytes, 0, "{spec:?} {tuning:?}: {}", a.log);
+                        assert!(a.registers > 0, "{}", a.log);
+                    }
+                    assert!(
+                        !a.log.contains("serialized"),
+                        "{spec:?} {tuning:?}: wgmma serialized:\n{}",
+                        a.log
+                    );
+                    assembled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if wgmma {
                     assert_eq!(k.launch.arch, WGMMA_PTX_ARCH);
                     assert!(
@@ -328,6 +368,13 @@ fn every_variant_compiles_to_ptx() {
         })
         .count();
     assert!(count > 120, "{count}");
+    let on_wgmma = on_wgmma.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(on_wgmma > 20, "{on_wgmma} wgmma kernels");
+    if ptxas.is_some() {
+        let n = assembled.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n > 300, "{n} kernels assembled");
+        eprintln!("ptxas assembled {n} kernels");
+    }
 }
 
 /// The f16 GEMM's activation ring (`gemm_f16::x_ring`) changes the kernel exactly where its
