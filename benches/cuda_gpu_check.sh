@@ -451,10 +451,14 @@ PY
     say "7B q4f16_1 prefill with $label (pinned): $p tok/s; default: $pd tok/s"
     rm -rf "$dist" "$WORK/logits-7b-$name.st"
 }
-# The q4f16_1 diagnostics, after the required figures (q4f16_1, transformers, q0f16): decode
-# without PDL, the 64×64 warp-tile A/B, the kernel profile, Nsight Compute on the decode GEMVs,
+# The q4f16_1 diagnostics, after the required figures (q4f16_1, transformers, q0f16): the wgmma
+# prefill A/B, decode without PDL, the 64×64 warp-tile A/B, the kernel profile, Nsight Compute on the decode GEMVs,
 # decode attention and the prefill GEMMs.
 q4_diagnostics() {
+    # A/B: the prefill GEMMs on wgmma (sm_90a warpgroup MMA, codegen::cuda::gemm_wgmma; a
+    # tuning record with rows_per_block 4), then in 4 warps of 64×64 tiles (threads 128,
+    # gemm_f16::WarpTiles) instead of the default 8 warps of 64×32 on mma.sync.
+    pinned_prefill wgmma rows_per_block 4 "wgmma (sm_90a warpgroup MMA)"
     if [ "$have_gpu" = 1 ] && in_time "decode without PDL"; then
         # A/B: the decode graph without programmatic dependent launch (sm_90 kernels).
         run_t env MLCB_CUDA_PDL=0 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json \
@@ -463,10 +467,6 @@ q4_diagnostics() {
         record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
         say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
     fi
-    # A/B: the prefill GEMMs on wgmma (sm_90a warpgroup MMA, codegen::cuda::gemm_wgmma; a
-    # tuning record with rows_per_block 4), then in 4 warps of 64×64 tiles (threads 128,
-    # gemm_f16::WarpTiles) instead of the default 8 warps of 64×32 on mma.sync.
-    pinned_prefill wgmma rows_per_block 4 "wgmma (sm_90a warpgroup MMA)"
     pinned_prefill tiles128 threads_per_block 128 "64×64 warp tiles (128 threads)"
     if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
         # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
