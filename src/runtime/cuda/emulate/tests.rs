@@ -1002,9 +1002,13 @@ fn smollm2_through_the_cuda_kernels_says_paris_and_matches_the_cpu() {
         let built = build(a, &config, &[&m], scheme, 32);
         let plan = crate::codegen::fuse::fuse_for_cuda(built.plan);
         let v = plan.vocab_size;
-        let k = EmuKernels::compile(
-            generate_plan(&plan, &tuning_records(&plan, (128, 4, 8)), "sm_90").unwrap(),
-        );
+        // The prefill GEMMs at their default record (a record of rows 4 would run them on
+        // wgmma in an sm_90 library).
+        let gemm =
+            |sig: &str| sig.starts_with("prefill:matmul") || sig.starts_with("prefill:logits");
+        let recs = tuning_records_where(&plan, (128, 4, 8), gemm, (256, 1, 1));
+        let k = EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap());
+        assert!(k.kernels.iter().all(|k| k.launch.arch == "sm_90"));
         // Greedy on the emulated kernels: one prefill, then a decode step per token.
         let mut s = EmuSession::new(&plan, &k, &built.records);
         let mut ids = prompt.clone();
