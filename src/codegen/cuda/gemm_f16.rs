@@ -18,7 +18,9 @@
 //!   barrier per step), so memory latency overlaps the tensor-core work. With a tuning record of
 //!   `rows_per_block` 2, an f16 activation tile instead goes by `cp.async` into a ring of three
 //!   buffers, two steps ahead, and raw f16 weights into a ring of their own ([`x_ring`]); the
-//!   tune stage times both.
+//!   tune stage times both. In an sm_90 library a record of `rows_per_block` 4 runs the same
+//!   staging into Hopper's warpgroup MMA instead ([`super::gemm_wgmma`]; pinned tuning files
+//!   only, until it is measured on a GPU).
 //! - Why the weight decoding is specialised: a prefill block decodes its 128×32 weight tile
 //!   every K step, and decoding one value at a time in f32 made the kernel issue-bound at ~450
 //!   SASS instructions per warp per step for 16 mma (Llama-2-7B's q4f16_1 kernels). Sym 4/8-bit

@@ -159,11 +159,13 @@ fn every_variant_compiles_to_ptx() {
     }
     // Each spec once, alternating tuning record and arch (NVRTC programs compile in parallel).
     let specs = all_specs();
-    // And ptxas, where installed, assembles every kernel's PTX (its inline PTX is text to
-    // NVRTC): no f16 prefill GEMM spills, no wgmma product waits at its issue.
+    // And ptxas, where installed, assembles the PTX (its inline PTX is text to NVRTC) of one
+    // kernel of each kind (below): no f16 prefill GEMM spills, no wgmma product waits at its
+    // issue.
     let ptxas = super::ptxas::ptxas();
     let assembled = std::sync::atomic::AtomicUsize::new(0);
     let on_wgmma = std::sync::atomic::AtomicUsize::new(0);
+    let kinds = std::sync::Mutex::new(std::collections::HashSet::new());
     if ptxas.is_none() {
         eprintln!(
             "SKIP every_variant_compiles_to_ptx's ptxas checks: no ptxas (pip install 'nvidia-cuda-nvcc==13.0.*', or MLCB_PTXAS)"
@@ -308,7 +310,32 @@ fn every_variant_compiles_to_ptx() {
                     k.launch.args.len() + 3,
                     &format!("{spec:?} f16 {f16}"),
                 );
-                if let Some(ptxas) = &ptxas {
+                // One kernel of each kind: per entry point, arch, f16 and phase (their inline
+                // PTX comes from the same few helpers), and for the f16 prefill GEMMs (spills,
+                // wgmma) per tuning, activation type, weight storage, ragged edges and
+                // epilogue too.
+                let gemm_kind = match spec {
+                    KernelSpec::Matmul { m, fusion, .. } if f16 && prefill => {
+                        let storage = match m.storage {
+                            MatrixStorage::Quant(q) => format!("{}:{:?}:{}", q.bits, q.layout, q.word16),
+                            MatrixStorage::Raw(d) => format!("{d:?}"),
+                        };
+                        format!(
+                            "{tuning:?} {half:?} {storage} {} {} {fusion:?}",
+                            m.k % 32 == 0,
+                            m.n % 128 == 0
+                        )
+                    }
+                    _ => String::new(),
+                };
+                let first_of_kind = kinds.lock().unwrap().insert((
+                    k.entry_point.clone(),
+                    k.launch.arch.clone(),
+                    f16,
+                    sig.to_string(),
+                    gemm_kind,
+                ));
+                if let Some(ptxas) = ptxas.as_ref().filter(|_| first_of_kind) {
                     let a =
                         super::ptxas::assemble(ptxas, &ptx, &k.launch.arch).unwrap_or_else(|log| {
                             panic!("{spec:?} {tuning:?} f16 {f16}: ptxas failed:\n{log}")
@@ -372,7 +399,7 @@ fn every_variant_compiles_to_ptx() {
     assert!(on_wgmma > 20, "{on_wgmma} wgmma kernels");
     if ptxas.is_some() {
         let n = assembled.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(n > 300, "{n} kernels assembled");
+        assert!(n > 100, "{n} kernels assembled");
         eprintln!("ptxas assembled {n} kernels");
     }
 }

@@ -5,7 +5,9 @@
 //! threads pick one of its two warp tilings, crossed with its rows: how many K steps ahead it
 //! fetches the activation tile (registers one ahead, or a `cp.async` ring two ahead); the
 //! 3xTF32 GEMM and the query-tiled attention of prefill have fixed blocks, so they have one
-//! candidate. Knobs a kernel ignores stay at its default, so no two candidates differ only in
+//! candidate (the f16 GEMM's wgmma staging, `rows_per_block` 4 in sm_90 libraries, is not one
+//! until it has been measured on a GPU: a pinned tuning file selects it). Knobs a kernel
+//! ignores stay at its default, so no two candidates differ only in
 //! them (where the ring cannot apply — an f32 activation — two of the GEMM's candidates generate
 //! the same kernel: the tune stage times that kernel once).
 
