@@ -646,10 +646,8 @@ pub(super) fn gemm_f16(
     // and lanes 16–31 the same rows at column 8; B (16×8, k × n, stored n-major) b0 (k = 2c..,
     // n = g), b1 (k = 2c+8.., n = g) — matrices 0 and 1 for lanes 0–7 / 8–15 addressing the 8
     // columns' rows at k 0 / 8, and 2, 3 the next 8 columns (lanes 16–31).
-    // The activation tile: two padded buffers filled from registers, or the ring of XSTAGES
-    // swizzled ones filled by cp.async (see `x_ring`).
-    // The activation tile through registers: a thread's units of XV values, fetched one K step
-    // ahead and stashed as f16 after the step's products.
+    // The activation tile through registers: a thread's units of XV values, fetched ahead of
+    // their K step and stashed as f16 after the products of the step before.
     let x_fetch_units = format!(
         "#pragma unroll
         for (unsigned j = 0; j < XPT; ++j) {{
@@ -670,6 +668,8 @@ pub(super) fn gemm_f16(
             }}
         }}"
     );
+    // The activation tile: the ring of XSTAGES swizzled buffers filled by cp.async (see
+    // `x_ring`), or two buffers filled from registers: wgmma's core matrices, else padded rows.
     let (x_smem, x_lanes, x_fetch, x_stash, x_prologue) = if ring {
         b.const_u32("XSTAGES", X_RING_STAGES as usize);
         (

@@ -121,6 +121,8 @@ pub fn second_register_set(staging: &str) -> String {
 /// `xs[2][BM * BK]` and `ws[2][BN * BK]`, `acc[1][16][4]`, `warp` and `W_K`.
 pub fn k_loop(bk: u32) -> String {
     let (lbo, sbo) = descriptor_offsets(bk);
+    // A product's 16 K are two core matrices along K.
+    let k16 = 2 * lbo;
     let step = |buf: u32, stash_next: &str, fetch_ahead: &str| {
         format!(
             "        {{
@@ -128,8 +130,8 @@ pub fn k_loop(bk: u32) -> String {
             #pragma unroll
             for (unsigned ks = 0; ks < BK / 16u; ++ks)
                 wgmma_n128(acc[0],
-                           wg_desc(xs_wg + {buf}u * (BM * BK * 2u) + ks * 256u, {lbo}u, {sbo}u),
-                           wg_desc(ws_all + {buf}u * (BN * BK * 2u) + ks * 256u, {lbo}u, {sbo}u),
+                           wg_desc(xs_wg + {buf}u * (BM * BK * 2u) + ks * {k16}u, {lbo}u, {sbo}u),
+                           wg_desc(ws_all + {buf}u * (BN * BK * 2u) + ks * {k16}u, {lbo}u, {sbo}u),
                            &xs[0][0], &ws[0][0]);
             wg_commit();
             // The other buffer's products finished at the previous step's wait.

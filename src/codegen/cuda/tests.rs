@@ -355,7 +355,6 @@ fn every_variant_compiles_to_ptx() {
                     assembled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if wgmma {
-                    assert_eq!(k.launch.arch, WGMMA_PTX_ARCH);
                     assert!(
                         ptx.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16"),
                         "{spec:?}"

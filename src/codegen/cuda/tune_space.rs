@@ -7,9 +7,9 @@
 //! 3xTF32 GEMM and the query-tiled attention of prefill have fixed blocks, so they have one
 //! candidate (the f16 GEMM's wgmma staging, `rows_per_block` 4 in sm_90 libraries, is not one
 //! until it has been measured on a GPU: a pinned tuning file selects it). Knobs a kernel
-//! ignores stay at its default, so no two candidates differ only in
-//! them (where the ring cannot apply — an f32 activation — two of the GEMM's candidates generate
-//! the same kernel: the tune stage times that kernel once).
+//! ignores stay at its default, so no two candidates differ only in them (where the ring cannot
+//! apply — an f32 activation — two of the GEMM's candidates generate the same kernel: the tune
+//! stage times that kernel once).
 
 use super::launch::CudaTuning;
 use crate::codegen::wgsl::spec::{KernelSpec, MatrixStorage, Phase};

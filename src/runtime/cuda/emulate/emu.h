@@ -471,20 +471,25 @@ inline void wg_fence() { emu::cur->wg_fenced = true; }
 inline void async_proxy_fence() {}
 inline void wg_commit() { emu::cur->wg_committed = emu::cur->wg_n; }
 namespace emu {
-// The operand element (row, k) of the no-swizzle K-major layout a descriptor gives: core matrix
-// (row / 8, k / 8) at start + (row / 8)·SBO + (k / 8)·LBO, 8 rows of 16 bytes. `tile` is the
-// shared array the descriptor points into: its 14-bit start field holds bits 4–17 of the
-// address, which the emulator's addresses (offsets from an anchor) exceed.
-inline float wg_operand(unsigned long long desc, const void* tile, unsigned row, unsigned k) {
-    if ((desc >> 62) != 0) fail("a wgmma descriptor with a swizzle mode (the emulator knows none)");
-    if (((desc >> 49) & 7u) != 0) fail("a wgmma descriptor with a base offset");
-    const unsigned start = (unsigned)(desc & 0x3FFFu) << 4, lbo = (unsigned)((desc >> 16) & 0x3FFFu) << 4,
-                   sbo = (unsigned)((desc >> 32) & 0x3FFFu) << 4;
-    const unsigned hint = smem_u32(tile), delta = (start - hint) & 0x3FFFFu;
-    if (delta >= 48u * 1024u) fail("a wgmma descriptor's address is not inside the shared array named with it");
-    const unsigned a = hint + delta + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16u + (k % 8) * 2u;
-    return h2f(*emu_smem(a));
-}
+// An operand in the no-swizzle K-major layout a descriptor gives: core matrix (row / 8, k / 8)
+// at start + (row / 8)·SBO + (k / 8)·LBO, 8 rows of 16 bytes. `tile` is the shared array the
+// descriptor points into: its 14-bit start field holds bits 4–17 of the address, which the
+// emulator's addresses (offsets from an anchor) exceed.
+struct wg_matrix {
+    unsigned start, lbo, sbo;
+    wg_matrix(unsigned long long desc, const void* tile) {
+        if ((desc >> 62) != 0) fail("a wgmma descriptor with a swizzle mode (the emulator knows none)");
+        if (((desc >> 49) & 7u) != 0) fail("a wgmma descriptor with a base offset");
+        lbo = (unsigned)((desc >> 16) & 0x3FFFu) << 4;
+        sbo = (unsigned)((desc >> 32) & 0x3FFFu) << 4;
+        const unsigned hint = smem_u32(tile), delta = (((unsigned)(desc & 0x3FFFu) << 4) - hint) & 0x3FFFFu;
+        if (delta >= 48u * 1024u) fail("a wgmma descriptor's address is not inside the shared array named with it");
+        start = hint + delta;
+    }
+    float at(unsigned row, unsigned k) const {
+        return h2f(*emu_smem(start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16u + (k % 8) * 2u));
+    }
+};
 }
 // wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16, scale-d 1, no negation or transpose.
 inline void wgmma_n128(float (&d)[16][4], unsigned long long da, unsigned long long db, const void* a_tile, const void* b_tile) {
@@ -508,12 +513,13 @@ inline void wg_wait_all() {
     const unsigned l = t.tid.x & 31u, rows = 16u * ((t.tid.x >> 5) & 3u);
     for (unsigned o = 0; o < t.wg_n; ++o) {
         const emu::wg_op& op = t.wg_ops[o];
+        const emu::wg_matrix a(op.da, op.a_tile), b(op.db, op.b_tile);
         for (unsigned j = 0; j < 16u; ++j)
             for (unsigned i = 0; i < 4u; ++i) {
                 const unsigned row = rows + l / 4 + 8 * (i / 2), col = 8 * j + 2 * (l % 4) + i % 2;
                 float acc = op.d[j][i];
                 for (unsigned k = 0; k < 16u; ++k)
-                    acc += emu::wg_operand(op.da, op.a_tile, row, k) * emu::wg_operand(op.db, op.b_tile, col, k);
+                    acc += a.at(row, k) * b.at(col, k);
                 op.d[j][i] = acc;
             }
     }
