@@ -62,8 +62,10 @@ use std::collections::BTreeMap;
 /// GEMM's weight staging is left out of the source where that ring replaces it (the same PTX
 /// work, other text). 33: in sm_90 libraries a prefill GEMM record of `rows_per_block` 4 runs
 /// on wgmma (`gemm_wgmma`, PTX for sm_90a); kernels compile for their launch's arch; prefill
-/// GEMM blocks take their tiles in grouped column-major order (`matmul::GEMM_BLOCK_TILES`).
-pub const VERSION: u32 = 33;
+/// GEMM blocks take their tiles in grouped column-major order (`matmul::GEMM_BLOCK_TILES`). 34:
+/// the f16 GEMM stages 3-bit codes (and 4-bit ones where K is ragged) in units of the words 8
+/// values span, decoded in f16 pairs (`gemm_f16::spanning_words_staging`), and so on wgmma too.
+pub const VERSION: u32 = 34;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

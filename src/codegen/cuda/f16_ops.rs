@@ -91,7 +91,7 @@ __device__ __forceinline__ unsigned and_or(unsigned a, unsigned b, unsigned c) {
 "#;
 
 /// The f16 bits of `v` in both halves of a word, as a C literal.
-fn h2_lit(v: f32) -> String {
+pub(super) fn h2_lit(v: f32) -> String {
     let h = half::f16::from_f32(v);
     assert_eq!(h.to_f32(), v, "{v} is not exact in f16");
     let b = h.to_bits() as u32;

@@ -312,6 +312,9 @@ fn staging(m: &MatrixSpec, threads: usize) -> WeightStaging {
             if let Some(s) = sym_f16_staging(m, &q, &edges, threads) {
                 return s;
             }
+            if let Some(s) = spanning_words_staging(&q, &edges) {
+                return s;
+            }
             if let Some(s) = generic_quant_staging(&q, pack_vals) {
                 return s;
             }
@@ -328,7 +331,101 @@ fn staging(m: &MatrixSpec, threads: usize) -> WeightStaging {
     }
 }
 
-/// Quantized storage the f16 decoder does not cover (3-bit u16 words; any codec), decoded value
+/// Values per unit of [`spanning_words_staging`].
+const SPAN_VPU: usize = 8;
+
+/// Sym codes with f16 scales whose words do not tile the K step (3-bit codes, 5 to a u16 word:
+/// a step of 32 values is 6.4 words; also 4-bit codes where K is not a multiple of
+/// [`sym_f16_staging`]'s unit): units of 8 values, 8-aligned along K so they never straddle a
+/// group (groups are multiples of 8), fetched as the whole words they span (at most 3) and
+/// their scale, then decoded in f16 pairs as [`sym_f16_decoder`] does (`1024 + q` in the
+/// mantissa, minus `1024 + maxq`, times the scale: bit-identical to `(q − maxq)·s` in f32
+/// rounded to f16). A unit past K (K not a multiple of 8) decodes its group's padding codes
+/// there, finite values that multiply the zeros staged past K. `None` for other storage.
+///
+/// Why: decoded value by value (`w_at`, two loads and a decode per value, held as one f32
+/// each between fetch and stash) the 3-bit GEMMs held 16–32 staging registers a thread and
+/// spilled 140–528 bytes on sm_80 and sm_90 (ptxas; q3f16_0 and q3f16_1 at both warp
+/// tilings); here a unit is its words and scale, 2 units per thread of the default tiling.
+fn spanning_words_staging(q: &QuantSpec, edges: &Edges) -> Option<WeightStaging> {
+    let Codec::Sym {
+        maxq,
+        scale: DType::F16,
+    } = q.codec
+    else {
+        return None;
+    };
+    let (pw, bits) = (q.per_word, q.bits as usize);
+    let word_bits = pw * bits;
+    if q.group % SPAN_VPU != 0 || F16_BK as usize % SPAN_VPU != 0 || SPAN_VPU * bits > 32 {
+        return None;
+    }
+    // The most words a unit spans (units start at multiples of 8 inside a group).
+    let nw = (0..q.group)
+        .step_by(SPAN_VPU)
+        .map(|r| (r + SPAN_VPU - 1) / pw - r / pw + 1)
+        .max()?;
+    if nw * word_bits > 64 {
+        return None;
+    }
+    let map = match q.layout {
+        Layout::NK => nk_map(SPAN_VPU),
+        Layout::KN => kn_map(),
+    };
+    // Words past the unit's last (the group's last unit may span fewer) are not read: they
+    // may lie past the record.
+    let load = format!(
+        "const unsigned k = k0 + kk, grp = k / W_GROUP, w0 = (k % W_GROUP) / W_PER_WORD, last = (k % W_GROUP + {last}u) / W_PER_WORD;
+                #pragma unroll
+                for (unsigned i = 0; i < {nw}u; ++i) wr_c[j][i] = w0 + i <= last ? w_word(n, grp * W_WPG + w0 + i) : 0u;
+                wr_s[j] = w_s[w_scale_index(n, grp)];",
+        last = SPAN_VPU - 1,
+    );
+    let zero = format!(
+        "
+                #pragma unroll
+                for (unsigned i = 0; i < {nw}u; ++i) wr_c[j][i] = 0u;
+                wr_s[j] = 0;"
+    );
+    let mask = (1u32 << bits) - 1;
+    Some(WeightStaging {
+        vpu: SPAN_VPU,
+        functions: format!(
+            "// Codes 2p and 2p + 1 of `x` (`bits` bits each from bit 0) as the f16 pair
+// (1024 + q0, 1024 + q1).
+__device__ __forceinline__ unsigned biased_pair(unsigned x) {{
+    return and_or(x, 0x{mask:X}u, and_or(x << {up}u, 0x{mask_hi:X}u, 0x64006400u));
+}}
+",
+            up = 16 - bits,
+            mask_hi = mask << 16,
+        ),
+        regs: format!("unsigned wr_c[UPT][{nw}]; unsigned short wr_s[UPT];"),
+        map,
+        fetch: guarded(
+            edges.n || edges.k,
+            "n < W_N && k0 + kk < W_K",
+            &load,
+            &zero,
+        ),
+        decode: format!(
+            "// The unit's words as one stream of codes, from its first value on.
+                unsigned long long stream = 0ull;
+                #pragma unroll
+                for (unsigned i = 0; i < {nw}u; ++i) stream |= (unsigned long long)(wr_c[j][i] & 0x{word_mask:X}u) << (i * {word_bits}u);
+                const unsigned lo = (unsigned)(stream >> (((k0 + kk) % W_GROUP % W_PER_WORD) * W_BITS));
+                const unsigned s2 = (unsigned)wr_s[j] * 0x10001u;
+                #pragma unroll
+                for (unsigned p = 0; p < 4u; ++p)
+                    h[p] = hmul2(hsub2(biased_pair(lo >> (p * {pair_bits}u)), {bias}), s2);",
+            word_mask = ((1u64 << word_bits) - 1) as u32,
+            pair_bits = 2 * bits,
+            bias = super::f16_ops::h2_lit(1024.0 + maxq as f32),
+        ),
+    })
+}
+
+/// Quantized storage neither f16 decoder covers (other codecs or scale types), decoded value
 /// by value in f32 from whole 16-byte chunks (NK) or words (KN): `None` when neither fits.
 fn generic_quant_staging(q: &QuantSpec, pack_vals: &str) -> Option<WeightStaging> {
     let bk = F16_BK as usize;
@@ -834,7 +931,7 @@ pub(super) fn gemm_f16(
     let staging = if wgmma {
         format!(
             "{staging}\n{}",
-            super::gemm_wgmma::second_register_set(&staging)
+            super::gemm_wgmma::second_register_set(&staging, &format!("{x_regs} {w_regs}"))
         )
     } else {
         staging

@@ -97,19 +97,46 @@ __device__ __forceinline__ void wgmma_n128(float (&d)[16][4], u64 da, u64 db, co
     )
 }
 
-/// Registers a thread stages an operand unit in (see `gemm_f16`'s staging code).
-const STAGING_REGISTERS: [&str; 6] = ["xr", "wr_v", "wr_s", "wr_m", "wr_f", "wr_w"];
-
-/// `staging` (the registers and the `fetch`/`stash` lambdas of `gemm_f16`) over a second set of
-/// registers, as `fetch_b`/`stash_b`.
-pub fn second_register_set(staging: &str) -> String {
+/// `staging` (the register declarations `decls` and the `fetch`/`stash` lambdas of `gemm_f16`)
+/// over a second set of registers, as `fetch_b`/`stash_b`: every array `decls` declares is
+/// renamed with the suffix `_b`, wherever `staging` indexes it.
+pub fn second_register_set(staging: &str, decls: &str) -> String {
     let mut s = staging
         .replace("auto fetch = ", "auto fetch_b = ")
         .replace("auto stash = ", "auto stash_b = ");
-    for r in STAGING_REGISTERS {
-        s = s.replace(&format!("{r}["), &format!("{r}_b["));
+    for r in declared_arrays(decls) {
+        s = rename_indexed(&s, r, &format!("{r}_b"));
     }
     s
+}
+
+/// The arrays C declarations declare (`uint4 wr_v[UPT]; float wr_s[UPT], wr_m[UPT];`).
+fn declared_arrays(decls: &str) -> Vec<&str> {
+    decls
+        .split(';')
+        .flat_map(|d| d.split(','))
+        .filter_map(|d| d.split('[').next()?.split_whitespace().last())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// `text` with each indexing `name[` (not part of a longer identifier) as `to[`.
+fn rename_indexed(text: &str, name: &str, to: &str) -> String {
+    let pattern = format!("{name}[");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&pattern) {
+        let whole = rest[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        out.push_str(&rest[..at]);
+        out.push_str(if whole { to } else { name });
+        out.push('[');
+        rest = &rest[at + pattern.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The K loop (see the module doc), two steps per iteration: each step's products run while
@@ -200,6 +227,22 @@ mod tests {
         assert_eq!(arch_specific(WGMMA_ARCH), None);
         assert_eq!(arch_specific("sm_80"), None);
         assert!(ptx_arch_str("sm_91a").is_err());
+    }
+
+    /// The second set renames exactly the declared arrays, wherever they are indexed, and no
+    /// identifier that merely ends in one's name.
+    #[test]
+    fn the_second_register_set_renames_every_declared_array() {
+        let decls = "uint4 xr[XPT];\n    unsigned wr_c[UPT][3]; float wr_s[UPT], wr_m[UPT];";
+        assert_eq!(declared_arrays(decls), ["xr", "wr_c", "wr_s", "wr_m"]);
+        let staging = format!(
+            "{decls}\n auto fetch = [&](unsigned k0) {{ xr[j] = y; wr_c[j][i] = 1; wr_m[j] = f(wxr[0]); }};\n auto stash = [&](unsigned b) {{ g(xr[j], wr_s[j]); }};"
+        );
+        let b = second_register_set(&staging, decls);
+        assert_eq!(
+            b,
+            "uint4 xr_b[XPT];\n    unsigned wr_c_b[UPT][3]; float wr_s_b[UPT], wr_m_b[UPT];\n auto fetch_b = [&](unsigned k0) { xr_b[j] = y; wr_c_b[j][i] = 1; wr_m_b[j] = f(wxr[0]); };\n auto stash_b = [&](unsigned b) { g(xr_b[j], wr_s_b[j]); };"
+        );
     }
 
     #[test]

@@ -292,11 +292,11 @@ fn every_variant_compiles_to_ptx() {
                 });
                 let ptx = String::from_utf8(ptx).unwrap();
                 // wgmma where asked for, except for shapes whose operands stage value by value
-                // (ragged K, 3-bit codes): those keep mma.sync.
+                // (ragged K): those keep mma.sync.
                 let wgmma = k.launch.arch == WGMMA_PTX_ARCH;
                 let main_weights = matches!(spec, KernelSpec::Matmul { m, .. }
                     if m.k % 8 == 0 && (m.storage == MatrixStorage::Raw(DType::F16)
-                        || matches!(m.storage, MatrixStorage::Quant(q) if q.bits == 4 || q.bits == 8)));
+                        || matches!(m.storage, MatrixStorage::Quant(q) if [3, 4, 8].contains(&q.bits))));
                 if f16 && prefill && gemm_wgmma::applies(tuning.rows_per_block, arch) && main_weights {
                     assert!(wgmma, "{spec:?}: no wgmma");
                 }
@@ -340,9 +340,9 @@ fn every_variant_compiles_to_ptx() {
                         super::ptxas::assemble(ptxas, &ptx, &k.launch.arch).unwrap_or_else(|log| {
                             panic!("{spec:?} {tuning:?} f16 {f16}: ptxas failed:\n{log}")
                         });
-                    // The schemes' own weights (4/8-bit codes, raw f16, K a multiple of 8); the
-                    // value-by-value decoders (3-bit codes, f32 weights in an f16 GEMM, ragged
-                    // K) spill a little on sm_80.
+                    // The f16 schemes' own weights (3/4/8-bit codes, raw f16, K a multiple of
+                    // 8); the value-by-value decoders (f32 weights, which only this test puts
+                    // in an f16 GEMM; ragged K, which no model has) spill a little.
                     if f16 && prefill && main_weights {
                         assert_eq!(a.spill_store_bytes, 0, "{spec:?} {tuning:?}: {}", a.log);
                         assert!(a.registers > 0, "{}", a.log);
@@ -654,7 +654,8 @@ fn untuned_tensor_core_gemvs_fill_the_gpu() {
 fn f16_prefill_stages_weights_as_the_storage_allows() {
     // (scheme, how a thread stages weights, values per unit) for K = 64: sym 4/8-bit codes a
     // thread's equal share of the 128×32 tile (q4 NK: 8 bytes; q8 NK: 16) or one word (KN),
-    // decoded in f16 pairs; raw f16 in 16-byte chunks; q3 value by value.
+    // decoded in f16 pairs; raw f16 in 16-byte chunks; q3 in units of 8 values, the (at most 3)
+    // words they span.
     for (scheme, regs, vpu) in [
         ("q4f16_1", "uint2 wr_v[UPT]; unsigned short wr_s[UPT];", 16),
         ("q8f16_1", "uint4 wr_v[UPT]; unsigned short wr_s[UPT];", 16),
@@ -665,7 +666,16 @@ fn f16_prefill_stages_weights_as_the_storage_allows() {
         ),
         ("q0f16", "uint4 wr_v[UPT];", 8),
         // 5 codes per 16-bit word, 40 per chunk: not a divisor of the 32-wide K step.
-        ("q3f16_1", "float wr_f[UPT];", 1),
+        (
+            "q3f16_1",
+            "unsigned wr_c[UPT][3]; unsigned short wr_s[UPT];",
+            8,
+        ),
+        (
+            "q3f16_0",
+            "unsigned wr_c[UPT][3]; unsigned short wr_s[UPT];",
+            8,
+        ),
     ] {
         let spec = linear_matmul(scheme, 200, 64, Phase::Prefill);
         let k = generate("x", &spec, tunings()[0], "sm_80", true, HalfIo::default()).unwrap();

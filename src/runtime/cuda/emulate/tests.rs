@@ -321,8 +321,8 @@ fn the_activation_ring_changes_no_bit_of_the_logits() {
 /// The f16 GEMM on warpgroup MMA (`gemm_wgmma`, sm_90 libraries) stages the same f16 operands
 /// and sums the same products in the same K order as the `mma.sync` kernel, so every prefill
 /// logit keeps its bits: the matrix plan with row-major q4 codes (K = 72: a short last K step),
-/// K-major q4 codes (q4f16_0), raw f16 weights and 8-bit codes (3-bit codes, decoded value by
-/// value, keep `mma.sync`), its GEMMs reading f32 (the head, over the
+/// K-major q4 codes (q4f16_0), raw f16 weights, 8-bit codes and 3-bit ones in units of the
+/// words they span (row-major and K-major), its GEMMs reading f32 (the head, over the
 /// residual stream) and f16 activations, a SiLU-gated and an activation epilogue. 150 rows: a
 /// full row tile, then one whose second warpgroup holds no row of the call (it multiplies the
 /// zeros staged past the call's rows). The emulator reads the operands at the wait, so a store into a buffer the
@@ -339,6 +339,8 @@ fn the_wgmma_gemm_changes_no_bit_of_the_logits() {
         ("q4f16_0", (40, 64, 48)),
         ("q0f16", (40, 64, 96)),
         ("q8f16_1", (40, 64, 32)),
+        ("q3f16_1", (40, 80, 40)),
+        ("q3f16_0", (40, 80, 40)),
     ] {
         let (plan, records) = quant_plan_of(scheme, shape, 160);
         let name = format!("{scheme} {shape:?}");
@@ -595,7 +597,8 @@ fn one_hot_values(
 /// `[t, c]` must be `x[t] · W[c, t]` with the artifact's f16 values of both (the CPU's
 /// `dequantize_param`), a product exact in f32. Covers both warp tilings and wgmma, every weight
 /// staging path (sym 4/8-bit codes decoded in f16 pairs,
-/// NK and KN; raw f16 stored as is; 3-bit codes value by value), the ldmatrix fragments and
+/// NK and KN; raw f16 stored as is; 3-bit codes in units of the words they span, K past a
+/// unit too), the ldmatrix fragments and
 /// 128-row tiles (tokens 0..k span two; where k is not a multiple of 128 the second is
 /// partial, and its warps multiply only their mma tiles that hold tokens), with tile-multiple
 /// shapes (no bounds checks
@@ -619,6 +622,8 @@ fn f16_gemm_of_one_hot_rows_is_exact() {
         ("q0f16", 264, 204),
         ("q3f16_1", 264, 200),
         ("q3f16_0", 264, 200),
+        // K past a unit of 8 (the group's padding codes must not count).
+        ("q3f16_1", 264, 204),
         // 9 row tiles: a whole group of 8 in the grouped block order, then a group of one.
         ("q4f16_1", 1048, 1040),
     ] {
