@@ -54,9 +54,11 @@ if [ ! -f "$model/config.json" ]; then
         --vocab 32000 >&2
 fi
 
-# The kernel's main loop (a branch back to an earlier label): the one with the most HMMA, then
-# the most instructions (a kernel may hold copies of its loop: the f16 GEMM's for a short last
-# row tile issues fewer HMMA).
+# The kernel's main loop (a branch back to an earlier label): the one with the most HMMA (a
+# kernel may hold copies of its loop: the f16 GEMM's for a short last row tile issues fewer
+# HMMA), then the fewest instructions (the innermost: the decode GEMV's loop over its batches
+# sits inside a loop over its tiles, which holds as many HMMA); without HMMA, the most
+# instructions.
 largest_loop() {
     awk '
         /^\.L_x_[0-9]+:/ { label[substr($1, 1, length($1) - 1)] = n; next }
@@ -67,7 +69,8 @@ largest_loop() {
                 if (t in label && label[t] < n) {
                     h = 0
                     for (i = label[t] + 1; i <= n; i++) if (line[i] ~ /HG?MMA/) h++
-                    if (h > best_h || (h == best_h && n - label[t] > best)) { best = n - label[t]; best_h = h }
+                    len = n - label[t]
+                    if (h > best_h || (h == best_h && (h > 0 ? len < best : len > best))) { best = len; best_h = h }
                 }
             }
         }
