@@ -144,16 +144,6 @@ struct WeightStaging {
     decode: String,
 }
 
-/// `code` under a bounds check when `needed`, else `code` alone; `zero` fills the registers
-/// of a unit outside the matrix.
-fn guarded(needed: bool, cond: &str, code: &str, zero: &str) -> String {
-    if needed {
-        format!("if ({cond}) {{ {code} }} else {{ {zero} }}")
-    } else {
-        code.to_string()
-    }
-}
-
 /// Map of units of `vpu` values for a row-major (NK) matrix: consecutive units walk a row's K
 /// step (adjacent threads read adjacent bytes), then the next row.
 fn nk_map(vpu: usize) -> String {
@@ -239,12 +229,7 @@ fn sym_f16_staging(
         functions: sym_f16_decoder(q, maxq),
         regs: format!("{vec} wr_v[UPT]; unsigned short wr_s[UPT];"),
         map,
-        fetch: guarded(
-            edges.n || edges.k,
-            "n < W_N && k0 + kk < W_K",
-            &load,
-            &format!("wr_v[j] = {zero}; wr_s[j] = 0;"),
-        ),
+        fetch: edges.fetch(&load, &format!("wr_v[j] = {zero}; wr_s[j] = 0;")),
         decode: format!(
             "{words}
                 const unsigned s2 = (unsigned)wr_s[j] * 0x10001u;
@@ -258,6 +243,18 @@ fn sym_f16_staging(
 struct Edges {
     n: bool,
     k: bool,
+}
+
+impl Edges {
+    /// A unit's fetch `code` under a bounds check where the matrix has a ragged edge; `zero`
+    /// fills the registers of a unit outside the matrix.
+    fn fetch(&self, code: &str, zero: &str) -> String {
+        if self.n || self.k {
+            format!("if (n < W_N && k0 + kk < W_K) {{ {code} }} else {{ {zero} }}")
+        } else {
+            code.to_string()
+        }
+    }
 }
 
 fn staging(m: &MatrixSpec, threads: usize) -> WeightStaging {
@@ -298,10 +295,7 @@ fn staging(m: &MatrixSpec, threads: usize) -> WeightStaging {
                     functions: String::new(),
                     regs: "uint4 wr_v[UPT];".into(),
                     map: nk_map(vpu),
-                    fetch: guarded(
-                        edges.n || edges.k,
-                        "n < W_N && k0 + kk < W_K",
-                        "wr_v[j] = reinterpret_cast<const uint4*>(w_raw)[((u64)n * W_K + k0 + kk) / VPU];",
+                    fetch: edges.fetch("wr_v[j] = reinterpret_cast<const uint4*>(w_raw)[((u64)n * W_K + k0 + kk) / VPU];",
                         "wr_v[j] = uint4{0u, 0u, 0u, 0u};",
                     ),
                     decode,
@@ -402,10 +396,7 @@ __device__ __forceinline__ unsigned biased_pair(unsigned x) {{
         ),
         regs: format!("unsigned wr_c[UPT][{nw}]; unsigned short wr_s[UPT];"),
         map,
-        fetch: guarded(
-            edges.n || edges.k,
-            "n < W_N && k0 + kk < W_K",
-            &load,
+        fetch: edges.fetch(&load,
             &zero,
         ),
         decode: format!(
