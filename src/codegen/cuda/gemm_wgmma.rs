@@ -12,8 +12,8 @@
 //! How: the block is the same 128×128 tile, 256 threads, K in steps of 32, operands staged by
 //! the same register path (global → registers → f16 in shared memory, two buffers), but two
 //! steps ahead, in two sets of registers used in turn ([`k_loop`]); shapes whose operands
-//! stage value by value (K not a multiple of 8, 3-bit codes) keep `mma.sync` (their second
-//! register set would spill). Warpgroup `wg` (warps 4wg…4wg+3) computes rows `64·wg …` of the
+//! stage value by value (K not a multiple of 8) keep `mma.sync` (their second register set
+//! would spill). Warpgroup `wg` (warps 4wg…4wg+3) computes rows `64·wg …` of the
 //! tile × all 128 columns: per K step two `wgmma.m64n128k16`, whose accumulators are the
 //! `mma.sync` C fragments of 16 tiles of 16×8 (warp `w % 4` of the group holds rows
 //! `16·(w % 4) …`), so the epilogue is the `mma.sync` one with a 16×128 warp tile. Shared
