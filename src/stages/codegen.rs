@@ -65,7 +65,9 @@ use std::collections::BTreeMap;
 /// GEMM blocks take their tiles in grouped column-major order (`matmul::GEMM_BLOCK_TILES`). 34:
 /// the f16 GEMM stages 3-bit codes (and 4-bit ones where K is ragged) in units of the words 8
 /// values span, decoded in f16 pairs (`gemm_f16::spanning_words_staging`), and so on wgmma too.
-pub const VERSION: u32 = 34;
+/// 35: the f32 decode GEMV reads a fused norm's weight in 16-byte loads, and leaves out the
+/// per-value paths where every chunk lies inside K (`matmul::scale_by_norm`, `load_x`).
+pub const VERSION: u32 = 35;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

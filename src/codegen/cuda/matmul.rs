@@ -211,7 +211,8 @@ struct Chunks {
 
 /// Load the `vpc` activations of chunk `c` (from `k0`) into `xv[]` (float4 when aligned; zero
 /// beyond K).
-fn load_x(vpc: usize, k: usize) -> String {
+/// `whole`: every chunk a thread loads lies inside K.
+fn load_x(vpc: usize, k: usize, whole: bool) -> String {
     let vec4 = k % 4 == 0 && vpc % 4 == 0;
     let full = if vec4 {
         format!(
@@ -225,6 +226,9 @@ fn load_x(vpc: usize, k: usize) -> String {
     } else {
         format!("#pragma unroll\n                for (unsigned i = 0; i < {vpc}u; ++i) xv[i] = xr[k0 + i];")
     };
+    if whole {
+        return format!("float xv[{vpc}];\n                {full}");
+    }
     format!(
         "float xv[{vpc}];
             if (k0 + {vpc}u <= W_K) {{
@@ -232,6 +236,46 @@ fn load_x(vpc: usize, k: usize) -> String {
             }} else {{
                 #pragma unroll
                 for (unsigned i = 0; i < {vpc}u; ++i) xv[i] = (k0 + i < W_K) ? xr[k0 + i] : 0.0f;
+            }}"
+    )
+}
+
+/// A thread's activation chunk `xv` (VPC values from `k0`) times the fused norm's weight `g`
+/// (elements of `dtype`): a whole chunk in 16-byte loads where it is whole vectors of `g`, else
+/// value by value inside K (`whole_chunks`: every chunk lies inside K, so no chunk checks). Why: read value by value (a bounds check, an address and a 2- or
+/// 4-byte load each) the weight cost a chunk of 32 values ~200 instructions and 32 load
+/// instructions (Llama-2-7B q4f32_1's qkv GEMV on sm_80: a fifth of its loop, and more load
+/// instructions than its weights and activation together).
+fn scale_by_norm(vpc: usize, whole_chunks: bool, dtype: DType) -> String {
+    let by_value = "#pragma unroll
+            for (unsigned i = 0; i < VPC; ++i) if (k0 + i < W_K) xv[i] *= g_at(k0 + i);";
+    let per_vec = 16 / dtype.size();
+    // `k0` is a multiple of VPC: with VPC whole vectors, `g + k0` is 16-byte aligned.
+    if vpc % per_vec != 0 {
+        return by_value.to_string();
+    }
+    let value = match dtype {
+        DType::F16 => "h2f((unsigned short)((gw[j >> 1] >> ((j & 1u) * 16u)) & 0xFFFFu))",
+        DType::BF16 => "bf2f((unsigned short)((gw[j >> 1] >> ((j & 1u) * 16u)) & 0xFFFFu))",
+        _ => "__uint_as_float(gw[j])",
+    };
+    let whole = format!(
+        "#pragma unroll
+                for (unsigned i = 0; i < VPC / {per_vec}u; ++i) {{
+                    const uint4 gv = reinterpret_cast<const uint4*>(g + k0)[i];
+                    const unsigned gw[4] = {{gv.x, gv.y, gv.z, gv.w}};
+                    #pragma unroll
+                    for (unsigned j = 0; j < {per_vec}u; ++j) xv[{per_vec}u * i + j] *= {value};
+                }}"
+    );
+    if whole_chunks {
+        return whole;
+    }
+    format!(
+        "if (k0 + VPC <= W_K) {{
+                {whole}
+            }} else {{
+                {by_value}
             }}"
     )
 }
@@ -417,14 +461,14 @@ fn gemv_nk(
                 {}
             }}
         }}",
-                load_x(ch.vpc, m.k),
-                if fusion.rms_norm.is_some() {
-                    "
-            #pragma unroll
-            for (unsigned i = 0; i < VPC; ++i) if (k0 + i < W_K) xv[i] *= g_at(k0 + i);"
-                } else {
-                    ""
-                },
+                load_x(ch.vpc, m.k, ch.cpr * ch.vpc <= m.k),
+                fusion
+                    .rms_norm
+                    .map(|d| format!(
+                        "\n            {}",
+                        scale_by_norm(ch.vpc, ch.cpr * ch.vpc <= m.k, d)
+                    ))
+                    .unwrap_or_default(),
                 ch.code
             )
         }
