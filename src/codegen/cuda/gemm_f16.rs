@@ -338,9 +338,10 @@ const SPAN_VPU: usize = 8;
 /// there, finite values that multiply the zeros staged past K. `None` for other storage.
 ///
 /// Why: decoded value by value (`w_at`, two loads and a decode per value, held as one f32
-/// each between fetch and stash) the 3-bit GEMMs held 16–32 staging registers a thread and
-/// spilled 140–528 bytes on sm_80 and sm_90 (ptxas; q3f16_0 and q3f16_1 at both warp
-/// tilings); here a unit is its words and scale, 2 units per thread of the default tiling.
+/// each between fetch and stash) the 3-bit GEMMs held 16–32 staging registers a thread,
+/// spilled up to 396 bytes on Llama-2-7B's shapes (528 on the fixtures') and ran 664–900 SASS
+/// instructions per K step (ptxas, sm_80 and sm_90); here a unit is its words and scale, 2
+/// units per thread of the default tiling, and the step 232–258 instructions without spills.
 fn spanning_words_staging(q: &QuantSpec, edges: &Edges) -> Option<WeightStaging> {
     let Codec::Sym {
         maxq,
@@ -396,9 +397,7 @@ __device__ __forceinline__ unsigned biased_pair(unsigned x) {{
         ),
         regs: format!("unsigned wr_c[UPT][{nw}]; unsigned short wr_s[UPT];"),
         map,
-        fetch: edges.fetch(&load,
-            &zero,
-        ),
+        fetch: edges.fetch(&load, &zero),
         decode: format!(
             "// The unit's words as one stream of codes, from its first value on.
                 unsigned long long stream = 0ull;

@@ -210,8 +210,7 @@ struct Chunks {
 }
 
 /// Load the `vpc` activations of chunk `c` (from `k0`) into `xv[]` (float4 when aligned; zero
-/// beyond K).
-/// `whole`: every chunk a thread loads lies inside K.
+/// beyond K, unless `whole`: every chunk lies inside K).
 fn load_x(vpc: usize, k: usize, whole: bool) -> String {
     let vec4 = k % 4 == 0 && vpc % 4 == 0;
     let full = if vec4 {
@@ -242,10 +241,11 @@ fn load_x(vpc: usize, k: usize, whole: bool) -> String {
 
 /// A thread's activation chunk `xv` (VPC values from `k0`) times the fused norm's weight `g`
 /// (elements of `dtype`): a whole chunk in 16-byte loads where it is whole vectors of `g`, else
-/// value by value inside K (`whole_chunks`: every chunk lies inside K, so no chunk checks). Why: read value by value (a bounds check, an address and a 2- or
-/// 4-byte load each) the weight cost a chunk of 32 values ~200 instructions and 32 load
-/// instructions (Llama-2-7B q4f32_1's qkv GEMV on sm_80: a fifth of its loop, and more load
-/// instructions than its weights and activation together).
+/// value by value inside K (`whole_chunks`: every chunk lies inside K, no checks generated).
+/// Why: read value by value (a bounds check, an address and a 2- or 4-byte load each) the
+/// weight cost a chunk of 32 values ~200 instructions and 32 load instructions (Llama-2-7B
+/// q4f32_1's qkv GEMV on sm_80: a fifth of its loop, and more load instructions than its
+/// weights and activation together).
 fn scale_by_norm(vpc: usize, whole_chunks: bool, dtype: DType) -> String {
     let by_value = "#pragma unroll
             for (unsigned i = 0; i < VPC; ++i) if (k0 + i < W_K) xv[i] *= g_at(k0 + i);";
@@ -444,6 +444,8 @@ fn gemv_nk(
     b.const_u32("NR", rpb as usize * if fusion.silu_gate { 2 } else { 1 });
     let inner = match nk_chunks(m) {
         Some(ch) => {
+            // Every chunk lies inside K: no per-value paths.
+            let whole = ch.cpr * ch.vpc <= m.k;
             b.const_u32("VPC", ch.vpc);
             b.const_u32("CPR", ch.cpr);
             format!(
@@ -461,13 +463,10 @@ fn gemv_nk(
                 {}
             }}
         }}",
-                load_x(ch.vpc, m.k, ch.cpr * ch.vpc <= m.k),
+                load_x(ch.vpc, m.k, whole),
                 fusion
                     .rms_norm
-                    .map(|d| format!(
-                        "\n            {}",
-                        scale_by_norm(ch.vpc, ch.cpr * ch.vpc <= m.k, d)
-                    ))
+                    .map(|d| format!("\n            {}", scale_by_norm(ch.vpc, whole, d)))
                     .unwrap_or_default(),
                 ch.code
             )
