@@ -225,16 +225,26 @@ fn load_x(vpc: usize, k: usize, whole: bool) -> String {
     } else {
         format!("#pragma unroll\n                for (unsigned i = 0; i < {vpc}u; ++i) xv[i] = xr[k0 + i];")
     };
-    if whole {
-        return format!("float xv[{vpc}];\n                {full}");
-    }
+    let by_value = "#pragma unroll
+                for (unsigned i = 0; i < VPC; ++i) xv[i] = (k0 + i < W_K) ? xr[k0 + i] : 0.0f;";
     format!(
         "float xv[{vpc}];
-            if (k0 + {vpc}u <= W_K) {{
+            {}",
+        whole_or_checked(whole, &full, by_value)
+    )
+}
+
+/// A chunk's code: `full` alone where every chunk lies inside K (`whole`), else `full` for a
+/// chunk inside K and `by_value` (checking each value) for the one K ends in.
+fn whole_or_checked(whole: bool, full: &str, by_value: &str) -> String {
+    if whole {
+        return full.to_string();
+    }
+    format!(
+        "if (k0 + VPC <= W_K) {{
                 {full}
             }} else {{
-                #pragma unroll
-                for (unsigned i = 0; i < {vpc}u; ++i) xv[i] = (k0 + i < W_K) ? xr[k0 + i] : 0.0f;
+                {by_value}
             }}"
     )
 }
@@ -268,16 +278,7 @@ fn scale_by_norm(vpc: usize, whole_chunks: bool, dtype: DType) -> String {
                     for (unsigned j = 0; j < {per_vec}u; ++j) xv[{per_vec}u * i + j] *= {value};
                 }}"
     );
-    if whole_chunks {
-        return whole;
-    }
-    format!(
-        "if (k0 + VPC <= W_K) {{
-                {whole}
-            }} else {{
-                {by_value}
-            }}"
-    )
+    whole_or_checked(whole_chunks, &whole, by_value)
 }
 
 fn nk_chunks(m: &MatrixSpec) -> Option<Chunks> {

@@ -276,7 +276,6 @@ fn the_activation_ring_changes_no_bit_of_the_logits() {
         return;
     }
     use crate::codegen::cuda::gemm_f16::X_RING_AHEAD;
-    let gemm = |sig: &str| sig.starts_with("prefill:matmul") || sig.starts_with("prefill:logits");
     for (scheme, shape) in [("q4f16_1", (40, 72, 40)), ("q0f16", (40, 64, 96))] {
         let (plan, records) = quant_plan_of(scheme, shape, 160);
         let name = format!("{scheme} {shape:?}");
@@ -285,7 +284,8 @@ fn the_activation_ring_changes_no_bit_of_the_logits() {
             .collect();
         for threads in [256, 128] {
             let compile = |rows| {
-                let recs = tuning_records_where(&plan, (64, 16, 8), gemm, (threads, rows, 1));
+                let recs =
+                    tuning_records_where(&plan, (64, 16, 8), prefill_gemm, (threads, rows, 1));
                 EmuKernels::compile(generate_plan(&plan, &recs, "sm_80").unwrap())
             };
             let (regs, ring) = (compile(1), compile(X_RING_AHEAD));
@@ -333,7 +333,6 @@ fn the_wgmma_gemm_changes_no_bit_of_the_logits() {
         return;
     }
     use crate::codegen::cuda::gemm_wgmma::{WGMMA_PTX_ARCH, WGMMA_STAGING};
-    let gemm = |sig: &str| sig.starts_with("prefill:matmul") || sig.starts_with("prefill:logits");
     for (scheme, shape) in [
         ("q4f16_1", (40, 72, 40)),
         ("q4f16_0", (40, 64, 48)),
@@ -348,7 +347,7 @@ fn the_wgmma_gemm_changes_no_bit_of_the_logits() {
             .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
             .collect();
         let compile = |rows| {
-            let recs = tuning_records_where(&plan, (64, 16, 8), gemm, (256, rows, 1));
+            let recs = tuning_records_where(&plan, (64, 16, 8), prefill_gemm, (256, rows, 1));
             EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap())
         };
         let (mma, wgmma) = (compile(1), compile(WGMMA_STAGING));
@@ -371,6 +370,11 @@ fn the_wgmma_gemm_changes_no_bit_of_the_logits() {
             );
         }
     }
+}
+
+/// Whether a kernel signature is a prefill GEMM's (a matmul's or the head's).
+fn prefill_gemm(sig: &str) -> bool {
+    sig.starts_with("prefill:matmul") || sig.starts_with("prefill:logits")
 }
 
 /// The first index (of the shorter's) where `a` and `b` differ in any bit, or `None`.
@@ -622,7 +626,7 @@ fn f16_gemm_of_one_hot_rows_is_exact() {
         ("q0f16", 264, 204),
         ("q3f16_1", 264, 200),
         ("q3f16_0", 264, 200),
-        // K past a unit of 8 (the group's padding codes must not count).
+        // K past a unit of 8 (the group's padding codes there meet the zeros staged past K).
         ("q3f16_1", 264, 204),
         // 9 row tiles: a whole group of 8 in the grouped block order, then a group of one.
         ("q4f16_1", 1048, 1040),
@@ -1015,9 +1019,7 @@ fn smollm2_through_the_cuda_kernels_says_paris_and_matches_the_cpu() {
         let v = plan.vocab_size;
         // The prefill GEMMs at their default record (a record of rows 4 would run them on
         // wgmma in an sm_90 library).
-        let gemm =
-            |sig: &str| sig.starts_with("prefill:matmul") || sig.starts_with("prefill:logits");
-        let recs = tuning_records_where(&plan, (128, 4, 8), gemm, (256, 1, 1));
+        let recs = tuning_records_where(&plan, (128, 4, 8), prefill_gemm, (256, 1, 1));
         let k = EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap());
         assert!(k.kernels.iter().all(|k| k.launch.arch == "sm_90"));
         // Greedy on the emulated kernels: one prefill, then a decode step per token.
