@@ -66,8 +66,10 @@ use std::collections::BTreeMap;
 /// the f16 GEMM stages 3-bit codes (and 4-bit ones where K is ragged) in units of the words 8
 /// values span, decoded in f16 pairs (`gemm_f16::spanning_words_staging`), and so on wgmma too.
 /// 35: the f32 decode GEMV reads a fused norm's weight in 16-byte loads, and leaves out the
-/// per-value paths where every chunk lies inside K (`matmul::scale_by_norm`, `load_x`).
-pub const VERSION: u32 = 35;
+/// per-value paths where every chunk lies inside K (`matmul::scale_by_norm`, `load_x`). 36: a
+/// tuning record's `weight_ring` streams the tensor-core decode GEMV's weights through a
+/// `cp.async` ring in shared memory (`gemv_mma::ring_depth`).
+pub const VERSION: u32 = 36;
 
 /// The context size a build uses: the recipe's, else the model's own.
 pub fn max_seq_len(desc: &ModelDescription, requested: Option<usize>) -> usize {

@@ -60,6 +60,137 @@ const BATCH: usize = 4;
 /// The most staged activation chunks (64 bytes of f16 each) a block may hold: 40 KiB of shared
 /// memory.
 const MAX_STAGED_CHUNKS: usize = 40 * 1024 / 64;
+/// The deepest weight ring (`CudaTuning::weight_ring`): steps per warp in flight.
+pub const MAX_RING: usize = 8;
+/// Warps per SM a GEMV with a weight ring asks ptxas to fit (80 registers).
+const RING_WARPS_PER_SM: usize = 24;
+/// Shared memory a block may declare statically (CUDA's limit without the dynamic kind).
+const STATIC_SMEM: usize = 48 * 1024;
+
+/// Whether the GEMV over `m` can stream its weights through a ring ([`ring_depth`]): a matrix
+/// in row blocks ([`super::row_blocks`]) whose rows are whole runs of groups, so a warp step's
+/// codes are `LPG` 512-byte pieces and its scales one 64-byte piece per 8 rows, all inside the
+/// row (or all past it).
+pub fn ring_applies(m: &MatrixSpec) -> bool {
+    matches!(m.storage, MatrixStorage::Quant(q) if q.n_group % super::row_blocks::RUN_GROUPS == 0)
+        && super::row_blocks::row_blocks(m).is_some()
+}
+
+/// Steps per warp the weight ring of a GEMV over `m` with `warps` warps holds: the tuning's
+/// `weight_ring`, or fewer where its shared memory and the block's other arrays would pass
+/// [`STATIC_SMEM`]; 0 (weights through registers) where the ring does not apply or not even 2
+/// steps fit.
+pub fn ring_depth(m: &MatrixSpec, weight_ring: u32, warps: usize, norm: bool) -> usize {
+    let MatrixStorage::Quant(q) = m.storage else {
+        return 0;
+    };
+    if weight_ring < 2 || !ring_applies(m) {
+        return 0;
+    }
+    let lpg = if q.bits == 8 { 2 } else { 1 };
+    // The block's other arrays: the staged activation (and its chunk sums, 4-bit), the warps'
+    // partial rows, the norm's per-warp sums.
+    let other = (q.n_group + 1) * 64
+        + if q.bits == 8 { 0 } else { q.n_group * 4 }
+        + warps * ROWS * 4
+        + if norm { warps * 4 } else { 0 };
+    // A step of a warp: its two 8-row pieces' codes and scales.
+    let per_step = warps * (2 * lpg * 512 + 2 * 64);
+    let fit = STATIC_SMEM.saturating_sub(other) / per_step;
+    match fit.min(weight_ring as usize).min(MAX_RING) {
+        d if d >= 2 => d,
+        _ => 0,
+    }
+}
+
+/// The weight ring's arrays, the lambda that issues a warp's next step of copies, and its first
+/// `RING` steps ([`ring_depth`]; `{row_of}`: the weight row of output row `r` of the tile at
+/// `n0`). A warp streams its steps of every tile of the block, one tile after another, through
+/// `RING` slots, `RING` steps ahead of the one it multiplies. A slot holds a step's codes of the
+/// tile's two 8-row pieces (`LPG` 512-byte units each, every lane copying and reading its own 16
+/// bytes) and their scales (64 bytes each, copied by lanes 0–7, read by every lane after a
+/// `__syncwarp`). Whole runs and blocks of 8 rows: a piece of a step is all inside the matrix or
+/// all past it (then zeros, its source not read). The next step's sources advance by a constant
+/// (no divisions per step), re-aimed once per tile.
+const RING_SETUP: &str = "    __shared__ uint4 wring[RING][NWARPS][2u * LPG][32];
+    __shared__ uint4 sring[RING][NWARPS][2][4];
+    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    auto row_at = [&](unsigned n0, unsigned r) -> unsigned { return {row_of}; };
+    // The next step to issue: step `is` of tile `it`. It goes to the slot of the step just
+    // multiplied (or, the first RING, to the slots in turn): one slot counter serves both.
+    unsigned is = 0u, it = 0u, slot = 0u;
+    const uint4* wsrc[2];
+    const unsigned short* ssrc = w_s;
+    // Whether the tile's pieces are inside the output; `sok`: the piece whose scales this lane
+    // copies (lanes 0-7).
+    bool rok[2], sok = false;
+    auto aim = [&]() {
+        const unsigned n1 = (blockIdx.x * TILES + it) * RPB;
+        const bool live = it < TILES && n1 < OUT_N;
+        #pragma unroll
+        for (unsigned p = 0; p < 2u; ++p) {
+            rok[p] = live && (ROWS_EXACT || n1 + (8u * p) % RPB < OUT_N);
+            const u64 run = rok[p] ? (u64)(row_at(n1, 8u * p) >> 3) * 8u * CPR + 32u * warp : 0u;
+            wsrc[p] = reinterpret_cast<const uint4*>(w_q) + run * LPG + lane;
+            if ((lane >> 2) == p) {
+                ssrc = w_s + run + 8u * (lane & 3u);
+                sok = rok[p];
+            }
+        }
+    };
+    aim();
+    const unsigned wdst = smem_u32(&wring[0][warp][0][lane]);
+    const unsigned sdst = smem_u32(&sring[0][warp][(lane >> 2) & 1u][lane & 3u]);
+    auto issue = [&]() {
+        const bool in = CHUNKS_EXACT || warp + is * NWARPS < CPR / 4u;
+        #pragma unroll
+        for (unsigned p = 0; p < 2u; ++p) {
+            const bool ok = in && rok[p];
+            #pragma unroll
+            for (unsigned h = 0; h < LPG; ++h)
+                cp_async16(wdst + slot * (NWARPS * 2u * LPG * 512u) + (p * LPG + h) * 512u,
+                           ok ? wsrc[p] + h * 32u : wsrc[p], ok);
+            wsrc[p] += STRIDE * 8u * LPG;
+        }
+        if (lane < 8u) cp_async16(sdst + slot * (NWARPS * 128u), ssrc, in && sok);
+        ssrc += STRIDE * 8u;
+        cp_async_commit(); // empty past the block's last step: every step is one group
+        slot = slot + 1u == RING ? 0u : slot + 1u;
+        if (++is == STEPS) {
+            is = 0u;
+            ++it;
+            aim();
+        }
+    };
+    for (unsigned j = 0; j < RING; ++j) issue();
+    // Back at slot 0: the first step to multiply.
+";
+
+/// A tile's steps through the weight ring ([`RING_SETUP`]); `{products}` multiplies step `i` = 0
+/// of the registers `v0`, `v1`, `sc0`, `sc1`.
+const RING_LOOP: &str = "    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (unsigned s = 0; s < STEPS; ++s) {
+        // This step has landed once at most RING - 1 later ones are in flight.
+        cp_async_wait<(int)RING - 1>();
+        __syncwarp(); // and so have the scales other lanes copied
+        uint4 v0[LPG], v1[LPG];
+        unsigned short sc0[1], sc1[1];
+        #pragma unroll
+        for (unsigned h = 0; h < LPG; ++h) {
+            v0[h] = wring[slot][warp][h][lane];
+            v1[h] = wring[slot][warp][LPG + h][lane];
+        }
+        sc0[0] = reinterpret_cast<const unsigned short*>(sring[slot][warp][0])[lane];
+        sc1[0] = reinterpret_cast<const unsigned short*>(sring[slot][warp][1])[lane];
+        {
+            const unsigned i = 0u;
+            const unsigned ch = cbase + s * STRIDE, chx = CHUNKS_EXACT || ch < CPR ? ch : 0u;
+            const uint4* xc = xp + 4u * chx;
+{products}
+        }
+        __syncwarp(); // every lane has read the slot before it is refilled
+        issue(); // into this slot, then on to the next
+    }";
 
 /// Whether a decode matmul over `m` runs here: an f16 model, sym 4-bit codes with f16 scales in
 /// u32 words, groups of 32 (4 words: one 16-byte chunk of a row-major matrix, or 4 words a row
@@ -110,7 +241,13 @@ pub fn gemv_mma(
     let steps = q.n_group.div_ceil(per_step);
     // 8-bit groups are 32 bytes: half the steps per batch keeps the same bytes in flight.
     let wide = q.bits == 8;
-    let batch = steps.min(if wide { BATCH / 2 } else { BATCH });
+    let ring = ring_depth(m, b.tuning.weight_ring, warps, fusion.rms_norm.is_some());
+    // A ring consumes one step at a time.
+    let batch = if ring > 0 {
+        1
+    } else {
+        steps.min(if wide { BATCH / 2 } else { BATCH })
+    };
     let rpb = rows_per_block(fusion.silu_gate);
     // The tuning's rows_per_block is, here, the block's runs of RPB rows (mma tiles), one after
     // another: more weight bytes per block for its fixed costs (staging the activation, the
@@ -366,6 +503,60 @@ pub fn gemv_mma(
     } else {
         "for (unsigned ch = threadIdx.x; ch < CPR; ch += TPB)"
     };
+    let steps_loop = if ring == 0 {
+        format!(
+            "    // Rows past the output (only when OUT_N is not a multiple of RPB·TILES) read nothing.
+    const bool ok0 = ROWS_EXACT || row_ok(lr), ok1 = ROWS_EXACT || row_ok(lr + 8u);
+{pointers}
+    float acc[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
+    // 2·BATCH 16-byte loads in flight (the compiler does not hoist them that far by itself).
+    for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
+        uint4 v0[LPG * BATCH], v1[LPG * BATCH];
+        unsigned short sc0[BATCH], sc1[BATCH];
+        #pragma unroll
+        for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
+        #pragma unroll
+        for (unsigned i = 0; i < BATCH; ++i) {{
+            // Chunks past the row (only when the steps do not divide it) read nothing.
+            const bool in = CHUNKS_EXACT || cbase + (s0 + i) * STRIDE < CPR;
+            {pre_load}
+            sc0[i] = sc1[i] = 0;
+            if (ok0 && in) {{ {load0} }}
+            if (ok1 && in) {{ {load1} }}
+        }}
+        #pragma unroll
+        for (unsigned i = 0; i < BATCH; ++i) {{
+            // Past the last chunk the weights are zero: any staged (finite) activation will do.
+            const unsigned ch = cbase + (s0 + i) * STRIDE, chx = CHUNKS_EXACT || ch < CPR ? ch : 0u;
+            const uint4* xc = xp + 4u * chx;
+{products}
+        }}
+        p0 += {wstep}; p1 += {wstep}; q0 += {sstep}; q1 += {sstep};
+    }}"
+        )
+    } else {
+        RING_LOOP.replace("{products}", products)
+    };
+    b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate, tiles);
+    // The ring's arrays and first RING steps: with programmatic dependent launch before the
+    // wait (the weights do not depend on the kernels before), so they stream in during their
+    // end and this block's activation staging; without, first thing.
+    let (ring_setup, drain) = if ring > 0 {
+        b.const_u32("RING", ring);
+        let setup = RING_SETUP.replace("{row_of}", row_of);
+        if b.pdl {
+            b.pre_wait = format!("{setup}{}", std::mem::take(&mut b.pre_wait));
+            (String::new(), "cp_async_wait<0>(); ")
+        } else {
+            (setup, "cp_async_wait<0>(); ")
+        }
+    } else {
+        (
+            "    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;\n".to_string(),
+            "",
+        )
+    };
     let body = format!(
         "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
     // 32ch + 8w + 0..7) as (0, 4) (1, 5) (2, 6) (3, 7), at [ch][w ^ (ch % 4)] so the 4 chunks
@@ -374,9 +565,8 @@ pub fn gemv_mma(
     __shared__ uint4 xh[CPR + 1][4];
     {sum_decl}
     __shared__ float part[NWARPS][{rows}];
-    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    const unsigned t = blockIdx.y;
-    if (t >= ROWS) return;
+{ring_setup}    const unsigned t = blockIdx.y;
+    if (t >= ROWS) {{ {drain}return; }}
     const float* xr = x + (u64)(ROW0 + t) * W_K;
 {norm}
     {stage_loop} {{
@@ -410,35 +600,7 @@ pub fn gemv_mma(
     for (unsigned tile = 0; tile < TILES; ++tile) {{
     n0 = (blockIdx.x * TILES + tile) * RPB;
     if (n0 >= OUT_N) break; // the same for the whole block
-    // Rows past the output (only when OUT_N is not a multiple of RPB·TILES) read nothing.
-    const bool ok0 = ROWS_EXACT || row_ok(lr), ok1 = ROWS_EXACT || row_ok(lr + 8u);
-{pointers}
-    float acc[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-    // BATCH steps' loads are issued before any of them is decoded, so each lane keeps
-    // 2·BATCH 16-byte loads in flight (the compiler does not hoist them that far by itself).
-    for (unsigned s0 = 0; s0 < STEPS; s0 += BATCH) {{
-        uint4 v0[LPG * BATCH], v1[LPG * BATCH];
-        unsigned short sc0[BATCH], sc1[BATCH];
-        #pragma unroll
-        for (unsigned i = 0; i < LPG * BATCH; ++i) v0[i] = v1[i] = uint4{{0u, 0u, 0u, 0u}};
-        #pragma unroll
-        for (unsigned i = 0; i < BATCH; ++i) {{
-            // Chunks past the row (only when the steps do not divide it) read nothing.
-            const bool in = CHUNKS_EXACT || cbase + (s0 + i) * STRIDE < CPR;
-            {pre_load}
-            sc0[i] = sc1[i] = 0;
-            if (ok0 && in) {{ {load0} }}
-            if (ok1 && in) {{ {load1} }}
-        }}
-        #pragma unroll
-        for (unsigned i = 0; i < BATCH; ++i) {{
-            // Past the last chunk the weights are zero: any staged (finite) activation will do.
-            const unsigned ch = cbase + (s0 + i) * STRIDE, chx = CHUNKS_EXACT || ch < CPR ? ch : 0u;
-            const uint4* xc = xp + 4u * chx;
-{products}
-        }}
-        p0 += {wstep}; p1 += {wstep}; q0 += {sstep}; q1 += {sstep};
-    }}
+{steps_loop}
     {lane_sum}
     // Rows lr (c0) and lr + 8 (c2) from lanes c = 0.
     if (c == 0u) {{ part[warp][lr] = acc[0]; part[warp][lr + 8u] = acc[2]; }}
@@ -457,6 +619,7 @@ pub fn gemv_mma(
     }}
     __syncthreads(); // the next tile writes `part` again
     }}
+    {drain}
 ",
         rows = ROWS,
     );
@@ -478,8 +641,16 @@ pub fn gemv_mma(
     // spilled 24–64 bytes inside the loop (Llama-2-7B shapes, `benches/cuda_sass_profile.sh`;
     // 3 steps a batch instead of 4 still spilled, and no longer divided K's steps), so they get
     // 80 (24 warps per SM, the occupancy measured before the bound).
-    b.min_blocks = Some((warps_per_sm(m) as u32 * 32 / tpb).max(1));
-    b.pre_wait = super::matmul::prefetch_rows(m, ROWS, fusion.silu_gate, tiles);
+    //
+    // With a weight ring, shared memory bounds the blocks per SM first (a block declares up to
+    // 48 KiB: ~5 on an H200's 227 KiB), so any code width gets 80 registers (8-bit codes
+    // spilled at 64 on sm_80).
+    let warps_per_sm = if ring > 0 {
+        RING_WARPS_PER_SM
+    } else {
+        warps_per_sm(m)
+    };
+    b.min_blocks = Some((warps_per_sm as u32 * 32 / tpb).max(1));
     let helpers = format!("{F16_OPS}{}", sym_f16_decoder(&q, maxq));
     b.finish(&helpers, &body, tpb, grid)
 }

@@ -93,10 +93,20 @@ pub struct CudaTuning {
     /// by the last to finish (flash-decoding). Records written before the knob existed mean 1.
     #[serde(default = "one")]
     pub kv_splits: u32,
+    /// The tensor-core decode GEMV's weight ring ([`super::gemv_mma`]): 0 (the default, and
+    /// what records written before the knob existed mean) loads a few steps' weights into
+    /// registers at a time; `d` streams them through a ring of up to `d` steps per warp in
+    /// shared memory by `cp.async`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight_ring: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl CudaTuning {
@@ -112,10 +122,15 @@ impl CudaTuning {
             None => 1,
             Some(_) => field("kv_splits")?,
         };
+        let weight_ring = match v.get("weight_ring") {
+            None => 0,
+            Some(_) => field("weight_ring")?,
+        };
         let t = CudaTuning {
             threads_per_block: field("threads_per_block")?,
             rows_per_block: field("rows_per_block")?,
             kv_splits,
+            weight_ring,
         };
         if !t.threads_per_block.is_power_of_two() || !(32..=1024).contains(&t.threads_per_block) {
             return Err(format!(
@@ -133,6 +148,13 @@ impl CudaTuning {
             return Err(format!(
                 "kv_splits {} must be a power of two from 1 to 64",
                 t.kv_splits
+            ));
+        }
+        if t.weight_ring == 1 || t.weight_ring > super::gemv_mma::MAX_RING as u32 {
+            return Err(format!(
+                "weight_ring {} must be 0 (registers) or from 2 to {}",
+                t.weight_ring,
+                super::gemv_mma::MAX_RING
             ));
         }
         Ok(t)
@@ -193,7 +215,17 @@ mod tests {
         let split =
             serde_json::json!({"threads_per_block": 128, "rows_per_block": 1, "kv_splits": 8});
         assert_eq!(CudaTuning::from_record(&split).unwrap().kv_splits, 8);
+        // Without a weight ring, records serialise as they did before the knob existed.
+        assert_eq!(t.weight_ring, 0);
+        assert!(!serde_json::to_string(&t).unwrap().contains("weight_ring"));
+        let ring =
+            serde_json::json!({"threads_per_block": 128, "rows_per_block": 2, "weight_ring": 5});
+        let r = CudaTuning::from_record(&ring).unwrap();
+        assert_eq!(r.weight_ring, 5);
+        assert_eq!(serde_json::to_value(r).unwrap()["weight_ring"], 5);
         for bad in [
+            serde_json::json!({"threads_per_block": 128, "rows_per_block": 1, "weight_ring": 1}),
+            serde_json::json!({"threads_per_block": 128, "rows_per_block": 1, "weight_ring": 9}),
             serde_json::json!({"threads_per_block": 48, "rows_per_block": 1}),
             serde_json::json!({"threads_per_block": 2048, "rows_per_block": 1}),
             serde_json::json!({"threads_per_block": 256, "rows_per_block": 0}),

@@ -9,6 +9,7 @@ use super::{compile, entry_point, generate, nvrtc};
 use crate::codegen::wgsl::spec::{matrix_spec, Fusion, KernelSpec, MatrixStorage, Phase, Unary};
 use crate::formats::dtype::DType;
 use crate::formats::model_lib::plan::WeightStorage;
+use crate::quant::scheme::Layout;
 
 fn tunings() -> Vec<CudaTuning> {
     vec![
@@ -16,11 +17,13 @@ fn tunings() -> Vec<CudaTuning> {
             threads_per_block: 256,
             rows_per_block: 4,
             kv_splits: 8,
+            weight_ring: 0,
         },
         CudaTuning {
             threads_per_block: 64,
             rows_per_block: 8,
             kv_splits: 1,
+            weight_ring: 0,
         },
     ]
 }
@@ -40,6 +43,21 @@ fn nvrtc_or_skip(test: &str) -> bool {
 /// the fused steps in the combinations the fusion pass makes, every attention with rotary.
 fn all_specs() -> Vec<KernelSpec> {
     let mut specs = crate::codegen::gpu_tests::all_specs();
+    // Decode matrices of whole runs of 4 groups (K = 256) in 16-row tiles: the tensor-core
+    // GEMV's row blocks, which take a weight ring (with the fusions below).
+    for scheme in ["q4f16_1", "q8f16_1"] {
+        let st = WeightStorage::Quantized {
+            scheme: scheme.into(),
+            layout: Layout::NK,
+        };
+        specs.push(KernelSpec::Matmul {
+            m: matrix_spec(&st, 64, 256, DType::F16).unwrap(),
+            bias: None,
+            phase: Phase::Decode,
+            logits: false,
+            fusion: Default::default(),
+        });
+    }
     let mut fused = Vec::new();
     let activations = [Unary::Gelu, Unary::ReluSquare, Unary::Sigmoid];
     for (i, spec) in specs.iter().enumerate() {
@@ -165,6 +183,7 @@ fn every_variant_compiles_to_ptx() {
     let ptxas = super::ptxas::ptxas();
     let assembled = std::sync::atomic::AtomicUsize::new(0);
     let on_wgmma = std::sync::atomic::AtomicUsize::new(0);
+    let rings = std::sync::atomic::AtomicUsize::new(0);
     let kinds = std::sync::Mutex::new(std::collections::HashSet::new());
     if ptxas.is_none() {
         eprintln!(
@@ -285,6 +304,17 @@ fn every_variant_compiles_to_ptx() {
                 };
                 (f16, sig, tuning, half)
             });
+            // The tensor-core decode GEMV also with its weight ring, where its matrix takes one.
+            let ring = matches!(spec, KernelSpec::Matmul { m, phase: Phase::Decode, .. }
+                if super::gemv_mma::fits(m) && super::gemv_mma::ring_applies(m));
+            let variants = variants.chain(ring.then(|| {
+                let t = CudaTuning {
+                    threads_per_block: 128,
+                    weight_ring: super::gemv_mma::MAX_RING as u32,
+                    ..tunings()[i % 2]
+                };
+                (false, "test", t, HalfIo::default())
+            }));
             for (f16, sig, tuning, half) in variants {
                 let k = generate(sig, spec, tuning, arch, f16, half).unwrap();
                 let ptx = compile(&k).unwrap_or_else(|e| {
@@ -326,6 +356,9 @@ fn every_variant_compiles_to_ptx() {
                             m.n % 128 == 0
                         )
                     }
+                    KernelSpec::Matmul { m, fusion, .. } if tuning.weight_ring > 0 => {
+                        format!("weight ring {:?} {fusion:?}", m.storage)
+                    }
                     _ => String::new(),
                 };
                 let first_of_kind = kinds.lock().unwrap().insert((
@@ -343,9 +376,12 @@ fn every_variant_compiles_to_ptx() {
                     // The f16 schemes' own weights (3/4/8-bit codes, raw f16, K a multiple of
                     // 8); the value-by-value decoders (f32 weights, which only this test puts
                     // in an f16 GEMM; ragged K, which no model has) spill a little.
-                    if f16 && prefill && main_weights {
+                    if f16 && prefill && main_weights || tuning.weight_ring > 0 {
                         assert_eq!(a.spill_store_bytes, 0, "{spec:?} {tuning:?}: {}", a.log);
                         assert!(a.registers > 0, "{}", a.log);
+                    }
+                    if tuning.weight_ring > 0 {
+                        rings.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     assert!(
                         !a.log.contains("serialized"),
@@ -399,7 +435,9 @@ fn every_variant_compiles_to_ptx() {
     if ptxas.is_some() {
         let n = assembled.load(std::sync::atomic::Ordering::Relaxed);
         assert!(n > 100, "{n} kernels assembled");
-        eprintln!("ptxas assembled {n} kernels");
+        let rings = rings.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(rings >= 4, "{rings} GEMVs with a weight ring assembled");
+        eprintln!("ptxas assembled {n} kernels ({rings} GEMVs with a weight ring)");
     }
 }
 
@@ -425,6 +463,7 @@ fn the_activation_ring_applies_to_f16_activations_only() {
                     threads_per_block: 256,
                     rows_per_block,
                     kv_splits: 1,
+                    weight_ring: 0,
                 };
                 generate("prefill:matmul", &spec, t, "sm_90", true, half)
                     .unwrap()
@@ -712,6 +751,7 @@ fn bad_tunings_are_refused() {
         threads_per_block: 64,
         rows_per_block: 64,
         kv_splits: 1,
+        weight_ring: 0,
     };
     assert!(generate("x", &spec, ok, "sm_80", false, HalfIo::default()).is_ok());
     let big = KernelSpec::Attention {
@@ -724,6 +764,7 @@ fn bad_tunings_are_refused() {
         threads_per_block: 1024,
         rows_per_block: 1,
         kv_splits: 1,
+        weight_ring: 0,
     };
     let e = generate("a", &big, t, "sm_80", false, HalfIo::default()).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");

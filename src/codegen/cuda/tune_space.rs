@@ -1,7 +1,8 @@
 //! The configurations the tune stage may time for a CUDA kernel: threads per block for every
 //! kernel, crossed with rows per block for the f32 decode GEMV over row-major (NK) weights, with
 //! runs of 16-row mma tiles per block for the tensor-core decode GEMV (the same knob) and with
-//! key splits for decode attention, the only kernels that read them. The f16 prefill GEMM's
+//! key splits for decode attention, the only kernels that read them; the tensor-core GEMV is
+//! also timed with its weights streamed through a `cp.async` ring. The f16 prefill GEMM's
 //! threads pick one of its two warp tilings, crossed with its rows: how many K steps ahead it
 //! fetches the activation tile (registers one ahead, or a `cp.async` ring two ahead); the
 //! 3xTF32 GEMM and the query-tiled attention of prefill have fixed blocks, so they have one
@@ -47,6 +48,7 @@ pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
             threads_per_block,
             rows_per_block,
             kv_splits: 1,
+            weight_ring: 0,
         }
     } else {
         CudaTuning {
@@ -57,6 +59,7 @@ pub fn default_for(signature: &str, spec: &KernelSpec) -> CudaTuning {
             } else {
                 1
             },
+            weight_ring: 0,
         }
     }
 }
@@ -120,8 +123,9 @@ pub fn gemv_mma_runs(
 /// measured before would now pick the other tiling). 7: the f16 prefill GEMM's two warp tilings
 /// and its activation ring (`gemm_f16::x_ring`) are candidates, and prefill matmuls are timed at
 /// a 512-token prompt too (`runtime::cuda::timer`; a 16-token call fills a sixteenth of a
-/// block's rows).
-pub const SPACE_VERSION: u32 = 7;
+/// block's rows). 8: the tensor-core decode GEMV's weight ring (`CudaTuning::weight_ring`) is
+/// a candidate at 4 of its blocks ([`ring_candidates`]).
+pub const SPACE_VERSION: u32 = 8;
 
 /// Blocks per query head of an untuned decode attention: a 32-head model (Llama-2-7B) gets 256
 /// blocks, two per SM of a 132-SM GPU, and a 256-token context 32 keys per block (one step of
@@ -220,11 +224,54 @@ pub fn candidates(signature: &str, spec: &KernelSpec) -> Vec<CudaTuning> {
                     threads_per_block,
                     rows_per_block,
                     kv_splits,
+                    weight_ring: 0,
                 };
                 if t != default {
                     out.push(t);
                 }
             }
+        }
+    }
+    out.extend(ring_candidates(spec));
+    out
+}
+
+/// Threads × runs of mma rows the tensor-core GEMV is timed at with its weight ring: the
+/// blocks the register candidates favour on Llama-2-7B's shapes (4 or 8 warps, 1 or 2 runs),
+/// not the whole cross (each candidate is a kernel compiled and timed on the GPU).
+const RING_THREADS: [u32; 2] = [128, 256];
+const RING_RUNS: [u32; 2] = [1, 2];
+
+/// The tensor-core decode GEMV's weight-ring candidates ([`super::gemv_mma::ring_depth`], as
+/// deep as shared memory allows up to [`super::gemv_mma::MAX_RING`]), where its matrix takes
+/// one and the ring fits the block.
+fn ring_candidates(spec: &KernelSpec) -> Vec<CudaTuning> {
+    use super::gemv_mma::{fits, ring_depth, MAX_RING};
+    let KernelSpec::Matmul {
+        m,
+        phase: Phase::Decode,
+        fusion,
+        ..
+    } = spec
+    else {
+        return Vec::new();
+    };
+    if !fits(m) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for threads_per_block in RING_THREADS {
+        let warps = threads_per_block as usize / 32;
+        if ring_depth(m, MAX_RING as u32, warps, fusion.rms_norm.is_some()) == 0 {
+            continue;
+        }
+        for rows_per_block in RING_RUNS {
+            out.push(CudaTuning {
+                threads_per_block,
+                rows_per_block,
+                kv_splits: 1,
+                weight_ring: MAX_RING as u32,
+            });
         }
     }
     out
@@ -260,12 +307,19 @@ mod tests {
     fn candidates_of(scheme: &str) {
         let plan = crate::model::testing::lowered_plan("tiny-llama", "llama", scheme, 32);
         let specs = specs_by_signature(&plan).unwrap();
-        let (mut seen_gemv, mut seen_decode_attention) = (false, false);
+        let (mut seen_gemv, mut seen_decode_attention, mut seen_ring) = (false, false, false);
         for (sig, spec) in &specs {
             let c = candidates(sig, spec);
             assert_eq!(c[0], default_for(sig, spec), "{sig}");
             let mut dedup = c.clone();
-            dedup.sort_by_key(|t| (t.threads_per_block, t.rows_per_block, t.kv_splits));
+            dedup.sort_by_key(|t| {
+                (
+                    t.threads_per_block,
+                    t.rows_per_block,
+                    t.kv_splits,
+                    t.weight_ring,
+                )
+            });
             dedup.dedup();
             assert_eq!(dedup.len(), c.len(), "{sig}: duplicates");
             for t in &c {
@@ -309,14 +363,19 @@ mod tests {
                     ..
                 } => {
                     // Threads × rows (the tensor-core GEMV's runs of mma rows), but for the
-                    // f32 GEMV over K-major words (a lane per row).
+                    // f32 GEMV over K-major words (a lane per row); then the tensor-core
+                    // GEMV's weight-ring candidates where its matrix is in whole runs.
+                    use super::super::gemv_mma::{fits, ring_applies, MAX_RING};
                     let km = matches!(m.storage, MatrixStorage::Quant(q) if q.layout == Layout::KN);
-                    let n = if km && !super::super::gemv_mma::fits(m) {
-                        4
-                    } else {
-                        16
-                    };
-                    assert_eq!(c.len(), n, "{sig}");
+                    let n = if km && !fits(m) { 4 } else { 16 };
+                    let rings = if fits(m) && ring_applies(m) { 4 } else { 0 };
+                    assert_eq!(c.len(), n + rings, "{sig}");
+                    assert!(c[..n].iter().all(|t| t.weight_ring == 0), "{sig}");
+                    assert!(
+                        c[n..].iter().all(|t| t.weight_ring == MAX_RING as u32),
+                        "{sig}"
+                    );
+                    seen_ring |= rings > 0;
                     seen_gemv = true;
                 }
                 KernelSpec::Attention { .. } if sig.starts_with("prefill:") => {
@@ -334,5 +393,10 @@ mod tests {
             }
         }
         assert!(seen_gemv && seen_decode_attention);
+        assert_eq!(
+            seen_ring,
+            scheme == "q4f16_1",
+            "{scheme}: weight-ring candidates"
+        );
     }
 }

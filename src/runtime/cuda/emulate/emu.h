@@ -164,6 +164,9 @@ inline unsigned next_buffer() { const unsigned p = cur->parity; cur->parity ^= 1
 #define blockDim (emu::bdim)
 #define gridDim (emu::gdim)
 inline void __syncthreads() { emu::arrive_and_wait(emu::block_bar); }
+// A barrier of the calling thread's warp (every lane takes part: the generated kernels call it
+// converged).
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::arrive_and_wait(emu::warp_bars[emu::cur->tid.x >> 5]); }
 // A cache hint: nothing to emulate.
 inline void prefetch_l2(const void*) {}
 // Blocks run one after another on one host thread, so device-wide ordering holds by

@@ -21,7 +21,7 @@
 //! binds their arguments; `tests.rs` compares them with the CPU executor.
 
 use super::bind::{bind_phase, ArgRef, Step};
-use crate::codegen::cuda::launch::CudaLaunch;
+use crate::codegen::cuda::launch::{CudaLaunch, CudaTuning};
 use crate::codegen::cuda::{generate_plan, CudaKernel};
 use crate::formats::model_lib::plan::{Plan, StateDecl};
 use std::collections::HashMap;
@@ -355,16 +355,23 @@ impl<'k> EmuSession<'k> {
     }
 }
 
-/// One tuning record for every signature of a plan (knobs a kernel ignores, it ignores).
-fn tuning_records(
-    plan: &Plan,
-    (threads_per_block, rows_per_block, kv_splits): (u32, u32, u32),
-) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let t = crate::codegen::cuda::launch::CudaTuning {
+/// A tuning of `threads_per_block`, `rows_per_block` and `kv_splits` (registers for the weights).
+#[cfg(test)]
+fn tuned(threads_per_block: u32, rows_per_block: u32, kv_splits: u32) -> CudaTuning {
+    CudaTuning {
         threads_per_block,
         rows_per_block,
         kv_splits,
-    };
+        weight_ring: 0,
+    }
+}
+
+/// One tuning record for every signature of a plan (knobs a kernel ignores, it ignores).
+#[cfg(test)]
+fn tuning_records(
+    plan: &Plan,
+    t: CudaTuning,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
     let v = serde_json::to_value(t).expect("a tuning serialises");
     crate::codegen::signature::plan_signatures(plan)
         .into_iter()
@@ -372,14 +379,12 @@ fn tuning_records(
         .collect()
 }
 
-/// [`tuning_records`] at `base`, but `t` for the signatures `pick` selects (the kernels a test
-/// is about; the others at a cheap-to-emulate shape).
 #[cfg(test)]
 fn tuning_records_where(
     plan: &Plan,
-    base: (u32, u32, u32),
+    base: CudaTuning,
     pick: impl Fn(&str) -> bool,
-    t: (u32, u32, u32),
+    t: CudaTuning,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
     let picked = tuning_records(plan, t);
     let mut records = tuning_records(plan, base);

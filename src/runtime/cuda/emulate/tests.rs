@@ -41,7 +41,7 @@ fn check_plan(
     records: &[Vec<Vec<u8>>],
     ids: &[u32],
     n_decode: usize,
-    tunings: &[(u32, u32, u32)],
+    tunings: &[CudaTuning],
     tol: f64,
     what: &str,
 ) {
@@ -55,7 +55,12 @@ fn check_plan(
     };
     let tol_decode = if f16_decode { F16_TOL } else { tol };
     for &tuning in tunings {
-        let (tpb, rpb, splits) = tuning;
+        let (tpb, rpb, splits, ring) = (
+            tuning.threads_per_block,
+            tuning.rows_per_block,
+            tuning.kv_splits,
+            tuning.weight_ring,
+        );
         let k = EmuKernels::compile(
             generate_plan(plan, &tuning_records(plan, tuning), "sm_80").unwrap(),
         );
@@ -64,7 +69,7 @@ fn check_plan(
         let e = rel_err(&pre, &want);
         assert!(
             e < tol_prefill,
-            "{what} ({tpb}/{rpb}/{splits}) prefill: rel err {e:e}"
+            "{what} ({tpb}/{rpb}/{splits}/{ring}) prefill: rel err {e:e}"
         );
         let mut s = EmuSession::new(plan, &k, records);
         let mut dec = Vec::new();
@@ -74,16 +79,16 @@ fn check_plan(
         let e2 = rel_err(&dec, &want[..n_decode * v]);
         assert!(
             e2 < tol_decode && (!f16_decode || e2 > 1e-5),
-            "{what} ({tpb}/{rpb}/{splits}) decode: rel err {e2:e}"
+            "{what} ({tpb}/{rpb}/{splits}/{ring}) decode: rel err {e2:e}"
         );
         // A prefill continuing a session, last position only.
         let last = s.forward(&ids[n_decode..], false);
         let e3 = rel_err(&last, &want[(ids.len() - 1) * v..]);
         assert!(
             e3 < tol_prefill,
-            "{what} ({tpb}/{rpb}/{splits}) prefill after decode: rel err {e3:e}"
+            "{what} ({tpb}/{rpb}/{splits}/{ring}) prefill after decode: rel err {e3:e}"
         );
-        eprintln!("{what} ({tpb}/{rpb}/{splits}): rel err prefill {e:.2e}, decode {e2:.2e}, continued prefill {e3:.2e}");
+        eprintln!("{what} ({tpb}/{rpb}/{splits}/{ring}): rel err prefill {e:.2e}, decode {e2:.2e}, continued prefill {e3:.2e}");
     }
 }
 
@@ -98,9 +103,9 @@ fn fixture_plans_match_the_cpu() {
     // test covers every scheme with the default); NeoX's decode attention in one block per
     // head. The decode steps see 1–4 keys: most of Llama's 8 key splits are empty.
     for (fx, arch, tuning) in [
-        ("tiny-llama", "llama", (128, 4, 8)),
-        ("tiny-neox", "gpt_neox", (64, 16, 1)),
-        ("tiny-rwkv", "rwkv", (64, 16, 1)),
+        ("tiny-llama", "llama", tuned(128, 4, 8)),
+        ("tiny-neox", "gpt_neox", tuned(64, 16, 1)),
+        ("tiny-rwkv", "rwkv", tuned(64, 16, 1)),
     ] {
         let (plan, records, ids) = fixture_plan(fx, arch, "q0f32");
         check_plan(&plan, &records, &ids, 4, &[tuning], 1e-4, fx);
@@ -150,7 +155,7 @@ fn prefill_of_fixture_plans_matches_the_cpu() {
         // attention over 8 blocks per head: 6–7 keys each. For sm_90: the decode kernels
         // carry the programmatic-dependent-launch preamble (compiled out here).
         let k = EmuKernels::compile(
-            generate_plan(&plan, &tuning_records(&plan, (64, 16, 8)), "sm_90").unwrap(),
+            generate_plan(&plan, &tuning_records(&plan, tuned(64, 16, 8)), "sm_90").unwrap(),
         );
         let f16 = crate::codegen::cuda::f16_prefill(&plan);
         // f16 schemes keep an f16 KV cache (RWKV has none).
@@ -223,7 +228,7 @@ fn f16_activations_change_no_bit_of_the_logits() {
         let ids: Vec<u32> = (0..45u32)
             .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
             .collect();
-        let recs = tuning_records(&plan, (64, 16, 8));
+        let recs = tuning_records(&plan, tuned(64, 16, 8));
         let with = EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap());
         let f16_args = |k: &EmuKernels| {
             k.kernels
@@ -284,8 +289,12 @@ fn the_activation_ring_changes_no_bit_of_the_logits() {
             .collect();
         for threads in [256, 128] {
             let compile = |rows| {
-                let recs =
-                    tuning_records_where(&plan, (64, 16, 8), prefill_gemm, (threads, rows, 1));
+                let recs = tuning_records_where(
+                    &plan,
+                    tuned(64, 16, 8),
+                    prefill_gemm,
+                    tuned(threads, rows, 1),
+                );
                 EmuKernels::compile(generate_plan(&plan, &recs, "sm_80").unwrap())
             };
             let (regs, ring) = (compile(1), compile(X_RING_AHEAD));
@@ -347,7 +356,8 @@ fn the_wgmma_gemm_changes_no_bit_of_the_logits() {
             .map(|i| (i * 37 + 5) % plan.vocab_size as u32)
             .collect();
         let compile = |rows| {
-            let recs = tuning_records_where(&plan, (64, 16, 8), prefill_gemm, (256, rows, 1));
+            let recs =
+                tuning_records_where(&plan, tuned(64, 16, 8), prefill_gemm, tuned(256, rows, 1));
             EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap())
         };
         let (mma, wgmma) = (compile(1), compile(WGMMA_STAGING));
@@ -651,7 +661,7 @@ fn f16_gemm_of_one_hot_rows_is_exact() {
         };
         for &(threads, arch) in tilings {
             let kernels = EmuKernels::compile(
-                generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), arch).unwrap(),
+                generate_plan(&plan, &tuning_records(&plan, tuned(threads, 4, 1)), arch).unwrap(),
             );
             let gemm = kernels
                 .kernels
@@ -692,15 +702,59 @@ fn f16_gemv_of_one_hot_rows_is_exact() {
     if !cxx_or_skip("f16_gemv_of_one_hot_rows_is_exact") {
         return;
     }
-    for (scheme, n, k, threads, tokens) in [
-        ("q4f16_1", 2064, 2048, 64, &[0u32, 37, 1000, 2047][..]),
-        ("q4f16_1", 264, 200, 128, &[0, 5, 199][..]),
-        ("q4f16_1", 272, 200, 128, &[0, 5, 199][..]),
-        ("q4f16_0", 2056, 2048, 64, &[0, 37, 1000, 2047][..]),
-        ("q4f16_0", 264, 200, 128, &[0, 5, 199][..]),
-        ("q8f16_1", 2064, 2048, 64, &[0, 37, 1000, 2047][..]),
-        ("q8f16_1", 264, 200, 128, &[0, 5, 199][..]),
-        ("q8f16_1", 272, 200, 128, &[0, 5, 199][..]),
+    // The weight ring (depth, 0: registers) where rows are whole runs of 4 groups, on sm_90
+    // too, whose kernels issue the ring's first steps before their programmatic-launch wait.
+    for (scheme, n, k, threads, ring, arch, tokens) in [
+        (
+            "q4f16_1",
+            2064,
+            2048,
+            64,
+            0,
+            "sm_80",
+            &[0u32, 37, 1000, 2047][..],
+        ),
+        (
+            "q4f16_1",
+            2064,
+            2048,
+            128,
+            8,
+            "sm_90",
+            &[0, 37, 1000, 2047][..],
+        ),
+        ("q4f16_1", 264, 200, 128, 0, "sm_80", &[0, 5, 199][..]),
+        ("q4f16_1", 272, 200, 128, 0, "sm_80", &[0, 5, 199][..]),
+        (
+            "q4f16_0",
+            2056,
+            2048,
+            64,
+            0,
+            "sm_80",
+            &[0, 37, 1000, 2047][..],
+        ),
+        ("q4f16_0", 264, 200, 128, 0, "sm_80", &[0, 5, 199][..]),
+        (
+            "q8f16_1",
+            2064,
+            2048,
+            64,
+            0,
+            "sm_80",
+            &[0, 37, 1000, 2047][..],
+        ),
+        (
+            "q8f16_1",
+            2064,
+            2048,
+            64,
+            5,
+            "sm_80",
+            &[0, 37, 1000, 2047][..],
+        ),
+        ("q8f16_1", 264, 200, 128, 0, "sm_80", &[0, 5, 199][..]),
+        ("q8f16_1", 272, 200, 128, 0, "sm_80", &[0, 5, 199][..]),
     ] {
         let (plan, records) = one_hot_plan(scheme, n, k);
         assert!(crate::codegen::cuda::f16_decode(&plan).unwrap());
@@ -719,21 +773,42 @@ fn f16_gemv_of_one_hot_rows_is_exact() {
             )
             .unwrap();
         }
-        let kernels = EmuKernels::compile(
-            generate_plan(&plan, &tuning_records(&plan, (threads, 4, 1)), "sm_80").unwrap(),
+        let tuning = CudaTuning {
+            weight_ring: ring,
+            ..tuned(threads, 4, 1)
+        };
+        let kernels = generate_plan(&plan, &tuning_records(&plan, tuning), arch).unwrap();
+        let gemv = kernels
+            .iter()
+            .find(|k| k.signature.starts_with("decode:logits"))
+            .unwrap();
+        assert_eq!(
+            gemv.source.contains("__shared__ uint4 wring"),
+            ring > 0,
+            "{scheme} {arch} ring {ring}"
         );
-        let mut session = EmuSession::new(&plan, &kernels, &records);
-        for &t in tokens {
-            let t = t as usize;
-            let got = session.forward(&[t as u32], false);
-            let want: Vec<f32> = (0..n).map(|c| e[t * k + t] * w[c * k + t]).collect();
-            if let Some(c) = got.iter().zip(&want).position(|(a, b)| a != b) {
-                panic!(
-                    "{scheme} [{n}, {k}] token {t}: column {c}: {} on the GPU, {} expected",
+        // A ring's copies land at their wait, and (a refill overwriting a slot some lane
+        // still reads) at their issue.
+        let landings = if ring > 0 {
+            &[CopyLanding::AtWait, CopyLanding::AtIssue][..]
+        } else {
+            &[CopyLanding::AtWait][..]
+        };
+        for &landing in landings {
+            let kernels = EmuKernels::compile_with(kernels.clone(), landing);
+            let mut session = EmuSession::new(&plan, &kernels, &records);
+            for &t in tokens {
+                let t = t as usize;
+                let got = session.forward(&[t as u32], false);
+                let want: Vec<f32> = (0..n).map(|c| e[t * k + t] * w[c * k + t]).collect();
+                if let Some(c) = got.iter().zip(&want).position(|(a, b)| a != b) {
+                    panic!(
+                    "{scheme} [{n}, {k}] ring {ring} {arch} {landing:?} token {t}: column {c}: {} on the GPU, {} expected",
                     got[c], want[c]
                 );
+                }
+                assert!(want.iter().filter(|v| **v != 0.0).count() > n / 2);
             }
-            assert!(want.iter().filter(|v| **v != 0.0).count() > n / 2);
         }
     }
 }
@@ -823,7 +898,7 @@ fn prefill_attention_on_tensor_cores_matches_the_cpu() {
         let ids: Vec<u32> = (0..222u32).map(|i| (i * 29 + 7) % 256).collect();
         let want = cpu_logits(&plan, &records, &ids);
         let kernels = EmuKernels::compile(
-            generate_plan(&plan, &tuning_records(&plan, (128, 4, 2)), "sm_80").unwrap(),
+            generate_plan(&plan, &tuning_records(&plan, tuned(128, 4, 2)), "sm_80").unwrap(),
         );
         assert!(
             kernels
@@ -886,9 +961,9 @@ fn decode_attention_matches_the_cpu() {
             // nothing this test checks).
             let tuning = tuning_records_where(
                 &plan,
-                (64, 1, 1),
+                tuned(64, 1, 1),
                 |sig| sig.starts_with("decode:attention"),
-                (tpb, 1, splits),
+                tuned(tpb, 1, splits),
             );
             let kernels = EmuKernels::compile(generate_plan(&plan, &tuning, arch).unwrap());
             let decode = kernels
@@ -935,11 +1010,20 @@ fn quantized_matrices_of_every_scheme_match_the_cpu() {
     // ragged), the down projection over one.
     // The third: 65 groups per row, more than 64 threads' chunks, so the fused norm reads
     // the row twice there (sum of squares, then staging) and once at 128 and 512 threads.
+    // The last two: every row whole runs of 4 groups (8 and 4 groups), so the GEMVs also take
+    // a weight ring (codegen::cuda::gemv_mma::ring_depth), here 2 to 8 steps deep, over tiles
+    // that end inside the head (48 rows) and warps with no chunk (8 groups, 4 warps).
     let blocked = [
         ("q4f16_1", (48, 224, 24)),
         ("q8f16_1", (48, 224, 24)),
         ("q4f16_1", (48, 2080, 24)),
+        ("q4f16_1", (48, 256, 128)),
+        ("q8f16_1", (48, 256, 128)),
     ];
+    let ring = |threads, runs, depth| CudaTuning {
+        weight_ring: depth,
+        ..tuned(threads, runs, 1)
+    };
     let plans = crate::quant::scheme::SCHEMES
         .iter()
         .map(|s| (s.name, (40, 70, 19)))
@@ -952,13 +1036,19 @@ fn quantized_matrices_of_every_scheme_match_the_cpu() {
         // The default, and tune-space corners (codegen::cuda::tune_space): the fewest
         // threads with the most rows, and the most threads with few rows.
         // (No attention here: key splits do not apply.)
-        let tunings: &[(u32, u32, u32)] = match name {
-            "q4f16_1" => &[(128, 4, 1), (64, 8, 1), (512, 2, 1)],
-            n if n.ends_with("_1") => &[(128, 4, 1), (64, 8, 1)],
-            _ => &[(128, 4, 1)],
+        let tunings: Vec<CudaTuning> = match name {
+            _ if shape.1 % 128 == 0 => vec![
+                tuned(128, 4, 1),
+                ring(128, 2, 8),
+                ring(64, 1, 3),
+                ring(256, 1, 2),
+            ],
+            "q4f16_1" => vec![tuned(128, 4, 1), tuned(64, 8, 1), tuned(512, 2, 1)],
+            n if n.ends_with("_1") => vec![tuned(128, 4, 1), tuned(64, 8, 1)],
+            _ => vec![tuned(128, 4, 1)],
         };
         let what = format!("{name} {shape:?}");
-        let in_blocks = generate_plan(&plan, &tuning_records(&plan, (128, 4, 1)), "sm_80")
+        let in_blocks = generate_plan(&plan, &tuning_records(&plan, tuned(128, 4, 1)), "sm_80")
             .unwrap()
             .iter()
             .flat_map(|k| k.launch.args.iter())
@@ -974,7 +1064,16 @@ fn quantized_matrices_of_every_scheme_match_the_cpu() {
             in_blocks, expected,
             "{what}: weight arguments in row blocks"
         );
-        check_plan(&plan, &records, &ids, 3, tunings, 1e-5, &what);
+        // The decode GEMVs (gate/up, down, head) take each ring tuning's ring.
+        for t in tunings.iter().filter(|t| t.weight_ring > 0) {
+            let ringed = generate_plan(&plan, &tuning_records(&plan, *t), "sm_80")
+                .unwrap()
+                .iter()
+                .filter(|k| k.source.contains("__shared__ uint4 wring"))
+                .count();
+            assert_eq!(ringed, 3, "{what} {t:?}: GEMVs with a weight ring");
+        }
+        check_plan(&plan, &records, &ids, 3, &tunings, 1e-5, &what);
     }
     let _ = DType::F32;
 }
@@ -1019,7 +1118,7 @@ fn smollm2_through_the_cuda_kernels_says_paris_and_matches_the_cpu() {
         let v = plan.vocab_size;
         // The prefill GEMMs at their default record (a record of rows 4 would run them on
         // wgmma in an sm_90 library).
-        let recs = tuning_records_where(&plan, (128, 4, 8), prefill_gemm, (256, 1, 1));
+        let recs = tuning_records_where(&plan, tuned(128, 4, 8), prefill_gemm, tuned(256, 1, 1));
         let k = EmuKernels::compile(generate_plan(&plan, &recs, "sm_90").unwrap());
         assert!(k.kernels.iter().all(|k| k.launch.arch == "sm_90"));
         // Greedy on the emulated kernels: one prefill, then a decode step per token.
