@@ -34,6 +34,8 @@
 #                free disk). Then q4f16_1's diagnostics: its decode with MLCB_CUDA_PDL=0 (no
 #                programmatic dependent launch; reported); the prefill GEMMs on wgmma (sm_90a) and
 #                in 64×64 warp tiles (each: prefill tok/s, logits vs the default build's ≤ TOL_F16);
+#                the decode GEMVs with a weight ring (decode tok/s, one-token-per-call logits vs
+#                the default build's ≤ TOL_F16);
 #                its kernel profile (PROFILE [1]: MLCB_CUDA_PROFILE=1, each kernel timed alone;
 #                the top rows per phase go to the summary); Nsight Compute (NCU [1], where `ncu`
 #                is found) on one decode step's first NCU_KERNELS [5] GEMVs (DRAM throughput,
@@ -70,7 +72,7 @@ WORK="${WORK:-/tmp/mlcb-gpu-work}"
 
 mkdir -p "$OUT" "$WORK/logs" "$WORK/rec"
 OUT="$(cd "$OUT" && pwd)"; WORK="$(cd "$WORK" && pwd)"
-# Computed once per run (pinned_prefill), never taken from an earlier one.
+# Computed once per run (pinned_variant), never taken from an earlier one.
 rm -f "$WORK/logits-7b-default.st"
 logs="$WORK/logs"
 summary="$OUT/summary.txt"; results="$OUT/results.jsonl"
@@ -402,20 +404,21 @@ ncu_phase() {
     say "ncu on the $what: exit $? (logs/$log):"
     grep -E "$pattern" "$logs/$log" | head -"$lines" | tee -a "$summary" >&2
 }
-# The 7B q4f16_1 built again with its prefill GEMMs' records pinned (a tuning file from the first
-# build's debug/tuning-cuda.json, FIELD set to VALUE), the same weights (cached stages): prefill
-# tok/s against the default, and its logits over a prompt of 300 tokens (two full 128-row tiles
-# and a short one) against the default build's (the same f16 products summed in another order:
-# gated at TOL_F16).
-pinned_prefill() { # name field value label
-    local name=$1 field=$2 value=$3 label=$4
-    { [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "prefill GEMMs: $label"; } || return 0
-    python3 - "$q4/debug/tuning-cuda.json" "$WORK/$name.json" "$field" "$value" "$label" <<'PY'
+# The 7B q4f16_1 built again with the records of its PHASE's matmuls (prefill: the GEMMs;
+# decode: the GEMVs) pinned — a tuning file from the first build's debug/tuning-cuda.json,
+# with each FIELD=VALUE of SETTINGS (comma-separated) — and the same weights (cached stages): that phase's tok/s against the
+# default, and its logits against the default build's (prefill: a prompt of 300 tokens, two
+# full 128-row tiles and a short one; decode: the same tokens one per call), gated at TOL_F16.
+pinned_variant() { # name phase settings label
+    local name=$1 phase=$2 settings=$3 label=$4
+    { [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "$phase matmuls: $label"; } || return 0
+    python3 - "$q4/debug/tuning-cuda.json" "$WORK/$name.json" "$settings" "$label" "$phase" <<'PY'
 import json, sys
 t = json.load(open(sys.argv[1]))
-recs = {s: dict(c, **{sys.argv[3]: int(sys.argv[4])}) for s, c in t["records"].items()
-    if s.startswith("prefill:") and ("matmul" in s or "logits" in s)}
-json.dump({"device": "gpu check: prefill GEMMs, " + sys.argv[5], "tuned": False, "records": recs},
+pin = {k: int(v) for k, v in (kv.split("=") for kv in sys.argv[3].split(","))}
+recs = {s: dict(c, **pin) for s, c in t["records"].items()
+    if s.startswith(sys.argv[5] + ":") and ("matmul" in s or "logits" in s)}
+json.dump({"device": "gpu check: " + sys.argv[5] + " matmuls, " + sys.argv[4], "tuned": False, "records": recs},
       open(sys.argv[2], "w"))
 PY
     printf 'quantization = "q4f16_1"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "synth-7b-%s"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
@@ -423,45 +426,48 @@ PY
     local dist="$dist7b/synth-7b-$name-q4f16_1"
     if ! run_t "$mlcb" build "$WORK/synth-$name.toml" "${arch_flag[@]}" -j "$JOBS" --cache-dir "$cache7b" \
         --artifact-path "$dist7b" > "$logs/build-7b-$name.txt" 2>&1; then
-        say "7B q4f16_1, prefill GEMMs with $label: build failed (logs/build-7b-$name.txt; not gated)"
+        say "7B q4f16_1, $phase matmuls with $label: build failed (logs/build-7b-$name.txt; not gated)"
         return 0
     fi
-    local ids
+    local ids mode=()
+    [ "$phase" = decode ] && mode=(--decode)
     ids=$(python3 -c 'import json, sys; v = json.load(open(sys.argv[1]))["vocab_size"]; print(",".join(str((i * 7919 + 13) % v) for i in range(300)))' "$model/config.json")
-    # The default build's logits, once for every pinned variant.
-    [ -f "$WORK/logits-7b-default.st" ] || run_t "$mlcb" logits "$q4" --input-ids "$ids" \
-        --out "$WORK/logits-7b-default.st" --device cuda > "$logs/logits-7b-default.txt" 2>&1
-    run_t "$mlcb" logits "$dist" --input-ids "$ids" --out "$WORK/logits-7b-$name.st" --device cuda \
+    # The default build's logits, once per phase for every pinned variant.
+    [ -f "$WORK/logits-7b-default-$phase.st" ] || run_t "$mlcb" logits "$q4" --input-ids "$ids" "${mode[@]}" \
+        --out "$WORK/logits-7b-default-$phase.st" --device cuda > "$logs/logits-7b-default-$phase.txt" 2>&1
+    run_t "$mlcb" logits "$dist" --input-ids "$ids" "${mode[@]}" --out "$WORK/logits-7b-$name.st" --device cuda \
         > "$logs/logits-7b-$name.txt" 2>&1
     local r
-    r=$(python3 -c "$compare_py" "$WORK/logits-7b-$name.st" "$WORK/logits-7b-default.st" 2>&1 | tail -1)
+    r=$(python3 -c "$compare_py" "$WORK/logits-7b-$name.st" "$WORK/logits-7b-default-$phase.st" 2>&1 | tail -1)
     # Not a JSON object (a missing logits file): the error as one.
     case "$r" in
         "{"*) ;;
         *) r=$(python3 -c 'import json, sys; print(json.dumps({"error": sys.argv[1] or "no comparison"}))' "$r") ;;
     esac
     if rel_ok "$r" "$TOL_F16"; then
-        say "7B q4f16_1, prefill GEMMs with $label: logits match the default build's ($r)"
+        say "7B q4f16_1, $phase matmuls with $label: logits match the default build's ($r)"
     else
-        fail "7B q4f16_1, prefill GEMMs with $label: logits differ from the default build's ($r; logs/logits-7b-$name.txt)"
+        fail "7B q4f16_1, $phase matmuls with $label: logits differ from the default build's ($r; logs/logits-7b-$name.txt)"
     fi
-    run_t "$mlcb" bench "$dist" --prompt-len "$PREFILL_LEN" --gen-len 1 --json --device cuda \
-        > "$logs/bench-$name-prefill.json" 2> "$logs/bench-$name-prefill.txt"
+    local key=prefill_tok_s bench=(--prompt-len "$PREFILL_LEN" --gen-len 1)
+    [ "$phase" = decode ] && key=decode_tok_s bench=(--prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN")
+    run_t "$mlcb" bench "$dist" "${bench[@]}" --json --device cuda \
+        > "$logs/bench-$name-$phase.json" 2> "$logs/bench-$name-$phase.txt"
     local p pd
-    p=$(json_field "$logs/bench-$name-prefill.json" prefill_tok_s)
-    pd=$(json_field "$logs/bench-q4f16_1-prefill.json" prefill_tok_s)
-    record "{\"check\":\"bench7b_$name\",\"scheme\":\"q4f16_1\",\"prefill_tok_s\":$p,\"default_prefill_tok_s\":$pd,\"logits_vs_default\":$r}"
-    say "7B q4f16_1 prefill with $label (pinned): $p tok/s; default: $pd tok/s"
+    p=$(json_field "$logs/bench-$name-$phase.json" "$key")
+    pd=$(json_field "$logs/bench-q4f16_1-$phase.json" "$key")
+    record "{\"check\":\"bench7b_$name\",\"scheme\":\"q4f16_1\",\"$key\":$p,\"default_$key\":$pd,\"logits_vs_default\":$r}"
+    say "7B q4f16_1 $phase with $label (pinned): $p tok/s; default: $pd tok/s"
     rm -rf "$dist" "$WORK/logits-7b-$name.st"
 }
 # The q4f16_1 diagnostics, after the required figures (q4f16_1, transformers, q0f16): the wgmma
-# prefill A/B, decode without PDL, the 64×64 warp-tile A/B, the kernel profile, Nsight Compute
-# on the decode GEMVs, decode attention and the prefill GEMMs.
+# prefill A/B, decode without PDL, the 64×64 warp-tile A/B, the decode weight-ring A/B, the
+# kernel profile, Nsight Compute on the decode GEMVs, decode attention and the prefill GEMMs.
 q4_diagnostics() {
     # A/B: the prefill GEMMs on wgmma (sm_90a warpgroup MMA, codegen::cuda::gemm_wgmma; a
     # tuning record with rows_per_block 4), then in 4 warps of 64×64 tiles (threads 128,
     # gemm_f16::WarpTiles) instead of the default 8 warps of 64×32 on mma.sync.
-    pinned_prefill wgmma rows_per_block 4 "wgmma (sm_90a warpgroup MMA)"
+    pinned_variant wgmma prefill rows_per_block=4 "wgmma (sm_90a warpgroup MMA)"
     if [ "$have_gpu" = 1 ] && in_time "decode without PDL"; then
         # A/B: the decode graph without programmatic dependent launch (sm_90 kernels).
         run_t env MLCB_CUDA_PDL=0 "$mlcb" bench "$q4" --prompt-len "$DECODE_PROMPT" --gen-len "$GEN_LEN" --json \
@@ -470,7 +476,10 @@ q4_diagnostics() {
         record "{\"check\":\"bench7b_no_pdl\",\"scheme\":\"q4f16_1\",\"decode_tok_s\":$nopdl}"
         say "7B q4f16_1 decode with MLCB_CUDA_PDL=0 (no programmatic dependent launch): $nopdl tok/s"
     fi
-    pinned_prefill tiles128 threads_per_block 128 "64×64 warp tiles (128 threads)"
+    pinned_variant tiles128 prefill threads_per_block=128 "64×64 warp tiles (128 threads)"
+    # A/B: the decode GEMVs with their weights through a cp.async ring (gemv_mma::ring_depth;
+    # 4 warps a block, so the down projection's ring holds 5 steps, the others 8).
+    pinned_variant ring decode weight_ring=8,threads_per_block=128 "a weight ring (4 warps)"
     if [ "$PROFILE" = 1 ] && in_time "kernel profile"; then
         # Where a token's GPU time goes: each kernel timed alone (no graph), by signature.
         MLCB_CUDA_PROFILE=1 run_t "$mlcb" bench "$q4" --prompt-len "$PREFILL_LEN" --gen-len 32 --device cuda \
