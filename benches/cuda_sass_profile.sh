@@ -11,7 +11,8 @@
 #   benches/cuda_sass_profile.sh [SCHEMES (q4f16_1 q0f16)] [ARCHS (sm_80 sm_90)]
 #
 # Environment: WORK (/tmp/mlcb-sass) for the model, libraries and tools; MLCB_BIN (else a
-# release build here); TOOLS_DIR with ptxas and nvdisasm already unpacked (else the wheels
+# release build here); TUNING_FILE (a pinned tuning file, e.g. a build's debug/tuning-cuda.json
+# with `"weight_ring": 8` added to its decode matmul records, else the preset defaults); TOOLS_DIR with ptxas and nvdisasm already unpacked (else the wheels
 # nvidia-cuda-nvcc and nvidia-cuda-nvdisasm are fetched with pip into WORK).
 #
 # Reading the loop columns: the prefill GEMM's loop is one K step of its 128×128 tile (32 HMMA
@@ -82,10 +83,19 @@ for scheme in $SCHEMES; do
     for arch in $ARCHS; do
         out=$WORK/dist-$scheme-$arch
         rm -rf "$out"
-        # From WORK: a --model build writes its mlcb.lock in the current folder.
-        (cd "$WORK" && "$MLCB_BIN" build --model "$model" --target cuda --quantization "$scheme" \
-            --cuda-arch "$arch" --calibration none --debug-dump --artifact-path "$out" \
-            --cache-dir "$WORK/cache" >&2)
+        # From WORK: a --model build writes its mlcb.lock in the current folder. With
+        # TUNING_FILE, a recipe pins its records (knobs no preset default sets, such as the
+        # decode GEMV's `weight_ring`).
+        if [ -n "${TUNING_FILE:-}" ]; then
+            printf 'quantization = "%s"\nmax_seq_len = 2048\ntuning_file = "%s"\n[model]\nname = "llama7b-1layer"\nsource = "%s"\n[target]\npreset = "cuda"\n' \
+                "$scheme" "$(realpath "$TUNING_FILE")" "$model" > "$WORK/profile-$scheme.toml"
+            (cd "$WORK" && "$MLCB_BIN" build "$WORK/profile-$scheme.toml" --cuda-arch "$arch" \
+                --calibration none --debug-dump --artifact-path "$out" --cache-dir "$WORK/cache" >&2)
+        else
+            (cd "$WORK" && "$MLCB_BIN" build --model "$model" --target cuda --quantization "$scheme" \
+                --cuda-arch "$arch" --calibration none --debug-dump --artifact-path "$out" \
+                --cache-dir "$WORK/cache" >&2)
+        fi
         for ptx in "$out"/*/debug/kernels/cuda/*.ptx; do
             name=$(basename "$ptx" .ptx)
             cubin=$WORK/k.cubin

@@ -33,6 +33,19 @@
 //! Row-major matrices whose rows fill the 16-row tiles are on the device in row blocks
 //! ([`super::row_blocks`]): a warp step's codes are then one 512-byte piece per 16-byte load
 //! (8 rows × 4 groups) instead of 8 rows' 64-byte pieces, and its scales one 64-byte piece.
+//!
+//! Weights reach the registers one of two ways. By default a lane loads `BATCH` (4) steps' codes
+//! and scales into registers, then decodes and multiplies them: its loads are in flight only
+//! while it waits, and the 80-register bound caps the batch. A tuning record's `weight_ring`
+//! instead streams a warp's steps through a ring of shared-memory slots by `cp.async`
+//! ([`ring_depth`]: up to [`MAX_RING`] steps, as the block's 48 KiB allow), refilling each slot
+//! as soon as the warp has read it, so up to `RING` steps stay in flight while it multiplies,
+//! across tile boundaries, and the first ones are issued before the kernel waits for the one
+//! before it (programmatic dependent launch). Why both: on an H200 (session 12's Nsight
+//! Compute) the register GEMV read DRAM at 35% of peak with its warps waiting on loads, but the
+//! ring costs ~30 more instructions per step (~125 instead of ~96, sm_90 SASS of Llama-2-7B's
+//! shapes) in slot and pointer bookkeeping and the shared-memory round trip; which wins is for
+//! the GPU to say (the tune stage times both, the GPU check compares them).
 
 use super::builder::CudaBuilder;
 use super::f16_ops::{f16_decodable, sym_f16_decoder, F16_OPS};
