@@ -73,7 +73,7 @@ WORK="${WORK:-/tmp/mlcb-gpu-work}"
 mkdir -p "$OUT" "$WORK/logs" "$WORK/rec"
 OUT="$(cd "$OUT" && pwd)"; WORK="$(cd "$WORK" && pwd)"
 # Computed once per run (pinned_variant), never taken from an earlier one.
-rm -f "$WORK/logits-7b-default.st"
+rm -f "$WORK"/logits-7b-default-*.st
 logs="$WORK/logs"
 summary="$OUT/summary.txt"; results="$OUT/results.jsonl"
 : > "$summary"; : > "$results"
@@ -405,10 +405,11 @@ ncu_phase() {
     grep -E "$pattern" "$logs/$log" | head -"$lines" | tee -a "$summary" >&2
 }
 # The 7B q4f16_1 built again with the records of its PHASE's matmuls (prefill: the GEMMs;
-# decode: the GEMVs) pinned — a tuning file from the first build's debug/tuning-cuda.json,
-# with each FIELD=VALUE of SETTINGS (comma-separated) — and the same weights (cached stages): that phase's tok/s against the
-# default, and its logits against the default build's (prefill: a prompt of 300 tokens, two
-# full 128-row tiles and a short one; decode: the same tokens one per call), gated at TOL_F16.
+# decode: the GEMVs) pinned — a tuning file from the first build's debug/tuning-cuda.json, with
+# each FIELD=VALUE of SETTINGS (comma-separated) — and the same weights (cached stages): that
+# phase's tok/s against the default, and its logits against the default build's (prefill: a
+# prompt of 300 tokens, two full 128-row tiles and a short one; decode: the same tokens one per
+# call), gated at TOL_F16.
 pinned_variant() { # name phase settings label
     local name=$1 phase=$2 settings=$3 label=$4
     { [ "$have_gpu" = 1 ] && [ -f "$q4/debug/tuning-cuda.json" ] && in_time "$phase matmuls: $label"; } || return 0

@@ -12,8 +12,9 @@
 #
 # Environment: WORK (/tmp/mlcb-sass) for the model, libraries and tools; MLCB_BIN (else a
 # release build here); TUNING_FILE (a pinned tuning file, e.g. a build's debug/tuning-cuda.json
-# with `"weight_ring": 8` added to its decode matmul records, else the preset defaults); TOOLS_DIR with ptxas and nvdisasm already unpacked (else the wheels
-# nvidia-cuda-nvcc and nvidia-cuda-nvdisasm are fetched with pip into WORK).
+# with `"weight_ring": 8` added to its decode matmul records; else the preset defaults);
+# TOOLS_DIR with ptxas and nvdisasm already unpacked (else the wheels nvidia-cuda-nvcc and
+# nvidia-cuda-nvdisasm are fetched with pip into WORK).
 #
 # Reading the loop columns: the prefill GEMM's loop is one K step of its 128×128 tile (32 HMMA
 # per warp); the tensor-core decode GEMV's loop is BATCH (4) steps of 32 weight bytes per lane

@@ -555,21 +555,20 @@ pub fn gemv_mma(
     // The ring's arrays and first RING steps: with programmatic dependent launch before the
     // wait (the weights do not depend on the kernels before), so they stream in during their
     // end and this block's activation staging; without, first thing.
-    let (ring_setup, drain) = if ring > 0 {
+    let ring_setup = if ring > 0 {
         b.const_u32("RING", ring);
         let setup = RING_SETUP.replace("{row_of}", row_of);
         if b.pdl {
             b.pre_wait = format!("{setup}{}", std::mem::take(&mut b.pre_wait));
-            (String::new(), "cp_async_wait<0>(); ")
+            String::new()
         } else {
-            (setup, "cp_async_wait<0>(); ")
+            setup
         }
     } else {
-        (
-            "    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;\n".to_string(),
-            "",
-        )
+        "    const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;\n".to_string()
     };
+    // A block leaves with none of its ring's copies in flight.
+    let drain = if ring > 0 { "cp_async_wait<0>(); " } else { "" };
     let body = format!(
         "    // The activation as f16 pairs in the decoder's order: word w of chunk ch (values
     // 32ch + 8w + 0..7) as (0, 4) (1, 5) (2, 6) (3, 7), at [ch][w ^ (ch % 4)] so the 4 chunks

@@ -118,19 +118,16 @@ impl CudaTuning {
                 .and_then(|x| u32::try_from(x).ok())
                 .ok_or_else(|| format!("`{name}` is missing or not a non-negative integer"))
         };
-        let kv_splits = match v.get("kv_splits") {
-            None => 1,
-            Some(_) => field("kv_splits")?,
-        };
-        let weight_ring = match v.get("weight_ring") {
-            None => 0,
-            Some(_) => field("weight_ring")?,
+        // A knob added after records were first written: its default where absent.
+        let field_or = |name: &str, default: u32| match v.get(name) {
+            None => Ok(default),
+            Some(_) => field(name),
         };
         let t = CudaTuning {
             threads_per_block: field("threads_per_block")?,
             rows_per_block: field("rows_per_block")?,
-            kv_splits,
-            weight_ring,
+            kv_splits: field_or("kv_splits", 1)?,
+            weight_ring: field_or("weight_ring", 0)?,
         };
         if !t.threads_per_block.is_power_of_two() || !(32..=1024).contains(&t.threads_per_block) {
             return Err(format!(

@@ -379,6 +379,8 @@ fn tuning_records(
         .collect()
 }
 
+/// [`tuning_records`] at `base`, but `t` for the signatures `pick` selects (the kernels a test
+/// is about; the others at a cheap-to-emulate shape).
 #[cfg(test)]
 fn tuning_records_where(
     plan: &Plan,
