@@ -1,7 +1,8 @@
 //! Measured tuning on the local Vulkan device (lavapipe without a GPU): `--tune=on` times the
-//! candidate configurations of every kernel signature, stores the fastest in the cache's tuning
-//! database and marks the artifact tuned; a second build reuses the records without measuring;
-//! `--tune=off` stays on the preset defaults. Skips loudly without a Vulkan adapter.
+//! candidate configurations of every kernel signature (each first checked against the default's
+//! results), stores the fastest in the cache's tuning database and marks the artifact tuned; a
+//! second build reuses the records without measuring; `--tune=off` stays on the preset defaults.
+//! Skips loudly without a Vulkan adapter.
 
 mod common;
 use common::*;
@@ -70,7 +71,11 @@ fn measured_records_are_stored_then_reused() {
     for (sig, r) in records["records"].as_object().unwrap() {
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{sig}");
         assert!(r["candidates"].as_u64().unwrap() >= 4, "{sig}");
+        // Every candidate ran on the probe inputs first, and computed the default's results.
+        assert_eq!(r["checked"], true, "{sig}");
+        assert!(r.get("refused").is_none(), "{sig}: {r}");
     }
+    assert!(!err.contains("computes other results"), "{err}");
     let stamp = std::fs::metadata(&db[0]).unwrap().modified().unwrap();
 
     // A second build (new dist, same cache): records come from the database, nothing is timed.

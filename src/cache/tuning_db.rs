@@ -19,6 +19,18 @@ pub struct TunedRecord {
     pub seconds: f64,
     /// How many configurations were timed.
     pub candidates: usize,
+    /// How many were not timed because their results were not the default configuration's
+    /// (`codegen::tune_check`; each one an mlcb bug, reported when it was measured).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: usize,
+    /// Whether the candidates' results were checked before they were timed: records an mlcb
+    /// without that check measured are measured again (one of them could be a wrong kernel).
+    #[serde(default)]
+    pub checked: bool,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -129,6 +141,8 @@ mod tests {
             config: serde_json::json!({ "workgroup_size": wg }),
             seconds,
             candidates: 4,
+            refused: 0,
+            checked: true,
         }
     }
 

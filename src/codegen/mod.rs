@@ -8,6 +8,7 @@ pub mod fuse;
 pub mod gpu;
 pub mod signature;
 pub mod tune;
+pub mod tune_check;
 pub mod wgsl;
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! that times one generated kernel, and the buffer sizes a kernel may touch when it runs alone.
 
 use super::cuda::CudaKernel;
+use super::tune_check::Written;
 use super::wgsl::spec::{KernelSpec, MatrixSpec, MatrixStorage, Phase};
 use super::wgsl::WgslKernel;
 
 /// One candidate kernel, as the device's API loads it.
+#[derive(Clone, Copy)]
 pub enum TimedKernel<'a> {
     Wgsl(&'a WgslKernel),
     /// The generated source and its PTX (NVRTC output for the target's architecture).
@@ -22,6 +24,12 @@ pub trait KernelTimer: Send {
     /// Seconds per launch of `kernel` (a typical call: one token for decode kernels, a prompt
     /// block for prefill kernels), robust to noise (e.g. the median of several runs).
     fn time(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> anyhow::Result<f64>;
+    /// What `kernel` writes when it runs alone on the inputs of [`super::tune_check::probe_fill`],
+    /// for the calls it is timed at: every buffer it writes but scratch, named by its launch
+    /// name and the call. The tune stage compares a candidate's with the default configuration's
+    /// ([`super::tune_check::disagreement`]) before timing it.
+    fn probe(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec)
+        -> anyhow::Result<Vec<Written>>;
 }
 
 /// Opens a timer on a local device that runs the kernels of the target preset named (and, for

@@ -14,13 +14,16 @@
 //! earlier build), and the manifest repeats it. `--tune=off` (the default) gives the same records
 //! on every machine, as a reproducible release build needs; measured records depend on the device
 //! by design, and the stage key includes them, so a build on another device rebuilds codegen.
-//! Tuning never changes what a kernel computes beyond floating-point reassociation.
+//! Tuning never changes what a kernel computes beyond floating-point reassociation, and the
+//! measurement checks it: each candidate first runs once on fixed inputs, and one whose results
+//! are not the default configuration's is reported and not timed (`codegen::tune_check`).
 
 use super::{cached_or_run, temp_output, BuildContext, StageOutput};
 use crate::cache::key::KeyInputs;
 use crate::cache::tuning_db::{TunedRecord, TuningDb};
 use crate::codegen::cuda::half_activations::HalfIo;
 use crate::codegen::tune::TimedKernel;
+use crate::codegen::tune_check::disagreement;
 use crate::codegen::wgsl::spec::KernelSpec;
 use crate::formats::model_lib::plan::Plan;
 use crate::recipe::TargetSpec;
@@ -104,7 +107,7 @@ fn measure(
         let arch = cuda_arch(target);
         let candidates = crate::codegen::cuda::tune_space::candidates(signature, spec);
         let mut generated = std::collections::HashSet::new();
-        fastest(signature, &candidates, |t| {
+        fastest(timer, signature, spec, &candidates, |t| {
             // A candidate the shape cannot take (attention's shared memory) is skipped, and so
             // is one whose kernel an earlier candidate generated (a knob this instance of the
             // kernel cannot use: the f16 GEMM's activation ring over an f32 activation).
@@ -117,42 +120,71 @@ fn measure(
                 return Ok(None);
             }
             let ptx = crate::codegen::cuda::compile(&kernel)?;
-            timer
-                .time(
-                    TimedKernel::Cuda {
-                        kernel: &kernel,
-                        ptx: &ptx,
-                    },
-                    spec,
-                )
-                .map(Some)
+            Ok(Some(Candidate::Cuda(kernel, ptx)))
         })
     } else {
         let base = crate::codegen::wgsl::tune_space::preset_default(target.preset.subgroups);
         let candidates = crate::codegen::wgsl::tune_space::candidates(spec, base);
-        fastest(signature, &candidates, |t| {
+        fastest(timer, signature, spec, &candidates, |t| {
             let kernel = crate::codegen::wgsl::generate(signature, spec, *t, f16)?;
             crate::codegen::gpu::validate(&kernel)?;
-            timer.time(TimedKernel::Wgsl(&kernel), spec).map(Some)
+            Ok(Some(Candidate::Wgsl(kernel)))
         })
     }
 }
 
-/// The candidate `time` finds fastest (`None`: skipped); the first (the default) must run.
+/// A candidate configuration's kernel, as the timer loads it.
+enum Candidate {
+    /// The kernel and its PTX.
+    Cuda(crate::codegen::cuda::CudaKernel, Vec<u8>),
+    Wgsl(crate::codegen::wgsl::WgslKernel),
+}
+
+impl Candidate {
+    fn timed(&self) -> TimedKernel<'_> {
+        match self {
+            Candidate::Cuda(kernel, ptx) => TimedKernel::Cuda { kernel, ptx },
+            Candidate::Wgsl(kernel) => TimedKernel::Wgsl(kernel),
+        }
+    }
+}
+
+/// The fastest of the candidates `generate` gives a kernel for (`None`: skipped; the first, the
+/// default, must generate). Each one runs first on the probe inputs: one whose results are not
+/// the default's ([`disagreement`]) is reported and not timed.
 fn fastest<T: Serialize + std::fmt::Debug>(
+    timer: &mut dyn KernelTimer,
     signature: &str,
+    spec: &KernelSpec,
     candidates: &[T],
-    mut time: impl FnMut(&T) -> Result<Option<f64>>,
+    mut generate: impl FnMut(&T) -> Result<Option<Candidate>>,
 ) -> Result<TunedRecord> {
     let mut best: Option<(f64, &T)> = None;
-    let mut timed = 0;
+    let mut default_results = None;
+    let (mut timed, mut refused) = (0, 0);
     for (i, t) in candidates.iter().enumerate() {
-        let Some(s) = time(t)? else {
+        let Some(kernel) = generate(t)? else {
             if i == 0 {
                 anyhow::bail!("kernel {signature}: the default configuration {t:?} does not generate (an mlcb bug)");
             }
             continue;
         };
+        let results = timer.probe(kernel.timed(), spec)?;
+        match &default_results {
+            None => default_results = Some(results),
+            Some(reference) => {
+                if let Some(why) = disagreement(reference, &results) {
+                    eprintln!(
+                        "tune: kernel {signature}: the configuration {t:?} computes other results \
+                         than the default one ({why}); it is not used. This is an mlcb bug: \
+                         please report it with this line and the GPU's name."
+                    );
+                    refused += 1;
+                    continue;
+                }
+            }
+        }
+        let s = timer.time(kernel.timed(), spec)?;
         if !s.is_finite() || s < 0.0 {
             anyhow::bail!("timing kernel {signature} with {t:?} gave {s} s");
         }
@@ -168,6 +200,8 @@ fn fastest<T: Serialize + std::fmt::Debug>(
         config: serde_json::to_value(t)?,
         seconds,
         candidates: timed,
+        refused,
+        checked: true,
     })
 }
 
@@ -202,6 +236,8 @@ fn device_records(
     let half = |sig: &str| half_io.get(sig).copied().unwrap_or_default();
     let key = |sig: &str| db_key(target, f16, half(sig), sig);
     let mut stored = db.load()?;
+    // Records measured without checking the candidates' results count as missing.
+    stored.retain(|_, r| r.checked);
     let missing: Vec<&String> = signatures
         .iter()
         .filter(|s| !stored.contains_key(&key(s)))
@@ -369,6 +405,7 @@ pub fn run(
 mod tests {
     use super::*;
     use crate::cache::Cache;
+    use crate::codegen::tune_check::Written;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -378,12 +415,30 @@ mod tests {
 
     /// A device on which bigger workgroups are faster, except that 256 is slower than 128: the
     /// fastest of every family must be 128. Its CUDA side prefers 64 threads and 2 rows.
-    struct FakeTimer;
+    struct FakeTimer {
+        /// Whether its fastest configurations (workgroups of 128; 64 CUDA threads) compute
+        /// something else than the defaults.
+        fastest_is_wrong: bool,
+    }
     impl KernelTimer for FakeTimer {
+        fn probe(&mut self, kernel: TimedKernel<'_>, _: &KernelSpec) -> Result<Vec<Written>> {
+            let fastest = match kernel {
+                TimedKernel::Wgsl(k) => k.launch.tuning.workgroup_size == 128,
+                TimedKernel::Cuda { kernel, .. } => kernel.launch.tuning.threads_per_block == 64,
+            };
+            let wrong = self.fastest_is_wrong && fastest;
+            Ok(vec![Written {
+                name: "out".into(),
+                values: vec![1.0, if wrong { 2.0 } else { -1.0 }],
+            }])
+        }
         fn device_id(&self) -> String {
             "test:fake-gpu:driver 1".into()
         }
-        fn time(&mut self, kernel: TimedKernel<'_>, _: &KernelSpec) -> Result<f64> {
+        fn time(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<f64> {
+            if self.probe(kernel, spec)?[0].values[1] > 0.0 {
+                anyhow::bail!("a candidate computing other results was timed");
+            }
             match kernel {
                 TimedKernel::Wgsl(kernel) => {
                     TIMED.fetch_add(1, Ordering::SeqCst);
@@ -425,6 +480,8 @@ mod tests {
                     config: serde_json::json!({"threads_per_block": 512, "rows_per_block": 1}),
                     seconds: 1e-6,
                     candidates: 4,
+                    refused: 0,
+                    checked: true,
                 };
                 (sig, rec)
             })
@@ -448,7 +505,20 @@ mod tests {
     fn fake(target: &str, arch: Option<&str>) -> Result<Option<Box<dyn KernelTimer>>> {
         let runs =
             matches!(target, "vulkan" | "android") || (target == "cuda" && arch == Some("sm_86"));
-        Ok(runs.then(|| Box::new(FakeTimer) as Box<dyn KernelTimer>))
+        Ok(runs.then(|| {
+            Box::new(FakeTimer {
+                fastest_is_wrong: false,
+            }) as Box<dyn KernelTimer>
+        }))
+    }
+
+    /// The fake device whose fastest configurations are wrong kernels.
+    fn fake_wrong(target: &str, arch: Option<&str>) -> Result<Option<Box<dyn KernelTimer>>> {
+        Ok(fake(target, arch)?.map(|_| {
+            Box::new(FakeTimer {
+                fastest_is_wrong: true,
+            }) as Box<dyn KernelTimer>
+        }))
     }
 
     fn ctx(root: &Path, mode: TuneMode) -> BuildContext {
@@ -540,6 +610,44 @@ mod tests {
                 "{sig}: not the fastest of {c:?}"
             );
         }
+    }
+
+    /// A candidate whose results are not the default's is neither timed nor kept, and the
+    /// record says so; records measured by an mlcb that did not check results are measured
+    /// again.
+    #[test]
+    fn candidates_computing_other_results_are_not_timed_or_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let vulkan = target("vulkan");
+        let mut c = ctx(tmp.path(), TuneMode::On);
+        c.timer_factory = fake_wrong;
+        let r = records(&c, &run(&c, &plan, &vulkan, None, &[]).unwrap());
+        assert!(r.tuned);
+        for (sig, v) in &r.records {
+            // The next fastest: 64 (the fake's 128 is wrong).
+            assert_eq!(v["workgroup_size"], 64, "{sig}");
+        }
+        let db = TuningDb::open(&tmp.path().join("cache"), "test:fake-gpu:driver 1");
+        let stored = db.load().unwrap();
+        assert!(stored.values().all(|r| r.checked && r.refused >= 1));
+
+        // Records without the check are dropped: a cached build is untuned, an `on` one measures.
+        let unchecked = stored
+            .into_iter()
+            .map(|(k, mut r)| {
+                r.checked = false;
+                (k, r)
+            })
+            .collect();
+        db.insert(&unchecked).unwrap();
+        c.tune_mode = TuneMode::Cached;
+        let r = records(&c, &run(&c, &plan, &vulkan, None, &[]).unwrap());
+        assert!(!r.tuned, "unchecked records were used");
+        c.tune_mode = TuneMode::On;
+        let r = records(&c, &run(&c, &plan, &vulkan, None, &[]).unwrap());
+        assert!(r.tuned);
+        assert!(db.load().unwrap().values().all(|r| r.checked));
     }
 
     fn records(ctx: &BuildContext, out: &StageOutput) -> TuningRecords {

@@ -115,6 +115,15 @@ impl DeviceMem {
             .map_err(|e| driver_err(&format!("upload of {what}"), e))?;
         settle(what)
     }
+
+    /// A copy of this memory on the host (the caller has waited for the kernels writing it).
+    pub fn read(&self, what: &str) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.bytes];
+        // SAFETY: `out` holds `self.bytes` bytes, as this memory does.
+        unsafe { result::memcpy_dtoh_sync(&mut out, self.ptr) }
+            .map_err(|e| driver_err(&format!("download of {what}"), e))?;
+        Ok(out)
+    }
 }
 
 /// Waits until everything the context was asked to do has been done. The "synchronous" copy from

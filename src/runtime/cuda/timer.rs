@@ -14,14 +14,17 @@
 //! timed reading from L2 instead, which favours other configurations than DRAM does (on an
 //! H200 a build tuned that way decoded 5% slower than the untuned one). So the timer keeps
 //! enough copies of the kernel's buffers to fill [`COLD_BYTES`], and each launch of a batch uses
-//! the next copy.
+//! the next copy. Before it is timed, the tune stage has it run once per call on the probe
+//! inputs ([`crate::codegen::tune_check`]) and reads back what it wrote.
 
 use super::driver::{self, Device, DeviceMem, Event, Kernel, Stream};
 use crate::codegen::cuda::launch::META_FIELDS;
+use crate::codegen::cuda::CudaKernel;
 use crate::codegen::tune::{
     buffer_bytes, timed_tokens, KernelTimer, TimedKernel, LONG_POSITION, LONG_PROMPT, POSITION,
     PREFILL_TOKENS,
 };
+use crate::codegen::tune_check::{probe_fill, read_values, Written};
 use crate::codegen::wgsl::spec::{KernelSpec, Phase};
 use crate::error::env;
 use anyhow::Result;
@@ -89,6 +92,85 @@ impl KernelTimer for CudaTimer {
     }
 
     fn time(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<f64> {
+        let Loaded {
+            kernel,
+            module,
+            calls,
+            sizes,
+        } = self.load(kernel, spec)?;
+        let copies = COLD_BYTES
+            .div_ceil(sizes.iter().sum::<u64>().max(1))
+            .clamp(1, MAX_COPIES) as usize;
+        let buffers = (0..copies)
+            .map(|_| {
+                kernel
+                    .launch
+                    .args
+                    .iter()
+                    .zip(&sizes)
+                    .map(|(a, &bytes)| DeviceMem::zeroed(bytes as usize, &a.name))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut total = 0.0;
+        for (t, pos) in calls {
+            total += time_at(kernel, &module, &buffers, t, pos)?;
+        }
+        Ok(total)
+    }
+
+    fn probe(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<Vec<Written>> {
+        let Loaded {
+            kernel,
+            module,
+            calls,
+            sizes,
+        } = self.load(kernel, spec)?;
+        let stream = Stream::new()?;
+        let mut written = Vec::new();
+        for (t, pos) in calls {
+            // Fresh inputs per call: a kernel may write what it reads (a residual, the KV cache).
+            let buffers = kernel
+                .launch
+                .args
+                .iter()
+                .zip(&sizes)
+                .map(|(a, &bytes)| {
+                    let fill = probe_fill(&a.role, &a.elem, &a.name, bytes as usize);
+                    DeviceMem::from_bytes(&fill, &a.name)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let call = Call::new(kernel, t, pos)?;
+            let mut ptrs: Vec<sys::CUdeviceptr> = buffers.iter().map(|m| m.ptr).collect();
+            let mut tail = call.tail();
+            let mut params = params(&mut ptrs, tail.pointers());
+            driver::launch(
+                &module,
+                call.grid,
+                call.block,
+                &stream,
+                &mut params,
+                &kernel.signature,
+                false,
+            )?;
+            stream.synchronize()?;
+            for (a, m) in kernel.launch.args.iter().zip(&buffers) {
+                if a.write && a.role != "scratch" {
+                    written.push(Written {
+                        name: format!("{} ({t} tokens at position {pos})", a.name),
+                        values: read_values(&a.elem, &m.read(&a.name)?),
+                    });
+                }
+            }
+        }
+        Ok(written)
+    }
+}
+
+impl CudaTimer {
+    /// `kernel`, loaded on this timer's device, with the calls it is timed at and its buffers'
+    /// sizes.
+    fn load<'k>(&self, kernel: TimedKernel<'k>, spec: &KernelSpec) -> Result<Loaded<'k>> {
         let TimedKernel::Cuda { kernel, ptx } = kernel else {
             anyhow::bail!("the CUDA timer runs CUDA kernels only (an mlcb bug)");
         };
@@ -110,26 +192,23 @@ impl KernelTimer for CudaTimer {
                 _ => buffer_bytes(spec, &a.role, a.record, most_tokens),
             })
             .collect();
-        let copies = COLD_BYTES
-            .div_ceil(sizes.iter().sum::<u64>().max(1))
-            .clamp(1, MAX_COPIES) as usize;
-        let buffers = (0..copies)
-            .map(|_| {
-                kernel
-                    .launch
-                    .args
-                    .iter()
-                    .zip(&sizes)
-                    .map(|(a, &bytes)| DeviceMem::zeroed(bytes as usize, &a.name))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut total = 0.0;
-        for (t, pos) in calls {
-            total += time_at(kernel, &module, &buffers, t, pos)?;
-        }
-        Ok(total)
+        Ok(Loaded {
+            kernel,
+            module,
+            calls,
+            sizes,
+        })
     }
+}
+
+/// A kernel loaded for timing or a probe.
+struct Loaded<'k> {
+    kernel: &'k CudaKernel,
+    module: Kernel,
+    /// (tokens, position) of each call it is timed at ([`timed_calls`]).
+    calls: Vec<(u64, u64)>,
+    /// Each argument's bytes, for the largest call.
+    sizes: Vec<u64>,
 }
 
 /// The calls, (tokens, position), a kernel of `spec` (signature `sig`) is timed at, its time the
@@ -149,10 +228,85 @@ fn timed_calls(spec: &KernelSpec, sig: &str) -> Vec<(u64, u64)> {
     }
 }
 
+/// A launch of a kernel for `t` tokens at position `pos`: its grid, block and call parameters.
+struct Call {
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    meta: DeviceMem,
+}
+
+/// The kernel parameters after the buffers (launch.rs's order): meta, scalar, index.
+struct Tail {
+    meta: sys::CUdeviceptr,
+    scalar: f32,
+    index: u32,
+}
+
+impl Call {
+    fn new(kernel: &CudaKernel, t: u64, pos: u64) -> Result<Call> {
+        let meta_values: Vec<u32> = META_FIELDS
+            .iter()
+            .map(|f| match *f {
+                "pos" => pos as u32,
+                "row0" => 0,
+                _ => t as u32, // t and rows
+            })
+            .collect();
+        let meta = DeviceMem::from_bytes(bytemuck::cast_slice(&meta_values), "call parameters")?;
+        let grid: Vec<u64> = kernel
+            .launch
+            .grid
+            .iter()
+            .map(|d| d.workgroups(t, t))
+            .collect();
+        if grid.iter().zip(MAX_GRID).any(|(g, m)| *g > m) {
+            anyhow::bail!(
+                "kernel {}: grid {grid:?} exceeds CUDA's limits",
+                kernel.signature
+            );
+        }
+        let b = kernel.launch.block;
+        Ok(Call {
+            grid: (grid[0] as u32, grid[1] as u32, grid[2] as u32),
+            block: (b[0], b[1], b[2]),
+            meta,
+        })
+    }
+
+    fn tail(&self) -> Tail {
+        Tail {
+            meta: self.meta.ptr,
+            scalar: 1e-5,
+            index: 0,
+        }
+    }
+}
+
+impl Tail {
+    /// Pointers to its three parameters, for every launch's parameter list.
+    fn pointers(&mut self) -> [*mut c_void; 3] {
+        [
+            &mut self.meta as *mut sys::CUdeviceptr as *mut c_void,
+            &mut self.scalar as *mut f32 as *mut c_void,
+            &mut self.index as *mut u32 as *mut c_void,
+        ]
+    }
+}
+
+/// A launch's parameter pointers: one per buffer pointer of `ptrs`, then `tail`'s.
+fn params(ptrs: &mut [sys::CUdeviceptr], tail: [*mut c_void; 3]) -> Vec<*mut c_void> {
+    let mut p: Vec<*mut c_void> = ptrs
+        .iter_mut()
+        .map(|p| p as *mut sys::CUdeviceptr as *mut c_void)
+        .collect();
+    p.extend(tail);
+    p
+}
+
 /// Seconds per launch of `kernel` (loaded as `module`) with `t` tokens at position `pos`, each
 /// launch on the next copy of its `buffers`: the median batch.
 fn time_at(
-    kernel: &crate::codegen::cuda::CudaKernel,
+    kernel: &CudaKernel,
     module: &Kernel,
     buffers: &[Vec<DeviceMem>],
     t: u64,
@@ -160,48 +314,17 @@ fn time_at(
 ) -> Result<f64> {
     let sig = &kernel.signature;
     let copies = buffers.len();
-    let meta_values: Vec<u32> = META_FIELDS
-        .iter()
-        .map(|f| match *f {
-            "pos" => pos as u32,
-            "row0" => 0,
-            _ => t as u32, // t and rows
-        })
-        .collect();
-    let meta = DeviceMem::from_bytes(bytemuck::cast_slice(&meta_values), "call parameters")?;
-    let grid: Vec<u64> = kernel
-        .launch
-        .grid
-        .iter()
-        .map(|d| d.workgroups(t, t))
-        .collect();
-    if grid.iter().zip(MAX_GRID).any(|(g, m)| *g > m) {
-        anyhow::bail!("kernel {sig}: grid {grid:?} exceeds CUDA's limits");
-    }
-    let grid = (grid[0] as u32, grid[1] as u32, grid[2] as u32);
-    let b = kernel.launch.block;
-    let block = (b[0], b[1], b[2]);
-    // Kernel parameters, per copy: one pointer per arg, then meta, scalar, index (launch.rs).
+    let call = Call::new(kernel, t, pos)?;
+    let (grid, block) = (call.grid, call.block);
+    // Built once per copy, so a batch's launches cost the driver call alone.
     let mut ptrs: Vec<Vec<sys::CUdeviceptr>> = buffers
         .iter()
         .map(|copy| copy.iter().map(|m| m.ptr).collect())
         .collect();
-    let mut meta_ptr = meta.ptr;
-    let mut scalar = 1e-5f32;
-    let mut index = 0u32;
-    let mut params: Vec<Vec<*mut c_void>> = ptrs
-        .iter_mut()
-        .map(|copy| {
-            let mut p: Vec<*mut c_void> = copy
-                .iter_mut()
-                .map(|p| p as *mut sys::CUdeviceptr as *mut c_void)
-                .collect();
-            p.push(&mut meta_ptr as *mut sys::CUdeviceptr as *mut c_void);
-            p.push(&mut scalar as *mut f32 as *mut c_void);
-            p.push(&mut index as *mut u32 as *mut c_void);
-            p
-        })
-        .collect();
+    let mut tail_values = call.tail();
+    let tail = tail_values.pointers();
+    let mut params: Vec<Vec<*mut c_void>> =
+        ptrs.iter_mut().map(|copy| params(copy, tail)).collect();
     let stream = Stream::new()?;
     let (start, end) = (Event::new()?, Event::new()?);
     for p in &mut params {
