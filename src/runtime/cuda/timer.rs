@@ -157,7 +157,7 @@ impl KernelTimer for CudaTimer {
             for (a, m) in kernel.launch.args.iter().zip(&buffers) {
                 if a.write && a.role != "scratch" {
                     written.push(Written {
-                        name: format!("{} ({t} tokens at position {pos})", a.name),
+                        name: probe_name(&a.name, t, pos),
                         values: read_values(&a.elem, &m.read(&a.name)?),
                     });
                 }
@@ -180,18 +180,8 @@ impl CudaTimer {
             .map_err(|e| env(format!("binding the CUDA context: {e:?}")))?;
         let sig = &kernel.signature;
         let calls = timed_calls(spec, sig);
-        let most_tokens = calls.iter().map(|&(t, _)| t).max().unwrap_or(1);
         let module = Kernel::load(ptx, &kernel.entry_point, sig)?;
-        // A scratch has its own size (zeroed: the kernel expects that of a first launch).
-        let sizes: Vec<u64> = kernel
-            .launch
-            .args
-            .iter()
-            .map(|a| match a.bytes {
-                Some(b) if a.role == "scratch" => b,
-                _ => buffer_bytes(spec, &a.role, a.record, most_tokens),
-            })
-            .collect();
+        let sizes = arg_bytes(kernel, spec, &calls);
         Ok(Loaded {
             kernel,
             module,
@@ -216,7 +206,7 @@ struct Loaded<'k> {
 /// off with its length), prefill matmuls at a short and a long prompt (a 16-token call fills a
 /// sixteenth of a GEMM block's rows, so it cannot tell the f16 GEMM's warp tilings apart),
 /// every other kernel at [`timed_tokens`] and POSITION (its work does not depend on it).
-fn timed_calls(spec: &KernelSpec, sig: &str) -> Vec<(u64, u64)> {
+pub(super) fn timed_calls(spec: &KernelSpec, sig: &str) -> Vec<(u64, u64)> {
     let t = timed_tokens(spec, sig);
     match spec {
         KernelSpec::Matmul {
@@ -226,6 +216,38 @@ fn timed_calls(spec: &KernelSpec, sig: &str) -> Vec<(u64, u64)> {
         _ if sig.starts_with("decode:attention") => vec![(t, POSITION), (t, LONG_POSITION)],
         _ => vec![(t, POSITION)],
     }
+}
+
+/// Each argument's bytes for `calls`: sized for the largest; a scratch has its own size (zeroed:
+/// the kernel expects that of a first launch).
+pub(super) fn arg_bytes(kernel: &CudaKernel, spec: &KernelSpec, calls: &[(u64, u64)]) -> Vec<u64> {
+    let most_tokens = calls.iter().map(|&(t, _)| t).max().unwrap_or(1);
+    kernel
+        .launch
+        .args
+        .iter()
+        .map(|a| match a.bytes {
+            Some(b) if a.role == "scratch" => b,
+            _ => buffer_bytes(spec, &a.role, a.record, most_tokens),
+        })
+        .collect()
+}
+
+/// The call parameters (`META_FIELDS`) of a call of `t` tokens at position `pos`.
+pub(super) fn meta_values(t: u64, pos: u64) -> Vec<u32> {
+    META_FIELDS
+        .iter()
+        .map(|f| match *f {
+            "pos" => pos as u32,
+            "row0" => 0,
+            _ => t as u32, // t and rows
+        })
+        .collect()
+}
+
+/// What a probe calls the buffer `name` after a call of `t` tokens at position `pos`.
+pub(super) fn probe_name(name: &str, t: u64, pos: u64) -> String {
+    format!("{name} ({t} tokens at position {pos})")
 }
 
 /// A launch of a kernel for `t` tokens at position `pos`: its grid, block and call parameters.
@@ -244,15 +266,10 @@ struct Tail {
 
 impl Call {
     fn new(kernel: &CudaKernel, t: u64, pos: u64) -> Result<Call> {
-        let meta_values: Vec<u32> = META_FIELDS
-            .iter()
-            .map(|f| match *f {
-                "pos" => pos as u32,
-                "row0" => 0,
-                _ => t as u32, // t and rows
-            })
-            .collect();
-        let meta = DeviceMem::from_bytes(bytemuck::cast_slice(&meta_values), "call parameters")?;
+        let meta = DeviceMem::from_bytes(
+            bytemuck::cast_slice(&meta_values(t, pos)),
+            "call parameters",
+        )?;
         let grid: Vec<u64> = kernel
             .launch
             .grid

@@ -72,15 +72,14 @@ impl KernelTimer for WgpuTimer {
     }
 
     fn time(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<f64> {
-        let TimedKernel::Wgsl(kernel) = kernel else {
-            anyhow::bail!("the wgpu timer runs WGSL kernels only (an mlcb bug)");
-        };
-        let device = &self.ctx.device;
-        let t = timed_tokens(spec, &kernel.signature);
         let Loaded {
-            pipeline, group, ..
-        } = self.load(kernel, spec, t, false)?;
-        let grid = self.grid(kernel, t)?;
+            kernel,
+            grid,
+            pipeline,
+            group,
+            ..
+        } = self.load(kernel, spec, false)?;
+        let device = &self.ctx.device;
         let batch = || -> Result<f64> {
             let mut enc = device.create_command_encoder(&Default::default());
             {
@@ -110,13 +109,9 @@ impl KernelTimer for WgpuTimer {
     }
 
     fn probe(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<Vec<Written>> {
-        let TimedKernel::Wgsl(kernel) = kernel else {
-            anyhow::bail!("the wgpu timer runs WGSL kernels only (an mlcb bug)");
-        };
+        let loaded = self.load(kernel, spec, true)?;
+        let (kernel, t, grid) = (loaded.kernel, loaded.t, loaded.grid);
         let device = &self.ctx.device;
-        let t = timed_tokens(spec, &kernel.signature);
-        let loaded = self.load(kernel, spec, t, true)?;
-        let grid = self.grid(kernel, t)?;
         let written: Vec<(&Binding, &wgpu::Buffer)> = kernel
             .launch
             .bindings
@@ -191,18 +186,31 @@ fn value_elem(b: &Binding) -> &str {
     }
 }
 
-/// A kernel ready to dispatch on the timer's device: its pipeline, its buffers (binding number,
-/// buffer) and the bind group over them.
-struct Loaded {
+/// A kernel ready to dispatch on the timer's device for a call of `t` tokens at [`POSITION`]:
+/// its grid, pipeline, buffers (binding number, buffer) and the bind group over them.
+struct Loaded<'k> {
+    kernel: &'k WgslKernel,
+    t: u64,
+    grid: [u32; 3],
     pipeline: wgpu::ComputePipeline,
     buffers: Vec<(u32, wgpu::Buffer)>,
     group: wgpu::BindGroup,
 }
 
 impl WgpuTimer {
-    /// `kernel` on this device with buffers for a call of `t` tokens at [`POSITION`]: zeroed, or
-    /// with `probe` the inputs of [`probe_fill`] (and readable).
-    fn load(&self, kernel: &WgslKernel, spec: &KernelSpec, t: u64, probe: bool) -> Result<Loaded> {
+    /// `kernel` on this device with buffers for a typical call ([`timed_tokens`]): zeroed, or with
+    /// `probe` the inputs of [`probe_fill`] (and readable).
+    fn load<'k>(
+        &self,
+        kernel: TimedKernel<'k>,
+        spec: &KernelSpec,
+        probe: bool,
+    ) -> Result<Loaded<'k>> {
+        let TimedKernel::Wgsl(kernel) = kernel else {
+            anyhow::bail!("the wgpu timer runs WGSL kernels only (an mlcb bug)");
+        };
+        let t = timed_tokens(spec, &kernel.signature);
+        let grid = self.grid(kernel, t)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -289,6 +297,9 @@ impl WgpuTimer {
             anyhow::bail!("kernel {} does not load: {e}", kernel.signature);
         }
         Ok(Loaded {
+            kernel,
+            t,
+            grid,
             pipeline,
             buffers,
             group,

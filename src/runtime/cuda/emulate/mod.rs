@@ -21,8 +21,11 @@
 //! binds their arguments; `tests.rs` compares them with the CPU executor.
 
 use super::bind::{bind_phase, ArgRef, Step};
+use super::timer::{arg_bytes, meta_values, probe_name, timed_calls};
 use crate::codegen::cuda::launch::{CudaLaunch, CudaTuning};
 use crate::codegen::cuda::{generate_plan, CudaKernel};
+use crate::codegen::tune_check::{probe_fill, read_values, Written};
+use crate::codegen::wgsl::spec::KernelSpec;
 use crate::formats::model_lib::plan::{Plan, StateDecl};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -134,6 +137,60 @@ impl EmuKernels {
             kernels,
             running: std::sync::Mutex::new(()),
         }
+    }
+}
+
+impl EmuKernels {
+    /// What kernel `i` (of `spec`) writes on the tune stage's probe inputs, as the CUDA timer's
+    /// probe reads it back from a GPU ([`super::timer`]): the same calls, buffer sizes, inputs
+    /// and names.
+    pub fn probe(&self, i: usize, spec: &KernelSpec) -> Vec<Written> {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let k = &self.kernels[i];
+        let calls = timed_calls(spec, &k.signature);
+        let sizes = arg_bytes(k, spec, &calls);
+        let mut written = Vec::new();
+        for (t, pos) in calls {
+            let mut bufs: Vec<Mem> = k
+                .launch
+                .args
+                .iter()
+                .zip(&sizes)
+                .map(|(a, &b)| Mem::from_bytes(&probe_fill(&a.role, &a.elem, &a.name, b as usize)))
+                .collect();
+            let mut meta = Mem::from_bytes(bytemuck::cast_slice(&meta_values(t, pos)));
+            let mut ptrs: Vec<*mut c_void> = bufs.iter_mut().map(|m| m.ptr()).collect();
+            ptrs.push(meta.ptr());
+            let g: Vec<u32> = k
+                .launch
+                .grid
+                .iter()
+                .map(|d| d.workgroups(t, t) as u32)
+                .collect();
+            // SAFETY: the generated wrapper casts each pointer to the kernel's parameter type;
+            // every buffer has the size the timer gives it on a GPU.
+            unsafe {
+                (self.launches[i])(
+                    ptrs.as_mut_ptr(),
+                    1e-5,
+                    0,
+                    g[0],
+                    g[1],
+                    g[2],
+                    k.launch.block[0],
+                )
+            };
+            for ((a, m), &b) in k.launch.args.iter().zip(&bufs).zip(&sizes) {
+                if a.write && a.role != "scratch" {
+                    let bytes = &bytemuck::cast_slice::<u128, u8>(&m.0)[..b as usize];
+                    written.push(Written {
+                        name: probe_name(&a.name, t, pos),
+                        values: read_values(&a.elem, bytes),
+                    });
+                }
+            }
+        }
+        written
     }
 }
 

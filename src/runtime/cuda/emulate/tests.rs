@@ -1113,3 +1113,77 @@ fn smollm2_through_the_cuda_kernels_says_paris_and_matches_the_cpu() {
         }
     }
 }
+
+/// Every candidate the tune stage would time for the decode kernels of two q4f16_1 models (one
+/// whose GEMVs take the weight ring, tiny-llama for its attention's key splits) passes the
+/// tuner's check against its default configuration (`codegen::tune_check`), on the inputs,
+/// calls and buffers the CUDA timer probes a GPU with: no candidate computes something else,
+/// and the probe inputs raise no false alarm (a split attention's merge, f16 rounding).
+#[test]
+fn decode_tune_candidates_pass_the_tuners_check() {
+    if !cxx_or_skip("decode_tune_candidates_pass_the_tuners_check") {
+        return;
+    }
+    use crate::codegen::cuda::{half_activations::half_io, tune_space};
+    use crate::codegen::tune_check::disagreement;
+    // Every decode kernel of the first (its GEMVs, with and without a fused norm and gate, and
+    // the head), the attention of the second.
+    let plans = [
+        (quant_plan("q4f16_1", (48, 256, 128)).0, "decode:"),
+        (
+            crate::model::testing::lowered_plan("tiny-llama", "llama", "q4f16_1", 1024),
+            "decode:attention",
+        ),
+    ];
+    // (signature, spec, index of its first kernel, how many) over one compiled set.
+    let mut groups = Vec::new();
+    let mut kernels = Vec::new();
+    for (plan, kind) in &plans {
+        let half = half_io(plan);
+        let f16 = crate::codegen::cuda::f16_prefill(plan);
+        for (sig, spec) in crate::codegen::wgsl::spec::specs_by_signature(plan).unwrap() {
+            if !sig.starts_with(kind) {
+                continue;
+            }
+            let h = half.get(&sig).copied().unwrap_or_default();
+            let mut sources = std::collections::HashSet::new();
+            let first = kernels.len();
+            for t in tune_space::candidates(&sig, &spec) {
+                let Ok(k) = crate::codegen::cuda::generate(&sig, &spec, t, "sm_90", f16, h) else {
+                    continue;
+                };
+                if sources.insert(k.source.clone()) {
+                    kernels.push(k);
+                }
+            }
+            groups.push((sig, spec, first, kernels.len() - first));
+        }
+    }
+    let rings = kernels
+        .iter()
+        .filter(|k| k.launch.tuning.weight_ring > 0)
+        .count();
+    let splits = kernels
+        .iter()
+        .filter(|k| k.launch.tuning.kv_splits > 1)
+        .count();
+    assert!(
+        rings >= 3 && splits >= 3,
+        "{rings} ring GEMVs, {splits} split attentions"
+    );
+    let k = EmuKernels::compile(kernels);
+    for (sig, spec, first, n) in &groups {
+        let default = k.probe(*first, spec);
+        assert!(!default.is_empty(), "{sig}: writes nothing");
+        for i in first + 1..first + n {
+            let why = disagreement(&default, &k.probe(i, spec));
+            assert_eq!(why, None, "{sig}: {:?}", k.kernels[i].launch.tuning);
+        }
+    }
+    eprintln!(
+        "{} decode signatures, {} candidate kernels ({rings} with a weight ring, {splits} with \
+         split keys): all agree with their defaults",
+        groups.len(),
+        k.kernels.len()
+    );
+}
