@@ -120,21 +120,17 @@ impl KernelTimer for CudaTimer {
     }
 
     fn probe(&mut self, kernel: TimedKernel<'_>, spec: &KernelSpec) -> Result<Vec<Written>> {
-        let Loaded {
-            kernel,
-            module,
-            calls,
-            sizes,
-        } = self.load(kernel, spec)?;
+        let loaded = self.load(kernel, spec)?;
+        let (kernel, sizes) = (loaded.kernel, &loaded.sizes);
         let stream = Stream::new()?;
         let mut written = Vec::new();
-        for (t, pos) in calls {
+        for &(t, pos) in &loaded.calls {
             // Fresh inputs per call: a kernel may write what it reads (a residual, the KV cache).
             let buffers = kernel
                 .launch
                 .args
                 .iter()
-                .zip(&sizes)
+                .zip(sizes)
                 .map(|(a, &bytes)| {
                     let fill = probe_fill(&a.role, &a.elem, &a.name, bytes as usize);
                     DeviceMem::from_bytes(&fill, &a.name)
@@ -145,7 +141,7 @@ impl KernelTimer for CudaTimer {
             let mut tail = call.tail();
             let mut params = params(&mut ptrs, tail.pointers());
             driver::launch(
-                &module,
+                &loaded.module,
                 call.grid,
                 call.block,
                 &stream,
