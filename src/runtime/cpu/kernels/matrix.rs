@@ -314,10 +314,16 @@ pub(super) fn read_floats(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 h.convert_to_f32_slice(o);
             }
         }
-        _ => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = read_float(dtype, bytes, i);
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        other => unreachable!("float read of dtype {other} (rejected when the view was built)"),
     }
 }

@@ -186,6 +186,53 @@ fn results_do_not_depend_on_thread_count() {
     }
 }
 
+/// Raw f32 rows are read in place where their bytes are aligned f32s (`Kernel::F32Raw`) and
+/// decoded into a scratch otherwise: the same bits either way, for one activation row (decode)
+/// and several (prefill), within f32 rounding of a plain dot product.
+#[test]
+fn raw_f32_rows_read_in_place_or_decoded_give_the_same_bits() {
+    let (n, k) = (37, 70);
+    let mut rng = Rng(7);
+    let values = rng.vec(n * k);
+    let x = rng.vec(3 * k);
+    let aligned: &[u8] = bytemuck::cast_slice(&values);
+    let mut buf = vec![0u8; aligned.len() + 1];
+    buf[1..].copy_from_slice(aligned);
+    let misaligned = &buf[1..];
+    assert!(bytemuck::try_cast_slice::<u8, f32>(misaligned).is_err());
+    let storage = WeightStorage::Raw { dtype: DType::F32 };
+    let run = |bytes: &[u8], rows: usize| {
+        let recs: [&[u8]; 1] = [bytes];
+        let w = WeightView {
+            storage: &storage,
+            shape: &[n, k],
+            records: &recs,
+            model_dtype: DType::F32,
+        };
+        let mut out = vec![0f32; rows * n];
+        matmul(&w, &x[..rows * k], rows, &mut out);
+        out
+    };
+    for rows in [1, 3] {
+        let (fast, generic) = (run(aligned, rows), run(misaligned, rows));
+        assert_eq!(
+            fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            generic.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{rows} rows"
+        );
+        for t in 0..rows {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|i| values[j * k + i] * x[t * k + i]).sum();
+                let got = fast[t * n + j];
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "row {t}, column {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn raw_bf16_and_f32_matrices_and_vectors() {
     // bf16 raw records as some source models ship them: values exactly representable.
