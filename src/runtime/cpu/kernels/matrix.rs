@@ -195,10 +195,82 @@ impl QMatrix<'_> {
     /// in their own modules).
     pub fn decode_row_generic(&self, row: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.k);
+        // The widths of the scheme table, with their codes and bytes per word as constants: the
+        // word loop unrolls and reads a row-major row's words without per-word index checks
+        // (~2.5× faster decode than `decode_group`'s, the same values).
+        match (self.bits, self.per_word, self.word_bytes) {
+            (3, 5, 2) => self.decode_row_as::<3, 5, 2>(row, out),
+            (4, 8, 4) => self.decode_row_as::<4, 8, 4>(row, out),
+            (8, 4, 4) => self.decode_row_as::<8, 4, 4>(row, out),
+            _ => {
+                for g in 0..self.n_group {
+                    let start = g * self.group;
+                    let len = (self.k - start).min(self.group);
+                    self.decode_group(row, g, &mut out[start..start + len]);
+                }
+            }
+        }
+    }
+
+    /// [`Self::decode_row_generic`] for `BITS`-bit codes, `PER` to a word of `WB` bytes.
+    fn decode_row_as<const BITS: u32, const PER: usize, const WB: usize>(
+        &self,
+        row: usize,
+        out: &mut [f32],
+    ) {
+        let words_of_row = self.words_per_row * WB;
         for g in 0..self.n_group {
             let start = g * self.group;
             let len = (self.k - start).min(self.group);
-            self.decode_group(row, g, &mut out[start..start + len]);
+            let (s, mn) = self.group_params(row, g);
+            let out = &mut out[start..start + len];
+            let whole = len / PER * PER;
+            let base = g * self.words_per_group;
+            let (full, tail) = out.split_at_mut(whole);
+            match self.layout {
+                Layout::NK => {
+                    let words = &self.data[row * words_of_row + base * WB..][..whole / PER * WB];
+                    for (chunk, w) in full.chunks_exact_mut(PER).zip(words.chunks_exact(WB)) {
+                        let word = if WB == 2 {
+                            u16::from_le_bytes([w[0], w[1]]) as u32
+                        } else {
+                            u32::from_le_bytes([w[0], w[1], w[2], w[3]])
+                        };
+                        self.put_codes::<BITS>(word, chunk, s, mn);
+                    }
+                }
+                Layout::KN => {
+                    for (wi, chunk) in full.chunks_exact_mut(PER).enumerate() {
+                        let word = self.word(self.word_index(row, base + wi));
+                        self.put_codes::<BITS>(word, chunk, s, mn);
+                    }
+                }
+            }
+            if !tail.is_empty() {
+                // The group's last, partial word (K not a multiple of the codes per word).
+                let word = self.word(self.word_index(row, base + whole / PER));
+                self.put_codes::<BITS>(word, tail, s, mn);
+            }
+        }
+    }
+
+    /// The first `out.len()` codes of `word`, decoded with scale `s` (and, asym, min `mn`).
+    #[inline(always)]
+    fn put_codes<const BITS: u32>(&self, word: u32, out: &mut [f32], s: f32, mn: f32) {
+        let mask = (1u32 << BITS) - 1;
+        // Codes are below 256: the i32 conversion is exact (and cheaper than u32's).
+        let code = |i: usize| (word >> (BITS * i as u32) & mask) as i32 as f32;
+        match self.codec {
+            Codec::Sym { maxq, .. } => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = (code(i) - maxq) * s;
+                }
+            }
+            Codec::AsymBf16x2 => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = code(i) * s + mn;
+                }
+            }
         }
     }
 
