@@ -150,6 +150,24 @@ impl QMatrix<'_> {
                 }
     }
 
+    /// Whether this is an asymmetric `bits`-bit matrix in `layout` with groups of 32, u32 words and
+    /// a bf16 scale and min per group (`q4f32_*`): the storage `q4_asym_nk` reads.
+    pub fn is_asym_bf16x2_group32(&self, bits: u32, layout: Layout) -> bool {
+        self.layout == layout
+            && self.bits == bits
+            && self.group == 32
+            && self.word_bytes == 4
+            && self.codec == Codec::AsymBf16x2
+    }
+
+    /// Bytes of one group's scale record: an f16/bf16/f32 scale, or a bf16 scale and min.
+    pub fn scale_bytes(&self) -> usize {
+        match self.codec {
+            Codec::Sym { scale_dtype, .. } => scale_dtype.size(),
+            Codec::AsymBf16x2 => 4,
+        }
+    }
+
     /// Storage word `i` of `q_weight`.
     #[inline]
     pub fn word(&self, i: usize) -> u32 {

@@ -14,6 +14,7 @@ mod bench;
 mod f16_raw;
 mod int8_act;
 mod matrix;
+mod q4_asym_nk;
 mod q4_kn;
 mod q4_nk;
 mod q8_nk;
@@ -184,6 +185,7 @@ enum Kernel<'a> {
     Q4Nk(QMatrix<'a>),
     Q8Nk(QMatrix<'a>),
     Q4Kn(QMatrix<'a>),
+    Q4AsymNk(QMatrix<'a>),
     /// Any other storage: decode a row (one code at a time), then an f32 dot.
     Generic(Matrix<'a>),
 }
@@ -215,6 +217,7 @@ impl<'a> Kernel<'a> {
             Matrix::Quant(q) if q4_nk::applies(&q) => Kernel::Q4Nk(q),
             Matrix::Quant(q) if q8_nk::applies(&q) => Kernel::Q8Nk(q),
             Matrix::Quant(q) if q4_kn::applies(&q) => Kernel::Q4Kn(q),
+            Matrix::Quant(q) if q4_asym_nk::applies(&q) => Kernel::Q4AsymNk(q),
             other => Kernel::Generic(other),
         }
     }
@@ -228,7 +231,7 @@ impl<'a> Kernel<'a> {
             Kernel::F32Raw { w, k } => out.copy_from_slice(&w[row * k..(row + 1) * k]),
             Kernel::Q4Nk(q) => q4_nk::decode_row(q, row, out),
             Kernel::Q8Nk(q) => q8_nk::decode_row(q, row, out),
-            Kernel::Q4Kn(q) => q.decode_row_generic(row, out),
+            Kernel::Q4Kn(q) | Kernel::Q4AsymNk(q) => q.decode_row_generic(row, out),
             Kernel::Generic(m) => m.decode_row(row, out),
         }
     }
@@ -251,6 +254,7 @@ impl<'a> Kernel<'a> {
             Kernel::Q4Nk(q) => q4_nk::gemv_rows(q, n0, x, out),
             Kernel::Q8Nk(q) => q8_nk::gemv_rows(q, n0, x, out),
             Kernel::Q4Kn(q) => q4_kn::gemv_block(q, n0, x, out, &mut scratch),
+            Kernel::Q4AsymNk(q) => q4_asym_nk::gemv_rows(q, n0, x, out),
             Kernel::Generic(m) => {
                 scratch.resize(x.len(), 0.0);
                 for (j, o) in out.iter_mut().enumerate() {

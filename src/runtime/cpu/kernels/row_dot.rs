@@ -33,12 +33,13 @@ impl RowDotFns {
 }
 
 impl<'a> QMatrix<'a> {
-    /// The bytes of one row's codes and of its (2-byte) scales, for NK storage.
+    /// The bytes of one row's codes and of its scales, for NK storage.
     pub fn nk_row_bytes(&self, row: usize) -> (&'a [u8], &'a [u8]) {
         let wb = self.words_per_row * 4;
+        let sb = self.n_group * self.scale_bytes();
         (
             &self.data[row * wb..(row + 1) * wb],
-            &self.scales[row * self.n_group * 2..(row + 1) * self.n_group * 2],
+            &self.scales[row * sb..(row + 1) * sb],
         )
     }
 }

@@ -1,0 +1,103 @@
+//! Fast path for asymmetric 4-bit, group 32, uint32 words, row-major (NK) storage with a bf16
+//! scale and min per group packed in a u32 (scale in the low half, min in the high) — `q4f32_1`
+//! linear weights and `q4f32_*` embeddings. The codes are laid out as `q4_nk`'s (byte `i` of a
+//! group: position `2i` in its low nibble, `2i + 1` in its high). Decoded: `q·s + min` in f32,
+//! a product then a sum as the generic decoder computes it, so every weight has the same value.
+
+use super::matrix::QMatrix;
+use super::row_dot::RowDotFns;
+use crate::quant::scheme::Layout;
+
+/// Whether `m` is stored the way this module reads.
+pub(super) fn applies(m: &QMatrix) -> bool {
+    m.is_asym_bf16x2_group32(4, Layout::NK)
+}
+
+const ROW_DOT: RowDotFns = RowDotFns {
+    #[cfg(target_arch = "x86_64")]
+    avx2: avx2::row_dot,
+    // The portable kernel: NEON would gain as q4_nk's does, not written yet.
+    #[cfg(target_arch = "aarch64")]
+    neon: portable_row_dot,
+    portable: portable_row_dot,
+};
+
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`.
+pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
+    super::row_dot::gemv_rows(m, &ROW_DOT, n0, x, out)
+}
+
+/// Group `g`'s scale and min.
+#[inline]
+fn scale_min(scales: &[u8], g: usize) -> (f32, f32) {
+    let v = u32::from_le_bytes([
+        scales[4 * g],
+        scales[4 * g + 1],
+        scales[4 * g + 2],
+        scales[4 * g + 3],
+    ]);
+    (f32::from_bits(v << 16), f32::from_bits(v & 0xFFFF_0000))
+}
+
+fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+    let mut total = [0f32; 2];
+    for g in 0..groups {
+        let (s, mn) = scale_min(scales, g);
+        let xs = &x[g * 32..g * 32 + 32];
+        let mut acc = [0f32; 8];
+        for (i, b) in data[g * 16..g * 16 + 16].iter().enumerate() {
+            let (p, q) = (2 * i, [b & 0x0F, b >> 4]);
+            for (h, q) in q.iter().enumerate() {
+                let w = *q as f32 * s + mn;
+                acc[(p + h) % 8] = w.mul_add(xs[p + h], acc[(p + h) % 8]);
+            }
+        }
+        total[g & 1] += super::simd::hsum8(&acc);
+    }
+    total[0] + total[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::simd::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// The 32 codes of the group at `p` as four vectors of 8 f32 (positions 0-7, …).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn unpack(p: *const u8) -> [__m256; 4] {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(b, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        let v0 = _mm_unpacklo_epi8(lo, hi);
+        let v1 = _mm_unpackhi_epi8(lo, hi);
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v0)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v0, 8))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v1)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v1, 8))),
+        ]
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `data.len() >= 16·groups`, `scales.len() >= 4·groups`,
+    /// `x.len() >= 32·groups`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 4 * groups && x.len() >= 32 * groups);
+        let mut total = [_mm256_setzero_ps(); 2];
+        for g in 0..groups {
+            let (s, mn) = super::scale_min(scales, g);
+            let (s, mn) = (_mm256_set1_ps(s), _mm256_set1_ps(mn));
+            let q = unpack(data.as_ptr().add(g * 16));
+            let xp = x.as_ptr().add(g * 32);
+            for (j, qj) in q.iter().enumerate() {
+                // q·s + min, rounded as the generic decoder rounds it (no fused product).
+                let w = _mm256_add_ps(_mm256_mul_ps(*qj, s), mn);
+                total[j & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(8 * j)), total[j & 1]);
+            }
+        }
+        hsum(_mm256_add_ps(total[0], total[1]))
+    }
+}
