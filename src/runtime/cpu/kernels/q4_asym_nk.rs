@@ -59,38 +59,21 @@ fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::q4_nk::avx2::unpack;
     use super::super::simd::avx2::hsum;
     use std::arch::x86_64::*;
 
-    /// The 32 codes of the group at `p` as four vectors of 8 f32 (positions 0-7, …).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn unpack(p: *const u8) -> [__m256; 4] {
-        let b = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(b, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        let v0 = _mm_unpacklo_epi8(lo, hi);
-        let v1 = _mm_unpackhi_epi8(lo, hi);
-        [
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v0)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v0, 8))),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v1)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v1, 8))),
-        ]
-    }
-
     /// # Safety
-    /// AVX2 and FMA must be available; `data.len() >= 16·groups`, `scales.len() >= 4·groups`,
+    /// AVX2, FMA and F16C must be available; `data.len() >= 16·groups`, `scales.len() >= 4·groups`,
     /// `x.len() >= 32·groups`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
         assert!(data.len() >= 16 * groups && scales.len() >= 4 * groups && x.len() >= 32 * groups);
         let mut total = [_mm256_setzero_ps(); 2];
         for g in 0..groups {
             let (s, mn) = super::scale_min(scales, g);
             let (s, mn) = (_mm256_set1_ps(s), _mm256_set1_ps(mn));
-            let q = unpack(data.as_ptr().add(g * 16));
+            let q = unpack(data.as_ptr().add(g * 16), 0);
             let xp = x.as_ptr().add(g * 32);
             for (j, qj) in q.iter().enumerate() {
                 // q·s + min, rounded as the generic decoder rounds it (no fused product).

@@ -84,7 +84,7 @@ fn portable_decode_row(data: &[u8], scales: &[u8], out: &mut [f32], groups: usiz
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::super::simd::avx2::hsum;
     use std::arch::x86_64::*;
 
@@ -106,15 +106,17 @@ mod avx2 {
         out
     }
 
-    /// The 32 codes of the group at `p` minus 7 as four vectors of 8 f32 (positions 0-7, …).
+    /// The 32 codes of the group at `p` minus `off` as four vectors of 8 f32 (positions 0-7, …):
+    /// byte `i` holds position `2i` in its low nibble and `2i + 1` in its high (also
+    /// `q4_asym_nk`'s groups, which take them unbiased).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack(p: *const u8) -> [__m256; 4] {
+    pub(in super::super) unsafe fn unpack(p: *const u8, off: i8) -> [__m256; 4] {
         let b = _mm_loadu_si128(p as *const __m128i);
         let mask = _mm_set1_epi8(0x0F);
         let lo = _mm_and_si128(b, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        let off = _mm_set1_epi8(7);
+        let off = _mm_set1_epi8(off);
         let v0 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), off);
         let v1 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), off);
         [
@@ -137,7 +139,7 @@ mod avx2 {
             let s = scales8(scales, g, groups);
             let nb = (groups - g).min(8);
             for (i, &si) in s.iter().enumerate().take(nb) {
-                let q = unpack(data.as_ptr().add((g + i) * 16));
+                let q = unpack(data.as_ptr().add((g + i) * 16), 7);
                 let xp = x.as_ptr().add((g + i) * 32);
                 let a = _mm256_fmadd_ps(
                     q[1],
@@ -169,7 +171,7 @@ mod avx2 {
             let s = scales8(scales, g, groups);
             let nb = (groups - g).min(8);
             for (i, &si) in s.iter().enumerate().take(nb) {
-                let q = unpack(data.as_ptr().add((g + i) * 16));
+                let q = unpack(data.as_ptr().add((g + i) * 16), 7);
                 let op = out.as_mut_ptr().add((g + i) * 32);
                 let sv = _mm256_set1_ps(si);
                 for (j, v) in q.iter().enumerate() {
