@@ -177,7 +177,7 @@ enum Kernel<'a> {
         k: usize,
     },
     /// Raw f32 rows (`q0f32`), read in place: decoding a row into a scratch first, one value at
-    /// a time, made q0f32 decode ~8× slower than its memory traffic (SmolLM2-135M: 5.4 tok/s).
+    /// a time, made q0f32 decode ~7× slower (SmolLM2-135M: 5.4 tok/s instead of 40).
     F32Raw {
         w: &'a [f32],
         k: usize,
@@ -200,7 +200,8 @@ impl<'a> Kernel<'a> {
                 ..
             } => Kernel::F16Raw { bytes, k },
             // Read in place where the record's bytes are f32s as the host reads them (little-
-            // endian, 4-byte aligned: every loader's records are); else the generic decode.
+            // endian, 4-byte aligned: the params files start records at multiples of 64 bytes,
+            // `formats::ndarray_cache::RECORD_ALIGN`); else the generic decode.
             Matrix::Raw {
                 dtype: DType::F32,
                 k,
