@@ -14,9 +14,9 @@ mod row_quant;
 pub mod scale_rule;
 pub mod scheme;
 
-pub use decode::dequantize_param;
 #[cfg(test)]
 pub(crate) use decode::sym_values_unrounded;
+pub use decode::{dequantize_param, unpack_scale_min};
 pub use encode::{
     quantize_param, quantize_param_gptq, quantize_param_with, EncodedRecord, GptqFactor,
 };

@@ -201,11 +201,7 @@ impl QMatrix<'_> {
         let i = self.scale_index(row, g);
         match self.codec {
             Codec::Sym { scale_dtype, .. } => (read_float(scale_dtype, self.scales, i), 0.0),
-            Codec::AsymBf16x2 => {
-                let b = self.scales;
-                let v = u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
-                (f32::from_bits(v << 16), f32::from_bits(v & 0xFFFF_0000))
-            }
+            Codec::AsymBf16x2 => bf16x2_scale_min(self.scales, i),
         }
     }
 
@@ -378,6 +374,13 @@ fn expect_len(bytes: &[u8], want: usize, what: &str) -> Result<(), String> {
 /// Scale `g` of a row's little-endian f16 scales.
 pub(super) fn f16_scale(scales: &[u8], g: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
+}
+
+/// Scale and min `i` of little-endian `q_scale_min` words (bf16 scale low, bf16 min high).
+#[inline]
+pub(super) fn bf16x2_scale_min(scales: &[u8], i: usize) -> (f32, f32) {
+    let b = &scales[4 * i..4 * i + 4];
+    crate::quant::unpack_scale_min(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 pub(super) fn read_float(dtype: DType, b: &[u8], i: usize) -> f32 {

@@ -4,7 +4,8 @@
 //! group: position `2i` in its low nibble, `2i + 1` in its high). Decoded: `q·s + min` in f32,
 //! a product then a sum as the generic decoder computes it, so every weight has the same value.
 
-use super::matrix::QMatrix;
+use super::matrix::{bf16x2_scale_min, QMatrix};
+use super::q4_nk::unpack_group;
 use super::row_dot::RowDotFns;
 use crate::quant::scheme::Layout;
 
@@ -27,29 +28,17 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
     super::row_dot::gemv_rows(m, &ROW_DOT, n0, x, out)
 }
 
-/// Group `g`'s scale and min.
-#[inline]
-fn scale_min(scales: &[u8], g: usize) -> (f32, f32) {
-    let v = u32::from_le_bytes([
-        scales[4 * g],
-        scales[4 * g + 1],
-        scales[4 * g + 2],
-        scales[4 * g + 3],
-    ]);
-    (f32::from_bits(v << 16), f32::from_bits(v & 0xFFFF_0000))
-}
-
 fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
     let mut total = [0f32; 2];
     for g in 0..groups {
-        let (s, mn) = scale_min(scales, g);
+        let (s, mn) = bf16x2_scale_min(scales, g);
+        let q = unpack_group(&data[g * 16..], 0.0);
         let xs = &x[g * 32..g * 32 + 32];
         let mut acc = [0f32; 8];
-        for (i, b) in data[g * 16..g * 16 + 16].iter().enumerate() {
-            let (p, q) = (2 * i, [b & 0x0F, b >> 4]);
-            for (h, q) in q.iter().enumerate() {
-                let w = *q as f32 * s + mn;
-                acc[(p + h) % 8] = w.mul_add(xs[p + h], acc[(p + h) % 8]);
+        for c in 0..4 {
+            for l in 0..8 {
+                let w = q[8 * c + l] * s + mn;
+                acc[l] = w.mul_add(xs[8 * c + l], acc[l]);
             }
         }
         total[g & 1] += super::simd::hsum8(&acc);
@@ -71,7 +60,7 @@ mod avx2 {
         assert!(data.len() >= 16 * groups && scales.len() >= 4 * groups && x.len() >= 32 * groups);
         let mut total = [_mm256_setzero_ps(); 2];
         for g in 0..groups {
-            let (s, mn) = super::scale_min(scales, g);
+            let (s, mn) = super::bf16x2_scale_min(scales, g);
             let (s, mn) = (_mm256_set1_ps(s), _mm256_set1_ps(mn));
             let q = unpack(data.as_ptr().add(g * 16), 0);
             let xp = x.as_ptr().add(g * 32);

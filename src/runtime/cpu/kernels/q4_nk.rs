@@ -46,13 +46,14 @@ pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
     }
 }
 
-/// The 32 codes of a group minus 7, in position order.
+/// The 32 codes of a group minus `off`, in position order (7 here; 0 for `q4_asym_nk`'s
+/// unbiased codes, laid out the same).
 #[inline]
-fn unpack_group(bytes: &[u8]) -> [f32; 32] {
+pub(super) fn unpack_group(bytes: &[u8], off: f32) -> [f32; 32] {
     let mut v = [0f32; 32];
     for (i, b) in bytes[..16].iter().enumerate() {
-        v[2 * i] = (b & 0x0F) as f32 - 7.0;
-        v[2 * i + 1] = (b >> 4) as f32 - 7.0;
+        v[2 * i] = (b & 0x0F) as f32 - off;
+        v[2 * i + 1] = (b >> 4) as f32 - off;
     }
     v
 }
@@ -60,7 +61,7 @@ fn unpack_group(bytes: &[u8]) -> [f32; 32] {
 fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
     let mut total = [0f32; 2];
     for g in 0..groups {
-        let q = unpack_group(&data[g * 16..]);
+        let q = unpack_group(&data[g * 16..], 7.0);
         let xs = &x[g * 32..g * 32 + 32];
         let mut acc = [0f32; 8];
         for c in 0..4 {
@@ -76,7 +77,7 @@ fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32
 fn portable_decode_row(data: &[u8], scales: &[u8], out: &mut [f32], groups: usize) {
     for g in 0..groups {
         let s = scale(scales, g);
-        let q = unpack_group(&data[g * 16..]);
+        let q = unpack_group(&data[g * 16..], 7.0);
         for (o, q) in out[g * 32..g * 32 + 32].iter_mut().zip(q) {
             *o = q * s;
         }
