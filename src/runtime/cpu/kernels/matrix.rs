@@ -137,7 +137,7 @@ impl<'a> Matrix<'a> {
 
 impl QMatrix<'_> {
     /// Whether this is a symmetric `bits`-bit matrix in `layout` with groups of 32, u32 words and
-    /// f16 scales: the storage the fast paths (q4_nk, q4_kn, q8_nk) read.
+    /// f16 scales: the storage the fast paths (q4_nk, q8_nk) read.
     pub fn is_sym_group32_f16(&self, bits: u32, layout: Layout) -> bool {
         self.layout == layout
             && self.bits == bits
@@ -369,9 +369,8 @@ fn expect_len(bytes: &[u8], want: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Element `i` of a little-endian float array.
-#[inline]
 /// Scale `g` of a row's little-endian f16 scales.
+#[inline]
 pub(super) fn f16_scale(scales: &[u8], g: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]])).to_f32()
 }
@@ -383,6 +382,8 @@ pub(super) fn bf16x2_scale_min(scales: &[u8], i: usize) -> (f32, f32) {
     crate::quant::unpack_scale_min(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// Element `i` of a little-endian float array.
+#[inline]
 pub(super) fn read_float(dtype: DType, b: &[u8], i: usize) -> f32 {
     match dtype {
         DType::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),

@@ -1,0 +1,153 @@
+//! Fast path for the transposed (KN) layout of every scheme that stores its linear weights so —
+//! `q3f16_0` (3-bit codes, 5 to a u16, groups of 40, f16 scales), `q4f16_0` (4-bit, 8 to a u32,
+//! groups of 32, f16 scales), `q4f32_0` (asymmetric 4-bit, groups of 32, a bf16 scale and min per
+//! group) and `q8f16_0` (8-bit, 4 to a u32, groups of 32, f16 scales). Word `w` of rows `n..n+8`
+//! is 8 consecutive words, and so are their 8 scales, so the kernel vectorises across output
+//! rows: each lane is one row. Per group it computes `Σ q·x` and then `(Σ q·x - maxq·Σ x)·s`
+//! (symmetric) or `min·Σ x + s·Σ q·x` (asymmetric); the sums of `x` are shared by every row.
+//! A ragged last group (K not a multiple of the group) is read the same way, its codes counted.
+
+use super::matrix::{Codec, QMatrix};
+use crate::formats::dtype::DType;
+use crate::quant::scheme::Layout;
+
+/// The word formats the AVX2 kernel is compiled for: (bits, codes per word, bytes per word,
+/// words per group) — the scheme table's.
+const FORMATS: [(u32, usize, usize, usize); 3] = [(3, 5, 2, 8), (4, 8, 4, 4), (8, 4, 4, 8)];
+
+/// Whether `m` is stored the way this module reads.
+pub(super) fn applies(m: &QMatrix) -> bool {
+    let codec_ok = match m.codec {
+        Codec::Sym { scale_dtype, .. } => scale_dtype == DType::F16,
+        Codec::AsymBf16x2 => true,
+    };
+    m.layout == Layout::KN
+        && codec_ok
+        && FORMATS.contains(&(m.bits, m.per_word, m.word_bytes, m.words_per_group))
+}
+
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`. Blocks of 8 rows starting at `n0` take the SIMD path, the
+/// rest the generic decoder; callers pass `n0` that are multiples of 8 so the split, and hence
+/// every result, is the same whatever the threading.
+pub(super) fn gemv_block(
+    m: &QMatrix,
+    n0: usize,
+    x: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    assert_eq!(x.len(), m.k);
+    assert!(n0 + out.len() <= m.n);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        let lanes8 = match (m.bits, m.codec) {
+            (3, Codec::Sym { .. }) => avx2::lanes8::<3, 5, 2, 8, false>,
+            (4, Codec::Sym { .. }) => avx2::lanes8::<4, 8, 4, 4, false>,
+            (4, Codec::AsymBf16x2) => avx2::lanes8::<4, 8, 4, 4, true>,
+            (8, Codec::Sym { .. }) => avx2::lanes8::<8, 4, 4, 8, false>,
+            _ => unreachable!("`applies` admits only the scheme table's formats"),
+        };
+        let maxq = match m.codec {
+            Codec::Sym { maxq, .. } => maxq,
+            Codec::AsymBf16x2 => 0.0,
+        };
+        let xsum: Vec<f32> = x.chunks(m.group).map(|c| c.iter().sum()).collect();
+        while done + 8 <= out.len() {
+            // SAFETY: AVX2/FMA/F16C present; `lanes8`'s format is `m`'s (matched above); its
+            // index bounds are asserted inside.
+            let lanes = unsafe { lanes8(m.data, m.scales, m.n, n0 + done, x, &xsum, maxq) };
+            out[done..done + 8].copy_from_slice(&lanes);
+            done += 8;
+        }
+    }
+    scratch.resize(m.k, 0.0);
+    for (j, o) in out.iter_mut().enumerate().skip(done) {
+        m.decode_row_generic(n0 + j, scratch);
+        *o = super::simd::dot(scratch, x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `Σ_k x[k]·w[n + l, k]` for the 8 lanes `l`: `BITS`-bit codes, `PER` to a word of `WB`
+    /// bytes, `WPG` words to a group of `WPG·PER` codes (a ragged last group has as many words
+    /// as its codes need); `xsum[g]` is the sum of group `g`'s activations. `ASYM`: each scale
+    /// is a u32 of a bf16 scale (low half) and min (high half); else an f16 scale and
+    /// `w = (q - maxq)·s`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available (every index bound is asserted).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn lanes8<
+        const BITS: i32,
+        const PER: usize,
+        const WB: usize,
+        const WPG: usize,
+        const ASYM: bool,
+    >(
+        data: &[u8],
+        scales: &[u8],
+        n_rows: usize,
+        n: usize,
+        x: &[f32],
+        xsum: &[f32],
+        maxq: f32,
+    ) -> [f32; 8] {
+        let (k, group) = (x.len(), WPG * PER);
+        let groups = k.div_ceil(group);
+        let scale_bytes = if ASYM { 4 } else { 2 };
+        assert!(n + 8 <= n_rows && xsum.len() == groups);
+        // The last word read is word ceil(K / PER) - 1 of row n + 7 (KN: word w of row r at
+        // w·N + r), the last scale group groups - 1 of row n + 7.
+        assert!(data.len() >= WB * k.div_ceil(PER) * n_rows);
+        assert!(scales.len() >= scale_bytes * groups * n_rows);
+        let mask = _mm256_set1_epi32((1 << BITS) - 1);
+        let mut total = _mm256_setzero_ps();
+        for (g, &xs) in xsum.iter().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            // `group` but in a ragged last group, so the full groups' loops keep their constant
+            // trip counts.
+            let codes = if (g + 1) * group <= k {
+                group
+            } else {
+                k - g * group
+            };
+            for w in 0..WPG {
+                if w * PER >= codes {
+                    break;
+                }
+                let at = data.as_ptr().add(WB * ((g * WPG + w) * n_rows + n));
+                let mut words = if WB == 2 {
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(at as *const __m128i))
+                } else {
+                    _mm256_loadu_si256(at as *const __m256i)
+                };
+                let xp = x.as_ptr().add(g * group + w * PER);
+                for j in 0..PER.min(codes - w * PER) {
+                    let c = _mm256_cvtepi32_ps(_mm256_and_si256(words, mask));
+                    acc[j & 1] = _mm256_fmadd_ps(c, _mm256_broadcast_ss(&*xp.add(j)), acc[j & 1]);
+                    words = _mm256_srli_epi32::<BITS>(words);
+                }
+            }
+            let qx = _mm256_add_ps(acc[0], acc[1]);
+            let sp = scales.as_ptr().add(scale_bytes * (g * n_rows + n));
+            if ASYM {
+                let sm = _mm256_loadu_si256(sp as *const __m256i);
+                let s = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(sm));
+                let mn = _mm256_castsi256_ps(_mm256_and_si256(sm, _mm256_set1_epi32(-65536)));
+                total = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs), total);
+                total = _mm256_fmadd_ps(qx, s, total);
+            } else {
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(sp as *const __m128i));
+                let gs = _mm256_sub_ps(qx, _mm256_set1_ps(maxq * xs));
+                total = _mm256_fmadd_ps(gs, s, total);
+            }
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), total);
+        out
+    }
+}
