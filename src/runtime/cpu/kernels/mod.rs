@@ -15,6 +15,7 @@ mod f16_raw;
 mod int8_act;
 mod kn;
 mod matrix;
+mod q3_nk;
 mod q4_asym_nk;
 mod q4_nk;
 mod q8_nk;
@@ -187,6 +188,7 @@ enum Kernel<'a> {
     /// Any scheme's transposed (KN) storage.
     Kn(QMatrix<'a>),
     Q4AsymNk(QMatrix<'a>),
+    Q3Nk(QMatrix<'a>),
     /// Any other storage: decode a row (one code at a time), then an f32 dot.
     Generic(Matrix<'a>),
 }
@@ -220,6 +222,7 @@ impl<'a> Kernel<'a> {
             Matrix::Quant(q) if q8_nk::applies(&q) => Kernel::Q8Nk(q),
             Matrix::Quant(q) if kn::applies(&q) => Kernel::Kn(q),
             Matrix::Quant(q) if q4_asym_nk::applies(&q) => Kernel::Q4AsymNk(q),
+            Matrix::Quant(q) if q3_nk::applies(&q) => Kernel::Q3Nk(q),
             other => Kernel::Generic(other),
         }
     }
@@ -233,7 +236,7 @@ impl<'a> Kernel<'a> {
             Kernel::F32Raw { w, k } => out.copy_from_slice(&w[row * k..(row + 1) * k]),
             Kernel::Q4Nk(q) => q4_nk::decode_row(q, row, out),
             Kernel::Q8Nk(q) => q8_nk::decode_row(q, row, out),
-            Kernel::Kn(q) | Kernel::Q4AsymNk(q) => q.decode_row_generic(row, out),
+            Kernel::Kn(q) | Kernel::Q4AsymNk(q) | Kernel::Q3Nk(q) => q.decode_row_generic(row, out),
             Kernel::Generic(m) => m.decode_row(row, out),
         }
     }
@@ -257,6 +260,7 @@ impl<'a> Kernel<'a> {
             Kernel::Q8Nk(q) => q8_nk::gemv_rows(q, n0, x, out),
             Kernel::Kn(q) => kn::gemv_block(q, n0, x, out, &mut scratch),
             Kernel::Q4AsymNk(q) => q4_asym_nk::gemv_rows(q, n0, x, out),
+            Kernel::Q3Nk(q) => q3_nk::gemv_rows(q, n0, x, out),
             Kernel::Generic(m) => {
                 scratch.resize(x.len(), 0.0);
                 for (j, o) in out.iter_mut().enumerate() {

@@ -19,7 +19,7 @@ pub(super) struct RowDotFns {
 
 impl RowDotFns {
     /// The fastest kernel this CPU can run.
-    fn pick(&self) -> RowDot {
+    pub(super) fn pick(&self) -> RowDot {
         #[cfg(target_arch = "x86_64")]
         if super::simd::has_avx2() {
             return self.avx2;
@@ -35,7 +35,7 @@ impl RowDotFns {
 impl<'a> QMatrix<'a> {
     /// The bytes of one row's codes and of its scales, for NK storage.
     pub fn nk_row_bytes(&self, row: usize) -> (&'a [u8], &'a [u8]) {
-        let wb = self.words_per_row * 4;
+        let wb = self.words_per_row * self.word_bytes;
         let sb = self.n_group * self.scale_bytes();
         (
             &self.data[row * wb..(row + 1) * wb],

@@ -1,0 +1,110 @@
+//! Fast path for symmetric 3-bit codes, five to a little-endian u16 word (LSB first), groups of
+//! 40 (8 words), f16 scales, row-major (NK) storage — `q3f16_1` linear weights and the `q3f16_*`
+//! embeddings. A group's 8 words are one 16-byte load, one word to a lane, so the kernel takes
+//! code `j` of every word (positions `5w + j`) at once; the activations are permuted once per
+//! call to match (`xp[40g + 8j + w] = x[40g + 5w + j]`). Per group: `s · Σ (q - 3)·x`.
+
+use super::matrix::{f16_scale as scale, Codec, QMatrix};
+use super::row_dot::RowDotFns;
+use crate::formats::dtype::DType;
+use crate::quant::scheme::Layout;
+
+const GROUP: usize = 40;
+const PER_WORD: usize = 5;
+const WORDS: usize = 8;
+
+/// Whether `m` is stored the way this module reads.
+pub(super) fn applies(m: &QMatrix) -> bool {
+    m.layout == Layout::NK
+        && (m.bits, m.per_word, m.word_bytes, m.group) == (3, PER_WORD, 2, GROUP)
+        && m.codec
+            == Codec::Sym {
+                maxq: 3.0,
+                scale_dtype: DType::F16,
+            }
+}
+
+const ROW_DOT: RowDotFns = RowDotFns {
+    #[cfg(target_arch = "x86_64")]
+    avx2: avx2::row_dot,
+    // The portable kernel: NEON would gain as q4_nk's does, not written yet.
+    #[cfg(target_arch = "aarch64")]
+    neon: portable_row_dot,
+    portable: portable_row_dot,
+};
+
+/// `out[j] = Σ_k x[k]·w[n0 + j, k]`: the kernels for the full groups (over the permuted
+/// activations), the generic decoder for a ragged last group.
+pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), m.k);
+    let full = m.k / GROUP;
+    let mut xp = vec![0f32; full * GROUP];
+    for (dst, src) in xp.chunks_exact_mut(GROUP).zip(x.chunks_exact(GROUP)) {
+        for (w, codes) in src.chunks_exact(PER_WORD).enumerate() {
+            for (j, v) in codes.iter().enumerate() {
+                dst[WORDS * j + w] = *v;
+            }
+        }
+    }
+    let row_dot = ROW_DOT.pick();
+    for (j, o) in out.iter_mut().enumerate() {
+        let (data, scales) = m.nk_row_bytes(n0 + j);
+        // SAFETY: `pick` returned a kernel whose CPU features are present; the row slices hold
+        // `full` whole groups of words and scales (record sizes were checked when the view was
+        // built) and `xp` has 40·full values.
+        let body = unsafe { row_dot(data, scales, &xp, full) };
+        *o = body + m.ragged_tail_dot(n0 + j, x);
+    }
+}
+
+/// The lanes of the SIMD kernel, in plain code: lane `w` sums code `j` of word `w` times
+/// `xp[8j + w]` for each `j`.
+fn portable_row_dot(data: &[u8], scales: &[u8], xp: &[f32], groups: usize) -> f32 {
+    let mut total = [0f32; 2];
+    for g in 0..groups {
+        let xs = &xp[g * GROUP..(g + 1) * GROUP];
+        let mut acc = [0f32; WORDS];
+        for (w, a) in acc.iter_mut().enumerate() {
+            let at = 2 * (g * WORDS + w);
+            let word = u16::from_le_bytes([data[at], data[at + 1]]);
+            for j in 0..PER_WORD {
+                let q = (word >> (3 * j) & 7) as f32 - 3.0;
+                *a = q.mul_add(xs[WORDS * j + w], *a);
+            }
+        }
+        total[g & 1] = super::simd::hsum8(&acc).mul_add(scale(scales, g), total[g & 1]);
+    }
+    total[0] + total[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::simd::avx2::hsum;
+    use super::{GROUP, PER_WORD, WORDS};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `data.len() >= 16·groups`, `scales.len() >= 2·groups`,
+    /// `xp.len() >= 40·groups`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], xp: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups);
+        assert!(xp.len() >= GROUP * groups);
+        let (mask, three) = (_mm256_set1_epi32(7), _mm256_set1_ps(3.0));
+        let mut total = [_mm256_setzero_ps(); 2];
+        for g in 0..groups {
+            let mut words =
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(data.as_ptr().add(16 * g) as *const __m128i));
+            let xg = xp.as_ptr().add(g * GROUP);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for j in 0..PER_WORD {
+                let q = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(words, mask)), three);
+                acc[j & 1] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xg.add(WORDS * j)), acc[j & 1]);
+                words = _mm256_srli_epi32::<3>(words);
+            }
+            let s = _mm256_set1_ps(super::scale(scales, g));
+            total[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), s, total[g & 1]);
+        }
+        hsum(_mm256_add_ps(total[0], total[1]))
+    }
+}
