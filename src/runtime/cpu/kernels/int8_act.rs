@@ -68,6 +68,16 @@ impl QuantizedX {
         }
         QuantizedX { q, d, bias, order }
     }
+
+    pub fn order(&self) -> CodeOrder {
+        self.order
+    }
+
+    /// The codes, the block scales `d` and the q4 offset terms `bias` (both zero-padded to a
+    /// multiple of 8 blocks).
+    pub fn parts(&self) -> (&[i8], &[f32], &[f32]) {
+        (&self.q, &self.d, &self.bias)
+    }
 }
 
 /// Bytes ahead of the row being multiplied that the kernels ask the CPU to fetch: the rows are

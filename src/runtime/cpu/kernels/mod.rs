@@ -13,6 +13,7 @@
 mod bench;
 mod f16_raw;
 mod int8_act;
+mod int8_act_kn;
 mod kn;
 mod matrix;
 mod q3_nk;
@@ -105,29 +106,39 @@ pub fn matmul(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
     }
 }
 
-/// Like [`matmul`], but for one activation row and `q4f16_1`/`q8f16_1`-style weights (4- or
-/// 8-bit sym, group 32, f16 scales, NK, `K % 32 == 0`) it first quantizes `x` to int8 per block
-/// of 32 and sums exact integer products. About 2× faster, but adds an error of up to
+/// A GEMV over int8-quantized activations: `(matrix, first row, x, out)`.
+type Int8Gemv = fn(&QMatrix, usize, &int8_act::QuantizedX, &mut [f32]);
+
+/// Like [`matmul`], but for one activation row and `q4f16_*`/`q8f16_*` weights (4- or 8-bit sym,
+/// group 32, f16 scales, NK or KN, `K % 32 == 0`) it first quantizes `x` to int8 per block of 32
+/// and sums exact integer products. About 2× faster, but adds an error of up to
 /// `Σ_k |W[n,k]|·d(k)/2` where `d` is the block's `absmax(x)/127` (≈0.4% of the block's largest
 /// activation per weight, below the 4- and 8-bit weights' own rounding). Other weights and
 /// `rows > 1` go to [`matmul`]. The executor uses it for decode steps.
 pub fn matmul_int8_activations(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
     let m = matrix(w);
-    let (q, order) = match m {
-        Matrix::Quant(q) if rows == 1 && q.k % 32 == 0 && q4_nk::applies(&q) => {
-            (q, int8_act::CodeOrder::Nibbles)
+    let Matrix::Quant(q) = m else {
+        return matmul(w, x, rows, out);
+    };
+    let (order, gemv): (_, Int8Gemv) = match q {
+        _ if rows != 1 => return matmul(w, x, rows, out),
+        q if q.k % 32 == 0 && q4_nk::applies(&q) => {
+            (int8_act::CodeOrder::Nibbles, int8_act::gemv_rows)
         }
-        Matrix::Quant(q) if rows == 1 && q.k % 32 == 0 && q8_nk::applies(&q) => {
-            (q, int8_act::CodeOrder::Positions)
+        q if q.k % 32 == 0 && q8_nk::applies(&q) => {
+            (int8_act::CodeOrder::Positions, int8_act::gemv_rows)
         }
-        _ => return matmul(w, x, rows, out),
+        q => match int8_act_kn::order_for(&q) {
+            Some(order) => (order, int8_act_kn::gemv_rows),
+            None => return matmul(w, x, rows, out),
+        },
     };
     assert_eq!(x.len(), q.k);
     assert_eq!(out.len(), q.n);
     let qx = int8_act::QuantizedX::new(x, order);
     out.par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(c, o)| int8_act::gemv_rows(&q, c * CHUNK, &qx, o));
+        .for_each(|(c, o)| gemv(&q, c * CHUNK, &qx, o));
 }
 
 /// `Σ a[i]·b[i]` with the SIMD kernels (fixed summation order for a given length).

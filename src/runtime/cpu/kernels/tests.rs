@@ -362,6 +362,12 @@ fn int8_activation_gemv_error_is_bounded() {
                 ("q8f16_1", 127.0, 37, 64),
                 ("q8f16_1", 127.0, 19, 320),
                 ("q8f16_1", 127.0, 8, 32),
+                ("q4f16_0", 7.0, 37, 64),
+                ("q4f16_0", 7.0, 19, 320),
+                ("q4f16_0", 7.0, 8, 32),
+                ("q8f16_0", 127.0, 37, 64),
+                ("q8f16_0", 127.0, 19, 320),
+                ("q8f16_0", 127.0, 8, 32),
             ] {
                 let e = Encoded::new(
                     name,
@@ -409,13 +415,20 @@ fn int8_activation_gemv_error_is_bounded() {
         sum_rel / count as f64,
         worst
     );
-    // Unsupported weights fall back to the exact path.
-    let e = Encoded::new("q4f16_0", TensorRole::Linear, 5, 64, &rng.vec(320));
-    let x = rng.vec(64);
-    let (mut a, mut b) = (vec![0f32; 5], vec![0f32; 5]);
-    e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut a));
-    e.with_view(|w| matmul(w, &x, 1, &mut b));
-    assert_eq!(a, b);
+    // Unsupported weights (other schemes, K not a multiple of 32) fall back to the exact path.
+    for (name, k) in [
+        ("q4f32_0", 64),
+        ("q3f16_1", 80),
+        ("q4f16_0", 80),
+        ("q8f16_1", 80),
+    ] {
+        let e = Encoded::new(name, TensorRole::Linear, 9, k, &rng.vec(9 * k));
+        let x = rng.vec(k);
+        let (mut a, mut b) = (vec![0f32; 9], vec![0f32; 9]);
+        e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut a));
+        e.with_view(|w| matmul(w, &x, 1, &mut b));
+        assert_eq!(a, b, "{name} K={k}");
+    }
 }
 
 /// The 4×3 prefill tile gives bit-identical values to `dot4` (its callers mix the two), and both
