@@ -41,24 +41,40 @@ pub(super) fn gemv_block(
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2() {
-        let lanes8 = match (m.bits, m.codec) {
-            (3, Codec::Sym { .. }) => avx2::lanes8::<3, 5, 2, 8, false>,
-            (4, Codec::Sym { .. }) => avx2::lanes8::<4, 8, 4, 4, false>,
-            (4, Codec::AsymBf16x2) => avx2::lanes8::<4, 8, 4, 4, true>,
-            (8, Codec::Sym { .. }) => avx2::lanes8::<8, 4, 4, 8, false>,
-            _ => unreachable!("`applies` admits only the scheme table's formats"),
-        };
         let maxq = match m.codec {
             Codec::Sym { maxq, .. } => maxq,
             Codec::AsymBf16x2 => 0.0,
         };
         let xsum: Vec<f32> = x.chunks(m.group).map(|c| c.iter().sum()).collect();
+        // Four blocks of 8 rows at a time where the rows are there, then one.
         while done + 8 <= out.len() {
-            // SAFETY: AVX2/FMA/F16C present; `lanes8`'s format is `m`'s (matched above); its
+            let four = done + 32 <= out.len();
+            let kernel = match (m.bits, m.codec, four) {
+                (3, Codec::Sym { .. }, true) => avx2::lanes::<3, 5, 2, 8, false, 4>,
+                (3, Codec::Sym { .. }, false) => avx2::lanes::<3, 5, 2, 8, false, 1>,
+                (4, Codec::Sym { .. }, true) => avx2::lanes::<4, 8, 4, 4, false, 4>,
+                (4, Codec::Sym { .. }, false) => avx2::lanes::<4, 8, 4, 4, false, 1>,
+                (4, Codec::AsymBf16x2, true) => avx2::lanes::<4, 8, 4, 4, true, 4>,
+                (4, Codec::AsymBf16x2, false) => avx2::lanes::<4, 8, 4, 4, true, 1>,
+                (8, Codec::Sym { .. }, true) => avx2::lanes::<8, 4, 4, 8, false, 4>,
+                (8, Codec::Sym { .. }, false) => avx2::lanes::<8, 4, 4, 8, false, 1>,
+                _ => unreachable!("`applies` admits only the scheme table's formats"),
+            };
+            // SAFETY: AVX2/FMA/F16C present; the kernel's format is `m`'s (matched above); its
             // index bounds are asserted inside.
-            let lanes = unsafe { lanes8(m.data, m.scales, m.n, n0 + done, x, &xsum, maxq) };
-            out[done..done + 8].copy_from_slice(&lanes);
-            done += 8;
+            unsafe {
+                kernel(
+                    m.data,
+                    m.scales,
+                    m.n,
+                    n0 + done,
+                    x,
+                    &xsum,
+                    maxq,
+                    &mut out[done..],
+                )
+            };
+            done += if four { 32 } else { 8 };
         }
     }
     scratch.resize(m.k, 0.0);
@@ -72,21 +88,29 @@ pub(super) fn gemv_block(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// `Σ_k x[k]·w[n + l, k]` for the 8 lanes `l`: `BITS`-bit codes, `PER` to a word of `WB`
-    /// bytes, `WPG` words to a group of `WPG·PER` codes (a ragged last group has as many words
-    /// as its codes need); `xsum[g]` is the sum of group `g`'s activations. `ASYM`: each scale
-    /// is a u32 of a bf16 scale (low half) and min (high half); else an f16 scale and
-    /// `w = (q - maxq)·s`.
+    /// Word rows ahead of the one being read whose bytes the kernel asks the CPU to fetch (see
+    /// `int8_act_kn`'s: the hardware prefetcher does not follow KN's jumps between word rows).
+    const PREFETCH_ROWS: usize = 24;
+
+    /// `Σ_k x[k]·w[n + l, k]` for the `8·B` lanes `l` (`B` registers of 8 rows): `BITS`-bit
+    /// codes, `PER` to a word of `WB` bytes, `WPG` words to a group of `WPG·PER` codes (a ragged
+    /// last group has as many words as its codes need); `xsum[g]` is the sum of group `g`'s
+    /// activations. `ASYM`: each scale is a u32 of a bf16 scale (low half) and min (high half);
+    /// else an f16 scale and `w = (q - maxq)·s`. Several blocks share each broadcast of `x` and
+    /// read `8·B` contiguous words of a word row; every lane's operations are the same for any
+    /// `B`.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available (every index bound is asserted).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn lanes8<
+    pub unsafe fn lanes<
         const BITS: i32,
         const PER: usize,
         const WB: usize,
         const WPG: usize,
         const ASYM: bool,
+        const B: usize,
     >(
         data: &[u8],
         scales: &[u8],
@@ -95,19 +119,20 @@ mod avx2 {
         x: &[f32],
         xsum: &[f32],
         maxq: f32,
-    ) -> [f32; 8] {
+        out: &mut [f32],
+    ) {
         let (k, group) = (x.len(), WPG * PER);
-        let groups = k.div_ceil(group);
+        let (groups, word_rows) = (k.div_ceil(group), k.div_ceil(PER));
         let scale_bytes = if ASYM { 4 } else { 2 };
-        assert!(n + 8 <= n_rows && xsum.len() == groups);
-        // The last word read is word ceil(K / PER) - 1 of row n + 7 (KN: word w of row r at
-        // w·N + r), the last scale group groups - 1 of row n + 7.
-        assert!(data.len() >= WB * k.div_ceil(PER) * n_rows);
+        assert!(n + 8 * B <= n_rows && xsum.len() == groups && out.len() >= 8 * B);
+        // The last word read is word ceil(K / PER) - 1 of row n + 8·B - 1 (KN: word w of row r
+        // at w·N + r), the last scale group groups - 1 of that row.
+        assert!(data.len() >= WB * word_rows * n_rows);
         assert!(scales.len() >= scale_bytes * groups * n_rows);
         let mask = _mm256_set1_epi32((1 << BITS) - 1);
-        let mut total = _mm256_setzero_ps();
+        let mut total = [_mm256_setzero_ps(); B];
         for (g, &xs) in xsum.iter().enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut acc = [[_mm256_setzero_ps(); 2]; B];
             // `group` but in a ragged last group, so the full groups' loops keep their constant
             // trip counts.
             let codes = if (g + 1) * group <= k {
@@ -119,35 +144,51 @@ mod avx2 {
                 if w * PER >= codes {
                     break;
                 }
-                let at = data.as_ptr().add(WB * ((g * WPG + w) * n_rows + n));
-                let mut words = if WB == 2 {
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128(at as *const __m128i))
-                } else {
-                    _mm256_loadu_si256(at as *const __m256i)
-                };
+                let r = g * WPG + w;
+                let at = data.as_ptr().add(WB * (r * n_rows + n));
+                if r + PREFETCH_ROWS < word_rows {
+                    let ahead = at.add(WB * PREFETCH_ROWS * n_rows);
+                    for b in (0..8 * B * WB).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(b) as *const i8);
+                    }
+                }
+                let mut words = [_mm256_setzero_si256(); B];
+                for (b, v) in words.iter_mut().enumerate() {
+                    let p = at.add(8 * WB * b);
+                    *v = if WB == 2 {
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))
+                    } else {
+                        _mm256_loadu_si256(p as *const __m256i)
+                    };
+                }
                 let xp = x.as_ptr().add(g * group + w * PER);
                 for j in 0..PER.min(codes - w * PER) {
-                    let c = _mm256_cvtepi32_ps(_mm256_and_si256(words, mask));
-                    acc[j & 1] = _mm256_fmadd_ps(c, _mm256_broadcast_ss(&*xp.add(j)), acc[j & 1]);
-                    words = _mm256_srli_epi32::<BITS>(words);
+                    let xv = _mm256_broadcast_ss(&*xp.add(j));
+                    for (v, a) in words.iter_mut().zip(acc.iter_mut()) {
+                        let c = _mm256_cvtepi32_ps(_mm256_and_si256(*v, mask));
+                        a[j & 1] = _mm256_fmadd_ps(c, xv, a[j & 1]);
+                        *v = _mm256_srli_epi32::<BITS>(*v);
+                    }
                 }
             }
-            let qx = _mm256_add_ps(acc[0], acc[1]);
-            let sp = scales.as_ptr().add(scale_bytes * (g * n_rows + n));
-            if ASYM {
-                let sm = _mm256_loadu_si256(sp as *const __m256i);
-                let s = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(sm));
-                let mn = _mm256_castsi256_ps(_mm256_and_si256(sm, _mm256_set1_epi32(-65536)));
-                total = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs), total);
-                total = _mm256_fmadd_ps(qx, s, total);
-            } else {
-                let s = _mm256_cvtph_ps(_mm_loadu_si128(sp as *const __m128i));
-                let gs = _mm256_sub_ps(qx, _mm256_set1_ps(maxq * xs));
-                total = _mm256_fmadd_ps(gs, s, total);
+            for (b, (a, tot)) in acc.iter().zip(total.iter_mut()).enumerate() {
+                let qx = _mm256_add_ps(a[0], a[1]);
+                let sp = scales.as_ptr().add(scale_bytes * (g * n_rows + n + 8 * b));
+                if ASYM {
+                    let sm = _mm256_loadu_si256(sp as *const __m256i);
+                    let s = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(sm));
+                    let mn = _mm256_castsi256_ps(_mm256_and_si256(sm, _mm256_set1_epi32(-65536)));
+                    *tot = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs), *tot);
+                    *tot = _mm256_fmadd_ps(qx, s, *tot);
+                } else {
+                    let s = _mm256_cvtph_ps(_mm_loadu_si128(sp as *const __m128i));
+                    let gs = _mm256_sub_ps(qx, _mm256_set1_ps(maxq * xs));
+                    *tot = _mm256_fmadd_ps(gs, s, *tot);
+                }
             }
         }
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), total);
-        out
+        for (b, tot) in total.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * b), *tot);
+        }
     }
 }
