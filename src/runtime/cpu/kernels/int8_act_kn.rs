@@ -38,45 +38,20 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
     if super::simd::has_avx2() {
         // Four blocks of 8 rows at a time where the rows are there, then one.
         while done + 8 <= out.len() {
-            let n = n0 + done;
-            let step = if done + 32 <= out.len() { 32 } else { 8 };
-            // SAFETY: AVX2/FMA/F16C present; the kernels assert their index bounds.
-            unsafe {
-                match (four, step) {
-                    (true, 32) => put(
-                        out,
-                        done,
-                        &avx2::lanes::<true, 4>(m.data, m.scales, m.n, n, x),
-                    ),
-                    (false, 32) => put(
-                        out,
-                        done,
-                        &avx2::lanes::<false, 4>(m.data, m.scales, m.n, n, x),
-                    ),
-                    (true, _) => put(
-                        out,
-                        done,
-                        &avx2::lanes::<true, 1>(m.data, m.scales, m.n, n, x),
-                    ),
-                    (false, _) => put(
-                        out,
-                        done,
-                        &avx2::lanes::<false, 1>(m.data, m.scales, m.n, n, x),
-                    ),
-                }
-            }
-            done += step;
+            let whole = done + 32 <= out.len();
+            let kernel = match (four, whole) {
+                (true, true) => avx2::lanes::<true, 4>,
+                (true, false) => avx2::lanes::<true, 1>,
+                (false, true) => avx2::lanes::<false, 4>,
+                (false, false) => avx2::lanes::<false, 1>,
+            };
+            // SAFETY: AVX2/FMA/F16C present; the kernel asserts its index bounds.
+            unsafe { kernel(m.data, m.scales, m.n, n0 + done, x, &mut out[done..]) };
+            done += if whole { 32 } else { 8 };
         }
     }
     for (j, o) in out.iter_mut().enumerate().skip(done) {
         *o = portable_row(m, n0 + j, x, four);
-    }
-}
-
-/// Lane blocks into `out` from `at`.
-fn put<const B: usize>(out: &mut [f32], at: usize, lanes: &[[f32; 8]; B]) {
-    for (b, lane) in lanes.iter().enumerate() {
-        out[at + 8 * b..at + 8 * b + 8].copy_from_slice(lane);
     }
 }
 
@@ -131,10 +106,10 @@ mod avx2 {
         _mm256_set1_epi32((q.as_ptr().add(i) as *const i32).read_unaligned())
     }
 
-    /// Rows `n..n+8·B` (one to a lane, `B` registers of 8) of a q4 (`FOUR`) or q8 KN matrix of
-    /// `n_rows` rows. Several blocks at once read `32·B` contiguous bytes of each word row
-    /// instead of 32 (KN's word rows lie `4·N` bytes apart, so one block alone waits on a cache
-    /// miss per word row); every lane's operations are the same for any `B`.
+    /// `out[..8·B]`: rows `n..n+8·B` (one to a lane, `B` registers of 8) of a q4 (`FOUR`) or q8
+    /// KN matrix of `n_rows` rows. Several blocks at once read `32·B` contiguous bytes of each
+    /// word row instead of 32 (KN's word rows lie `4·N` bytes apart); every lane's operations
+    /// are the same for any `B`.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available (every index bound is asserted).
@@ -145,11 +120,13 @@ mod avx2 {
         n_rows: usize,
         n: usize,
         x: &QuantizedX,
-    ) -> [[f32; 8]; B] {
+        out: &mut [f32],
+    ) {
         let (q, d, bias) = x.parts();
         let wpg = if FOUR { 4 } else { 8 };
         let groups = q.len() / 32;
         assert!(n + 8 * B <= n_rows && d.len() >= groups && bias.len() >= groups);
+        assert!(out.len() >= 8 * B);
         assert!(data.len() >= 4 * wpg * groups * n_rows && scales.len() >= 2 * groups * n_rows);
         let ones = _mm256_set1_epi16(1);
         let nibble = _mm256_set1_epi8(0x0F);
@@ -201,10 +178,8 @@ mod avx2 {
                 *tot = _mm256_fmadd_ps(s, inner, *tot);
             }
         }
-        let mut out = [[0f32; 8]; B];
-        for (o, tot) in out.iter_mut().zip(&total) {
-            _mm256_storeu_ps(o.as_mut_ptr(), *tot);
+        for (b, tot) in total.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * b), *tot);
         }
-        out
     }
 }
