@@ -20,9 +20,8 @@ pub struct BenchArgs {
     /// Tokens to decode after it, one call each.
     #[arg(long, default_value_t = 128)]
     pub gen_len: usize,
-    /// Worker threads (default: one per core).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub threads: crate::cli::threads::ThreadsArg,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -114,23 +113,13 @@ pub fn execute(args: BenchArgs) -> Result<()> {
             args.gen_len
         );
     }
-    if args.threads == Some(0) {
-        user_bail!("--threads must be at least 1");
-    }
-    let mut pool = rayon::ThreadPoolBuilder::new();
-    if let Some(n) = args.threads {
-        pool = pool.num_threads(n);
-    }
-    let pool = pool
-        .build()
-        .map_err(|e| crate::error::env(format!("cannot start the thread pool: {e}")))?;
-    let threads = pool.current_num_threads();
     let vocab = artifact.vocab_size();
     let prompt = synthetic_prompt(args.prompt_len, vocab, &artifact.stop_tokens());
-    let result = pool.install(|| {
-        with_session(&artifact, device, args.adapter.as_deref(), |s| {
+    let (result, threads) = args.threads.install(|threads| {
+        let r = with_session(&artifact, device, args.adapter.as_deref(), |s| {
             bench_session(s, &prompt, args.gen_len, vocab)
-        })
+        })?;
+        Ok((r, threads))
     })?;
     let peak = peak_rss_bytes();
     if args.json {
@@ -149,8 +138,9 @@ pub fn execute(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{} on {device} ({threads} threads)",
-            artifact.config.local_id
+            "{} on {device} ({threads} thread{})",
+            artifact.config.local_id,
+            if threads == 1 { "" } else { "s" }
         );
         println!(
             "prefill: {} tokens in {:.3} s = {:.1} tok/s",

@@ -6,6 +6,7 @@
 //! common prefix of the new prompt and what the session already holds are prefilled.
 
 use crate::cli::run::{stop_tokens, SamplingArgs};
+use crate::cli::threads::ThreadsArg;
 use crate::error::{class_of, ErrorClass};
 use crate::runtime::artifact::Artifact;
 use crate::runtime::backend::{resolve_device, with_session};
@@ -37,9 +38,15 @@ pub struct ChatArgs {
     /// default: the best GPU of the library's backend.
     #[arg(long)]
     pub adapter: Option<String>,
+    #[command(flatten)]
+    pub threads: ThreadsArg,
 }
 
 pub fn execute(args: ChatArgs) -> Result<()> {
+    args.threads.clone().install(|_| chat_on_pool(args))
+}
+
+fn chat_on_pool(args: ChatArgs) -> Result<()> {
     let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     let tokenizer = TextTokenizer::from_dir(&artifact.config_dir)?;

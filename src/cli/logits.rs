@@ -1,6 +1,7 @@
 //! `mlcb logits DIST_DIR --input-ids 1,2,3 --out FILE.safetensors`: the logits of every position
 //! from one prefill, for comparison with a reference implementation.
 
+use crate::cli::threads::ThreadsArg;
 use crate::runtime::artifact::Artifact;
 use crate::runtime::backend::{resolve_device, with_session};
 use crate::runtime::Session;
@@ -30,6 +31,8 @@ pub struct LogitsArgs {
     /// replayed graph) instead of one prefill; the logits mean the same.
     #[arg(long)]
     pub decode: bool,
+    #[command(flatten)]
+    pub threads: ThreadsArg,
 }
 
 /// Parses `1,2, 3` into ids; every id must be below `vocab`.
@@ -118,6 +121,10 @@ pub fn write_logits(path: &Path, ids: &[u32], vocab: usize, logits: &[f32]) -> R
 }
 
 pub fn execute(args: LogitsArgs) -> Result<()> {
+    args.threads.clone().install(|_| logits_on_pool(args))
+}
+
+fn logits_on_pool(args: LogitsArgs) -> Result<()> {
     let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     let vocab = artifact.vocab_size();
@@ -227,6 +234,7 @@ mod tests {
             device: None,
             adapter: None,
             decode: false,
+            threads: ThreadsArg::default(),
         };
         execute(args("3,1")).unwrap();
         let bytes = std::fs::read(&out).unwrap();

@@ -7,6 +7,7 @@ pub mod lock;
 pub mod logits;
 pub mod quantize;
 pub mod run;
+pub mod threads;
 pub mod verify;
 
 use clap::{Parser, Subcommand};

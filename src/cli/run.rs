@@ -1,5 +1,6 @@
 //! `mlcb run DIST_DIR --prompt TEXT`: one completion, streamed to stdout.
 
+use crate::cli::threads::ThreadsArg;
 use crate::runtime::artifact::Artifact;
 use crate::runtime::backend::{resolve_device, with_session};
 use crate::runtime::chat_config::ChatConfig;
@@ -74,6 +75,8 @@ pub struct RunArgs {
     /// default: the best GPU of the library's backend.
     #[arg(long)]
     pub adapter: Option<String>,
+    #[command(flatten)]
+    pub threads: ThreadsArg,
 }
 
 /// Stop ids: the artifact's, else the tokenizer's EOS.
@@ -98,6 +101,10 @@ pub fn check_fits(artifact: &Artifact, n: usize) -> Result<()> {
 }
 
 pub fn execute(args: RunArgs) -> Result<()> {
+    args.threads.clone().install(|_| run_on_pool(args))
+}
+
+fn run_on_pool(args: RunArgs) -> Result<()> {
     let artifact = Artifact::open_for(&args.dist_dir, args.device.as_deref())?;
     let device = resolve_device(&artifact, args.device.as_deref())?;
     let tokenizer = TextTokenizer::from_dir(&artifact.config_dir)?;
@@ -182,6 +189,7 @@ mod tests {
             json: true,
             device: None,
             adapter: None,
+            threads: ThreadsArg::default(),
         }
     }
 
