@@ -206,6 +206,58 @@ fn seeded_sampling_is_reproducible() {
     );
 }
 
+/// `--threads` changes the pool, not the results: the same logits (prefill and token-by-token
+/// decode) to the bit and the same greedy tokens at 1 and 3 threads, for a KN scheme with int8
+/// decode and a row-major 3-bit one.
+#[test]
+fn results_do_not_depend_on_threads() {
+    let w = Work::new();
+    let schemes = ["q4f16_0", "q3f16_1"];
+    let recipes: Vec<PathBuf> = schemes
+        .iter()
+        .map(|q| {
+            let text = recipe_text("tiny-llama", &fixture("tiny-llama"), q, "cpu");
+            w.recipe(&format!("{q}.toml"), &text)
+        })
+        .collect();
+    let paths: Vec<&Path> = recipes.iter().map(|p| p.as_path()).collect();
+    w.build_json(&paths, &[]);
+    for q in schemes {
+        let dist = w.dist().join(format!("tiny-llama-{q}"));
+        let d = dist.to_str().unwrap();
+        let ids = "1,5,9,300,42,7,7,100";
+        let logits = |threads: &str, decode: bool| {
+            let file = w.path().join(format!("{q}-{threads}-{decode}.safetensors"));
+            let mut args = vec!["logits", d, "--input-ids", ids, "--threads", threads];
+            args.extend(["--out", file.to_str().unwrap()]);
+            if decode {
+                args.push("--decode");
+            }
+            assert_success(&w.mlcb(&args));
+            std::fs::read(&file).unwrap()
+        };
+        for decode in [false, true] {
+            assert!(
+                logits("1", decode) == logits("3", decode),
+                "{q} decode={decode}: logits differ between 1 and 3 threads"
+            );
+        }
+        let greedy = |threads: &str| {
+            let args = ["run", d, "--prompt", "Once upon a time", "--greedy"];
+            let out = w.mlcb(
+                &[
+                    &args[..],
+                    &["--max-tokens", "12", "--json", "--threads", threads],
+                ]
+                .concat(),
+            );
+            assert_success(&out);
+            run_ids(&out.stdout)
+        };
+        assert_eq!(greedy("1"), greedy("3"), "{q}: greedy tokens");
+    }
+}
+
 #[test]
 fn runtime_errors_are_clean() {
     let w = Work::new();
