@@ -11,19 +11,23 @@ use super::matrix::{Codec, QMatrix};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
-/// The word formats the AVX2 kernel is compiled for: (bits, codes per word, bytes per word,
-/// words per group) — the scheme table's.
-const FORMATS: [(u32, usize, usize, usize); 3] = [(3, 5, 2, 8), (4, 8, 4, 4), (8, 4, 4, 8)];
+/// The storage formats the AVX2 kernel is compiled for — the scheme table's KN ones: (bits, codes
+/// per word, bytes per word, words per group, asymmetric).
+const FORMATS: [(u32, usize, usize, usize, bool); 4] = [
+    (3, 5, 2, 8, false),
+    (4, 8, 4, 4, false),
+    (4, 8, 4, 4, true),
+    (8, 4, 4, 8, false),
+];
 
 /// Whether `m` is stored the way this module reads.
 pub(super) fn applies(m: &QMatrix) -> bool {
-    let codec_ok = match m.codec {
-        Codec::Sym { scale_dtype, .. } => scale_dtype == DType::F16,
-        Codec::AsymBf16x2 => true,
+    let (asym, scales_ok) = match m.codec {
+        Codec::Sym { scale_dtype, .. } => (false, scale_dtype == DType::F16),
+        Codec::AsymBf16x2 => (true, true),
     };
-    m.layout == Layout::KN
-        && codec_ok
-        && FORMATS.contains(&(m.bits, m.per_word, m.word_bytes, m.words_per_group))
+    let format = (m.bits, m.per_word, m.word_bytes, m.words_per_group, asym);
+    m.layout == Layout::KN && scales_ok && FORMATS.contains(&format)
 }
 
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]`. Blocks of 8 rows starting at `n0` take the SIMD path, the
