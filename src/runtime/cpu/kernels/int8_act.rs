@@ -9,6 +9,7 @@
 
 use super::matrix::f16_scale as scale;
 use super::matrix::QMatrix;
+use super::row_dot::{prefetch_row, rows_ahead};
 
 /// Which weight codes a [`QuantizedX`] is laid out for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,33 +81,6 @@ impl QuantizedX {
     }
 }
 
-/// Bytes ahead of the row being multiplied that the kernels ask the CPU to fetch: the rows are
-/// streamed once per token, and the hardware prefetcher alone leaves the loads stalling.
-const PREFETCH_AHEAD: usize = 1024;
-
-/// Hints the CPU to fetch `bytes[start..start + len]` (clipped to `bytes`) into cache.
-#[inline]
-fn prefetch(bytes: &[u8], start: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let end = (start + len).min(bytes.len());
-        let mut p = start;
-        while p < end {
-            // SAFETY: `p` indexes `bytes`; a prefetch never faults and reads nothing back.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(p) as *const i8) };
-            p += 64;
-        }
-        if start < end {
-            // The last line, in case the range does not start on a line boundary.
-            // SAFETY: as above, `end - 1` indexes `bytes`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(end - 1) as *const i8) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, start, len);
-}
-
 /// Which kernel a row goes through.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Bits {
@@ -125,14 +99,12 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
         other => panic!("int8-activation GEMV for {other:?}"),
     };
     let groups = m.k / 32;
-    let (wb, sb) = (m.words_per_row * 4, m.n_group * 2);
-    let rows_ahead = (PREFETCH_AHEAD / wb).max(1);
+    let rows_ahead = rows_ahead(m);
     #[cfg(target_arch = "x86_64")]
     let simd = super::simd::has_avx2();
     for (j, o) in out.iter_mut().enumerate() {
         let row = n0 + j;
-        prefetch(m.data, (row + rows_ahead) * wb, wb);
-        prefetch(m.scales, (row + rows_ahead) * sb, sb);
+        prefetch_row(m, row + rows_ahead);
         let (data, scales) = m.nk_row_bytes(row);
         #[cfg(target_arch = "x86_64")]
         if simd {

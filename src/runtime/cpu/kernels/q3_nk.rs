@@ -47,7 +47,9 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
         }
     }
     let row_dot = ROW_DOT.pick();
+    let ahead = super::row_dot::rows_ahead(m);
     for (j, o) in out.iter_mut().enumerate() {
+        super::row_dot::prefetch_row(m, n0 + j + ahead);
         let (data, scales) = m.nk_row_bytes(n0 + j);
         // SAFETY: `pick` returned a kernel whose CPU features are present; the row slices hold
         // `full` whole groups of words and scales (record sizes were checked when the view was

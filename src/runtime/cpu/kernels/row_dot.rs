@@ -44,13 +44,55 @@ impl<'a> QMatrix<'a> {
     }
 }
 
+/// Bytes ahead of the row being multiplied that the row kernels ask the CPU to fetch: the rows
+/// are streamed once per token, and the hardware prefetcher alone leaves the loads stalling.
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Rows of `m` (NK) that [`PREFETCH_AHEAD`] bytes of codes span, at least one.
+pub(super) fn rows_ahead(m: &QMatrix) -> usize {
+    (PREFETCH_AHEAD / (m.words_per_row * m.word_bytes).max(1)).max(1)
+}
+
+/// Hints the CPU to fetch row `row`'s codes and scales (NK; nothing past the last row).
+#[inline]
+pub(super) fn prefetch_row(m: &QMatrix, row: usize) {
+    let (wb, sb) = (m.words_per_row * m.word_bytes, m.n_group * m.scale_bytes());
+    prefetch(m.data, row * wb, wb);
+    prefetch(m.scales, row * sb, sb);
+}
+
+/// Hints the CPU to fetch `bytes[start..start + len]` (clipped to `bytes`) into cache.
+#[inline]
+fn prefetch(bytes: &[u8], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = (start + len).min(bytes.len());
+        let mut p = start;
+        while p < end {
+            // SAFETY: `p` indexes `bytes`; a prefetch never faults and reads nothing back.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(p) as *const i8) };
+            p += 64;
+        }
+        if start < end {
+            // The last line, in case the range does not start on a line boundary.
+            // SAFETY: as above, `end - 1` indexes `bytes`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(end - 1) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, start, len);
+}
+
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]` with `kernels` for the full groups and the generic decoder
 /// for a ragged last group.
 pub(super) fn gemv_rows(m: &QMatrix, kernels: &RowDotFns, n0: usize, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), m.k);
     let full = m.k / 32;
     let row_dot = kernels.pick();
+    let ahead = rows_ahead(m);
     for (j, o) in out.iter_mut().enumerate() {
+        prefetch_row(m, n0 + j + ahead);
         let (data, scales) = m.nk_row_bytes(n0 + j);
         // SAFETY: `pick` returned a kernel whose CPU features are present; the row slices hold
         // `full` whole groups of codes and scales (record sizes were checked when the view was
