@@ -257,13 +257,17 @@ impl<'a> Kernel<'a> {
         let mut scratch = Vec::new();
         match self {
             Kernel::F16Raw { bytes, k } => {
+                let rb = 2 * k;
                 for (j, o) in out.iter_mut().enumerate() {
+                    row_dot::prefetch_raw_row(bytes, rb, n0 + j);
                     *o = f16_raw::row_dot(bytes, *k, n0 + j, x);
                 }
             }
             Kernel::F32Raw { w, k } => {
+                let bytes: &[u8] = bytemuck::cast_slice(w);
                 for (j, o) in out.iter_mut().enumerate() {
                     let row = n0 + j;
+                    row_dot::prefetch_raw_row(bytes, 4 * k, row);
                     *o = simd::dot(&w[row * k..(row + 1) * k], x);
                 }
             }

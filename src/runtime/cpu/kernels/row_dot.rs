@@ -61,6 +61,14 @@ pub(super) fn prefetch_row(m: &QMatrix, row: usize) {
     prefetch(m.scales, row * sb, sb);
 }
 
+/// For raw float rows of `row_bytes` bytes (`q0f16`, `q0f32`): hints the CPU to fetch the row
+/// [`PREFETCH_AHEAD`] bytes after row `row` (+11% on q0f16's decode).
+#[inline]
+pub(super) fn prefetch_raw_row(bytes: &[u8], row_bytes: usize, row: usize) {
+    let ahead = (PREFETCH_AHEAD / row_bytes.max(1)).max(1);
+    prefetch(bytes, (row + ahead) * row_bytes, row_bytes);
+}
+
 /// Hints the CPU to fetch `bytes[start..start + len]` (clipped to `bytes`) into cache.
 #[inline]
 fn prefetch(bytes: &[u8], start: usize, len: usize) {
