@@ -46,7 +46,7 @@ impl<'a> QMatrix<'a> {
 
 /// Bytes ahead of the row being multiplied that the row kernels ask the CPU to fetch: the rows
 /// are streamed once per token, and the hardware prefetcher alone leaves the loads stalling.
-const PREFETCH_AHEAD: usize = 1024;
+const PREFETCH_AHEAD: usize = 2048;
 
 /// Rows of `m` (NK) that [`PREFETCH_AHEAD`] bytes of codes span, at least one.
 pub(super) fn rows_ahead(m: &QMatrix) -> usize {
