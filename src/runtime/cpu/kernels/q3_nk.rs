@@ -48,16 +48,7 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
             }
         }
     }
-    let row_dot = ROW_DOT.pick();
-    let ahead = super::row_dot::rows_ahead(m);
-    for (j, o) in out.iter_mut().enumerate() {
-        super::row_dot::prefetch_row(m, n0 + j + ahead);
-        let (data, scales) = m.nk_row_bytes(n0 + j);
-        // SAFETY: `pick` returned a kernel whose CPU features are present; the row slices hold
-        // `n_group` groups of words and scales (record sizes were checked when the view was
-        // built) and `xp` has 40·n_group values.
-        *o = unsafe { row_dot(data, scales, &xp, groups) };
-    }
+    super::row_dot::gemv_rows_over(m, &ROW_DOT, n0, &xp, groups, out);
 }
 
 /// The lanes of the SIMD kernel, in plain code: lane `w` sums code `j` of word `w` times

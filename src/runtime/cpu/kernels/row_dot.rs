@@ -96,16 +96,32 @@ fn prefetch(bytes: &[u8], start: usize, len: usize) {
 /// for a ragged last group.
 pub(super) fn gemv_rows(m: &QMatrix, kernels: &RowDotFns, n0: usize, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), m.k);
-    let full = m.k / 32;
+    gemv_rows_over(m, kernels, n0, x, m.k / 32, out);
+    for (j, o) in out.iter_mut().enumerate() {
+        *o += m.ragged_tail_dot(n0 + j, x);
+    }
+}
+
+/// `out[j]` = `kernels` over the first `groups` groups of row `n0 + j`, with `kx` the
+/// activations as the kernels read them (a format may permute or extend them), prefetching the
+/// rows ahead.
+pub(super) fn gemv_rows_over(
+    m: &QMatrix,
+    kernels: &RowDotFns,
+    n0: usize,
+    kx: &[f32],
+    groups: usize,
+    out: &mut [f32],
+) {
+    assert!(groups <= m.n_group);
     let row_dot = kernels.pick();
     let ahead = rows_ahead(m);
     for (j, o) in out.iter_mut().enumerate() {
         prefetch_row(m, n0 + j + ahead);
         let (data, scales) = m.nk_row_bytes(n0 + j);
         // SAFETY: `pick` returned a kernel whose CPU features are present; the row slices hold
-        // `full` whole groups of codes and scales (record sizes were checked when the view was
-        // built) and `x` has K ≥ 32·full values.
-        let body = unsafe { row_dot(data, scales, x, full) };
-        *o = body + m.ragged_tail_dot(n0 + j, x);
+        // `n_group >= groups` groups of codes and scales (record sizes were checked when the
+        // view was built); each kernel asserts what it needs of `kx`.
+        *o = unsafe { row_dot(data, scales, kx, groups) };
     }
 }
