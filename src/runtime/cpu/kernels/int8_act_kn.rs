@@ -86,14 +86,9 @@ fn portable_row(m: &QMatrix, row: usize, x: &QuantizedX, four: bool) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::kn::avx2::prefetch_ahead;
     use super::QuantizedX;
     use std::arch::x86_64::*;
-
-    /// Word rows ahead of the one being read whose bytes the kernel asks the CPU to fetch: the
-    /// hardware prefetcher does not follow KN's `4·N`-byte jumps, and without the hint each word
-    /// row waited on its cache misses (SmolLM2 decode, 2 threads: q8f16_0 72 → ~120 tok/s,
-    /// q4f16_0 180 → ~230; 8 word rows ahead gave ~100/226, 32 gave ~105/213).
-    const PREFETCH_ROWS: usize = 24;
 
     /// Codes `i..i+4` of `q` as one i32, broadcast to every lane.
     ///
@@ -137,13 +132,7 @@ mod avx2 {
             for w in 0..wpg {
                 let r = g * wpg + w;
                 let row = data.as_ptr().add(4 * (r * n_rows + n));
-                if r + PREFETCH_ROWS < groups * wpg {
-                    // SAFETY (of the pointer arithmetic): word row r + PREFETCH_ROWS exists.
-                    let ahead = row.add(4 * PREFETCH_ROWS * n_rows);
-                    for b in (0..32 * B).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(b) as *const i8);
-                    }
-                }
+                prefetch_ahead(row, 4 * n_rows, r, groups * wpg, 32 * B);
                 let (xa, xb) = if FOUR {
                     (x4(q, g * 32 + 4 * w), x4(q, g * 32 + 16 + 4 * w))
                 } else {

@@ -110,11 +110,7 @@ impl<'a> Matrix<'a> {
                 };
                 expect_records(w, 2)?;
                 expect_len(m.data, n * m.words_per_row * m.word_bytes, "q_weight")?;
-                let scale_size = match codec {
-                    Codec::Sym { scale_dtype, .. } => scale_dtype.size(),
-                    Codec::AsymBf16x2 => 4,
-                };
-                expect_len(m.scales, n * m.n_group * scale_size, "scale")?;
+                expect_len(m.scales, n * m.n_group * m.scale_bytes(), "scale")?;
                 Ok(Matrix::Quant(m))
             }
         }

@@ -116,12 +116,10 @@ type Int8Gemv = fn(&QMatrix, usize, &int8_act::QuantizedX, &mut [f32]);
 /// activation per weight, below the 4- and 8-bit weights' own rounding). Other weights and
 /// `rows > 1` go to [`matmul`]. The executor uses it for decode steps.
 pub fn matmul_int8_activations(w: &WeightView, x: &[f32], rows: usize, out: &mut [f32]) {
-    let m = matrix(w);
-    let Matrix::Quant(q) = m else {
+    let (Matrix::Quant(q), 1) = (matrix(w), rows) else {
         return matmul(w, x, rows, out);
     };
     let (order, gemv): (_, Int8Gemv) = match q {
-        _ if rows != 1 => return matmul(w, x, rows, out),
         q if q.k % 32 == 0 && q4_nk::applies(&q) => {
             (int8_act::CodeOrder::Nibbles, int8_act::gemv_rows)
         }
