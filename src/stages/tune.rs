@@ -413,6 +413,14 @@ mod tests {
 
     static TIMED_CUDA: AtomicUsize = AtomicUsize::new(0);
 
+    /// Held by each test that counts timings: the counters are global, and another test timing
+    /// meanwhile would be counted in its figures (seen under qemu, where tests run slower).
+    static ONE_TIMING_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_timing_test() -> std::sync::MutexGuard<'static, ()> {
+        ONE_TIMING_TEST.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A device on which bigger workgroups are faster, except that 256 is slower than 128: the
     /// fastest of every family must be 128. Its CUDA side prefers 64 threads and 2 rows.
     struct FakeTimer {
@@ -558,6 +566,7 @@ mod tests {
     /// and timed, and the fastest stored; a build for another architecture stays untuned.
     #[test]
     fn cuda_candidates_are_compiled_timed_and_the_fastest_kept() {
+        let _serial = one_timing_test();
         if !crate::codegen::cuda::nvrtc::available() {
             eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc==13.0.*)");
             return;
@@ -617,6 +626,7 @@ mod tests {
     /// again.
     #[test]
     fn candidates_computing_other_results_are_not_timed_or_kept() {
+        let _serial = one_timing_test();
         let tmp = tempfile::tempdir().unwrap();
         let plan = plan();
         let vulkan = target("vulkan");
@@ -661,6 +671,7 @@ mod tests {
 
     #[test]
     fn measured_records_are_stored_then_reused_without_measuring() {
+        let _serial = one_timing_test();
         let tmp = tempfile::tempdir().unwrap();
         let plan = plan();
         let n_sig = crate::codegen::signature::plan_signatures(&plan).len();
