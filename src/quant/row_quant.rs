@@ -56,6 +56,7 @@ pub(crate) fn group_codes(
     codes: &mut [u32; MAX_GROUP],
 ) {
     assert!(vals.len() <= MAX_GROUP, "group of {} values", vals.len());
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if dtype == DType::F16 && f16_simd::available() {

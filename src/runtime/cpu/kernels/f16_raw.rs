@@ -11,6 +11,11 @@ pub(super) fn row_dot(bytes: &[u8], k: usize, row: usize, x: &[f32]) -> f32 {
         // SAFETY: AVX2/FMA/F16C present; `r` holds exactly `k` halves and `x` `k` floats.
         return unsafe { avx2::row_dot(r, x) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if super::simd::has_neon() {
+        // SAFETY: NEON present; `r` holds exactly `k` halves and `x` `k` floats.
+        return unsafe { neon::row_dot(r, x) };
+    }
     // Convert a block at a time (half uses F16C / NEON where it can), then an f32 dot.
     let mut buf = [0f32; 256];
     let mut s = 0.0;
@@ -53,6 +58,55 @@ mod avx2 {
             _mm256_add_ps(acc[0], acc[1]),
             _mm256_add_ps(acc[2], acc[3]),
         ));
+        while i < k {
+            let h = u16::from_le_bytes([r[2 * i], r[2 * i + 1]]);
+            s = half::f16::from_bits(h).to_f32().mul_add(x[i], s);
+            i += 1;
+        }
+        s
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::neon::{f16x4, hsum8};
+    use std::arch::aarch64::*;
+
+    /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
+    /// every lane's operations the same, so both give the same bits.
+    ///
+    /// # Safety
+    /// NEON must be available; `r.len() == 2·x.len()`.
+    pub unsafe fn row_dot(r: &[u8], x: &[f32]) -> f32 {
+        let k = x.len();
+        assert_eq!(r.len(), 2 * k);
+        let (pr, px) = (r.as_ptr(), x.as_ptr());
+        // Lanes `o..o+8` into accumulator `a`.
+        let fma8 = |a: &mut [float32x4_t; 2], o: usize| {
+            for (half, ah) in a.iter_mut().enumerate() {
+                let at = o + 4 * half;
+                *ah = vfmaq_f32(*ah, f16x4(pr.add(2 * at)), vld1q_f32(px.add(at)));
+            }
+        };
+        let mut acc = [[vdupq_n_f32(0.0); 2]; 4];
+        let mut i = 0;
+        while i + 32 <= k {
+            for (j, a) in acc.iter_mut().enumerate() {
+                fma8(a, i + 8 * j);
+            }
+            i += 32;
+        }
+        while i + 8 <= k {
+            fma8(&mut acc[0], i);
+            i += 8;
+        }
+        let sum_half = |h: usize| {
+            vaddq_f32(
+                vaddq_f32(acc[0][h], acc[1][h]),
+                vaddq_f32(acc[2][h], acc[3][h]),
+            )
+        };
+        let mut s = hsum8(sum_half(0), sum_half(1));
         while i < k {
             let h = u16::from_le_bytes([r[2 * i], r[2 * i + 1]]);
             s = half::f16::from_bits(h).to_f32().mul_add(x[i], s);

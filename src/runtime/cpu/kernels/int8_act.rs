@@ -102,6 +102,8 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
     let rows_ahead = rows_ahead(m);
     #[cfg(target_arch = "x86_64")]
     let simd = super::simd::has_avx2();
+    #[cfg(target_arch = "aarch64")]
+    let neon = super::simd::has_neon().then(super::neon::has_dotprod);
     for (j, o) in out.iter_mut().enumerate() {
         let row = n0 + j;
         prefetch_row(m, row + rows_ahead);
@@ -115,6 +117,20 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
                 match bits {
                     Bits::Four => avx2::row_dot_q4(data, scales, x, groups),
                     Bits::Eight => avx2::row_dot_q8(data, scales, x, groups),
+                }
+            };
+            continue;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(dot) = neon {
+            // SAFETY: NEON present, and the dot-product extension where `dot`; the slices are
+            // as for AVX2 above.
+            *o = unsafe {
+                match (bits, dot) {
+                    (Bits::Four, true) => neon::row_dot_q4::<true>(data, scales, x, groups),
+                    (Bits::Four, false) => neon::row_dot_q4::<false>(data, scales, x, groups),
+                    (Bits::Eight, true) => neon::row_dot_q8::<true>(data, scales, x, groups),
+                    (Bits::Eight, false) => neon::row_dot_q8::<false>(data, scales, x, groups),
                 }
             };
             continue;
@@ -246,5 +262,110 @@ mod avx2 {
             g += nb;
         }
         hsum(_mm256_add_ps(acc[0], acc[1]))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::neon::{dot4, f16x4};
+    use super::QuantizedX;
+    use std::arch::aarch64::*;
+
+    /// The scales of the (up to) 4 groups from `g`, and `s·d` for each.
+    ///
+    /// # Safety
+    /// `scales` holds groups `g..g+nb`; `x.d` is padded to whole blocks of 8 groups.
+    #[inline(always)]
+    unsafe fn block_scales(
+        scales: &[u8],
+        x: &QuantizedX,
+        g: usize,
+        nb: usize,
+    ) -> (float32x4_t, [f32; 4]) {
+        let sv = if nb == 4 {
+            f16x4(scales.as_ptr().add(2 * g))
+        } else {
+            let mut buf = [0u8; 8];
+            buf[..2 * nb].copy_from_slice(&scales[2 * g..2 * g + 2 * nb]);
+            f16x4(buf.as_ptr())
+        };
+        let mut comb = [0f32; 4];
+        vst1q_f32(
+            comb.as_mut_ptr(),
+            vmulq_f32(sv, vld1q_f32(x.d.as_ptr().add(g))),
+        );
+        (sv, comb)
+    }
+
+    /// A group's exact `Σ code·xq` as four i32 lanes: the 32 codes `w0` (positions of `xq[..16]`)
+    /// and `w1` (of `xq[16..]`).
+    #[inline(always)]
+    unsafe fn group_sum<const DOT: bool>(w0: int8x16_t, w1: int8x16_t, xq: *const i8) -> int32x4_t {
+        let p = dot4::<DOT>(vdupq_n_s32(0), w0, vld1q_s8(xq));
+        dot4::<DOT>(p, w1, vld1q_s8(xq.add(16)))
+    }
+
+    /// # Safety
+    /// NEON must be available, and with `DOT` the dot-product extension; `data.len() >=
+    /// 16·groups`, `scales.len() >= 2·groups`, `x.q.len() >= 32·groups`, `x.d`/`x.bias` padded to
+    /// 8 blocks.
+    pub unsafe fn row_dot_q4<const DOT: bool>(
+        data: &[u8],
+        scales: &[u8],
+        x: &QuantizedX,
+        groups: usize,
+    ) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups);
+        assert!(x.q.len() >= 32 * groups && x.d.len() >= groups.div_ceil(8) * 8);
+        assert!(x.bias.len() == x.d.len());
+        let mask = vdupq_n_u8(0x0F);
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        let mut offset = vdupq_n_f32(0.0);
+        let mut g = 0;
+        while g < groups {
+            let nb = (groups - g).min(4);
+            let (sv, comb) = block_scales(scales, x, g, nb);
+            offset = vfmaq_f32(offset, sv, vld1q_f32(x.bias.as_ptr().add(g)));
+            for (i, &c) in comb.iter().enumerate().take(nb) {
+                let b = vld1q_u8(data.as_ptr().add(16 * (g + i)));
+                // Low nibbles meet x's first 16 codes, high nibbles the next 16 (nibble order).
+                let lo = vreinterpretq_s8_u8(vandq_u8(b, mask));
+                let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(b));
+                let p = group_sum::<DOT>(lo, hi, x.q.as_ptr().add(32 * (g + i)));
+                acc[i & 1] = vfmaq_f32(acc[i & 1], vcvtq_f32_s32(p), vdupq_n_f32(c));
+            }
+            g += nb;
+        }
+        vaddvq_f32(vaddq_f32(acc[0], acc[1])) + vaddvq_f32(offset)
+    }
+
+    /// # Safety
+    /// NEON must be available, and with `DOT` the dot-product extension; `data.len() >=
+    /// 32·groups`, `scales.len() >= 2·groups`, `x.q.len() >= 32·groups`, `x.d` padded to 8 blocks.
+    pub unsafe fn row_dot_q8<const DOT: bool>(
+        data: &[u8],
+        scales: &[u8],
+        x: &QuantizedX,
+        groups: usize,
+    ) -> f32 {
+        assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups);
+        assert!(x.q.len() >= 32 * groups && x.d.len() >= groups.div_ceil(8) * 8);
+        let off = vdupq_n_u8(127);
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        let mut g = 0;
+        while g < groups {
+            let nb = (groups - g).min(4);
+            let (_, comb) = block_scales(scales, x, g, nb);
+            for (i, &c) in comb.iter().enumerate().take(nb) {
+                let p = data.as_ptr().add(32 * (g + i));
+                // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
+                let w0 = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off));
+                let w1 = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off));
+                let s = group_sum::<DOT>(w0, w1, x.q.as_ptr().add(32 * (g + i)));
+                acc[i & 1] = vfmaq_f32(acc[i & 1], vcvtq_f32_s32(s), vdupq_n_f32(c));
+            }
+            g += nb;
+        }
+        vaddvq_f32(vaddq_f32(acc[0], acc[1]))
     }
 }

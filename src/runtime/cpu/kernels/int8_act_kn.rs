@@ -34,18 +34,13 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
     assert!(n0 + out.len() <= m.n);
     let four = m.bits == 4;
     let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx2() {
+    if let Some((four_blocks, one_block)) = simd_kernels(four) {
         // Four blocks of 8 rows at a time where the rows are there, then one.
         while done + 8 <= out.len() {
             let whole = done + 32 <= out.len();
-            let kernel = match (four, whole) {
-                (true, true) => avx2::lanes::<true, 4>,
-                (true, false) => avx2::lanes::<true, 1>,
-                (false, true) => avx2::lanes::<false, 4>,
-                (false, false) => avx2::lanes::<false, 1>,
-            };
-            // SAFETY: AVX2/FMA/F16C present; the kernel asserts its index bounds.
+            let kernel = if whole { four_blocks } else { one_block };
+            // SAFETY: `simd_kernels` checked the CPU's features; the kernel asserts its index
+            // bounds.
             unsafe { kernel(m.data, m.scales, m.n, n0 + done, x, &mut out[done..]) };
             done += if whole { 32 } else { 8 };
         }
@@ -53,6 +48,43 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
     for (j, o) in out.iter_mut().enumerate().skip(done) {
         *o = portable_row(m, n0 + j, x, four);
     }
+}
+
+/// A SIMD kernel over blocks of 8 rows: `(data, scales, n_rows, n, x, out)`, see `avx2::lanes`.
+type Lanes = unsafe fn(&[u8], &[u8], usize, usize, &QuantizedX, &mut [f32]);
+
+/// The SIMD kernels for q4 (`four`) or q8 codes that this CPU runs, taking 4 blocks and 1 block
+/// of 8 rows.
+fn simd_kernels(four: bool) -> Option<(Lanes, Lanes)> {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        return Some(if four {
+            (
+                avx2::lanes::<true, 4> as Lanes,
+                avx2::lanes::<true, 1> as Lanes,
+            )
+        } else {
+            (avx2::lanes::<false, 4>, avx2::lanes::<false, 1>)
+        });
+    }
+    #[cfg(target_arch = "aarch64")]
+    if super::simd::has_neon() {
+        let dot = super::neon::has_dotprod();
+        return Some(match (four, dot) {
+            (true, true) => (
+                neon::lanes::<true, 4, true> as Lanes,
+                neon::lanes::<true, 1, true> as Lanes,
+            ),
+            (true, false) => (neon::lanes::<true, 4, false>, neon::lanes::<true, 1, false>),
+            (false, true) => (neon::lanes::<false, 4, true>, neon::lanes::<false, 1, true>),
+            (false, false) => (
+                neon::lanes::<false, 4, false>,
+                neon::lanes::<false, 1, false>,
+            ),
+        });
+    }
+    let _ = four;
+    None
 }
 
 /// One row, lane by lane as the SIMD kernel computes each.
@@ -86,7 +118,7 @@ fn portable_row(m: &QMatrix, row: usize, x: &QuantizedX, four: bool) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::kn::avx2::prefetch_ahead;
+    use super::super::kn::prefetch_ahead;
     use super::QuantizedX;
     use std::arch::x86_64::*;
 
@@ -169,6 +201,97 @@ mod avx2 {
         }
         for (b, tot) in total.iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * b), *tot);
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::kn::prefetch_ahead;
+    use super::super::neon::{dot4, f16x4};
+    use super::QuantizedX;
+    use std::arch::aarch64::*;
+
+    /// Codes `i..i+4` of `q` in every 4-byte lane.
+    ///
+    /// # Safety
+    /// `i + 4 <= q.len()`.
+    #[inline(always)]
+    unsafe fn x4(q: &[i8], i: usize) -> int8x16_t {
+        debug_assert!(i + 4 <= q.len());
+        vreinterpretq_s8_s32(vdupq_n_s32(
+            (q.as_ptr().add(i) as *const i32).read_unaligned(),
+        ))
+    }
+
+    /// `avx2::lanes` with each 8-lane register as two NEON registers (lanes 0–3, 4–7): a lane's
+    /// four bytes meet the four codes of `x` in one `dot4` (`sdot` where the CPU has it, `DOT`),
+    /// the integer sums are exact and the float steps are the AVX2 kernel's, so both give the
+    /// same bits.
+    ///
+    /// # Safety
+    /// NEON must be available, and with `DOT` the dot-product extension (every index bound is
+    /// asserted).
+    pub unsafe fn lanes<const FOUR: bool, const B: usize, const DOT: bool>(
+        data: &[u8],
+        scales: &[u8],
+        n_rows: usize,
+        n: usize,
+        x: &QuantizedX,
+        out: &mut [f32],
+    ) {
+        let (q, d, bias) = x.parts();
+        let wpg = if FOUR { 4 } else { 8 };
+        let groups = q.len() / 32;
+        assert!(n + 8 * B <= n_rows && d.len() >= groups && bias.len() >= groups);
+        assert!(out.len() >= 8 * B);
+        assert!(data.len() >= 4 * wpg * groups * n_rows && scales.len() >= 2 * groups * n_rows);
+        let nibble = vdupq_n_u8(0x0F);
+        let off = vdupq_n_u8(127);
+        let mut total = [[vdupq_n_f32(0.0); 2]; B];
+        for g in 0..groups {
+            let mut isum = [[vdupq_n_s32(0); 2]; B];
+            for w in 0..wpg {
+                let r = g * wpg + w;
+                let row = data.as_ptr().add(4 * (r * n_rows + n));
+                prefetch_ahead(row, 4 * n_rows, r, groups * wpg, 32 * B);
+                let xa = x4(q, g * 32 + 4 * w);
+                let xb = if FOUR {
+                    x4(q, g * 32 + 16 + 4 * w)
+                } else {
+                    vdupq_n_s8(0)
+                };
+                for (b, acc) in isum.iter_mut().enumerate() {
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let words = vld1q_u8(row.add(32 * b + 16 * h));
+                        *a = if FOUR {
+                            let lo = vreinterpretq_s8_u8(vandq_u8(words, nibble));
+                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(words));
+                            dot4::<DOT>(dot4::<DOT>(*a, lo, xa), hi, xb)
+                        } else {
+                            // q - 127 in i8 (wrapping subtraction gives the right bits).
+                            dot4::<DOT>(*a, vreinterpretq_s8_u8(vsubq_u8(words, off)), xa)
+                        };
+                    }
+                }
+            }
+            let sp = scales.as_ptr().add(2 * (g * n_rows + n));
+            for (b, (acc, tot)) in isum.iter().zip(total.iter_mut()).enumerate() {
+                for h in 0..2 {
+                    let s = f16x4(sp.add(16 * b + 8 * h));
+                    let sum = vcvtq_f32_s32(acc[h]);
+                    let inner = if FOUR {
+                        vfmaq_f32(vdupq_n_f32(bias[g]), sum, vdupq_n_f32(d[g]))
+                    } else {
+                        vmulq_f32(sum, vdupq_n_f32(d[g]))
+                    };
+                    tot[h] = vfmaq_f32(tot[h], s, inner);
+                }
+            }
+        }
+        for (b, tot) in total.iter().enumerate() {
+            vst1q_f32(out.as_mut_ptr().add(8 * b), tot[0]);
+            vst1q_f32(out.as_mut_ptr().add(8 * b + 4), tot[1]);
         }
     }
 }

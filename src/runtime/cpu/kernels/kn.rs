@@ -11,7 +11,7 @@ use super::matrix::{Codec, QMatrix};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
-/// The storage formats the AVX2 kernel is compiled for — the scheme table's KN ones: (bits, codes
+/// The storage formats the SIMD kernels (AVX2, NEON) are compiled for — the scheme table's KN ones: (bits, codes
 /// per word, bytes per word, words per group, asymmetric).
 const FORMATS: [(u32, usize, usize, usize, bool); 4] = [
     (3, 5, 2, 8, false),
@@ -43,8 +43,7 @@ pub(super) fn gemv_block(
     assert_eq!(x.len(), m.k);
     assert!(n0 + out.len() <= m.n);
     let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx2() {
+    if let Some((four_blocks, one_block)) = simd_kernels(m) {
         let maxq = match m.codec {
             Codec::Sym { maxq, .. } => maxq,
             Codec::AsymBf16x2 => 0.0,
@@ -53,19 +52,9 @@ pub(super) fn gemv_block(
         // Four blocks of 8 rows at a time where the rows are there, then one.
         while done + 8 <= out.len() {
             let four = done + 32 <= out.len();
-            let kernel = match (m.bits, m.codec, four) {
-                (3, Codec::Sym { .. }, true) => avx2::lanes::<3, 5, 2, 8, false, 4>,
-                (3, Codec::Sym { .. }, false) => avx2::lanes::<3, 5, 2, 8, false, 1>,
-                (4, Codec::Sym { .. }, true) => avx2::lanes::<4, 8, 4, 4, false, 4>,
-                (4, Codec::Sym { .. }, false) => avx2::lanes::<4, 8, 4, 4, false, 1>,
-                (4, Codec::AsymBf16x2, true) => avx2::lanes::<4, 8, 4, 4, true, 4>,
-                (4, Codec::AsymBf16x2, false) => avx2::lanes::<4, 8, 4, 4, true, 1>,
-                (8, Codec::Sym { .. }, true) => avx2::lanes::<8, 4, 4, 8, false, 4>,
-                (8, Codec::Sym { .. }, false) => avx2::lanes::<8, 4, 4, 8, false, 1>,
-                _ => unreachable!("`applies` admits only the scheme table's formats"),
-            };
-            // SAFETY: AVX2/FMA/F16C present; the kernel's format is `m`'s (matched above); its
-            // index bounds are asserted inside.
+            let kernel = if four { four_blocks } else { one_block };
+            // SAFETY: `simd_kernels` checked the CPU's features and matched `m`'s format; the
+            // kernel's index bounds are asserted inside.
             unsafe {
                 kernel(
                     m.data,
@@ -88,38 +77,81 @@ pub(super) fn gemv_block(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(super) mod avx2 {
-    use std::arch::x86_64::*;
+/// A SIMD kernel over blocks of 8 rows: `(data, scales, n_rows, n, x, xsum, maxq, out)`, see
+/// `avx2::lanes`.
+type Lanes = unsafe fn(&[u8], &[u8], usize, usize, &[f32], &[f32], f32, &mut [f32]);
 
-    /// Word rows ahead of the one being read whose bytes the KN kernels (these and
-    /// `int8_act_kn`'s) ask the CPU to fetch: the hardware prefetcher does not follow KN's
-    /// jumps between word rows, and without the hint each word row waited on its cache misses
-    /// (SmolLM2 decode, 2 threads: q8f16_0 72 → ~120 tok/s, q4f16_0 180 → ~230, q3f16_0 69 →
-    /// ~100; 8 word rows ahead gave ~100/226 on the first two, 32 gave ~105/213).
-    const PREFETCH_ROWS: usize = 24;
-
-    /// Hints the CPU to fetch the `len` bytes at `at + PREFETCH_ROWS·stride`: the same lanes
-    /// [`PREFETCH_ROWS`] word rows on, if word row `r + PREFETCH_ROWS` is below `word_rows`.
-    ///
-    /// # Safety
-    /// `at` points into word row `r` of a KN matrix whose `word_rows` word rows lie `stride`
-    /// bytes apart (so the pointer arithmetic stays inside it).
-    #[inline(always)]
-    pub(in super::super) unsafe fn prefetch_ahead(
-        at: *const u8,
-        stride: usize,
-        r: usize,
-        word_rows: usize,
-        len: usize,
-    ) {
-        if r + PREFETCH_ROWS < word_rows {
-            let ahead = at.add(PREFETCH_ROWS * stride);
-            for b in (0..len).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.add(b) as *const i8);
+/// The SIMD kernels for `m`'s format that this CPU runs, taking 4 blocks and 1 block of 8 rows.
+fn simd_kernels(m: &QMatrix) -> Option<(Lanes, Lanes)> {
+    // Both instruction sets have a `lanes` of the same parameters.
+    macro_rules! pick {
+        ($isa:ident) => {
+            match (m.bits, m.codec) {
+                (3, Codec::Sym { .. }) => (
+                    $isa::lanes::<3, 5, 2, 8, false, 4> as Lanes,
+                    $isa::lanes::<3, 5, 2, 8, false, 1> as Lanes,
+                ),
+                (4, Codec::Sym { .. }) => (
+                    $isa::lanes::<4, 8, 4, 4, false, 4>,
+                    $isa::lanes::<4, 8, 4, 4, false, 1>,
+                ),
+                (4, Codec::AsymBf16x2) => (
+                    $isa::lanes::<4, 8, 4, 4, true, 4>,
+                    $isa::lanes::<4, 8, 4, 4, true, 1>,
+                ),
+                (8, Codec::Sym { .. }) => (
+                    $isa::lanes::<8, 4, 4, 8, false, 4>,
+                    $isa::lanes::<8, 4, 4, 8, false, 1>,
+                ),
+                _ => unreachable!("`applies` admits only the scheme table's formats"),
             }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        return Some(pick!(avx2));
+    }
+    #[cfg(target_arch = "aarch64")]
+    if super::simd::has_neon() {
+        return Some(pick!(neon));
+    }
+    let _ = m;
+    None
+}
+
+/// Word rows ahead of the one being read whose bytes the KN kernels (these and `int8_act_kn`'s)
+/// ask the CPU to fetch: the hardware prefetcher does not follow KN's jumps between word rows,
+/// and without the hint each word row waited on its cache misses (SmolLM2 decode, 2 threads,
+/// AVX2: q8f16_0 72 → ~120 tok/s, q4f16_0 180 → ~230, q3f16_0 69 → ~100; 8 word rows ahead gave
+/// ~100/226 on the first two, 32 gave ~105/213).
+const PREFETCH_ROWS: usize = 24;
+
+/// Hints the CPU to fetch the `len` bytes at `at + PREFETCH_ROWS·stride`: the same lanes
+/// [`PREFETCH_ROWS`] word rows on, if word row `r + PREFETCH_ROWS` is below `word_rows`.
+///
+/// # Safety
+/// `at` points into word row `r` of a KN matrix whose `word_rows` word rows lie `stride` bytes
+/// apart (so the pointer arithmetic stays inside it).
+#[inline(always)]
+pub(super) unsafe fn prefetch_ahead(
+    at: *const u8,
+    stride: usize,
+    r: usize,
+    word_rows: usize,
+    len: usize,
+) {
+    if r + PREFETCH_ROWS < word_rows {
+        let ahead = at.add(PREFETCH_ROWS * stride);
+        for b in (0..len).step_by(64) {
+            super::row_dot::prefetch_line(ahead.add(b));
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::prefetch_ahead;
+    use std::arch::x86_64::*;
 
     /// `Σ_k x[k]·w[n + l, k]` for the `8·B` lanes `l` (`B` registers of 8 rows): `BITS`-bit
     /// codes, `PER` to a word of `WB` bytes, `WPG` words to a group of `WPG·PER` codes (a ragged
@@ -213,6 +245,110 @@ pub(super) mod avx2 {
         }
         for (b, tot) in total.iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * b), *tot);
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::neon::f16x4;
+    use super::prefetch_ahead;
+    use std::arch::aarch64::*;
+
+    /// `avx2::lanes` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and every
+    /// lane's operations the same, so both give the same bits.
+    ///
+    /// # Safety
+    /// NEON must be available (every index bound is asserted).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn lanes<
+        const BITS: i32,
+        const PER: usize,
+        const WB: usize,
+        const WPG: usize,
+        const ASYM: bool,
+        const B: usize,
+    >(
+        data: &[u8],
+        scales: &[u8],
+        n_rows: usize,
+        n: usize,
+        x: &[f32],
+        xsum: &[f32],
+        maxq: f32,
+        out: &mut [f32],
+    ) {
+        let (k, group) = (x.len(), WPG * PER);
+        let (groups, word_rows) = (k.div_ceil(group), k.div_ceil(PER));
+        let scale_bytes = if ASYM { 4 } else { 2 };
+        assert!(n + 8 * B <= n_rows && xsum.len() == groups && out.len() >= 8 * B);
+        assert!(data.len() >= WB * word_rows * n_rows);
+        assert!(scales.len() >= scale_bytes * groups * n_rows);
+        let mask = vdupq_n_u32((1 << BITS) - 1);
+        let zero = vdupq_n_f32(0.0);
+        let mut total = [[zero; 2]; B];
+        for (g, &xs) in xsum.iter().enumerate() {
+            // acc[block][code parity][half]
+            let mut acc = [[[zero; 2]; 2]; B];
+            let codes = if (g + 1) * group <= k {
+                group
+            } else {
+                k - g * group
+            };
+            for w in 0..WPG {
+                if w * PER >= codes {
+                    break;
+                }
+                let r = g * WPG + w;
+                let at = data.as_ptr().add(WB * (r * n_rows + n));
+                prefetch_ahead(at, WB * n_rows, r, word_rows, 8 * B * WB);
+                let mut words = [[vdupq_n_u32(0); 2]; B];
+                for (b, v) in words.iter_mut().enumerate() {
+                    let p = at.add(8 * WB * b);
+                    *v = if WB == 2 {
+                        let h = vreinterpretq_u16_u8(vld1q_u8(p));
+                        [vmovl_u16(vget_low_u16(h)), vmovl_high_u16(h)]
+                    } else {
+                        [
+                            vreinterpretq_u32_u8(vld1q_u8(p)),
+                            vreinterpretq_u32_u8(vld1q_u8(p.add(16))),
+                        ]
+                    };
+                }
+                let xp = x.as_ptr().add(g * group + w * PER);
+                for j in 0..PER.min(codes - w * PER) {
+                    let xv = vdupq_n_f32(*xp.add(j));
+                    for (v, a) in words.iter_mut().zip(acc.iter_mut()) {
+                        for h in 0..2 {
+                            let c = vcvtq_f32_u32(vandq_u32(v[h], mask));
+                            a[j & 1][h] = vfmaq_f32(a[j & 1][h], c, xv);
+                            v[h] = vshrq_n_u32::<BITS>(v[h]);
+                        }
+                    }
+                }
+            }
+            for (b, (a, tot)) in acc.iter().zip(total.iter_mut()).enumerate() {
+                for h in 0..2 {
+                    let qx = vaddq_f32(a[0][h], a[1][h]);
+                    let sp = scales
+                        .as_ptr()
+                        .add(scale_bytes * (g * n_rows + n + 8 * b + 4 * h));
+                    if ASYM {
+                        let sm = vreinterpretq_u32_u8(vld1q_u8(sp));
+                        let s = vreinterpretq_f32_u32(vshlq_n_u32::<16>(sm));
+                        let mn = vreinterpretq_f32_u32(vandq_u32(sm, vdupq_n_u32(0xFFFF_0000)));
+                        tot[h] = vfmaq_f32(tot[h], mn, vdupq_n_f32(xs));
+                        tot[h] = vfmaq_f32(tot[h], qx, s);
+                    } else {
+                        let gs = vsubq_f32(qx, vdupq_n_f32(maxq * xs));
+                        tot[h] = vfmaq_f32(tot[h], gs, f16x4(sp));
+                    }
+                }
+            }
+        }
+        for (b, tot) in total.iter().enumerate() {
+            vst1q_f32(out.as_mut_ptr().add(8 * b), tot[0]);
+            vst1q_f32(out.as_mut_ptr().add(8 * b + 4), tot[1]);
         }
     }
 }

@@ -16,6 +16,8 @@ mod int8_act;
 mod int8_act_kn;
 mod kn;
 mod matrix;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod q3_nk;
 mod q4_asym_nk;
 mod q4_nk;

@@ -27,9 +27,8 @@ pub(super) fn applies(m: &QMatrix) -> bool {
 const ROW_DOT: RowDotFns = RowDotFns {
     #[cfg(target_arch = "x86_64")]
     avx2: avx2::row_dot,
-    // The portable kernel: NEON would gain as q4_nk's does, not written yet.
     #[cfg(target_arch = "aarch64")]
-    neon: portable_row_dot,
+    neon: neon::row_dot,
     portable: portable_row_dot,
 };
 
@@ -100,5 +99,50 @@ mod avx2 {
             total[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), s, total[g & 1]);
         }
         hsum(_mm256_add_ps(total[0], total[1]))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::neon::hsum8;
+    use super::{GROUP, PER_WORD, WORDS};
+    use std::arch::aarch64::*;
+
+    /// `avx2::row_dot` with each 8-lane register as two NEON registers (words 0–3, 4–7) and
+    /// every lane's operations the same, so both give the same bits.
+    ///
+    /// # Safety
+    /// NEON must be available; `data.len() >= 16·groups`, `scales.len() >= 2·groups`,
+    /// `xp.len() >= 40·groups`.
+    pub unsafe fn row_dot(data: &[u8], scales: &[u8], xp: &[f32], groups: usize) -> f32 {
+        assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups);
+        assert!(xp.len() >= GROUP * groups);
+        let (mask, three, zero) = (vdupq_n_u32(7), vdupq_n_f32(3.0), vdupq_n_f32(0.0));
+        // total[group parity][half]
+        let mut total = [[zero; 2]; 2];
+        for g in 0..groups {
+            let h = vreinterpretq_u16_u8(vld1q_u8(data.as_ptr().add(16 * g)));
+            let mut words = [vmovl_u16(vget_low_u16(h)), vmovl_high_u16(h)];
+            let xg = xp.as_ptr().add(g * GROUP);
+            // acc[code parity][half]
+            let mut acc = [[zero; 2]; 2];
+            for j in 0..PER_WORD {
+                for (half, w) in words.iter_mut().enumerate() {
+                    let q = vsubq_f32(vcvtq_f32_u32(vandq_u32(*w, mask)), three);
+                    let xv = vld1q_f32(xg.add(WORDS * j + 4 * half));
+                    acc[j & 1][half] = vfmaq_f32(acc[j & 1][half], q, xv);
+                    *w = vshrq_n_u32::<3>(*w);
+                }
+            }
+            let s = vdupq_n_f32(super::scale(scales, g));
+            for half in 0..2 {
+                let a = vaddq_f32(acc[0][half], acc[1][half]);
+                total[g & 1][half] = vfmaq_f32(total[g & 1][half], a, s);
+            }
+        }
+        hsum8(
+            vaddq_f32(total[0][0], total[1][0]),
+            vaddq_f32(total[0][1], total[1][1]),
+        )
     }
 }

@@ -87,24 +87,33 @@ pub(super) fn prefetch_raw_row(bytes: &[u8], row_bytes: usize, row: usize) {
 /// Hints the CPU to fetch `bytes[start..start + len]` (clipped to `bytes`) into cache.
 #[inline]
 fn prefetch(bytes: &[u8], start: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let end = (start + len).min(bytes.len());
-        let mut p = start;
-        while p < end {
-            // SAFETY: `p` indexes `bytes`; a prefetch never faults and reads nothing back.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(p) as *const i8) };
-            p += 64;
-        }
-        if start < end {
-            // The last line, in case the range does not start on a line boundary.
-            // SAFETY: as above, `end - 1` indexes `bytes`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(end - 1) as *const i8) };
-        }
+    let end = (start + len).min(bytes.len());
+    let mut p = start;
+    while p < end {
+        // SAFETY: `p` indexes `bytes`.
+        prefetch_line(unsafe { bytes.as_ptr().add(p) });
+        p += 64;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, start, len);
+    if start < end {
+        // The last line, in case the range does not start on a line boundary.
+        // SAFETY: as above, `end - 1` indexes `bytes`.
+        prefetch_line(unsafe { bytes.as_ptr().add(end - 1) });
+    }
+}
+
+/// Hints the CPU to fetch the cache line holding `p` (a hint: it never faults; a no-op where
+/// the architecture has no kernel that uses it).
+#[inline(always)]
+pub(super) fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and reads nothing back.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(target_arch = "aarch64")]
+    super::neon::prefetch(p);
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
 }
 
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]` with `kernels` for the full groups and the generic decoder

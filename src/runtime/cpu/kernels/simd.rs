@@ -1,30 +1,24 @@
 //! CPU feature detection and f32 dot products (AVX2+FMA on x86-64, portable elsewhere; the
-//! portable loops use independent lanes so LLVM vectorises them with NEON on aarch64). The q4/q8
-//! row kernels have hand-written NEON versions in their own modules.
+//! portable loops use independent lanes so LLVM vectorises them with NEON on aarch64). The
+//! quantized and f16 kernels have hand-written NEON versions in their own modules.
 
 /// Whether the AVX2 + FMA + F16C kernels can run on this CPU (detected once; cheap to call).
 /// Setting `MLCB_NO_SIMD` in the environment forces the portable kernels (for debugging).
+#[cfg(target_arch = "x86_64")]
 #[inline]
 pub(super) fn has_avx2() -> bool {
     #[cfg(test)]
     if FORCE_PORTABLE.with(|f| f.get()) {
         return false;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("MLCB_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("MLCB_NO_SIMD").is_none()
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
 #[cfg(test)]
@@ -34,6 +28,7 @@ thread_local! {
 }
 
 /// Whether the NEON kernels can run (always on aarch64 Linux/macOS; detected to be safe).
+/// `MLCB_NO_SIMD` forces the portable kernels, as on x86-64.
 #[cfg(target_arch = "aarch64")]
 #[inline]
 pub(super) fn has_neon() -> bool {
@@ -41,7 +36,12 @@ pub(super) fn has_neon() -> bool {
     if FORCE_PORTABLE.with(|f| f.get()) {
         return false;
     }
-    std::arch::is_aarch64_feature_detected!("neon")
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("MLCB_NO_SIMD").is_none()
+            && std::arch::is_aarch64_feature_detected!("neon")
+    })
 }
 
 /// `Σ a[i]·b[i]`.

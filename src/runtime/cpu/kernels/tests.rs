@@ -500,3 +500,61 @@ fn f32_results_are_identical_with_and_without_simd() {
         assert_eq!(simd.1.to_bits(), portable.1.to_bits(), "dot of {k}");
     }
 }
+
+/// The kernels whose NEON version repeats the AVX2 one lane for lane (`kn`, `int8_act_kn`,
+/// `q3_nk`, `q4_asym_nk`, `f16_raw`), and the f32 prefill path, give the bits recorded here from
+/// the AVX2 build: on x86-64 this pins the AVX2 kernels, on aarch64 (`scripts/check-aarch64.sh`
+/// runs it under qemu) it checks that NEON computes the same values in the same order. Without
+/// SIMD the kernels sum in other orders, so the test has nothing to check.
+#[test]
+fn simd_kernels_give_the_recorded_bits() {
+    #[cfg(target_arch = "x86_64")]
+    let simd = super::simd::has_avx2();
+    #[cfg(target_arch = "aarch64")]
+    let simd = super::simd::has_neon();
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let simd = false;
+    if !simd {
+        eprintln!("SKIPPED: neither AVX2 nor NEON");
+        return;
+    }
+    let mut rng = Rng(99);
+    let (mut encodings, mut outputs) = (blake3::Hasher::new(), blake3::Hasher::new());
+    let bits = |h: &mut blake3::Hasher, v: &[f32]| {
+        for x in v {
+            h.update(&x.to_le_bytes());
+        }
+    };
+    // Ragged K for groups of 32 and 40 (80, 45); N with 4-block, 1-block and leftover rows.
+    for name in [
+        "q0f16", "q3f16_0", "q3f16_1", "q4f16_0", "q4f32_0", "q4f32_1", "q8f16_0",
+    ] {
+        for (n, k) in [(70, 80), (37, 45), (41, 128)] {
+            let e = Encoded::new(name, TensorRole::Linear, n, k, &rng.vec(n * k));
+            for b in &e.bytes {
+                encodings.update(b);
+            }
+            for rows in [1, 5] {
+                let x = rng.vec(rows * k);
+                let mut out = vec![0f32; rows * n];
+                e.with_view(|w| matmul(w, &x, rows, &mut out));
+                bits(&mut outputs, &out);
+            }
+            let x = rng.vec(k);
+            let mut out = vec![0f32; n];
+            e.with_view(|w| matmul_int8_activations(w, &x, 1, &mut out));
+            bits(&mut outputs, &out);
+        }
+    }
+    assert_eq!(
+        encodings.finalize().to_hex().as_str(),
+        "98da11bab81d791571ec98d57bd3dd7585b7cc843e3fd38e74afe3f818092e42",
+        "the quantizer's bytes changed (the outputs' check below assumes the same weights)"
+    );
+    assert_eq!(
+        outputs.finalize().to_hex().as_str(),
+        "43ebb18e4faf98ed185be6fb35cc896c66972946fd2dc764a69c8a9f29cbebd5",
+        "the kernels' results changed: if on purpose (x86-64), record the new hash; on aarch64, \
+         the NEON kernels no longer compute what the AVX2 ones do"
+    );
+}

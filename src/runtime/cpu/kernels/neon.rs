@@ -1,0 +1,150 @@
+//! NEON building blocks of the aarch64 kernels, for what `std::arch` has no stable intrinsic:
+//! f16 → f32 conversion (`fcvtl`, base ARMv8: exact, subnormals included, as F16C's `vcvtph2ps`),
+//! prefetch hints (`prfm`), and the int8 dot product of 4-byte lanes (`sdot`, the dot-product
+//! extension of ARMv8.2+, which Apple's M-series and most phone cores have; `vdotq_s32` is still
+//! unstable). Without `sdot`, widening multiplies give the same exact integers.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+/// Whether the CPU has the dot-product extension (`sdot`); `MLCB_NO_SIMD` and the tests' portable
+/// switch turn it off with the other SIMD kernels.
+pub(super) fn has_dotprod() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    super::simd::has_neon()
+        && *HAS.get_or_init(|| std::arch::is_aarch64_feature_detected!("dotprod"))
+}
+
+/// The 4 little-endian f16 at `p` as f32.
+///
+/// # Safety
+/// `p` must point to 8 readable bytes (no alignment needed).
+#[inline(always)]
+pub(super) unsafe fn f16x4(p: *const u8) -> float32x4_t {
+    let h = vreinterpret_u16_u8(vld1_u8(p));
+    let out: float32x4_t;
+    asm!(
+        "fcvtl {o:v}.4s, {i:v}.4h",
+        o = lateout(vreg) out,
+        i = in(vreg) h,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    out
+}
+
+/// Hints the CPU to fetch the cache line holding `p` (never faults, whatever `p` is).
+#[inline(always)]
+pub(super) fn prefetch(p: *const u8) {
+    // SAFETY: a prefetch hint reads nothing back and cannot fault.
+    unsafe {
+        asm!(
+            "prfm pldl1keep, [{0}]",
+            in(reg) p,
+            options(nostack, preserves_flags, readonly)
+        )
+    }
+}
+
+/// Lane `i`: `acc[i] + Σ_{b<4} a[4i+b]·c[4i+b]`, `sdot`'s definition. `DOT` executes `sdot` (only
+/// where [`has_dotprod`] said so); otherwise widening multiplies, which need each pair of products
+/// to fit in i16 — true for codes in `-127..=127` times `0..=15` or `-127..=127`, the kernels'
+/// ranges (the i8 activations are clamped to ±127, never -128).
+///
+/// # Safety
+/// With `DOT`, the CPU must have the dot-product extension.
+#[inline(always)]
+pub(super) unsafe fn dot4<const DOT: bool>(
+    acc: int32x4_t,
+    a: int8x16_t,
+    c: int8x16_t,
+) -> int32x4_t {
+    if DOT {
+        let mut acc = acc;
+        // `.arch_extension` lets the assembler take `sdot` in this block only, so the kernels
+        // need no target feature the build does not assume.
+        asm!(
+            ".arch_extension dotprod",
+            "sdot {acc:v}.4s, {a:v}.16b, {c:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            c = in(vreg) c,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        acc
+    } else {
+        let lo = vmull_s8(vget_low_s8(a), vget_low_s8(c));
+        let hi = vmull_high_s8(a, c);
+        vpadalq_s16(acc, vpaddq_s16(lo, hi))
+    }
+}
+
+/// Sum of 8 lanes held as two registers (lanes 0–3, 4–7) in the order of the AVX2 horizontal
+/// sum (`simd::hsum8`): `(l0+l4, l1+l5, l2+l6, l3+l7)`, then pairs, then the last two.
+#[inline(always)]
+pub(super) unsafe fn hsum8(lo: float32x4_t, hi: float32x4_t) -> f32 {
+    let q = vaddq_f32(lo, hi);
+    let d = vadd_f32(vget_low_f32(q), vget_high_f32(q));
+    vget_lane_f32::<0>(d) + vget_lane_f32::<1>(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        let bits: Vec<u16> = (0..=u16::MAX).step_by(7).collect();
+        for chunk in bits.chunks_exact(4) {
+            let mut out = [0f32; 4];
+            // SAFETY: the chunk holds 4 u16 (8 bytes).
+            unsafe { vst1q_f32(out.as_mut_ptr(), f16x4(chunk.as_ptr() as *const u8)) };
+            for (o, &b) in out.iter().zip(chunk) {
+                let want = half::f16::from_bits(b).to_f32();
+                assert!(
+                    o.to_bits() == want.to_bits() || (o.is_nan() && want.is_nan()),
+                    "{b:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn both_dot_products_give_the_exact_sums() {
+        let mut seed = 5u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            ((seed >> 16) % 255) as i32 - 127
+        };
+        for _ in 0..200 {
+            let a: [i8; 16] = std::array::from_fn(|_| next() as i8);
+            let c: [i8; 16] = std::array::from_fn(|_| next() as i8);
+            let mut want = [3i32, -4, 5, 6];
+            for i in 0..16 {
+                want[i / 4] += a[i] as i32 * c[i] as i32;
+            }
+            let run = |dot: bool| {
+                let mut out = [0i32; 4];
+                // SAFETY: `dot` only where the CPU has `sdot`; the arrays hold 16 bytes.
+                unsafe {
+                    let (acc, va, vc) = (
+                        vld1q_s32([3, -4, 5, 6].as_ptr()),
+                        vld1q_s8(a.as_ptr()),
+                        vld1q_s8(c.as_ptr()),
+                    );
+                    let r = if dot {
+                        dot4::<true>(acc, va, vc)
+                    } else {
+                        dot4::<false>(acc, va, vc)
+                    };
+                    vst1q_s32(out.as_mut_ptr(), r);
+                }
+                out
+            };
+            assert_eq!(run(false), want);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                assert_eq!(run(true), want);
+            }
+        }
+    }
+}
