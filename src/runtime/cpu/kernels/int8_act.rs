@@ -267,11 +267,12 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::neon::{dot4, f16x4};
+    use super::super::neon::{dot4, f16x4, hsum8};
     use super::QuantizedX;
     use std::arch::aarch64::*;
 
-    /// The scales of the (up to) 4 groups from `g`, and `s·d` for each.
+    /// The scales of the (up to) 8 groups from `g` as two halves (zero-padded), and `s·d` for
+    /// each: the AVX2 kernel's `block_scales`.
     ///
     /// # Safety
     /// `scales` holds groups `g..g+nb`; `x.d` is padded to whole blocks of 8 groups.
@@ -281,30 +282,46 @@ mod neon {
         x: &QuantizedX,
         g: usize,
         nb: usize,
-    ) -> (float32x4_t, [f32; 4]) {
-        let sv = if nb == 4 {
-            f16x4(scales.as_ptr().add(2 * g))
+    ) -> ([float32x4_t; 2], [f32; 8]) {
+        let mut buf = [0u8; 16];
+        let p = if nb == 8 {
+            scales.as_ptr().add(2 * g)
         } else {
-            let mut buf = [0u8; 8];
             buf[..2 * nb].copy_from_slice(&scales[2 * g..2 * g + 2 * nb]);
-            f16x4(buf.as_ptr())
+            buf.as_ptr()
         };
-        let mut comb = [0f32; 4];
-        vst1q_f32(
-            comb.as_mut_ptr(),
-            vmulq_f32(sv, vld1q_f32(x.d.as_ptr().add(g))),
-        );
+        let sv = [f16x4(p), f16x4(p.add(8))];
+        let mut comb = [0f32; 8];
+        for (h, s) in sv.iter().enumerate() {
+            let d = vld1q_f32(x.d.as_ptr().add(g + 4 * h));
+            vst1q_f32(comb.as_mut_ptr().add(4 * h), vmulq_f32(*s, d));
+        }
         (sv, comb)
     }
 
-    /// A group's exact `Σ code·xq` as four i32 lanes: the 32 codes `w0` (positions of `xq[..16]`)
-    /// and `w1` (of `xq[16..]`).
+    /// `acc += Σ code·xq · c` for one group, as the AVX2 kernel's 8 lanes: lanes 0–3 sum the
+    /// 4-byte blocks of `w0` against `xq[..16]`, lanes 4–7 those of `w1` against `xq[16..]`.
     #[inline(always)]
-    unsafe fn group_sum<const DOT: bool>(w0: int8x16_t, w1: int8x16_t, xq: *const i8) -> int32x4_t {
-        let p = dot4::<DOT>(vdupq_n_s32(0), w0, vld1q_s8(xq));
-        dot4::<DOT>(p, w1, vld1q_s8(xq.add(16)))
+    unsafe fn group<const DOT: bool>(
+        w0: int8x16_t,
+        w1: int8x16_t,
+        xq: *const i8,
+        c: f32,
+        acc: &mut [float32x4_t; 2],
+    ) {
+        let zero = vdupq_n_s32(0);
+        let sums = [
+            dot4::<DOT>(zero, w0, vld1q_s8(xq)),
+            dot4::<DOT>(zero, w1, vld1q_s8(xq.add(16))),
+        ];
+        for (a, p) in acc.iter_mut().zip(sums) {
+            *a = vfmaq_f32(*a, vcvtq_f32_s32(p), vdupq_n_f32(c));
+        }
     }
 
+    /// `avx2::row_dot_q4` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
+    /// every lane's operations the same (the integer sums are exact), so both give the same bits.
+    ///
     /// # Safety
     /// NEON must be available, and with `DOT` the dot-product extension; `data.len() >=
     /// 16·groups`, `scales.len() >= 2·groups`, `x.q.len() >= 32·groups`, `x.d`/`x.bias` padded to
@@ -319,26 +336,35 @@ mod neon {
         assert!(x.q.len() >= 32 * groups && x.d.len() >= groups.div_ceil(8) * 8);
         assert!(x.bias.len() == x.d.len());
         let mask = vdupq_n_u8(0x0F);
-        let mut acc = [vdupq_n_f32(0.0); 2];
-        let mut offset = vdupq_n_f32(0.0);
+        let zero = vdupq_n_f32(0.0);
+        // acc[group parity][half]
+        let mut acc = [[zero; 2]; 2];
+        let mut offset = [zero; 2];
         let mut g = 0;
         while g < groups {
-            let nb = (groups - g).min(4);
+            let nb = (groups - g).min(8);
             let (sv, comb) = block_scales(scales, x, g, nb);
-            offset = vfmaq_f32(offset, sv, vld1q_f32(x.bias.as_ptr().add(g)));
+            for (h, o) in offset.iter_mut().enumerate() {
+                *o = vfmaq_f32(*o, sv[h], vld1q_f32(x.bias.as_ptr().add(g + 4 * h)));
+            }
             for (i, &c) in comb.iter().enumerate().take(nb) {
                 let b = vld1q_u8(data.as_ptr().add(16 * (g + i)));
                 // Low nibbles meet x's first 16 codes, high nibbles the next 16 (nibble order).
                 let lo = vreinterpretq_s8_u8(vandq_u8(b, mask));
                 let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(b));
-                let p = group_sum::<DOT>(lo, hi, x.q.as_ptr().add(32 * (g + i)));
-                acc[i & 1] = vfmaq_f32(acc[i & 1], vcvtq_f32_s32(p), vdupq_n_f32(c));
+                group::<DOT>(lo, hi, x.q.as_ptr().add(32 * (g + i)), c, &mut acc[i & 1]);
             }
             g += nb;
         }
-        vaddvq_f32(vaddq_f32(acc[0], acc[1])) + vaddvq_f32(offset)
+        let sum = hsum8(
+            vaddq_f32(acc[0][0], acc[1][0]),
+            vaddq_f32(acc[0][1], acc[1][1]),
+        );
+        sum + hsum8(offset[0], offset[1])
     }
 
+    /// `avx2::row_dot_q8`, lane for lane as [`row_dot_q4`].
+    ///
     /// # Safety
     /// NEON must be available, and with `DOT` the dot-product extension; `data.len() >=
     /// 32·groups`, `scales.len() >= 2·groups`, `x.q.len() >= 32·groups`, `x.d` padded to 8 blocks.
@@ -351,21 +377,24 @@ mod neon {
         assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups);
         assert!(x.q.len() >= 32 * groups && x.d.len() >= groups.div_ceil(8) * 8);
         let off = vdupq_n_u8(127);
-        let mut acc = [vdupq_n_f32(0.0); 2];
+        let zero = vdupq_n_f32(0.0);
+        let mut acc = [[zero; 2]; 2];
         let mut g = 0;
         while g < groups {
-            let nb = (groups - g).min(4);
+            let nb = (groups - g).min(8);
             let (_, comb) = block_scales(scales, x, g, nb);
             for (i, &c) in comb.iter().enumerate().take(nb) {
                 let p = data.as_ptr().add(32 * (g + i));
                 // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
                 let w0 = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off));
                 let w1 = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off));
-                let s = group_sum::<DOT>(w0, w1, x.q.as_ptr().add(32 * (g + i)));
-                acc[i & 1] = vfmaq_f32(acc[i & 1], vcvtq_f32_s32(s), vdupq_n_f32(c));
+                group::<DOT>(w0, w1, x.q.as_ptr().add(32 * (g + i)), c, &mut acc[i & 1]);
             }
             g += nb;
         }
-        vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+        hsum8(
+            vaddq_f32(acc[0][0], acc[1][0]),
+            vaddq_f32(acc[0][1], acc[1][1]),
+        )
     }
 }

@@ -88,6 +88,38 @@ pub(super) unsafe fn hsum8(lo: float32x4_t, hi: float32x4_t) -> f32 {
     vget_lane_f32::<0>(d) + vget_lane_f32::<1>(d)
 }
 
+/// 16 i8 codes as f32, by the AVX2 kernels' 8-lane registers: `[register][half]`, register `r`
+/// holding codes `8r..8r+8`, half `h` its lanes `4h..4h+4`.
+#[inline(always)]
+pub(super) unsafe fn codes_f32(v: int8x16_t) -> [[float32x4_t; 2]; 2] {
+    let wide = |h: int16x8_t| {
+        [
+            vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))),
+            vcvtq_f32_s32(vmovl_high_s16(h)),
+        ]
+    };
+    [wide(vmovl_s8(vget_low_s8(v))), wide(vmovl_high_s8(v))]
+}
+
+/// The AVX2 NK row kernels' step for one group of 32 codes `q` (four 8-lane registers, as
+/// [`codes_f32`] gives them) against `x[..32]` at `xp`, scale `s`:
+/// `total += ((q0·x0 + q1·x1) + (q2·x2 + q3·x3))·s`, lane by lane in that order (products fused
+/// where the AVX2 kernel fuses them).
+#[inline(always)]
+pub(super) unsafe fn group_step(
+    q: [[float32x4_t; 2]; 4],
+    xp: *const f32,
+    s: f32,
+    total: &mut [float32x4_t; 2],
+) {
+    for (h, t) in total.iter_mut().enumerate() {
+        let x = |r: usize| vld1q_f32(xp.add(8 * r + 4 * h));
+        let a = vfmaq_f32(vmulq_f32(q[0][h], x(0)), q[1][h], x(1));
+        let b = vfmaq_f32(vmulq_f32(q[2][h], x(2)), q[3][h], x(3));
+        *t = vfmaq_f32(*t, vaddq_f32(a, b), vdupq_n_f32(s));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

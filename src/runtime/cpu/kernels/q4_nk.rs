@@ -186,41 +186,38 @@ pub(super) mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
+    use super::super::neon::{codes_f32, group_step, hsum8};
     use std::arch::aarch64::*;
 
+    /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
+    /// every lane's operations the same, so both give the same bits.
+    ///
     /// # Safety
     /// NEON must be available; `data.len() >= 16·groups`, `scales.len() >= 2·groups`,
     /// `x.len() >= 32·groups`.
-    #[target_feature(enable = "neon")]
     pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
         assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
         let mask = vdupq_n_u8(0x0F);
         let off = vdupq_n_s8(7);
-        let mut total = [vdupq_n_f32(0.0); 2];
+        // total[group parity][half]
+        let mut total = [[vdupq_n_f32(0.0); 2]; 2];
         for g in 0..groups {
             let b = vld1q_u8(data.as_ptr().add(16 * g));
-            let lo = vandq_u8(b, mask);
-            let hi = vshrq_n_u8::<4>(b);
+            let (lo, hi) = (vandq_u8(b, mask), vshrq_n_u8::<4>(b));
             // Byte i holds positions 2i (low nibble) and 2i+1 (high): interleave to position order.
-            let v0 = vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off);
-            let v1 = vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off);
-            let h = [
-                vmovl_s8(vget_low_s8(v0)),
-                vmovl_high_s8(v0),
-                vmovl_s8(vget_low_s8(v1)),
-                vmovl_high_s8(v1),
-            ];
-            let xp = x.as_ptr().add(32 * g);
-            let mut acc = [vdupq_n_f32(0.0); 2];
-            for (c, hc) in h.iter().enumerate() {
-                let q0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(*hc)));
-                let q1 = vcvtq_f32_s32(vmovl_high_s16(*hc));
-                acc[0] = vfmaq_f32(acc[0], q0, vld1q_f32(xp.add(8 * c)));
-                acc[1] = vfmaq_f32(acc[1], q1, vld1q_f32(xp.add(8 * c + 4)));
-            }
-            let s = vdupq_n_f32(super::scale(scales, g));
-            total[g & 1] = vfmaq_f32(total[g & 1], vaddq_f32(acc[0], acc[1]), s);
+            let v0 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off));
+            let v1 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off));
+            let q = [v0[0], v0[1], v1[0], v1[1]];
+            group_step(
+                q,
+                x.as_ptr().add(32 * g),
+                super::scale(scales, g),
+                &mut total[g & 1],
+            );
         }
-        vaddvq_f32(vaddq_f32(total[0], total[1]))
+        hsum8(
+            vaddq_f32(total[0][0], total[1][0]),
+            vaddq_f32(total[0][1], total[1][1]),
+        )
     }
 }

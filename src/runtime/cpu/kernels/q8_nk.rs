@@ -104,38 +104,36 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
+    use super::super::neon::{codes_f32, group_step, hsum8};
     use std::arch::aarch64::*;
 
+    /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
+    /// every lane's operations the same, so both give the same bits.
+    ///
     /// # Safety
     /// NEON must be available; `data.len() >= 32·groups`, `scales.len() >= 2·groups`,
     /// `x.len() >= 32·groups`.
-    #[target_feature(enable = "neon")]
     pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
         assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
         let off = vdupq_n_u8(127);
-        let mut total = [vdupq_n_f32(0.0); 2];
+        // total[group parity][half]
+        let mut total = [[vdupq_n_f32(0.0); 2]; 2];
         for g in 0..groups {
             let p = data.as_ptr().add(32 * g);
             // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
-            let v = [
-                vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off)),
-                vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off)),
-            ];
-            let xp = x.as_ptr().add(32 * g);
-            let mut acc = [vdupq_n_f32(0.0); 2];
-            for (half, vh) in v.iter().enumerate() {
-                let h = [vmovl_s8(vget_low_s8(*vh)), vmovl_high_s8(*vh)];
-                for (c, hc) in h.iter().enumerate() {
-                    let o = 16 * half + 8 * c;
-                    let q0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(*hc)));
-                    let q1 = vcvtq_f32_s32(vmovl_high_s16(*hc));
-                    acc[0] = vfmaq_f32(acc[0], q0, vld1q_f32(xp.add(o)));
-                    acc[1] = vfmaq_f32(acc[1], q1, vld1q_f32(xp.add(o + 4)));
-                }
-            }
-            let s = vdupq_n_f32(super::scale(scales, g));
-            total[g & 1] = vfmaq_f32(total[g & 1], vaddq_f32(acc[0], acc[1]), s);
+            let a = codes_f32(vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off)));
+            let b = codes_f32(vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off)));
+            let q = [a[0], a[1], b[0], b[1]];
+            group_step(
+                q,
+                x.as_ptr().add(32 * g),
+                super::scale(scales, g),
+                &mut total[g & 1],
+            );
         }
-        vaddvq_f32(vaddq_f32(total[0], total[1]))
+        hsum8(
+            vaddq_f32(total[0][0], total[1][0]),
+            vaddq_f32(total[0][1], total[1][1]),
+        )
     }
 }

@@ -501,11 +501,11 @@ fn f32_results_are_identical_with_and_without_simd() {
     }
 }
 
-/// The kernels whose NEON version repeats the AVX2 one lane for lane (`kn`, `int8_act_kn`,
-/// `q3_nk`, `q4_asym_nk`, `f16_raw`), and the f32 prefill path, give the bits recorded here from
-/// the AVX2 build: on x86-64 this pins the AVX2 kernels, on aarch64 (`scripts/check-aarch64.sh`
-/// runs it under qemu) it checks that NEON computes the same values in the same order. Without
-/// SIMD the kernels sum in other orders, so the test has nothing to check.
+/// Every scheme's kernels, decode (f32 and int8 activations) and prefill, give the bits recorded
+/// here from the AVX2 build: each NEON kernel repeats its AVX2 one lane for lane, and the f32
+/// paths sum in one order everywhere. On x86-64 this pins the AVX2 kernels; on aarch64
+/// (`scripts/check-aarch64.sh` runs it under qemu) it checks that NEON computes the same values
+/// in the same order. Without SIMD the kernels sum in other orders: nothing to check.
 #[test]
 fn simd_kernels_give_the_recorded_bits() {
     #[cfg(target_arch = "x86_64")]
@@ -526,9 +526,7 @@ fn simd_kernels_give_the_recorded_bits() {
         }
     };
     // Ragged K for groups of 32 and 40 (80, 45); N with 4-block, 1-block and leftover rows.
-    for name in [
-        "q0f16", "q3f16_0", "q3f16_1", "q4f16_0", "q4f32_0", "q4f32_1", "q8f16_0",
-    ] {
+    for name in SCHEMES {
         for (n, k) in [(70, 80), (37, 45), (41, 128)] {
             let e = Encoded::new(name, TensorRole::Linear, n, k, &rng.vec(n * k));
             for b in &e.bytes {
@@ -548,12 +546,12 @@ fn simd_kernels_give_the_recorded_bits() {
     }
     assert_eq!(
         encodings.finalize().to_hex().as_str(),
-        "98da11bab81d791571ec98d57bd3dd7585b7cc843e3fd38e74afe3f818092e42",
+        "e93610b0788faf8f74f7c3c8f44d3c336a48aaf2ca42721ef67fcbb2407878d5",
         "the quantizer's bytes changed (the outputs' check below assumes the same weights)"
     );
     assert_eq!(
         outputs.finalize().to_hex().as_str(),
-        "43ebb18e4faf98ed185be6fb35cc896c66972946fd2dc764a69c8a9f29cbebd5",
+        "e5749e5ac681856a414539913c2b1ae9d52700c3a4744b9abc2cfffe127ee800",
         "the kernels' results changed: if on purpose (x86-64), record the new hash; on aarch64, \
          the NEON kernels no longer compute what the AVX2 ones do"
     );
