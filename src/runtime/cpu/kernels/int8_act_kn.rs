@@ -87,6 +87,28 @@ fn simd_kernels(four: bool) -> Option<(Lanes, Lanes)> {
     None
 }
 
+/// What a `lanes` kernel over rows `n..n+rows` of a q4 (`four`) or q8 KN matrix of `n_rows`
+/// rows reads, checked against the slices it is given: returns `(groups, words per group)`.
+#[allow(clippy::too_many_arguments)]
+fn lanes_geometry(
+    four: bool,
+    data: &[u8],
+    scales: &[u8],
+    n_rows: usize,
+    n: usize,
+    rows: usize,
+    x: &QuantizedX,
+    out: &[f32],
+) -> (usize, usize) {
+    let (q, d, bias) = x.parts();
+    let wpg = if four { 4 } else { 8 };
+    let groups = q.len() / 32;
+    assert!(n + rows <= n_rows && d.len() >= groups && bias.len() >= groups);
+    assert!(out.len() >= rows);
+    assert!(data.len() >= 4 * wpg * groups * n_rows && scales.len() >= 2 * groups * n_rows);
+    (groups, wpg)
+}
+
 /// One row, lane by lane as the SIMD kernel computes each.
 fn portable_row(m: &QMatrix, row: usize, x: &QuantizedX, four: bool) -> f32 {
     let (q, d, bias) = x.parts();
@@ -150,11 +172,7 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let (q, d, bias) = x.parts();
-        let wpg = if FOUR { 4 } else { 8 };
-        let groups = q.len() / 32;
-        assert!(n + 8 * B <= n_rows && d.len() >= groups && bias.len() >= groups);
-        assert!(out.len() >= 8 * B);
-        assert!(data.len() >= 4 * wpg * groups * n_rows && scales.len() >= 2 * groups * n_rows);
+        let (groups, wpg) = super::lanes_geometry(FOUR, data, scales, n_rows, n, 8 * B, x, out);
         let ones = _mm256_set1_epi16(1);
         let nibble = _mm256_set1_epi8(0x0F);
         let off = _mm256_set1_epi8(127);
@@ -241,11 +259,7 @@ mod neon {
         out: &mut [f32],
     ) {
         let (q, d, bias) = x.parts();
-        let wpg = if FOUR { 4 } else { 8 };
-        let groups = q.len() / 32;
-        assert!(n + 8 * B <= n_rows && d.len() >= groups && bias.len() >= groups);
-        assert!(out.len() >= 8 * B);
-        assert!(data.len() >= 4 * wpg * groups * n_rows && scales.len() >= 2 * groups * n_rows);
+        let (groups, wpg) = super::lanes_geometry(FOUR, data, scales, n_rows, n, 8 * B, x, out);
         let nibble = vdupq_n_u8(0x0F);
         let off = vdupq_n_u8(127);
         let mut total = [[vdupq_n_f32(0.0); 2]; B];

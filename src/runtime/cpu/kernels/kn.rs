@@ -119,6 +119,36 @@ fn simd_kernels(m: &QMatrix) -> Option<(Lanes, Lanes)> {
     None
 }
 
+/// What a `lanes` kernel over rows `n..n+8·B` of a KN matrix of `n_rows` rows reads, checked
+/// against the slices it is given: returns `(groups, word_rows)` for `K = x_len`.
+#[allow(clippy::too_many_arguments)]
+fn lanes_geometry<const PER: usize, const WB: usize, const WPG: usize, const ASYM: bool>(
+    data: &[u8],
+    scales: &[u8],
+    n_rows: usize,
+    n: usize,
+    rows: usize,
+    x_len: usize,
+    xsum_len: usize,
+    out_len: usize,
+) -> (usize, usize) {
+    let (groups, word_rows) = (x_len.div_ceil(WPG * PER), x_len.div_ceil(PER));
+    let scale_bytes = if ASYM { 4 } else { 2 };
+    assert!(n + rows <= n_rows && xsum_len == groups && out_len >= rows);
+    // The last word read is word ceil(K / PER) - 1 of row n + rows - 1 (KN: word w of row r at
+    // w·N + r), the last scale group groups - 1 of that row.
+    assert!(data.len() >= WB * word_rows * n_rows);
+    assert!(scales.len() >= scale_bytes * groups * n_rows);
+    (groups, word_rows)
+}
+
+/// Codes in group `g` of `group` over `K = k`: `group` but in a ragged last group, so the full
+/// groups' loops keep their constant trip counts.
+#[inline(always)]
+fn codes_in_group(g: usize, group: usize, k: usize) -> usize {
+    group.min(k - g * group)
+}
+
 /// Word rows ahead of the one being read whose bytes the KN kernels (these and `int8_act_kn`'s)
 /// ask the CPU to fetch: the hardware prefetcher does not follow KN's jumps between word rows,
 /// and without the hint each word row waited on its cache misses (SmolLM2 decode, 2 threads,
@@ -150,7 +180,7 @@ pub(super) unsafe fn prefetch_ahead(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::prefetch_ahead;
+    use super::{codes_in_group, lanes_geometry, prefetch_ahead};
     use std::arch::x86_64::*;
 
     /// `Σ_k x[k]·w[n + l, k]` for the `8·B` lanes `l` (`B` registers of 8 rows): `BITS`-bit
@@ -183,24 +213,22 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let (k, group) = (x.len(), WPG * PER);
-        let (groups, word_rows) = (k.div_ceil(group), k.div_ceil(PER));
+        let (_, word_rows) = lanes_geometry::<PER, WB, WPG, ASYM>(
+            data,
+            scales,
+            n_rows,
+            n,
+            8 * B,
+            k,
+            xsum.len(),
+            out.len(),
+        );
         let scale_bytes = if ASYM { 4 } else { 2 };
-        assert!(n + 8 * B <= n_rows && xsum.len() == groups && out.len() >= 8 * B);
-        // The last word read is word ceil(K / PER) - 1 of row n + 8·B - 1 (KN: word w of row r
-        // at w·N + r), the last scale group groups - 1 of that row.
-        assert!(data.len() >= WB * word_rows * n_rows);
-        assert!(scales.len() >= scale_bytes * groups * n_rows);
         let mask = _mm256_set1_epi32((1 << BITS) - 1);
         let mut total = [_mm256_setzero_ps(); B];
         for (g, &xs) in xsum.iter().enumerate() {
             let mut acc = [[_mm256_setzero_ps(); 2]; B];
-            // `group` but in a ragged last group, so the full groups' loops keep their constant
-            // trip counts.
-            let codes = if (g + 1) * group <= k {
-                group
-            } else {
-                k - g * group
-            };
+            let codes = codes_in_group(g, group, k);
             for w in 0..WPG {
                 if w * PER >= codes {
                     break;
@@ -252,7 +280,7 @@ mod avx2 {
 #[cfg(target_arch = "aarch64")]
 mod neon {
     use super::super::neon::f16x4;
-    use super::prefetch_ahead;
+    use super::{codes_in_group, lanes_geometry, prefetch_ahead};
     use std::arch::aarch64::*;
 
     /// `avx2::lanes` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and every
@@ -279,22 +307,24 @@ mod neon {
         out: &mut [f32],
     ) {
         let (k, group) = (x.len(), WPG * PER);
-        let (groups, word_rows) = (k.div_ceil(group), k.div_ceil(PER));
+        let (_, word_rows) = lanes_geometry::<PER, WB, WPG, ASYM>(
+            data,
+            scales,
+            n_rows,
+            n,
+            8 * B,
+            k,
+            xsum.len(),
+            out.len(),
+        );
         let scale_bytes = if ASYM { 4 } else { 2 };
-        assert!(n + 8 * B <= n_rows && xsum.len() == groups && out.len() >= 8 * B);
-        assert!(data.len() >= WB * word_rows * n_rows);
-        assert!(scales.len() >= scale_bytes * groups * n_rows);
         let mask = vdupq_n_u32((1 << BITS) - 1);
         let zero = vdupq_n_f32(0.0);
         let mut total = [[zero; 2]; B];
         for (g, &xs) in xsum.iter().enumerate() {
             // acc[block][code parity][half]
             let mut acc = [[[zero; 2]; 2]; B];
-            let codes = if (g + 1) * group <= k {
-                group
-            } else {
-                k - g * group
-            };
+            let codes = codes_in_group(g, group, k);
             for w in 0..WPG {
                 if w * PER >= codes {
                     break;
