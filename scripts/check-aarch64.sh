@@ -7,6 +7,7 @@
 # computes the same logits as this machine (x86-64 with AVX2), byte for byte, after one prefill
 # and token by token (each NEON kernel repeats its AVX2 one lane for lane, and the f32 paths sum
 # in one order everywhere).
+# Last, a GPTQ-calibrated build on aarch64 must write the same artifact as one here.
 # Correctness only: timings under qemu say nothing about an ARM CPU.
 #
 #   scripts/check-aarch64.sh [WORK (/tmp/mlcb-aarch64)]
@@ -103,5 +104,33 @@ for model in tiny-llama tiny-neox tiny-rwkv; do
         done
     done
 done
+# The artifact itself: a GPTQ-calibrated build (the model runs in f32 on the CPU runtime during
+# quantize) must give the same files on aarch64, all but the stage timings in the manifest.
+echo "== a calibrated build on aarch64 against $(uname -m)"
+for arch in host arm; do
+    rm -rf "$WORK/build-$arch" && mkdir -p "$WORK/build-$arch"
+    bin=$([ "$arch" = host ] && echo "$host" || echo "qemu-aarch64-static -L /usr/aarch64-linux-gnu $arm")
+    (cd "$WORK/build-$arch" && $bin build --model "$repo/tests/fixtures/tiny-llama" --quantization q4f16_1 \
+        --calibration gptq --artifact-path dist --cache-dir cache >build.log 2>&1) || {
+        echo "FAILED: the calibrated build on $arch (log: $WORK/build-$arch/build.log)"
+        failed=1
+    }
+done
+strip_timings() { python3 -c 'import json, sys
+def strip(v):
+    if isinstance(v, dict): return {k: strip(x) for k, x in v.items() if k != "seconds"}
+    if isinstance(v, list): return [strip(x) for x in v]
+    return v
+print(json.dumps(strip(json.load(open(sys.argv[1]))), sort_keys=True))' "$1"; }
+lib=dist/tiny-llama-q4f16_1
+if diff -r -x build-manifest.json "$WORK/build-host/$lib" "$WORK/build-arm/$lib" >/dev/null &&
+    [ "$(strip_timings "$WORK/build-host/$lib/build-manifest.json")" = \
+        "$(strip_timings "$WORK/build-arm/$lib/build-manifest.json")" ]; then
+    echo "tiny-llama q4f16_1 gptq: identical artifacts (manifest timings aside)"
+else
+    echo "FAILED: the calibrated artifacts differ (diff -r $WORK/build-host/$lib $WORK/build-arm/$lib)"
+    failed=1
+fi
+
 [ "$failed" = 0 ] && echo "all aarch64 checks passed" || echo "some aarch64 checks FAILED"
 exit "$failed"
