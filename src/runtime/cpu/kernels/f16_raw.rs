@@ -1,5 +1,6 @@
 //! Fast path for raw float16 matrices (`q0f16`, and f16 embeddings / heads of other schemes).
 
+use super::matrix::read_floats;
 use crate::formats::dtype::DType;
 
 /// `Σ_k x[k]·w[row, k]` for a raw f16 `[N, K]` matrix in `bytes`.
@@ -16,13 +17,46 @@ pub(super) fn row_dot(bytes: &[u8], k: usize, row: usize, x: &[f32]) -> f32 {
         // SAFETY: NEON present; `r` holds exactly `k` halves and `x` `k` floats.
         return unsafe { neon::row_dot(r, x) };
     }
-    // Convert a block at a time (half uses F16C / NEON where it can), then an f32 dot.
-    let mut buf = [0f32; 256];
-    let mut s = 0.0;
-    for (c, xs) in r.chunks(512).zip(x.chunks(256)) {
-        let b = &mut buf[..xs.len()];
-        super::matrix::read_floats(DType::F16, c, b);
-        s += super::simd::dot_portable(b, xs);
+    portable_row_dot(r, x)
+}
+
+/// The AVX2 kernel's lanes in plain code (`simd::dot_portable`'s order over the converted
+/// weights), so the same bits on every CPU. The weights convert a chunk at a time (`half` uses
+/// F16C / NEON where it can); chunks are whole blocks of 32 but the last, so the lanes run on.
+fn portable_row_dot(r: &[u8], x: &[f32]) -> f32 {
+    const CHUNK: usize = 256;
+    let k = x.len();
+    let mut buf = [0f32; CHUNK];
+    let mut acc = [[0f32; 8]; 4];
+    let blocks_end = k / 32 * 32;
+    let mut i = 0;
+    while i < blocks_end {
+        let n = (blocks_end - i).min(CHUNK);
+        read_floats(DType::F16, &r[2 * i..2 * (i + n)], &mut buf[..n]);
+        for (w, xs) in buf[..n].chunks_exact(32).zip(x[i..i + n].chunks_exact(32)) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                for (l, al) in a.iter_mut().enumerate() {
+                    *al = w[8 * j + l].mul_add(xs[8 * j + l], *al);
+                }
+            }
+        }
+        i += n;
+    }
+    // Under 32 left: blocks of 8 into the first accumulator, then one at a time.
+    let tail = k - i;
+    read_floats(DType::F16, &r[2 * i..], &mut buf[..tail]);
+    let (w, xs) = (&buf[..tail], &x[i..]);
+    let mut o = 0;
+    while o + 8 <= tail {
+        for (l, al) in acc[0].iter_mut().enumerate() {
+            *al = w[o + l].mul_add(xs[o + l], *al);
+        }
+        o += 8;
+    }
+    let v: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let mut s = super::simd::hsum8(&v);
+    for (wv, xv) in w[o..].iter().zip(&xs[o..]) {
+        s = wv.mul_add(*xv, s);
     }
     s
 }

@@ -142,34 +142,56 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &QuantizedX, out: &mut [f32])
     }
 }
 
-fn portable_row_dot_q4(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
-    let (mut total, mut offset) = (0f32, 0f32);
+/// The AVX2 kernels' lanes in plain code (the same operations in the same order, so the same
+/// bits on every CPU): per group, lane `l < 4` sums the products of codes `4l..4l+4` with
+/// `xq[4l..4l+4]`, lane `4 + l` those of codes `16+4l..` (q4: the high nibbles of bytes `4l..`)
+/// with `xq[16+4l..]`; exact integers, then `acc[group parity][l] += sum·(s·d)`.
+fn portable_lanes(
+    scales: &[u8],
+    x: &QuantizedX,
+    groups: usize,
+    lane_sums: impl Fn(usize) -> [i32; 8],
+) -> [[f32; 8]; 2] {
+    let mut acc = [[0f32; 8]; 2];
     for g in 0..groups {
-        let s = scale(scales, g);
-        let xq = &x.q[g * 32..g * 32 + 32];
-        let mut isum = 0i32;
-        for (i, b) in data[g * 16..g * 16 + 16].iter().enumerate() {
-            isum += (b & 0x0F) as i32 * xq[i] as i32 + (b >> 4) as i32 * xq[16 + i] as i32;
+        let c = scale(scales, g) * x.d[g];
+        for (a, sum) in acc[g & 1].iter_mut().zip(lane_sums(g)) {
+            *a = (sum as f32).mul_add(c, *a);
         }
-        total = (isum as f32).mul_add(s * x.d[g], total);
-        offset = s.mul_add(x.bias[g], offset);
     }
-    total + offset
+    acc
+}
+
+fn portable_row_dot_q4(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
+    let acc = portable_lanes(scales, x, groups, |g| {
+        let bytes: &[u8; 16] = data[g * 16..g * 16 + 16].try_into().expect("16 bytes");
+        let xq: &[i8; 32] = x.q[g * 32..g * 32 + 32].try_into().expect("32 codes");
+        let mut lanes = [0i32; 8];
+        for (i, b) in bytes.iter().enumerate() {
+            lanes[i / 4] += (b & 0x0F) as i32 * xq[i] as i32;
+            lanes[4 + i / 4] += (b >> 4) as i32 * xq[16 + i] as i32;
+        }
+        lanes
+    });
+    // `Σ s·bias`, eight groups to a lane as the AVX2 kernel takes them (`x.bias` is zero-padded).
+    let mut offset = [0f32; 8];
+    for g in 0..groups {
+        offset[g % 8] = scale(scales, g).mul_add(x.bias[g], offset[g % 8]);
+    }
+    super::simd::hsum8_of_sum(&acc[0], &acc[1]) + super::simd::hsum8(&offset)
 }
 
 fn portable_row_dot_q8(data: &[u8], scales: &[u8], x: &QuantizedX, groups: usize) -> f32 {
-    let mut total = 0f32;
-    for g in 0..groups {
-        let s = scale(scales, g);
-        let xq = &x.q[g * 32..g * 32 + 32];
-        let isum: i32 = data[g * 32..g * 32 + 32]
-            .iter()
-            .zip(xq)
-            .map(|(&q, &v)| (q as i32 - 127) * v as i32)
-            .sum();
-        total = (isum as f32).mul_add(s * x.d[g], total);
-    }
-    total
+    let acc = portable_lanes(scales, x, groups, |g| {
+        let codes: &[u8; 32] = data[g * 32..g * 32 + 32].try_into().expect("32 bytes");
+        let xq: &[i8; 32] = x.q[g * 32..g * 32 + 32].try_into().expect("32 codes");
+        let mut lanes = [0i32; 8];
+        for (i, (&c, &v)) in codes.iter().zip(xq).enumerate() {
+            lanes[i / 4] += (c as i32 - 127) * v as i32;
+        }
+        lanes
+    });
+    super::simd::hsum8_of_sum(&acc[0], &acc[1])
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -31,24 +31,17 @@ pub(super) fn applies(m: &QMatrix) -> bool {
 }
 
 /// `out[j] = Σ_k x[k]·w[n0 + j, k]`. Blocks of 8 rows starting at `n0` take the SIMD path, the
-/// rest the generic decoder; callers pass `n0` that are multiples of 8 so the split, and hence
-/// every result, is the same whatever the threading.
-pub(super) fn gemv_block(
-    m: &QMatrix,
-    n0: usize,
-    x: &[f32],
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
+/// rest (and every row without SIMD) [`portable_lane`], which gives the same bits.
+pub(super) fn gemv_block(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), m.k);
     assert!(n0 + out.len() <= m.n);
+    let maxq = match m.codec {
+        Codec::Sym { maxq, .. } => maxq,
+        Codec::AsymBf16x2 => 0.0,
+    };
+    let xsum: Vec<f32> = x.chunks(m.group).map(|c| c.iter().sum()).collect();
     let mut done = 0;
     if let Some((four_blocks, one_block)) = simd_kernels(m) {
-        let maxq = match m.codec {
-            Codec::Sym { maxq, .. } => maxq,
-            Codec::AsymBf16x2 => 0.0,
-        };
-        let xsum: Vec<f32> = x.chunks(m.group).map(|c| c.iter().sum()).collect();
         // Four blocks of 8 rows at a time where the rows are there, then one.
         while done + 8 <= out.len() {
             let four = done + 32 <= out.len();
@@ -70,11 +63,37 @@ pub(super) fn gemv_block(
             done += if four { 32 } else { 8 };
         }
     }
-    scratch.resize(m.k, 0.0);
     for (j, o) in out.iter_mut().enumerate().skip(done) {
-        m.decode_row_generic(n0 + j, scratch);
-        *o = super::simd::dot(scratch, x);
+        *o = portable_lane(m, n0 + j, x, &xsum, maxq);
     }
+}
+
+/// One lane of the SIMD kernels in plain code (the same operations in the same order, so the
+/// same bits on every CPU): row `row`'s codes in word order, even and odd codes of a word into
+/// two sums, then the group's scale (and min).
+fn portable_lane(m: &QMatrix, row: usize, x: &[f32], xsum: &[f32], maxq: f32) -> f32 {
+    let (k, group, per) = (m.k, m.group, m.per_word);
+    let mask = (1u32 << m.bits) - 1;
+    let mut total = 0f32;
+    for (g, &xs) in xsum.iter().enumerate() {
+        let mut acc = [0f32; 2];
+        let codes = codes_in_group(g, group, k);
+        for w in 0..codes.div_ceil(per) {
+            let mut word = m.word(m.word_index(row, g * m.words_per_group + w));
+            for j in 0..per.min(codes - w * per) {
+                let c = (word & mask) as f32;
+                acc[j & 1] = c.mul_add(x[g * group + w * per + j], acc[j & 1]);
+                word >>= m.bits;
+            }
+        }
+        let qx = acc[0] + acc[1];
+        let (s, mn) = m.group_params(row, g);
+        total = match m.codec {
+            Codec::AsymBf16x2 => qx.mul_add(s, mn.mul_add(xs, total)),
+            Codec::Sym { .. } => (qx - maxq * xs).mul_add(s, total),
+        };
+    }
+    total
 }
 
 /// A SIMD kernel over blocks of 8 rows: `(data, scales, n_rows, n, x, xsum, maxq, out)`, see

@@ -254,7 +254,6 @@ impl<'a> Kernel<'a> {
 
     /// `out[j] = Σ_k x[k]·W[n0 + j, k]` (one activation row).
     fn gemv_block(&self, n0: usize, x: &[f32], out: &mut [f32]) {
-        let mut scratch = Vec::new();
         match self {
             Kernel::F16Raw { bytes, k } => {
                 let rb = 2 * k;
@@ -273,11 +272,11 @@ impl<'a> Kernel<'a> {
             }
             Kernel::Q4Nk(q) => q4_nk::gemv_rows(q, n0, x, out),
             Kernel::Q8Nk(q) => q8_nk::gemv_rows(q, n0, x, out),
-            Kernel::Kn(q) => kn::gemv_block(q, n0, x, out, &mut scratch),
+            Kernel::Kn(q) => kn::gemv_block(q, n0, x, out),
             Kernel::Q4AsymNk(q) => q4_asym_nk::gemv_rows(q, n0, x, out),
             Kernel::Q3Nk(q) => q3_nk::gemv_rows(q, n0, x, out),
             Kernel::Generic(m) => {
-                scratch.resize(x.len(), 0.0);
+                let mut scratch = vec![0f32; x.len()];
                 for (j, o) in out.iter_mut().enumerate() {
                     m.decode_row(n0 + j, &mut scratch);
                     *o = simd::dot(&scratch, x);

@@ -50,24 +50,28 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
     super::row_dot::gemv_rows_over(m, &ROW_DOT, n0, &xp, groups, out);
 }
 
-/// The lanes of the SIMD kernel, in plain code: lane `w` sums code `j` of word `w` times
-/// `xp[8j + w]` for each `j`.
+/// The lanes of the SIMD kernel in plain code (the same operations in the same order, so the
+/// same bits on every CPU): lane `w` sums code `j` of word `w` times `xp[8j + w]`, even and odd
+/// `j` apart.
 fn portable_row_dot(data: &[u8], scales: &[u8], xp: &[f32], groups: usize) -> f32 {
-    let mut total = [0f32; 2];
+    let mut total = [[0f32; WORDS]; 2];
     for g in 0..groups {
         let xs = &xp[g * GROUP..(g + 1) * GROUP];
-        let mut acc = [0f32; WORDS];
-        for (w, a) in acc.iter_mut().enumerate() {
+        let mut acc = [[0f32; WORDS]; 2];
+        for w in 0..WORDS {
             let at = 2 * (g * WORDS + w);
             let word = u16::from_le_bytes([data[at], data[at + 1]]);
             for j in 0..PER_WORD {
                 let q = (word >> (3 * j) & 7) as f32 - 3.0;
-                *a = q.mul_add(xs[WORDS * j + w], *a);
+                acc[j & 1][w] = q.mul_add(xs[WORDS * j + w], acc[j & 1][w]);
             }
         }
-        total[g & 1] = super::simd::hsum8(&acc).mul_add(scale(scales, g), total[g & 1]);
+        let s = scale(scales, g);
+        for w in 0..WORDS {
+            total[g & 1][w] = (acc[0][w] + acc[1][w]).mul_add(s, total[g & 1][w]);
+        }
     }
-    total[0] + total[1]
+    super::simd::hsum8_of_sum(&total[0], &total[1])
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -27,22 +27,23 @@ pub(super) fn gemv_rows(m: &QMatrix, n0: usize, x: &[f32], out: &mut [f32]) {
     super::row_dot::gemv_rows(m, &ROW_DOT, n0, x, out)
 }
 
+/// The AVX2 kernel's lanes in plain code: the same operations in the same order, so the same
+/// bits on every CPU.
 fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
-    let mut total = [0f32; 2];
+    let mut total = [[0f32; 8]; 2];
     for g in 0..groups {
         let (s, mn) = bf16x2_scale_min(scales, g);
         let q = unpack_group(&data[g * 16..], 0.0);
         let xs = &x[g * 32..g * 32 + 32];
-        let mut acc = [0f32; 8];
-        for c in 0..4 {
+        for j in 0..4 {
             for l in 0..8 {
-                let w = q[8 * c + l] * s + mn;
-                acc[l] = w.mul_add(xs[8 * c + l], acc[l]);
+                // q·s + min, a product then a sum as the generic decoder computes it.
+                let w = q[8 * j + l] * s + mn;
+                total[j & 1][l] = w.mul_add(xs[8 * j + l], total[j & 1][l]);
             }
         }
-        total[g & 1] += super::simd::hsum8(&acc);
     }
-    total[0] + total[1]
+    super::simd::hsum8_of_sum(&total[0], &total[1])
 }
 
 #[cfg(target_arch = "x86_64")]

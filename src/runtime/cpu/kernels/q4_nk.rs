@@ -58,20 +58,15 @@ pub(super) fn unpack_group(bytes: &[u8], off: f32) -> [f32; 32] {
     v
 }
 
+/// The AVX2 kernel's lanes in plain code: the same operations in the same order, so the same
+/// bits on every CPU.
 fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
-    let mut total = [0f32; 2];
+    let mut total = [[0f32; 8]; 2];
     for g in 0..groups {
         let q = unpack_group(&data[g * 16..], 7.0);
-        let xs = &x[g * 32..g * 32 + 32];
-        let mut acc = [0f32; 8];
-        for c in 0..4 {
-            for l in 0..8 {
-                acc[l] = q[8 * c + l].mul_add(xs[8 * c + l], acc[l]);
-            }
-        }
-        total[g & 1] = super::simd::hsum8(&acc).mul_add(scale(scales, g), total[g & 1]);
+        super::simd::nk_group_lanes(&q, &x[g * 32..], scale(scales, g), &mut total[g & 1]);
     }
-    total[0] + total[1]
+    super::simd::hsum8_of_sum(&total[0], &total[1])
 }
 
 fn portable_decode_row(data: &[u8], scales: &[u8], out: &mut [f32], groups: usize) {

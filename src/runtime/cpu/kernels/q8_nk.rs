@@ -44,20 +44,15 @@ pub(super) fn decode_row(m: &QMatrix, row: usize, out: &mut [f32]) {
     }
 }
 
+/// The AVX2 kernel's lanes in plain code: the same operations in the same order, so the same
+/// bits on every CPU.
 fn portable_row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
-    let mut total = [0f32; 2];
+    let mut total = [[0f32; 8]; 2];
     for g in 0..groups {
-        let q = &data[g * 32..g * 32 + 32];
-        let xs = &x[g * 32..g * 32 + 32];
-        let mut acc = [0f32; 8];
-        for c in 0..4 {
-            for l in 0..8 {
-                acc[l] = (q[8 * c + l] as f32 - 127.0).mul_add(xs[8 * c + l], acc[l]);
-            }
-        }
-        total[g & 1] = super::simd::hsum8(&acc).mul_add(scale(scales, g), total[g & 1]);
+        let q: [f32; 32] = std::array::from_fn(|i| data[g * 32 + i] as f32 - 127.0);
+        super::simd::nk_group_lanes(&q, &x[g * 32..], scale(scales, g), &mut total[g & 1]);
     }
-    total[0] + total[1]
+    super::simd::hsum8_of_sum(&total[0], &total[1])
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -140,6 +140,26 @@ fn dot_single_lane_group(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The lanes of two 8-lane accumulators added, then summed as the AVX2 kernels end:
+/// `hsum(a + b)`.
+#[inline]
+pub(super) fn hsum8_of_sum(a: &[f32; 8], b: &[f32; 8]) -> f32 {
+    hsum8(&std::array::from_fn(|l| a[l] + b[l]))
+}
+
+/// The group step of the AVX2 NK row kernels (`q4_nk`, `q8_nk`) in plain code, for 32 codes `q`
+/// (position order) against `x[..32]`, scale `s`: lane `l` adds
+/// `((q[l]·x[l] ⊕ q[8+l]·x[8+l]) + (q[16+l]·x[16+l] ⊕ q[24+l]·x[24+l]))·s`, `⊕` fused, the AVX2
+/// kernels' operations in their order.
+#[inline]
+pub(super) fn nk_group_lanes(q: &[f32; 32], x: &[f32], s: f32, total: &mut [f32; 8]) {
+    for l in 0..8 {
+        let a = q[8 + l].mul_add(x[8 + l], q[l] * x[l]);
+        let b = q[24 + l].mul_add(x[24 + l], q[16 + l] * x[16 + l]);
+        total[l] = (a + b).mul_add(s, total[l]);
+    }
+}
+
 /// Sum of 8 lanes in the same order as the AVX2 horizontal sum.
 #[inline]
 pub(super) fn hsum8(a: &[f32; 8]) -> f32 {

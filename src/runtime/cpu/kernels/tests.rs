@@ -502,22 +502,40 @@ fn f32_results_are_identical_with_and_without_simd() {
 }
 
 /// Every scheme's kernels, decode (f32 and int8 activations) and prefill, give the bits recorded
-/// here from the AVX2 build: each NEON kernel repeats its AVX2 one lane for lane, and the f32
-/// paths sum in one order everywhere. On x86-64 this pins the AVX2 kernels; on aarch64
-/// (`scripts/check-aarch64.sh` runs it under qemu) it checks that NEON computes the same values
-/// in the same order. Without SIMD the kernels sum in other orders: nothing to check.
+/// here, with SIMD and without: each NEON kernel and each portable one repeats its AVX2 one lane
+/// for lane, and the f32 paths sum in one order everywhere, so every CPU computes the same
+/// values. On x86-64 this pins the AVX2 and portable kernels; on aarch64
+/// (`scripts/check-aarch64.sh` runs it under qemu) the NEON and portable ones.
 #[test]
-fn simd_kernels_give_the_recorded_bits() {
-    #[cfg(target_arch = "x86_64")]
-    let simd = super::simd::has_avx2();
-    #[cfg(target_arch = "aarch64")]
-    let simd = super::simd::has_neon();
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let simd = false;
-    if !simd {
-        eprintln!("SKIPPED: neither AVX2 nor NEON");
-        return;
+fn every_cpu_gives_the_recorded_bits() {
+    let hashes = |portable: bool| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(if portable { 1 } else { 3 })
+            .build()
+            .unwrap();
+        pool.install(|| {
+            FORCE_PORTABLE.with(|f| f.set(portable));
+            let h = kernel_hashes();
+            FORCE_PORTABLE.with(|f| f.set(false));
+            h
+        })
+    };
+    for portable in [false, true] {
+        let (encodings, outputs) = hashes(portable);
+        assert_eq!(
+            encodings, "e93610b0788faf8f74f7c3c8f44d3c336a48aaf2ca42721ef67fcbb2407878d5",
+            "the quantizer's bytes changed (the outputs' check below assumes the same weights)"
+        );
+        assert_eq!(
+            outputs, "711659d11df778ea3820bd4a120db038b69b05286a6d54909ee42392ae03fc35",
+            "portable: {portable}. The kernels' results changed: if on purpose, in every \
+             instruction set's kernel and the portable one, record the new hash"
+        );
     }
+}
+
+/// The hashes of every scheme's encoded test matrices and of the kernels' results on them.
+fn kernel_hashes() -> (String, String) {
     let mut rng = Rng(99);
     let (mut encodings, mut outputs) = (blake3::Hasher::new(), blake3::Hasher::new());
     let bits = |h: &mut blake3::Hasher, v: &[f32]| {
@@ -544,15 +562,8 @@ fn simd_kernels_give_the_recorded_bits() {
             bits(&mut outputs, &out);
         }
     }
-    assert_eq!(
-        encodings.finalize().to_hex().as_str(),
-        "e93610b0788faf8f74f7c3c8f44d3c336a48aaf2ca42721ef67fcbb2407878d5",
-        "the quantizer's bytes changed (the outputs' check below assumes the same weights)"
-    );
-    assert_eq!(
-        outputs.finalize().to_hex().as_str(),
-        "e5749e5ac681856a414539913c2b1ae9d52700c3a4744b9abc2cfffe127ee800",
-        "the kernels' results changed: if on purpose (x86-64), record the new hash; on aarch64, \
-         the NEON kernels no longer compute what the AVX2 ones do"
-    );
+    (
+        encodings.finalize().to_hex().to_string(),
+        outputs.finalize().to_hex().to_string(),
+    )
 }
