@@ -101,6 +101,34 @@ pub(super) unsafe fn codes_f32(v: int8x16_t) -> [[float32x4_t; 2]; 2] {
     [wide(vmovl_s8(vget_low_s8(v))), wide(vmovl_high_s8(v))]
 }
 
+/// The AVX2 NK row kernels' loop (`q4_nk`, `q8_nk`): group `g`'s 32 codes as `unpack` gives them
+/// from its `group_bytes` bytes, through [`group_step`] with its f16 scale, even and odd groups
+/// apart, then the AVX2 horizontal sum.
+///
+/// # Safety
+/// `data` holds `groups · group_bytes` bytes, `scales` `2·groups`, `x` `32·groups` floats.
+#[inline(always)]
+pub(super) unsafe fn nk_row_dot(
+    data: &[u8],
+    scales: &[u8],
+    x: &[f32],
+    groups: usize,
+    group_bytes: usize,
+    unpack: impl Fn(*const u8) -> [[float32x4_t; 2]; 4],
+) -> f32 {
+    // total[group parity][half]
+    let mut total = [[vdupq_n_f32(0.0); 2]; 2];
+    for g in 0..groups {
+        let q = unpack(data.as_ptr().add(group_bytes * g));
+        let s = super::matrix::f16_scale(scales, g);
+        group_step(q, x.as_ptr().add(32 * g), s, &mut total[g & 1]);
+    }
+    hsum8(
+        vaddq_f32(total[0][0], total[1][0]),
+        vaddq_f32(total[0][1], total[1][1]),
+    )
+}
+
 /// The AVX2 NK row kernels' step for one group of 32 codes `q` (four 8-lane registers, as
 /// [`codes_f32`] gives them) against `x[..32]` at `xp`, scale `s`:
 /// `total += ((q0·x0 + q1·x1) + (q2·x2 + q3·x3))·s`, lane by lane in that order (products fused

@@ -181,7 +181,7 @@ pub(super) mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::neon::{codes_f32, group_step, hsum8};
+    use super::super::neon::{codes_f32, nk_row_dot};
     use std::arch::aarch64::*;
 
     /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
@@ -194,25 +194,13 @@ mod neon {
         assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
         let mask = vdupq_n_u8(0x0F);
         let off = vdupq_n_s8(7);
-        // total[group parity][half]
-        let mut total = [[vdupq_n_f32(0.0); 2]; 2];
-        for g in 0..groups {
-            let b = vld1q_u8(data.as_ptr().add(16 * g));
+        nk_row_dot(data, scales, x, groups, 16, |p| {
+            let b = vld1q_u8(p);
             let (lo, hi) = (vandq_u8(b, mask), vshrq_n_u8::<4>(b));
             // Byte i holds positions 2i (low nibble) and 2i+1 (high): interleave to position order.
             let v0 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off));
             let v1 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off));
-            let q = [v0[0], v0[1], v1[0], v1[1]];
-            group_step(
-                q,
-                x.as_ptr().add(32 * g),
-                super::scale(scales, g),
-                &mut total[g & 1],
-            );
-        }
-        hsum8(
-            vaddq_f32(total[0][0], total[1][0]),
-            vaddq_f32(total[0][1], total[1][1]),
-        )
+            [v0[0], v0[1], v1[0], v1[1]]
+        })
     }
 }

@@ -99,7 +99,7 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::neon::{codes_f32, group_step, hsum8};
+    use super::super::neon::{codes_f32, nk_row_dot};
     use std::arch::aarch64::*;
 
     /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
@@ -111,24 +111,11 @@ mod neon {
     pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
         assert!(data.len() >= 32 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
         let off = vdupq_n_u8(127);
-        // total[group parity][half]
-        let mut total = [[vdupq_n_f32(0.0); 2]; 2];
-        for g in 0..groups {
-            let p = data.as_ptr().add(32 * g);
+        nk_row_dot(data, scales, x, groups, 32, |p| {
             // Codes 0..=254 minus 127 fit in i8 (wrapping subtraction gives the right bits).
             let a = codes_f32(vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off)));
             let b = codes_f32(vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p.add(16)), off)));
-            let q = [a[0], a[1], b[0], b[1]];
-            group_step(
-                q,
-                x.as_ptr().add(32 * g),
-                super::scale(scales, g),
-                &mut total[g & 1],
-            );
-        }
-        hsum8(
-            vaddq_f32(total[0][0], total[1][0]),
-            vaddq_f32(total[0][1], total[1][1]),
-        )
+            [a[0], a[1], b[0], b[1]]
+        })
     }
 }
