@@ -20,45 +20,22 @@ pub(super) fn row_dot(bytes: &[u8], k: usize, row: usize, x: &[f32]) -> f32 {
     portable_row_dot(r, x)
 }
 
-/// The AVX2 kernel's lanes in plain code (`simd::dot_portable`'s order over the converted
-/// weights), so the same bits on every CPU. The weights convert a chunk at a time (`half` uses
-/// F16C / NEON where it can); chunks are whole blocks of 32 but the last, so the lanes run on.
+/// The AVX2 kernel's lanes in plain code ([`super::simd::dot_portable`]'s order over the
+/// converted weights), so the same bits on every CPU. The weights convert a chunk at a time
+/// (`half` uses F16C / NEON where it can); chunks are whole blocks of 32 but the last.
 fn portable_row_dot(r: &[u8], x: &[f32]) -> f32 {
     const CHUNK: usize = 256;
-    let k = x.len();
     let mut buf = [0f32; CHUNK];
-    let mut acc = [[0f32; 8]; 4];
-    let blocks_end = k / 32 * 32;
-    let mut i = 0;
-    while i < blocks_end {
-        let n = (blocks_end - i).min(CHUNK);
-        read_floats(DType::F16, &r[2 * i..2 * (i + n)], &mut buf[..n]);
-        for (w, xs) in buf[..n].chunks_exact(32).zip(x[i..i + n].chunks_exact(32)) {
-            for (j, a) in acc.iter_mut().enumerate() {
-                for (l, al) in a.iter_mut().enumerate() {
-                    *al = w[8 * j + l].mul_add(xs[8 * j + l], *al);
-                }
-            }
-        }
-        i += n;
+    let mut lanes = super::simd::DotLanes::default();
+    let whole = x.len() / 32 * 32;
+    for (c, xs) in x[..whole].chunks(CHUNK).enumerate() {
+        let w = &mut buf[..xs.len()];
+        read_floats(DType::F16, &r[2 * CHUNK * c..2 * (CHUNK * c + xs.len())], w);
+        lanes.blocks(w, xs);
     }
-    // Under 32 left: blocks of 8 into the first accumulator, then one at a time.
-    let tail = k - i;
-    read_floats(DType::F16, &r[2 * i..], &mut buf[..tail]);
-    let (w, xs) = (&buf[..tail], &x[i..]);
-    let mut o = 0;
-    while o + 8 <= tail {
-        for (l, al) in acc[0].iter_mut().enumerate() {
-            *al = w[o + l].mul_add(xs[o + l], *al);
-        }
-        o += 8;
-    }
-    let v: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-    let mut s = super::simd::hsum8(&v);
-    for (wv, xv) in w[o..].iter().zip(&xs[o..]) {
-        s = wv.mul_add(*xv, s);
-    }
-    s
+    let w = &mut buf[..x.len() - whole];
+    read_floats(DType::F16, &r[2 * whole..], w);
+    lanes.finish(w, &x[whole..])
 }
 
 #[cfg(target_arch = "x86_64")]

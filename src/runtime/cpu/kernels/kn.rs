@@ -11,8 +11,8 @@ use super::matrix::{Codec, QMatrix};
 use crate::formats::dtype::DType;
 use crate::quant::scheme::Layout;
 
-/// The storage formats the SIMD kernels (AVX2, NEON) are compiled for — the scheme table's KN ones: (bits, codes
-/// per word, bytes per word, words per group, asymmetric).
+/// The storage formats the SIMD kernels (AVX2, NEON) are compiled for — the scheme table's KN
+/// ones: (bits, codes per word, bytes per word, words per group, asymmetric).
 const FORMATS: [(u32, usize, usize, usize, bool); 4] = [
     (3, 5, 2, 8, false),
     (4, 8, 4, 4, false),
@@ -138,8 +138,8 @@ fn simd_kernels(m: &QMatrix) -> Option<(Lanes, Lanes)> {
     None
 }
 
-/// What a `lanes` kernel over rows `n..n+8·B` of a KN matrix of `n_rows` rows reads, checked
-/// against the slices it is given: returns `(groups, word_rows)` for `K = x_len`.
+/// What a `lanes` kernel over rows `n..n+rows` of a KN matrix of `n_rows` rows reads, checked
+/// against the slices it is given: returns `(word_rows, scale_bytes)` for `K = x_len`.
 #[allow(clippy::too_many_arguments)]
 fn lanes_geometry<const PER: usize, const WB: usize, const WPG: usize, const ASYM: bool>(
     data: &[u8],
@@ -158,7 +158,7 @@ fn lanes_geometry<const PER: usize, const WB: usize, const WPG: usize, const ASY
     // w·N + r), the last scale group groups - 1 of that row.
     assert!(data.len() >= WB * word_rows * n_rows);
     assert!(scales.len() >= scale_bytes * groups * n_rows);
-    (groups, word_rows)
+    (word_rows, scale_bytes)
 }
 
 /// Codes in group `g` of `group` over `K = k`: `group` but in a ragged last group, so the full
@@ -232,7 +232,7 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let (k, group) = (x.len(), WPG * PER);
-        let (_, word_rows) = lanes_geometry::<PER, WB, WPG, ASYM>(
+        let (word_rows, scale_bytes) = lanes_geometry::<PER, WB, WPG, ASYM>(
             data,
             scales,
             n_rows,
@@ -242,7 +242,6 @@ mod avx2 {
             xsum.len(),
             out.len(),
         );
-        let scale_bytes = if ASYM { 4 } else { 2 };
         let mask = _mm256_set1_epi32((1 << BITS) - 1);
         let mut total = [_mm256_setzero_ps(); B];
         for (g, &xs) in xsum.iter().enumerate() {
@@ -326,7 +325,7 @@ mod neon {
         out: &mut [f32],
     ) {
         let (k, group) = (x.len(), WPG * PER);
-        let (_, word_rows) = lanes_geometry::<PER, WB, WPG, ASYM>(
+        let (word_rows, scale_bytes) = lanes_geometry::<PER, WB, WPG, ASYM>(
             data,
             scales,
             n_rows,
@@ -336,7 +335,6 @@ mod neon {
             xsum.len(),
             out.len(),
         );
-        let scale_bytes = if ASYM { 4 } else { 2 };
         let mask = vdupq_n_u32((1 << BITS) - 1);
         let zero = vdupq_n_f32(0.0);
         let mut total = [[zero; 2]; B];

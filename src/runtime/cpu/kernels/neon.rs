@@ -101,6 +101,22 @@ pub(super) unsafe fn codes_f32(v: int8x16_t) -> [[float32x4_t; 2]; 2] {
     [wide(vmovl_s8(vget_low_s8(v))), wide(vmovl_high_s8(v))]
 }
 
+/// The 32 codes of the q4 group at `p` minus `off`, in position order, as [`codes_f32`]'s
+/// registers: byte `i` holds position `2i` in its low nibble and `2i + 1` in its high (`q4_nk`'s
+/// groups, `off` 7, and `q4_asym_nk`'s, `off` 0: `q4_nk::avx2::unpack` on NEON).
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn q4_codes(p: *const u8, off: i8) -> [[float32x4_t; 2]; 4] {
+    let b = vld1q_u8(p);
+    let (lo, hi) = (vandq_u8(b, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(b));
+    let off = vdupq_n_s8(off);
+    let v0 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off));
+    let v1 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off));
+    [v0[0], v0[1], v1[0], v1[1]]
+}
+
 /// The AVX2 NK row kernels' loop (`q4_nk`, `q8_nk`): group `g`'s 32 codes as `unpack` gives them
 /// from its `group_bytes` bytes, through [`group_step`] with its f16 scale, even and odd groups
 /// apart, then the AVX2 horizontal sum.

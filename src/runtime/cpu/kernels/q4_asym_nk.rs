@@ -76,7 +76,7 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::neon::hsum8;
+    use super::super::neon::{hsum8, q4_codes};
     use std::arch::aarch64::*;
 
     /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
@@ -87,33 +87,20 @@ mod neon {
     /// `x.len() >= 32·groups`.
     pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
         assert!(data.len() >= 16 * groups && scales.len() >= 4 * groups && x.len() >= 32 * groups);
-        let mask = vdupq_n_u8(0x0F);
         let zero = vdupq_n_f32(0.0);
-        // total[chunk parity][half]
+        // total[register parity][half]
         let mut total = [[zero; 2]; 2];
         for g in 0..groups {
             let (s, mn) = super::bf16x2_scale_min(scales, g);
             let (s, mn) = (vdupq_n_f32(s), vdupq_n_f32(mn));
-            let b = vld1q_u8(data.as_ptr().add(16 * g));
-            // Byte i holds positions 2i (low nibble) and 2i+1 (high): interleave to position order.
-            let (lo, hi) = (vandq_u8(b, mask), vshrq_n_u8::<4>(b));
-            let pos = [vzip1q_u8(lo, hi), vzip2q_u8(lo, hi)];
+            let q = q4_codes(data.as_ptr().add(16 * g), 0);
             let xp = x.as_ptr().add(32 * g);
-            for (p, v) in pos.iter().enumerate() {
-                let h = [vmovl_u8(vget_low_u8(*v)), vmovl_high_u8(*v)];
-                for (c, hc) in h.iter().enumerate() {
-                    // 8 codes, positions 8j..8j+8 (the AVX2 kernel's register j).
-                    let j = 2 * p + c;
-                    let q = [
-                        vcvtq_f32_u32(vmovl_u16(vget_low_u16(*hc))),
-                        vcvtq_f32_u32(vmovl_high_u16(*hc)),
-                    ];
-                    for (half, qh) in q.iter().enumerate() {
-                        // q·s + min, rounded as the generic decoder rounds it (no fused product).
-                        let w = vaddq_f32(vmulq_f32(*qh, s), mn);
-                        let xv = vld1q_f32(xp.add(8 * j + 4 * half));
-                        total[j & 1][half] = vfmaq_f32(total[j & 1][half], w, xv);
-                    }
+            for (j, qj) in q.iter().enumerate() {
+                for (half, qh) in qj.iter().enumerate() {
+                    // q·s + min, rounded as the generic decoder rounds it (no fused product).
+                    let w = vaddq_f32(vmulq_f32(*qh, s), mn);
+                    let xv = vld1q_f32(xp.add(8 * j + 4 * half));
+                    total[j & 1][half] = vfmaq_f32(total[j & 1][half], w, xv);
                 }
             }
         }

@@ -181,8 +181,7 @@ pub(super) mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::neon::{codes_f32, nk_row_dot};
-    use std::arch::aarch64::*;
+    use super::super::neon::{nk_row_dot, q4_codes};
 
     /// `avx2::row_dot` with each 8-lane register as two NEON registers (lanes 0–3, 4–7) and
     /// every lane's operations the same, so both give the same bits.
@@ -192,15 +191,6 @@ mod neon {
     /// `x.len() >= 32·groups`.
     pub unsafe fn row_dot(data: &[u8], scales: &[u8], x: &[f32], groups: usize) -> f32 {
         assert!(data.len() >= 16 * groups && scales.len() >= 2 * groups && x.len() >= 32 * groups);
-        let mask = vdupq_n_u8(0x0F);
-        let off = vdupq_n_s8(7);
-        nk_row_dot(data, scales, x, groups, 16, |p| {
-            let b = vld1q_u8(p);
-            let (lo, hi) = (vandq_u8(b, mask), vshrq_n_u8::<4>(b));
-            // Byte i holds positions 2i (low nibble) and 2i+1 (high): interleave to position order.
-            let v0 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(lo, hi)), off));
-            let v1 = codes_f32(vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(lo, hi)), off));
-            [v0[0], v0[1], v1[0], v1[1]]
-        })
+        nk_row_dot(data, scales, x, groups, 16, |p| q4_codes(p, 7))
     }
 }

@@ -95,31 +95,52 @@ pub(super) fn dot4x3(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 4]; 3] {
 /// AVX2 horizontal sum, then the tail by FMAs. FMA is exact, so this gives the same bits as the
 /// AVX2 kernel (and LLVM vectorises it with NEON on aarch64).
 pub(super) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [[0f32; 8]; 4];
-    let n = a.len();
-    let mut i = 0;
-    while i + 32 <= n {
-        for (j, g) in acc.iter_mut().enumerate() {
-            let o = i + 8 * j;
-            for l in 0..8 {
-                g[l] = a[o + l].mul_add(b[o + l], g[l]);
+    let whole = a.len() / 32 * 32;
+    let mut lanes = DotLanes::default();
+    lanes.blocks(&a[..whole], &b[..whole]);
+    lanes.finish(&a[whole..], &b[whole..])
+}
+
+/// [`dot_portable`]'s accumulators, for callers that produce the operands a piece at a time
+/// (`f16_raw` converts its weights in chunks): [`Self::blocks`] takes whole blocks of 32, any
+/// number of times, then [`Self::finish`] the last fewer than 32 values.
+#[derive(Default)]
+pub(super) struct DotLanes {
+    acc: [[f32; 8]; 4],
+}
+
+impl DotLanes {
+    /// Adds `a·b` for whole blocks of 32 (`a.len()` a multiple of 32).
+    pub(super) fn blocks(&mut self, a: &[f32], b: &[f32]) {
+        debug_assert_eq!(a.len() % 32, 0);
+        for (wa, wb) in a.chunks_exact(32).zip(b.chunks_exact(32)) {
+            for (j, g) in self.acc.iter_mut().enumerate() {
+                for (l, gl) in g.iter_mut().enumerate() {
+                    *gl = wa[8 * j + l].mul_add(wb[8 * j + l], *gl);
+                }
             }
         }
-        i += 32;
     }
-    while i + 8 <= n {
-        for l in 0..8 {
-            acc[0][l] = a[i + l].mul_add(b[i + l], acc[0][l]);
+
+    /// The sum, with the last `a.len() < 32` products: blocks of 8 into the first group, the
+    /// groups combined, the AVX2 horizontal sum, then the rest one at a time.
+    pub(super) fn finish(mut self, a: &[f32], b: &[f32]) -> f32 {
+        debug_assert!(a.len() < 32 && a.len() == b.len());
+        let whole = a.len() / 8 * 8;
+        for (wa, wb) in a[..whole].chunks_exact(8).zip(b.chunks_exact(8)) {
+            for (l, gl) in self.acc[0].iter_mut().enumerate() {
+                *gl = wa[l].mul_add(wb[l], *gl);
+            }
         }
-        i += 8;
+        let acc = &self.acc;
+        let v: [f32; 8] =
+            std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+        let mut s = hsum8(&v);
+        for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+            s = x.mul_add(*y, s);
+        }
+        s
     }
-    let v: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-    let mut s = hsum8(&v);
-    while i < n {
-        s = a[i].mul_add(b[i], s);
-        i += 1;
-    }
-    s
 }
 
 /// One row against one activation the way [`dot4`] computes each of its four: a single 8-lane
